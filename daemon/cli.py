@@ -1,0 +1,144 @@
+"""The `daemon` command line: a thin layer over the config pipeline (and, later, the supervisor)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from daemon import __version__
+from daemon.config import ConfigError, check_config, load_config
+from daemon.config.render import reference_markdown, render_rules, render_toml
+from daemon.config.schema import json_schema
+
+EXIT_OK = 0
+EXIT_INVALID = 2  # invalid configuration or usage, like argparse's own usage errors
+
+
+def _config_options() -> argparse.ArgumentParser:
+    # SUPPRESS defaults let "daemon -c F check" and "daemon check -c F" both work.
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("-c", "--config", type=Path, metavar="FILE", default=argparse.SUPPRESS,
+                         help="the TOML config file (server.toml)")
+    options.add_argument("--set", action="append", dest="sets", metavar="KEY=VALUE", default=argparse.SUPPRESS,
+                         help="override one setting, e.g. --set server.port=9000 (repeatable; beats the environment)")
+    options.add_argument("--env-file", type=Path, metavar="FILE", default=argparse.SUPPRESS,
+                         help="read DAEMON_* overrides from a KEY=value file too (as systemd's EnvironmentFile)")
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    options = _config_options()
+    parser = argparse.ArgumentParser(
+        prog="daemon", parents=[options],
+        description="Config-driven LLM serving daemon. `daemon -c FILE` runs it; the commands below inspect configs.",
+    )
+    parser.add_argument("--version", action="version", version=f"daemon {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    check = commands.add_parser("check", parents=[options], help="validate a config: every violation at once",
+                                description="Exit 0 when valid, 2 when not. Warnings fail only with --strict.")
+    check.add_argument("--strict", action="store_true", help="fail on warnings too")
+    check.add_argument("--offline", action="store_true",
+                       help="skip checks of this host (files, model directory, GPUs): for a config meant for another machine")
+    check.add_argument("--format", choices=["text", "json"], default="text")
+
+    commands.add_parser("schema", help="print the JSON Schema of the config file")
+
+    config = commands.add_parser("config", help="show the effective config, or the reference of every key")
+    config_commands = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    show = config_commands.add_parser("show", parents=[options], help="effective config as TOML, secrets masked")
+    show.add_argument("--sources", action="store_true", help="add where each value came from")
+    config_commands.add_parser("reference", help="Markdown reference of every key (as in the README)")
+
+    rules = commands.add_parser("rules", help="list the rule catalogue")
+    rules.add_argument("--format", choices=["text", "json", "markdown"], default="text")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        match args.command, getattr(args, "config_command", None):
+            case None, _:
+                return run(parser, args)
+            case "check", _:
+                return check(parser, args)
+            case "schema", _:
+                print(json.dumps(json_schema(), indent=2))
+            case "config", "show":
+                return show(parser, args)
+            case "config", "reference":
+                print(reference_markdown(), end="")
+            case "rules", _:
+                print(render_rules(args.format), end="")
+    except BrokenPipeError:  # `daemon schema | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+    return EXIT_OK
+
+
+def _config_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    path = getattr(args, "config", None)
+    if path is None:
+        parser.error("the config file is required: -c FILE")
+    return path
+
+
+def _load_kwargs(args: argparse.Namespace) -> dict:
+    return {"env_file": getattr(args, "env_file", None), "sets": getattr(args, "sets", [])}
+
+
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    path = _config_path(parser, args)
+    report = check_config(path, offline=args.offline, **_load_kwargs(args))
+    passed = report.passed(strict=args.strict)
+    if args.format == "json":
+        print(json.dumps({
+            "file": str(path), "valid": passed, "hash": report.config.hash if report.config else None,
+            "errors": [v.to_dict() for v in report.errors], "warnings": [v.to_dict() for v in report.warnings],
+        }, indent=2))
+    else:
+        for violation in report.violations:
+            print(violation.to_line())
+        verdict = "valid" if passed else "INVALID"
+        print(f"{path}: {verdict} ({_count(report.errors, 'error')}, {_count(report.warnings, 'warning')})")
+    return EXIT_OK if passed else EXIT_INVALID
+
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def show(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        config = load_config(_config_path(parser, args), **_load_kwargs(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    print(render_toml(config, sources=args.sources), end="")
+    return EXIT_OK
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    path = _config_path(parser, args)
+    try:
+        config = load_config(path, **_load_kwargs(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    from daemon.logs import configure_logging, get_logger
+
+    configure_logging("supervisor", level=config.settings.logging.level, fmt=config.settings.logging.format)
+    log = get_logger("daemon.cli")
+    for warning in config.warnings:
+        log.warning("config.warning", rule=warning.rule, key=warning.key, message=warning.message, fix=warning.fix)
+    log.info("config.loaded", path=str(path), hash=config.hash)
+    log.warning("serve.not_implemented", detail="the config is valid; the serving supervisor is not part of this release yet")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""The one pipeline that turns sources into a checked, effective configuration.
+
+read sources -> merge -> validate against the schema -> derive defaults -> run the
+rule catalogue. `daemon check`, `daemon -c` and (later) every reload run this
+same code, so a file that passes `daemon check` is a file the daemon accepts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from daemon.config.errors import ConfigError, Origin, OriginKind, Severity, Violation
+from daemon.config.facts import Facts, OfflineFacts
+from daemon.config.rules import RULES, schema_rule_for
+from daemon.config.schema import BUILTIN_PREFIX, SECTIONS, SETTINGS, DaemonSettings, SettingInfo, flat_values
+from daemon.config.sources import Layer, cli_layer, environment_layers, merge_layers, origin_of, read_config_file, suggest_key
+from daemon.engine.demo_spec import DEMO_MODEL_REF, DEMO_SERVED_NAME
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A valid effective configuration and where each of its values came from."""
+
+    settings: DaemonSettings
+    origins: Mapping[str, Origin]
+    path: Path
+    warnings: tuple[Violation, ...] = ()
+
+    def origin(self, key: str) -> Origin:
+        return origin_of(self.origins, key)
+
+    @property
+    def hash(self) -> str:
+        """Fingerprint of the effective configuration: equal configs, equal hashes."""
+        canonical = json.dumps(flat_values(self.settings, reveal_secrets=True), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Report:
+    """Everything `daemon check` found: the config, if it could be built, and all violations."""
+
+    path: Path
+    config: LoadedConfig | None = None
+    violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Violation]:
+        return [v for v in self.violations if v.severity is Severity.ERROR]
+
+    @property
+    def warnings(self) -> list[Violation]:
+        return [v for v in self.violations if v.severity is Severity.WARNING]
+
+    def passed(self, strict: bool = False) -> bool:
+        return not self.errors and not (strict and self.warnings)
+
+
+def check_config(
+    path: Path,
+    *,
+    environ: Mapping[str, str] | None = None,
+    env_file: Path | None = None,
+    sets: Iterable[str] = (),
+    facts: Facts | None = None,
+    offline: bool = False,
+) -> Report:
+    """Check a config file with its environment and `--set` overrides; never raises ConfigError."""
+    report = Report(path)
+    try:
+        layers = [read_config_file(path), *environment_layers(os.environ if environ is None else environ, env_file), cli_layer(sets)]
+    except ConfigError as exc:
+        report.violations = exc.violations
+        return report
+    merged = merge_layers(layers)
+    settings, schema_violations, invalid_keys = _validate(merged)
+    report.violations.extend(schema_violations)
+    if settings is None:
+        return report
+    settings, origins = derive_defaults(settings, merged.origins, os.environ if environ is None else environ)
+    facts = facts or (OfflineFacts() if offline else Facts())
+    report.violations.extend(_run_rules(settings, origins, facts, skip_keys=invalid_keys))
+    if not report.errors:
+        report.config = LoadedConfig(settings, origins, path, tuple(report.warnings))
+    return report
+
+
+def load_config(path: Path, **kwargs: Any) -> LoadedConfig:
+    """Like check_config, but raise ConfigError unless the configuration is usable."""
+    report = check_config(path, **kwargs)
+    if report.config is None:
+        raise ConfigError(report.errors or report.violations)
+    return report.config
+
+
+# --- schema validation -------------------------------------------------------------------------
+
+
+def _validate(merged: Layer) -> tuple[DaemonSettings | None, list[Violation], set[str]]:
+    """Validate against the schema, reporting every schema error.
+
+    After an error, the offending value is dropped and validation retried, so
+    that the rules can still check the keys that are fine: one run shows all.
+    """
+    values = _copy(merged.values)
+    violations: list[Violation] = []
+    invalid: set[str] = set()
+    for _attempt in range(len(SETTINGS) + 2):
+        try:
+            return DaemonSettings(**values), violations, invalid
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+        new = [(e, ".".join(str(p) for p in e["loc"])) for e in errors]
+        new = [(e, key) for e, key in new if key not in invalid]
+        for error, key in new:
+            invalid.add(key)
+            violations.append(_schema_violation(error, key, origin_of(merged.origins, key)))
+        if not new or any(e["type"] == "missing" for e, _ in new):
+            return None, violations, invalid
+        for _error, key in new:
+            _drop(values, key.split("."))
+    return None, violations, invalid
+
+
+def _copy(value: Any) -> Any:
+    return {k: _copy(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def _drop(values: dict[str, Any], path: list[str]) -> None:
+    node: Any = values
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long", "finite_number"}
+
+
+def _schema_violation(error: Mapping[str, Any], key: str, origin: Origin) -> Violation:
+    kind, info = error["type"], SETTINGS.get(key)
+    value = "<secret>" if info and info.is_secret else _show(error.get("input"))
+    if kind == "extra_forbidden":
+        return Violation("schema.unknown-key", Severity.ERROR, key, f"unknown key {key}", suggest_key(key), origin)
+    if kind == "missing":
+        if key in SECTIONS:  # a whole required table is absent: name its first required key
+            key = next(k for k, i in SETTINGS.items() if k.startswith(key + ".") and i.required)
+            info = SETTINGS[key]
+        hint = f"set {key} in the file, with {info.env_var}, or with --set {key}=..." if info else f"set {key}"
+        return Violation("schema.missing", Severity.ERROR, key, f"{key} is required", hint, origin)
+    if kind in _RANGE_ERRORS:
+        catalogue = schema_rule_for(key)
+        message = f"{key} = {value} is out of range: {error['msg'].lower()}"
+        fix = catalogue.fix if catalogue else "use a value within the documented bounds"
+        return Violation(catalogue.id if catalogue else "schema.range", Severity.ERROR, key, message, fix, origin)
+    if kind == "literal_error" and info:
+        return Violation("schema.choice", Severity.ERROR, key, f"{key} = {value} is not a valid choice", _choice_fix(info, error.get("input")), origin)
+    expected = info.type_name if info else "a table"
+    return Violation("schema.type", Severity.ERROR, key, f"{key} = {value} has the wrong type: {error['msg'].lower()}", f"use a value of type {expected}", origin)
+
+
+def _choice_fix(info: SettingInfo, given: Any) -> str:
+    choices = info.type_name
+    names = [c.strip('"') for c in choices.split(" | ")]
+    close = difflib.get_close_matches(str(given), names, n=1, cutoff=0.5)
+    return f"use one of {choices}" + (f" (did you mean \"{close[0]}\"?)" if close else "")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --- derived defaults --------------------------------------------------------------------------
+
+
+def derive_defaults(settings: DaemonSettings, origins: Mapping[str, Origin], environ: Mapping[str, str]) -> tuple[DaemonSettings, dict[str, Origin]]:
+    """Fill settings whose default depends on other settings or on the environment."""
+    origins = dict(origins)
+    tokenizer, model, runtime = settings.tokenizer, settings.model, settings.runtime
+    if tokenizer.path is None:
+        tokenizer = tokenizer.model_copy(update={"path": model.path})
+        origins["tokenizer.path"] = Origin(OriginKind.DERIVED, "model.path")
+    if model.served_model_name is None:
+        model = model.model_copy(update={"served_model_name": default_served_name(model.path)})
+        origins["model.served_model_name"] = Origin(OriginKind.DERIVED, "model.path")
+    if runtime.dir is None:
+        runtime = runtime.model_copy(update={"dir": default_runtime_dir(environ)})
+        origins["runtime.dir"] = Origin(OriginKind.DERIVED, "the environment")
+    return settings.model_copy(update={"tokenizer": tokenizer, "model": model, "runtime": runtime}), origins
+
+
+def default_served_name(model_path: str) -> str:
+    if model_path == DEMO_MODEL_REF:
+        return DEMO_SERVED_NAME
+    if model_path.startswith(BUILTIN_PREFIX):
+        return model_path[len(BUILTIN_PREFIX) :] or model_path
+    return Path(model_path).name or model_path
+
+
+def default_runtime_dir(environ: Mapping[str, str]) -> Path:
+    if systemd_dir := environ.get("RUNTIME_DIRECTORY", "").split(":")[0]:
+        return Path(systemd_dir)
+    if xdg := environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "daemon"
+    return Path(f"/tmp/daemon-{os.getuid()}")
+
+
+# --- rules -------------------------------------------------------------------------------------
+
+
+def _run_rules(settings: DaemonSettings, origins: Mapping[str, Origin], facts: Facts, skip_keys: set[str]) -> list[Violation]:
+    violations = []
+    for rule in RULES:
+        if rule.check is None or skip_keys.intersection(rule.keys):
+            continue  # a key it reads is already invalid: its verdict would be noise
+        # Blame the key an operator set over one left at its default: that is where the fix goes.
+        blamed = next((k for k in rule.keys if k in origins), rule.keys[0])
+        for finding in rule.findings(settings, facts):
+            key = finding.key or blamed
+            violations.append(Violation(rule.id, rule.severity, key, finding.message, rule.fix, origin_of(origins, key)))
+    return violations

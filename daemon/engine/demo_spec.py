@@ -1,0 +1,29 @@
+"""What the built-in demo model is, as plain data.
+
+The engine builds the model from this description; the config rules read it to
+check tensor-parallel and context settings without building anything. It is a
+tiny Llama-architecture model with random weights: it runs the real code path
+but produces no meaningful text.
+"""
+
+DEMO_MODEL_REF = "builtin:demo"
+DEMO_SERVED_NAME = "demo"
+
+DEMO_HF_CONFIG: dict = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 352,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "vocab_size": 1024,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
+
+# Built-in models by their reference in model.path.
+BUILTIN_MODELS: dict[str, dict] = {DEMO_MODEL_REF: DEMO_HF_CONFIG}

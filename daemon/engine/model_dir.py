@@ -1,0 +1,136 @@
+"""Inspect a Hugging Face-format model directory without loading it.
+
+Reads config.json and the safetensors headers only, so `daemon check` can
+report a missing or corrupt shard in milliseconds instead of failing after a
+model load. Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class Problem(enum.StrEnum):
+    MISSING = "missing"  # no such directory
+    CONFIG = "config"  # config.json absent or not a usable model config
+    WEIGHTS_MISSING = "weights-missing"  # no safetensors, or a shard the index names is absent
+    WEIGHTS_CORRUPT = "weights-corrupt"  # a shard whose header or size is wrong
+
+
+class ModelDirError(Exception):
+    def __init__(self, problem: Problem, message: str):
+        super().__init__(message)
+        self.problem = problem
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architectures: tuple[str, ...]
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int | None
+    weight_files: tuple[Path, ...] = ()
+
+
+def model_info_from_config(config: dict[str, Any], where: str = "config.json") -> ModelInfo:
+    """The facts the config rules need, from a parsed config.json."""
+
+    def positive_int(name: str, default: int | None = None) -> int | None:
+        value = config.get(name, default)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelDirError(Problem.CONFIG, f"{where}: {name} must be a positive integer, not {value!r}")
+        return value
+
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ModelDirError(Problem.CONFIG, f"{where}: architectures must be a list of names")
+    heads = positive_int("num_attention_heads")
+    if heads is None:
+        raise ModelDirError(Problem.CONFIG, f"{where}: num_attention_heads is missing")
+    return ModelInfo(
+        architectures=tuple(architectures),
+        num_attention_heads=heads,
+        num_key_value_heads=positive_int("num_key_value_heads", heads) or heads,
+        max_position_embeddings=positive_int("max_position_embeddings"),
+    )
+
+
+def inspect_model_dir(path: Path) -> ModelInfo:
+    """Check that `path` holds a loadable model; raise ModelDirError naming the first problem."""
+    if not path.is_dir():
+        raise ModelDirError(Problem.MISSING, f"{path} is not a directory" if path.exists() else f"{path} does not exist")
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelDirError(Problem.CONFIG, f"{path} has no config.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelDirError(Problem.CONFIG, f"{config_file} is not readable JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelDirError(Problem.CONFIG, f"{config_file} is not a JSON object")
+    info = model_info_from_config(config, str(config_file))
+    weights = weight_files(path)
+    for shard in weights:
+        check_safetensors_header(shard)
+    return ModelInfo(info.architectures, info.num_attention_heads, info.num_key_value_heads, info.max_position_embeddings, weights)
+
+
+def weight_files(path: Path) -> tuple[Path, ...]:
+    """The safetensors files of a model directory, from its index when it is sharded."""
+    index = path / SAFETENSORS_INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{index} is not a valid safetensors index: {exc}") from None
+        if not names or not all(isinstance(n, str) for n in names):
+            raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{index} maps no tensors to shard files")
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise ModelDirError(Problem.WEIGHTS_MISSING, f"{path} lacks shard(s) named by its index: {', '.join(missing)}")
+        return tuple(path / n for n in names)
+    files = tuple(sorted(path.glob("*.safetensors")))
+    if not files:
+        raise ModelDirError(Problem.WEIGHTS_MISSING, f"{path} has no *.safetensors weights")
+    return files
+
+
+def check_safetensors_header(file: Path) -> None:
+    """Validate a safetensors file's header and that its tensor data is all there."""
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as stream:
+            prefix = stream.read(8)
+            if len(prefix) < 8:
+                raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} is too short to be safetensors ({size} bytes)")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} has a corrupt header (declared length {header_len})")
+            header = json.loads(stream.read(header_len))
+    except OSError as exc:
+        raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"cannot read {file}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} has a corrupt header (not JSON)") from None
+    try:
+        data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError):
+        raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} has a corrupt header (bad tensor entries)") from None
+    if not isinstance(data_end, int) or 8 + header_len + data_end > size:
+        raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} is truncated: its tensors need {8 + header_len + data_end} bytes, it has {size}")
+
+
+def has_tokenizer_files(path: Path) -> bool:
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
