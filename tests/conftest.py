@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,14 @@ def model_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
     return make_certificate(tmp_path)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path: Unix socket paths must fit in 107 bytes."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""The README stays honest: its commands work as written and its generated sections are current.
+
+Run `python tests/test_readme.py` to regenerate the generated sections.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from conftest import REPO, run_daemon
+
+README = REPO / "README.md"
+GENERATED = re.compile(r"(<!-- BEGIN generated: (?P<command>[^>]+?) -->\n)(?P<body>.*?)(<!-- END generated -->)", re.S)
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+
+
+def _generated(command: str) -> str:
+    result = run_daemon(*shlex.split(command)[1:])
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def regenerate() -> None:
+    text = README.read_text()
+    README.write_text(GENERATED.sub(lambda m: m[1] + "\n" + _generated(m["command"]) + "\n" + m[4], text))
+
+
+def test_generated_sections_are_current():
+    sections = list(GENERATED.finditer(README.read_text()))
+    assert {m["command"] for m in sections} == {"daemon config reference", "daemon rules --format markdown"}
+    for match in sections:
+        assert match["body"].strip() == _generated(match["command"]).strip(), (
+            f"README section '{match['command']}' is stale: run `python tests/test_readme.py`"
+        )
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    commands = [line for block in _blocks("sh") for line in block.splitlines() if "pytest" in line]
+    assert len(commands) == 1
+    ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if "pytest" in line]
+    assert ci_lines == commands
+    assert "pip install torch==2.13.0 &&" in commands[0]
+
+
+def test_readme_run_command_installs_and_runs_the_demo_model():
+    run = [line for block in _blocks("sh") for line in block.splitlines() if line.endswith("daemon -c configs/server.toml")]
+    assert len(run) == 1 and "pip install torch==2.13.0 && pip install -e . &&" in run[0]
+
+
+def test_readme_daemon_commands_work_as_written():
+    commands = [line for block in _blocks("sh") for line in block.splitlines() if re.match(r"^(\w+=\S+ )*daemon ", line)]
+    assert len(commands) >= 4
+    for line in commands:
+        words = shlex.split(line)
+        env = dict(w.split("=", 1) for w in words if re.match(r"^\w+=", w) and words.index(w) < words.index("daemon"))
+        result = run_daemon(*words[words.index("daemon") + 1 :], env=env)
+        assert result.returncode == 0, f"{line}\n{result.stdout}{result.stderr}"
+
+
+def test_readme_check_example_output_is_real(tmp_path: Path):
+    bad = next(block for block in _blocks("toml") if "prot = 8001" in block)
+    (tmp_path / "bad.toml").write_text(bad)
+    shown = next(block for block in _blocks("text") if block.startswith("$ daemon check -c bad.toml"))
+    result = run_daemon("check", "-c", "bad.toml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == shown.split("\n", 1)[1]
+
+
+if __name__ == "__main__":
+    sys.exit(regenerate())
