@@ -20,29 +20,54 @@ EXIT_INVALID = 2  # invalid configuration or usage, like argparse's own usage er
 def _config_options() -> argparse.ArgumentParser:
     # SUPPRESS defaults let "daemon -c F check" and "daemon check -c F" both work.
     options = argparse.ArgumentParser(add_help=False)
-    options.add_argument("-c", "--config", type=Path, metavar="FILE", default=argparse.SUPPRESS,
-                         help="the TOML config file (server.toml)")
-    options.add_argument("--set", action="append", dest="sets", metavar="KEY=VALUE", default=argparse.SUPPRESS,
-                         help="override one setting, e.g. --set server.port=9000 (repeatable; beats the environment)")
-    options.add_argument("--env-file", type=Path, metavar="FILE", default=argparse.SUPPRESS,
-                         help="read DAEMON_* overrides from a KEY=value file too (as systemd's EnvironmentFile)")
+    options.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="the TOML config file (server.toml)",
+    )
+    options.add_argument(
+        "--set",
+        action="append",
+        dest="sets",
+        metavar="KEY=VALUE",
+        default=argparse.SUPPRESS,
+        help="override one setting, e.g. --set server.port=9000 (repeatable; beats the environment)",
+    )
+    options.add_argument(
+        "--env-file",
+        type=Path,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="read DAEMON_* overrides from a KEY=value file too (as systemd's EnvironmentFile)",
+    )
     return options
 
 
 def build_parser() -> argparse.ArgumentParser:
     options = _config_options()
     parser = argparse.ArgumentParser(
-        prog="daemon", parents=[options],
+        prog="daemon",
+        parents=[options],
         description="Config-driven LLM serving daemon. `daemon -c FILE` runs it; the commands below inspect configs.",
     )
     parser.add_argument("--version", action="version", version=f"daemon {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    check = commands.add_parser("check", parents=[options], help="validate a config: every violation at once",
-                                description="Exit 0 when valid, 2 when not. Warnings fail only with --strict.")
+    check = commands.add_parser(
+        "check",
+        parents=[options],
+        help="validate a config: every violation at once",
+        description="Exit 0 when valid, 2 when not. Warnings fail only with --strict.",
+    )
     check.add_argument("--strict", action="store_true", help="fail on warnings too")
-    check.add_argument("--offline", action="store_true",
-                       help="skip checks of this host (files, model directory, GPUs): for a config meant for another machine")
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="skip checks of this host (files, model directory, GPUs): for a config meant for another machine",
+    )
     check.add_argument("--format", choices=["text", "json"], default="text")
 
     commands.add_parser("schema", help="print the JSON Schema of the config file")
@@ -96,10 +121,18 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     report = check_config(path, offline=args.offline, **_load_kwargs(args))
     passed = report.passed(strict=args.strict)
     if args.format == "json":
-        print(json.dumps({
-            "file": str(path), "valid": passed, "hash": report.config.hash if report.config else None,
-            "errors": [v.to_dict() for v in report.errors], "warnings": [v.to_dict() for v in report.warnings],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "file": str(path),
+                    "valid": passed,
+                    "hash": report.config.hash if report.config else None,
+                    "errors": [v.to_dict() for v in report.errors],
+                    "warnings": [v.to_dict() for v in report.warnings],
+                },
+                indent=2,
+            )
+        )
     else:
         for violation in report.violations:
             print(violation.to_line())
@@ -136,7 +169,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for warning in config.warnings:
         log.warning("config.warning", rule=warning.rule, key=warning.key, message=warning.message, fix=warning.fix)
     log.info("config.loaded", path=str(path), hash=config.hash)
-    log.warning("serve.not_implemented", detail="the config is valid; the serving supervisor is not part of this release yet")
+    log.warning(
+        "serve.not_implemented", detail="the config is valid; the serving supervisor is not part of this release yet"
+    )
     return EXIT_OK
 
 

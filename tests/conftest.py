@@ -23,11 +23,17 @@ def clean_environ(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_daemon(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_daemon(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
     """Run the installed `daemon` command to completion and capture its output."""
     return subprocess.run(
-        [str(DAEMON), *args], capture_output=True, text=True, timeout=timeout,
-        env=clean_environ(**(env or {})), cwd=cwd or REPO,
+        [str(DAEMON), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_environ(**(env or {})),
+        cwd=cwd or REPO,
     )
 
 
@@ -58,8 +64,14 @@ def write_model_dir(
 ) -> Path:
     """A Hugging Face-format model directory with the given shape (weights are tiny zero tensors)."""
     root.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": [architecture], "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-              "hidden_size": 8 * heads, "num_hidden_layers": shards, "vocab_size": 16}
+    config = {
+        "architectures": [architecture],
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "hidden_size": 8 * heads,
+        "num_hidden_layers": shards,
+        "vocab_size": 16,
+    }
     if max_positions is not None:
         config["max_position_embeddings"] = max_positions
     (root / "config.json").write_text(json.dumps(config))
@@ -77,7 +89,9 @@ def write_model_dir(
     return root
 
 
-def make_certificate(directory: Path, *, name: str = "server", password: str | None = None, common_name: str = "localhost") -> tuple[Path, Path]:
+def make_certificate(
+    directory: Path, *, name: str = "server", password: str | None = None, common_name: str = "localhost"
+) -> tuple[Path, Path]:
     """A self-signed certificate and its key (encrypted when `password`), as PEM files."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -86,10 +100,14 @@ def make_certificate(directory: Path, *, name: str = "server", password: str | N
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False)
         .sign(key, hashes.SHA256())

@@ -115,8 +115,14 @@ def test_config_show_masks_secrets_and_round_trips(tmp_path: Path):
     assert "file-secret-123" not in result.stdout
     assert 'api_key = "********"' in result.stdout
     shown = tomli.loads(result.stdout)
-    assert shown["model"] == {"path": "builtin:demo", "served_model_name": "demo", "dtype": "auto", "device": "auto",
-                              "tp_size": 1, "seed": 0}
+    assert shown["model"] == {
+        "path": "builtin:demo",
+        "served_model_name": "demo",
+        "dtype": "auto",
+        "device": "auto",
+        "tp_size": 1,
+        "seed": 0,
+    }
     assert shown["tokenizer"]["path"] == "builtin:demo"
 
 
@@ -143,7 +149,9 @@ def test_rules_command_lists_the_catalogue():
     catalogue = json.loads(run_daemon("rules", "--format", "json").stdout)
     assert len([r for r in catalogue if r["severity"] in ("error", "warning")]) >= 25
     assert {r["id"] for r in catalogue if r["severity"] == "lifted"} == {
-        "lifted.http2-with-tls-refresh", "lifted.http2-with-tokenizer-workers"}
+        "lifted.http2-with-tls-refresh",
+        "lifted.http2-with-tokenizer-workers",
+    }
 
 
 def test_version_and_usage():

@@ -33,9 +33,11 @@ def test_example_validates_against_the_json_schema(example: Path):
 
 def test_json_schema_rejects_what_the_daemon_rejects():
     validator = jsonschema.Draft202012Validator(SCHEMA)
-    for bad in ({"model": {"path": "builtin:demo"}, "server": {"port": 70000}},
-                {"model": {"path": "builtin:demo"}, "server": {"prot": 1}},
-                {"server": {"port": 8000}}):
+    for bad in (
+        {"model": {"path": "builtin:demo"}, "server": {"port": 70000}},
+        {"model": {"path": "builtin:demo"}, "server": {"prot": 1}},
+        {"server": {"port": 8000}},
+    ):
         assert list(validator.iter_errors(bad)), bad
 
 
@@ -55,18 +57,37 @@ def test_deployment_examples_pass_offline_check(example: str):
 def test_tls_example_passes_full_check_with_real_certificates(tmp_path: Path, short_tmp: Path):
     cert, key = make_certificate(tmp_path)
     result = run_daemon(
-        "check", "-c", "configs/tls.toml", "--strict", "--set", f"server.tls.certfile={cert}",
-        "--set", f"server.tls.keyfile={key}", "--set", f"runtime.dir={short_tmp}", env=API_KEY,
+        "check",
+        "-c",
+        "configs/tls.toml",
+        "--strict",
+        "--set",
+        f"server.tls.certfile={cert}",
+        "--set",
+        f"server.tls.keyfile={key}",
+        "--set",
+        f"runtime.dir={short_tmp}",
+        env=API_KEY,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_gpu_example_passes_full_check_on_its_model_except_for_the_gpus(tmp_path: Path, short_tmp: Path):
     # A directory shaped like the example's model (Qwen2.5-7B: 28 heads, 4 KV heads, 32k positions).
-    model = write_model_dir(tmp_path / "qwen", heads=28, kv_heads=4, max_positions=32768, architecture="Qwen2ForCausalLM")
+    model = write_model_dir(
+        tmp_path / "qwen", heads=28, kv_heads=4, max_positions=32768, architecture="Qwen2ForCausalLM"
+    )
     result = run_daemon(
-        "check", "-c", "configs/gpu.toml", "--format", "json", "--set", f"model.path={model}",
-        "--set", f"runtime.dir={short_tmp}", env=API_KEY,
+        "check",
+        "-c",
+        "configs/gpu.toml",
+        "--format",
+        "json",
+        "--set",
+        f"model.path={model}",
+        "--set",
+        f"runtime.dir={short_tmp}",
+        env=API_KEY,
     )
     report = json.loads(result.stdout)
     host_gpu_rules = {"model.cuda-unavailable", "model.tp-exceeds-gpus"}

@@ -75,14 +75,23 @@ def test_env_file_sits_between_environment_and_cli(config_file: Path, tmp_path: 
 
 def test_precedence_through_the_cli_with_sources(config_file: Path):
     shown = run_daemon(
-        "config", "show", "-c", str(config_file), "--sources", "--set", "server.tls.min_version=1.2",
+        "config",
+        "show",
+        "-c",
+        str(config_file),
+        "--sources",
+        "--set",
+        "server.tls.min_version=1.2",
         env={"DAEMON_SERVER__PORT": "8200", "DAEMON_SCHEDULER__POLICY": "lof"},
     )
     assert shown.returncode == 0, shown.stderr
     lines = {line.split("=")[0].strip(): line for line in shown.stdout.splitlines() if "=" in line}
     assert lines["port"].startswith("port = 8200") and "environment variable DAEMON_SERVER__PORT" in lines["port"]
     assert lines["policy"].startswith('policy = "lof"')
-    assert lines["min_version"].startswith('min_version = "1.2"') and "--set server.tls.min_version=1.2" in lines["min_version"]
+    assert (
+        lines["min_version"].startswith('min_version = "1.2"')
+        and "--set server.tls.min_version=1.2" in lines["min_version"]
+    )
     assert f"{config_file}:" in lines["host"] or "default" in lines["host"]
     assert "default" in lines["max_running_requests"]
 

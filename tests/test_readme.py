@@ -49,12 +49,16 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 def test_readme_run_command_installs_and_runs_the_demo_model():
-    run = [line for block in _blocks("sh") for line in block.splitlines() if line.endswith("daemon -c configs/server.toml")]
+    run = [
+        line for block in _blocks("sh") for line in block.splitlines() if line.endswith("daemon -c configs/server.toml")
+    ]
     assert len(run) == 1 and "pip install torch==2.13.0 && pip install -e . &&" in run[0]
 
 
 def test_readme_daemon_commands_work_as_written():
-    commands = [line for block in _blocks("sh") for line in block.splitlines() if re.match(r"^(\w+=\S+ )*daemon ", line)]
+    commands = [
+        line for block in _blocks("sh") for line in block.splitlines() if re.match(r"^(\w+=\S+ )*daemon ", line)
+    ]
     assert len(commands) >= 4
     for line in commands:
         words = shlex.split(line)

@@ -100,13 +100,31 @@ def test_schema_enforced_rules_have_their_bounds_in_the_schema():
 
 def test_the_required_sglang_rules_are_in_the_catalogue():
     required = [
-        "tls.key-without-cert", "tls.cert-without-key", "tls.file-missing", "tls.ca-without-cert",
-        "tls.password-without-key", "tls.refresh-without-cert", "server.http2-streams-range", "workers.min",
-        "server.port-range", "ports.conflict", "model.tp-size-min", "model.tp-divides-heads", "model.tp-exceeds-gpus",
-        "model.cuda-unavailable", "model.context-exceeds-model", "scheduler.total-tokens-below-context",
-        "scheduler.chunked-prefill-size", "scheduler.policy-choice", "model.served-name-colon", "model.path-missing",
-        "tokenizer.path-missing", "distributed.node-rank-range", "distributed.init-addr-required",
-        "distributed.tp-divisible-by-nnodes", "server.public-without-api-key",
+        "tls.key-without-cert",
+        "tls.cert-without-key",
+        "tls.file-missing",
+        "tls.ca-without-cert",
+        "tls.password-without-key",
+        "tls.refresh-without-cert",
+        "server.http2-streams-range",
+        "workers.min",
+        "server.port-range",
+        "ports.conflict",
+        "model.tp-size-min",
+        "model.tp-divides-heads",
+        "model.tp-exceeds-gpus",
+        "model.cuda-unavailable",
+        "model.context-exceeds-model",
+        "scheduler.total-tokens-below-context",
+        "scheduler.chunked-prefill-size",
+        "scheduler.policy-choice",
+        "model.served-name-colon",
+        "model.path-missing",
+        "tokenizer.path-missing",
+        "distributed.node-rank-range",
+        "distributed.init-addr-required",
+        "distributed.tp-divisible-by-nnodes",
+        "server.public-without-api-key",
     ]
     assert [rule_id for rule_id in required if rule_id not in RULES_BY_ID] == []
     assert RULES_BY_ID["server.public-without-api-key"].severity.value == "warning"

@@ -22,7 +22,16 @@ from daemon.config.errors import ConfigError, Origin, OriginKind, Severity, Viol
 from daemon.config.facts import Facts, OfflineFacts
 from daemon.config.rules import RULES, schema_rule_for
 from daemon.config.schema import BUILTIN_PREFIX, SECTIONS, SETTINGS, DaemonSettings, SettingInfo, flat_values
-from daemon.config.sources import Layer, cli_layer, environment_layers, merge_layers, origin_of, read_config_file, suggest_key
+from daemon.config.sources import (
+    Layer,
+    cli_layer,
+    env_file_layer,
+    merge_layers,
+    origin_of,
+    process_env_layer,
+    read_config_file,
+    suggest_key,
+)
 from daemon.engine.demo_spec import DEMO_MODEL_REF, DEMO_SERVED_NAME
 
 
@@ -76,17 +85,24 @@ def check_config(
 ) -> Report:
     """Check a config file with its environment and `--set` overrides; never raises ConfigError."""
     report = Report(path)
-    try:
-        layers = [read_config_file(path), *environment_layers(os.environ if environ is None else environ, env_file), cli_layer(sets)]
-    except ConfigError as exc:
-        report.violations = exc.violations
+    environ = os.environ if environ is None else environ
+    readers = [lambda: read_config_file(path), lambda: process_env_layer(environ), lambda: cli_layer(sets)]
+    if env_file is not None:
+        readers.insert(2, lambda: env_file_layer(env_file))
+    layers = []
+    for read in readers:
+        try:
+            layers.append(read())
+        except ConfigError as exc:  # read the other sources too: report all their problems at once
+            report.violations += exc.violations
+    if report.violations:
         return report
     merged = merge_layers(layers)
     settings, schema_violations, invalid_keys = _validate(merged)
     report.violations.extend(schema_violations)
     if settings is None:
         return report
-    settings, origins = derive_defaults(settings, merged.origins, os.environ if environ is None else environ)
+    settings, origins = derive_defaults(settings, merged.origins, environ)
     facts = facts or (OfflineFacts() if offline else Facts())
     report.violations.extend(_run_rules(settings, origins, facts, skip_keys=invalid_keys))
     if not report.errors:
@@ -143,7 +159,15 @@ def _drop(values: dict[str, Any], path: list[str]) -> None:
         node.pop(path[-1], None)
 
 
-_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long", "finite_number"}
+_RANGE_ERRORS = {
+    "greater_than",
+    "greater_than_equal",
+    "less_than",
+    "less_than_equal",
+    "too_short",
+    "too_long",
+    "finite_number",
+}
 
 
 def _schema_violation(error: Mapping[str, Any], key: str, origin: Origin) -> Violation:
@@ -163,16 +187,30 @@ def _schema_violation(error: Mapping[str, Any], key: str, origin: Origin) -> Vio
         fix = catalogue.fix if catalogue else "use a value within the documented bounds"
         return Violation(catalogue.id if catalogue else "schema.range", Severity.ERROR, key, message, fix, origin)
     if kind == "literal_error" and info:
-        return Violation("schema.choice", Severity.ERROR, key, f"{key} = {value} is not a valid choice", _choice_fix(info, error.get("input")), origin)
+        return Violation(
+            "schema.choice",
+            Severity.ERROR,
+            key,
+            f"{key} = {value} is not a valid choice",
+            _choice_fix(info, error.get("input")),
+            origin,
+        )
     expected = info.type_name if info else "a table"
-    return Violation("schema.type", Severity.ERROR, key, f"{key} = {value} has the wrong type: {error['msg'].lower()}", f"use a value of type {expected}", origin)
+    return Violation(
+        "schema.type",
+        Severity.ERROR,
+        key,
+        f"{key} = {value} has the wrong type: {error['msg'].lower()}",
+        f"use a value of type {expected}",
+        origin,
+    )
 
 
 def _choice_fix(info: SettingInfo, given: Any) -> str:
     choices = info.type_name
     names = [c.strip('"') for c in choices.split(" | ")]
     close = difflib.get_close_matches(str(given), names, n=1, cutoff=0.5)
-    return f"use one of {choices}" + (f" (did you mean \"{close[0]}\"?)" if close else "")
+    return f"use one of {choices}" + (f' (did you mean "{close[0]}"?)' if close else "")
 
 
 def _show(value: Any) -> str:
@@ -183,7 +221,9 @@ def _show(value: Any) -> str:
 # --- derived defaults --------------------------------------------------------------------------
 
 
-def derive_defaults(settings: DaemonSettings, origins: Mapping[str, Origin], environ: Mapping[str, str]) -> tuple[DaemonSettings, dict[str, Origin]]:
+def derive_defaults(
+    settings: DaemonSettings, origins: Mapping[str, Origin], environ: Mapping[str, str]
+) -> tuple[DaemonSettings, dict[str, Origin]]:
     """Fill settings whose default depends on other settings or on the environment."""
     origins = dict(origins)
     tokenizer, model, runtime = settings.tokenizer, settings.model, settings.runtime
@@ -218,7 +258,9 @@ def default_runtime_dir(environ: Mapping[str, str]) -> Path:
 # --- rules -------------------------------------------------------------------------------------
 
 
-def _run_rules(settings: DaemonSettings, origins: Mapping[str, Origin], facts: Facts, skip_keys: set[str]) -> list[Violation]:
+def _run_rules(
+    settings: DaemonSettings, origins: Mapping[str, Origin], facts: Facts, skip_keys: set[str]
+) -> list[Violation]:
     violations = []
     for rule in RULES:
         if rule.check is None or skip_keys.intersection(rule.keys):
@@ -227,5 +269,7 @@ def _run_rules(settings: DaemonSettings, origins: Mapping[str, Origin], facts: F
         blamed = next((k for k in rule.keys if k in origins), rule.keys[0])
         for finding in rule.findings(settings, facts):
             key = finding.key or blamed
-            violations.append(Violation(rule.id, rule.severity, key, finding.message, rule.fix, origin_of(origins, key)))
+            violations.append(
+                Violation(rule.id, rule.severity, key, finding.message, rule.fix, origin_of(origins, key))
+            )
     return violations

@@ -45,7 +45,7 @@ def _default_text(key: str) -> str:
 def reference_markdown() -> str:
     """The configuration reference: every key, its type, default, reload scope and variable."""
     out = []
-    for section, model in SECTIONS.items():
+    for section in SECTIONS:
         out += [f"#### `[{section}]`", "", _section_doc(section), ""]
         out += ["| key | type | default | reload | description |", "|---|---|---|---|---|"]
         for key, info in SETTINGS.items():
@@ -87,11 +87,25 @@ def rules_text() -> str:
 
 def rules_json() -> list[dict[str, Any]]:
     return [
-        {"id": r.id, "severity": r.severity.value, "keys": list(r.keys), "summary": r.summary, "fix": r.fix,
-         "enforced_by": "rule" if r.check else "schema"}
+        {
+            "id": r.id,
+            "severity": r.severity.value,
+            "keys": list(r.keys),
+            "summary": r.summary,
+            "fix": r.fix,
+            "enforced_by": "rule" if r.check else "schema",
+        }
         for r in RULES
-    ] + [{"id": lifted.id, "severity": "lifted", "keys": list(lifted.keys), "summary": lifted.why, "sglang": lifted.sglang} for lifted in LIFTED]
-
+    ] + [
+        {
+            "id": lifted.id,
+            "severity": "lifted",
+            "keys": list(lifted.keys),
+            "summary": lifted.why,
+            "sglang": lifted.sglang,
+        }
+        for lifted in LIFTED
+    ]
 
 
 def render_rules(fmt: str) -> str:

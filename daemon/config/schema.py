@@ -106,8 +106,7 @@ class TLSSettings(Section):
 class ServerSettings(Section):
     host: str = setting(
         "127.0.0.1",
-        doc="Address the HTTP front-end listens on: an IP address or host name; 0.0.0.0 or :: for "
-        "every interface.",
+        doc="Address the HTTP front-end listens on: an IP address or host name; 0.0.0.0 or :: for every interface.",
         reload=Reload.FRONTEND,
         min_length=1,
     )
@@ -142,8 +141,7 @@ class ServerSettings(Section):
     )
     api_key: SecretStr | None = setting(
         None,
-        doc="Bearer token required on /v1/* endpoints. Unset: no authentication. Secret: masked "
-        "in every output.",
+        doc="Bearer token required on /v1/* endpoints. Unset: no authentication. Secret: masked in every output.",
         reload=Reload.LIVE,
         min_length=1,
     )
@@ -160,8 +158,7 @@ class ServerSettings(Section):
 class TokenizerSettings(Section):
     path: ModelRef | None = setting(
         None,
-        doc="Tokenizer directory (tokenizer.json, tokenizer_config.json) or builtin: name. Unset: "
-        "model.path.",
+        doc="Tokenizer directory (tokenizer.json, tokenizer_config.json) or builtin: name. Unset: model.path.",
         reload=Reload.TOKENIZER,
         min_length=1,
     )
@@ -190,8 +187,7 @@ class SchedulerSettings(Section):
     )
     max_queued_requests: int = setting(
         1024,
-        doc="Most requests waiting for admission; beyond it new requests get 503 with Retry-After. "
-        "0: no queue.",
+        doc="Most requests waiting for admission; beyond it new requests get 503 with Retry-After. 0: no queue.",
         reload=Reload.LIVE,
         ge=0,
         le=10_000_000,
@@ -228,8 +224,7 @@ class ModelSettings(Section):
     )
     served_model_name: str | None = setting(
         None,
-        doc="Model name clients send and /v1/models lists. Unset: the model directory's name "
-        "(demo for builtin:demo).",
+        doc="Model name clients send and /v1/models lists. Unset: the model directory's name (demo for builtin:demo).",
         reload=Reload.LIVE,
         min_length=1,
     )
@@ -250,8 +245,7 @@ class ModelSettings(Section):
     )
     context_length: int | None = setting(
         None,
-        doc="Most tokens (prompt plus output) in one request. Unset: the model's "
-        "max_position_embeddings.",
+        doc="Most tokens (prompt plus output) in one request. Unset: the model's max_position_embeddings.",
         reload=Reload.WORKER,
         ge=1,
     )
@@ -277,8 +271,7 @@ class DistributedSettings(Section):
     )
     nccl_port: int | None = setting(
         None,
-        doc="TCP port for the collective-communication rendezvous of this node's GPU workers. "
-        "Unset: a free port.",
+        doc="TCP port for the collective-communication rendezvous of this node's GPU workers. Unset: a free port.",
         reload=Reload.WORKER,
         ge=1,
         le=65535,
@@ -291,8 +284,7 @@ class LoggingSettings(Section):
     )
     format: Literal["auto", "json", "console"] = setting(
         "auto",
-        doc="json: one JSON object a line. console: readable, for people. auto: console on a "
-        "terminal, json otherwise.",
+        doc="json: one JSON object a line. console: readable, for people. auto: console on a terminal, json otherwise.",
         reload=Reload.LIVE,
     )
     access_log: bool = setting(False, doc="Log one line per HTTP request.", reload=Reload.LIVE)
@@ -397,7 +389,14 @@ def _annotated_metadata(annotation: Any) -> list[Any]:
     return [m for arg in get_args(annotation) for m in _annotated_metadata(arg)]
 
 
-_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", Path: "path", SecretStr: "secret string"}
+_TYPE_NAMES = {
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    Path: "path",
+    SecretStr: "secret string",
+}
 
 
 def describe_type(annotation: Any) -> str:
@@ -431,7 +430,9 @@ def iter_settings(model: type[BaseModel] = DaemonSettings, prefix: str = "") -> 
             yield SettingInfo(f"{prefix}{name}", field)
 
 
-def iter_sections(model: type[BaseModel] = DaemonSettings, prefix: str = "") -> Iterator[tuple[str, FieldInfo, type[BaseModel]]]:
+def iter_sections(
+    model: type[BaseModel] = DaemonSettings, prefix: str = ""
+) -> Iterator[tuple[str, FieldInfo, type[BaseModel]]]:
     """Every table of the schema, as (dotted key, field, model)."""
     for name, field in model.model_fields.items():
         nested = _section_model(field)

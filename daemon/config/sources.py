@@ -37,8 +37,14 @@ class Layer:
     origins: dict[str, Origin] = field(default_factory=dict)  # dotted key -> origin
 
 
-def source_error(rule: str, message: str, fix: str, origin: Origin | None = None, key: str | None = None) -> ConfigError:
-    return ConfigError([Violation(rule, Severity.ERROR, key, message, fix, origin)])
+def error(rule: str, message: str, fix: str, origin: Origin | None = None, key: str | None = None) -> Violation:
+    return Violation(rule, Severity.ERROR, key, message, fix, origin)
+
+
+def source_error(
+    rule: str, message: str, fix: str, origin: Origin | None = None, key: str | None = None
+) -> ConfigError:
+    return ConfigError([error(rule, message, fix, origin, key)])
 
 
 # --- the TOML file ---------------------------------------------------------------------------
@@ -50,17 +56,28 @@ def read_config_file(path: Path) -> Layer:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise source_error("file.missing", f"config file {path} does not exist", "pass the path of an existing TOML file with -c", where) from None
+        raise source_error(
+            "file.missing",
+            f"config file {path} does not exist",
+            "pass the path of an existing TOML file with -c",
+            where,
+        ) from None
     except IsADirectoryError:
-        raise source_error("file.unreadable", f"{path} is a directory, not a config file", "pass the TOML file itself with -c", where) from None
+        raise source_error(
+            "file.unreadable", f"{path} is a directory, not a config file", "pass the TOML file itself with -c", where
+        ) from None
     except OSError as exc:
-        raise source_error("file.unreadable", f"cannot read {path}: {exc.strerror or exc}", "check the file's permissions", where) from None
+        raise source_error(
+            "file.unreadable", f"cannot read {path}: {exc.strerror or exc}", "check the file's permissions", where
+        ) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise source_error(
-            "file.encoding", f"byte {exc.start} is not valid UTF-8", "save the file as UTF-8",
+            "file.encoding",
+            f"byte {exc.start} is not valid UTF-8",
+            "save the file as UTF-8",
             Origin(OriginKind.FILE, str(path), line),
         ) from None
     try:
@@ -69,8 +86,10 @@ def read_config_file(path: Path) -> Layer:
         line, column = _decode_error_position(exc, text)
         message = getattr(exc, "msg", None) or str(exc).split(" (at ")[0]
         raise source_error(
-            "file.syntax", f"invalid TOML: {message} (line {line}, column {column})",
-            "correct the TOML syntax at that position", Origin(OriginKind.FILE, str(path), line),
+            "file.syntax",
+            f"invalid TOML: {message} (line {line}, column {column})",
+            "correct the TOML syntax at that position",
+            Origin(OriginKind.FILE, str(path), line),
         ) from None
     lines = locate_keys(text)
     layer = Layer(values)
@@ -212,56 +231,79 @@ def env_layer(variables: Mapping[str, str], origin_of: Any) -> Layer:
     `origin_of(name)` gives the origin to record for a variable. Empty values
     are ignored, as if unset. A variable that looks like an override but names
     no setting is an error with a suggestion; unrelated DAEMON_* variables pass.
+    Raises ConfigError listing every bad variable.
     """
-    layer = Layer()
+    layer, problems = Layer(), []
     for name, value in sorted(variables.items()):
         upper = name.upper()
         if not upper.startswith(ENV_PREFIX) or upper in INTERNAL_ENV_VARS or value == "":
             continue
         key = env_var_key(name)
         if key is None:
-            _reject_unknown_variable(upper, origin_of(name))
+            if problem := _unknown_variable(upper, origin_of(name)):
+                problems.append(problem)
             continue
         try:
             values = _MappingEnvSource({upper: value})()
         except (SettingsError, ValueError):
             example = next(info.env_var for info in SETTINGS.values() if info.key.startswith(key + "."))
-            raise source_error(
-                "env.invalid-json", f"{name} names the table [{key}] but its value is not a JSON object",
-                f"set one key per variable, e.g. {example}=..., or give a JSON object", origin_of(name), key,
-            ) from None
+            problems.append(
+                error(
+                    "env.invalid-json",
+                    f"{name} names the table [{key}] but its value is not a JSON object",
+                    f"set one key per variable, e.g. {example}=..., or give a JSON object",
+                    origin_of(name),
+                    key,
+                )
+            )
+            continue
         _resolve_paths(values, Path.cwd())
         _merge_into(layer.values, values)
         for leaf in _leaf_keys(values):
             layer.origins[leaf] = origin_of(name)
+    if problems:
+        raise ConfigError(problems)
     return layer
 
 
-def _reject_unknown_variable(name: str, origin: Origin) -> None:
+def _unknown_variable(name: str, origin: Origin) -> Violation | None:
     close = difflib.get_close_matches(name, _OVERRIDE_NAMES, n=1, cutoff=0.85)
     if ENV_NESTED_DELIMITER not in name and not close:
-        return  # some other program's DAEMON_* variable: not ours to judge
+        return None  # some other program's DAEMON_* variable: not ours to judge
     hint = f"did you mean {close[0]}?" if close else "see `daemon config reference` for the variable of each key"
-    raise source_error("env.unknown-variable", f"{name} does not name a setting", hint, origin)
+    return error("env.unknown-variable", f"{name} does not name a setting", hint, origin)
 
 
 def cli_layer(assignments: Iterable[str]) -> Layer:
     """Settings from repeated `--set key=value`; values parse exactly like environment values."""
     variables: dict[str, str] = {}
     origins: dict[str, Origin] = {}
+    problems = []
     for assignment in assignments:
         origin = Origin(OriginKind.CLI, assignment)
         key, sep, value = assignment.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise source_error("cli.syntax", f"--set {assignment!r} is not key=value", "write --set section.key=value, e.g. --set server.port=9000", origin)
-        if key not in SETTINGS:
-            raise source_error("cli.unknown-key", f"--set names unknown key {key!r}", suggest_key(key), origin, key)
-        if value == "":
-            raise source_error("cli.syntax", f"--set {assignment!r} has an empty value", "give a value after '='", origin, key)
-        name = SETTINGS[key].env_var
-        variables[name] = value
-        origins[name] = origin
+            problems.append(
+                error(
+                    "cli.syntax",
+                    f"--set {assignment!r} is not key=value",
+                    "write --set section.key=value, e.g. --set server.port=9000",
+                    origin,
+                )
+            )
+        elif key not in SETTINGS:
+            problems.append(error("cli.unknown-key", f"--set names unknown key {key!r}", suggest_key(key), origin, key))
+        elif value == "":
+            problems.append(
+                error("cli.syntax", f"--set {assignment!r} has an empty value", "give a value after '='", origin, key)
+            )
+        else:
+            name = SETTINGS[key].env_var
+            variables[name] = value
+            origins[name] = origin
+    if problems:
+        raise ConfigError(problems)
     return env_layer(variables, origins.__getitem__)
 
 
@@ -310,11 +352,12 @@ def origin_of(origins: Mapping[str, Origin], key: str) -> Origin:
     return origins.get(key, DEFAULT_ORIGIN)
 
 
-def environment_layers(environ: Mapping[str, str], env_file: Path | None) -> list[Layer]:
-    layers = [env_layer(environ, lambda name: Origin(OriginKind.ENV, name))]
-    if env_file is not None:
-        layers.append(env_layer(read_env_file(env_file), lambda name: Origin(OriginKind.ENV_FILE, name, file=env_file)))
-    return layers
+def process_env_layer(environ: Mapping[str, str]) -> Layer:
+    return env_layer(environ, lambda name: Origin(OriginKind.ENV, name))
+
+
+def env_file_layer(path: Path) -> Layer:
+    return env_layer(read_env_file(path), lambda name: Origin(OriginKind.ENV_FILE, name, file=path))
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -323,11 +366,15 @@ def read_env_file(path: Path) -> dict[str, str]:
 
     where = Origin(OriginKind.FILE, str(path))
     if not path.is_file():
-        raise source_error("env-file.missing", f"env file {path} does not exist", "pass an existing file to --env-file", where)
+        raise source_error(
+            "env-file.missing", f"env file {path} does not exist", "pass an existing file to --env-file", where
+        )
     if not os.access(path, os.R_OK):
         raise source_error("env-file.unreadable", f"cannot read env file {path}", "check the file's permissions", where)
     try:
         values = dotenv_values(path, interpolate=False)
     except (OSError, UnicodeDecodeError) as exc:
-        raise source_error("env-file.unreadable", f"cannot read env file {path}: {exc}", "save it as UTF-8 KEY=value lines", where) from None
+        raise source_error(
+            "env-file.unreadable", f"cannot read env file {path}: {exc}", "save it as UTF-8 KEY=value lines", where
+        ) from None
     return {name: value for name, value in values.items() if value is not None}

@@ -70,7 +70,9 @@ def model_info_from_config(config: dict[str, Any], where: str = "config.json") -
 def inspect_model_dir(path: Path) -> ModelInfo:
     """Check that `path` holds a loadable model; raise ModelDirError naming the first problem."""
     if not path.is_dir():
-        raise ModelDirError(Problem.MISSING, f"{path} is not a directory" if path.exists() else f"{path} does not exist")
+        raise ModelDirError(
+            Problem.MISSING, f"{path} is not a directory" if path.exists() else f"{path} does not exist"
+        )
     config_file = path / "config.json"
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -84,7 +86,9 @@ def inspect_model_dir(path: Path) -> ModelInfo:
     weights = weight_files(path)
     for shard in weights:
         check_safetensors_header(shard)
-    return ModelInfo(info.architectures, info.num_attention_heads, info.num_key_value_heads, info.max_position_embeddings, weights)
+    return ModelInfo(
+        info.architectures, info.num_attention_heads, info.num_key_value_heads, info.max_position_embeddings, weights
+    )
 
 
 def weight_files(path: Path) -> tuple[Path, ...]:
@@ -100,7 +104,9 @@ def weight_files(path: Path) -> tuple[Path, ...]:
             raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{index} maps no tensors to shard files")
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
-            raise ModelDirError(Problem.WEIGHTS_MISSING, f"{path} lacks shard(s) named by its index: {', '.join(missing)}")
+            raise ModelDirError(
+                Problem.WEIGHTS_MISSING, f"{path} lacks shard(s) named by its index: {', '.join(missing)}"
+            )
         return tuple(path / n for n in names)
     files = tuple(sorted(path.glob("*.safetensors")))
     if not files:
@@ -118,18 +124,25 @@ def check_safetensors_header(file: Path) -> None:
                 raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} is too short to be safetensors ({size} bytes)")
             header_len = int.from_bytes(prefix, "little")
             if header_len > min(size - 8, _MAX_HEADER_BYTES):
-                raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} has a corrupt header (declared length {header_len})")
+                raise ModelDirError(
+                    Problem.WEIGHTS_CORRUPT, f"{file} has a corrupt header (declared length {header_len})"
+                )
             header = json.loads(stream.read(header_len))
     except OSError as exc:
         raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"cannot read {file}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} has a corrupt header (not JSON)") from None
     try:
-        data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+        data_end = max(
+            (entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0
+        )
     except (AttributeError, KeyError, TypeError, IndexError):
         raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} has a corrupt header (bad tensor entries)") from None
     if not isinstance(data_end, int) or 8 + header_len + data_end > size:
-        raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} is truncated: its tensors need {8 + header_len + data_end} bytes, it has {size}")
+        raise ModelDirError(
+            Problem.WEIGHTS_CORRUPT,
+            f"{file} is truncated: its tensors need {8 + header_len + data_end} bytes, it has {size}",
+        )
 
 
 def has_tokenizer_files(path: Path) -> bool:
