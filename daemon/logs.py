@@ -4,7 +4,9 @@ Each process calls `configure_logging` first thing in its entry point (spawned
 children do not inherit it). structlog and the standard library (Granian,
 libraries) share one handler, so every line has the same shape: JSON lines when
 the output is not a terminal or format = json, readable text on a terminal.
-Every line carries the process's role and PID.
+Every line carries the process's role and PID (`role` and `pid` are reserved:
+log another process's PID as `child_pid`). Warnings and uncaught exceptions
+become log lines too, so a JSON log stays JSON.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ _role = "daemon"
 
 
 def _add_process(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    event_dict.setdefault("role", _role)
-    event_dict["pid"] = os.getpid()  # read per line: forked children log their own PID
+    # Reserved keys: they always describe the process writing the line (log a child's PID as
+    # child_pid). The PID is read per line, so forked children log their own.
+    event_dict["role"] = _role
+    event_dict["pid"] = os.getpid()
     return event_dict
 
 
@@ -74,6 +78,8 @@ def configure_logging(role: str, *, level: str = "info", fmt: str = "auto", stre
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # warnings.warn() lines become log lines too
+    sys.excepthook = _log_uncaught
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
@@ -85,6 +91,13 @@ def configure_logging(role: str, *, level: str = "info", fmt: str = "auto", stre
         # Not cached: a reload may change the level, and cached loggers would keep the old one.
         cache_logger_on_first_use=False,
     )
+
+
+def _log_uncaught(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, traceback)
+        return
+    logging.getLogger("daemon").critical("uncaught exception", exc_info=(kind, error, traceback))
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:

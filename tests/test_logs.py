@@ -9,6 +9,7 @@ can be compared with the real one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, clean_environ
 
 CHILD_TIMEOUT = 30.0  # seconds; every wait on a child is bounded by this
@@ -81,14 +81,10 @@ def _env(extra_pythonpath: Path | None = None) -> dict[str, str]:
 def _kill_group(proc: subprocess.Popen) -> None:
     """Kill the child and anything it started (it runs in its own session)."""
     # killpg even when the child itself has exited: a grandchild may still be running
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # pragma: no cover
-        pass
 
 
 def run_child(body: str, *, tty: bool = False, pythonpath: Path | None = None, timeout: float = CHILD_TIMEOUT) -> Child:
@@ -142,7 +138,9 @@ def run_child(body: str, *, tty: bool = False, pythonpath: Path | None = None, t
 
 
 def assert_ok(child: Child) -> None:
-    assert child.returncode == 0, f"child failed (rc={child.returncode})\nstdout:\n{child.stdout}\nstderr:\n{child.stderr}"
+    assert child.returncode == 0, (
+        f"child failed (rc={child.returncode})\nstdout:\n{child.stdout}\nstderr:\n{child.stderr}"
+    )
     assert child.reported_pid == child.pid
 
 
@@ -151,7 +149,7 @@ def assert_iso_utc(value: str) -> None:
     assert "T" in value, value
     parsed = datetime.datetime.fromisoformat(value)
     assert parsed.utcoffset() == datetime.timedelta(0), f"timestamp not UTC: {value}"
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     assert abs((now - parsed).total_seconds()) < 600, f"timestamp far from now: {value}"
 
 
@@ -182,13 +180,21 @@ def test_json_on_pipe_structlog_and_stdlib_lines_share_shape():
     assert child.stdout.split() == [str(child.pid)]
     records = child.records()
     assert [r["event"] for r in records] == [
-        "structlog hello", "bound warning", "granian says hi", "lib info 7", "after clear",
+        "structlog hello",
+        "bound warning",
+        "granian says hi",
+        "lib info 7",
+        "after clear",
     ]
     for r in records:
         assert r["role"] == "gateway"
         assert r["pid"] == child.pid
         assert_iso_utc(r["timestamp"])
         assert r["level"] in {"info", "warning"}
+
+    # the keys every line has come first, in a fixed order (readable JSON in a terminal too)
+    for r in records:
+        assert list(r)[:6] == ["timestamp", "level", "role", "pid", "logger", "event"], r
 
     hello, bound, granian, lib, after = records
     assert hello["level"] == "info"
@@ -213,6 +219,22 @@ def test_logger_obtained_before_configure_follows_configuration():
     assert child.stdout.split() == [str(child.pid)]
     [rec] = child.by_event("early logger event")
     assert rec["role"] == "early" and rec["pid"] == child.pid and rec["k"] == "v"
+
+
+def test_logger_used_before_configure_is_not_stuck_on_the_default_config():
+    """An import-time log call happens before configure_logging; later calls through the
+    same logger object must still be routed to the configured handler as JSON."""
+    child = run_child("""
+        log = get_logger("import.time")
+        log.info("pre-configure event")  # structlog's default config: printed to stdout
+        configure_logging("late")
+        log.info("post-configure event")
+    """)
+    assert_ok(child)
+    assert "pre-configure event" in child.stdout
+    assert "post-configure event" not in child.stdout
+    [rec] = child.records()
+    assert rec["event"] == "post-configure event" and rec["role"] == "late" and rec["pid"] == child.pid
 
 
 def test_explicit_stream_argument_is_used():
@@ -255,7 +277,7 @@ def test_exception_renders_as_single_json_line_with_traceback():
     assert len(lines) == 3
     assert [r["event"] for r in records] == ["structlog failure", "stdlib failure", "after failures"]
 
-    s, l, after = records
+    s, lib, after = records
     assert s["level"] == "error" and s["step"] == "load"
     assert s["role"] == "worker" and s["pid"] == child.pid
     assert "Traceback (most recent call last)" in s["exception"]
@@ -263,11 +285,11 @@ def test_exception_renders_as_single_json_line_with_traceback():
     assert "ValueError: inner-marker-123" in s["exception"]
     assert "exc_info" not in s
 
-    assert l["level"] == "error" and l["logger"] == "some.lib"
-    assert l["role"] == "worker" and l["pid"] == child.pid
-    assert "Traceback (most recent call last)" in l["exception"]
-    assert "KeyError: 'missing-key-marker'" in l["exception"]
-    assert "exc_info" not in l
+    assert lib["level"] == "error" and lib["logger"] == "some.lib"
+    assert lib["role"] == "worker" and lib["pid"] == child.pid
+    assert "Traceback (most recent call last)" in lib["exception"]
+    assert "KeyError: 'missing-key-marker'" in lib["exception"]
+    assert "exc_info" not in lib
 
     assert "exception" not in after
 
@@ -299,9 +321,16 @@ def test_level_filtering_and_live_reconfiguration():
     assert "handlers 1" in child.stdout, child.stdout
     events = [r["event"] for r in child.records()]
     expected = [
-        "s-warn-1", "s-error-1", "l-warn-1",
-        "s-debug-2", "s-info-2", "l-debug-2", "l-info-2", "b-debug-2",
-        "s-error-3", "l-error-3",
+        "s-warn-1",
+        "s-error-1",
+        "l-warn-1",
+        "s-debug-2",
+        "s-info-2",
+        "l-debug-2",
+        "l-info-2",
+        "b-debug-2",
+        "s-error-3",
+        "l-error-3",
     ]
     # exactly these, in order, each exactly once: no dropped-but-expected lines, no duplicates
     assert events == expected, child.stderr
@@ -326,7 +355,7 @@ def test_reconfigure_changes_format_and_role_without_duplicates():
     first = [json.loads(line) for line in lines[:2]]
     assert [r["event"] for r in first] == ["json-line", "json-lib-line"]
     assert all(r["role"] == "first" for r in first)
-    for line, event in zip(lines[2:], ["console-line", "console-lib-line"]):
+    for line, event in zip(lines[2:], ["console-line", "console-lib-line"], strict=True):
         assert not is_json_object(line), line
         assert event in line
         assert "role=second" in ANSI.sub("", line)
@@ -352,6 +381,7 @@ def test_auto_on_tty_renders_console_not_json():
     lines = child.lines()
     assert len(lines) == 2, child.stderr
     assert not any(is_json_object(line) for line in lines), child.stderr
+    assert ANSI.search(child.stderr), "console output on a terminal is coloured"
     plain = [ANSI.sub("", line) for line in lines]
     assert "tty structlog event" in plain[0] and "tty granian event" in plain[1]
     for line in plain:
@@ -390,7 +420,7 @@ def test_json_fmt_on_tty_renders_json():
 # --------------------------------------------------------------------------- child processes
 
 
-ENTRY_MODULE = '''\
+ENTRY_MODULE = """\
 import logging, os, sys
 from daemon.logs import configure_logging, get_logger
 
@@ -405,12 +435,13 @@ def tier_main(role):
         raise RuntimeError("tier-crash-marker")
     except RuntimeError:
         log.exception("tier failure")
-'''
+"""
 
 
 def test_spawned_child_configures_its_own_logging(tmp_path: Path):
     (tmp_path / "tier_entry.py").write_text(ENTRY_MODULE)
-    child = run_child("""
+    child = run_child(
+        """
         import multiprocessing
         import tier_entry
         configure_logging("supervisor")
@@ -427,7 +458,9 @@ def test_spawned_child_configures_its_own_logging(tmp_path: Path):
                 proc.kill()
                 proc.join(5)
         log.info("supervisor done")
-    """, pythonpath=tmp_path)
+    """,
+        pythonpath=tmp_path,
+    )
     assert_ok(child)
     tier_line = [line for line in child.stdout.splitlines() if line.startswith("tier ")]
     assert len(tier_line) == 1, child.stdout
@@ -481,3 +514,33 @@ def test_forked_child_logs_its_own_pid():
     assert records[0]["pid"] == records[3]["pid"] == child.pid
     assert records[1]["pid"] == records[2]["pid"] == records[1]["child_pid"] == fork_pid
     assert all(r["role"] == "parent-role" for r in records)
+
+
+def test_reserved_keys_always_describe_the_writing_process():
+    child = run_child(
+        """
+        configure_logging("supervisor", fmt="json")
+        get_logger("daemon.test").info("tier.started", pid=12345, role="frontend", child_pid=12345)
+        """
+    )
+    assert child.returncode == 0, child.stderr
+    (record,) = child.by_event("tier.started")
+    assert record["pid"] == child.reported_pid and record["role"] == "supervisor"
+    assert record["child_pid"] == 12345
+
+
+def test_warnings_and_uncaught_exceptions_are_log_lines_too():
+    child = run_child(
+        """
+        import warnings
+        configure_logging("tokenizer", fmt="json")
+        warnings.warn("this option is deprecated")
+        raise RuntimeError("boom")
+        """
+    )
+    assert child.returncode == 1
+    records = child.records()  # fails if any stderr line is not JSON
+    warning = next(r for r in records if "this option is deprecated" in r["event"])
+    assert warning["level"] == "warning" and warning["role"] == "tokenizer"
+    crash = next(r for r in records if r["event"] == "uncaught exception")
+    assert crash["level"] == "critical" and "RuntimeError: boom" in crash["exception"]
