@@ -49,7 +49,7 @@ def test_check_reports_every_violation_at_once(tmp_path: Path):
     assert found >= {
         "error[schema.type] server.port",
         "error[schema.unknown-key] server.prot",
-        "error[schema.choice] scheduler.policy",
+        "error[scheduler.policy-choice] scheduler.policy",
         "error[tls.key-without-cert] server.tls.keyfile",
         "error[tls.file-missing] server.tls.keyfile",
         "error[scheduler.chunked-prefill-size] scheduler.chunked_prefill_size",

@@ -21,7 +21,15 @@ from pydantic import ValidationError
 from daemon.config.errors import ConfigError, Origin, OriginKind, Severity, Violation
 from daemon.config.facts import Facts, OfflineFacts
 from daemon.config.rules import RULES, schema_rule_for
-from daemon.config.schema import BUILTIN_PREFIX, SECTIONS, SETTINGS, DaemonSettings, SettingInfo, flat_values
+from daemon.config.schema import (
+    BUILTIN_PREFIX,
+    SECTIONS,
+    SETTINGS,
+    DaemonSettings,
+    SettingInfo,
+    flat_values,
+    toml_value,
+)
 from daemon.config.sources import (
     Layer,
     cli_layer,
@@ -159,20 +167,15 @@ def _drop(values: dict[str, Any], path: list[str]) -> None:
         node.pop(path[-1], None)
 
 
-_RANGE_ERRORS = {
-    "greater_than",
-    "greater_than_equal",
-    "less_than",
-    "less_than_equal",
-    "too_short",
-    "too_long",
-    "finite_number",
-}
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+_LENGTH_ERRORS = {"string_too_short", "string_too_long", "too_short", "too_long"}
 
 
 def _schema_violation(error: Mapping[str, Any], key: str, origin: Origin) -> Violation:
+    """A pydantic error as a Violation: the rule it breaks, the key, where the value came from, the fix."""
     kind, info = error["type"], SETTINGS.get(key)
     value = "<secret>" if info and info.is_secret else _show(error.get("input"))
+    problem = f"{key} = {value}: {error['msg'][0].lower()}{error['msg'][1:]}"
     if kind == "extra_forbidden":
         return Violation("schema.unknown-key", Severity.ERROR, key, f"unknown key {key}", suggest_key(key), origin)
     if kind == "missing":
@@ -181,40 +184,29 @@ def _schema_violation(error: Mapping[str, Any], key: str, origin: Origin) -> Vio
             info = SETTINGS[key]
         hint = f"set {key} in the file, with {info.env_var}, or with --set {key}=..." if info else f"set {key}"
         return Violation("schema.missing", Severity.ERROR, key, f"{key} is required", hint, origin)
-    if kind in _RANGE_ERRORS:
-        catalogue = schema_rule_for(key)
-        message = f"{key} = {value} is out of range: {error['msg'].lower()}"
-        fix = catalogue.fix if catalogue else "use a value within the documented bounds"
-        return Violation(catalogue.id if catalogue else "schema.range", Severity.ERROR, key, message, fix, origin)
-    if kind == "literal_error" and info:
-        return Violation(
-            "schema.choice",
-            Severity.ERROR,
-            key,
-            f"{key} = {value} is not a valid choice",
-            _choice_fix(info, error.get("input")),
-            origin,
-        )
-    expected = info.type_name if info else "a table"
-    return Violation(
-        "schema.type",
-        Severity.ERROR,
-        key,
-        f"{key} = {value} has the wrong type: {error['msg'].lower()}",
-        f"use a value of type {expected}",
-        origin,
-    )
+    if info is None:  # a table given a value that is not a table
+        return Violation("schema.type", Severity.ERROR, key, problem, f"make [{key}] a table of keys", origin)
+    if catalogue := schema_rule_for(key, kind):
+        return Violation(catalogue.id, Severity.ERROR, key, problem, catalogue.fix, origin)
+    if kind in _BOUND_ERRORS:
+        return Violation("schema.range", Severity.ERROR, key, problem, f"use a value {info.bounds}", origin)
+    if kind in _LENGTH_ERRORS:
+        fix = "give a non-empty value, or remove the key to use its default"
+        return Violation("schema.range", Severity.ERROR, key, problem, fix, origin)
+    if kind == "literal_error":
+        return Violation("schema.choice", Severity.ERROR, key, problem, _choice_fix(info, error.get("input")), origin)
+    return Violation("schema.type", Severity.ERROR, key, problem, f"use a value of type {info.type_name}", origin)
 
 
 def _choice_fix(info: SettingInfo, given: Any) -> str:
     choices = info.type_name
     names = [c.strip('"') for c in choices.split(" | ")]
-    close = difflib.get_close_matches(str(given), names, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(str(given), names, n=1, cutoff=0.6)
     return f"use one of {choices}" + (f' (did you mean "{close[0]}"?)' if close else "")
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = toml_value(value) if isinstance(value, str | int | float) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

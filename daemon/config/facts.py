@@ -73,7 +73,7 @@ class Facts:
             context.load_cert_chain(certfile, keyfile, password=lambda: (password or "").encode())
         except ssl.SSLError as exc:
             reason = exc.reason or str(exc)
-            if encrypted:
+            if encrypted and reason != "KEY_VALUES_MISMATCH":
                 return "keyfile_password", f"keyfile_password does not decrypt keyfile {keyfile} ({reason})"
             return "certfile", f"certfile {certfile} and keyfile {keyfile} do not load together ({reason})"
         except (OSError, ValueError) as exc:

@@ -7,16 +7,7 @@ from typing import Any
 
 from daemon.config.check import LoadedConfig
 from daemon.config.rules import LIFTED, RULES
-from daemon.config.schema import SECTIONS, SETTINGS, DaemonSettings, flat_values
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    # JSON string escapes are valid TOML basic-string escapes; TOML also forbids a raw DEL.
-    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+from daemon.config.schema import SECTIONS, SETTINGS, DaemonSettings, flat_values, toml_value
 
 
 def render_toml(config: LoadedConfig, *, sources: bool = False) -> str:

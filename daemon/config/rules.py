@@ -45,6 +45,7 @@ class Rule:
     summary: str  # what the rule requires
     fix: str  # how to fix a violation
     check: Check | None = None  # None: enforced by the schema's bounds on `keys`
+    schema_errors: frozenset[str] = frozenset()  # for schema-enforced rules: the pydantic error types they cover
 
     def findings(self, config: DaemonSettings, facts: Facts) -> list[Finding]:
         assert self.check is not None
@@ -81,8 +82,13 @@ def rule(id: str, *, keys: Iterable[str], fix: str, severity: Severity = Severit
     return register
 
 
-def schema_rule(id: str, *, keys: Iterable[str], summary: str, fix: str) -> None:
-    RULES.append(Rule(id, tuple(keys), Severity.ERROR, summary, fix))
+_LOWER = frozenset({"greater_than_equal", "greater_than"})
+_UPPER = frozenset({"less_than_equal", "less_than", "finite_number"})
+_CHOICE = frozenset({"literal_error"})
+
+
+def schema_rule(id: str, *, keys: Iterable[str], summary: str, fix: str, errors: frozenset[str]) -> None:
+    RULES.append(Rule(id, tuple(keys), Severity.ERROR, summary, fix, schema_errors=errors))
 
 
 # --- TLS ---------------------------------------------------------------------------------------
@@ -213,18 +219,21 @@ schema_rule(
     keys=["server.port"],
     summary="The HTTP port is in 1..65535.",
     fix="use a port between 1 and 65535",
+    errors=_LOWER | _UPPER,
 )
 schema_rule(
     "server.http2-streams-range",
     keys=["server.http2_max_concurrent_streams"],
     summary="The HTTP/2 concurrent-stream limit is in 1..2^32-1.",
     fix="use a value between 1 and 4294967295",
+    errors=_LOWER | _UPPER,
 )
 schema_rule(
     "workers.min",
     keys=["server.workers", "tokenizer.workers"],
     summary="Every worker pool has at least one process.",
     fix="use 1 or more",
+    errors=_LOWER,
 )
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
@@ -266,7 +275,7 @@ def _host_invalid(c: DaemonSettings, f: Facts) -> CheckResult:
 )
 def _public_without_key(c: DaemonSettings, f: Facts) -> CheckResult:
     """Listening beyond loopback without an API key lets anyone who can reach the port use the model."""
-    if not _is_loopback(c.server.host) and c.server.api_key is None:
+    if _is_ip_or_hostname(c.server.host) and not _is_loopback(c.server.host) and c.server.api_key is None:
         return f"listening on {c.server.host} with no api_key: anyone who reaches the port can use the model"
 
 
@@ -393,7 +402,9 @@ def _served_name(c: DaemonSettings, f: Facts) -> CheckResult:
         return f"served_model_name {c.model.served_model_name!r} contains ':'"
 
 
-schema_rule("model.tp-size-min", keys=["model.tp_size"], summary="tp_size is at least 1.", fix="use 1 or more")
+schema_rule(
+    "model.tp-size-min", keys=["model.tp_size"], summary="tp_size is at least 1.", fix="use 1 or more", errors=_LOWER
+)
 
 
 @rule(
@@ -469,12 +480,14 @@ schema_rule(
     keys=["scheduler.policy"],
     summary="The scheduling policy is fcfs, lof or priority.",
     fix="use fcfs, lof or priority",
+    errors=_CHOICE,
 )
 schema_rule(
     "scheduler.mem-fraction-range",
     keys=["scheduler.mem_fraction_static"],
     summary="mem_fraction_static is strictly between 0 and 1.",
     fix="use a fraction such as 0.85",
+    errors=_LOWER | _UPPER,
 )
 
 
@@ -648,6 +661,6 @@ LIFTED: list[LiftedLimit] = [
 RULES_BY_ID: dict[str, Rule] = {r.id: r for r in RULES}
 
 
-def schema_rule_for(key: str) -> Rule | None:
-    """The catalogue rule a schema bound on `key` enforces, if any."""
-    return next((r for r in RULES if r.check is None and key in r.keys), None)
+def schema_rule_for(key: str, error_type: str) -> Rule | None:
+    """The catalogue rule that a schema error of this type on `key` enforces, if any."""
+    return next((r for r in RULES if key in r.keys and error_type in r.schema_errors), None)

@@ -9,15 +9,17 @@ Cross-field rules live in `rules.py`; single-field bounds live here.
 from __future__ import annotations
 
 import enum
+import json
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, NoDefault
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DAEMON_"
@@ -66,6 +68,27 @@ def section(model: type[BaseModel], doc: str) -> Any:
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _exact_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        """TOML's scalars are typed: no booleans for numbers or numbers for booleans, no NUL in text.
+
+        (pydantic's lax mode would read `port = true` as 1; environment values
+        arrive as strings and are parsed as usual.)
+        """
+        annotation = cls.model_fields[info.field_name].annotation
+        takes_bool = _mentions(annotation, bool)
+        if isinstance(value, bool) != takes_bool and isinstance(value, int | float):
+            kind = "boolean (true or false)" if isinstance(value, bool) else "number"
+            raise PydanticCustomError(
+                "scalar_type",
+                "got a {kind}, expected {expected}",
+                {"kind": kind, "expected": describe_type(annotation)},
+            )
+        if isinstance(value, str) and "\0" in value:
+            raise PydanticCustomError("nul_character", "text cannot contain a NUL character")
+        return value
 
 
 class TLSSettings(Section):
@@ -373,6 +396,17 @@ class SettingInfo:
         return describe_type(self.field.annotation)
 
     @property
+    def bounds(self) -> str:
+        """The numeric bounds of the setting, e.g. ">= 1 and <= 256"; empty when unbounded."""
+        symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+        return " and ".join(
+            f"{symbol} {getattr(item, name)}"
+            for item in self.field.metadata
+            for name, symbol in symbols.items()
+            if getattr(item, name, None) is not None
+        )
+
+    @property
     def required(self) -> bool:
         return self.field.is_required()
 
@@ -464,6 +498,16 @@ def plain_value(value: Any, *, reveal_secrets: bool = False) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     return value
+
+
+def toml_value(value: Any) -> str:
+    """A plain value as TOML writes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    # JSON string escapes are valid TOML basic-string escapes; TOML also forbids a raw DEL.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def flat_values(config: BaseModel, *, reveal_secrets: bool = False) -> dict[str, Any]:

@@ -132,14 +132,19 @@ def locate_keys(text: str) -> dict[str, int]:
         index += 1
         if header := _TABLE_HEADER.match(line):
             table = _split_dotted(header[1])
-            found.setdefault(".".join(table), index)
+            _record(found, table, index)
             continue
         if not (assignment := _ASSIGNMENT.match(line)):
             continue
-        key = ".".join(table + _split_dotted(assignment[1]))
-        found.setdefault(key, index)
+        _record(found, table + _split_dotted(assignment[1]), index)
         index = _skip_continuation(lines, index, assignment[2])
     return found
+
+
+def _record(found: dict[str, int], parts: list[str], line: int) -> None:
+    """The first line that mentions a key also defines its implicit parent tables ([a.b] defines a)."""
+    for end in range(1, len(parts) + 1):
+        found.setdefault(".".join(parts[:end]), line)
 
 
 def _skip_continuation(lines: list[str], index: int, value: str) -> int:
@@ -317,7 +322,7 @@ def suggest_key(key: str) -> str:
     elsewhere = [k for k in SETTINGS if k.rpartition(".")[2] == name]
     if elsewhere:
         return f"did you mean {elsewhere[0]}? ({name} belongs in [{elsewhere[0].rpartition('.')[0]}])"
-    if close := difflib.get_close_matches(key, list(SETTINGS), n=1, cutoff=0.6):
+    if close := difflib.get_close_matches(key, list(SETTINGS), n=1, cutoff=0.8):
         return f"did you mean {close[0]}?"
     where = f"[{section}]" if section else "the top level"
     valid = ", ".join(sorted(set(siblings))) or "none"

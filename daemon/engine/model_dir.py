@@ -69,10 +69,12 @@ def model_info_from_config(config: dict[str, Any], where: str = "config.json") -
 
 def inspect_model_dir(path: Path) -> ModelInfo:
     """Check that `path` holds a loadable model; raise ModelDirError naming the first problem."""
-    if not path.is_dir():
-        raise ModelDirError(
-            Problem.MISSING, f"{path} is not a directory" if path.exists() else f"{path} does not exist"
-        )
+    try:
+        is_dir, exists = path.is_dir(), path.exists()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ModelDirError(Problem.MISSING, f"{path} is not a usable path: {exc.strerror or exc}") from None
+    if not is_dir:
+        raise ModelDirError(Problem.MISSING, f"{path} is not a directory" if exists else f"{path} does not exist")
     config_file = path / "config.json"
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -114,8 +116,28 @@ def weight_files(path: Path) -> tuple[Path, ...]:
     return files
 
 
+# Bytes per element of the safetensors dtypes a Llama-family checkpoint may use.
+_DTYPE_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+
+
 def check_safetensors_header(file: Path) -> None:
-    """Validate a safetensors file's header and that its tensor data is all there."""
+    """Validate a safetensors file's header, and that its tensor data is all there."""
     try:
         size = file.stat().st_size
         with file.open("rb") as stream:
@@ -127,22 +149,48 @@ def check_safetensors_header(file: Path) -> None:
                 raise ModelDirError(
                     Problem.WEIGHTS_CORRUPT, f"{file} has a corrupt header (declared length {header_len})"
                 )
-            header = json.loads(stream.read(header_len))
+            header = json.loads(stream.read(header_len).decode("utf-8"))
     except OSError as exc:
         raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"cannot read {file}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} has a corrupt header (not JSON)") from None
-    try:
-        data_end = max(
-            (entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0
-        )
-    except (AttributeError, KeyError, TypeError, IndexError):
-        raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} has a corrupt header (bad tensor entries)") from None
-    if not isinstance(data_end, int) or 8 + header_len + data_end > size:
+        raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} has a corrupt header (not UTF-8 JSON)") from None
+    if not isinstance(header, dict):
+        raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} has a corrupt header (not a JSON object)")
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if (problem := _tensor_entry_problem(entry)) is not None:
+            raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{file} has a corrupt entry for tensor {name!r}: {problem}")
+        data_end = max(data_end, entry["data_offsets"][1])
+    if 8 + header_len + data_end > size:
         raise ModelDirError(
             Problem.WEIGHTS_CORRUPT,
             f"{file} is truncated: its tensors need {8 + header_len + data_end} bytes, it has {size}",
         )
+
+
+def _tensor_entry_problem(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return "not an object"
+    offsets, shape, dtype = entry.get("data_offsets"), entry.get("shape"), entry.get("dtype")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        return f"data_offsets {offsets!r} are not two non-negative integers"
+    if offsets[0] > offsets[1]:
+        return f"data_offsets {offsets} end before they begin"
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if dtype in _DTYPE_BYTES:
+        expected = _DTYPE_BYTES[dtype]
+        for dim in shape:
+            expected *= dim
+        if expected != offsets[1] - offsets[0]:
+            return f"{dtype}{shape} needs {expected} bytes but data_offsets span {offsets[1] - offsets[0]}"
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def has_tokenizer_files(path: Path) -> bool:
