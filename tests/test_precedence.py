@@ -90,7 +90,7 @@ def test_precedence_through_the_cli_with_sources(config_file: Path):
     assert lines["policy"].startswith('policy = "lof"')
     assert (
         lines["min_version"].startswith('min_version = "1.2"')
-        and "--set server.tls.min_version=1.2" in lines["min_version"]
+        and "--set server.tls.min_version" in lines["min_version"]
     )
     assert f"{config_file}:" in lines["host"] or "default" in lines["host"]
     assert "default" in lines["max_running_requests"]

@@ -168,13 +168,15 @@ def _drop(values: dict[str, Any], path: list[str]) -> None:
 
 
 _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
-_LENGTH_ERRORS = {"string_too_short", "string_too_long", "too_short", "too_long"}
+_LENGTH_ERRORS = {"string_too_short", "string_too_long", "too_short", "too_long", "empty_path"}
 
 
 def _schema_violation(error: Mapping[str, Any], key: str, origin: Origin) -> Violation:
     """A pydantic error as a Violation: the rule it breaks, the key, where the value came from, the fix."""
     kind, info = error["type"], SETTINGS.get(key)
-    value = "<secret>" if info and info.is_secret else _show(error.get("input"))
+    given = error.get("input")
+    # Never echo a secret, nor a whole table (it may hold one): name its type instead.
+    value = "<secret>" if info and info.is_secret else _show(given) if info else f"<{type(given).__name__}>"
     problem = f"{key} = {value}: {error['msg'][0].lower()}{error['msg'][1:]}"
     if kind == "extra_forbidden":
         return Violation("schema.unknown-key", Severity.ERROR, key, f"unknown key {key}", suggest_key(key), origin)
@@ -240,9 +242,10 @@ def default_served_name(model_path: str) -> str:
 
 
 def default_runtime_dir(environ: Mapping[str, str]) -> Path:
-    if systemd_dir := environ.get("RUNTIME_DIRECTORY", "").split(":")[0]:
+    # Relative values are ignored, as the XDG base directory spec asks.
+    if (systemd_dir := environ.get("RUNTIME_DIRECTORY", "").split(":")[0]).startswith("/"):
         return Path(systemd_dir)
-    if xdg := environ.get("XDG_RUNTIME_DIR"):
+    if (xdg := environ.get("XDG_RUNTIME_DIR", "")).startswith("/"):
         return Path(xdg) / "daemon"
     return Path(f"/tmp/daemon-{os.getuid()}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,10 +63,11 @@ class Violation:
     origin: Origin | None = None  # where the key's value came from
 
     def to_line(self) -> str:
+        """The violation on one line, whatever characters the offending key or value holds."""
         where = f" {self.key}" if self.key else ""
         origin = f" ({self.origin})" if self.origin and self.origin.kind is not OriginKind.DEFAULT else ""
         fix = f"; fix: {self.fix}" if self.fix else ""
-        return f"{self.severity.value}[{self.rule}]{where}{origin}: {self.message}{fix}"
+        return _one_line(f"{self.severity.value}[{self.rule}]{where}{origin}: {self.message}{fix}")
 
     def to_dict(self) -> dict:
         return {
@@ -77,6 +79,14 @@ class Violation:
             "message": self.message,
             "fix": self.fix,
         }
+
+
+def _one_line(text: str) -> str:
+    """Escape line breaks and other control characters (as Python would in a repr)."""
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch
+        for ch in text
+    )
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -626,7 +627,7 @@ def _tp_nodes(c: DaemonSettings, f: Facts) -> CheckResult:
 )
 def _dir_too_long(c: DaemonSettings, f: Facts) -> CheckResult:
     """IPC socket paths under runtime.dir fit the kernel's Unix socket path limit."""
-    length = len(str(c.runtime.dir).encode())
+    length = len(os.fsencode(c.runtime.dir)) if c.runtime.dir else 0
     if c.runtime.dir and length + IPC_NAME_BUDGET > UNIX_SOCKET_PATH_MAX:
         return f"runtime.dir is {length} bytes long; socket paths under it would exceed {UNIX_SOCKET_PATH_MAX} bytes"
 

@@ -88,6 +88,8 @@ class Section(BaseModel):
             )
         if isinstance(value, str) and "\0" in value:
             raise PydanticCustomError("nul_character", "text cannot contain a NUL character")
+        if value == "" and _mentions(annotation, Path):
+            raise PydanticCustomError("empty_path", "a path cannot be empty")
         return value
 
 
@@ -221,6 +223,7 @@ class SchedulerSettings(Section):
         "mem_fraction_static on CUDA, or 16 contexts' worth on CPU.",
         reload=Reload.WORKER,
         ge=1,
+        le=2**40,
     )
     mem_fraction_static: float = setting(
         0.85,
@@ -271,6 +274,7 @@ class ModelSettings(Section):
         doc="Most tokens (prompt plus output) in one request. Unset: the model's max_position_embeddings.",
         reload=Reload.WORKER,
         ge=1,
+        le=2**30,
     )
     seed: int = setting(
         0,
@@ -284,7 +288,7 @@ class ModelSettings(Section):
 class DistributedSettings(Section):
     nnodes: int = setting(1, doc="Machines the model is spread over.", reload=Reload.SUPERVISOR, ge=1, le=1024)
     node_rank: int = setting(
-        0, doc="This machine's index among the nnodes (0 is the head).", reload=Reload.SUPERVISOR, ge=0
+        0, doc="This machine's index among the nnodes (0 is the head).", reload=Reload.SUPERVISOR, ge=0, le=1023
     )
     dist_init_addr: str | None = setting(
         None,

@@ -82,6 +82,10 @@ def read_config_file(path: Path) -> Layer:
         ) from None
     try:
         values = tomli.loads(text)
+    except RecursionError:
+        raise source_error(
+            "file.syntax", "invalid TOML: values nested too deeply", "flatten the nesting", where
+        ) from None
     except tomli.TOMLDecodeError as exc:
         line, column = _decode_error_position(exc, text)
         message = getattr(exc, "msg", None) or str(exc).split(" (at ")[0]
@@ -95,7 +99,9 @@ def read_config_file(path: Path) -> Layer:
     layer = Layer(values)
     for key in _leaf_keys(values, tables=True):  # tables too: errors about a whole table need a line
         layer.origins[key] = Origin(OriginKind.FILE, str(path), _line_of(key, lines))
-    _resolve_paths(values, path.resolve().parent)
+    # The directory of the path as given, not of a symlink's target: Kubernetes mounts a
+    # ConfigMap file as a link into a directory that is replaced on every update.
+    _resolve_paths(values, Path(os.path.abspath(path)).parent)
     return layer
 
 
@@ -125,7 +131,7 @@ def locate_keys(text: str) -> dict[str, int]:
     """
     found: dict[str, int] = {}
     table: list[str] = []
-    lines = text.splitlines()
+    lines = text.split("\n")  # TOML's newlines only: str.splitlines() also splits at U+2028 and friends
     index = 0
     while index < len(lines):
         line = lines[index]
@@ -148,23 +154,36 @@ def _record(found: dict[str, int], parts: list[str], line: int) -> None:
 
 
 def _skip_continuation(lines: list[str], index: int, value: str) -> int:
-    """Index of the first line after a value that may span several lines."""
-    for quote in ('"""', "'''"):
-        if value.startswith(quote) and value.count(quote) == 1:
-            while index < len(lines) and quote not in lines[index]:
-                index += 1
-            return index + 1
-    if value.startswith("["):
-        depth = _bracket_depth(value)
-        while depth > 0 and index < len(lines):
-            depth += _bracket_depth(lines[index])
-            index += 1
-    return index
+    """Index of the first line after a value that may span several lines.
 
-
-def _bracket_depth(text: str) -> int:
-    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'', "", text).split("#", 1)[0]
-    return text.count("[") - text.count("]")
+    `value` is the rest of the line the value starts on; lines[index] is the next
+    one. Follows strings (multi-line ones too), arrays and inline tables.
+    """
+    depth, quote, text = 0, None, value
+    while True:
+        i = 0
+        while i < len(text):
+            if quote:
+                if text[i] == "\\" and quote in ('"', '"""'):
+                    i += 2
+                elif text.startswith(quote, i):
+                    i, quote = i + len(quote), None
+                else:
+                    i += 1
+                continue
+            if text[i] == "#":
+                break
+            opening = next((q for q in ('"""', "'''", '"', "'") if text.startswith(q, i)), None)
+            if opening:
+                i, quote = i + len(opening), opening
+                continue
+            depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(text[i], 0)
+            i += 1
+        if quote in ('"', "'"):
+            quote = None  # single-line strings end with their line (else tomli rejected the file)
+        if (quote is None and depth <= 0) or index >= len(lines):
+            return index
+        text, index = lines[index], index + 1
 
 
 def _line_of(key: str, lines: Mapping[str, int]) -> int | None:
@@ -195,7 +214,11 @@ def _resolve_paths(values: dict[str, Any], base: Path) -> None:
         raw = parent[name]
         if (marker.keep_prefix and raw.startswith(marker.keep_prefix)) or not raw or "\0" in raw:
             continue
-        parent[name] = str(base / Path(raw).expanduser())
+        try:
+            path = Path(raw).expanduser()
+        except RuntimeError:  # ~user of an unknown user: left as written, the path rules report it
+            path = Path(raw)
+        parent[name] = str(base / path)
 
 
 def _get_table(values: Mapping[str, Any], dotted: str) -> dict[str, Any] | None:
@@ -250,7 +273,7 @@ def env_layer(variables: Mapping[str, str], origin_of: Any) -> Layer:
             continue
         try:
             values = _MappingEnvSource({upper: value})()
-        except (SettingsError, ValueError):
+        except (SettingsError, ValueError, RecursionError):
             example = next(info.env_var for info in SETTINGS.values() if info.key.startswith(key + "."))
             problems.append(
                 error(
@@ -284,24 +307,36 @@ def cli_layer(assignments: Iterable[str]) -> Layer:
     variables: dict[str, str] = {}
     origins: dict[str, Origin] = {}
     problems = []
-    for assignment in assignments:
-        origin = Origin(OriginKind.CLI, assignment)
+    for number, assignment in enumerate(assignments, 1):
         key, sep, value = assignment.partition("=")
         key = key.strip()
+        # Origins name the key, never the value: it may be a secret.
+        origin = Origin(OriginKind.CLI, key if sep and key else f"argument {number}")
         if not sep or not key:
             problems.append(
                 error(
                     "cli.syntax",
-                    f"--set {assignment!r} is not key=value",
+                    f"--set argument {number} is not key=value",
                     "write --set section.key=value, e.g. --set server.port=9000",
                     origin,
+                )
+            )
+        elif key in SECTIONS:
+            example = next(k for k in SETTINGS if k.startswith(key + "."))
+            problems.append(
+                error(
+                    "cli.unknown-key",
+                    f"{key} is a table",
+                    f"set one of its keys, e.g. --set {example}=...",
+                    origin,
+                    key,
                 )
             )
         elif key not in SETTINGS:
             problems.append(error("cli.unknown-key", f"--set names unknown key {key!r}", suggest_key(key), origin, key))
         elif value == "":
             problems.append(
-                error("cli.syntax", f"--set {assignment!r} has an empty value", "give a value after '='", origin, key)
+                error("cli.syntax", f"--set {key}= has an empty value", "give a value after '='", origin, key)
             )
         else:
             name = SETTINGS[key].env_var
@@ -371,9 +406,8 @@ def read_env_file(path: Path) -> dict[str, str]:
 
     where = Origin(OriginKind.FILE, str(path))
     if not path.is_file():
-        raise source_error(
-            "env-file.missing", f"env file {path} does not exist", "pass an existing file to --env-file", where
-        )
+        problem = f"env file {path} is not a regular file" if path.exists() else f"env file {path} does not exist"
+        raise source_error("env-file.missing", problem, "pass an existing file to --env-file", where)
     if not os.access(path, os.R_OK):
         raise source_error("env-file.unreadable", f"cannot read env file {path}", "check the file's permissions", where)
     try:
