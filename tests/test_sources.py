@@ -21,7 +21,8 @@ from daemon.config.check import check_config, load_config
 from daemon.config.errors import ConfigError, OriginKind
 from daemon.config.render import render_toml
 from daemon.config.schema import SETTINGS
-from daemon.config.sources import cli_layer, env_layer, locate_keys, read_env_file
+from daemon.config.sources import cli_layer, env_layer, read_env_file
+from daemon.config.toml_lines import locate_keys
 
 BASE = '[model]\npath = "builtin:demo"\n'
 

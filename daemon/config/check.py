@@ -18,11 +18,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from daemon.config.errors import ConfigError, Origin, OriginKind, Severity, Violation
+from daemon.config.derive import derive_defaults
+from daemon.config.errors import ConfigError, Origin, Severity, Violation
 from daemon.config.facts import Facts, OfflineFacts
 from daemon.config.rules import RULES, schema_rule_for
 from daemon.config.schema import (
-    BUILTIN_PREFIX,
     SECTIONS,
     SETTINGS,
     DaemonSettings,
@@ -40,7 +40,6 @@ from daemon.config.sources import (
     read_config_file,
     suggest_key,
 )
-from daemon.engine.demo_spec import DEMO_MODEL_REF, DEMO_SERVED_NAME
 
 
 @dataclass(frozen=True)
@@ -196,7 +195,7 @@ def _schema_violation(error: Mapping[str, Any], key: str, origin: Origin) -> Vio
         fix = "give a non-empty value, or remove the key to use its default"
         return Violation("schema.range", Severity.ERROR, key, problem, fix, origin)
     if kind == "literal_error":
-        return Violation("schema.choice", Severity.ERROR, key, problem, _choice_fix(info, error.get("input")), origin)
+        return Violation("schema.choice", Severity.ERROR, key, problem, _choice_fix(info, given), origin)
     return Violation("schema.type", Severity.ERROR, key, problem, f"use a value of type {info.type_name}", origin)
 
 
@@ -210,44 +209,6 @@ def _choice_fix(info: SettingInfo, given: Any) -> str:
 def _show(value: Any) -> str:
     text = toml_value(value) if isinstance(value, str | int | float) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-# --- derived defaults --------------------------------------------------------------------------
-
-
-def derive_defaults(
-    settings: DaemonSettings, origins: Mapping[str, Origin], environ: Mapping[str, str]
-) -> tuple[DaemonSettings, dict[str, Origin]]:
-    """Fill settings whose default depends on other settings or on the environment."""
-    origins = dict(origins)
-    tokenizer, model, runtime = settings.tokenizer, settings.model, settings.runtime
-    if tokenizer.path is None:
-        tokenizer = tokenizer.model_copy(update={"path": model.path})
-        origins["tokenizer.path"] = Origin(OriginKind.DERIVED, "model.path")
-    if model.served_model_name is None:
-        model = model.model_copy(update={"served_model_name": default_served_name(model.path)})
-        origins["model.served_model_name"] = Origin(OriginKind.DERIVED, "model.path")
-    if runtime.dir is None:
-        runtime = runtime.model_copy(update={"dir": default_runtime_dir(environ)})
-        origins["runtime.dir"] = Origin(OriginKind.DERIVED, "the environment")
-    return settings.model_copy(update={"tokenizer": tokenizer, "model": model, "runtime": runtime}), origins
-
-
-def default_served_name(model_path: str) -> str:
-    if model_path == DEMO_MODEL_REF:
-        return DEMO_SERVED_NAME
-    if model_path.startswith(BUILTIN_PREFIX):
-        return model_path[len(BUILTIN_PREFIX) :] or model_path
-    return Path(model_path).name or model_path
-
-
-def default_runtime_dir(environ: Mapping[str, str]) -> Path:
-    # Relative values are ignored, as the XDG base directory spec asks.
-    if (systemd_dir := environ.get("RUNTIME_DIRECTORY", "").split(":")[0]).startswith("/"):
-        return Path(systemd_dir)
-    if (xdg := environ.get("XDG_RUNTIME_DIR", "")).startswith("/"):
-        return Path(xdg) / "daemon"
-    return Path(f"/tmp/daemon-{os.getuid()}")
 
 
 # --- rules -------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 This module is the single source of truth for settings. The JSON Schema, the
 README's configuration reference, environment variable names, unknown-key
 suggestions and the reload planner are all derived from the fields below.
-Cross-field rules live in `rules.py`; single-field bounds live here.
+Cross-field rules live in the `rules` package; single-field bounds live here.
 """
 
 from __future__ import annotations

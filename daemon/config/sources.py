@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from daemon.config.schema import (
     SETTINGS,
     DaemonSettings,
 )
+from daemon.config.toml_lines import line_of, locate_keys
 
 # Variables the daemon sets for its own children; they are not settings.
 INTERNAL_ENV_VARS = frozenset({"DAEMON_PARENT_PID"})
@@ -98,7 +99,7 @@ def read_config_file(path: Path) -> Layer:
     lines = locate_keys(text)
     layer = Layer(values)
     for key in _leaf_keys(values, tables=True):  # tables too: errors about a whole table need a line
-        layer.origins[key] = Origin(OriginKind.FILE, str(path), _line_of(key, lines))
+        layer.origins[key] = Origin(OriginKind.FILE, str(path), line_of(key, lines))
     # The directory of the path as given, not of a symlink's target: Kubernetes mounts a
     # ConfigMap file as a link into a directory that is replaced on every update.
     _resolve_paths(values, Path(os.path.abspath(path)).parent)
@@ -111,87 +112,6 @@ def _decode_error_position(exc: tomli.TOMLDecodeError, text: str) -> tuple[int, 
         match = re.search(r"line (\d+), column (\d+)", str(exc))
         line, column = (int(match[1]), int(match[2])) if match else (1, 1)
     return line, column
-
-
-_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
-_DOTTED_KEY = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
-_TABLE_HEADER = re.compile(rf"^\s*\[\[?\s*({_DOTTED_KEY})\s*\]\]?")
-_ASSIGNMENT = re.compile(rf"^\s*({_DOTTED_KEY})\s*=\s*(.*)$")
-
-
-def _split_dotted(dotted: str) -> list[str]:
-    return [part.strip("\"'") for part in re.findall(_KEY_PART, dotted)]
-
-
-def locate_keys(text: str) -> dict[str, int]:
-    """Map dotted keys to the line defining them. tomli keeps no positions, so scan the text.
-
-    Handles tables, dotted keys and values spanning lines (multi-line strings
-    and arrays); a key inside an inline table maps to the line of its table.
-    """
-    found: dict[str, int] = {}
-    table: list[str] = []
-    lines = text.split("\n")  # TOML's newlines only: str.splitlines() also splits at U+2028 and friends
-    index = 0
-    while index < len(lines):
-        line = lines[index]
-        index += 1
-        if header := _TABLE_HEADER.match(line):
-            table = _split_dotted(header[1])
-            _record(found, table, index)
-            continue
-        if not (assignment := _ASSIGNMENT.match(line)):
-            continue
-        _record(found, table + _split_dotted(assignment[1]), index)
-        index = _skip_continuation(lines, index, assignment[2])
-    return found
-
-
-def _record(found: dict[str, int], parts: list[str], line: int) -> None:
-    """The first line that mentions a key also defines its implicit parent tables ([a.b] defines a)."""
-    for end in range(1, len(parts) + 1):
-        found.setdefault(".".join(parts[:end]), line)
-
-
-def _skip_continuation(lines: list[str], index: int, value: str) -> int:
-    """Index of the first line after a value that may span several lines.
-
-    `value` is the rest of the line the value starts on; lines[index] is the next
-    one. Follows strings (multi-line ones too), arrays and inline tables.
-    """
-    depth, quote, text = 0, None, value
-    while True:
-        i = 0
-        while i < len(text):
-            if quote:
-                if text[i] == "\\" and quote in ('"', '"""'):
-                    i += 2
-                elif text.startswith(quote, i):
-                    i, quote = i + len(quote), None
-                else:
-                    i += 1
-                continue
-            if text[i] == "#":
-                break
-            opening = next((q for q in ('"""', "'''", '"', "'") if text.startswith(q, i)), None)
-            if opening:
-                i, quote = i + len(opening), opening
-                continue
-            depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(text[i], 0)
-            i += 1
-        if quote in ('"', "'"):
-            quote = None  # single-line strings end with their line (else tomli rejected the file)
-        if (quote is None and depth <= 0) or index >= len(lines):
-            return index
-        text, index = lines[index], index + 1
-
-
-def _line_of(key: str, lines: Mapping[str, int]) -> int | None:
-    parts = key.split(".")
-    for end in range(len(parts), 0, -1):
-        if (line := lines.get(".".join(parts[:end]))) is not None:
-            return line
-    return None
 
 
 def _leaf_keys(values: Mapping[str, Any], prefix: str = "", *, tables: bool = False) -> Iterable[str]:
@@ -253,10 +173,10 @@ def env_var_key(name: str) -> str | None:
 _OVERRIDE_NAMES = [info.env_var for info in SETTINGS.values()]
 
 
-def env_layer(variables: Mapping[str, str], origin_of: Any) -> Layer:
+def env_layer(variables: Mapping[str, str], origin_for: Callable[[str], Origin]) -> Layer:
     """Settings from environment-style variables (`DAEMON_SERVER__PORT=9000`).
 
-    `origin_of(name)` gives the origin to record for a variable. Empty values
+    `origin_for(name)` gives the origin to record for a variable. Empty values
     are ignored, as if unset. A variable that looks like an override but names
     no setting is an error with a suggestion; unrelated DAEMON_* variables pass.
     Raises ConfigError listing every bad variable.
@@ -268,7 +188,7 @@ def env_layer(variables: Mapping[str, str], origin_of: Any) -> Layer:
             continue
         key = env_var_key(name)
         if key is None:
-            if problem := _unknown_variable(upper, origin_of(name)):
+            if problem := _unknown_variable(upper, origin_for(name)):
                 problems.append(problem)
             continue
         try:
@@ -280,7 +200,7 @@ def env_layer(variables: Mapping[str, str], origin_of: Any) -> Layer:
                     "env.invalid-json",
                     f"{name} names the table [{key}] but its value is not a JSON object",
                     f"set one key per variable, e.g. {example}=..., or give a JSON object",
-                    origin_of(name),
+                    origin_for(name),
                     key,
                 )
             )
@@ -288,7 +208,7 @@ def env_layer(variables: Mapping[str, str], origin_of: Any) -> Layer:
         _resolve_paths(values, Path.cwd())
         _merge_into(layer.values, values)
         for leaf in _leaf_keys(values):
-            layer.origins[leaf] = origin_of(name)
+            layer.origins[leaf] = origin_for(name)
     if problems:
         raise ConfigError(problems)
     return layer

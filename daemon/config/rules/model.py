@@ -1,0 +1,163 @@
+"""The model and its tokenizer: directories, weights, architecture, parallelism, devices."""
+
+from __future__ import annotations
+
+from daemon.config.errors import Severity
+from daemon.config.facts import Facts
+from daemon.config.rules.catalogue import LOWER, CheckResult, rule, schema_rule
+from daemon.config.schema import DaemonSettings
+from daemon.engine.model_dir import SUPPORTED_ARCHITECTURES, ModelDirError, ModelInfo, Problem
+
+
+def _model_problem(f: Facts, c: DaemonSettings, problem: Problem) -> str | None:
+    info = f.model(c.model.path)
+    if isinstance(info, ModelDirError) and info.problem is problem:
+        return info.message
+    return None
+
+
+def model_info(f: Facts, c: DaemonSettings) -> ModelInfo | None:
+    info = f.model(c.model.path)
+    return info if isinstance(info, ModelInfo) else None
+
+
+@rule(
+    "model.path-missing",
+    keys=["model.path"],
+    fix="set model.path to a local Hugging Face model directory, or builtin:demo",
+)
+def _model_missing(c: DaemonSettings, f: Facts) -> CheckResult:
+    """model.path names an existing directory or a built-in model."""
+    return _model_problem(f, c, Problem.MISSING)
+
+
+@rule(
+    "model.config-invalid",
+    keys=["model.path"],
+    fix="point model.path at a complete Hugging Face model directory (its config.json must be intact)",
+)
+def _model_config(c: DaemonSettings, f: Facts) -> CheckResult:
+    """The model directory has a readable config.json with the model's dimensions."""
+    return _model_problem(f, c, Problem.CONFIG)
+
+
+@rule("model.weights-missing", keys=["model.path"], fix="copy the missing safetensors files into the model directory")
+def _weights_missing(c: DaemonSettings, f: Facts) -> CheckResult:
+    """Every safetensors shard of the model (per its index) is present."""
+    return _model_problem(f, c, Problem.WEIGHTS_MISSING)
+
+
+@rule(
+    "model.weights-corrupt",
+    keys=["model.path"],
+    fix="download or copy the damaged shard again; its size or header does not match",
+)
+def _weights_corrupt(c: DaemonSettings, f: Facts) -> CheckResult:
+    """Every safetensors shard has a valid header and all its tensor data."""
+    return _model_problem(f, c, Problem.WEIGHTS_CORRUPT)
+
+
+@rule(
+    "model.architecture-unsupported",
+    keys=["model.path"],
+    fix=f"serve a model of a supported architecture: {', '.join(SUPPORTED_ARCHITECTURES)}",
+)
+def _architecture(c: DaemonSettings, f: Facts) -> CheckResult:
+    """The model's architecture is one the engine implements (the Llama family)."""
+    info = model_info(f, c)
+    if info and not set(info.architectures) & set(SUPPORTED_ARCHITECTURES):
+        return f"config.json architectures {list(info.architectures)} are not supported"
+
+
+@rule(
+    "tokenizer.path-missing",
+    keys=["tokenizer.path"],
+    fix="set tokenizer.path to a directory with tokenizer.json (or unset it to use model.path)",
+)
+def _tokenizer_missing(c: DaemonSettings, f: Facts) -> CheckResult:
+    """The tokenizer directory exists and holds tokenizer files."""
+    if c.tokenizer.path == c.model.path and isinstance(f.model(c.model.path), ModelDirError):
+        return None  # the model.* rule that failed already says what is wrong with this directory
+    return f.tokenizer_problem(c.tokenizer.path) if c.tokenizer.path else None
+
+
+@rule(
+    "model.served-name-colon",
+    keys=["model.served_model_name"],
+    fix="choose a served_model_name without ':' (it is reserved for model:adapter names)",
+)
+def _served_name(c: DaemonSettings, f: Facts) -> CheckResult:
+    """Served model names contain no ':'."""
+    if c.model.served_model_name and ":" in c.model.served_model_name:
+        return f"served_model_name {c.model.served_model_name!r} contains ':'"
+
+
+schema_rule(
+    "model.tp-size-min", keys=["model.tp_size"], summary="tp_size is at least 1.", fix="use 1 or more", errors=LOWER
+)
+
+
+@rule(
+    "model.tp-divides-heads",
+    keys=["model.tp_size", "model.path"],
+    fix="use a tp_size that divides both the model's attention heads and its KV heads",
+)
+def _tp_heads(c: DaemonSettings, f: Facts) -> CheckResult:
+    """tp_size divides the model's attention heads and KV heads, so each GPU holds whole heads."""
+    info = model_info(f, c)
+    tp = c.model.tp_size
+    if info and (info.num_attention_heads % tp or info.num_key_value_heads % tp):
+        return (
+            f"tp_size {tp} does not divide the model's {info.num_attention_heads} attention heads "
+            f"and {info.num_key_value_heads} KV heads"
+        )
+
+
+@rule(
+    "model.cuda-unavailable",
+    keys=["model.device"],
+    fix='set model.device = "auto" or "cpu", or run on a host with a working CUDA GPU and PyTorch',
+)
+def _cuda_unavailable(c: DaemonSettings, f: Facts) -> CheckResult:
+    """device = cuda needs a visible CUDA GPU."""
+    if c.model.device == "cuda" and (probe := f.cuda) is not None and probe.devices == 0:
+        return f"device is cuda but {probe.reason}"
+
+
+@rule(
+    "model.tp-exceeds-gpus",
+    keys=["model.tp_size", "model.device", "distributed.nnodes"],
+    fix="lower tp_size to the GPUs this node can see (CUDA_VISIBLE_DEVICES), or spread over more nodes",
+)
+def _tp_gpus(c: DaemonSettings, f: Facts) -> CheckResult:
+    """With device = cuda, this node's share of tp_size fits in its visible GPUs."""
+    if c.model.device != "cuda" or (probe := f.cuda) is None or probe.devices == 0:
+        return None
+    per_node = -(-c.model.tp_size // c.distributed.nnodes)
+    if per_node > probe.devices:
+        return f"tp_size {c.model.tp_size} needs {per_node} GPUs on this node but {probe.devices} are visible"
+
+
+@rule(
+    "model.context-exceeds-model",
+    keys=["model.context_length", "model.path"],
+    fix="lower model.context_length to the model's max_position_embeddings, or unset it",
+)
+def _context_exceeds(c: DaemonSettings, f: Facts) -> CheckResult:
+    """context_length is within the model's maximum (max_position_embeddings)."""
+    info = model_info(f, c)
+    limit = info.max_position_embeddings if info else None
+    if c.model.context_length and limit and c.model.context_length > limit:
+        return f"context_length {c.model.context_length} exceeds the model's maximum of {limit}"
+
+
+@rule(
+    "model.half-on-cpu",
+    keys=["model.dtype", "model.device"],
+    severity=Severity.WARNING,
+    fix="use dtype float32 or bfloat16 on CPU",
+)
+def _half_on_cpu(c: DaemonSettings, f: Facts) -> CheckResult:
+    """float16 on CPU is slow and loses precision."""
+    if c.model.device == "cpu" and c.model.dtype == "float16":
+        return "dtype float16 on device cpu is slow and imprecise"

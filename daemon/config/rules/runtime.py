@@ -1,0 +1,38 @@
+"""The supervisor's runtime directory, where the IPC sockets live."""
+
+from __future__ import annotations
+
+import os
+
+from daemon.config.errors import Severity
+from daemon.config.facts import Facts
+from daemon.config.rules.catalogue import CheckResult, rule
+from daemon.config.schema import DaemonSettings
+
+# Longest socket name the IPC layer appends to runtime.dir ("/daemon-<pid>/<tier>-<n>.ipc"),
+# and the kernel's limit on a Unix socket path (sun_path is 108 bytes with the NUL).
+IPC_NAME_BUDGET = 48
+UNIX_SOCKET_PATH_MAX = 107
+
+
+@rule(
+    "runtime.dir-too-long",
+    keys=["runtime.dir"],
+    fix=f"use a runtime.dir of at most {UNIX_SOCKET_PATH_MAX - IPC_NAME_BUDGET} bytes, such as /run/daemon",
+)
+def _dir_too_long(c: DaemonSettings, f: Facts) -> CheckResult:
+    """IPC socket paths under runtime.dir fit the kernel's Unix socket path limit."""
+    length = len(os.fsencode(c.runtime.dir)) if c.runtime.dir else 0
+    if c.runtime.dir and length + IPC_NAME_BUDGET > UNIX_SOCKET_PATH_MAX:
+        return f"runtime.dir is {length} bytes long; socket paths under it would exceed {UNIX_SOCKET_PATH_MAX} bytes"
+
+
+@rule(
+    "runtime.dir-unwritable",
+    keys=["runtime.dir"],
+    severity=Severity.WARNING,
+    fix="create runtime.dir writable by the daemon's user (systemd: RuntimeDirectory=daemon)",
+)
+def _dir_unwritable(c: DaemonSettings, f: Facts) -> CheckResult:
+    """The daemon can create its sockets under runtime.dir."""
+    return f.dir_problem(c.runtime.dir) if c.runtime.dir else None
