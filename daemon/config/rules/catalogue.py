@@ -56,11 +56,13 @@ class LiftedLimit:
 RULES: list[Rule] = []
 
 
-def rule(id: str, *, keys: Iterable[str], fix: str, severity: Severity = Severity.ERROR) -> Callable[[Check], Check]:
-    """Register a check; its docstring is the rule's summary."""
+def rule(
+    id: str, *, keys: Iterable[str], fix: str, severity: Severity = Severity.ERROR, summary: str | None = None
+) -> Callable[[Check], Check]:
+    """Register a check; its docstring is the rule's summary unless one is given."""
 
     def register(check: Check) -> Check:
-        RULES.append(Rule(id, tuple(keys), severity, inspect.getdoc(check) or "", fix, check))
+        RULES.append(Rule(id, tuple(keys), severity, summary or inspect.getdoc(check) or "", fix, check))
         return check
 
     return register

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from daemon.config.errors import Severity
 from daemon.config.facts import Facts
-from daemon.config.rules.catalogue import LOWER, CheckResult, rule, schema_rule
+from daemon.config.rules.catalogue import LOWER, Check, CheckResult, rule, schema_rule
 from daemon.config.schema import DaemonSettings
 from daemon.engine.model_dir import SUPPORTED_ARCHITECTURES, ModelDirError, ModelInfo, Problem
-
-
-def _model_problem(f: Facts, c: DaemonSettings, problem: Problem) -> str | None:
-    info = f.model(c.model.path)
-    if isinstance(info, ModelDirError) and info.problem is problem:
-        return info.message
-    return None
 
 
 def model_info(f: Facts, c: DaemonSettings) -> ModelInfo | None:
@@ -21,40 +14,44 @@ def model_info(f: Facts, c: DaemonSettings) -> ModelInfo | None:
     return info if isinstance(info, ModelInfo) else None
 
 
-@rule(
-    "model.path-missing",
-    keys=["model.path"],
-    fix="set model.path to a local Hugging Face model directory, or builtin:demo",
-)
-def _model_missing(c: DaemonSettings, f: Facts) -> CheckResult:
-    """model.path names an existing directory or a built-in model."""
-    return _model_problem(f, c, Problem.MISSING)
+def _directory_problem(problem: Problem) -> Check:
+    """A check reporting one kind of problem the model directory inspection finds."""
+
+    def check(c: DaemonSettings, f: Facts) -> CheckResult:
+        info = f.model(c.model.path)
+        return info.message if isinstance(info, ModelDirError) and info.problem is problem else None
+
+    return check
 
 
-@rule(
-    "model.config-invalid",
-    keys=["model.path"],
-    fix="point model.path at a complete Hugging Face model directory (its config.json must be intact)",
-)
-def _model_config(c: DaemonSettings, f: Facts) -> CheckResult:
-    """The model directory has a readable config.json with the model's dimensions."""
-    return _model_problem(f, c, Problem.CONFIG)
-
-
-@rule("model.weights-missing", keys=["model.path"], fix="copy the missing safetensors files into the model directory")
-def _weights_missing(c: DaemonSettings, f: Facts) -> CheckResult:
-    """Every safetensors shard of the model (per its index) is present."""
-    return _model_problem(f, c, Problem.WEIGHTS_MISSING)
-
-
-@rule(
-    "model.weights-corrupt",
-    keys=["model.path"],
-    fix="download or copy the damaged shard again; its size or header does not match",
-)
-def _weights_corrupt(c: DaemonSettings, f: Facts) -> CheckResult:
-    """Every safetensors shard has a valid header and all its tensor data."""
-    return _model_problem(f, c, Problem.WEIGHTS_CORRUPT)
+# One rule per kind of unusable model directory, so each has its own id and fix.
+for problem, rule_id, summary, fix in [
+    (
+        Problem.MISSING,
+        "model.path-missing",
+        "model.path names an existing directory or a built-in model.",
+        "set model.path to a local Hugging Face model directory, or builtin:demo",
+    ),
+    (
+        Problem.CONFIG,
+        "model.config-invalid",
+        "The model directory has a readable config.json with the model's dimensions.",
+        "point model.path at a complete Hugging Face model directory (its config.json must be intact)",
+    ),
+    (
+        Problem.WEIGHTS_MISSING,
+        "model.weights-missing",
+        "Every safetensors shard of the model (per its index) is present.",
+        "copy the missing safetensors files into the model directory",
+    ),
+    (
+        Problem.WEIGHTS_CORRUPT,
+        "model.weights-corrupt",
+        "Every safetensors shard has a valid header and all its tensor data.",
+        "download or copy the damaged shard again; its size or header does not match",
+    ),
+]:
+    rule(rule_id, keys=["model.path"], fix=fix, summary=summary)(_directory_problem(problem))
 
 
 @rule(
