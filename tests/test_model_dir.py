@@ -395,3 +395,12 @@ def test_header_must_be_utf8(tmp_path: Path) -> None:
     file = write_raw_safetensors(tmp_path / "x.safetensors", header, bytes(8))
     with pytest.raises(ModelDirError, match="not UTF-8 JSON"):
         check_safetensors_header(file)
+
+
+def test_sliding_window_limits_the_context_served(tmp_path: Path) -> None:
+    root = write_model_dir(tmp_path / "m", max_positions=32768)
+    config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps({**config, "sliding_window": 4096}))
+    assert inspect_model_dir(root).max_context == 4096
+    (root / "config.json").write_text(json.dumps({**config, "sliding_window": 4096, "use_sliding_window": False}))
+    assert inspect_model_dir(root).max_context == 32768

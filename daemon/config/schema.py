@@ -271,7 +271,8 @@ class ModelSettings(Section):
     )
     context_length: int | None = setting(
         None,
-        doc="Most tokens (prompt plus output) in one request. Unset: the model's max_position_embeddings.",
+        doc="Most tokens (prompt plus output) in one request. Unset: the model's maximum "
+        "(max_position_embeddings, or its sliding attention window if smaller).",
         reload=Reload.WORKER,
         ge=1,
         le=2**30,

@@ -23,6 +23,14 @@ DEMO_HF_CONFIG: dict = {
     "rope_theta": 10000.0,
     "tie_word_embeddings": False,
     "torch_dtype": "float32",
+    # Spelled out rather than left to loaders' defaults, which differ between versions.
+    "head_dim": 32,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "mlp_bias": False,
+    # The standard deviation of the demo model's random weights.
+    "initializer_range": 0.02,
 }
 
 # Built-in models by their reference in model.path.

@@ -7,6 +7,7 @@ model load. Pure Python: no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from dataclasses import dataclass
@@ -40,6 +41,13 @@ class ModelInfo:
     num_key_value_heads: int
     max_position_embeddings: int | None
     weight_files: tuple[Path, ...] = ()
+    sliding_window: int | None = None  # attention window, when the model uses one
+
+    @property
+    def max_context(self) -> int | None:
+        """Longest context the engine serves: it implements full attention, exact within the window."""
+        limits = [n for n in (self.max_position_embeddings, self.sliding_window) if n]
+        return min(limits) if limits else None
 
 
 def model_info_from_config(config: dict[str, Any], where: str = "config.json") -> ModelInfo:
@@ -64,6 +72,8 @@ def model_info_from_config(config: dict[str, Any], where: str = "config.json") -
         num_attention_heads=heads,
         num_key_value_heads=positive_int("num_key_value_heads", heads) or heads,
         max_position_embeddings=positive_int("max_position_embeddings"),
+        # Mistral sets sliding_window when it uses one; Qwen2 sets it always and says with use_sliding_window.
+        sliding_window=positive_int("sliding_window") if config.get("use_sliding_window", True) else None,
     )
 
 
@@ -75,6 +85,15 @@ def inspect_model_dir(path: Path) -> ModelInfo:
         raise ModelDirError(Problem.MISSING, f"{path} is not a usable path: {exc.strerror or exc}") from None
     if not is_dir:
         raise ModelDirError(Problem.MISSING, f"{path} is not a directory" if exists else f"{path} does not exist")
+    info = model_info_from_config(read_config(path), str(path / "config.json"))
+    weights = weight_files(path)
+    for shard in weights:
+        check_safetensors_header(shard)
+    return dataclasses.replace(info, weight_files=weights)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The parsed config.json of a model directory."""
     config_file = path / "config.json"
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -84,13 +103,7 @@ def inspect_model_dir(path: Path) -> ModelInfo:
         raise ModelDirError(Problem.CONFIG, f"{config_file} is not readable JSON: {exc}") from None
     if not isinstance(config, dict):
         raise ModelDirError(Problem.CONFIG, f"{config_file} is not a JSON object")
-    info = model_info_from_config(config, str(config_file))
-    weights = weight_files(path)
-    for shard in weights:
-        check_safetensors_header(shard)
-    return ModelInfo(
-        info.architectures, info.num_attention_heads, info.num_key_value_heads, info.max_position_embeddings, weights
-    )
+    return config
 
 
 def weight_files(path: Path) -> tuple[Path, ...]:

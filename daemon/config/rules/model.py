@@ -138,12 +138,12 @@ def _tp_gpus(c: DaemonSettings, f: Facts) -> CheckResult:
 @rule(
     "model.context-exceeds-model",
     keys=["model.context_length", "model.path"],
-    fix="lower model.context_length to the model's max_position_embeddings, or unset it",
+    fix="lower model.context_length to the model's maximum, or unset it",
 )
 def _context_exceeds(c: DaemonSettings, f: Facts) -> CheckResult:
-    """context_length is within the model's maximum (max_position_embeddings)."""
+    """context_length is within the model's maximum (max_position_embeddings, or its sliding window)."""
     info = model_info(f, c)
-    limit = info.max_position_embeddings if info else None
+    limit = info.max_context if info else None
     if c.model.context_length and limit and c.model.context_length > limit:
         return f"context_length {c.model.context_length} exceeds the model's maximum of {limit}"
 

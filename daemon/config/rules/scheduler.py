@@ -28,7 +28,7 @@ def _context_length(c: DaemonSettings, f: Facts) -> int | None:
     if c.model.context_length:
         return c.model.context_length
     info = model_info(f, c)
-    return info.max_position_embeddings if info else None
+    return info.max_context if info else None
 
 
 @rule(

@@ -1,0 +1,130 @@
+"""Runs a model over a step's batch: prefill chunks and decodes together, then samples.
+
+The scheduler decides what runs (which sequences, how many tokens, which cache
+blocks); the runner turns that plan into tensors, runs one forward pass and
+returns one token per sequence that asked to sample.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from daemon.engine.attention import AttentionBatch, DecodeGroup, PrefillChunk
+from daemon.engine.kv_cache import KVCache
+from daemon.engine.llama import LlamaForCausalLM, LlamaShape
+from daemon.engine.model_dir import read_config
+from daemon.engine.sampler import SamplingParams, sample
+from daemon.engine.weights import load_weights
+
+
+@dataclass
+class SequenceChunk:
+    """The part of one sequence a step processes."""
+
+    seq_id: int
+    token_ids: list[int]  # prompt tokens of this chunk, or the one token sampled last step
+    start: int  # position of token_ids[0] in the sequence
+    block_table: list[int]  # cache blocks holding positions [0, start + len(token_ids))
+    sample: bool = True  # sample the next token after this chunk (False for all but a prompt's last chunk)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        num_blocks: int,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_positions: int | None = None,
+        seed: int = 0,
+    ):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.shape = LlamaShape.from_hf_config(read_config(model_dir))
+        positions = max_positions or self.shape.max_position_embeddings
+        with torch.device(self.device):
+            model = LlamaForCausalLM(self.shape, positions)
+        self.model = model.to(self.dtype).eval()
+        self.model.rope.float()  # rotary tables stay float32 whatever the weights' dtype
+        load_weights(self.model, model_dir)
+        self.cache = KVCache(
+            self.shape.num_layers, num_blocks, self.shape.num_kv_heads, self.shape.head_dim, self.dtype, self.device
+        )
+        self._seeds = torch.Generator().manual_seed(seed)
+        self._generators: dict[int, torch.Generator] = {}
+
+    @torch.inference_mode()
+    def step(self, chunks: list[SequenceChunk]) -> dict[int, int]:
+        """Run one forward pass over `chunks`; returns {seq_id: next token} for chunks that sample."""
+        samplers = [c for c in chunks if c.sample]
+        logits = self.logits(chunks)
+        tokens = sample(logits, [c.sampling for c in samplers], [self._generator(c) for c in samplers])
+        return {c.seq_id: token for c, token in zip(samplers, tokens, strict=True)}
+
+    @torch.inference_mode()
+    def logits(self, chunks: list[SequenceChunk]) -> torch.Tensor:
+        """Run one forward pass over `chunks`: next-token logits [chunks that sample, vocab], float32."""
+        input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks]).to(self.device)
+        hidden = self.model(input_ids, positions, self.cache.layers, self._attention_batch(chunks))
+        offsets = _offsets(chunks)
+        last_rows = [offsets[i + 1] - 1 for i, c in enumerate(chunks) if c.sample]
+        return self.model.logits(hidden[torch.tensor(last_rows, dtype=torch.long, device=self.device)])
+
+    def release(self, seq_id: int) -> None:
+        """Forget a finished sequence's random generator."""
+        self._generators.pop(seq_id, None)
+
+    def _generator(self, chunk: SequenceChunk) -> torch.Generator | None:
+        if chunk.sampling.greedy:
+            return None
+        if chunk.seq_id not in self._generators:
+            seed = chunk.sampling.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds).item())
+            self._generators[chunk.seq_id] = torch.Generator().manual_seed(seed)
+        return self._generators[chunk.seq_id]
+
+    def _attention_batch(self, chunks: list[SequenceChunk]) -> AttentionBatch:
+        ends = [c.start + len(c.token_ids) for c in chunks]
+        context = self.cache.slots([c.block_table for c in chunks], ends, self.device)  # [B, max end]
+        starts = _offsets(chunks)
+        slot_mapping = torch.cat([context[i, c.start : ends[i]] for i, c in enumerate(chunks)])
+        decode_rows = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+        decodes = None
+        if decode_rows:
+            lengths = torch.tensor([ends[i] for i in decode_rows], device=self.device)
+            slots = context[decode_rows][:, : int(lengths.max())]
+            mask = torch.arange(slots.shape[1], device=self.device) < lengths.unsqueeze(1)
+            decodes = DecodeGroup(
+                torch.tensor([starts[i] for i in decode_rows], device=self.device), slots, mask[:, None, None, :]
+            )
+        prefills = [
+            PrefillChunk(starts[i], starts[i] + len(c.token_ids), context[i, : ends[i]], c.start)
+            for i, c in enumerate(chunks)
+            if len(c.token_ids) > 1
+        ]
+        return AttentionBatch(slot_mapping, decodes, prefills)
+
+
+def _offsets(chunks: list[SequenceChunk]) -> list[int]:
+    """Where each chunk starts in the packed batch, and (last) where the batch ends."""
+    return list(itertools.accumulate((len(c.token_ids) for c in chunks), initial=0))

@@ -1,0 +1,66 @@
+"""Loading a model directory's safetensors into a model, strictly.
+
+Every tensor the model needs must be in the checkpoint with the right shape,
+and every tensor in the checkpoint must be used: a partial or mismatched load
+is an error that names the tensors, never a model with random weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from daemon.engine.model_dir import ModelDirError, Problem, inspect_model_dir
+
+# Buffers HF checkpoints sometimes carry that the model recomputes itself.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_weights(model: nn.Module, model_dir: Path) -> None:
+    """Copy the checkpoint's tensors into `model` (already on its device, in its dtype)."""
+    info = inspect_model_dir(model_dir)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = getattr(model, "shape", None) is not None and model.shape.tie_word_embeddings
+    if tied:
+        params.pop("lm_head.weight", None)  # shares embed_tokens.weight
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for shard in info.weight_files:
+        try:
+            with safe_open(shard, framework="pt", device="cpu") as tensors:
+                for name in tensors.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                        continue
+                    if name not in params:
+                        unexpected.append(name)
+                        continue
+                    _copy_into(params[name], tensors.get_tensor(name), name, shard)
+                    loaded.add(name)
+        except (SafetensorError, OSError) as exc:
+            raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"cannot read {shard}: {exc}") from None
+    missing = sorted(set(params) - loaded)
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing tensors {_names(missing)}")
+        if unexpected:
+            problems.append(f"unexpected tensors {_names(unexpected)}")
+        raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{model_dir} does not match its config: {'; '.join(problems)}")
+
+
+def _copy_into(param: nn.Parameter, tensor: torch.Tensor, name: str, shard: Path) -> None:
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ModelDirError(
+            Problem.WEIGHTS_CORRUPT,
+            f"{shard}: tensor {name} has shape {list(tensor.shape)}, the config implies {list(param.shape)}",
+        )
+    with torch.no_grad():
+        param.copy_(tensor.to(dtype=param.dtype))
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -1,0 +1,195 @@
+"""The engine's forward pass matches Hugging Face transformers on the same weights.
+
+Models are random, small and built here with transformers (Llama, Qwen2 with
+its q/k/v biases, Mistral, Llama 3 RoPE scaling, tied embeddings), saved as
+sharded safetensors and loaded by the engine through its own code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from daemon.engine.kv_cache import BlockManager  # noqa: E402
+from daemon.engine.model_dir import ModelDirError  # noqa: E402
+from daemon.engine.runner import ModelRunner, SequenceChunk  # noqa: E402
+from daemon.engine.sampler import SamplingParams  # noqa: E402
+
+TOLERANCE = 2e-4
+SMALL = dict(
+    vocab_size=160,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+VARIANTS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "llama-tied": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {"tie_word_embeddings": True}),
+    "llama3-rope": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "rope_theta": 500000.0,
+        },
+    ),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+}
+
+
+def build_hf_model(directory: Path, variant: str, shard: bool = True):
+    config_class, model_class, extra = VARIANTS[variant]
+    torch.manual_seed(1234)
+    model = model_class(config_class(**SMALL, **extra)).eval()
+    for parameter in model.parameters():  # larger weights than the init default, so errors show in the logits
+        parameter.data.normal_(0, 0.1)
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size="40KB" if shard else "1GB")
+    return model
+
+
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+class Sequences:
+    """Block bookkeeping for a test that drives a runner by hand, as the scheduler will."""
+
+    def __init__(self, runner: ModelRunner):
+        self.blocks = BlockManager(num_blocks=runner.cache.layers[0].keys.shape[0] // runner.cache.block_size)
+
+    def chunk(self, seq_id: int, tokens: list[int], start: int, **kwargs) -> SequenceChunk:
+        table = self.blocks.grow(seq_id, start + len(tokens))
+        return SequenceChunk(seq_id, tokens, start, list(table), **kwargs)
+
+
+@pytest.fixture(params=list(VARIANTS))
+def models(request, tmp_path: Path):
+    hf = build_hf_model(tmp_path, request.param)
+    runner = ModelRunner(tmp_path, num_blocks=64, device="cpu", dtype="float32")
+    return hf, runner
+
+
+PROMPT = [5, 17, 33, 2, 99, 150, 7, 7, 42, 11, 64, 3, 120, 8, 19, 77, 101, 56, 9, 31]
+
+
+def test_prefill_logits_match(models):
+    hf, runner = models
+    ours = runner.logits([Sequences(runner).chunk(1, PROMPT, 0)])[0]
+    torch.testing.assert_close(ours, hf_logits(hf, PROMPT)[-1], atol=TOLERANCE, rtol=0)
+
+
+def test_decode_one_token_at_a_time_matches_every_position(models):
+    hf, runner = models
+    expected, seqs = hf_logits(hf, PROMPT), Sequences(runner)
+    for position, token in enumerate(PROMPT):
+        ours = runner.logits([seqs.chunk(1, [token], position)])[0]
+        torch.testing.assert_close(ours, expected[position], atol=TOLERANCE, rtol=0)
+
+
+def test_chunked_prefill_matches(models):
+    hf, runner = models
+    expected, seqs, start = hf_logits(hf, PROMPT), Sequences(runner), 0
+    for size in (3, 7, 1, 9):  # chunks crossing block boundaries, with a one-token chunk between
+        ours = runner.logits([seqs.chunk(1, PROMPT[start : start + size], start)])[0]
+        start += size
+        torch.testing.assert_close(ours, expected[start - 1], atol=TOLERANCE, rtol=0)
+
+
+def test_mixed_batch_of_prefills_and_decodes_matches(models):
+    hf, runner = models
+    seqs = Sequences(runner)
+    other = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3, 8, 3, 2, 7, 9]
+    runner.logits([seqs.chunk(1, PROMPT[:-1], 0), seqs.chunk(2, other[:10], 0)])
+    # one step: a decode of sequence 1, the rest of sequence 2's prompt, and a new short prompt 3
+    batch = [seqs.chunk(1, PROMPT[-1:], len(PROMPT) - 1), seqs.chunk(2, other[10:], 10), seqs.chunk(3, [44, 45], 0)]
+    ours = runner.logits(batch)
+    for row, ids in enumerate((PROMPT, other, [44, 45])):
+        torch.testing.assert_close(ours[row], hf_logits(hf, ids)[-1], atol=TOLERANCE, rtol=0)
+
+
+def test_greedy_generation_matches_transformers_generate(tmp_path: Path):
+    hf = build_hf_model(tmp_path, "llama", shard=False)
+    runner = ModelRunner(tmp_path, num_blocks=64, device="cpu", dtype="float32")
+    seqs, generated = Sequences(runner), []
+    greedy = SamplingParams(temperature=0.0)
+    token = runner.step([seqs.chunk(1, PROMPT, 0, sampling=greedy)])[1]
+    for _ in range(15):
+        generated.append(token)
+        token = runner.step([seqs.chunk(1, [token], len(PROMPT) + len(generated) - 1, sampling=greedy)])[1]
+    generated.append(token)
+    with torch.no_grad():
+        reference = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert generated == reference[0, len(PROMPT) :].tolist()
+
+
+def test_sampling_is_reproducible_under_a_seed(tmp_path: Path):
+    build_hf_model(tmp_path, "llama", shard=False)
+
+    def generate(seed: int, companions: int) -> list[int]:
+        runner = ModelRunner(tmp_path, num_blocks=64, device="cpu", dtype="float32")
+        seqs, params = Sequences(runner), SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=seed)
+        out = []
+        batch = [seqs.chunk(1, PROMPT, 0, sampling=params)]
+        batch += [
+            seqs.chunk(100 + i, PROMPT[i:], 0, sampling=SamplingParams(temperature=1.0)) for i in range(companions)
+        ]
+        for _ in range(12):
+            tokens = runner.step(batch)
+            out.append(tokens[1])
+            batch = [
+                seqs.chunk(c.seq_id, [tokens[c.seq_id]], c.start + len(c.token_ids), sampling=c.sampling) for c in batch
+            ]
+        return out
+
+    first = generate(seed=7, companions=0)
+    assert generate(seed=7, companions=0) == first
+    assert generate(seed=7, companions=3) == first  # other requests in the batch do not change it
+    assert generate(seed=8, companions=0) != first
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path: Path):
+    build_hf_model(tmp_path, "llama", shard=False)
+    config = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text(config.replace('"intermediate_size": 96', '"intermediate_size": 128'))
+    with pytest.raises(ModelDirError, match="has shape"):
+        ModelRunner(tmp_path, num_blocks=8, device="cpu", dtype="float32")
+
+
+def test_checkpoints_with_the_older_rope_config_format_match(tmp_path: Path):
+    """Most checkpoints in the wild have top-level rope_theta and rope_scaling (transformers < 5)."""
+    import json
+
+    hf = build_hf_model(tmp_path, "llama3-rope")
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    runner = ModelRunner(tmp_path, num_blocks=64, device="cpu", dtype="float32")
+    ours = runner.logits([Sequences(runner).chunk(1, PROMPT, 0)])[0]
+    torch.testing.assert_close(ours, hf_logits(hf, PROMPT)[-1], atol=TOLERANCE, rtol=0)
+
+
+def test_the_demo_model_runs_through_the_same_code_and_matches(tmp_path: Path):
+    from daemon.engine.demo_model import ensure_demo_model
+
+    directory = ensure_demo_model(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).eval()
+    runner = ModelRunner(directory, num_blocks=16, device="cpu", dtype="float32")
+    ours = runner.logits([Sequences(runner).chunk(1, PROMPT, 0)])[0]
+    torch.testing.assert_close(ours, hf_logits(hf, PROMPT)[-1], atol=TOLERANCE, rtol=0)
