@@ -1,0 +1,169 @@
+"""Every message exchanged between processes, defined once as typed structs.
+
+Encoded as MessagePack with msgspec (no pickle: a peer can only ever send these
+shapes). Each channel carries a tagged union, decoded by `decoder(Channel)`.
+Messages are batched where volume grows: the scheduler sends one `StepTokens` per
+tokenizer per engine step, and one `StepPlan` per step to the workers, so IPC
+cost grows with steps, not with tokens times requests.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class Sampling(msgspec.Struct, frozen=True, omit_defaults=True):
+    """How to choose tokens and when to stop, as the engine sees it."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """A request that ends in an error: the HTTP status and OpenAI-style error object."""
+
+    status: int  # 400, 503, ...
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+
+
+# --- front-end -> tokenizer ---------------------------------------------------------------------
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
+    request_id: str
+    reply_to: str  # the front-end worker's result endpoint
+    sampling: Sampling
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict] | None = None  # chat: OpenAI-shaped messages
+    stop: tuple[str, ...] = ()
+    priority: int = 0
+    arrival: float = 0.0  # wall-clock time the front-end received it
+
+
+class AbortRequest(msgspec.Struct, frozen=True, tag=True):
+    """The client went away or timed out: drop the request wherever it is."""
+
+    request_id: str
+
+
+# --- tokenizer -> front-end ---------------------------------------------------------------------
+
+
+class GenerateOutput(msgspec.Struct, frozen=True, tag=True):
+    request_id: str
+    text: str = ""  # new text since the previous output
+    finish_reason: FinishReason | None = None  # set on the last output of a request
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: ErrorInfo | None = None
+
+
+# --- tokenizer -> scheduler ---------------------------------------------------------------------
+
+
+class ScheduleRequest(msgspec.Struct, frozen=True, tag=True):
+    request_id: str
+    tokenizer: int  # which tokenizer worker gets the tokens back
+    prompt_ids: list[int]
+    sampling: Sampling
+    priority: int = 0
+    arrival: float = 0.0
+
+
+# --- scheduler -> tokenizer ---------------------------------------------------------------------
+
+
+class SequenceUpdate(msgspec.Struct, frozen=True):
+    request_id: str
+    token_ids: list[int]  # new tokens since the previous update
+    finish_reason: FinishReason | None = None
+    error: ErrorInfo | None = None
+
+
+class StepTokens(msgspec.Struct, frozen=True, tag=True):
+    """Everything one engine step produced for the requests of one tokenizer worker."""
+
+    updates: list[SequenceUpdate]
+
+
+# --- scheduler <-> worker -----------------------------------------------------------------------
+
+
+class PlannedChunk(msgspec.Struct, frozen=True, array_like=True):
+    seq_id: int
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    sample: bool
+    sampling: Sampling
+
+
+class StepPlan(msgspec.Struct, frozen=True, tag=True):
+    step: int
+    chunks: list[PlannedChunk]
+    finished: list[int] = []  # sequences the worker may forget (their random generators)
+
+
+class StepResult(msgspec.Struct, frozen=True, tag=True):
+    step: int
+    tokens: dict[int, int]  # seq_id -> sampled token, for chunks that sampled
+    error: str | None = None
+
+
+# --- control: every tier <-> supervisor ---------------------------------------------------------
+
+
+class TierReady(msgspec.Struct, frozen=True, tag=True):
+    tier: str
+    index: int
+    pid: int
+
+
+class Heartbeat(msgspec.Struct, frozen=True, tag=True):
+    tier: str
+    index: int
+    pid: int
+
+
+class StopTier(msgspec.Struct, frozen=True, tag=True):
+    """Stop taking new work, finish what is in flight within `drain_timeout_s`, then exit."""
+
+    drain_timeout_s: float
+
+
+class SchedulerStats(msgspec.Struct, frozen=True, tag=True):
+    running: int
+    queued: int
+    free_tokens: int
+    total_tokens: int
+
+
+ToTokenizer = GenerateRequest | AbortRequest | StepTokens
+ToScheduler = ScheduleRequest | AbortRequest | StepResult
+ToWorker = StepPlan | StopTier
+ToFrontend = GenerateOutput | SchedulerStats
+ToSupervisor = TierReady | Heartbeat
+FromSupervisor = StopTier
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decoder(channel: object) -> msgspec.msgpack.Decoder:
+    """A decoder for one channel's union of messages; anything else raises msgspec.DecodeError."""
+    return msgspec.msgpack.Decoder(channel)

@@ -1,0 +1,1 @@
+"""The scheduler tier: admission, continuous batching, KV-cache accounting."""

@@ -1,0 +1,231 @@
+"""Continuous batching: which tokens of which requests the next engine step processes.
+
+Between two steps, new requests join the running batch and finished ones leave
+it. A step carries, within the token budget (`chunked_prefill_size`), one token
+for every decoding sequence, then chunks of prompts being prefilled, oldest
+first, then prompts of newly admitted requests in policy order. Admission is
+bounded by `max_running_requests` and by the KV cache: a request is admitted
+only when its whole prompt fits, and when decoding outgrows the cache the most
+expendable running sequence is preempted: it gives its blocks back and is
+queued again, to be recomputed later.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from daemon.engine.kv_cache import BlockManager
+from daemon.ipc.messages import ErrorInfo, PlannedChunk, ScheduleRequest, SequenceUpdate, StepPlan, StepResult
+from daemon.scheduler.policy import Policy, admission_order, preemption_victim
+from daemon.scheduler.sequence import Phase, Sequence
+
+
+@dataclass
+class Limits:
+    max_running_requests: int
+    max_queued_requests: int
+    chunked_prefill_size: int  # -1: no chunking, whole prompts in one step
+    policy: Policy = "fcfs"
+
+
+@dataclass(frozen=True)
+class _Work:
+    seq: Sequence
+    tokens: int
+    sample: bool
+
+
+class Batcher:
+    def __init__(self, blocks: BlockManager, limits: Limits, context_length: int, eos_token_ids: Iterable[int]):
+        self.blocks = blocks
+        self.limits = limits
+        self.context_length = context_length
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order
+        self._by_request: dict[str, Sequence] = {}
+        self._seq_ids = itertools.count(1)
+        self._steps = itertools.count(1)
+        self._in_flight: list[_Work] = []
+        self._finished_ids: list[int] = []
+        self._rejected: list[tuple[int, SequenceUpdate]] = []
+
+    # --- requests in --------------------------------------------------------------------------
+
+    def add(self, request: ScheduleRequest) -> None:
+        """Queue a request, or answer it at once with an error (see `take_rejections`)."""
+        problem = self._refusal(request)
+        if problem is not None:
+            self._rejected.append((request.tokenizer, SequenceUpdate(request.request_id, [], "error", problem)))
+            return
+        seq = Sequence(
+            seq_id=next(self._seq_ids),
+            request_id=request.request_id,
+            tokenizer=request.tokenizer,
+            prompt_ids=list(request.prompt_ids),
+            sampling=request.sampling,
+            eos_token_ids=self.eos_token_ids,
+            priority=request.priority,
+            arrival=request.arrival,
+        )
+        self._by_request[request.request_id] = seq
+        self.waiting.append(seq)
+
+    def _refusal(self, request: ScheduleRequest) -> ErrorInfo | None:
+        if request.request_id in self._by_request:
+            return ErrorInfo(400, f"request id {request.request_id!r} is already in use")
+        if not request.prompt_ids:
+            return ErrorInfo(400, "the prompt is empty", param="prompt")
+        if len(request.prompt_ids) >= self.context_length:
+            return ErrorInfo(
+                400,
+                f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.context_length}",
+                param="prompt",
+            )
+        if len(request.prompt_ids) + 1 > self.blocks.num_blocks * self.blocks.block_size:
+            return ErrorInfo(400, "the prompt does not fit in the KV cache", param="prompt")
+        if len(self.waiting) >= self.limits.max_queued_requests:
+            return ErrorInfo(503, "the server is at capacity: the request queue is full", type="server_overloaded")
+        return None
+
+    def abort(self, request_id: str) -> None:
+        """Forget a request; a step in flight for it completes, but its tokens go nowhere."""
+        seq = self._by_request.pop(request_id, None)
+        if seq is None:
+            return
+        if seq.phase is Phase.WAITING:
+            self.waiting.remove(seq)
+        elif seq.phase is Phase.RUNNING:
+            self._retire(seq)
+        seq.phase = Phase.FINISHED
+        seq.finish_reason = "abort"
+
+    def take_rejections(self) -> list[tuple[int, SequenceUpdate]]:
+        rejected, self._rejected = self._rejected, []
+        return rejected
+
+    # --- steps --------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._in_flight)
+
+    def plan(self) -> StepPlan | None:
+        """The next step, or None when there is nothing to run. One step at a time."""
+        assert not self._in_flight, "the previous step has not completed"
+        budget = self.limits.chunked_prefill_size if self.limits.chunked_prefill_size > 0 else 1 << 62
+        work: list[_Work] = []
+        for seq in list(self.running):
+            if seq.phase is not Phase.RUNNING:  # preempted to make room for an older one
+                continue
+            tokens = 1 if seq.pending == 1 else min(seq.pending, budget)  # decodes never wait for budget
+            scheduled = {w.seq.seq_id for w in work}
+            if tokens <= 0 or not self._make_room(seq, seq.computed + tokens, scheduled):
+                continue
+            work.append(_Work(seq, tokens, tokens == seq.pending))
+            budget -= tokens
+        for seq in admission_order(self.waiting, self.limits.policy):
+            if budget <= 0 or len(self.running) >= self.limits.max_running_requests:
+                break
+            if not self.blocks.can_grow(seq.seq_id, seq.length + 1):
+                break  # the best candidate does not fit: wait for room rather than overtake it
+            self.blocks.grow(seq.seq_id, seq.length + 1)
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            seq.phase = Phase.RUNNING
+            tokens = min(seq.pending, budget)
+            work.append(_Work(seq, tokens, tokens == seq.pending))
+            budget -= tokens
+        if not work:
+            return None
+        self._in_flight = work
+        finished, self._finished_ids = self._finished_ids, []
+        return StepPlan(
+            step=next(self._steps),
+            chunks=[
+                PlannedChunk(
+                    seq_id=w.seq.seq_id,
+                    token_ids=w.seq.token_ids[w.seq.computed : w.seq.computed + w.tokens],
+                    start=w.seq.computed,
+                    block_table=list(self.blocks.table(w.seq.seq_id)),
+                    sample=w.sample,
+                    sampling=w.seq.sampling,
+                )
+                for w in work
+            ],
+            finished=finished,
+        )
+
+    def complete(self, result: StepResult) -> dict[int, list[SequenceUpdate]]:
+        """Apply a finished step; returns the updates to send, by tokenizer worker."""
+        work, self._in_flight = self._in_flight, []
+        updates: dict[int, list[SequenceUpdate]] = {}
+        for item in work:
+            seq = item.seq
+            if seq.phase is not Phase.RUNNING:
+                continue  # aborted while the step ran
+            if result.error is not None:
+                self._end(seq, "error")
+                error = ErrorInfo(500, f"the engine failed: {result.error}", type="server_error")
+                updates.setdefault(seq.tokenizer, []).append(SequenceUpdate(seq.request_id, [], "error", error))
+                continue
+            seq.computed += item.tokens
+            if not item.sample:
+                continue
+            token = result.tokens[seq.seq_id]
+            seq.output_ids.append(token)
+            reason = seq.finish_reason_after(token, self.context_length)
+            if reason is not None:
+                self._end(seq, reason)
+            updates.setdefault(seq.tokenizer, []).append(SequenceUpdate(seq.request_id, [token], reason))
+        return updates
+
+    def fail_all(self, error: ErrorInfo) -> dict[int, list[SequenceUpdate]]:
+        """End every request (the engine is gone): updates for their tokenizers."""
+        updates: dict[int, list[SequenceUpdate]] = {}
+        for seq in [*self.running, *self.waiting]:
+            updates.setdefault(seq.tokenizer, []).append(SequenceUpdate(seq.request_id, [], "error", error))
+            self._end(seq, "error")
+        self.waiting.clear()
+        self._in_flight = []
+        return updates
+
+    # --- the cache ----------------------------------------------------------------------------
+
+    def _make_room(self, seq: Sequence, tokens: int, scheduled: set[int]) -> bool:
+        """Grow `seq` to `tokens` cache slots, preempting others if needed; False if `seq` itself yields.
+
+        Sequences already `scheduled` in this step are never preempted: their
+        chunks would write into blocks handed to someone else in the same step.
+        """
+        while not self.blocks.can_grow(seq.seq_id, tokens):
+            candidates = [s for s in self.running if s.seq_id not in scheduled]
+            victim = preemption_victim(candidates, self.limits.policy)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq.seq_id, tokens)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give `seq`'s cache back and queue it again; it is recomputed from its tokens when readmitted."""
+        self.running.remove(seq)
+        self.blocks.release(seq.seq_id)
+        seq.computed = 0
+        seq.phase = Phase.WAITING
+        self.waiting.insert(0, seq)
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        self._retire(seq)
+        seq.phase = Phase.FINISHED
+        seq.finish_reason = reason  # type: ignore[assignment]
+        self._by_request.pop(seq.request_id, None)
+
+    def _retire(self, seq: Sequence) -> None:
+        """Release everything `seq` holds, and tell the workers to forget it with the next plan."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.release(seq.seq_id)
+        self._finished_ids.append(seq.seq_id)

@@ -1,0 +1,58 @@
+"""One request as the scheduler tracks it: its tokens, how far the engine has got, why it ended."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from daemon.ipc.messages import FinishReason, Sampling
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"  # queued, holds no cache
+    RUNNING = "running"  # admitted: holds cache blocks, being prefilled or decoded
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request_id: str
+    tokenizer: int  # the tokenizer worker its tokens go back to
+    prompt_ids: list[int]
+    sampling: Sampling
+    eos_token_ids: frozenset[int]
+    priority: int = 0
+    arrival: float = 0.0
+    output_ids: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens whose keys and values are in the cache
+    phase: Phase = Phase.WAITING
+    finish_reason: FinishReason | None = None
+    unsent: list[int] = field(default_factory=list)  # sampled but not yet sent to the tokenizer
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def pending(self) -> int:
+        """Tokens not yet in the cache: the prompt (or what is left of it), else the last sampled token.
+
+        One rule covers prefill, chunked prefill, decode and recomputation after
+        preemption: a step processes some pending tokens, and samples when it
+        processes the last of them.
+        """
+        return self.length - self.computed
+
+    def finish_reason_after(self, token: int, context_length: int) -> FinishReason | None:
+        """Why the sequence ends with `token` appended, if it does."""
+        stop_ids = self.sampling.stop_token_ids
+        if token in stop_ids or (not self.sampling.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if len(self.output_ids) >= self.sampling.max_tokens or self.length >= context_length:
+            return "length"
+        return None

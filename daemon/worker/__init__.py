@@ -1,0 +1,1 @@
+"""The GPU worker tier: loads the model, owns the KV cache tensors, runs the scheduler's steps."""

@@ -1,0 +1,240 @@
+"""Continuous batching on the real engine and the demo model, without processes.
+
+The scheduler's batcher and the worker's step execution talk through the same
+messages as the tiers do, encoded and decoded as on the wire; only the sockets
+are left out. Greedy outputs of requests batched together, chunked, preempted
+or recomputed must equal those of the same requests run alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.engine.demo_model import ensure_demo_model
+from daemon.engine.demo_spec import DEMO_HF_CONFIG
+from daemon.engine.kv_cache import BlockManager
+from daemon.engine.runner import ModelRunner
+from daemon.ipc.messages import (
+    Sampling,
+    ScheduleRequest,
+    SequenceUpdate,
+    StepPlan,
+    StepResult,
+    ToScheduler,
+    ToWorker,
+    decoder,
+    encode,
+)
+from daemon.scheduler.batcher import Batcher, Limits
+from daemon.worker.execute import execute
+
+EOS = 3  # the demo tokenizer's <|im_end|>
+to_worker, to_scheduler = decoder(ToWorker), decoder(ToScheduler)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    return ensure_demo_model(tmp_path_factory.mktemp("cache"))
+
+
+class Harness:
+    """A batcher and a runner joined by encoded messages; counts what happened."""
+
+    def __init__(self, demo_dir: Path, *, num_blocks=64, running=8, queued=100, chunk=2048, policy="fcfs"):
+        self.runner = ModelRunner(demo_dir, num_blocks=num_blocks, device="cpu", dtype="float32")
+        limits = Limits(running, queued, chunk, policy)
+        self.batcher = Batcher(BlockManager(num_blocks), limits, DEMO_HF_CONFIG["max_position_embeddings"], [EOS])
+        self.outputs: dict[str, list[int]] = {}
+        self.finish: dict[str, str] = {}
+        self.errors: dict[str, object] = {}
+        self.plans: list[StepPlan] = []
+
+    def submit(self, request_id: str, prompt: list[int], max_tokens: int = 8, **sampling) -> None:
+        sampling.setdefault("temperature", 0.0)
+        request = ScheduleRequest(request_id, 0, prompt, Sampling(max_tokens=max_tokens, **sampling))
+        self.batcher.add(to_scheduler.decode(encode(request)))
+        for _tokenizer, update in self.batcher.take_rejections():
+            self._record(update)
+
+    def step(self) -> bool:
+        plan = self.batcher.plan()
+        if plan is None:
+            return False
+        plan = to_worker.decode(encode(plan))
+        self.plans.append(plan)
+        result = to_scheduler.decode(encode(execute(self.runner, plan)))
+        assert isinstance(result, StepResult)
+        for updates in self.batcher.complete(result).values():
+            for update in updates:
+                self._record(update)
+        return True
+
+    def run(self, max_steps: int = 2000) -> None:
+        for _ in range(max_steps):
+            if not self.step():
+                return
+        raise AssertionError("the batch did not drain")
+
+    def _record(self, update: SequenceUpdate) -> None:
+        self.outputs.setdefault(update.request_id, []).extend(update.token_ids)
+        if update.finish_reason:
+            self.finish[update.request_id] = update.finish_reason
+            if update.error:
+                self.errors[update.request_id] = update.error
+
+
+PROMPTS = {f"r{i}": [(7 * i + j * 13) % 1000 + 4 for j in range(5 + 9 * i)] for i in range(10)}
+
+
+def solo(demo_dir: Path, prompt: list[int], max_tokens: int) -> list[int]:
+    harness = Harness(demo_dir)
+    harness.submit("solo", prompt, max_tokens, ignore_eos=True)
+    harness.run()
+    return harness.outputs["solo"]
+
+
+@pytest.fixture(scope="module")
+def expected(demo_dir: Path) -> dict[str, list[int]]:
+    return {rid: solo(demo_dir, prompt, 12) for rid, prompt in PROMPTS.items()}
+
+
+def test_a_batch_gives_each_request_what_it_gets_alone(demo_dir, expected):
+    harness = Harness(demo_dir)
+    for rid, prompt in PROMPTS.items():
+        harness.submit(rid, prompt, 12, ignore_eos=True)
+    harness.run()
+    assert harness.outputs == expected
+    assert set(harness.finish.values()) == {"length"}
+    assert max(len(p.chunks) for p in harness.plans) > 1  # really batched
+    assert harness.batcher.blocks.free_blocks == 64  # every block came back
+
+
+def test_requests_join_the_running_batch_between_steps(demo_dir, expected):
+    harness = Harness(demo_dir)
+    ids = list(PROMPTS)
+    harness.submit(ids[0], PROMPTS[ids[0]], 12, ignore_eos=True)
+    for rid in ids[1:]:
+        harness.step()
+        harness.submit(rid, PROMPTS[rid], 12, ignore_eos=True)
+    harness.run()
+    assert harness.outputs == expected
+    mixed = [p for p in harness.plans if {len(c.token_ids) == 1 for c in p.chunks} == {True, False}]
+    assert mixed, "no step mixed decodes with a new prompt"
+
+
+def test_chunked_prefill_splits_long_prompts_and_keeps_outputs(demo_dir, expected):
+    harness = Harness(demo_dir, chunk=16)
+    for rid, prompt in PROMPTS.items():
+        harness.submit(rid, prompt, 12, ignore_eos=True)
+    harness.run()
+    assert harness.outputs == expected
+    assert all(sum(len(c.token_ids) for c in p.chunks) <= 16 + len(PROMPTS) for p in harness.plans)
+    assert any(not c.sample for p in harness.plans for c in p.chunks)  # some prompt took several steps
+
+
+def test_a_small_cache_preempts_and_recomputes_without_changing_outputs(demo_dir, expected):
+    harness = Harness(demo_dir, num_blocks=12)  # 192 token slots for ten requests of up to 98 tokens
+    for rid, prompt in PROMPTS.items():
+        harness.submit(rid, prompt, 12, ignore_eos=True)
+    harness.run()
+    assert harness.outputs == expected
+    restarts = [c for p in harness.plans for c in p.chunks if c.start == 0]
+    assert len(restarts) > len(PROMPTS), "nothing was preempted"
+    assert harness.batcher.blocks.free_blocks == 12
+
+
+def test_admission_is_bounded_by_max_running_requests(demo_dir):
+    harness = Harness(demo_dir, running=3)
+    for rid, prompt in PROMPTS.items():
+        harness.submit(rid, prompt, 4, ignore_eos=True)
+    harness.run()
+    assert max(len(p.chunks) for p in harness.plans) == 3
+    assert len(harness.finish) == len(PROMPTS)
+
+
+def test_a_full_queue_refuses_with_503(demo_dir):
+    harness = Harness(demo_dir, queued=2)
+    for rid in ("a", "b", "c"):
+        harness.submit(rid, [5, 6, 7])
+    assert harness.finish == {"c": "error"}
+    assert harness.errors["c"].status == 503
+    harness.run()
+    assert harness.finish == {"a": "length", "b": "length", "c": "error"}
+
+
+def test_prompts_beyond_the_context_or_the_cache_are_refused_with_400(demo_dir):
+    harness = Harness(demo_dir, num_blocks=4)
+    harness.submit("too-long", [5] * DEMO_HF_CONFIG["max_position_embeddings"])
+    harness.submit("beyond-cache", [5] * 64)
+    harness.submit("empty", [])
+    assert {rid: harness.errors[rid].status for rid in harness.errors} == {
+        "too-long": 400,
+        "beyond-cache": 400,
+        "empty": 400,
+    }
+
+
+def test_aborts_free_the_cache_wherever_the_request_is(demo_dir):
+    harness = Harness(demo_dir, running=1)
+    harness.submit("running", PROMPTS["r3"], 50, ignore_eos=True)
+    harness.submit("queued", PROMPTS["r4"], 50, ignore_eos=True)
+    harness.step()
+    harness.step()
+    assert harness.batcher.blocks.free_blocks < 64
+    harness.batcher.abort("running")
+    harness.batcher.abort("queued")
+    harness.batcher.abort("unknown")  # already gone: nothing happens
+    assert harness.batcher.blocks.free_blocks == 64
+    assert not harness.step()  # nothing left to run
+    assert "running" not in harness.finish  # the aborting side already knows; nothing is sent back
+
+
+def test_finish_reasons(demo_dir, expected):
+    first_token = expected["r2"][0]
+    harness = Harness(demo_dir)
+    harness.submit("max", PROMPTS["r2"], 3, ignore_eos=True)
+    harness.submit("stop-id", PROMPTS["r2"], 20, stop_token_ids=(first_token,))
+    harness.run()
+    assert harness.finish == {"max": "length", "stop-id": "stop"}
+    assert harness.outputs["max"] == expected["r2"][:3]
+    assert harness.outputs["stop-id"] == [first_token]  # the stop token is reported; the tokenizer hides it
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "lof", "priority"])
+def test_policies_choose_the_admission_order(demo_dir, policy):
+    harness = Harness(demo_dir, running=1, policy=policy)
+    harness.submit("first", [5, 6], 2, ignore_eos=True)
+    harness.submit("long-output", [5, 7], 6, ignore_eos=True)
+    urgent = Sampling(max_tokens=4, temperature=0.0, ignore_eos=True)
+    harness.batcher.add(ScheduleRequest("urgent", 0, [5, 8], urgent, priority=-5))  # lower runs first
+    harness.run()
+    order = []
+    for plan in harness.plans:
+        for chunk in plan.chunks:
+            rid = {1: "first", 2: "long-output", 3: "urgent"}[chunk.seq_id]
+            if rid not in order:
+                order.append(rid)
+    assert (
+        order
+        == {
+            "fcfs": ["first", "long-output", "urgent"],
+            "lof": ["long-output", "urgent", "first"],
+            "priority": ["urgent", "first", "long-output"],
+        }[policy]
+    )
+
+
+def test_sampled_requests_are_reproducible_under_their_seed(demo_dir):
+    def run(companions: bool) -> list[int]:
+        harness = Harness(demo_dir, num_blocks=16 if companions else 64)
+        harness.submit("seeded", PROMPTS["r5"], 16, temperature=0.9, top_p=0.95, seed=42, ignore_eos=True)
+        if companions:  # other traffic, and a cache small enough to preempt
+            for rid in ("r1", "r6", "r7"):
+                harness.submit(rid, PROMPTS[rid], 16, temperature=1.0, ignore_eos=True)
+        harness.run()
+        return harness.outputs["seeded"]
+
+    alone = run(companions=False)
+    assert run(companions=True) == alone
