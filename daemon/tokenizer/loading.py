@@ -1,0 +1,198 @@
+"""A model's text tokenizer, read from the local files of its Hugging Face directory.
+
+Only fast tokenizers (tokenizer.json) are supported, through the `tokenizers`
+library: no transformers, no network. The rest of what serving needs comes from
+the JSON files beside it: the special tokens and chat template from
+tokenizer_config.json (or chat_template.jinja), the ids that end generation from
+generation_config.json and config.json.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from daemon.tokenizer.chat import ChatTemplate, TokenizerError
+
+__all__ = ["TextTokenizer", "TokenizerError", "load_text_tokenizer"]
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# Newer transformers saves the template beside tokenizer_config.json; it then wins over the config's.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG_FILE = "generation_config.json"
+MODEL_CONFIG_FILE = "config.json"
+# The special tokens transformers passes to a chat template, by their tokenizer_config.json keys.
+TEMPLATE_SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+class TextTokenizer:
+    """Text to token ids and back, plus the chat template, for one model."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        special_tokens: Mapping[str, str | None],
+        eos_token_ids: Iterable[int],
+        adds_bos: bool | None = None,
+        chat_template: ChatTemplate | None,
+        no_template_reason: str = "",
+    ):
+        self._tokenizer = tokenizer
+        self.bos_token = special_tokens.get("bos_token")
+        self.bos_token_id = tokenizer.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._post_processor_adds_bos = self._starts_with_bos(tokenizer.encode("", add_special_tokens=True).ids)
+        # Whether a plain prompt starts with BOS: tokenizer_config.json's add_bos_token when set
+        # (it overrides the post-processor, as in transformers), else what the post-processor does.
+        self.adds_bos = (
+            self._post_processor_adds_bos if adds_bos is None else (adds_bos and self.bos_token_id is not None)
+        )
+        self.chat_template = chat_template
+        self._no_template_reason = no_template_reason
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text`; with special tokens, as a plain prompt: BOS first exactly when `adds_bos`."""
+        ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        if not add_special_tokens or self.adds_bos == self._post_processor_adds_bos:
+            return ids
+        if self.adds_bos:
+            return [self.bos_token_id, *ids]
+        return ids[1:] if self._starts_with_bos(ids) else ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: Any,
+        add_generation_prompt: bool = True,
+        *,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        if self.chat_template is None:
+            raise TokenizerError(self._no_template_reason)
+        return self.chat_template.render(
+            messages, add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs
+        )
+
+    def render_chat_prompt(self, messages: Any, *, template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+        """Token ids of the conversation, ready for the assistant's reply, with exactly one BOS if any.
+
+        Most templates write the BOS themselves: the text is then tokenized without
+        special tokens, or the prompt would start with two. A template that writes none
+        gets the BOS a plain prompt would.
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt=True, template_kwargs=template_kwargs)
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        if self.adds_bos and not self._starts_with_bos(ids):
+            return [self.bos_token_id, *ids]
+        return ids
+
+    def _starts_with_bos(self, ids: list[int]) -> bool:
+        return self.bos_token_id is not None and ids[:1] == [self.bos_token_id]
+
+
+def load_text_tokenizer(model_dir: Path) -> TextTokenizer:
+    model_dir = Path(model_dir)
+    tokenizer = _read_tokenizer(model_dir / TOKENIZER_FILE)
+    config = _read_json(model_dir / TOKENIZER_CONFIG_FILE)
+    special_tokens = {key: _token_content(config.get(key), key) for key in TEMPLATE_SPECIAL_TOKENS}
+    add_bos = config.get("add_bos_token")
+    template_source, origin, no_template_reason = _read_chat_template(model_dir, config)
+    return TextTokenizer(
+        tokenizer,
+        special_tokens=special_tokens,
+        eos_token_ids=_eos_token_ids(model_dir, tokenizer, special_tokens["eos_token"]),
+        adds_bos=add_bos if isinstance(add_bos, bool) else None,
+        chat_template=ChatTemplate(template_source, origin, special_tokens) if template_source is not None else None,
+        no_template_reason=no_template_reason,
+    )
+
+
+def _read_tokenizer(path: Path) -> Tokenizer:
+    if not path.is_file():
+        raise TokenizerError(f"{path} does not exist: the model directory needs a fast tokenizer ({TOKENIZER_FILE})")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust side raises a bare Exception for every kind of bad file
+        raise TokenizerError(f"{path} is not a valid tokenizer file: {exc}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """The object in the JSON file at `path`; {} when there is no such file, as all of these are optional."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenizerError(f"cannot read {path}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _token_content(value: Any, key: str) -> str | None:
+    """A special token as written in tokenizer_config.json: a string, or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is None or isinstance(value, str):
+        return value
+    raise TokenizerError(f'{TOKENIZER_CONFIG_FILE}: {key} must be a string or {{"content": ...}}, not {value!r}')
+
+
+def _read_chat_template(model_dir: Path, config: dict[str, Any]) -> tuple[str | None, str, str]:
+    """(template source or None, the file it came from, why there is none)."""
+    template_file = model_dir / CHAT_TEMPLATE_FILE
+    if template_file.is_file():
+        try:
+            return template_file.read_text(encoding="utf-8"), CHAT_TEMPLATE_FILE, ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenizerError(f"cannot read {template_file}: {exc}") from None
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the unnamed use is "default"
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            names = ", ".join(sorted(str(name) for name in named)) or "none"
+            reason = f"{model_dir / TOKENIZER_CONFIG_FILE} names chat templates ({names}) but none is 'default'"
+            return None, TOKENIZER_CONFIG_FILE, reason
+        template = named["default"]
+    if template is None:
+        reason = (
+            f"the model has no chat template: neither {model_dir / TOKENIZER_CONFIG_FILE} nor "
+            f"{template_file} defines one, so it cannot serve chat requests"
+        )
+        return None, TOKENIZER_CONFIG_FILE, reason
+    if not isinstance(template, str):
+        raise TokenizerError(f"{model_dir / TOKENIZER_CONFIG_FILE}: chat_template must be a string or a named list")
+    return template, TOKENIZER_CONFIG_FILE, ""
+
+
+def _eos_token_ids(model_dir: Path, tokenizer: Tokenizer, eos_token: str | None) -> set[int]:
+    """Every id that ends generation: the configs may list several (end of turn, end of text)."""
+    ids: set[int] = set()
+    for name in (GENERATION_CONFIG_FILE, MODEL_CONFIG_FILE):
+        value = _read_json(model_dir / name).get("eos_token_id")
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        for item in values:
+            if not isinstance(item, int) or isinstance(item, bool) or item < 0:
+                raise TokenizerError(f"{model_dir / name}: eos_token_id must be an id or a list of ids, not {value!r}")
+            ids.add(item)
+    if eos_token is not None:
+        eos_id = tokenizer.token_to_id(eos_token)
+        if eos_id is not None:
+            ids.add(eos_id)
+    return ids
