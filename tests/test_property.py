@@ -539,7 +539,7 @@ VALID = {
     "runtime.dir": RUNTIME_DIR_NAMES.map(lambda name: (name, name, name)),  # relative: resolved below
 }
 SECRET_KEYS = {key for key, info in SETTINGS.items() if info.is_secret}
-DERIVED = {"model.path", "tokenizer.path", "model.served_model_name", "runtime.dir"}
+DERIVED = {"model.path", "tokenizer.path", "model.served_model_name", "runtime.dir", "runtime.cache_dir"}
 DEFAULTS = flat_values(DaemonSettings(model={"path": "builtin:demo"}), reveal_secrets=True)
 
 

@@ -31,6 +31,9 @@ def derive_defaults(
     if runtime.dir is None:
         runtime = runtime.model_copy(update={"dir": default_runtime_dir(environ)})
         origins["runtime.dir"] = Origin(OriginKind.DERIVED, "the environment")
+    if runtime.cache_dir is None:
+        runtime = runtime.model_copy(update={"cache_dir": default_cache_dir(environ)})
+        origins["runtime.cache_dir"] = Origin(OriginKind.DERIVED, "the environment")
     return settings.model_copy(update={"tokenizer": tokenizer, "model": model, "runtime": runtime}), origins
 
 
@@ -49,3 +52,12 @@ def default_runtime_dir(environ: Mapping[str, str]) -> Path:
     if (xdg := environ.get("XDG_RUNTIME_DIR", "")).startswith("/"):
         return Path(xdg) / "daemon"
     return Path(f"/tmp/daemon-{os.getuid()}")
+
+
+def default_cache_dir(environ: Mapping[str, str]) -> Path:
+    if (systemd_dir := environ.get("CACHE_DIRECTORY", "").split(":")[0]).startswith("/"):
+        return Path(systemd_dir)
+    if (xdg := environ.get("XDG_CACHE_HOME", "")).startswith("/"):
+        return Path(xdg) / "daemon"
+    home = environ.get("HOME", "")
+    return Path(home if home.startswith("/") else os.path.expanduser("~")) / ".cache" / "daemon"

@@ -330,6 +330,12 @@ class RuntimeSettings(Section):
         "else $XDG_RUNTIME_DIR/daemon, else /tmp/daemon-<uid>.",
         reload=Reload.SUPERVISOR,
     )
+    cache_dir: LocalPath | None = setting(
+        None,
+        doc="Where built-in models are built and kept. Unset: $CACHE_DIRECTORY (systemd), else "
+        "$XDG_CACHE_HOME/daemon, else ~/.cache/daemon.",
+        reload=Reload.WORKER,
+    )
     drain_timeout_s: float = setting(
         30.0,
         doc="Longest wait for in-flight requests and streams to finish when a tier stops or restarts.",

@@ -93,6 +93,10 @@ class ModelRunner:
         """Forget a finished sequence's random generator."""
         self._generators.pop(seq_id, None)
 
+    def forget_all(self) -> None:
+        """Forget every sequence (a new scheduler numbers them afresh)."""
+        self._generators.clear()
+
     def _generator(self, chunk: SequenceChunk) -> torch.Generator | None:
         if chunk.sampling.greedy:
             return None

@@ -53,6 +53,11 @@ class Endpoints:
         return self._ipc("control")
 
     @property
+    def events(self) -> str:
+        """The supervisor's PUB: tier up, down and draining events for every tier."""
+        return self._ipc("events")
+
+    @property
     def scheduler(self) -> str:
         """The scheduler's PULL: requests and aborts from tokenizers, step results from workers."""
         return self._ipc("scheduler")

@@ -112,12 +112,14 @@ class PlannedChunk(msgspec.Struct, frozen=True, array_like=True):
 
 class StepPlan(msgspec.Struct, frozen=True, tag=True):
     step: int
+    scheduler_epoch: int  # a new scheduler numbers sequences afresh: the worker forgets the old ones
     chunks: list[PlannedChunk]
     finished: list[int] = []  # sequences the worker may forget (their random generators)
 
 
 class StepResult(msgspec.Struct, frozen=True, tag=True):
     step: int
+    worker_epoch: int
     tokens: dict[int, int]  # seq_id -> sampled token, for chunks that sampled
     error: str | None = None
 
@@ -131,16 +133,19 @@ class TierReady(msgspec.Struct, frozen=True, tag=True):
     pid: int
 
 
-class Heartbeat(msgspec.Struct, frozen=True, tag=True):
+class TierEvent(msgspec.Struct, frozen=True, tag=True):
+    """The supervisor's news of a tier process, published to every tier."""
+
     tier: str
     index: int
-    pid: int
+    epoch: int  # how many times the supervisor has started this tier
+    state: Literal["up", "down", "draining"]
 
 
-class StopTier(msgspec.Struct, frozen=True, tag=True):
-    """Stop taking new work, finish what is in flight within `drain_timeout_s`, then exit."""
+class WorkerReady(msgspec.Struct, frozen=True, tag=True):
+    """A worker announcing it can take steps: when it starts, then every second while idle."""
 
-    drain_timeout_s: float
+    epoch: int
 
 
 class SchedulerStats(msgspec.Struct, frozen=True, tag=True):
@@ -151,11 +156,11 @@ class SchedulerStats(msgspec.Struct, frozen=True, tag=True):
 
 
 ToTokenizer = GenerateRequest | AbortRequest | StepTokens
-ToScheduler = ScheduleRequest | AbortRequest | StepResult
-ToWorker = StepPlan | StopTier
-ToFrontend = GenerateOutput | SchedulerStats
-ToSupervisor = TierReady | Heartbeat
-FromSupervisor = StopTier
+ToScheduler = ScheduleRequest | AbortRequest | StepResult | WorkerReady
+ToWorker = StepPlan
+ToFrontend = GenerateOutput
+ToSupervisor = TierReady
+Broadcast = TierEvent | SchedulerStats  # PUB/SUB: supervisor events, scheduler figures
 
 _encoder = msgspec.msgpack.Encoder()
 

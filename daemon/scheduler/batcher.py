@@ -38,7 +38,10 @@ class _Work:
 
 
 class Batcher:
-    def __init__(self, blocks: BlockManager, limits: Limits, context_length: int, eos_token_ids: Iterable[int]):
+    def __init__(
+        self, blocks: BlockManager, limits: Limits, context_length: int, eos_token_ids: Iterable[int], epoch: int = 1
+    ):
+        self.epoch = epoch
         self.blocks = blocks
         self.limits = limits
         self.context_length = context_length
@@ -144,6 +147,7 @@ class Batcher:
         finished, self._finished_ids = self._finished_ids, []
         return StepPlan(
             step=next(self._steps),
+            scheduler_epoch=self.epoch,
             chunks=[
                 PlannedChunk(
                     seq_id=w.seq.seq_id,

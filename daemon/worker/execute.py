@@ -7,7 +7,7 @@ from daemon.engine.sampler import SamplingParams
 from daemon.ipc.messages import StepPlan, StepResult
 
 
-def execute(runner: ModelRunner, plan: StepPlan) -> StepResult:
+def execute(runner: ModelRunner, plan: StepPlan, worker_epoch: int = 1) -> StepResult:
     """Run `plan`; an engine failure becomes a StepResult error, so its requests end cleanly."""
     for seq_id in plan.finished:
         runner.release(seq_id)
@@ -23,6 +23,6 @@ def execute(runner: ModelRunner, plan: StepPlan) -> StepResult:
         for c in plan.chunks
     ]
     try:
-        return StepResult(plan.step, runner.step(chunks))
+        return StepResult(plan.step, worker_epoch, runner.step(chunks))
     except Exception as exc:  # noqa: BLE001 - whatever broke, the scheduler must hear of it
-        return StepResult(plan.step, {}, error=f"{type(exc).__name__}: {exc}")
+        return StepResult(plan.step, worker_epoch, {}, error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,80 @@
+"""ZeroMQ sockets carrying typed messages.
+
+All sockets use linger 0 (a process that exits never blocks on unsent
+messages) and, for outgoing pipes, `immediate` (messages queue only to peers
+that are connected, so nothing is kept for a peer that died and handed to its
+successor). Sends that cannot complete at once raise `PeerGone`: a tier never
+blocks on a slow or absent peer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from daemon.ipc.messages import decoder, encode
+
+
+class PeerGone(Exception):
+    """The message could not be queued: the peer is not connected (or not keeping up)."""
+
+
+def configure(socket: zmq.Socket, kind: int) -> zmq.Socket:
+    socket.setsockopt(zmq.LINGER, 0)
+    if kind in (zmq.PUSH, zmq.DEALER):
+        socket.setsockopt(zmq.IMMEDIATE, 1)
+    if kind == zmq.SUB:
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+    return socket
+
+
+def open_socket(context: zmq.Context, kind: int, *, bind: str | None = None, connect: str | None = None) -> zmq.Socket:
+    socket = configure(context.socket(kind), kind)
+    if bind:
+        socket.bind(bind)
+    if connect:
+        socket.connect(connect)
+    return socket
+
+
+def send(socket: zmq.Socket, message: msgspec.Struct) -> None:
+    try:
+        socket.send(encode(message), zmq.NOBLOCK)
+    except zmq.Again:
+        raise PeerGone from None
+
+
+class Receiver:
+    """Decodes one channel's messages; a malformed message is dropped and counted, never fatal."""
+
+    def __init__(self, socket: zmq.Socket, channel: Any):
+        self.socket = socket
+        self._decoder = decoder(channel)
+        self.malformed = 0
+
+    def decode(self, frame: bytes) -> msgspec.Struct | None:
+        try:
+            return self._decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.malformed += 1
+            return None
+
+    def recv(self, timeout_ms: int | None = None) -> msgspec.Struct | None:
+        """The next message, or None on timeout or a malformed frame."""
+        if timeout_ms is not None and not self.socket.poll(timeout_ms):
+            return None
+        return self.decode(self.socket.recv())
+
+    def recv_ready(self) -> list[msgspec.Struct]:
+        """Every message already waiting, without blocking."""
+        messages = []
+        while True:
+            try:
+                frame = self.socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return messages
+            if (message := self.decode(frame)) is not None:
+                messages.append(message)
