@@ -164,17 +164,17 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
+    import asyncio
+
     from daemon.logs import configure_logging, get_logger
+    from daemon.supervisor.supervisor import Supervisor
 
     configure_logging("supervisor", level=config.settings.logging.level, fmt=config.settings.logging.format)
     log = get_logger("daemon.cli")
     for warning in config.warnings:
         log.warning("config.warning", rule=warning.rule, key=warning.key, message=warning.message, fix=warning.fix)
     log.info("config.loaded", path=str(path), hash=config.hash)
-    log.warning(
-        "serve.not_implemented", detail="the config is valid; the serving supervisor is not part of this release yet"
-    )
-    return EXIT_OK
+    return asyncio.run(Supervisor(config).run())
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from daemon.config.handoff import read_config
 from daemon.config.schema import DaemonSettings
 from daemon.ipc.endpoints import PARENT_PID_VAR, Endpoints
 from daemon.logs import configure_logging
+from daemon.pids import pid_alive
 
 EPOCH_VAR = "DAEMON_TIER_EPOCH"  # how many times the supervisor has started this tier
 _PR_SET_PDEATHSIG = 1
@@ -79,20 +80,10 @@ def watch_supervisor(supervisor_pid: int) -> None:
         if descriptor is not None:
             select.select([descriptor], [], [])
         else:
-            while _alive(supervisor_pid):
+            while pid_alive(supervisor_pid):
                 threading.Event().wait(0.2)
         os._exit(_EXIT_ORPHANED)
 
-    if not _alive(supervisor_pid):
+    if not pid_alive(supervisor_pid):
         os._exit(_EXIT_ORPHANED)
     threading.Thread(target=wait_then_exit, name="supervisor-watch", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from daemon.engine.blocks import BlockManager
 from daemon.engine.demo_model import ensure_demo_model
 from daemon.engine.demo_spec import DEMO_HF_CONFIG
-from daemon.engine.kv_cache import BlockManager
 from daemon.engine.runner import ModelRunner
 from daemon.ipc.messages import (
     Sampling,

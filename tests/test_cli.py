@@ -126,14 +126,6 @@ def test_config_show_masks_secrets_and_round_trips(tmp_path: Path):
     assert shown["tokenizer"]["path"] == "builtin:demo"
 
 
-def test_run_validates_and_logs_json(tmp_path: Path):
-    result = run_daemon("-c", "configs/server.toml")
-    assert result.returncode == 0, result.stderr
-    events = [json.loads(line) for line in result.stderr.splitlines()]
-    loaded = next(e for e in events if e["event"] == "config.loaded")
-    assert loaded["role"] == "supervisor" and loaded["path"] == "configs/server.toml" and isinstance(loaded["pid"], int)
-
-
 def test_run_refuses_an_invalid_config_with_one_line_per_error(tmp_path: Path):
     result = run_daemon("-c", str(write(tmp_path, BROKEN)))
     assert result.returncode == 2

@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from daemon.engine.kv_cache import BlockManager  # noqa: E402
+from daemon.engine.blocks import BlockManager  # noqa: E402
 from daemon.engine.model_dir import ModelDirError  # noqa: E402
 from daemon.engine.runner import ModelRunner, SequenceChunk  # noqa: E402
 from daemon.engine.sampler import SamplingParams  # noqa: E402

@@ -8,8 +8,6 @@ same code, so a file that passes `daemon check` is a file the daemon accepts.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +25,7 @@ from daemon.config.schema import (
     SETTINGS,
     DaemonSettings,
     SettingInfo,
-    flat_values,
+    config_hash,
     toml_value,
 )
 from daemon.config.sources import (
@@ -57,8 +55,7 @@ class LoadedConfig:
     @property
     def hash(self) -> str:
         """Fingerprint of the effective configuration: equal configs, equal hashes."""
-        canonical = json.dumps(flat_values(self.settings, reveal_secrets=True), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return config_hash(self.settings)
 
 
 @dataclass

@@ -11,23 +11,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
-from daemon.config.schema import DaemonSettings, flat_values
+from daemon.config.schema import DaemonSettings, flat_values, nested_values
 
 CONFIG_FILE = "config.json"
 
 
 def write_config(settings: DaemonSettings, directory: Path, generation: int = 1) -> Path:
-    nested: dict[str, Any] = {}
-    for key, value in flat_values(settings, reveal_secrets=True).items():
-        if value is None:
-            continue
-        *tables, name = key.split(".")
-        node = nested
-        for table in tables:
-            node = node.setdefault(table, {})
-        node[name] = value
+    nested = nested_values(flat_values(settings, reveal_secrets=True))
     path = directory / CONFIG_FILE
     staging = directory / f".{CONFIG_FILE}.{os.getpid()}"
     descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

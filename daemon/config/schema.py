@@ -9,6 +9,7 @@ Cross-field rules live in the `rules` package; single-field bounds live here.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import types
 from collections.abc import Iterator
@@ -538,6 +539,26 @@ class _TomlJsonSchema(GenerateJsonSchema):
 
     def field_title_should_be_set(self, schema: Any) -> bool:
         return False  # the key is its own title; descriptions say the rest
+
+
+def nested_values(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"server.port": 1} -> {"server": {"port": 1}}; unset (None) values are left out."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        *tables, name = key.split(".")
+        node = nested
+        for table in tables:
+            node = node.setdefault(table, {})
+        node[name] = value
+    return nested
+
+
+def config_hash(config: BaseModel) -> str:
+    """Fingerprint of an effective configuration: equal configs, equal hashes (secrets included)."""
+    canonical = json.dumps(flat_values(config, reveal_secrets=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def json_schema() -> dict[str, Any]:

@@ -21,13 +21,14 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from daemon.engine.demo_spec import DEMO_HF_CONFIG
+
+if TYPE_CHECKING:
+    import torch
 
 # Bump whenever the files built from an unchanged DEMO_HF_CONFIG would change.
 BUILD_VERSION = 1
@@ -83,6 +84,11 @@ PUNCTUATION = (".", ".", ".", "!", "?", ";", ":")
 
 class DemoModelError(Exception):
     """The demo model's cache directory cannot be created or written."""
+
+
+def demo_model_dir(cache_dir: Path) -> Path:
+    """Where the demo model is (or will be) under `cache_dir`; builds nothing."""
+    return Path(cache_dir) / demo_dir_name()
 
 
 def ensure_demo_model(cache_dir: Path) -> Path:
@@ -159,6 +165,8 @@ def write_demo_model(directory: Path) -> None:
         {"bos_token": BOS, "eos_token": IM_END, "pad_token": EOS, "additional_special_tokens": [IM_START, IM_END]},
     )
     # Serialized here and written by us: safetensors' own save_file makes the file 0600 whatever the umask.
+    from safetensors.torch import save  # torch only where weights are made: finding the directory needs none
+
     (directory / "model.safetensors").write_bytes(save(random_weights(DEMO_HF_CONFIG), metadata={"format": "pt"}))
     for file in directory.iterdir():
         _fsync(file)
@@ -167,6 +175,8 @@ def write_demo_model(directory: Path) -> None:
 
 def random_weights(config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Llama weights under Hugging Face names: normal(0, initializer_range) matrices, unit norms."""
+    import torch
+
     generator = torch.Generator().manual_seed(WEIGHT_SEED)
     std = config["initializer_range"]
     weights = {}

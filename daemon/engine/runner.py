@@ -65,11 +65,15 @@ class ModelRunner:
         self.model = model.to(self.dtype).eval()
         self.model.rope.float()  # rotary tables stay float32 whatever the weights' dtype
         load_weights(self.model, model_dir)
-        self.cache = KVCache(
-            self.shape.num_layers, num_blocks, self.shape.num_kv_heads, self.shape.head_dim, self.dtype, self.device
-        )
+        self.resize_cache(num_blocks)
         self._seeds = torch.Generator().manual_seed(seed)
         self._generators: dict[int, torch.Generator] = {}
+
+    def resize_cache(self, num_blocks: int) -> None:
+        """(Re)allocate the KV cache with `num_blocks` blocks; its contents are lost."""
+        self.cache = None  # free the old tensors before allocating the new ones
+        shape = self.shape
+        self.cache = KVCache(shape.num_layers, num_blocks, shape.num_kv_heads, shape.head_dim, self.dtype, self.device)
 
     @torch.inference_mode()
     def step(self, chunks: list[SequenceChunk]) -> dict[int, int]:

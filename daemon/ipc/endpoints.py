@@ -17,6 +17,7 @@ from pathlib import Path
 PARENT_PID_VAR = "DAEMON_PARENT_PID"
 RUNTIME_DIR_VAR = "DAEMON_RUNTIME_DIR"
 SOCKET_DIR_PREFIX = "daemon-"
+STATUS_FILE = "status.json"  # the supervisor's DaemonStatus, rewritten on every tier change
 
 
 class EndpointError(RuntimeError):

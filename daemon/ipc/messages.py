@@ -19,7 +19,7 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 class Sampling(msgspec.Struct, frozen=True, omit_defaults=True):
     """How to choose tokens and when to stop, as the engine sees it."""
 
-    max_tokens: int
+    max_tokens: int | None = None  # None: whatever the context leaves after the prompt (set by the tokenizer)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -68,6 +68,12 @@ class GenerateOutput(msgspec.Struct, frozen=True, tag=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: ErrorInfo | None = None
+
+
+class OutputBatch(msgspec.Struct, frozen=True, tag=True):
+    """The outputs of one engine step for the requests of one front-end worker."""
+
+    outputs: list[GenerateOutput]
 
 
 # --- tokenizer -> scheduler ---------------------------------------------------------------------
@@ -143,9 +149,15 @@ class TierEvent(msgspec.Struct, frozen=True, tag=True):
 
 
 class WorkerReady(msgspec.Struct, frozen=True, tag=True):
-    """A worker announcing it can take steps: when it starts, then every second while idle."""
+    """A worker announcing it can take steps: when it starts, then every second while idle.
+
+    It says how large its KV cache is, so the scheduler's bookkeeping matches it.
+    """
 
     epoch: int
+    num_blocks: int
+    block_size: int
+    context_length: int
 
 
 class SchedulerStats(msgspec.Struct, frozen=True, tag=True):
@@ -155,10 +167,30 @@ class SchedulerStats(msgspec.Struct, frozen=True, tag=True):
     total_tokens: int
 
 
+# --- the supervisor's status file (status.json in the socket directory) ------------------------
+
+
+class TierStatus(msgspec.Struct, frozen=True):
+    tier: str
+    index: int
+    pid: int | None
+    epoch: int
+    state: Literal["starting", "up", "down", "stopped"]
+    since: float  # wall-clock time of the last state change
+
+
+class DaemonStatus(msgspec.Struct, frozen=True):
+    supervisor_pid: int
+    generation: int
+    config_hash: str
+    started: float
+    tiers: list[TierStatus]
+
+
 ToTokenizer = GenerateRequest | AbortRequest | StepTokens
 ToScheduler = ScheduleRequest | AbortRequest | StepResult | WorkerReady
 ToWorker = StepPlan
-ToFrontend = GenerateOutput
+ToFrontend = OutputBatch
 ToSupervisor = TierReady
 Broadcast = TierEvent | SchedulerStats  # PUB/SUB: supervisor events, scheduler figures
 

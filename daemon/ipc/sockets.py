@@ -40,9 +40,21 @@ def open_socket(context: zmq.Context, kind: int, *, bind: str | None = None, con
     return socket
 
 
-def send(socket: zmq.Socket, message: msgspec.Struct) -> None:
+CONNECT_GRACE_MS = 50  # a fresh connection completes asynchronously; give it this long
+
+
+def send(socket: zmq.Socket, message: msgspec.Struct, grace_ms: int = CONNECT_GRACE_MS) -> None:
+    """Queue `message` for the peer, waiting at most `grace_ms` for a connection to complete."""
+    frame = encode(message)
     try:
-        socket.send(encode(message), zmq.NOBLOCK)
+        socket.send(frame, zmq.NOBLOCK)
+        return
+    except zmq.Again:
+        pass
+    if not socket.poll(grace_ms, zmq.POLLOUT):
+        raise PeerGone
+    try:
+        socket.send(frame, zmq.NOBLOCK)
     except zmq.Again:
         raise PeerGone from None
 

@@ -16,7 +16,7 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from daemon.engine.kv_cache import BlockManager
+from daemon.engine.blocks import BlockManager
 from daemon.ipc.messages import ErrorInfo, PlannedChunk, ScheduleRequest, SequenceUpdate, StepPlan, StepResult
 from daemon.scheduler.policy import Policy, admission_order, preemption_victim
 from daemon.scheduler.sequence import Phase, Sequence
@@ -81,6 +81,8 @@ class Batcher:
             return ErrorInfo(400, f"request id {request.request_id!r} is already in use")
         if not request.prompt_ids:
             return ErrorInfo(400, "the prompt is empty", param="prompt")
+        if request.sampling.max_tokens is None or request.sampling.max_tokens < 1:
+            return ErrorInfo(400, "max_tokens must be at least 1", param="max_tokens")
         if len(request.prompt_ids) >= self.context_length:
             return ErrorInfo(
                 400,

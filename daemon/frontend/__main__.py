@@ -1,0 +1,5 @@
+"""Entry point of the front-end tier process: python -m daemon.frontend"""
+
+from daemon.frontend.server import main
+
+main()

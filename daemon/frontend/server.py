@@ -1,0 +1,64 @@
+"""The front-end tier process: runs Granian, which serves the ASGI app from its own worker processes.
+
+This process imports neither torch nor the app: Granian's workers import the
+app themselves (daemon.frontend.app:app) and bootstrap as tier processes from
+the ASGI lifespan.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+from granian import Granian
+from granian.constants import HTTPModes, Interfaces, Loops
+from granian.http import HTTP2Settings
+
+from daemon.tier import start_tier
+
+APP = "daemon.frontend.app:app"
+# Granian's loggers pass their records to the root logger, which the tier's logging setup owns.
+GRANIAN_LOGGING = {
+    "loggers": {
+        "_granian": {"handlers": [], "propagate": True},
+        "granian.access": {"handlers": [], "propagate": True},
+    }
+}
+
+
+def main() -> None:
+    tier = start_tier("frontend")
+    server, runtime = tier.settings.server, tier.settings.runtime
+    metrics_dir = tier.endpoints.directory / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(mode=0o700)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # the workers inherit it
+    tls = server.tls
+    Granian(
+        APP,
+        address=server.host,
+        port=server.port,
+        interface=Interfaces.ASGI,
+        http=HTTPModes.auto if server.enable_http2 else HTTPModes.http1,
+        workers=server.workers,
+        loop=Loops.uvloop,
+        backlog=server.backlog,
+        http2_settings=HTTP2Settings(max_concurrent_streams=server.http2_max_concurrent_streams),
+        ssl_cert=tls.certfile,
+        ssl_key=tls.keyfile,
+        ssl_key_password=tls.keyfile_password.get_secret_value() if tls.keyfile_password else None,
+        ssl_ca=tls.ca_certs,
+        ssl_client_verify=tls.verify_client,
+        ssl_protocol_min=f"tls{tls.min_version}",
+        # Granian's default is to wait forever for connections to finish: bound it by the drain time.
+        workers_kill_timeout=max(1, math.ceil(runtime.drain_timeout_s)),
+        respawn_failed_workers=True,
+        log_level=tier.settings.logging.level,
+        log_dictconfig=GRANIAN_LOGGING,
+        log_access=tier.settings.logging.access_log,
+    ).serve()
+
+
+if __name__ == "__main__":
+    main()

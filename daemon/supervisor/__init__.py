@@ -1,0 +1,1 @@
+"""The supervisor: owns the process tree, its lifecycle and (next) config reloads."""

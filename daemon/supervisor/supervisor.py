@@ -1,0 +1,296 @@
+"""The supervisor: starts the tiers in order, restarts the ones that die, and stops them all.
+
+One asyncio loop owns the process tree. Signals only set events on it (no work
+in signal handlers). Each tier process reports readiness over the control
+socket (the front-end over HTTP), and every start, death and drain is
+published to all tiers on the events socket, so that requests in flight on a
+dead tier end at once with an error instead of hanging. A tier that keeps
+dying is a crash loop: the daemon stops and exits non-zero, so that systemd or
+Kubernetes restart the whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+
+from daemon.config import LoadedConfig
+from daemon.config.handoff import write_config
+from daemon.ipc.endpoints import PARENT_PID_VAR, RUNTIME_DIR_VAR, STATUS_FILE, Endpoints
+from daemon.ipc.messages import DaemonStatus, TierEvent, TierReady, TierStatus, ToSupervisor, encode
+from daemon.ipc.sockets import Receiver, configure
+from daemon.supervisor import probe
+from daemon.supervisor.runtime_dir import create_socket_dir
+from daemon.tier import EPOCH_VAR
+
+log = structlog.get_logger("daemon.supervisor")
+
+STARTUP_TIMEOUT_S = {"worker": 900.0, "scheduler": 60.0, "tokenizer": 120.0, "frontend": 60.0}
+FIRST_GENERATION_TIMEOUT_S = 120.0
+CRASH_LOOP_RESTARTS = 5  # this many restarts of one tier process ...
+CRASH_LOOP_WINDOW_S = 60.0  # ... within this many seconds: give up
+BACKOFF_MAX_S = 8.0
+STOP_GRACE_S = 5.0  # after SIGTERM, how long a back-end tier may take before SIGKILL
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+class StartupFailed(Exception):
+    pass
+
+
+@dataclass
+class Child:
+    tier: str
+    index: int
+    module: str
+    epoch: int = 0
+    state: str = "starting"
+    since: float = field(default_factory=time.time)
+    process: asyncio.subprocess.Process | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    restarts: deque[float] = field(default_factory=deque)
+
+    @property
+    def name(self) -> str:
+        return f"{self.tier}-{self.index}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+
+class Supervisor:
+    def __init__(self, config: LoadedConfig):
+        self.config = config
+        settings = config.settings
+        self.settings = settings
+        self.socket_dir = create_socket_dir(settings.runtime.dir, os.getpid())
+        write_config(settings, self.socket_dir, generation=1)
+        self.endpoints = Endpoints(self.socket_dir)
+        self.context = zmq.asyncio.Context()
+        self.control = configure(self.context.socket(zmq.ROUTER), zmq.ROUTER)
+        self.control.bind(self.endpoints.control)
+        self.events = configure(self.context.socket(zmq.PUB), zmq.PUB)
+        self.events.bind(self.endpoints.events)
+        self.children = [
+            Child("worker", 0, "daemon.worker"),
+            Child("scheduler", 0, "daemon.scheduler"),
+            *(Child("tokenizer", i, "daemon.tokenizer") for i in range(settings.tokenizer.workers)),
+            Child("frontend", 0, "daemon.frontend"),
+        ]
+        self.stopping = asyncio.Event()
+        self.fatal: str | None = None
+        self.started = time.time()
+
+    # --- the whole life -----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._request_stop, signal.Signals(signum).name)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        reader = asyncio.create_task(self._read_control())
+        watchers: list[asyncio.Task] = []
+        try:
+            for child in self.children:  # in dependency order: each finds the ones before it ready
+                await self._start(child)
+                await self._until_ready(child)
+            watchers = [asyncio.create_task(self._watch(child)) for child in self.children]
+            await self._first_generation()
+            await self.stopping.wait()
+        except StartupFailed as exc:
+            if not self.stopping.is_set():
+                self.fatal = str(exc)
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
+            await self._stop_all()
+            reader.cancel()
+            self.context.destroy(linger=0)
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+        if self.fatal:
+            log.error("daemon.failed", reason=self.fatal)
+            return EXIT_FAILED
+        log.info("daemon.stopped")
+        return EXIT_OK
+
+    def _request_stop(self, signame: str) -> None:
+        if not self.stopping.is_set():
+            log.info("daemon.stopping", signal=signame)
+        self.stopping.set()
+
+    def _on_hangup(self) -> None:
+        log.warning("daemon.reload_unavailable", detail="config reload comes with a later release; nothing changed")
+
+    # --- starting -----------------------------------------------------------------------------
+
+    async def _start(self, child: Child) -> None:
+        child.epoch += 1
+        child.ready.clear()
+        env = {
+            **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+            PARENT_PID_VAR: str(os.getpid()),
+            RUNTIME_DIR_VAR: str(self.settings.runtime.dir),
+            EPOCH_VAR: str(child.epoch),
+        }
+        child.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            child.module,
+            str(child.index),
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # a terminal's ^C reaches only us
+        )
+        self._publish(child, "starting")
+        log.info("tier.started", tier=child.tier, index=child.index, child_pid=child.pid, epoch=child.epoch)
+
+    async def _until_ready(self, child: Child) -> None:
+        """Wait for `child` to be ready; StartupFailed if it dies, times out, or we are told to stop."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S[child.tier]
+        process = child.process
+        assert process is not None
+        while not child.ready.is_set():
+            if process.returncode is not None:
+                raise StartupFailed(f"{child.name} exited with status {process.returncode} while starting")
+            if self.stopping.is_set():
+                raise StartupFailed("stopped while starting")
+            if time.monotonic() > deadline:
+                raise StartupFailed(f"{child.name} was not ready within {STARTUP_TIMEOUT_S[child.tier]:.0f} s")
+            if child.tier == "frontend":
+                if await self._frontend_up():
+                    child.ready.set()
+                else:
+                    await asyncio.sleep(0.1)
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await child.ready.wait()
+        self._publish(child, "up")
+        log.info("tier.ready", tier=child.tier, index=child.index, child_pid=child.pid, epoch=child.epoch)
+
+    async def _frontend_up(self) -> bool:
+        server = self.settings.server
+        if server.tls.verify_client:  # mutual TLS: we hold no client certificate, a connection must do
+            return await probe.listening(server, timeout=1.0)
+        return await probe.http_status(server, "/health", timeout=1.0) == 200
+
+    async def _first_generation(self) -> None:
+        """Log the one 'ready' line once a real token has gone through every tier."""
+        server = self.settings.server
+        deadline = time.monotonic() + FIRST_GENERATION_TIMEOUT_S
+        while not server.tls.verify_client:
+            status = await probe.http_status(server, "/health_generate", timeout=30.0)
+            if status == 200:
+                break
+            if time.monotonic() > deadline:
+                raise StartupFailed("no generation went through the tiers in time")
+            if self.stopping.is_set():
+                return
+            await asyncio.sleep(0.5)
+        log.info("daemon.ready", url=probe.base_url(server), model=self.settings.model.served_model_name)
+
+    # --- watching -----------------------------------------------------------------------------
+
+    async def _read_control(self) -> None:
+        receiver = Receiver(self.control, ToSupervisor)
+        while True:
+            _identity, frame = await self.control.recv_multipart()
+            message = receiver.decode(frame)
+            if not isinstance(message, TierReady):
+                continue
+            for child in self.children:
+                if (child.tier, child.index, child.pid) == (message.tier, message.index, message.pid):
+                    child.ready.set()
+
+    async def _watch(self, child: Child) -> None:
+        """Restart `child` whenever it dies, until we stop or it crash-loops."""
+        while True:
+            assert child.process is not None
+            status = await child.process.wait()
+            if self.stopping.is_set():
+                return
+            log.error("tier.died", tier=child.tier, index=child.index, child_pid=child.pid, status=status)
+            self._publish(child, "down")
+            now = time.monotonic()
+            child.restarts.append(now)
+            while child.restarts and now - child.restarts[0] > CRASH_LOOP_WINDOW_S:
+                child.restarts.popleft()
+            if len(child.restarts) > CRASH_LOOP_RESTARTS:
+                self.fatal = f"{child.name} crash-looped: {len(child.restarts)} restarts in {CRASH_LOOP_WINDOW_S:.0f} s"
+                self.stopping.set()
+                return
+            await asyncio.sleep(min(0.25 * 2 ** (len(child.restarts) - 1), BACKOFF_MAX_S))
+            if self.stopping.is_set():
+                return
+            await self._start(child)
+            try:
+                await self._until_ready(child)
+            except StartupFailed as exc:
+                log.error("tier.restart_failed", tier=child.tier, index=child.index, reason=str(exc))
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
+
+    def _publish(self, child: Child, state: str) -> None:
+        """Tell every tier (events socket) and every reader of status.json what became of `child`."""
+        event = TierEvent(child.tier, child.index, child.epoch, state)  # type: ignore[arg-type]
+        with contextlib.suppress(zmq.Again):
+            self.events.send(encode(event), zmq.NOBLOCK)
+        if state in ("starting", "up", "down", "stopped"):
+            child.state, child.since = state, time.time()
+            self._write_status()
+
+    def _write_status(self) -> None:
+        status = DaemonStatus(
+            supervisor_pid=os.getpid(),
+            generation=1,
+            config_hash=self.config.hash,
+            started=self.started,
+            tiers=[TierStatus(c.tier, c.index, c.pid, c.epoch, c.state, c.since) for c in self.children],  # type: ignore[arg-type]
+        )
+        staging = self.socket_dir / f".{STATUS_FILE}"
+        staging.write_bytes(msgspec.json.encode(status))
+        os.replace(staging, self.socket_dir / STATUS_FILE)
+
+    # --- stopping -----------------------------------------------------------------------------
+
+    async def _stop_all(self) -> None:
+        """Drain the front-end (in-flight requests finish), then stop the back-end tiers."""
+        frontends = [c for c in self.children if c.tier == "frontend"]
+        for child in frontends:
+            self._publish(child, "draining")
+        await self._terminate(frontends, self.settings.runtime.drain_timeout_s + STOP_GRACE_S)
+        back = [c for c in self.children if c.tier != "frontend"]
+        await self._terminate(list(reversed(back)), STOP_GRACE_S)
+
+    async def _terminate(self, children: list[Child], grace: float) -> None:
+        running = [c for c in children if c.process is not None and c.process.returncode is None]
+        for child in running:
+            with contextlib.suppress(ProcessLookupError):
+                child.process.terminate()  # type: ignore[union-attr]
+        for child in running:
+            process = child.process
+            assert process is not None
+            try:
+                async with asyncio.timeout(grace):
+                    await process.wait()
+            except TimeoutError:
+                log.warning("tier.killed", tier=child.tier, index=child.index, child_pid=child.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)  # the tier and whatever it started
+                await process.wait()
+            self._publish(child, "stopped")
+            log.info("tier.stopped", tier=child.tier, index=child.index, status=process.returncode)

@@ -1,0 +1,241 @@
+"""A tokenizer worker process: prompts to token ids on the way in, token ids to text on the way out.
+
+Each worker binds its own endpoint; front-end workers spread requests over the
+pool and the scheduler sends every request's tokens back to the worker that
+tokenized it, one message per engine step. Text goes back to the front-end
+worker named in the request, one batch per front-end per step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import msgspec
+import structlog
+import zmq
+
+from daemon.engine.locate import locate_model, served_context
+from daemon.engine.model_dir import ModelDirError, inspect_model_dir
+from daemon.ipc.messages import (
+    AbortRequest,
+    Broadcast,
+    ErrorInfo,
+    GenerateOutput,
+    GenerateRequest,
+    OutputBatch,
+    ScheduleRequest,
+    SequenceUpdate,
+    StepTokens,
+    TierEvent,
+    TierReady,
+    ToTokenizer,
+)
+from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
+from daemon.tier import Tier
+from daemon.tokenizer.detokenize import IncrementalDetokenizer, StopStrings
+from daemon.tokenizer.loading import TokenizerError, load_text_tokenizer
+
+log = structlog.get_logger("daemon.tokenizer")
+POLL_MS = 200
+
+
+@dataclass
+class Active:
+    """A request this worker tokenized and whose tokens it is turning back into text."""
+
+    request: GenerateRequest
+    detokenizer: IncrementalDetokenizer
+    stops: StopStrings
+    hidden_ids: frozenset[int]  # stop tokens: they end the text, they are not part of it
+    prompt_tokens: int
+    completion_tokens: int = 0
+    outputs: list[GenerateOutput] = field(default_factory=list)
+
+
+class TokenizerService:
+    def __init__(self, tier: Tier):
+        self.tier = tier
+        settings, endpoints = tier.settings, tier.endpoints
+        cache = settings.runtime.cache_dir
+        self.text = load_text_tokenizer(locate_model(settings.tokenizer.path, cache, build=False))
+        model_info = inspect_model_dir(locate_model(settings.model.path, cache, build=False))
+        self.context = served_context(model_info, settings.model.context_length)
+        self.zmq = zmq.Context()
+        self.inbox = Receiver(open_socket(self.zmq, zmq.PULL, bind=endpoints.tokenizer(tier.index)), ToTokenizer)
+        self.events = Receiver(open_socket(self.zmq, zmq.SUB, connect=endpoints.events), Broadcast)
+        self.scheduler = open_socket(self.zmq, zmq.PUSH, connect=endpoints.scheduler)
+        self.control = open_socket(self.zmq, zmq.DEALER, connect=endpoints.control)
+        self.frontends: dict[str, zmq.Socket] = {}
+        self.active: dict[str, Active] = {}
+        self._pending: dict[str, list[GenerateOutput]] = {}  # outputs of this round, by front-end
+        self.poller = zmq.Poller()
+        self.poller.register(self.inbox.socket, zmq.POLLIN)
+        self.poller.register(self.events.socket, zmq.POLLIN)
+
+    def run(self) -> None:
+        send(self.control, TierReady(self.tier.role, self.tier.index, os.getpid()))
+        log.info("tokenizer.ready", vocab=self.text.vocab_size, context=self.context)
+        while True:
+            ready = dict(self.poller.poll(POLL_MS))
+            if self.events.socket in ready:
+                for event in self.events.recv_ready():
+                    if isinstance(event, TierEvent) and event.tier == "scheduler" and event.state == "down":
+                        self._fail_all("the scheduler stopped")
+            if self.inbox.socket in ready:
+                for message in self.inbox.recv_ready():
+                    match message:
+                        case GenerateRequest():
+                            self._admit(message)
+                        case AbortRequest(request_id=request_id):
+                            if self.active.pop(request_id, None) is not None:
+                                self._to_scheduler(message)
+                        case StepTokens(updates=updates):
+                            self._detokenize(updates)
+                self._flush()
+
+    # --- requests in --------------------------------------------------------------------------
+
+    def _admit(self, request: GenerateRequest) -> None:
+        with structlog.contextvars.bound_contextvars(request_id=request.request_id):
+            self._tokenize(request)
+
+    def _tokenize(self, request: GenerateRequest) -> None:
+        try:
+            prompt_ids = self._prompt_ids(request)
+        except TokenizerError as exc:
+            param = "messages" if request.messages is not None else "prompt"
+            log.info("tokenizer.rejected", reason=str(exc))
+            return self._reject(request, ErrorInfo(400, str(exc), param=param))
+        max_tokens = request.sampling.max_tokens or self.context - len(prompt_ids)
+        requested = len(prompt_ids) + max_tokens
+        if requested > self.context or max_tokens < 1:
+            message = (
+                f"This model's maximum context length is {self.context} tokens. However, you requested "
+                f"{requested} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the prompt or max_tokens."
+            )
+            return self._reject(request, ErrorInfo(400, message, param="max_tokens"))
+        stop_ids = set(request.sampling.stop_token_ids)
+        if not request.sampling.ignore_eos:
+            stop_ids |= self.text.eos_token_ids
+        sampling = msgspec.structs.replace(
+            request.sampling, max_tokens=max_tokens, stop_token_ids=tuple(sorted(stop_ids))
+        )
+        scheduled = ScheduleRequest(
+            request.request_id, self.tier.index, prompt_ids, sampling, request.priority, request.arrival
+        )
+        if not self._to_scheduler(scheduled):
+            return self._reject(request, ErrorInfo(503, "the scheduler is not reachable", type="server_error"))
+        self.active[request.request_id] = Active(
+            request,
+            IncrementalDetokenizer(self.text, prompt_ids),
+            StopStrings(list(request.stop)),
+            frozenset(stop_ids),
+            len(prompt_ids),
+        )
+
+    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
+        if request.messages is not None:
+            ids = self.text.render_chat_prompt(request.messages)
+        elif request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            if any(not 0 <= i < self.text.vocab_size for i in ids):
+                raise TokenizerError(f"prompt token ids must be in 0..{self.text.vocab_size - 1}")
+        else:
+            ids = self.text.encode(request.prompt or "", add_special_tokens=True)
+        if not ids:
+            raise TokenizerError("the prompt is empty")
+        return ids
+
+    def _reject(self, request: GenerateRequest, error: ErrorInfo) -> None:
+        self._queue(request, GenerateOutput(request.request_id, finish_reason="error", error=error))
+
+    # --- tokens back --------------------------------------------------------------------------
+
+    def _detokenize(self, updates: list[SequenceUpdate]) -> None:
+        for update in updates:
+            active = self.active.get(update.request_id)
+            if active is None:
+                continue  # aborted, or stopped by a stop string while the step ran
+            output = self._advance(active, update)
+            if output is not None:
+                self._queue(active.request, output)
+            if output is not None and output.finish_reason is not None:
+                del self.active[update.request_id]
+
+    def _advance(self, active: Active, update: SequenceUpdate) -> GenerateOutput | None:
+        request_id = update.request_id
+        if update.error is not None:
+            return GenerateOutput(
+                request_id,
+                finish_reason="error",
+                error=update.error,
+                prompt_tokens=active.prompt_tokens,
+                completion_tokens=active.completion_tokens,
+            )
+        ids = update.token_ids
+        active.completion_tokens += len(ids)
+        ended_by_token = update.finish_reason == "stop" and bool(ids) and ids[-1] in active.hidden_ids
+        text = active.detokenizer.push(ids[:-1] if ended_by_token else ids)
+        if update.finish_reason is not None:
+            text += active.detokenizer.finish()
+        shown, stopped = active.stops.feed(text)
+        finish = update.finish_reason
+        if stopped:
+            finish = "stop"
+            if update.finish_reason is None:  # the engine is still generating it: stop it
+                self._to_scheduler(AbortRequest(request_id))
+        elif finish is not None:
+            shown += active.stops.flush()
+        if not shown and finish is None:
+            return None
+        return GenerateOutput(request_id, shown, finish, active.prompt_tokens, active.completion_tokens)
+
+    def _fail_all(self, reason: str) -> None:
+        error = ErrorInfo(503, f"{reason}; the request was lost, retry it", type="server_error")
+        for request_id, active in self.active.items():
+            self._queue(active.request, GenerateOutput(request_id, finish_reason="error", error=error))
+        self.active.clear()
+        self._flush()
+        log.warning("tokenizer.requests_failed", reason=reason)
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def _queue(self, request: GenerateRequest, output: GenerateOutput) -> None:
+        self._pending.setdefault(request.reply_to, []).append(output)
+
+    def _flush(self) -> None:
+        """Send the queued outputs: one batch per front-end worker."""
+        pending, self._pending = self._pending, {}
+        for reply_to, outputs in pending.items():
+            socket = self.frontends.get(reply_to)
+            if socket is None:
+                socket = self.frontends[reply_to] = open_socket(self.zmq, zmq.PUSH, connect=reply_to)
+            try:
+                send(socket, OutputBatch(outputs))
+            except PeerGone:  # that front-end worker is gone, and its clients with it
+                socket.close()
+                del self.frontends[reply_to]
+                for output in outputs:
+                    if self.active.pop(output.request_id, None) is not None:
+                        self._to_scheduler(AbortRequest(output.request_id))
+
+    def _to_scheduler(self, message: msgspec.Struct) -> bool:
+        try:
+            send(self.scheduler, message)
+        except PeerGone:
+            return False
+        return True
+
+
+def main(index: int) -> None:
+    from daemon.tier import start_tier
+
+    tier = start_tier("tokenizer", index)
+    try:
+        service = TokenizerService(tier)
+    except (TokenizerError, ModelDirError) as exc:
+        log.error("tokenizer.load_failed", error=str(exc))
+        raise SystemExit(2) from None
+    service.run()

@@ -1,0 +1,116 @@
+"""The worker process: load the model, size the KV cache, run the scheduler's steps.
+
+One worker per model replica (tensor parallelism over several ranks comes
+later). It binds the `worker` endpoint, announces itself to the scheduler with
+its cache size, and then executes step plans as they come, one at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import structlog
+import zmq
+
+from daemon.config.schema import DaemonSettings
+from daemon.engine.blocks import BLOCK_SIZE
+from daemon.engine.locate import locate_model, served_context
+from daemon.engine.model_dir import inspect_model_dir
+from daemon.engine.runner import ModelRunner
+from daemon.ipc.messages import StepPlan, TierReady, ToWorker, WorkerReady
+from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
+from daemon.tier import Tier
+from daemon.worker.execute import execute
+
+log = structlog.get_logger("daemon.worker")
+ANNOUNCE_INTERVAL_S = 1.0  # how often an idle worker tells the scheduler it is there
+CPU_CONTEXTS = 16  # default cache on CPU: this many full-length requests
+CPU_MEMORY_SHARE = 0.25  # ... but never more than this share of the memory available
+
+
+def cache_blocks(settings: DaemonSettings, runner_bytes_per_token: int, context: int, device: str) -> int:
+    """KV-cache blocks: scheduler.max_total_tokens, else what the device's memory allows."""
+    if settings.scheduler.max_total_tokens:
+        tokens = settings.scheduler.max_total_tokens
+    elif device == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        budget = total * settings.scheduler.mem_fraction_static - (total - free)
+        tokens = max(int(budget // runner_bytes_per_token), context)
+    else:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        tokens = min(CPU_CONTEXTS * context, int(available * CPU_MEMORY_SHARE // runner_bytes_per_token))
+        tokens = max(tokens, context)
+    return -(-tokens // BLOCK_SIZE)
+
+
+def load_runner(settings: DaemonSettings) -> tuple[ModelRunner, int]:
+    from daemon.engine.kv_cache import KVCache
+
+    model_dir = locate_model(settings.model.path, settings.runtime.cache_dir, build=True)
+    context = served_context(inspect_model_dir(model_dir), settings.model.context_length)
+    probe = ModelRunner(
+        model_dir,
+        num_blocks=1,
+        device=settings.model.device,
+        dtype=settings.model.dtype,
+        max_positions=context,
+        seed=settings.model.seed,
+    )
+    shape = probe.shape
+    per_token = KVCache.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, probe.dtype)
+    blocks = cache_blocks(settings, per_token, context, probe.device.type)
+    probe.resize_cache(blocks)
+    return probe, context
+
+
+class WorkerService:
+    def __init__(self, tier: Tier):
+        self.tier = tier
+        self.runner, self.context = load_runner(tier.settings)
+        self.num_blocks = self.runner.cache.num_blocks
+        context = zmq.Context()
+        endpoints = tier.endpoints
+        self.plans = Receiver(open_socket(context, zmq.PULL, bind=endpoints.worker), ToWorker)
+        self.scheduler = open_socket(context, zmq.PUSH, connect=endpoints.scheduler)
+        self.control = open_socket(context, zmq.DEALER, connect=endpoints.control)
+        self.scheduler_epoch: int | None = None
+
+    def run(self) -> None:
+        tier = self.tier
+        log.info(
+            "worker.ready",
+            device=str(self.runner.device),
+            dtype=str(self.runner.dtype),
+            cache_tokens=self.num_blocks * BLOCK_SIZE,
+            context=self.context,
+        )
+        send(self.control, TierReady(tier.role, tier.index, os.getpid()))
+        announced = 0.0
+        while True:
+            if time.monotonic() - announced >= ANNOUNCE_INTERVAL_S:
+                self._announce()
+                announced = time.monotonic()
+            plan = self.plans.recv(timeout_ms=int(ANNOUNCE_INTERVAL_S * 1000))
+            if isinstance(plan, StepPlan):
+                self._run(plan)
+
+    def _run(self, plan: StepPlan) -> None:
+        if plan.scheduler_epoch != self.scheduler_epoch:
+            self.runner.forget_all()  # a new scheduler: sequence ids start again
+            self.scheduler_epoch = plan.scheduler_epoch
+        result = execute(self.runner, plan, self.tier.epoch)
+        if result.error:
+            log.error("worker.step_failed", step=plan.step, error=result.error)
+        try:
+            send(self.scheduler, result)
+        except PeerGone:
+            log.warning("worker.scheduler_gone", step=plan.step)
+
+    def _announce(self) -> None:
+        ready = WorkerReady(self.tier.epoch, self.num_blocks, BLOCK_SIZE, self.context)
+        with contextlib.suppress(PeerGone):  # no scheduler yet: it will hear the next announcement
+            send(self.scheduler, ready)
