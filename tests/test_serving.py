@@ -161,3 +161,115 @@ def test_unknown_route_and_wrong_method(daemon):
     with httpx.Client(base_url=daemon.url, timeout=30) as http:
         assert http.get("/nope").status_code == 404
         assert http.get("/v1/completions").status_code == 405
+
+
+def test_stop_strings_cut_the_text_across_chunks(client):
+    free = client.completions.create(
+        model="demo", prompt="The river", max_tokens=40, temperature=0, extra_body={"ignore_eos": True}
+    )
+    text = free.choices[0].text
+    assert len(text) > 12
+    stop = text[5:9]  # four characters from the middle: most likely split over several tokens
+    cut = client.completions.create(
+        model="demo", prompt="The river", max_tokens=40, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+    stream = client.completions.create(
+        model="demo",
+        prompt="The river",
+        max_tokens=40,
+        temperature=0,
+        stop=[stop],
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == text[: text.index(stop)]
+
+
+def test_sampling_is_reproducible_under_a_seed(client):
+    def sample(seed: int) -> str:
+        response = client.completions.create(
+            model="demo",
+            prompt="A story",
+            max_tokens=24,
+            temperature=1.0,
+            top_p=0.9,
+            seed=seed,
+            extra_body={"top_k": 50, "ignore_eos": True},
+        )
+        return response.choices[0].text
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert sample(4321) != first
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory, model_cache) -> RunningDaemon:
+    """TLS, an API key, debug logs and a tiny queue: one daemon for the tests of those."""
+    from conftest import make_certificate
+
+    directory = tmp_path_factory.mktemp("secured")
+    cert, key = make_certificate(directory)
+    runtime = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
+    settings = {
+        "server.tls.certfile": cert,
+        "server.tls.keyfile": key,
+        "logging.level": "debug",
+        "scheduler.max_running_requests": 1,
+        "scheduler.max_queued_requests": 1,
+    }
+    running = start_daemon(directory, runtime, model_cache, settings, env={"DAEMON_SERVER__API_KEY": "s3cret"})
+    yield running
+    status = running.stop()
+    shutil.rmtree(runtime, ignore_errors=True)
+    assert status == 0, running.log_tail()
+
+
+def test_tls_negotiates_http2_with_alpn(secured):
+    with httpx.Client(http2=True, verify=False, base_url=secured.url, timeout=30) as client:
+        response = client.get("/health")
+    assert response.status_code == 200 and response.http_version == "HTTP/2"
+    with httpx.Client(http2=False, verify=False, base_url=secured.url, timeout=30) as client:
+        assert client.get("/health").http_version == "HTTP/1.1"
+
+
+def test_api_key_guards_v1(secured):
+    with httpx.Client(verify=False, base_url=secured.url, timeout=30) as http:
+        body = {"prompt": "x", "max_tokens": 2}
+        assert http.post("/v1/completions", json=body).status_code == 401
+        wrong = http.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["message"]
+        assert http.get("/v1/models").status_code == 401
+        right = http.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert right.status_code == 200
+        assert http.get("/health").status_code == 200  # probes stay open
+
+
+def test_a_full_queue_answers_503_with_retry_after(secured):
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(
+            verify=False, base_url=secured.url, timeout=60, headers={"Authorization": "Bearer s3cret"}
+        ) as http:
+            body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
+            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(4)))
+
+    responses = asyncio.run(main())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 2 and 503 in statuses, statuses
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "server_overloaded"
+
+
+def test_request_id_is_on_every_tiers_log_lines(secured):
+    with httpx.Client(verify=False, base_url=secured.url, timeout=30) as http:
+        response = http.post(
+            "/v1/completions",
+            json={"prompt": "x", "max_tokens": 3},
+            headers={"Authorization": "Bearer s3cret", "X-Request-Id": "trace-me-42"},
+        )
+    assert response.status_code == 200
+    secured.wait_for_event("request.finished", request_id="trace-me-42", role="tokenizer")
+    roles = {e["role"] for e in secured.log_events() if e.get("request_id") == "trace-me-42"}
+    assert roles >= {"frontend", "tokenizer", "scheduler"}

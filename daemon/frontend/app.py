@@ -200,6 +200,7 @@ class Application:
         request_id = supplied if supplied and _REQUEST_ID.match(supplied) else uuid.uuid4().hex
         headers = [(b"x-request-id", request_id.encode())]
         with structlog.contextvars.bound_contextvars(request_id=request_id):
+            log.debug("request.received", path=scope["path"], http_version=scope.get("http_version"))
             if not await self._authorized(scope, send, headers):
                 return
             if self.gateway.draining:

@@ -85,12 +85,14 @@ class SchedulerService:
     def _on_message(self, message: object) -> None:
         match message:
             case ScheduleRequest():
+                log.debug("request.queued", request_id=message.request_id, prompt_tokens=len(message.prompt_ids))
                 if self.batcher is None:
                     error = ErrorInfo(503, "the model is still loading", type="server_overloaded")
                     self._send(message.tokenizer, [SequenceUpdate(message.request_id, [], "error", error)])
                 else:
                     self.batcher.add(message)
             case AbortRequest(request_id=request_id):
+                log.debug("request.aborted", request_id=request_id)
                 if self.batcher is not None:
                     self.batcher.abort(request_id)
             case StepResult():
@@ -146,6 +148,14 @@ class SchedulerService:
             self.worker_epoch, self.batcher = None, None
 
     def _send(self, tokenizer: int, updates: list[SequenceUpdate]) -> None:
+        for update in updates:
+            if update.finish_reason is not None:
+                log.debug(
+                    "request.finished",
+                    request_id=update.request_id,
+                    reason=update.finish_reason,
+                    status=update.error.status if update.error else None,
+                )
         if not 0 <= tokenizer < len(self.tokenizers):
             return
         try:

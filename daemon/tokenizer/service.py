@@ -125,6 +125,7 @@ class TokenizerService:
         scheduled = ScheduleRequest(
             request.request_id, self.tier.index, prompt_ids, sampling, request.priority, request.arrival
         )
+        log.debug("request.tokenized", prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
         if not self._to_scheduler(scheduled):
             return self._reject(request, ErrorInfo(503, "the scheduler is not reachable", type="server_error"))
         self.active[request.request_id] = Active(
@@ -163,6 +164,12 @@ class TokenizerService:
                 self._queue(active.request, output)
             if output is not None and output.finish_reason is not None:
                 del self.active[update.request_id]
+                log.debug(
+                    "request.finished",
+                    request_id=update.request_id,
+                    reason=output.finish_reason,
+                    completion_tokens=output.completion_tokens,
+                )
 
     def _advance(self, active: Active, update: SequenceUpdate) -> GenerateOutput | None:
         request_id = update.request_id
