@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from conftest import REPO, run_daemon
+import pytest
+from conftest import DAEMON, REPO, clean_environ, run_daemon
 
 README = REPO / "README.md"
 GENERATED = re.compile(r"(<!-- BEGIN generated: (?P<command>[^>]+?) -->\n)(?P<body>.*?)(<!-- END generated -->)", re.S)
@@ -78,3 +82,48 @@ def test_readme_check_example_output_is_real(tmp_path: Path):
 
 if __name__ == "__main__":
     sys.exit(regenerate())
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_readme_curl_commands_work_against_the_default_config(tmp_path: Path, model_cache: Path):
+    from daemon_process import RunningDaemon, free_port
+
+    curls = [line for block in _blocks("sh") for line in block.splitlines() if line.startswith("curl ")]
+    assert len(curls) >= 2
+    port, runtime = free_port(), Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                str(DAEMON),
+                "-c",
+                "configs/server.toml",
+                "--set",
+                f"server.port={port}",
+                "--set",
+                f"runtime.dir={runtime}",
+                "--set",
+                f"runtime.cache_dir={model_cache}",
+            ],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=clean_environ(),
+            start_new_session=True,
+        )
+    daemon = RunningDaemon(process, port, REPO / "configs/server.toml", runtime, log_path)
+    try:
+        daemon.wait_for_event("daemon.ready")
+        for line in curls:
+            result = subprocess.run(
+                line.replace("127.0.0.1:8000", f"127.0.0.1:{port}") + " --fail --max-time 60",
+                shell=True,
+                capture_output=True,
+                text=True,
+                timeout=90,
+            )
+            assert result.returncode == 0, f"{line}\n{result.stderr}"
+            assert '"choices"' in result.stdout
+    finally:
+        assert daemon.stop() == 0, daemon.log_tail()
+        shutil.rmtree(runtime, ignore_errors=True)
