@@ -95,6 +95,17 @@ schema_rule(
 
 
 @rule(
+    "model.tp-unimplemented",
+    keys=["model.tp_size", "distributed.nnodes"],
+    fix="use tp_size = 1 and nnodes = 1: this release runs the model on one device",
+)
+def _tp_unimplemented(c: DaemonSettings, f: Facts) -> CheckResult:
+    """The engine runs a model on one device; tensor parallelism and several nodes are not implemented yet."""
+    if c.model.tp_size > 1 or c.distributed.nnodes > 1:
+        return f"tp_size {c.model.tp_size} over nnodes {c.distributed.nnodes}: tensor parallelism is not implemented yet"
+
+
+@rule(
     "model.tp-divides-heads",
     keys=["model.tp_size", "model.path"],
     fix="use a tp_size that divides both the model's attention heads and its KV heads",
