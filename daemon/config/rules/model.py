@@ -102,7 +102,8 @@ schema_rule(
 def _tp_unimplemented(c: DaemonSettings, f: Facts) -> CheckResult:
     """The engine runs a model on one device; tensor parallelism and several nodes are not implemented yet."""
     if c.model.tp_size > 1 or c.distributed.nnodes > 1:
-        return f"tp_size {c.model.tp_size} over nnodes {c.distributed.nnodes}: tensor parallelism is not implemented yet"
+        parallel = f"tp_size {c.model.tp_size} over nnodes {c.distributed.nnodes}"
+        return f"{parallel}: tensor parallelism is not implemented yet"
 
 
 @rule(
