@@ -270,6 +270,14 @@ class ModelSettings(Section):
         ge=1,
         le=1024,
     )
+    cpu_threads: int | None = setting(
+        None,
+        doc="Threads the engine uses on CPU. Unset: the machine's CPUs but two (left to the other "
+        "tiers), at least one.",
+        reload=Reload.WORKER,
+        ge=1,
+        le=4096,
+    )
     context_length: int | None = setting(
         None,
         doc="Most tokens (prompt plus output) in one request. Unset: the model's maximum "

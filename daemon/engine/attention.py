@@ -1,10 +1,11 @@
 """Attention over a paged KV cache, for a step that mixes prefill chunks and decodes.
 
 The new tokens of every sequence in a step are packed into one flat batch of T
-tokens. Each token's K and V are written to its cache slot; then each query
-attends to its own sequence's cached keys. Decodes (one query each) attend
-together in one padded call; prefill chunks (many queries each) one sequence at
-a time, since their lengths differ widely.
+tokens. Each token's K and V are written to its cache slot; then the queries of
+each sequence attend to that sequence's cached keys, causally. Sequences are
+attended in two padded groups, one call each: decodes (one query each) and
+prefill chunks (up to the longest chunk's queries), so a step costs two
+attention calls per layer however many sequences it holds.
 """
 
 from __future__ import annotations
@@ -16,31 +17,44 @@ import torch.nn.functional as F
 
 
 @dataclass
-class DecodeGroup:
-    token_index: torch.Tensor  # [B] positions of the decode tokens in the packed batch
-    context_slots: torch.Tensor  # [B, L] cache slots of each sequence's context, padded
-    context_mask: torch.Tensor  # [B, 1, 1, L] True where a slot is part of the context
-
-
-@dataclass
-class PrefillChunk:
-    start: int  # the chunk's first token in the packed batch
-    end: int
-    context_slots: torch.Tensor  # [L] cache slots of the sequence's context up to the chunk's end
-    past: int  # tokens of the sequence already in the cache before this chunk
+class AttentionGroup:
+    query_index: torch.Tensor  # [G, Q] each query's row in the packed batch (padding repeats a real row)
+    query_valid: torch.Tensor  # [G, Q] False for padding queries
+    context_slots: torch.Tensor  # [G, L] cache slots of each sequence's context (padding: slot 0)
+    mask: torch.Tensor  # [G, 1, Q, L] True where a query may see a key
 
 
 @dataclass
 class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V goes to
-    decodes: DecodeGroup | None
-    prefills: list[PrefillChunk]
+    groups: list[AttentionGroup]
 
 
 @dataclass
 class LayerCache:
     keys: torch.Tensor  # [slots, kv_heads, head_dim]
     values: torch.Tensor
+
+
+def attention_group(
+    first_rows: list[int], lengths: list[int], starts: list[int], context_slots: torch.Tensor
+) -> AttentionGroup:
+    """The group of sequences whose chunks begin at packed rows `first_rows`, are `lengths`
+    tokens long and start at positions `starts`; `context_slots` [G, >= max(start + length)]."""
+    device = context_slots.device
+    width = max(lengths)
+    offsets = torch.arange(width, device=device)
+    first = torch.tensor(first_rows, device=device)
+    length = torch.tensor(lengths, device=device)
+    start = torch.tensor(starts, device=device)
+    valid = offsets.unsqueeze(0) < length.unsqueeze(1)  # [G, Q]
+    query_index = first.unsqueeze(1) + torch.minimum(offsets.unsqueeze(0), (length - 1).unsqueeze(1))
+    context = int((start + length).max())
+    keys = torch.arange(context, device=device)
+    position = (start.unsqueeze(1) + offsets.unsqueeze(0)).unsqueeze(2)  # [G, Q, 1]
+    mask = (keys.view(1, 1, -1) <= position) & valid.unsqueeze(2)
+    mask |= ~valid.unsqueeze(2) & (keys.view(1, 1, -1) == 0)  # padding queries see one key: no empty rows
+    return AttentionGroup(query_index, valid, context_slots[:, :context], mask.unsqueeze(1))
 
 
 def paged_attention(
@@ -51,23 +65,11 @@ def paged_attention(
     cache.values[batch.slot_mapping] = v
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
-    if (group := batch.decodes) is not None:
-        queries = q[group.token_index].unsqueeze(2)  # [B, heads, 1, dim]
-        keys = cache.keys[group.context_slots].transpose(1, 2)  # [B, kv_heads, L, dim]
+    for group in batch.groups:
+        queries = q[group.query_index].transpose(1, 2)  # [G, heads, Q, dim]
+        keys = cache.keys[group.context_slots].transpose(1, 2)  # [G, kv_heads, L, dim]
         values = cache.values[group.context_slots].transpose(1, 2)
-        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.context_mask, enable_gqa=gqa)
-        out[group.token_index] = attended.squeeze(2)
-    for chunk in batch.prefills:
-        queries = q[chunk.start : chunk.end].transpose(0, 1)  # [heads, n, dim]
-        if chunk.past == 0:  # the whole context is this chunk: plain causal attention
-            keys, values = k[chunk.start : chunk.end].transpose(0, 1), v[chunk.start : chunk.end].transpose(0, 1)
-            attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=gqa)
-        else:
-            keys = cache.keys[chunk.context_slots].transpose(0, 1)
-            values = cache.values[chunk.context_slots].transpose(0, 1)
-            n, context = chunk.end - chunk.start, chunk.context_slots.shape[0]
-            query_positions = torch.arange(chunk.past, chunk.past + n, device=q.device).unsqueeze(1)
-            mask = torch.arange(context, device=q.device).unsqueeze(0) <= query_positions  # [n, L]
-            attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=gqa)
-        out[chunk.start : chunk.end] = attended.transpose(0, 1)
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask, enable_gqa=gqa)
+        valid = group.query_valid
+        out[group.query_index[valid]] = attended.transpose(1, 2)[valid]
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from daemon.engine.attention import AttentionBatch, DecodeGroup, PrefillChunk
+from daemon.engine.attention import AttentionBatch, attention_group
 from daemon.engine.kv_cache import KVCache
 from daemon.engine.llama import LlamaForCausalLM, LlamaShape
 from daemon.engine.model_dir import read_config
@@ -114,23 +114,23 @@ class ModelRunner:
     def _attention_batch(self, chunks: list[SequenceChunk]) -> AttentionBatch:
         ends = [c.start + len(c.token_ids) for c in chunks]
         context = self.cache.slots([c.block_table for c in chunks], ends, self.device)  # [B, max end]
-        starts = _offsets(chunks)
+        rows = _offsets(chunks)
         slot_mapping = torch.cat([context[i, c.start : ends[i]] for i, c in enumerate(chunks)])
-        decode_rows = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
-        decodes = None
-        if decode_rows:
-            lengths = torch.tensor([ends[i] for i in decode_rows], device=self.device)
-            slots = context[decode_rows][:, : int(lengths.max())]
-            mask = torch.arange(slots.shape[1], device=self.device) < lengths.unsqueeze(1)
-            decodes = DecodeGroup(
-                torch.tensor([starts[i] for i in decode_rows], device=self.device), slots, mask[:, None, None, :]
-            )
-        prefills = [
-            PrefillChunk(starts[i], starts[i] + len(c.token_ids), context[i, : ends[i]], c.start)
-            for i, c in enumerate(chunks)
-            if len(c.token_ids) > 1
-        ]
-        return AttentionBatch(slot_mapping, decodes, prefills)
+        groups = []
+        for members in (
+            [i for i, c in enumerate(chunks) if len(c.token_ids) == 1],
+            [i for i, c in enumerate(chunks) if len(c.token_ids) > 1],
+        ):
+            if members:
+                groups.append(
+                    attention_group(
+                        [rows[i] for i in members],
+                        [len(chunks[i].token_ids) for i in members],
+                        [chunks[i].start for i in members],
+                        context[members],
+                    )
+                )
+        return AttentionBatch(slot_mapping, groups)
 
 
 def _offsets(chunks: list[SequenceChunk]) -> list[int]:

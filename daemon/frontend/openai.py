@@ -149,6 +149,7 @@ def to_generate_request(request: CompletionRequest | ChatRequest, request_id: st
         stop=stop,
         priority=request.priority,
         arrival=time.time(),
+        stream=request.stream,
     )
 
 

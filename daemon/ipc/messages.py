@@ -50,6 +50,7 @@ class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
     stop: tuple[str, ...] = ()
     priority: int = 0
     arrival: float = 0.0  # wall-clock time the front-end received it
+    stream: bool = True  # False: the whole text comes in the last output, in one message
 
 
 class AbortRequest(msgspec.Struct, frozen=True, tag=True):

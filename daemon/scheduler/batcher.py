@@ -122,14 +122,15 @@ class Batcher:
         assert not self._in_flight, "the previous step has not completed"
         budget = self.limits.chunked_prefill_size if self.limits.chunked_prefill_size > 0 else 1 << 62
         work: list[_Work] = []
+        scheduled: set[int] = set()
         for seq in list(self.running):
             if seq.phase is not Phase.RUNNING:  # preempted to make room for an older one
                 continue
             tokens = 1 if seq.pending == 1 else min(seq.pending, budget)  # decodes never wait for budget
-            scheduled = {w.seq.seq_id for w in work}
             if tokens <= 0 or not self._make_room(seq, seq.computed + tokens, scheduled):
                 continue
             work.append(_Work(seq, tokens, tokens == seq.pending))
+            scheduled.add(seq.seq_id)
             budget -= tokens
         for seq in admission_order(self.waiting, self.limits.policy):
             if budget <= 0 or len(self.running) >= self.limits.max_running_requests:

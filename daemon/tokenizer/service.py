@@ -50,7 +50,7 @@ class Active:
     hidden_ids: frozenset[int]  # stop tokens: they end the text, they are not part of it
     prompt_tokens: int
     completion_tokens: int = 0
-    outputs: list[GenerateOutput] = field(default_factory=list)
+    held_text: list[str] = field(default_factory=list)  # a non-streamed request's text so far
 
 
 class TokenizerService:
@@ -195,8 +195,14 @@ class TokenizerService:
                 self._to_scheduler(AbortRequest(request_id))
         elif finish is not None:
             shown += active.stops.flush()
-        if not shown and finish is None:
-            return None
+        if finish is None:
+            if not active.request.stream:  # one message at the end, not one per step
+                active.held_text.append(shown)
+                return None
+            if not shown:
+                return None
+        elif active.held_text:
+            shown = "".join(active.held_text) + shown
         return GenerateOutput(request_id, shown, finish, active.prompt_tokens, active.completion_tokens)
 
     def _fail_all(self, reason: str) -> None:

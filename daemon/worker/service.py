@@ -47,8 +47,17 @@ def cache_blocks(settings: DaemonSettings, runner_bytes_per_token: int, context:
     return -(-tokens // BLOCK_SIZE)
 
 
+def cpu_threads(configured: int | None) -> int:
+    """Engine threads on CPU: what model.cpu_threads says, else all CPUs but two for the other tiers."""
+    return configured or max(1, len(os.sched_getaffinity(0)) - 2)
+
+
 def load_runner(settings: DaemonSettings) -> tuple[ModelRunner, int]:
+    import torch
+
     from daemon.engine.kv_cache import KVCache
+
+    torch.set_num_threads(cpu_threads(settings.model.cpu_threads))  # CUDA runs ignore it
 
     model_dir = locate_model(settings.model.path, settings.runtime.cache_dir, build=True)
     context = served_context(inspect_model_dir(model_dir), settings.model.context_length)
