@@ -14,6 +14,7 @@ from daemon.config.render import reference_markdown, render_rules, render_toml
 from daemon.config.schema import json_schema
 
 EXIT_OK = 0
+EXIT_FAILED = 1  # the daemon could not start or crash-looped
 EXIT_INVALID = 2  # invalid configuration or usage, like argparse's own usage errors
 
 
@@ -167,6 +168,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import asyncio
 
     from daemon.logs import configure_logging, get_logger
+    from daemon.supervisor.runtime_dir import RuntimeDirError
     from daemon.supervisor.supervisor import Supervisor
 
     configure_logging("supervisor", level=config.settings.logging.level, fmt=config.settings.logging.format)
@@ -174,7 +176,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for warning in config.warnings:
         log.warning("config.warning", rule=warning.rule, key=warning.key, message=warning.message, fix=warning.fix)
     log.info("config.loaded", path=str(path), hash=config.hash)
-    return asyncio.run(Supervisor(config).run())
+    try:
+        supervisor = Supervisor(config)
+    except RuntimeDirError as exc:
+        log.error("daemon.failed", reason=str(exc))
+        return EXIT_FAILED
+    return asyncio.run(supervisor.run())
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""What every tier process does first: die with the supervisor, read its config, set up logs.
+"""What every tier process does first: die with its parents, read its config, set up logs.
 
 Tier processes are started by the supervisor with `DAEMON_PARENT_PID` and
 `DAEMON_RUNTIME_DIR` in their environment, and find everything else from them:
 the socket directory, the effective configuration the supervisor handed over,
 the IPC endpoints. Granian's worker processes call this too, from the ASGI
 lifespan, since Granian stands between them and the supervisor.
+
+Only the supervisor decides when a back-end tier stops: those tiers ignore
+SIGTERM and SIGINT (under systemd's default KillMode every process of the unit
+gets the SIGTERM, and the back end must outlive the front-end's drain) and
+exit on STOP_SIGNAL, which the supervisor sends once the front-end is done.
 """
 
 from __future__ import annotations
@@ -15,18 +20,20 @@ import select
 import signal
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import structlog
-
-from daemon.config.handoff import read_config
-from daemon.config.schema import DaemonSettings
 from daemon.ipc.endpoints import PARENT_PID_VAR, Endpoints
-from daemon.logs import configure_logging
 from daemon.pids import pid_alive
 
+if TYPE_CHECKING:
+    from daemon.config.schema import DaemonSettings
+
 EPOCH_VAR = "DAEMON_TIER_EPOCH"  # how many times the supervisor has started this tier
+SPAWNER_VAR = "DAEMON_SPAWNER_PID"  # the PID of the process that started this one
+STOP_SIGNAL = signal.SIGUSR2
 _PR_SET_PDEATHSIG = 1
 _EXIT_ORPHANED = 70
+_guarded_pid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -40,50 +47,74 @@ class Tier:
     generation: int
 
 
-def start_tier(role: str, index: int = 0) -> Tier:
-    """Bootstrap a tier process: first thing in its entry point (spawned processes inherit nothing)."""
-    endpoints = Endpoints.from_environment()
-    supervisor_pid = int(os.environ[PARENT_PID_VAR])
-    die_with_parent()
-    watch_supervisor(supervisor_pid)
-    settings, generation = read_config(endpoints.directory)
-    configure_logging(role, level=settings.logging.level, fmt=settings.logging.format)
-    structlog.contextvars.bind_contextvars(generation=generation)
-    epoch = int(os.environ.get(EPOCH_VAR, "1"))
-    return Tier(role, index, epoch, supervisor_pid, endpoints, settings, generation)
+def guard() -> None:
+    """Die with the spawning process and with the supervisor. Call before any slow import.
 
-
-def die_with_parent() -> None:
-    """Have the kernel kill this process when its parent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    parent = os.getppid()
+    The kernel kills us when our parent dies (PR_SET_PDEATHSIG); if it died
+    before that took effect, our parent is no longer the process that started
+    us, and we exit. A thread also watches the supervisor, for processes with
+    another process (Granian's main) between them and it.
+    """
+    global _guarded_pid
+    if _guarded_pid == os.getpid():  # not inherited: a forked child (Granian's workers) guards itself
+        return
+    _guarded_pid = os.getpid()
+    spawner = int(os.environ.get(SPAWNER_VAR) or os.environ[PARENT_PID_VAR])
+    supervisor = int(os.environ[PARENT_PID_VAR])
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
-        return  # not Linux: the supervisor watch below still covers it
-    if os.getppid() != parent:  # the parent died before prctl took effect
+        pass  # not Linux: the watches below still cover it
+    if os.getppid() != spawner:
         os._exit(_EXIT_ORPHANED)
+    for pid in {spawner, supervisor}:
+        _watch(pid)
 
 
-def watch_supervisor(supervisor_pid: int) -> None:
-    """Exit at once when the supervisor dies, however many processes stand between us.
+def start_tier(role: str, index: int = 0, *, stopped_by_supervisor: bool = True) -> Tier:
+    """Bootstrap a tier process: guard it, read the handed-over config, set up its logging.
 
-    A daemon thread waits on a pidfd (or polls, where pidfds are unavailable);
-    no work happens in a signal handler.
+    `stopped_by_supervisor`: ignore SIGTERM/SIGINT and exit on STOP_SIGNAL (the
+    back-end tiers); the front-end leaves signals to Granian.
     """
+    import structlog
+
+    from daemon.config.handoff import read_config
+    from daemon.logs import configure_logging
+
+    guard()
+    if stopped_by_supervisor:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(STOP_SIGNAL, _exit_cleanly)
+    endpoints = Endpoints.from_environment()
+    settings, generation = read_config(endpoints.directory)
+    configure_logging(role, level=settings.logging.level, fmt=settings.logging.format)
+    structlog.contextvars.bind_contextvars(generation=generation)
+    epoch = int(os.environ.get(EPOCH_VAR, "1"))
+    return Tier(role, index, epoch, int(os.environ[PARENT_PID_VAR]), endpoints, settings, generation)
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _watch(pid: int) -> None:
+    """Exit at once when process `pid` ends: a daemon thread waits on its pidfd (or polls)."""
 
     def wait_then_exit() -> None:
         try:
-            descriptor = os.pidfd_open(supervisor_pid)
+            descriptor = os.pidfd_open(pid)
         except (AttributeError, OSError):
             descriptor = None
         if descriptor is not None:
             select.select([descriptor], [], [])
         else:
-            while pid_alive(supervisor_pid):
+            while pid_alive(pid):
                 threading.Event().wait(0.2)
         os._exit(_EXIT_ORPHANED)
 
-    if not pid_alive(supervisor_pid):
+    if not pid_alive(pid):
         os._exit(_EXIT_ORPHANED)
-    threading.Thread(target=wait_then_exit, name="supervisor-watch", daemon=True).start()
+    threading.Thread(target=wait_then_exit, name=f"watch-{pid}", daemon=True).start()

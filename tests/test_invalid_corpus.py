@@ -106,6 +106,7 @@ class Files:
         self.values: dict[str, str] = {}
         if short is not None:
             (short / "afile").write_text("a regular file, not a directory\n")
+            (short / "readonly").mkdir(mode=0o500, exist_ok=True)
             self.values["short"] = str(short)
 
     def _build(self, name: str) -> str | None:
@@ -864,10 +865,18 @@ CASES: list[Case] = [
     case(
         "runtime-dir-under-file",
         M + '[runtime]\ndir = "{short}/afile/sub"\n',
+        "runtime.dir-not-a-directory",
+        "runtime.dir",
+        line=4,
+    ),
+    case(
+        "runtime-dir-unwritable",
+        M + '[runtime]\ndir = "{short}/readonly/sub"\n',
         "runtime.dir-unwritable",
         "runtime.dir",
         line=4,
         warning=True,
+        marks=(pytest.mark.skipif(IS_ROOT, reason="root writes anywhere: see test_runtime_dir_unwritable_rule"),),
     ),
     case(
         "runtime-dir-nul",
@@ -1150,3 +1159,19 @@ def test_cli_json_lists_every_rule(tmp_path: Path) -> None:
     for entry in data["errors"] + data["warnings"]:
         assert entry["source"] == f"{path}:{entry['line']}"
         assert entry["message"] and entry["fix"]
+
+
+class ReadOnlyRuntimeFacts(Facts):
+    """This machine's facts, except that no directory is writable (what a non-root user may see)."""
+
+    def dir_problem(self, path: Path) -> tuple[bool, str] | None:
+        return super().dir_problem(path) or (False, f"{path} is not writable by this user")
+
+
+def test_runtime_dir_unwritable_rule(tmp_path: Path, short_tmp: Path) -> None:
+    """The corpus case is skipped as root; here the warning is checked whoever runs it."""
+    path = tmp_path / "server.toml"
+    path.write_text(f'[model]\npath = "builtin:demo"\n[runtime]\ndir = "{short_tmp}/run"\n')
+    report = check_config(path, environ={}, facts=ReadOnlyRuntimeFacts())
+    assert [(v.rule, v.key) for v in report.warnings] == [("runtime.dir-unwritable", "runtime.dir")]
+    assert report.errors == [] and report.config is not None

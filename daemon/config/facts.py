@@ -88,18 +88,22 @@ class Facts:
             return f"ca_certs {ca_certs} holds no usable PEM certificates: {getattr(exc, 'reason', None) or exc}"
         return None
 
-    def dir_problem(self, path: Path) -> str | None:
-        """Why this user could not create sockets in directory `path`, or None."""
+    def dir_problem(self, path: Path) -> tuple[bool, str] | None:
+        """(whether it is certain, why) this user could not create sockets in directory `path`, or None.
+
+        A file where the directory (or a parent) should be can never work; a
+        permission may differ for the daemon's own user, so it is not certain.
+        """
         try:
             existing = path
             while not existing.exists():
                 existing = existing.parent
             if not existing.is_dir():
-                return f"{existing} is not a directory"
+                return True, f"{existing} is not a directory"
             if not os.access(existing, os.W_OK | os.X_OK):
-                return f"{existing} is not writable by uid {os.geteuid()}"
+                return False, f"{existing} is not writable by uid {os.geteuid()}"
         except (OSError, ValueError) as exc:
-            return f"{path!s} is not a usable directory: {exc}"
+            return True, f"{path!s} is not a usable directory: {exc}"
         return None
 
     @property
@@ -141,7 +145,7 @@ class OfflineFacts(Facts):
     def ca_problem(self, ca_certs: Path) -> str | None:
         return None
 
-    def dir_problem(self, path: Path) -> str | None:
+    def dir_problem(self, path: Path) -> tuple[bool, str] | None:
         return None
 
     @property

@@ -72,7 +72,7 @@ class Application:
                 return
 
     async def _start(self) -> None:
-        self.tier = start_tier("frontend")
+        self.tier = start_tier("frontend", stopped_by_supervisor=False)
         self.gateway = Gateway(self.tier.endpoints, self.tier.settings.tokenizer.workers)
         await self.gateway.start()
         log.info("frontend.worker_ready", address=self.gateway.address)

@@ -53,6 +53,7 @@ class Gateway:
         self._waiting: dict[str, tuple[asyncio.Queue[GenerateOutput], int]] = {}
         self._tasks: list[asyncio.Task] = []
         self.draining = False
+        self._down: set[int] = set()  # tokenizer workers the supervisor reported down
         self.stats = SchedulerStats(running=0, queued=0, free_tokens=0, total_tokens=0)
 
     async def start(self) -> None:
@@ -96,11 +97,17 @@ class Gateway:
                     send(self._tokenizers[tokenizer], AbortRequest(request.request_id))
 
     def _submit(self, request: GenerateRequest) -> int | None:
-        """Send to the next tokenizer worker that takes it; its index, or None if none does."""
+        """Send to the next tokenizer worker that takes it; its index, or None if none does.
+
+        Workers the supervisor reported down are skipped without trying: a send to
+        an absent peer waits for a connection, and this is the event loop's thread.
+        """
         count = len(self._tokenizers)
         first = next(self._turn)
         for offset in range(count):
             index = (first + offset) % count
+            if index in self._down:
+                continue
             try:
                 send(self._tokenizers[index], request)
             except PeerGone:
@@ -129,7 +136,10 @@ class Gateway:
     def _on_event(self, event: TierEvent) -> None:
         if event.tier == "frontend" and event.state == "draining":
             self.draining = True
+        if event.tier == "tokenizer" and event.state == "up":
+            self._down.discard(event.index)
         if event.tier == "tokenizer" and event.state == "down":
+            self._down.add(event.index)
             lost = [rid for rid, (_queue, index) in self._waiting.items() if index == event.index]
             for request_id in lost:
                 queue, _index = self._waiting[request_id]

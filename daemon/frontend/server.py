@@ -15,7 +15,7 @@ from granian import Granian
 from granian.constants import HTTPModes, Interfaces, Loops
 from granian.http import HTTP2Settings
 
-from daemon.tier import start_tier
+from daemon.tier import SPAWNER_VAR, start_tier
 
 APP = "daemon.frontend.app:app"
 # Granian's loggers pass their records to the root logger, which the tier's logging setup owns.
@@ -28,12 +28,13 @@ GRANIAN_LOGGING = {
 
 
 def main() -> None:
-    tier = start_tier("frontend")
+    tier = start_tier("frontend", stopped_by_supervisor=False)  # Granian drains on SIGTERM
     server, runtime = tier.settings.server, tier.settings.runtime
     metrics_dir = tier.endpoints.directory / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(mode=0o700)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # the workers inherit it
+    os.environ[SPAWNER_VAR] = str(os.getpid())  # Granian's workers die with this process
     tls = server.tls
     Granian(
         APP,

@@ -1,6 +1,10 @@
 """Entry point of the scheduler process: python -m daemon.scheduler"""
 
-from daemon.scheduler.service import SchedulerService
-from daemon.tier import start_tier
+from daemon.tier import guard
+
+guard()
+
+from daemon.scheduler.service import SchedulerService  # noqa: E402
+from daemon.tier import start_tier  # noqa: E402
 
 SchedulerService(start_tier("scheduler")).run()

@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -33,7 +34,7 @@ from daemon.ipc.messages import DaemonStatus, TierEvent, TierReady, TierStatus, 
 from daemon.ipc.sockets import Receiver, configure
 from daemon.supervisor import probe
 from daemon.supervisor.runtime_dir import create_socket_dir
-from daemon.tier import EPOCH_VAR
+from daemon.tier import EPOCH_VAR, SPAWNER_VAR, STOP_SIGNAL
 
 log = structlog.get_logger("daemon.supervisor")
 
@@ -77,7 +78,7 @@ class Supervisor:
         self.config = config
         settings = config.settings
         self.settings = settings
-        self.socket_dir = create_socket_dir(settings.runtime.dir, os.getpid())
+        self.socket_dir, self._lock = create_socket_dir(settings.runtime.dir, os.getpid())
         write_config(settings, self.socket_dir, generation=1)
         self.endpoints = Endpoints(self.socket_dir)
         self.context = zmq.asyncio.Context()
@@ -106,6 +107,8 @@ class Supervisor:
         watchers: list[asyncio.Task] = []
         try:
             for child in self.children:  # in dependency order: each finds the ones before it ready
+                if child.tier == "frontend":
+                    self._check_port_free()
                 await self._start(child)
                 await self._until_ready(child)
             watchers = [asyncio.create_task(self._watch(child)) for child in self.children]
@@ -115,9 +118,9 @@ class Supervisor:
             if not self.stopping.is_set():
                 self.fatal = str(exc)
         finally:
+            await self._stop_all()  # the watchers still run: a tier dying in the drain is announced
             for watcher in watchers:
                 watcher.cancel()
-            await self._stop_all()
             reader.cancel()
             self.context.destroy(linger=0)
             shutil.rmtree(self.socket_dir, ignore_errors=True)
@@ -143,6 +146,7 @@ class Supervisor:
         env = {
             **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
             PARENT_PID_VAR: str(os.getpid()),
+            SPAWNER_VAR: str(os.getpid()),
             RUNTIME_DIR_VAR: str(self.settings.runtime.dir),
             EPOCH_VAR: str(child.epoch),
         }
@@ -181,6 +185,19 @@ class Supervisor:
                     await child.ready.wait()
         self._publish(child, "up")
         log.info("tier.ready", tier=child.tier, index=child.index, child_pid=child.pid, epoch=child.epoch)
+
+    def _check_port_free(self) -> None:
+        """Refuse a port another process listens on. Granian's listeners share ports (SO_REUSEPORT):
+        started anyway, we would silently split its traffic with the other server."""
+        server = self.settings.server
+        try:
+            family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe_socket:
+                # REUSEADDR ignores our own connections lingering in TIME_WAIT, not a listener.
+                probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe_socket.bind((server.host, server.port))
+        except OSError as exc:
+            raise StartupFailed(f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}") from None
 
     async def _frontend_up(self) -> bool:
         server = self.settings.server
@@ -222,6 +239,7 @@ class Supervisor:
             assert child.process is not None
             status = await child.process.wait()
             if self.stopping.is_set():
+                self._publish(child, "down")  # its requests must end now, not at the drain's deadline
                 return
             log.error("tier.died", tier=child.tier, index=child.index, child_pid=child.pid, status=status)
             self._publish(child, "down")
@@ -272,15 +290,15 @@ class Supervisor:
         frontends = [c for c in self.children if c.tier == "frontend"]
         for child in frontends:
             self._publish(child, "draining")
-        await self._terminate(frontends, self.settings.runtime.drain_timeout_s + STOP_GRACE_S)
+        await self._terminate(frontends, signal.SIGTERM, self.settings.runtime.drain_timeout_s + STOP_GRACE_S)
         back = [c for c in self.children if c.tier != "frontend"]
-        await self._terminate(list(reversed(back)), STOP_GRACE_S)
+        await self._terminate(list(reversed(back)), STOP_SIGNAL, STOP_GRACE_S)
 
-    async def _terminate(self, children: list[Child], grace: float) -> None:
+    async def _terminate(self, children: list[Child], signum: int, grace: float) -> None:
         running = [c for c in children if c.process is not None and c.process.returncode is None]
         for child in running:
             with contextlib.suppress(ProcessLookupError):
-                child.process.terminate()  # type: ignore[union-attr]
+                child.process.send_signal(signum)  # type: ignore[union-attr]
         for child in running:
             process = child.process
             assert process is not None

@@ -1,14 +1,18 @@
 """Entry point of a worker process: python -m daemon.worker INDEX"""
 
-import sys
+from daemon.tier import guard
 
-import structlog
+guard()  # before importing torch: a second of imports is a second of outliving a dead supervisor
 
-from daemon.engine.demo_model import DemoModelError
-from daemon.engine.llama import UnsupportedModel
-from daemon.engine.model_dir import ModelDirError
-from daemon.tier import start_tier
-from daemon.worker.service import WorkerService
+import sys  # noqa: E402
+
+import structlog  # noqa: E402
+
+from daemon.engine.demo_model import DemoModelError  # noqa: E402
+from daemon.engine.llama import UnsupportedModel  # noqa: E402
+from daemon.engine.model_dir import ModelDirError  # noqa: E402
+from daemon.tier import start_tier  # noqa: E402
+from daemon.worker.service import WorkerService  # noqa: E402
 
 tier = start_tier("worker", int(sys.argv[1]) if len(sys.argv) > 1 else 0)
 try:

@@ -34,5 +34,17 @@ def _dir_too_long(c: DaemonSettings, f: Facts) -> CheckResult:
     fix="create runtime.dir writable by the daemon's user (systemd: RuntimeDirectory=daemon)",
 )
 def _dir_unwritable(c: DaemonSettings, f: Facts) -> CheckResult:
-    """The daemon can create its sockets under runtime.dir."""
-    return f.dir_problem(c.runtime.dir) if c.runtime.dir else None
+    """The daemon can create its sockets under runtime.dir (as the user running the check)."""
+    problem = f.dir_problem(c.runtime.dir) if c.runtime.dir else None
+    return problem[1] if problem and not problem[0] else None
+
+
+@rule(
+    "runtime.dir-not-a-directory",
+    keys=["runtime.dir"],
+    fix="point runtime.dir at a directory (or at a path where one can be created)",
+)
+def _dir_not_directory(c: DaemonSettings, f: Facts) -> CheckResult:
+    """runtime.dir is a directory, or can become one: no file stands in its way."""
+    problem = f.dir_problem(c.runtime.dir) if c.runtime.dir else None
+    return problem[1] if problem and problem[0] else None

@@ -1,0 +1,1138 @@
+"""The daemon against `transformers serve --continuous-batching`, on the demo model, in one run.
+
+    .venv/bin/pip install -e '.[bench]'      # the peer (transformers[serving]) and the load clients
+    apt-get install -y nghttp2-client        # h2load: /health load and the cross-check (optional)
+    .venv/bin/python bench/serve.py          # --help for the knobs; defaults are the figures below
+
+What it does, in order (every phase is bounded in time, the whole run by
+--total-time-limit; every process it starts is stopped at the end, on errors and
+SIGTERM too):
+
+1. Builds the demo model directory once (daemon.engine.demo_model.ensure_demo_model)
+   and starts, each on a free port: `daemon -c configs/server.toml`, `transformers
+   serve --continuous-batching` on that same directory with HF_HUB_OFFLINE=1, and a
+   bare Granian hello-world app with the daemon's Granian settings (bench/hello_app.py).
+2. Warms both servers up (bursts at full concurrency), then takes the idle RSS
+   (and PSS) of the daemon's processes from /proc, and their idle CPU.
+3. Closed-loop completion load, the same against each: 64 clients, 500 requests
+   per run, max_tokens 16, short varied prompts, greedy, 3 runs each (the table
+   shows the median run). The peer over HTTP/1.1 (aiohttp), then the peer is
+   stopped; the daemon over HTTP/1.1 (aiohttp) and over HTTP/2 (httpx, h2c prior
+   knowledge, 4 connections multiplexing the 64 streams). The daemon gets
+   ignore_eos (the peer refuses the field), and tokens are counted from usage.
+   A cross-check drives the same shapes with h2load (one fixed prompt), whose
+   client cost is near zero.
+4. GET /health at 128 connections for 10 s, h2load (else wrk, else a Python
+   multi-process client), against the daemon and the hello app, HTTP/1.1 and h2c.
+5. Prints the commands and settings, the machine, the daemon's log findings, and
+   a markdown table for the README.
+
+The load client runs on the same cores as the servers (2 on the build machines):
+a heavy client (httpx over HTTP/1.1 costs ~10x aiohttp's CPU here) moves the
+figures a lot, and so does any CPU contention; only side-by-side ratios mean much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+CONFIG = REPO / "configs" / "server.toml"
+
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 40.0
+REQUEST_TIMEOUT_S = 120.0
+
+_WORD_TEXT = """
+the river house light water garden morning evening story letter window music voice small great little
+old long first last early quiet gentle strong simple careful curious famous ancient modern distant
+mountain valley forest island harbour market station library bridge village winter summer spring autumn
+child teacher doctor farmer painter sailor writer stranger friend walked carried opened watched listened
+"""
+WORDS = _WORD_TEXT.split()
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def marked_pids(supervisor_pid: int) -> list[int]:
+    """Live processes started by the daemon's supervisor: they carry DAEMON_PARENT_PID=<pid>."""
+    marker = f"DAEMON_PARENT_PID={supervisor_pid}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+    return sorted(found)
+
+
+def ppid_of(pid: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    return None
+
+
+def cmdline_of(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    return "?"
+
+
+def memory_of(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes, from /proc/<pid>/smaps_rollup; (0, 0) if the process is gone."""
+    rss = pss = 0
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key == "Rss":
+                rss = int(rest.split()[0]) * 1024
+            elif key == "Pss":
+                pss = int(rest.split()[0]) * 1024
+    return rss, pss
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    process: subprocess.Popen | None = None
+    is_daemon: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=REPO,
+                start_new_session=True,  # its own process group: the whole group is killed at the end
+            )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self) -> str:
+        """SIGTERM, wait; then SIGKILL the process group and (daemon) every marked process left."""
+        if self.process is None:
+            return "not started"
+        pid = self.process.pid
+        outcome = "already exited"
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+                outcome = f"stopped by SIGTERM (exit {self.process.returncode})"
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(10)
+                outcome = f"did not stop within {STOP_TIMEOUT_S:.0f} s of SIGTERM: killed"
+        else:
+            outcome = f"already exited ({self.process.returncode})"
+        # Anything left in its process group (e.g. a Granian worker), then the daemon's marked processes.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        leftovers = marked_pids(pid) if self.is_daemon else []
+        for child in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        if leftovers:
+            outcome += f"; killed {len(leftovers)} leftover process(es) {leftovers}"
+        return outcome
+
+
+def wait_http_ok(server: Server, path: str, deadline: float, *, ready_event: str | None = None) -> float:
+    """Poll until `path` answers 200 (and, for the daemon, its log has `ready_event`); seconds waited."""
+    started = time.monotonic()
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if not server.alive():
+                raise RuntimeError(f"{server.name} exited ({server.process.returncode}):\n{server.log_tail()}")
+            if ready_event is None or ready_event in server.log_path.read_text(errors="replace"):
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(server.url + path).status_code == 200:
+                        return time.monotonic() - started
+            time.sleep(0.2)
+    raise RuntimeError(f"{server.name} not ready within {START_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
+
+
+# --- completion load ------------------------------------------------------------------------------
+
+
+def make_prompts(count: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(count)]
+
+
+@dataclass
+class LoadResult:
+    label: str
+    requests: int
+    ok: int = 0
+    failures: int = 0
+    tokens: int = 0
+    short: int = 0  # 200s with fewer completion tokens than max_tokens
+    wall_s: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    client_cpu_s: float = 0.0
+    server_cpu: dict[str, float] = field(default_factory=dict)
+    other_cpu_s: float = 0.0  # CPU the rest of the machine used during the run: noise
+    connections: str = ""
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+    def note_error(self, what: str) -> None:
+        self.failures += 1
+        self.errors[what] = self.errors.get(what, 0) + 1
+
+
+def completion_body(prompt: str, args: argparse.Namespace, ignore_eos: bool) -> dict:
+    body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": args.temperature}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+class Transport:
+    """POSTs JSON and returns (status, body); one per load run."""
+
+    description = ""
+    errors: tuple = ()
+
+    async def post(self, url: str, body: dict) -> tuple[int, bytes]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+class AiohttpH1(Transport):
+    """HTTP/1.1 keep-alive connections, at most `connections` of them (aiohttp: a light client)."""
+
+    def __init__(self, connections: int):
+        import aiohttp
+
+        self.errors = (aiohttp.ClientError, asyncio.TimeoutError)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections),
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+        )
+        self.description = f"aiohttp {metadata.version('aiohttp')}, {connections} HTTP/1.1 keep-alive connections"
+
+    async def post(self, url: str, body: dict) -> tuple[int, bytes]:
+        async with self.session.post(url, json=body) as response:
+            return response.status, await response.read()
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class HttpxTransport(Transport):
+    """httpx: HTTP/1.1 with `connections` connections, or h2c (prior knowledge) over `connections` connections."""
+
+    errors = (httpx.HTTPError,)
+
+    def __init__(self, connections: int, http2: bool, streams: int):
+        version = metadata.version("httpx")
+        if http2:
+            # Each client holds one connection and multiplexes its share of the streams on it.
+            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+            self.clients = [
+                httpx.AsyncClient(http1=False, http2=True, limits=limits, timeout=REQUEST_TIMEOUT_S)
+                for _ in range(connections)
+            ]
+            per = -(-streams // connections)
+            self.description = f"httpx {version}, {connections} h2c connections, up to {per} streams each"
+        else:
+            limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+            self.clients = [httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S)]
+            self.description = f"httpx {version}, {connections} HTTP/1.1 keep-alive connections"
+        self._next = 0
+
+    async def post(self, url: str, body: dict) -> tuple[int, bytes]:
+        client = self.clients[self._next % len(self.clients)]
+        self._next += 1
+        response = await client.post(url, json=body)
+        return response.status_code, response.content
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
+def make_transport(args: argparse.Namespace, http2: bool) -> Transport:
+    if http2:
+        return HttpxTransport(max(1, min(args.h2_connections, args.concurrency)), True, args.concurrency)
+    if args.h1_client == "aiohttp":
+        return AiohttpH1(args.concurrency)
+    return HttpxTransport(args.concurrency, False, args.concurrency)
+
+
+async def run_load(
+    label: str,
+    url: str,
+    prompts: list[str],
+    args: argparse.Namespace,
+    *,
+    ignore_eos: bool,
+    http2: bool,
+    total: int,
+    concurrency: int,
+    time_limit_s: float,
+) -> LoadResult:
+    """Closed loop: `concurrency` clients, each sending its next request when the last one is answered."""
+    result = LoadResult(label, total)
+    transport = make_transport(args, http2)
+    result.connections = transport.description
+    issued = 0
+
+    async def client_loop(index: int) -> None:
+        nonlocal issued
+        while issued < total:
+            n = issued
+            issued += 1
+            body = completion_body(prompts[n % len(prompts)], args, ignore_eos)
+            started = time.perf_counter()
+            try:
+                status, content = await transport.post(url + "/v1/completions", body)
+            except transport.errors as exc:
+                result.note_error(type(exc).__name__)
+                continue
+            elapsed = time.perf_counter() - started
+            if status != 200:
+                result.note_error(f"HTTP {status}")
+                continue
+            try:
+                generated = int(json.loads(content)["usage"]["completion_tokens"])
+            except (ValueError, KeyError, TypeError):
+                result.note_error("bad body")
+                continue
+            result.ok += 1
+            result.tokens += generated
+            result.short += generated < args.max_tokens
+            result.latencies.append(elapsed)
+
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    tasks = [asyncio.create_task(client_loop(i)) for i in range(concurrency)]
+    try:
+        done, pending = await asyncio.wait(tasks, timeout=time_limit_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            if task.exception() is not None:
+                result.note_error(f"client crash: {task.exception()!r}")
+    finally:
+        result.wall_s = time.perf_counter() - t0
+        result.client_cpu_s = time.process_time() - cpu0
+        await transport.close()
+    missing = total - result.ok - result.failures
+    if missing > 0:
+        result.failures += missing
+        result.errors[f"not finished within {time_limit_s:g} s"] = missing
+    return result
+
+
+async def warm_up(url: str, prompts: list[str], args: argparse.Namespace, ignore_eos: bool, rounds: int) -> None:
+    """One completion (it also starts the peer's batching loop), then `rounds` bursts at full concurrency."""
+    transport = make_transport(args, http2=False)
+    try:
+        status, content = await transport.post(url + "/v1/completions", completion_body(prompts[0], args, ignore_eos))
+        if status != 200:
+            raise RuntimeError(f"warm-up completion: HTTP {status}: {content[:300]!r}")
+        burst = prompts[-args.concurrency :]
+        for _ in range(rounds):
+            answers = await asyncio.gather(
+                *(transport.post(url + "/v1/completions", completion_body(p, args, ignore_eos)) for p in burst)
+            )
+            bad = [status for status, _ in answers if status != 200]
+            if bad:
+                raise RuntimeError(f"warm-up burst: {len(bad)} non-200 answers ({sorted(set(bad))})")
+    finally:
+        await transport.close()
+
+
+# --- /health load ------------------------------------------------------------------------------
+
+
+@dataclass
+class HealthResult:
+    label: str
+    rps: float = 0.0
+    ok: int = 0
+    failed: int = 0
+    tool: str = ""
+    command: str = ""
+    raw: str = ""
+
+
+def health_load(label: str, url: str, args: argparse.Namespace, *, http2: bool) -> HealthResult:
+    connections, duration = args.health_connections, args.health_duration
+    h2load, wrk = shutil.which("h2load"), shutil.which("wrk")
+    if h2load:
+        argv = [h2load, "-c", str(connections), "-t", str(args.health_threads), "-D", str(duration)]
+        argv += ["--warm-up-time", "2"]
+        argv += [] if http2 else ["--h1"]
+        if http2:
+            argv += ["-m", "10"]  # streams per connection
+        argv.append(url + "/health")
+        out = _run_tool(argv, duration + 30)
+        result = HealthResult(label, tool="h2load", command=shlex.join(argv), raw=out)
+        if m := re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out):
+            result.rps = float(m.group(1))
+        if m := re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out):
+            result.ok = int(m.group(1))
+            result.failed = int(m.group(2)) + int(m.group(3)) + int(m.group(4))
+        if m := re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out):
+            result.failed += int(m.group(2)) + int(m.group(3)) + int(m.group(4))
+        return result
+    if wrk and not http2:
+        argv = [wrk, "-t", str(args.health_threads), "-c", str(connections), "-d", f"{duration}s", url + "/health"]
+        out = _run_tool(argv, duration + 30)
+        result = HealthResult(label, tool="wrk", command=shlex.join(argv), raw=out)
+        if m := re.search(r"Requests/sec:\s+([\d.]+)", out):
+            result.rps = float(m.group(1))
+        if m := re.search(r"(\d+) requests in", out):
+            result.ok = int(m.group(1))
+        for m in re.finditer(r"(?:Non-2xx or 3xx responses|Socket errors: .*?timeout) (\d+)", out):
+            result.failed += int(m.group(1))
+        return result
+    return python_health_load(label, url, args, http2=http2)
+
+
+def _run_tool(argv: list[str], timeout: float) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:
+        return f"timed out after {timeout} s\n{exc.stdout or ''}"
+
+
+@dataclass
+class CrossCheck:
+    label: str
+    command: str
+    rps: float = 0.0
+    ok: int = 0
+    failed: int = 0
+    mean_ms: float = float("nan")
+    raw: str = ""
+
+
+def h2load_completions(
+    label: str, url: str, body: dict, args: argparse.Namespace, work: Path, *, http2: bool
+) -> CrossCheck | None:
+    """The same closed loop driven by h2load (C, so nearly free of client cost), with ONE fixed prompt."""
+    h2load = shutil.which("h2load")
+    if not h2load:
+        return None
+    body_path = work / f"body-{abs(hash(label))}.json"
+    body_path.write_text(json.dumps(body))
+    if http2:
+        connections = max(1, min(args.h2_connections, args.concurrency))
+        shape = ["-c", str(connections), "-m", str(-(-args.concurrency // connections))]
+    else:
+        shape = ["--h1", "-c", str(args.concurrency)]
+    argv = [h2load, "-n", str(args.requests), *shape, "-t", "1", "-d", str(body_path)]
+    argv += ["-H", "content-type: application/json", "-T", str(int(REQUEST_TIMEOUT_S)), url + "/v1/completions"]
+    out = _run_tool(argv, args.load_time_limit)
+    check = CrossCheck(label, shlex.join(argv), raw=out)
+    if m := re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out):
+        check.rps = float(m.group(1))
+    if m := re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out):
+        check.ok = int(m.group(1))
+        check.failed = int(m.group(2)) + int(m.group(3)) + int(m.group(4))
+    if m := re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out):
+        check.ok = min(check.ok, int(m.group(1))) if check.ok else int(m.group(1))
+    if m := re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out):
+        check.mean_ms = _h2load_ms(m.group(3))
+    check.failed = max(check.failed, args.requests - check.ok)
+    return check
+
+
+def _h2load_ms(text: str) -> float:
+    for unit, factor in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    return float("nan")
+
+
+def _python_health_worker(url: str, connections: int, duration: float, http2: bool, queue) -> None:
+    async def main() -> tuple[int, int]:
+        ok = failed = 0
+        deadline = time.monotonic() + duration
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        async with httpx.AsyncClient(http1=not http2, http2=http2, limits=limits, timeout=10) as client:
+
+            async def loop() -> None:
+                nonlocal ok, failed
+                while time.monotonic() < deadline:
+                    try:
+                        response = await client.get(url)
+                        ok += response.status_code == 200
+                        failed += response.status_code != 200
+                    except httpx.HTTPError:
+                        failed += 1
+
+            await asyncio.gather(*(loop() for _ in range(connections)))
+        return ok, failed
+
+    queue.put(asyncio.run(main()))
+
+
+def python_health_load(label: str, url: str, args: argparse.Namespace, *, http2: bool) -> HealthResult:
+    import multiprocessing
+
+    procs_n = max(1, args.health_threads)
+    per = max(1, args.health_connections // procs_n)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_python_health_worker, args=(url + "/health", per, args.health_duration, http2, queue))
+        for _ in range(procs_n)
+    ]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    ok = failed = 0
+    for _ in procs:
+        with contextlib.suppress(Exception):
+            a, b = queue.get(timeout=args.health_duration + 60)
+            ok, failed = ok + a, failed + b
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+    wall = time.perf_counter() - t0
+    return HealthResult(
+        label, rps=ok / wall, ok=ok, failed=failed, tool=f"python httpx, {procs_n} processes", command="(built in)"
+    )
+
+
+# --- daemon processes and memory ---------------------------------------------------------------
+
+
+def daemon_processes(daemon: Server, runtime_dir: Path) -> dict[str, list[int]]:
+    """The daemon's processes by role: supervisor, frontend (Granian main + workers), tokenizer, scheduler, worker."""
+    supervisor = daemon.process.pid
+    status = json.loads((runtime_dir / f"daemon-{supervisor}" / "status.json").read_text())
+    roles: dict[str, list[int]] = {"supervisor": [supervisor]}
+    by_pid: dict[int, str] = {supervisor: "supervisor"}
+    for tier in status["tiers"]:
+        roles.setdefault(tier["tier"], []).append(tier["pid"])
+        by_pid[tier["pid"]] = tier["tier"]
+    # Granian's workers (and anything else started under a tier) carry the marker, with a tier as parent.
+    for pid in marked_pids(supervisor):
+        if pid in by_pid:
+            continue
+        parent = ppid_of(pid)
+        role = by_pid.get(parent, "other")
+        role = "frontend" if role == "frontend" else f"{role} (child)" if role != "other" else "other"
+        roles.setdefault(role, []).append(pid)
+    return roles
+
+
+@dataclass
+class MemorySnapshot:
+    rows: list[tuple[str, int, int, int, str]]  # role, pid, rss, pss, cmdline
+
+    def total(self, roles: set[str]) -> tuple[int, int]:
+        rss = sum(r[2] for r in self.rows if r[0] in roles)
+        pss = sum(r[3] for r in self.rows if r[0] in roles)
+        return rss, pss
+
+
+def snapshot(roles: dict[str, list[int]]) -> MemorySnapshot:
+    rows = []
+    for role, pids in roles.items():
+        for pid in pids:
+            rss, pss = memory_of(pid)
+            rows.append((role, pid, rss, pss, cmdline_of(pid)))
+    return MemorySnapshot(rows)
+
+
+FOUR = {"supervisor", "frontend", "tokenizer", "scheduler"}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes (all their threads), from /proc/<pid>/stat."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent busy (all processes), from /proc/stat."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def idle_cpu_percent(pids: list[int], window_s: float) -> float:
+    before = cpu_seconds(pids)
+    time.sleep(window_s)
+    return 100.0 * (cpu_seconds(pids) - before) / window_s
+
+
+IDLE_WINDOW_S = 3.0
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+# --- logs ------------------------------------------------------------------------------------------
+
+
+def daemon_log_findings(log_path: Path) -> list[str]:
+    """Warnings, errors and tier restarts in the daemon's JSON log."""
+    found, restarts, counts = [], 0, {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if line.strip():
+                counts["non-JSON line"] = counts.get("non-JSON line", 0) + 1
+                if counts["non-JSON line"] <= 5:
+                    found.append(f"non-JSON: {line[:300]}")
+            continue
+        level = str(record.get("level", "")).lower()
+        event = str(record.get("event", ""))
+        if event == "tier.started" and record.get("epoch", 1) != 1:
+            restarts += 1
+        if level in {"warning", "error", "critical", "exception"} or event in {"tier.exited", "tier.crashed"}:
+            key = f"{level} {event}"
+            counts[key] = counts.get(key, 0) + 1
+            if counts[key] <= 3:
+                found.append(json.dumps(record)[:400])
+    summary = [f"{n} x {key}" for key, n in sorted(counts.items())]
+    if restarts:
+        summary.append(f"{restarts} tier restart(s) (tier.started with epoch > 1)")
+    return summary + found
+
+
+def peer_log_findings(log_path: Path) -> list[str]:
+    lines = log_path.read_text(errors="replace").splitlines()
+    bad = [ln for ln in lines if re.search(r"Traceback|ERROR|Exception|error", ln)]
+    non200 = [ln for ln in lines if '"POST /v1/completions' in ln and " 200 " not in ln]
+    out = [f"{len(bad)} error-looking line(s), {len(non200)} non-200 access line(s)"] if bad or non200 else []
+    return out + (bad + non200)[:8]
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def versions() -> str:
+    parts = [f"python {platform.python_version()}"]
+    for dist in ("daemon", "torch", "transformers", "granian", "uvicorn", "fastapi", "httpx", "h2"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            parts.append(f"{dist} {metadata.version(dist)}")
+    if shutil.which("h2load"):
+        out = _run_tool(["h2load", "--version"], 10).strip().splitlines()
+        parts.append(out[0] if out else "h2load")
+    return ", ".join(parts)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DAEMON_")}
+    env.update(extra)
+    return env
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="daemon vs transformers serve on the demo model")
+    p.add_argument("--requests", type=int, default=500, help="completions per load run")
+    p.add_argument("--concurrency", type=int, default=64, help="closed-loop clients")
+    p.add_argument("--repeats", type=int, default=3, help="load runs per configuration; the table shows the median run")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy on both servers")
+    p.add_argument(
+        "--h1-client",
+        choices=("aiohttp", "httpx"),
+        default="aiohttp",
+        help="HTTP/1.1 load client (HTTP/2 always uses httpx)",
+    )
+    p.add_argument("--h2-connections", type=int, default=4, help="h2c connections for the daemon's HTTP/2 run")
+    p.add_argument("--total-time-limit", type=int, default=1800, help="seconds for the whole run, at most")
+    p.add_argument("--load-time-limit", type=float, default=300.0, help="seconds per load run, at most")
+    p.add_argument("--health-connections", type=int, default=128)
+    p.add_argument("--health-duration", type=int, default=10, help="seconds of /health load per server")
+    p.add_argument("--health-threads", type=int, default=1, help="load generator threads (h2load -t / wrk -t)")
+    p.add_argument("--warmup-rounds", type=int, default=2, help="bursts of --concurrency completions before measuring")
+    p.add_argument(
+        "--no-crosscheck",
+        dest="crosscheck",
+        action="store_false",
+        help="skip the extra completion runs driven by h2load (one fixed prompt)",
+    )
+    p.add_argument("--skip-peer", action="store_true", help="no transformers serve (daemon figures only)")
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for both the daemon and the peer (e.g. OMP_NUM_THREADS=1); repeatable. "
+        "Default: none, both run as shipped",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        client_loop = "uvloop"
+    except ImportError:
+        client_loop = "asyncio"
+
+    work = Path(tempfile.mkdtemp(prefix="dm-bench-", dir="/tmp"))
+    runtime_dir = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))  # short: Unix socket paths
+    cache_dir = work / "cache"
+    prompts = make_prompts(max(args.requests, 64))
+    servers: list[Server] = []
+    stops: list[str] = []
+    results: list[LoadResult] = []  # the median run (by req/s) of each configuration
+    all_runs: dict[str, list[LoadResult]] = {}
+    crosschecks: list[CrossCheck] = []
+    health: list[HealthResult] = []
+    notes: list[str] = []
+    mem_idle = mem_after = None
+    peer_rss = None
+    idle_cpu: dict[str, float] = {}
+    exit_code = 0
+
+    # SIGTERM (e.g. from `timeout`) and the overall time limit end the run through the finally below.
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def overtime(signum, frame):
+        raise TimeoutError(f"the whole run took longer than --total-time-limit {args.total_time_limit} s")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGALRM, overtime)
+    signal.alarm(args.total_time_limit)
+
+    print(f"# daemon serving benchmark, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    print(f"machine: nproc={os.cpu_count()} ({cpu_model()}), {platform.platform()}")
+    print(f"versions: {versions()}")
+    print(f"work dir: {work} (runtime.dir {runtime_dir})")
+    print(f"load average at start: {Path('/proc/loadavg').read_text().strip()}")
+
+    try:
+        from daemon.engine.demo_model import ensure_demo_model
+
+        model_dir = ensure_demo_model(cache_dir)
+        print(f"demo model: {model_dir}")
+
+        server_env = dict(kv.split("=", 1) for kv in args.server_env)
+        daemon_port = free_port()
+        daemon = Server(
+            "daemon",
+            [
+                str(BIN / "daemon"),
+                "-c",
+                str(CONFIG),
+                "--set",
+                f"server.port={daemon_port}",
+                "--set",
+                f"runtime.dir={runtime_dir}",
+                "--set",
+                f"runtime.cache_dir={cache_dir}",
+                "--set",
+                "logging.format=json",
+            ],
+            clean_env(**server_env),
+            daemon_port,
+            work / "daemon.log",
+            is_daemon=True,
+        )
+        peer_port = free_port()
+        peer = Server(
+            "transformers serve",
+            [
+                str(BIN / "transformers"),
+                "serve",
+                "--continuous-batching",
+                "--device",
+                "cpu",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(peer_port),
+                str(model_dir),
+            ],
+            clean_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **server_env),
+            peer_port,
+            work / "peer.log",
+        )
+        hello_port = free_port()
+        hello = Server(
+            "granian hello",
+            [str(sys.executable), str(BENCH / "hello_app.py"), "--host", "127.0.0.1", "--port", str(hello_port)],
+            clean_env(),
+            hello_port,
+            work / "hello.log",
+        )
+        from hello_app import granian_settings  # noqa: E402  (bench/ is on sys.path as the script's directory)
+
+        print("\n## commands")
+        extra = "".join(f"{shlex.quote(kv)} " for kv in args.server_env)
+        print(f"daemon: {extra}{shlex.join(daemon.argv)}")
+        print(
+            f"peer:   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 {extra}{shlex.join(peer.argv)}"
+            + ("  (skipped)" if args.skip_peer else "")
+        )
+        print(f"hello:  {shlex.join(hello.argv)}")
+        print(f"        Granian settings: {granian_settings('127.0.0.1', hello_port)}")
+        print(
+            f"load:   {args.concurrency} closed-loop clients, {args.requests} completions per run, "
+            f"max_tokens {args.max_tokens}, temperature {args.temperature}, prompts of 3-9 words (seeded), "
+            f"ignore_eos on the daemon (the peer rejects the field: 422), tokens counted from usage; "
+            f"HTTP/1.1 client {args.h1_client}, HTTP/2 client httpx, on {client_loop}, one client process; "
+            f"each run bounded to {args.load_time_limit:.0f} s"
+        )
+
+        deadline = time.monotonic() + START_TIMEOUT_S
+        daemon.start()
+        servers.append(daemon)
+        if not args.skip_peer:
+            peer.start()
+            servers.append(peer)
+        hello.start()
+        servers.append(hello)
+
+        waited = wait_http_ok(daemon, "/health", deadline, ready_event='"daemon.ready"')
+        print(f"\ndaemon ready after {waited:.1f} s on {daemon.url}")
+        if not args.skip_peer:
+            waited = wait_http_ok(peer, "/health", deadline)
+            print(f"peer answering /health after {waited:.1f} s more on {peer.url}")
+        waited = wait_http_ok(hello, "/", deadline)
+        print(f"granian hello answering on {hello.url}")
+
+        # Warm-up, then idle memory and idle CPU.
+        t0 = time.monotonic()
+        asyncio.run(asyncio.wait_for(warm_up(daemon.url, prompts, args, True, args.warmup_rounds), 120))
+        print(f"daemon warm-up: {time.monotonic() - t0:.1f} s")
+        if not args.skip_peer:
+            t0 = time.monotonic()
+            asyncio.run(asyncio.wait_for(warm_up(peer.url, prompts, args, False, args.warmup_rounds), 180))
+            print(f"peer warm-up: {time.monotonic() - t0:.1f} s")
+        roles = daemon_processes(daemon, runtime_dir)
+        all_daemon = [pid for pids in roles.values() for pid in pids]
+        idle_cpu["daemon (all processes)"] = idle_cpu_percent(all_daemon, IDLE_WINDOW_S)
+        mem_idle = snapshot(roles)
+        if not args.skip_peer:
+            idle_cpu["transformers serve"] = idle_cpu_percent([peer.process.pid], IDLE_WINDOW_S)
+            peer_rss = memory_of(peer.process.pid)
+        for who, pct in idle_cpu.items():
+            print(f"idle CPU over {IDLE_WINDOW_S:.0f} s, {who}: {pct:.1f}% of one core")
+
+        def run_crosscheck(label: str, url: str, ignore_eos: bool, http2: bool) -> None:
+            print(f"\nrunning: {label}, h2load client, one fixed prompt ...", flush=True)
+            check = h2load_completions(
+                label, url, completion_body(prompts[0], args, ignore_eos), args, work, http2=http2
+            )
+            if check is None:
+                print("  (no h2load: skipped)")
+                return
+            crosschecks.append(check)
+            print(f"  {check.command}")
+            print(
+                f"  {check.ok}/{args.requests} ok: {check.rps:.1f} req/s, mean latency {check.mean_ms:.0f} ms, "
+                f"failures {check.failed}"
+            )
+            if not check.rps:
+                print(check.raw[-1500:])
+
+        # Completion load: the peer first, then it is stopped so that it takes no CPU from the daemon's runs.
+        runs = []
+        if not args.skip_peer:
+            runs.append(("transformers serve, HTTP/1.1", peer.url, False, False))
+        runs += [("daemon, HTTP/1.1", daemon.url, True, False), ("daemon, HTTP/2 (h2c)", daemon.url, True, True)]
+        for label, url, ignore_eos, http2 in runs:
+            if label.startswith("daemon") and peer.alive():
+                if args.crosscheck:
+                    run_crosscheck("transformers serve, HTTP/1.1", peer.url, False, False)
+                stops.append(f"{peer.name}: {peer.stop()} (after its run)")
+            watched = roles if label.startswith("daemon") else {"transformers serve": [peer.process.pid]}
+            runs_of_label = []
+            for repeat in range(args.repeats):
+                print(f"\nrunning: {label}, run {repeat + 1}/{args.repeats} ...", flush=True)
+                cpu_before = {role: cpu_seconds(pids) for role, pids in watched.items()}
+                busy_before = machine_busy_seconds()
+                result = asyncio.run(
+                    run_load(
+                        label,
+                        url,
+                        prompts,
+                        args,
+                        ignore_eos=ignore_eos,
+                        http2=http2,
+                        total=args.requests,
+                        concurrency=args.concurrency,
+                        time_limit_s=args.load_time_limit,
+                    )
+                )
+                result.server_cpu = {role: cpu_seconds(pids) - cpu_before[role] for role, pids in watched.items()}
+                result.other_cpu_s = (
+                    machine_busy_seconds() - busy_before - sum(result.server_cpu.values()) - result.client_cpu_s
+                )
+                runs_of_label.append(result)
+                print(
+                    f"  {result.ok}/{result.requests} ok in {result.wall_s:.2f} s: {result.rps:.1f} req/s, "
+                    f"{result.tps:.0f} tok/s, p50 {result.pct(0.5) * 1000:.0f} ms, "
+                    f"p99 {result.pct(0.99) * 1000:.0f} ms, failures {result.failures} {result.errors or ''}; "
+                    f"{result.short} short completions; client CPU {result.client_cpu_s:.1f} s ({result.connections})"
+                )
+                print(
+                    "  server CPU during the run: "
+                    + ", ".join(f"{role} {sec:.1f} s" for role, sec in result.server_cpu.items())
+                    + f" (wall {result.wall_s:.2f} s, {os.cpu_count()} cores); "
+                    f"everything else on the machine (other processes, softirq): {max(0.0, result.other_cpu_s):.1f} s"
+                )
+            all_runs[label] = runs_of_label
+            median = sorted(runs_of_label, key=lambda r: r.rps)[len(runs_of_label) // 2]
+            results.append(median)
+
+        if args.crosscheck:
+            run_crosscheck("daemon, HTTP/1.1", daemon.url, True, False)
+            run_crosscheck("daemon, HTTP/2 (h2c)", daemon.url, True, True)
+
+        # /health.
+        for label, server, http2 in (
+            ("daemon /health, HTTP/1.1", daemon, False),
+            ("granian hello, HTTP/1.1", hello, False),
+            ("daemon /health, HTTP/2 (h2c)", daemon, True),
+            ("granian hello, HTTP/2 (h2c)", hello, True),
+        ):
+            print(f"\nrunning: {label} ...", flush=True)
+            result = health_load(label, server.url, args, http2=http2)
+            health.append(result)
+            print(f"  {result.tool}: {result.command}")
+            print(f"  {result.rps:.0f} req/s, {result.ok} ok, {result.failed} failed")
+            if not result.rps:
+                print(result.raw[-2000:])
+
+        time.sleep(3)
+        mem_after = snapshot(daemon_processes(daemon, runtime_dir))
+    except Exception as exc:  # report what happened, still stop everything and print what was measured
+        exit_code = 1
+        notes.append(f"benchmark aborted: {type(exc).__name__}: {exc}")
+        import traceback
+
+        traceback.print_exc()
+    except KeyboardInterrupt as exc:
+        exit_code = 130
+        notes.append(f"interrupted ({exc or 'SIGINT'})")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the stops below finish
+        for server in reversed(servers):
+            if server.process is not None and (server.alive() or not any(x.startswith(server.name) for x in stops)):
+                stops.append(f"{server.name}: {server.stop()}")
+
+    # --- report ----------------------------------------------------------------------------------
+    print("\n## shutdown")
+    for line in stops:
+        print(f"- {line}")
+    still = [pid for s in servers if s.is_daemon and s.process for pid in marked_pids(s.process.pid)]
+    print(f"- processes left with the daemon's marker: {still or 'none'}")
+
+    for s in servers:
+        findings = daemon_log_findings(s.log_path) if s.is_daemon else peer_log_findings(s.log_path)
+        if s.name == "granian hello":
+            continue
+        print(f"\n## {s.name} log ({s.log_path}): {'nothing notable' if not findings else ''}")
+        for line in findings[:20]:
+            print(f"- {line}")
+
+    if mem_idle:
+        print("\n## daemon memory (RSS and PSS from /proc/<pid>/smaps_rollup)")
+        print("| role | pid | RSS idle after warm-up | PSS | RSS after the load runs | command |")
+        print("|---|---|---|---|---|---|")
+        after = {r[1]: r for r in (mem_after.rows if mem_after else [])}
+        for role, pid, rss, pss, cmd in mem_idle.rows:
+            later = mb(after[pid][2]) if pid in after else "-"
+            print(f"| {role} | {pid} | {mb(rss)} | {mb(pss)} | {later} | `{cmd[:70]}` |")
+        if mem_after:
+            for role, pid, rss, _, cmd in mem_after.rows:
+                if pid not in {r[1] for r in mem_idle.rows}:
+                    print(f"| {role} (new) | {pid} | - | - | {mb(rss)} | `{cmd[:70]}` |")
+        four_rss, four_pss = mem_idle.total(FOUR)
+        worker_rss, worker_pss = mem_idle.total({"worker"})
+        print(
+            f"\nsupervisor + front-end (Granian main and worker) + tokenizer + scheduler: {mb(four_rss)} RSS "
+            f"({mb(four_pss)} PSS); worker: {mb(worker_rss)} RSS ({mb(worker_pss)} PSS)"
+        )
+        if peer_rss:
+            print(f"peer (one process, model included), after warm-up: {mb(peer_rss[0])} RSS ({mb(peer_rss[1])} PSS)")
+
+    print("\n## results")
+    h1_client = (
+        f"aiohttp {metadata.version('aiohttp')}"
+        if args.h1_client == "aiohttp"
+        else f"httpx {metadata.version('httpx')}"
+    )
+    print(
+        f"Machine: {os.cpu_count()} cores ({cpu_model()}); the load client runs on the same cores as the servers. "
+        f"Completions: {args.concurrency} closed-loop clients, {args.requests} requests per run, "
+        f"max_tokens {args.max_tokens}, temperature {args.temperature}, median of {args.repeats} runs "
+        f"(min-max in brackets); HTTP/1.1 client {h1_client}, HTTP/2 client httpx {metadata.version('httpx')} "
+        f"over {args.h2_connections} h2c connections. /health: {args.health_connections} connections for "
+        f"{args.health_duration} s ({health[0].tool if health else '-'}). "
+        f"Servers' extra environment: {' '.join(args.server_env) or 'none (as shipped)'}."
+    )
+    print()
+    print("| measure | daemon | transformers serve / bare Granian | ratio | goal |")
+    print("|---|---|---|---|---|")
+
+    def spread(label: str, value) -> str:
+        values = [value(r) for r in all_runs.get(label, [])]
+        return f" ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else ""
+
+    def failures(label: str) -> str:
+        runs = all_runs.get(label, [])
+        return f"{sum(r.failures for r in runs)} of {sum(r.requests for r in runs)}"
+
+    by = {r.label: r for r in results}
+    peer_label = "transformers serve, HTTP/1.1"
+    peer_r = by.get(peer_label)
+    for label in ("daemon, HTTP/1.1", "daemon, HTTP/2 (h2c)"):
+        r = by.get(label)
+        if not r:
+            continue
+        proto = label.split(", ", 1)[1]
+        vs = " (peer over HTTP/1.1)" if "HTTP/2" in proto else ""
+        rps = lambda x: x.rps  # noqa: E731
+        tps = lambda x: x.tps  # noqa: E731
+        ratio = f"{r.rps / peer_r.rps:.1f}x" if peer_r and peer_r.rps else "-"
+        peer_cell = f"{peer_r.rps:.1f}{spread(peer_label, rps)}" if peer_r else "-"
+        print(f"| completions req/s, {proto} | {r.rps:.1f}{spread(label, rps)} | {peer_cell}{vs} | {ratio} | >= 5x |")
+        ptps = f"{peer_r.tps:.0f}{spread(peer_label, tps)}" if peer_r else "-"
+        tratio = f"{r.tps / peer_r.tps:.1f}x" if peer_r and peer_r.tps else "-"
+        print(f"| generated tokens/s, {proto} | {r.tps:.0f}{spread(label, tps)} | {ptps}{vs} | {tratio} | |")
+        p50 = f"{peer_r.pct(0.5) * 1000:.0f} / {peer_r.pct(0.99) * 1000:.0f}" if peer_r else "-"
+        print(f"| latency p50 / p99 ms, {proto} | {r.pct(0.5) * 1000:.0f} / {r.pct(0.99) * 1000:.0f} | {p50}{vs} | | |")
+        pf = failures(peer_label) if peer_r else "-"
+        print(f"| failures, {proto} (all runs) | {failures(label)} | {pf}{vs} | | 0 |")
+    cc = {c.label: c for c in crosschecks}
+    peer_cc = cc.get(peer_label)
+    for label in ("daemon, HTTP/1.1", "daemon, HTTP/2 (h2c)"):
+        c = cc.get(label)
+        if not c:
+            continue
+        proto = label.split(", ", 1)[1]
+        vs = " (peer over HTTP/1.1)" if "HTTP/2" in proto else ""
+        ratio = f"{c.rps / peer_cc.rps:.1f}x" if peer_cc and peer_cc.rps else "-"
+        peer_cell = f"{peer_cc.rps:.1f}, {peer_cc.failed} failed{vs}" if peer_cc else "-"
+        print(
+            f"| cross-check: completions req/s, {proto}, h2load client, one fixed prompt | "
+            f"{c.rps:.1f}, {c.failed} failed | {peer_cell} | {ratio} | |"
+        )
+    hb = {h.label: h for h in health}
+    for proto in ("HTTP/1.1", "HTTP/2 (h2c)"):
+        d, g = hb.get(f"daemon /health, {proto}"), hb.get(f"granian hello, {proto}")
+        if d and g:
+            ratio = f"{d.rps / g.rps:.2f}" if g.rps else "-"
+            goal = ">= 0.5" if proto == "HTTP/1.1" else ""
+            print(
+                f"| /health req/s, {proto}, {args.health_connections} conns | {d.rps:.0f} | "
+                f"{g.rps:.0f} (bare Granian hello) | {ratio} | {goal} |"
+            )
+            if d.failed or g.failed:
+                print(f"| /health failures, {proto} | {d.failed} | {g.failed} | | 0 |")
+    if mem_idle:
+        four_rss, _ = mem_idle.total(FOUR)
+        worker_rss, _ = mem_idle.total({"worker"})
+        print(f"| idle RSS: supervisor + front-end (2 procs) + tokenizer + scheduler | {mb(four_rss)} | | | < 500 MB |")
+        print(f"| idle RSS: model worker | {mb(worker_rss)} | | | |")
+        if peer_rss:
+            print(f"| RSS after warm-up, whole server | | {mb(peer_rss[0])} (transformers serve) | | |")
+    for note in notes:
+        print(f"\nNOTE: {note}")
+    if args.keep or exit_code:
+        print(f"\nlogs kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(runtime_dir, ignore_errors=True)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
