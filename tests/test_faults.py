@@ -313,6 +313,7 @@ class Load:
     def __init__(
         self, daemon: RunningDaemon, *, copies: int = 1, max_tokens: int = LOAD_MAX_TOKENS, http2: bool = True
     ):
+        self.daemon = daemon
         self.outcomes: list[Outcome] = []
         self.threads: list[threading.Thread] = []
         index = 0
@@ -347,6 +348,14 @@ class Load:
             timeout,
             interval=0.02,
             what="first chunks of every stream",
+        )
+        # and every request, streamed or not, is in the engine: none still on its way in, which a
+        # fault (or a drain, which closes connections whose request was not read yet) would race
+        until(
+            lambda: engine_figures(self.daemon)[0] >= len(self.outcomes),
+            timeout,
+            interval=0.05,
+            what=f"{len(self.outcomes)} requests running in the engine",
         )
         early = [o for o in self.outcomes if o.ended_at is not None]
         assert not early, f"requests ended before the fault: {early}"
