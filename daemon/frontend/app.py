@@ -45,6 +45,15 @@ class Application:
     def __init__(self) -> None:
         self.tier: Tier | None = None
         self.gateway: Gateway | None = None
+        self.routes: dict[str, tuple[str, Callable[..., Awaitable[None]]]] = {
+            "/health": ("GET", self._health),
+            "/health_generate": ("GET", self._health_generate),
+            "/metrics": ("GET", self._metrics),
+            "/server_info": ("GET", self._server_info),
+            "/v1/models": ("GET", self._models),
+            "/v1/completions": ("POST", self._completions),
+            "/v1/chat/completions": ("POST", self._chat_completions),
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -81,16 +90,7 @@ class Application:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
-        routes: dict[str, tuple[str, Callable[..., Awaitable[None]]]] = {
-            "/health": ("GET", self._health),
-            "/health_generate": ("GET", self._health_generate),
-            "/metrics": ("GET", self._metrics),
-            "/server_info": ("GET", self._server_info),
-            "/v1/models": ("GET", self._models),
-            "/v1/completions": ("POST", self._completions),
-            "/v1/chat/completions": ("POST", self._chat_completions),
-        }
-        route = routes.get(path.rstrip("/") or "/")
+        route = self.routes.get(path.rstrip("/") or "/")
         answered: list[int] = []
 
         async def counted(message: dict[str, Any]) -> None:
