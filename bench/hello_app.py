@@ -5,9 +5,8 @@ with the same small JSON body as the daemon's /health, and nothing else runs in 
 
     python bench/hello_app.py --host 127.0.0.1 --port 9000
 
-The Granian arguments mirror daemon/frontend/server.py for the default configuration
-(configs/server.toml: HTTP/1.1 + HTTP/2, one worker, uvloop, backlog 1024, 200
-HTTP/2 streams, no TLS, no access log).
+Granian runs with the arguments the daemon's front-end derives from
+configs/server.toml (daemon.frontend.server.granian_options), on the given host and port.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 BODY = b'{"status":"ok"}'
 HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
@@ -34,22 +34,14 @@ async def app(scope, receive, send):
         await send({"type": "http.response.body", "body": BODY})
 
 
-# The keyword arguments bench/serve.py prints, so the report shows exactly what ran.
-def granian_settings(host: str, port: int) -> dict:
-    return {
-        "address": host,
-        "port": port,
-        "interface": "asgi",
-        "http": "auto",
-        "workers": 1,
-        "loop": "uvloop",
-        "backlog": 1024,
-        "http2_max_concurrent_streams": 200,
-        "workers_kill_timeout": 30,
-        "respawn_failed_workers": True,
-        "log_level": "info",
-        "log_access": False,
-    }
+def granian_options(host: str, port: int) -> dict:
+    """The daemon front-end's Granian arguments for configs/server.toml, on `host`:`port`."""
+    from daemon.config import load_config
+    from daemon.frontend.server import granian_options as daemon_options
+
+    config_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "server.toml")
+    config = load_config(Path(config_file), environ={}, sets=[f"server.host={host}", f"server.port={port}"])
+    return daemon_options(config.settings)
 
 
 def main() -> None:
@@ -59,29 +51,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from granian import Granian
-    from granian.constants import HTTPModes, Interfaces, Loops
-    from granian.http import HTTP2Settings
 
     # Granian's workers import the app by name: make this directory importable for them.
     here = os.path.dirname(os.path.abspath(__file__))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     sys.path.insert(0, here)
-    s = granian_settings(args.host, args.port)
-    Granian(
-        "hello_app:app",
-        address=s["address"],
-        port=s["port"],
-        interface=Interfaces.ASGI,
-        http=HTTPModes.auto,
-        workers=s["workers"],
-        loop=Loops.uvloop,
-        backlog=s["backlog"],
-        http2_settings=HTTP2Settings(max_concurrent_streams=s["http2_max_concurrent_streams"]),
-        workers_kill_timeout=s["workers_kill_timeout"],
-        respawn_failed_workers=s["respawn_failed_workers"],
-        log_level=s["log_level"],
-        log_access=s["log_access"],
-    ).serve()
+    Granian("hello_app:app", **granian_options(args.host, args.port)).serve()
 
 
 if __name__ == "__main__":

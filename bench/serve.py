@@ -849,7 +849,7 @@ def main() -> int:
             hello_port,
             work / "hello.log",
         )
-        from hello_app import granian_settings  # noqa: E402  (bench/ is on sys.path as the script's directory)
+        from hello_app import granian_options  # noqa: E402  (bench/ is on sys.path as the script's directory)
 
         print("\n## commands")
         extra = "".join(f"{shlex.quote(kv)} " for kv in args.server_env)
@@ -859,7 +859,9 @@ def main() -> int:
             + ("  (skipped)" if args.skip_peer else "")
         )
         print(f"hello:  {shlex.join(hello.argv)}")
-        print(f"        Granian settings: {granian_settings('127.0.0.1', hello_port)}")
+        options = {key: str(value) for key, value in granian_options("127.0.0.1", hello_port).items()}
+        options.pop("log_dictconfig")
+        print(f"        Granian settings: {options}")
         print(
             f"load:   {args.concurrency} closed-loop clients, {args.requests} completions per run, "
             f"max_tokens {args.max_tokens}, temperature {args.temperature}, prompts of 3-9 words (seeded), "

@@ -248,17 +248,25 @@ def test_api_key_guards_v1(secured):
 
 
 def test_a_full_queue_answers_503_with_retry_after(secured):
-    async def main() -> list[httpx.Response]:
-        async with httpx.AsyncClient(
-            verify=False, base_url=secured.url, timeout=60, headers={"Authorization": "Bearer s3cret"}
-        ) as http:
-            body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
-            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(4)))
+    """max_running_requests 1, max_queued_requests 1: with one request generating (a couple of
+    seconds: 1,500 tokens) and one waiting, the next is refused at once."""
+    auth = {"Authorization": "Bearer s3cret"}
+    long = {"prompt": "x", "max_tokens": 1500, "ignore_eos": True, "stream": True}
 
-    responses = asyncio.run(main())
-    statuses = sorted(r.status_code for r in responses)
-    assert statuses.count(200) >= 2 and 503 in statuses, statuses
-    refused = next(r for r in responses if r.status_code == 503)
+    async def main() -> tuple[int, httpx.Response, int]:
+        async with httpx.AsyncClient(verify=False, base_url=secured.url, timeout=60, headers=auth) as http:
+            async with http.stream("POST", "/v1/completions", json=long) as running:
+                lines = running.aiter_lines()
+                await anext(lines)  # generating now
+                queued = asyncio.create_task(http.post("/v1/completions", json={**long, "stream": False}))
+                await asyncio.sleep(0.3)  # the second request reaches the queue
+                refused = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+                async for _line in lines:
+                    pass
+            return running.status_code, refused, (await queued).status_code
+
+    running, refused, queued = asyncio.run(main())
+    assert (running, refused.status_code, queued) == (200, 503, 200), refused.text
     assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "server_overloaded"
 
 

@@ -7,6 +7,7 @@ same code, so a file that passes `daemon check` is a file the daemon accepts.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from collections.abc import Iterable, Mapping
@@ -131,7 +132,7 @@ def _validate(merged: Layer) -> tuple[DaemonSettings | None, list[Violation], se
     After an error, the offending value is dropped and validation retried, so
     that the rules can still check the keys that are fine: one run shows all.
     """
-    values = _copy(merged.values)
+    values = copy.deepcopy(merged.values)
     violations: list[Violation] = []
     invalid: set[str] = set()
     for _attempt in range(len(SETTINGS) + 2):
@@ -149,10 +150,6 @@ def _validate(merged: Layer) -> tuple[DaemonSettings | None, list[Violation], se
         for _error, key in new:
             _drop(values, key.split("."))
     return None, violations, invalid
-
-
-def _copy(value: Any) -> Any:
-    return {k: _copy(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def _drop(values: dict[str, Any], path: list[str]) -> None:

@@ -7,6 +7,7 @@ in precedence order: defaults < file < environment < env file < command line.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -292,11 +293,7 @@ def _merge_into(target: dict[str, Any], overlay: Mapping[str, Any]) -> None:
         if isinstance(value, Mapping) and isinstance(target.get(name), dict):
             _merge_into(target[name], value)
         else:
-            target[name] = _copy(value)
-
-
-def _copy(value: Any) -> Any:
-    return {k: _copy(v) for k, v in value.items()} if isinstance(value, Mapping) else value
+            target[name] = copy.deepcopy(value)
 
 
 def merge_layers(layers: Iterable[Layer]) -> Layer:

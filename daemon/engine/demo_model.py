@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from daemon.engine.demo_spec import DEMO_HF_CONFIG
+from daemon.pids import pid_alive
 
 if TYPE_CHECKING:
     import torch
@@ -118,13 +119,9 @@ def ensure_demo_model(cache_dir: Path) -> Path:
 def _remove_abandoned_builds(cache_dir: Path) -> None:
     """Delete staging directories of builders that died mid-build (their PID is in the name)."""
     for leftover in cache_dir.glob(".demo-*.building-*"):
-        try:
-            pid = int(leftover.name.rsplit("-", 2)[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        pid = leftover.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            continue  # not ours to judge, or a live process of another user
 
 
 def demo_dir_name(config: dict[str, Any] = DEMO_HF_CONFIG, build_version: int = BUILD_VERSION) -> str:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from typing import Any
 
 from granian import Granian
 from granian.constants import HTTPModes, Interfaces, Loops
 from granian.http import HTTP2Settings
 
+from daemon.config.schema import DaemonSettings
 from daemon.tier import SPAWNER_VAR, start_tier
 
 APP = "daemon.frontend.app:app"
@@ -27,38 +29,42 @@ GRANIAN_LOGGING = {
 }
 
 
+def granian_options(settings: DaemonSettings) -> dict[str, Any]:
+    """Granian's arguments for these settings (all but the app), in one place: the bench's bare
+    Granian baseline runs with exactly these too."""
+    server, tls = settings.server, settings.server.tls
+    return {
+        "address": server.host,
+        "port": server.port,
+        "interface": Interfaces.ASGI,
+        "http": HTTPModes.auto if server.enable_http2 else HTTPModes.http1,
+        "workers": server.workers,
+        "loop": Loops.uvloop,
+        "backlog": server.backlog,
+        "http2_settings": HTTP2Settings(max_concurrent_streams=server.http2_max_concurrent_streams),
+        "ssl_cert": tls.certfile,
+        "ssl_key": tls.keyfile,
+        "ssl_key_password": tls.keyfile_password.get_secret_value() if tls.keyfile_password else None,
+        "ssl_ca": tls.ca_certs,
+        "ssl_client_verify": tls.verify_client,
+        "ssl_protocol_min": f"tls{tls.min_version}",
+        # Granian's default is to wait forever for connections to finish: bound it by the drain time.
+        "workers_kill_timeout": max(1, math.ceil(settings.runtime.drain_timeout_s)),
+        "respawn_failed_workers": True,
+        "log_level": settings.logging.level,
+        "log_dictconfig": GRANIAN_LOGGING,
+        "log_access": settings.logging.access_log,
+    }
+
+
 def main() -> None:
     tier = start_tier("frontend", stopped_by_supervisor=False)  # Granian drains on SIGTERM
-    server, runtime = tier.settings.server, tier.settings.runtime
     metrics_dir = tier.endpoints.directory / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(mode=0o700)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # the workers inherit it
     os.environ[SPAWNER_VAR] = str(os.getpid())  # Granian's workers die with this process
-    tls = server.tls
-    Granian(
-        APP,
-        address=server.host,
-        port=server.port,
-        interface=Interfaces.ASGI,
-        http=HTTPModes.auto if server.enable_http2 else HTTPModes.http1,
-        workers=server.workers,
-        loop=Loops.uvloop,
-        backlog=server.backlog,
-        http2_settings=HTTP2Settings(max_concurrent_streams=server.http2_max_concurrent_streams),
-        ssl_cert=tls.certfile,
-        ssl_key=tls.keyfile,
-        ssl_key_password=tls.keyfile_password.get_secret_value() if tls.keyfile_password else None,
-        ssl_ca=tls.ca_certs,
-        ssl_client_verify=tls.verify_client,
-        ssl_protocol_min=f"tls{tls.min_version}",
-        # Granian's default is to wait forever for connections to finish: bound it by the drain time.
-        workers_kill_timeout=max(1, math.ceil(runtime.drain_timeout_s)),
-        respawn_failed_workers=True,
-        log_level=tier.settings.logging.level,
-        log_dictconfig=GRANIAN_LOGGING,
-        log_access=tier.settings.logging.access_log,
-    ).serve()
+    Granian(APP, **granian_options(tier.settings)).serve()
 
 
 if __name__ == "__main__":
