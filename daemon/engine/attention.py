@@ -61,15 +61,21 @@ def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, batch: AttentionBatch
 ) -> torch.Tensor:
     """q [T, heads, dim], k and v [T, kv_heads, dim] -> [T, heads, dim]."""
-    cache.keys[batch.slot_mapping] = k
-    cache.values[batch.slot_mapping] = v
+    # index_select/index_copy_ rather than tensor[index]: on CPU they are several times faster
+    cache.keys.index_copy_(0, batch.slot_mapping, k)
+    cache.values.index_copy_(0, batch.slot_mapping, v)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     for group in batch.groups:
-        queries = q[group.query_index].transpose(1, 2)  # [G, heads, Q, dim]
-        keys = cache.keys[group.context_slots].transpose(1, 2)  # [G, kv_heads, L, dim]
-        values = cache.values[group.context_slots].transpose(1, 2)
+        queries = _gather(q, group.query_index).transpose(1, 2)  # [G, heads, Q, dim]
+        keys = _gather(cache.keys, group.context_slots).transpose(1, 2)  # [G, kv_heads, L, dim]
+        values = _gather(cache.values, group.context_slots).transpose(1, 2)
         attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask, enable_gqa=gqa)
         valid = group.query_valid
         out[group.query_index[valid]] = attended.transpose(1, 2)[valid]
     return out
+
+
+def _gather(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows[index] for a 2-D index: [G, L] -> [G, L, *rows.shape[1:]]."""
+    return rows.index_select(0, index.reshape(-1)).view(*index.shape, *rows.shape[1:])

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from daemon.engine.attention import LayerCache
 from daemon.engine.blocks import BLOCK_SIZE
+
+if TYPE_CHECKING:
+    from daemon.engine.runner import SequenceChunk
 
 
 class KVCache:
@@ -35,6 +40,15 @@ class KVCache:
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    def new_token_slots(self, chunks: list[SequenceChunk]) -> list[int]:
+        """The cache slot of every new token of `chunks` (SequenceChunks), in batch order."""
+        size = self.block_size
+        return [
+            c.block_table[p // size] * size + p % size
+            for c in chunks
+            for p in range(c.start, c.start + len(c.token_ids))
+        ]
 
     def slots(self, tables: list[list[int]], lengths: list[int], device: torch.device) -> torch.Tensor:
         """Cache slots of positions [0, length) of each sequence, padded with slot 0: [B, max length]."""

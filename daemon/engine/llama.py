@@ -3,6 +3,9 @@
 Parameter names mirror Hugging Face's, so a checkpoint's state dict loads as is.
 The forward pass works on a packed batch of new tokens (see attention.py) and
 returns hidden states; logits are computed only for the tokens that sample.
+Q, K and V (and gate and up) are computed by one fused matrix product each:
+small batches cost per operator, not per FLOP. The checkpoint's separate
+tensors load into slices of the fused weights (`checkpoint_tensors`).
 """
 
 from __future__ import annotations
@@ -105,16 +108,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Rotate each [T, heads, dim] tensor by its token's position (HF's rotate-half layout)."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        rotated = []
-        for x in tensors:
-            half = x.shape[-1] // 2
-            turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-            rotated.append((x.float() * cos + turned.float() * sin).to(x.dtype))
-        return tuple(rotated)
+    def forward(self, positions: torch.Tensor) -> Rotation:
+        """The rotation of each token of a step, looked up once for all layers."""
+        return Rotation(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+
+
+@dataclass
+class Rotation:
+    cos: torch.Tensor  # [T, 1, dim], float32
+    sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate [T, heads, dim] by each token's position (HF's rotate-half layout)."""
+        half = x.shape[-1] // 2
+        turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return (x.float() * self.cos + turned.float() * self.sin).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -128,36 +136,55 @@ class RMSNorm(nn.Module):
         return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
 
 
+class FusedLinear(nn.Linear):
+    """Several projections of the same input as one: `parts` names each one's output rows, in order."""
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(parts.values()), bias=bias)
+        self.parts = parts
+
+    def part_tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's name (relative to the parent module) -> the slice of this layer it fills."""
+        tensors, row = {}, 0
+        for name, size in self.parts.items():
+            tensors[f"{name}.weight"] = self.weight[row : row + size]
+            if self.bias is not None:
+                tensors[f"{name}.bias"] = self.bias[row : row + size]
+            row += size
+        return tensors
+
+
 class Attention(nn.Module):
     def __init__(self, shape: LlamaShape):
         super().__init__()
         self.shape = shape
         q_size, kv_size = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-        self.q_proj = nn.Linear(shape.hidden_size, q_size, bias=shape.qkv_bias)
-        self.k_proj = nn.Linear(shape.hidden_size, kv_size, bias=shape.qkv_bias)
-        self.v_proj = nn.Linear(shape.hidden_size, kv_size, bias=shape.qkv_bias)
+        self.sizes = [q_size, kv_size, kv_size]
+        parts = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
+        self.qkv_proj = FusedLinear(shape.hidden_size, parts, bias=shape.qkv_bias)
         self.o_proj = nn.Linear(q_size, shape.hidden_size, bias=shape.o_bias)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache, batch: AttentionBatch
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: Rotation, cache: LayerCache, batch: AttentionBatch) -> torch.Tensor:
         tokens, shape = x.shape[0], self.shape
-        q = self.q_proj(x).view(tokens, shape.num_heads, shape.head_dim)
-        k = self.k_proj(x).view(tokens, shape.num_kv_heads, shape.head_dim)
-        v = self.v_proj(x).view(tokens, shape.num_kv_heads, shape.head_dim)
-        q, k = rope(positions, q, k)
+        qk, v = self.qkv_proj(x).split([self.sizes[0] + self.sizes[1], self.sizes[2]], dim=-1)
+        # queries and keys rotate together: one set of operators for both
+        qk = rotation.apply(qk.reshape(tokens, shape.num_heads + shape.num_kv_heads, shape.head_dim))
+        q, k = qk.split([shape.num_heads, shape.num_kv_heads], dim=1)
+        v = v.reshape(tokens, shape.num_kv_heads, shape.head_dim)
         return self.o_proj(paged_attention(q, k, v, cache, batch).reshape(tokens, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, shape: LlamaShape):
         super().__init__()
-        self.gate_proj = nn.Linear(shape.hidden_size, shape.intermediate_size, bias=shape.mlp_bias)
-        self.up_proj = nn.Linear(shape.hidden_size, shape.intermediate_size, bias=shape.mlp_bias)
-        self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=shape.mlp_bias)
+        size = shape.intermediate_size
+        parts = {"gate_proj": size, "up_proj": size}
+        self.gate_up_proj = FusedLinear(shape.hidden_size, parts, bias=shape.mlp_bias)
+        self.down_proj = nn.Linear(size, shape.hidden_size, bias=shape.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -168,10 +195,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache, batch: AttentionBatch
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, batch)
+    def forward(self, x: torch.Tensor, rotation: Rotation, cache: LayerCache, batch: AttentionBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotation, cache, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -198,9 +223,28 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
+        rotation = self.rope(positions)
         for layer, cache in zip(self.model.layers, caches, strict=True):
-            x = layer(x, positions, self.rope, cache, batch)
+            x = layer(x, rotation, cache, batch)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a Hugging Face checkpoint of this model holds, by its name there.
+
+        Fused layers contribute their parts' slices; a tied lm_head is left out
+        (it is the embedding)."""
+        tensors = {}
+        for prefix, module in self.named_modules():
+            dot = f"{prefix}." if prefix else ""
+            if isinstance(module, FusedLinear):
+                parent = prefix.rpartition(".")[0]
+                tensors.update({f"{parent}.{name}": t for name, t in module.part_tensors().items()})
+                continue
+            for name, param in module.named_parameters(recurse=False):
+                tensors[f"{dot}{name}"] = param
+        if self.shape.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        return tensors

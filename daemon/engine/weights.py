@@ -11,21 +11,19 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import nn
 
+from daemon.engine.llama import LlamaForCausalLM
 from daemon.engine.model_dir import ModelDirError, Problem, inspect_model_dir
 
 # Buffers HF checkpoints sometimes carry that the model recomputes itself.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_weights(model: nn.Module, model_dir: Path) -> None:
+def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
     """Copy the checkpoint's tensors into `model` (already on its device, in its dtype)."""
     info = inspect_model_dir(model_dir)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    tied = getattr(model, "shape", None) is not None and model.shape.tie_word_embeddings
-    if tied:
-        params.pop("lm_head.weight", None)  # shares embed_tokens.weight
+    params = model.checkpoint_tensors()
+    tied = model.shape.tie_word_embeddings
     loaded: set[str] = set()
     unexpected: list[str] = []
     for shard in info.weight_files:
@@ -51,7 +49,7 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
         raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{model_dir} does not match its config: {'; '.join(problems)}")
 
 
-def _copy_into(param: nn.Parameter, tensor: torch.Tensor, name: str, shard: Path) -> None:
+def _copy_into(param: torch.Tensor, tensor: torch.Tensor, name: str, shard: Path) -> None:
     if tuple(tensor.shape) != tuple(param.shape):
         raise ModelDirError(
             Problem.WEIGHTS_CORRUPT,
