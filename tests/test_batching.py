@@ -3,11 +3,14 @@
 The scheduler's batcher and the worker's step execution talk through the same
 messages as the tiers do, encoded and decoded as on the wire; only the sockets
 are left out. Greedy outputs of requests batched together, chunked, preempted
-or recomputed must equal those of the same requests run alone.
+or recomputed must equal those of the same requests run alone, whether steps
+run one at a time or pipelined as the scheduler runs them (the next step
+planned before the previous one's tokens are known).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from daemon.engine.demo_model import ensure_demo_model
 from daemon.engine.demo_spec import DEMO_HF_CONFIG
 from daemon.engine.runner import ModelRunner
 from daemon.ipc.messages import (
+    SAMPLED_LAST_STEP,
     Sampling,
     ScheduleRequest,
     SequenceUpdate,
@@ -27,7 +31,7 @@ from daemon.ipc.messages import (
     decoder,
     encode,
 )
-from daemon.scheduler.batcher import Batcher, Limits
+from daemon.scheduler.batcher import PIPELINE_DEPTH, Batcher, Limits
 from daemon.worker.execute import execute
 
 EOS = 3  # the demo tokenizer's <|im_end|>
@@ -42,7 +46,11 @@ def demo_dir(tmp_path_factory) -> Path:
 class Harness:
     """A batcher and a runner joined by encoded messages; counts what happened."""
 
-    def __init__(self, demo_dir: Path, *, num_blocks=64, running=8, queued=100, chunk=2048, policy="fcfs"):
+    def __init__(
+        self, demo_dir: Path, *, num_blocks=64, running=8, queued=100, chunk=2048, policy="fcfs", pipelined=True
+    ):
+        self.depth = PIPELINE_DEPTH if pipelined else 1
+        self.in_flight: deque[StepPlan] = deque()
         self.runner = ModelRunner(demo_dir, num_blocks=num_blocks, device="cpu", dtype="float32")
         limits = Limits(running, queued, chunk, policy)
         self.batcher = Batcher(BlockManager(num_blocks), limits, DEMO_HF_CONFIG["max_position_embeddings"], [EOS])
@@ -59,12 +67,14 @@ class Harness:
             self._record(update)
 
     def step(self) -> bool:
-        plan = self.batcher.plan()
-        if plan is None:
+        """Plan what the pipeline has room for, then run the oldest step; False when idle."""
+        while len(self.in_flight) < self.depth and (plan := self.batcher.plan()) is not None:
+            plan = to_worker.decode(encode(plan))
+            self.plans.append(plan)
+            self.in_flight.append(plan)
+        if not self.in_flight:
             return False
-        plan = to_worker.decode(encode(plan))
-        self.plans.append(plan)
-        result = to_scheduler.decode(encode(execute(self.runner, plan)))
+        result = to_scheduler.decode(encode(execute(self.runner, self.in_flight.popleft())))
         assert isinstance(result, StepResult)
         for updates in self.batcher.complete(result).values():
             for update in updates:
@@ -100,8 +110,9 @@ def expected(demo_dir: Path) -> dict[str, list[int]]:
     return {rid: solo(demo_dir, prompt, 12) for rid, prompt in PROMPTS.items()}
 
 
-def test_a_batch_gives_each_request_what_it_gets_alone(demo_dir, expected):
-    harness = Harness(demo_dir)
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "serial"])
+def test_a_batch_gives_each_request_what_it_gets_alone(demo_dir, expected, pipelined):
+    harness = Harness(demo_dir, pipelined=pipelined)
     for rid, prompt in PROMPTS.items():
         harness.submit(rid, prompt, 12, ignore_eos=True)
     harness.run()
@@ -111,8 +122,9 @@ def test_a_batch_gives_each_request_what_it_gets_alone(demo_dir, expected):
     assert harness.batcher.blocks.free_blocks == 64  # every block came back
 
 
-def test_requests_join_the_running_batch_between_steps(demo_dir, expected):
-    harness = Harness(demo_dir)
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "serial"])
+def test_requests_join_the_running_batch_between_steps(demo_dir, expected, pipelined):
+    harness = Harness(demo_dir, pipelined=pipelined)
     ids = list(PROMPTS)
     harness.submit(ids[0], PROMPTS[ids[0]], 12, ignore_eos=True)
     for rid in ids[1:]:
@@ -124,8 +136,9 @@ def test_requests_join_the_running_batch_between_steps(demo_dir, expected):
     assert mixed, "no step mixed decodes with a new prompt"
 
 
-def test_chunked_prefill_splits_long_prompts_and_keeps_outputs(demo_dir, expected):
-    harness = Harness(demo_dir, chunk=16)
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "serial"])
+def test_chunked_prefill_splits_long_prompts_and_keeps_outputs(demo_dir, expected, pipelined):
+    harness = Harness(demo_dir, chunk=16, pipelined=pipelined)
     for rid, prompt in PROMPTS.items():
         harness.submit(rid, prompt, 12, ignore_eos=True)
     harness.run()
@@ -134,8 +147,11 @@ def test_chunked_prefill_splits_long_prompts_and_keeps_outputs(demo_dir, expecte
     assert any(not c.sample for p in harness.plans for c in p.chunks)  # some prompt took several steps
 
 
-def test_a_small_cache_preempts_and_recomputes_without_changing_outputs(demo_dir, expected):
-    harness = Harness(demo_dir, num_blocks=12)  # 192 token slots for ten requests of up to 98 tokens
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "serial"])
+def test_a_small_cache_preempts_and_recomputes_without_changing_outputs(demo_dir, expected, pipelined):
+    harness = Harness(
+        demo_dir, num_blocks=12, pipelined=pipelined
+    )  # 192 token slots for ten requests of up to 98 tokens
     for rid, prompt in PROMPTS.items():
         harness.submit(rid, prompt, 12, ignore_eos=True)
     harness.run()
@@ -187,19 +203,37 @@ def test_aborts_free_the_cache_wherever_the_request_is(demo_dir):
     harness.batcher.abort("queued")
     harness.batcher.abort("unknown")  # already gone: nothing happens
     assert harness.batcher.blocks.free_blocks == 64
-    assert not harness.step()  # nothing left to run
+    planned = len(harness.plans)
+    harness.run()  # a step already in flight completes; its tokens go nowhere
+    assert harness.plans[planned:] == []  # nothing new to run
     assert "running" not in harness.finish  # the aborting side already knows; nothing is sent back
 
 
-def test_finish_reasons(demo_dir, expected):
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "serial"])
+def test_finish_reasons(demo_dir, expected, pipelined):
     first_token = expected["r2"][0]
-    harness = Harness(demo_dir)
+    harness = Harness(demo_dir, pipelined=pipelined)
     harness.submit("max", PROMPTS["r2"], 3, ignore_eos=True)
     harness.submit("stop-id", PROMPTS["r2"], 20, stop_token_ids=(first_token,))
     harness.run()
     assert harness.finish == {"max": "length", "stop-id": "stop"}
     assert harness.outputs["max"] == expected["r2"][:3]
     assert harness.outputs["stop-id"] == [first_token]  # the stop token is reported; the tokenizer hides it
+
+
+def test_pipelined_steps_decode_the_token_in_flight_and_drop_what_an_ending_wastes(demo_dir, expected):
+    first_token = expected["r2"][0]
+    harness = Harness(demo_dir)
+    harness.submit("max", PROMPTS["r2"], 3, ignore_eos=True)
+    harness.submit("stop-id", PROMPTS["r2"], 20, stop_token_ids=(first_token,))
+    harness.run()
+    chunks = {seq_id: [c for p in harness.plans for c in p.chunks if c.seq_id == seq_id] for seq_id in (1, 2)}
+    placeholders = [c for c in chunks[1] if c.token_ids == [SAMPLED_LAST_STEP]]
+    assert len(placeholders) == 2  # every decode of "max" was planned before its token was known
+    assert len(chunks[1]) == 3  # prefill + 2 decodes: an end by length is never planned past
+    assert len(chunks[2]) == 2  # the stop token was not known in time: one wasted decode...
+    assert harness.outputs["stop-id"] == [first_token]  # ... whose token is dropped
+    assert harness.batcher.blocks.free_blocks == 64
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "lof", "priority"])

@@ -487,7 +487,7 @@ def test_kill_one_frontend_worker_process_under_load(launch):
     workers = sorted(set(descendants(daemon.pid)) - tiers)
     assert len(workers) == 2, describe(workers)
 
-    load = Load(daemon, copies=2, max_tokens=250)
+    load = Load(daemon, copies=2, max_tokens=1000)
     load.wait_streaming()
 
     # every client's connection accepted by one of the two workers (the last ones may still be connecting)

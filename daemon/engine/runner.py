@@ -68,6 +68,7 @@ class ModelRunner:
         self.resize_cache(num_blocks)
         self._seeds = torch.Generator().manual_seed(seed)
         self._generators: dict[int, torch.Generator] = {}
+        self.last_sampled: dict[int, int] = {}  # the previous step's tokens, by sequence
 
     def resize_cache(self, num_blocks: int) -> None:
         """(Re)allocate the KV cache with `num_blocks` blocks; its contents are lost."""
@@ -81,13 +82,15 @@ class ModelRunner:
         samplers = [c for c in chunks if c.sample]
         logits = self.logits(chunks)
         tokens = sample(logits, [c.sampling for c in samplers], [self._generator(c) for c in samplers])
-        return {c.seq_id: token for c, token in zip(samplers, tokens, strict=True)}
+        self.last_sampled = {c.seq_id: token for c, token in zip(samplers, tokens, strict=True)}
+        return self.last_sampled
 
     @torch.inference_mode()
     def logits(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """Run one forward pass over `chunks`: next-token logits [chunks that sample, vocab], float32."""
         input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=self.device)
-        positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks]).to(self.device)
+        positions = [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
+        positions = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, positions, self.cache.layers, self._attention_batch(chunks))
         offsets = _offsets(chunks)
         last_rows = [offsets[i + 1] - 1 for i, c in enumerate(chunks) if c.sample]
@@ -100,6 +103,7 @@ class ModelRunner:
     def forget_all(self) -> None:
         """Forget every sequence (a new scheduler numbers them afresh)."""
         self._generators.clear()
+        self.last_sampled = {}
 
     def _generator(self, chunk: SequenceChunk) -> torch.Generator | None:
         if chunk.sampling.greedy:
@@ -115,7 +119,7 @@ class ModelRunner:
         ends = [c.start + len(c.token_ids) for c in chunks]
         context = self.cache.slots([c.block_table for c in chunks], ends, self.device)  # [B, max end]
         rows = _offsets(chunks)
-        slot_mapping = torch.cat([context[i, c.start : ends[i]] for i, c in enumerate(chunks)])
+        slot_mapping = torch.tensor(self.cache.new_token_slots(chunks), dtype=torch.long, device=self.device)
         groups = []
         for members in (
             [i for i, c in enumerate(chunks) if len(c.token_ids) == 1],

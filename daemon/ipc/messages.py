@@ -108,9 +108,14 @@ class StepTokens(msgspec.Struct, frozen=True, tag=True):
 # --- scheduler <-> worker -----------------------------------------------------------------------
 
 
+# A chunk's token that the previous step samples: the scheduler plans a step before it
+# knows the tokens of the one in flight, and the worker fills them in.
+SAMPLED_LAST_STEP = -1
+
+
 class PlannedChunk(msgspec.Struct, frozen=True, array_like=True):
     seq_id: int
-    token_ids: list[int]
+    token_ids: list[int]  # may be [SAMPLED_LAST_STEP]
     start: int
     block_table: list[int]
     sample: bool
@@ -147,6 +152,20 @@ class TierEvent(msgspec.Struct, frozen=True, tag=True):
     index: int
     epoch: int  # how many times the supervisor has started this tier
     state: Literal["up", "down", "draining"]
+
+
+class TokenizerHello(msgspec.Struct, frozen=True, tag=True):
+    """A starting tokenizer worker asking the scheduler to answer (with SchedulerHello).
+
+    The answer proves that the scheduler's path back to the worker is connected:
+    tokens sent on a path still connecting would be lost and their request hang.
+    """
+
+    index: int
+
+
+class SchedulerHello(msgspec.Struct, frozen=True, tag=True):
+    pid: int
 
 
 class WorkerReady(msgspec.Struct, frozen=True, tag=True):
@@ -188,8 +207,8 @@ class DaemonStatus(msgspec.Struct, frozen=True):
     tiers: list[TierStatus]
 
 
-ToTokenizer = GenerateRequest | AbortRequest | StepTokens
-ToScheduler = ScheduleRequest | AbortRequest | StepResult | WorkerReady
+ToTokenizer = GenerateRequest | AbortRequest | StepTokens | SchedulerHello
+ToScheduler = ScheduleRequest | AbortRequest | StepResult | WorkerReady | TokenizerHello
 ToWorker = StepPlan
 ToFrontend = OutputBatch
 ToSupervisor = TierReady

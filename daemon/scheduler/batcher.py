@@ -8,18 +8,36 @@ bounded by `max_running_requests` and by the KV cache: a request is admitted
 only when its whole prompt fits, and when decoding outgrows the cache the most
 expendable running sequence is preempted: it gives its blocks back and is
 queued again, to be recomputed later.
+
+Steps are pipelined: the next step is planned while the previous one runs, so
+the worker goes from one to the next without waiting for the scheduler. A
+sequence whose next token the running step samples decodes it in the next step
+as a placeholder (SAMPLED_LAST_STEP) that the worker fills in. If that token
+ends the sequence (EOS, a stop token), its place in the next step is wasted and
+its result dropped; an end by length is known in advance and never planned.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from daemon.engine.blocks import BlockManager
-from daemon.ipc.messages import ErrorInfo, PlannedChunk, ScheduleRequest, SequenceUpdate, StepPlan, StepResult
+from daemon.ipc.messages import (
+    SAMPLED_LAST_STEP,
+    ErrorInfo,
+    PlannedChunk,
+    ScheduleRequest,
+    SequenceUpdate,
+    StepPlan,
+    StepResult,
+)
 from daemon.scheduler.policy import Policy, admission_order, preemption_victim
 from daemon.scheduler.sequence import Phase, Sequence
+
+PIPELINE_DEPTH = 2  # steps in flight at once: the one running and the next, waiting for the worker
 
 
 @dataclass
@@ -51,7 +69,7 @@ class Batcher:
         self._by_request: dict[str, Sequence] = {}
         self._seq_ids = itertools.count(1)
         self._steps = itertools.count(1)
-        self._in_flight: list[_Work] = []
+        self._in_flight: deque[tuple[int, list[_Work]]] = deque()  # (step, its work), oldest first
         self._finished_ids: list[int] = []
         self._rejected: list[tuple[int, SequenceUpdate]] = []
 
@@ -115,21 +133,25 @@ class Batcher:
 
     @property
     def busy(self) -> bool:
-        return bool(self._in_flight)
+        """Whether the pipeline is full: no step can be planned until one completes."""
+        return len(self._in_flight) >= PIPELINE_DEPTH
 
     def plan(self) -> StepPlan | None:
-        """The next step, or None when there is nothing to run. One step at a time."""
-        assert not self._in_flight, "the previous step has not completed"
+        """The next step, or None when there is nothing to run."""
+        assert not self.busy, "the pipeline is full"
         budget = self.limits.chunked_prefill_size if self.limits.chunked_prefill_size > 0 else 1 << 62
         work: list[_Work] = []
         scheduled: set[int] = set()
         for seq in list(self.running):
             if seq.phase is not Phase.RUNNING:  # preempted to make room for an older one
                 continue
-            tokens = 1 if seq.pending == 1 else min(seq.pending, budget)  # decodes never wait for budget
-            if tokens <= 0 or not self._make_room(seq, seq.computed + tokens, scheduled):
+            if seq.ends_in_flight(self.context_length):
                 continue
-            work.append(_Work(seq, tokens, tokens == seq.pending))
+            pending = seq.unplanned
+            tokens = 1 if pending == 1 else min(pending, budget)  # decodes never wait for budget
+            if tokens <= 0 or not self._make_room(seq, seq.planned + tokens, scheduled):
+                continue
+            work.append(_Work(seq, tokens, tokens == pending))
             scheduled.add(seq.seq_id)
             budget -= tokens
         for seq in admission_order(self.waiting, self.limits.policy):
@@ -146,33 +168,34 @@ class Batcher:
             budget -= tokens
         if not work:
             return None
-        self._in_flight = work
+        chunks = [self._chunk(w) for w in work]  # before the counts below move on
+        for w in work:
+            w.seq.in_flight += w.tokens
+            w.seq.samples_in_flight += w.sample
+        step = next(self._steps)
+        self._in_flight.append((step, work))
         finished, self._finished_ids = self._finished_ids, []
-        return StepPlan(
-            step=next(self._steps),
-            scheduler_epoch=self.epoch,
-            chunks=[
-                PlannedChunk(
-                    seq_id=w.seq.seq_id,
-                    token_ids=w.seq.token_ids[w.seq.computed : w.seq.computed + w.tokens],
-                    start=w.seq.computed,
-                    block_table=list(self.blocks.table(w.seq.seq_id)),
-                    sample=w.sample,
-                    sampling=w.seq.sampling,
-                )
-                for w in work
-            ],
-            finished=finished,
-        )
+        return StepPlan(step=step, scheduler_epoch=self.epoch, chunks=chunks, finished=finished)
+
+    def _chunk(self, work: _Work) -> PlannedChunk:
+        seq, start = work.seq, work.seq.planned
+        # past the known tokens: the one the step in flight samples
+        token_ids = seq.token_ids[start : start + work.tokens] if start < seq.length else [SAMPLED_LAST_STEP]
+        table = list(self.blocks.table(seq.seq_id))
+        return PlannedChunk(seq.seq_id, token_ids, start, table, work.sample, seq.sampling)
 
     def complete(self, result: StepResult) -> dict[int, list[SequenceUpdate]]:
         """Apply a finished step; returns the updates to send, by tokenizer worker."""
-        work, self._in_flight = self._in_flight, []
+        if not self._in_flight or self._in_flight[0][0] != result.step:
+            return {}  # not the step we are waiting for: a lost worker's, already failed
+        _step, work = self._in_flight.popleft()
         updates: dict[int, list[SequenceUpdate]] = {}
         for item in work:
             seq = item.seq
+            seq.in_flight -= item.tokens
+            seq.samples_in_flight -= item.sample
             if seq.phase is not Phase.RUNNING:
-                continue  # aborted while the step ran
+                continue  # aborted, or ended by a token of the previous step, while this one ran
             if result.error is not None:
                 self._end(seq, "error")
                 error = ErrorInfo(500, f"the engine failed: {result.error}", type="server_error")
@@ -196,7 +219,7 @@ class Batcher:
             updates.setdefault(seq.tokenizer, []).append(SequenceUpdate(seq.request_id, [], "error", error))
             self._end(seq, "error")
         self.waiting.clear()
-        self._in_flight = []
+        self._in_flight.clear()
         return updates
 
     # --- the cache ----------------------------------------------------------------------------
@@ -206,9 +229,13 @@ class Batcher:
 
         Sequences already `scheduled` in this step are never preempted: their
         chunks would write into blocks handed to someone else in the same step.
+        Nor are those with a step in flight, whose results would land on a
+        sequence that has started again.
         """
         while not self.blocks.can_grow(seq.seq_id, tokens):
-            candidates = [s for s in self.running if s.seq_id not in scheduled]
+            candidates = [s for s in self.running if s.seq_id not in scheduled and not s.in_flight]
+            if not candidates:
+                return False  # room comes back when the steps in flight complete
             victim = preemption_victim(candidates, self.limits.policy)
             self._preempt(victim)
             if victim is seq:
@@ -218,6 +245,7 @@ class Batcher:
 
     def _preempt(self, seq: Sequence) -> None:
         """Give `seq`'s cache back and queue it again; it is recomputed from its tokens when readmitted."""
+        assert not seq.in_flight, "a sequence with a step in flight is never preempted"
         self.running.remove(seq)
         self.blocks.release(seq.seq_id)
         seq.computed = 0

@@ -26,6 +26,8 @@ class Sequence:
     arrival: float = 0.0
     output_ids: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose keys and values are in the cache
+    in_flight: int = 0  # tokens in steps planned but not completed
+    samples_in_flight: int = 0  # tokens those steps will sample (not yet in output_ids)
     phase: Phase = Phase.WAITING
     finish_reason: FinishReason | None = None
     unsent: list[int] = field(default_factory=list)  # sampled but not yet sent to the tokenizer
@@ -47,6 +49,24 @@ class Sequence:
         processes the last of them.
         """
         return self.length - self.computed
+
+    @property
+    def planned(self) -> int:
+        """Positions whose keys and values are in the cache once the steps in flight complete."""
+        return self.computed + self.in_flight
+
+    @property
+    def unplanned(self) -> int:
+        """`pending`, seen from the next step to plan: it counts the tokens the steps in flight
+        will sample and leaves out those they process."""
+        return self.length + self.samples_in_flight - self.planned
+
+    def ends_in_flight(self, context_length: int) -> bool:
+        """Whether the tokens being sampled in flight are certainly its last (by length)."""
+        if not self.samples_in_flight:
+            return False
+        outputs = len(self.output_ids) + self.samples_in_flight
+        return outputs >= self.sampling.max_tokens or self.length + self.samples_in_flight >= context_length
 
     def finish_reason_after(self, token: int, context_length: int) -> FinishReason | None:
         """Why the sequence ends with `token` appended, if it does."""

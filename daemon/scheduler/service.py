@@ -8,6 +8,7 @@ completes, so the worker never idles while there is work.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -20,12 +21,14 @@ from daemon.ipc.messages import (
     Broadcast,
     ErrorInfo,
     ScheduleRequest,
+    SchedulerHello,
     SchedulerStats,
     SequenceUpdate,
     StepResult,
     StepTokens,
     TierEvent,
     TierReady,
+    TokenizerHello,
     ToScheduler,
     WorkerReady,
 )
@@ -57,6 +60,8 @@ class SchedulerService:
         self.batcher: Batcher | None = None  # created when a worker announces its cache
         self.worker_epoch: int | None = None
         self._stats_sent = 0.0
+        # A step's tokens, held until the next step is on its way: the worker computes while we route them.
+        self._step_tokens: dict[int, list[SequenceUpdate]] = {}
 
     def limits(self) -> Limits:
         scheduler = self.tier.settings.scheduler
@@ -80,6 +85,7 @@ class SchedulerService:
                 for message in self.inbox.recv_ready():
                     self._on_message(message)
             self._step()
+            self._route_step_tokens()
             self._publish_stats()
 
     def _on_message(self, message: object) -> None:
@@ -98,9 +104,12 @@ class SchedulerService:
             case StepResult():
                 if self.batcher is not None and message.worker_epoch == self.worker_epoch:
                     for tokenizer, updates in self.batcher.complete(message).items():
-                        self._send(tokenizer, updates)
+                        self._step_tokens.setdefault(tokenizer, []).extend(updates)
             case WorkerReady():
                 self._on_worker(message)
+            case TokenizerHello(index=index) if 0 <= index < len(self.tokenizers):
+                with contextlib.suppress(PeerGone):  # not connected yet: it asks again
+                    send(self.tokenizers[index], SchedulerHello(os.getpid()), grace_ms=0)
 
     def _on_worker(self, ready: WorkerReady) -> None:
         if ready.epoch == self.worker_epoch:
@@ -125,6 +134,7 @@ class SchedulerService:
 
     def _fail_all(self, reason: str) -> None:
         assert self.batcher is not None
+        self._route_step_tokens()  # what was produced before the failure goes first
         error = ErrorInfo(503, f"{reason}; the request was lost, retry it", type="server_error")
         for tokenizer, updates in self.batcher.fail_all(error).items():
             self._send(tokenizer, updates)
@@ -146,6 +156,11 @@ class SchedulerService:
         except PeerGone:
             self._fail_all("the worker is not reachable")
             self.worker_epoch, self.batcher = None, None
+
+    def _route_step_tokens(self) -> None:
+        pending, self._step_tokens = self._step_tokens, {}
+        for tokenizer, updates in pending.items():
+            self._send(tokenizer, updates)
 
     def _send(self, tokenizer: int, updates: list[SequenceUpdate]) -> None:
         for update in updates:

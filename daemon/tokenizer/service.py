@@ -8,6 +8,7 @@ worker named in the request, one batch per front-end per step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -25,10 +26,12 @@ from daemon.ipc.messages import (
     GenerateRequest,
     OutputBatch,
     ScheduleRequest,
+    SchedulerHello,
     SequenceUpdate,
     StepTokens,
     TierEvent,
     TierReady,
+    TokenizerHello,
     ToTokenizer,
 )
 from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
@@ -38,6 +41,7 @@ from daemon.tokenizer.loading import TokenizerError, load_text_tokenizer
 
 log = structlog.get_logger("daemon.tokenizer")
 POLL_MS = 200
+HELLO_INTERVAL_MS = 100
 
 
 @dataclass
@@ -74,8 +78,10 @@ class TokenizerService:
         self.poller.register(self.events.socket, zmq.POLLIN)
 
     def run(self) -> None:
+        early = self._meet_scheduler()
         send(self.control, TierReady(self.tier.role, self.tier.index, os.getpid()))
         log.info("tokenizer.ready", vocab=self.text.vocab_size, context=self.context)
+        self._handle(early)
         while True:
             ready = dict(self.poller.poll(POLL_MS))
             if self.events.socket in ready:
@@ -83,20 +89,40 @@ class TokenizerService:
                     if isinstance(event, TierEvent) and event.tier == "scheduler" and event.state == "down":
                         self._fail_all("the scheduler stopped")
             if self.inbox.socket in ready:
-                for message in self.inbox.recv_ready():
-                    match message:
-                        case GenerateRequest():
-                            self._admit(message)
-                        case AbortRequest(request_id=request_id):
-                            if self.active.pop(request_id, None) is not None:
-                                self._to_scheduler(message)
-                        case StepTokens(updates=updates):
-                            self._detokenize(updates)
-                self._flush()
+                self._handle(self.inbox.recv_ready())
+
+    def _meet_scheduler(self) -> list[msgspec.Struct]:
+        """Say hello until the scheduler answers; returns what else arrived meanwhile.
+
+        Until then the scheduler's path to this worker may still be connecting,
+        and tokens it sent would be lost: the worker is not ready before."""
+        early = []
+        while True:
+            with contextlib.suppress(PeerGone):  # no scheduler yet: it is starting too
+                send(self.scheduler, TokenizerHello(self.tier.index))
+            message = self.inbox.recv(timeout_ms=HELLO_INTERVAL_MS)
+            while message is not None:
+                if isinstance(message, SchedulerHello):
+                    return early + self.inbox.recv_ready()
+                early.append(message)
+                message = self.inbox.recv(timeout_ms=0)
+
+    def _handle(self, messages: list[msgspec.Struct]) -> None:
+        for message in messages:
+            match message:
+                case GenerateRequest():
+                    self._admit(message)
+                case AbortRequest(request_id=request_id):
+                    if self.active.pop(request_id, None) is not None:
+                        self._to_scheduler(message)
+                case StepTokens(updates=updates):
+                    self._detokenize(updates)
+        self._flush()
 
     # --- requests in --------------------------------------------------------------------------
 
     def _admit(self, request: GenerateRequest) -> None:
+        self._frontend(request.reply_to)  # connect now: by the first output the path is there
         with structlog.contextvars.bound_contextvars(request_id=request.request_id):
             self._tokenize(request)
 
@@ -222,9 +248,7 @@ class TokenizerService:
         """Send the queued outputs: one batch per front-end worker."""
         pending, self._pending = self._pending, {}
         for reply_to, outputs in pending.items():
-            socket = self.frontends.get(reply_to)
-            if socket is None:
-                socket = self.frontends[reply_to] = open_socket(self.zmq, zmq.PUSH, connect=reply_to)
+            socket = self._frontend(reply_to)
             try:
                 send(socket, OutputBatch(outputs))
             except PeerGone:  # that front-end worker is gone, and its clients with it
@@ -233,6 +257,12 @@ class TokenizerService:
                 for output in outputs:
                     if self.active.pop(output.request_id, None) is not None:
                         self._to_scheduler(AbortRequest(output.request_id))
+
+    def _frontend(self, reply_to: str) -> zmq.Socket:
+        socket = self.frontends.get(reply_to)
+        if socket is None:
+            socket = self.frontends[reply_to] = open_socket(self.zmq, zmq.PUSH, connect=reply_to)
+        return socket
 
     def _to_scheduler(self, message: msgspec.Struct) -> bool:
         try:
