@@ -1,4 +1,4 @@
-"""The `daemon` command line: a thin layer over the config pipeline (and, later, the supervisor)."""
+"""The `daemon` command line: a thin layer over the config pipeline, the supervisor and its control socket."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import msgspec
 
 from daemon import __version__
 from daemon.config import ConfigError, check_config, load_config
@@ -81,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     rules = commands.add_parser("rules", help="list the rule catalogue")
     rules.add_argument("--format", choices=["text", "json", "markdown"], default="text")
+
+    finding = argparse.ArgumentParser(add_help=False)
+    finding.add_argument(
+        "--runtime-dir", type=Path, metavar="DIR", help="where the daemon's sockets are (default: its runtime.dir)"
+    )
+    finding.add_argument("--pid", type=int, help="the daemon's PID, when several share the runtime.dir")
+    finding.add_argument("--format", choices=["text", "json"], default="text")
+    reload = commands.add_parser(
+        "reload",
+        parents=[options, finding],
+        help="reload the running daemon's config and print the outcome",
+        description="Exit 0 when the reload was applied or changed nothing, 1 when it was rejected or rolled back.",
+    )
+    reload.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the outcome")
+    commands.add_parser(
+        "status", parents=[options, finding], help="the running daemon's tiers, PIDs, generation and last reload"
+    )
     return parser
 
 
@@ -103,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(reference_markdown(), end="")
             case "rules", _:
                 print(render_rules(args.format), end="")
+            case "reload", _:
+                return reload(parser, args)
+            case "status", _:
+                return status(parser, args)
     except BrokenPipeError:  # `daemon schema | head`: the reader left, nothing is wrong
         sys.stderr.close()
     return EXIT_OK
@@ -158,6 +181,41 @@ def show(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _socket_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    from daemon.control import find_daemon, runtime_dir_for
+
+    runtime_dir = args.runtime_dir
+    if runtime_dir is None:
+        if getattr(args, "config", None) is None:
+            parser.error("say which daemon: -c FILE (its config) or --runtime-dir DIR")
+        runtime_dir = runtime_dir_for(args.config, **_load_kwargs(args))
+    return find_daemon(runtime_dir, args.pid)
+
+
+def reload(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from daemon.control import ControlError, describe_reload, request_reload
+
+    try:
+        report = request_reload(_socket_dir(parser, args), args.timeout)
+    except ControlError as exc:
+        print(f"daemon reload: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(msgspec.to_builtins(report), indent=2) if args.format == "json" else describe_reload(report))
+    return EXIT_OK if report.result in ("applied", "unchanged") else EXIT_FAILED
+
+
+def status(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from daemon.control import ControlError, describe_status, read_status
+
+    try:
+        current = read_status(_socket_dir(parser, args))
+    except ControlError as exc:
+        print(f"daemon status: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(msgspec.to_builtins(current), indent=2) if args.format == "json" else describe_status(current))
+    return EXIT_OK
+
+
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     path = _config_path(parser, args)
     try:
@@ -177,7 +235,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         log.warning("config.warning", rule=warning.rule, key=warning.key, message=warning.message, fix=warning.fix)
     log.info("config.loaded", path=str(path), hash=config.hash)
     try:
-        supervisor = Supervisor(config)
+        supervisor = Supervisor(config, _load_kwargs(args))
     except RuntimeDirError as exc:
         log.error("daemon.failed", reason=str(exc))
         return EXIT_FAILED

@@ -5,7 +5,7 @@ children do not inherit it). structlog and the standard library (Granian,
 libraries) share one handler, so every line has the same shape: JSON lines when
 the output is not a terminal or format = json, readable text on a terminal.
 Every line carries the process's role and PID (`role` and `pid` are reserved:
-log another process's PID as `child_pid`). Warnings and uncaught exceptions
+log another process's PID as `child_pid`), and the config generation it runs. Warnings and uncaught exceptions
 become log lines too, so a JSON log stays JSON.
 """
 
@@ -19,6 +19,13 @@ from typing import Any, TextIO
 import structlog
 
 _role = "daemon"
+_generation: int | None = None
+
+
+def set_generation(generation: int) -> None:
+    """The config generation this process runs: on every line it logs from now on."""
+    global _generation
+    _generation = generation
 
 
 def _add_process(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -26,6 +33,8 @@ def _add_process(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict
     # child_pid). The PID is read per line, so forked children log their own.
     event_dict["role"] = _role
     event_dict["pid"] = os.getpid()
+    if _generation is not None:
+        event_dict.setdefault("generation", _generation)
     return event_dict
 
 

@@ -36,15 +36,30 @@ _EXIT_ORPHANED = 70
 _guarded_pid: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class Tier:
     role: str
     index: int
     epoch: int
     supervisor_pid: int
     endpoints: Endpoints
-    settings: DaemonSettings
+    settings: DaemonSettings  # replaced by `adopt` when a reload changes live settings
     generation: int
+
+    def adopt(self, generation: int) -> DaemonSettings:
+        """Switch to the settings of `generation` (a live reload); returns the previous ones.
+
+        Logging follows at once; each service applies the rest of what changed."""
+        from daemon.config.handoff import read_config
+        from daemon.logs import configure_logging, set_generation
+
+        previous = self.settings
+        self.settings, self.generation = read_config(self.endpoints.directory, generation), generation
+        logging = self.settings.logging
+        if (logging.level, logging.format) != (previous.logging.level, previous.logging.format):
+            configure_logging(self.role, level=logging.level, fmt=logging.format)
+        set_generation(generation)
+        return previous
 
 
 def guard() -> None:
@@ -78,10 +93,8 @@ def start_tier(role: str, index: int = 0, *, stopped_by_supervisor: bool = True)
     `stopped_by_supervisor`: ignore SIGTERM/SIGINT and exit on STOP_SIGNAL (the
     back-end tiers); the front-end leaves signals to Granian.
     """
-    import structlog
-
-    from daemon.config.handoff import read_config
-    from daemon.logs import configure_logging
+    from daemon.config.handoff import generation_from_environment, read_config
+    from daemon.logs import configure_logging, set_generation
 
     guard()
     if stopped_by_supervisor:
@@ -89,9 +102,10 @@ def start_tier(role: str, index: int = 0, *, stopped_by_supervisor: bool = True)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(STOP_SIGNAL, _exit_cleanly)
     endpoints = Endpoints.from_environment()
-    settings, generation = read_config(endpoints.directory)
+    generation = generation_from_environment()
+    settings = read_config(endpoints.directory, generation)
     configure_logging(role, level=settings.logging.level, fmt=settings.logging.format)
-    structlog.contextvars.bind_contextvars(generation=generation)
+    set_generation(generation)
     epoch = int(os.environ.get(EPOCH_VAR, "1"))
     return Tier(role, index, epoch, int(os.environ[PARENT_PID_VAR]), endpoints, settings, generation)
 

@@ -451,7 +451,7 @@ def test_kill_one_tier_under_load(launch, tier):
 
     wait_serving(daemon)
     samples = scrape(daemon)
-    restarts = samples[("daemon_tier_restarts", (("index", index), ("tier", name)))]
+    restarts = samples[("daemon_tier_restarts_total", (("index", index), ("tier", name)))]
     assert restarts >= 1, samples
     # whatever the dead tier's requests held in the engine was given back
     wait_engine_idle(daemon, timeout=5.0)
@@ -565,8 +565,8 @@ def test_kill_one_of_two_tokenizers_fails_only_its_requests(launch):
     wait_serving(daemon)
     wait_engine_idle(daemon, timeout=5.0)
     samples = scrape(daemon)
-    assert samples[("daemon_tier_restarts", (("index", "1"), ("tier", "tokenizer")))] == 1
-    assert samples[("daemon_tier_restarts", (("index", "0"), ("tier", "tokenizer")))] == 0
+    assert samples[("daemon_tier_restarts_total", (("index", "1"), ("tier", "tokenizer")))] == 1
+    assert samples[("daemon_tier_restarts_total", (("index", "0"), ("tier", "tokenizer")))] == 0
     assert daemon.stop() == 0, daemon.log_tail()
 
 

@@ -49,6 +49,7 @@ class LoadedConfig:
     origins: Mapping[str, Origin]
     path: Path
     warnings: tuple[Violation, ...] = ()
+    file_values: Mapping[str, Any] = field(default_factory=dict)  # what the file alone says, by dotted key
 
     def origin(self, key: str) -> Origin:
         return origin_of(self.origins, key)
@@ -111,8 +112,17 @@ def check_config(
     facts = facts or (OfflineFacts() if offline else Facts())
     report.violations.extend(_run_rules(settings, origins, facts, skip_keys=invalid_keys))
     if not report.errors:
-        report.config = LoadedConfig(settings, origins, path, tuple(report.warnings))
+        file_values = dict(_flatten(layers[0].values))
+        report.config = LoadedConfig(settings, origins, path, tuple(report.warnings), file_values)
     return report
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for name, value in values.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
 
 
 def load_config(path: Path, **kwargs: Any) -> LoadedConfig:

@@ -82,7 +82,7 @@ class Application:
 
     async def _start(self) -> None:
         self.tier = start_tier("frontend", stopped_by_supervisor=False)
-        self.gateway = Gateway(self.tier.endpoints, self.tier.settings.tokenizer.workers)
+        self.gateway = Gateway(self.tier)
         await self.gateway.start()
         log.info("frontend.worker_ready", address=self.gateway.address)
 
@@ -149,10 +149,7 @@ class Application:
         metrics.QUEUED.set(stats.queued)
         metrics.CACHE_FREE.set(stats.free_tokens)
         metrics.CACHE_TOTAL.set(stats.total_tokens)
-        if (status := self._status()) is not None:
-            for tier in status.tiers:
-                metrics.TIER_RESTARTS.labels(tier.tier, str(tier.index)).set(max(tier.epoch - 1, 0))
-        body = metrics.render()
+        body = metrics.render(self._status())
         await _send_bytes(send, 200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     async def _server_info(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -161,9 +158,10 @@ class Application:
         status = self._status()
         tiers = msgspec.to_builtins(status.tiers) if status else []
         supervisor = {"pid": status.supervisor_pid, "started": status.started} if status else {}
+        last_reload = msgspec.to_builtins(status.last_reload) if status and status.last_reload else None
         info = {
             "version": __version__,
-            "config": {"generation": self.tier.generation, "hash": config_hash(settings)},
+            "config": {"generation": self.tier.generation, "hash": config_hash(settings), "last_reload": last_reload},
             "supervisor": supervisor,
             "tiers": tiers,
             "effective_config": nested_values(flat_values(settings)),

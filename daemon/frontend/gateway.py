@@ -19,10 +19,11 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from daemon.ipc.endpoints import Endpoints
 from daemon.ipc.messages import (
     AbortRequest,
     Broadcast,
+    ConfigApplied,
+    ConfigUpdate,
     ErrorInfo,
     GenerateOutput,
     GenerateRequest,
@@ -32,6 +33,7 @@ from daemon.ipc.messages import (
     ToFrontend,
 )
 from daemon.ipc.sockets import PeerGone, Receiver, configure, open_socket, send
+from daemon.tier import Tier
 
 log = structlog.get_logger("daemon.frontend")
 
@@ -41,10 +43,13 @@ def _error(request_id: str, status: int, message: str) -> GenerateOutput:
 
 
 class Gateway:
-    def __init__(self, endpoints: Endpoints, tokenizers: int):
-        self.endpoints = endpoints
+    def __init__(self, tier: Tier):
+        self.tier = tier
+        self.endpoints = endpoints = tier.endpoints
+        tokenizers = tier.settings.tokenizer.workers
         self.address = endpoints.frontend(os.getpid())
         self._sync = zmq.Context()
+        self._control = open_socket(self._sync, zmq.DEALER, connect=endpoints.control)
         self._async = zmq.asyncio.Context()
         self._tokenizers = [
             open_socket(self._sync, zmq.PUSH, connect=endpoints.tokenizer(i)) for i in range(tokenizers)
@@ -132,6 +137,11 @@ class Gateway:
                 self.stats = message
             elif isinstance(message, TierEvent):
                 self._on_event(message)
+            elif isinstance(message, ConfigUpdate):
+                self.tier.adopt(message.generation)
+                with contextlib.suppress(PeerGone):
+                    send(self._control, ConfigApplied("frontend", 0, os.getpid(), message.generation))
+                log.info("frontend.config_applied")
 
     def _on_event(self, event: TierEvent) -> None:
         if event.tier == "frontend" and event.state == "draining":

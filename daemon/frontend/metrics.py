@@ -8,9 +8,14 @@ workers), so /metrics answers the same whichever worker serves it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from daemon.ipc.messages import DaemonStatus
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
@@ -27,16 +32,43 @@ LATENCY = Histogram("daemon_request_latency_seconds", "Time to the last output",
 PROMPT_TOKENS = Histogram("daemon_prompt_tokens", "Prompt tokens per request", buckets=TOKEN_BUCKETS)
 COMPLETION_TOKENS = Histogram("daemon_completion_tokens", "Generated tokens per request", buckets=TOKEN_BUCKETS)
 TOKENS = Counter("daemon_tokens", "Tokens processed, by kind (prompt, completion)", ["kind"])
-TIER_RESTARTS = Gauge(
-    "daemon_tier_restarts", "Times a tier process was restarted", ["tier", "index"], multiprocess_mode="mostrecent"
-)
+RELOAD_RESULTS = ("applied", "unchanged", "rejected", "rolled_back")
 
 
-def render() -> bytes:
+class SupervisorFigures(Collector):
+    """What the supervisor counts (tier restarts, reloads, the generation), read from its status
+    file at scrape time: one figure whichever front-end worker answers."""
+
+    def __init__(self, status: DaemonStatus):
+        self.status = status
+
+    def collect(self) -> Iterable[Metric]:
+        restarts = CounterMetricFamily(
+            "daemon_tier_restarts", "Times a tier process was restarted after dying", labels=["tier", "index"]
+        )
+        for tier in self.status.tiers:
+            restarts.add_metric([tier.tier, str(tier.index)], tier.restarts)
+        reloads = CounterMetricFamily("daemon_reloads", "Config reloads, by result", labels=["result"])
+        for result in RELOAD_RESULTS:
+            reloads.add_metric([result], self.status.reloads.get(result, 0))
+        generation = GaugeMetricFamily("daemon_config_generation", "The config generation serving (+1 per reload)")
+        generation.add_metric([], self.status.generation)
+        return [restarts, reloads, generation]
+
+
+def render(status: DaemonStatus | None) -> bytes:
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         MultiProcessCollector(registry)
-        return generate_latest(registry)
-    from prometheus_client import REGISTRY
+    else:
+        from prometheus_client import REGISTRY
 
-    return generate_latest(REGISTRY)
+        registry = REGISTRY
+    if status is None:
+        return generate_latest(registry)
+    figures = SupervisorFigures(status)
+    registry.register(figures)
+    try:
+        return generate_latest(registry)
+    finally:
+        registry.unregister(figures)

@@ -9,7 +9,7 @@ cost grows with steps, not with tokens times requests.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -151,7 +151,53 @@ class TierEvent(msgspec.Struct, frozen=True, tag=True):
     tier: str
     index: int
     epoch: int  # how many times the supervisor has started this tier
-    state: Literal["up", "down", "draining"]
+    state: Literal["starting", "up", "down", "draining", "stopped"]
+
+
+class ConfigUpdate(msgspec.Struct, frozen=True, tag=True):
+    """A reload changed live settings: adopt those of `generation` (config-<generation>.json)
+    and acknowledge with ConfigApplied."""
+
+    generation: int
+
+
+class ConfigApplied(msgspec.Struct, frozen=True, tag=True):
+    tier: str
+    index: int
+    pid: int
+    generation: int
+
+
+class EngineHold(msgspec.Struct, frozen=True, tag=True):
+    """The worker is about to be replaced: admit nothing new (queue it), finish what runs, and
+    say EngineIdle when nothing does. The hold ends when a new worker announces itself, or
+    when the supervisor lifts it (on=False)."""
+
+    on: bool = True
+
+
+class EngineIdle(msgspec.Struct, frozen=True, tag=True):
+    pid: int
+
+
+class ReloadCommand(msgspec.Struct, frozen=True, tag=True):
+    """`daemon reload`: reload now and answer with the ReloadReport."""
+
+
+class ReloadReport(msgspec.Struct, frozen=True, tag=True):
+    """The outcome of one reload, as logged (config.reload), kept in status.json and sent back to
+    `daemon reload`."""
+
+    result: Literal["applied", "unchanged", "rejected", "rolled_back"]
+    trigger: str
+    generation: int  # running after the reload
+    config_hash: str
+    at: float  # wall-clock time it finished
+    duration_s: float
+    reason: str | None = None  # why rejected or rolled back
+    changes: dict[str, dict[str, Any]] = {}  # key -> old, new (secrets masked), scope
+    restarted: list[str] = []  # tiers restarted
+    notes: list[str] = []  # e.g. keys the environment shadows
 
 
 class TokenizerHello(msgspec.Struct, frozen=True, tag=True):
@@ -197,6 +243,7 @@ class TierStatus(msgspec.Struct, frozen=True):
     epoch: int
     state: Literal["starting", "up", "down", "stopped"]
     since: float  # wall-clock time of the last state change
+    restarts: int = 0  # after deaths (not reloads)
 
 
 class DaemonStatus(msgspec.Struct, frozen=True):
@@ -205,14 +252,16 @@ class DaemonStatus(msgspec.Struct, frozen=True):
     config_hash: str
     started: float
     tiers: list[TierStatus]
+    last_reload: ReloadReport | None = None
+    reloads: dict[str, int] = {}  # by result
 
 
 ToTokenizer = GenerateRequest | AbortRequest | StepTokens | SchedulerHello
 ToScheduler = ScheduleRequest | AbortRequest | StepResult | WorkerReady | TokenizerHello
 ToWorker = StepPlan
 ToFrontend = OutputBatch
-ToSupervisor = TierReady
-Broadcast = TierEvent | SchedulerStats  # PUB/SUB: supervisor events, scheduler figures
+ToSupervisor = TierReady | ConfigApplied | EngineIdle | ReloadCommand
+Broadcast = TierEvent | SchedulerStats | ConfigUpdate | EngineHold  # PUB/SUB from the supervisor and scheduler
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -37,6 +37,7 @@ from daemon.ipc.messages import (
 from daemon.scheduler.policy import Policy, admission_order, preemption_victim
 from daemon.scheduler.sequence import Phase, Sequence
 
+QUEUE_FULL = ErrorInfo(503, "the server is at capacity: the request queue is full", type="server_overloaded")
 PIPELINE_DEPTH = 2  # steps in flight at once: the one running and the next, waiting for the worker
 
 
@@ -72,6 +73,7 @@ class Batcher:
         self._in_flight: deque[tuple[int, list[_Work]]] = deque()  # (step, its work), oldest first
         self._finished_ids: list[int] = []
         self._rejected: list[tuple[int, SequenceUpdate]] = []
+        self.hold = False  # admit only requests that have started (preempted ones): the worker is leaving
 
     # --- requests in --------------------------------------------------------------------------
 
@@ -110,7 +112,7 @@ class Batcher:
         if len(request.prompt_ids) + 1 > self.blocks.num_blocks * self.blocks.block_size:
             return ErrorInfo(400, "the prompt does not fit in the KV cache", param="prompt")
         if len(self.waiting) >= self.limits.max_queued_requests:
-            return ErrorInfo(503, "the server is at capacity: the request queue is full", type="server_overloaded")
+            return QUEUE_FULL
         return None
 
     def abort(self, request_id: str) -> None:
@@ -155,6 +157,8 @@ class Batcher:
             scheduled.add(seq.seq_id)
             budget -= tokens
         for seq in admission_order(self.waiting, self.limits.policy):
+            if self.hold and not seq.output_ids:
+                continue
             if budget <= 0 or len(self.running) >= self.limits.max_running_requests:
                 break
             if not self.blocks.can_grow(seq.seq_id, seq.length + 1):
@@ -211,6 +215,23 @@ class Batcher:
                 self._end(seq, reason)
             updates.setdefault(seq.tokenizer, []).append(SequenceUpdate(seq.request_id, [token], reason))
         return updates
+
+    @property
+    def idle(self) -> bool:
+        """Nothing started is left: no step in flight, no running or preempted request."""
+        return not self.running and not self._in_flight and not any(s.output_ids for s in self.waiting)
+
+    def take_unstarted(self) -> list[ScheduleRequest]:
+        """Remove and return the requests that have not started, to hand them to another batcher."""
+        unstarted = [s for s in self.waiting if not s.output_ids]
+        for seq in unstarted:
+            self.waiting.remove(seq)
+            self._by_request.pop(seq.request_id, None)
+            seq.phase = Phase.FINISHED
+        return [
+            ScheduleRequest(s.request_id, s.tokenizer, s.prompt_ids, s.sampling, s.priority, s.arrival)
+            for s in unstarted
+        ]
 
     def fail_all(self, error: ErrorInfo) -> dict[int, list[SequenceUpdate]]:
         """End every request (the engine is gone): updates for their tokenizers."""

@@ -19,6 +19,10 @@ from daemon.engine.blocks import BlockManager
 from daemon.ipc.messages import (
     AbortRequest,
     Broadcast,
+    ConfigApplied,
+    ConfigUpdate,
+    EngineHold,
+    EngineIdle,
     ErrorInfo,
     ScheduleRequest,
     SchedulerHello,
@@ -33,7 +37,7 @@ from daemon.ipc.messages import (
     WorkerReady,
 )
 from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
-from daemon.scheduler.batcher import Batcher, Limits
+from daemon.scheduler.batcher import QUEUE_FULL, Batcher, Limits
 from daemon.tier import Tier
 
 log = structlog.get_logger("daemon.scheduler")
@@ -44,16 +48,15 @@ POLL_MS = 100
 class SchedulerService:
     def __init__(self, tier: Tier):
         self.tier = tier
-        endpoints, settings = tier.endpoints, tier.settings
+        endpoints = tier.endpoints
         context = zmq.Context()
         self.inbox = Receiver(open_socket(context, zmq.PULL, bind=endpoints.scheduler), ToScheduler)
         self.events = Receiver(open_socket(context, zmq.SUB, connect=endpoints.events), Broadcast)
         self.worker = open_socket(context, zmq.PUSH, connect=endpoints.worker)
         self.stats = open_socket(context, zmq.PUB, bind=endpoints.stats)
         self.control = open_socket(context, zmq.DEALER, connect=endpoints.control)
-        self.tokenizers = [
-            open_socket(context, zmq.PUSH, connect=endpoints.tokenizer(i)) for i in range(settings.tokenizer.workers)
-        ]
+        self._context = context
+        self.tokenizers: dict[int, zmq.Socket] = {}  # by tokenizer index, connected on first use
         self.poller = zmq.Poller()
         self.poller.register(self.inbox.socket, zmq.POLLIN)
         self.poller.register(self.events.socket, zmq.POLLIN)
@@ -62,6 +65,10 @@ class SchedulerService:
         self._stats_sent = 0.0
         # A step's tokens, held until the next step is on its way: the worker computes while we route them.
         self._step_tokens: dict[int, list[SequenceUpdate]] = {}
+        # While the worker is replaced (a reload), new requests wait here for the next one.
+        self.hold_since: float | None = None
+        self.held: list[tuple[float, ScheduleRequest]] = []  # (received, request), with no batcher
+        self._idle_said = False
 
     def limits(self) -> Limits:
         scheduler = self.tier.settings.scheduler
@@ -79,58 +86,119 @@ class SchedulerService:
             ready = dict(self.poller.poll(POLL_MS))
             if self.events.socket in ready:
                 for event in self.events.recv_ready():
-                    if isinstance(event, TierEvent):
-                        self._on_event(event)
+                    match event:
+                        case TierEvent():
+                            self._on_event(event)
+                        case ConfigUpdate(generation=generation):
+                            self._adopt(generation)
+                        case EngineHold(on=on):
+                            self._hold(on)
             if self.inbox.socket in ready:
                 for message in self.inbox.recv_ready():
                     self._on_message(message)
             self._step()
             self._route_step_tokens()
+            if self.hold_since is not None:
+                self._while_held()
             self._publish_stats()
 
     def _on_message(self, message: object) -> None:
         match message:
             case ScheduleRequest():
                 log.debug("request.queued", request_id=message.request_id, prompt_tokens=len(message.prompt_ids))
-                if self.batcher is None:
-                    error = ErrorInfo(503, "the model is still loading", type="server_overloaded")
-                    self._send(message.tokenizer, [SequenceUpdate(message.request_id, [], "error", error)])
-                else:
+                if self.batcher is not None:
                     self.batcher.add(message)
+                elif self.hold_since is None:
+                    self._refuse(message, ErrorInfo(503, "the model is still loading", type="server_overloaded"))
+                elif len(self.held) >= self.tier.settings.scheduler.max_queued_requests:
+                    self._refuse(message, QUEUE_FULL)
+                else:
+                    self.held.append((time.monotonic(), message))
             case AbortRequest(request_id=request_id):
                 log.debug("request.aborted", request_id=request_id)
                 if self.batcher is not None:
                     self.batcher.abort(request_id)
+                self.held = [(t, r) for t, r in self.held if r.request_id != request_id]
             case StepResult():
                 if self.batcher is not None and message.worker_epoch == self.worker_epoch:
                     for tokenizer, updates in self.batcher.complete(message).items():
                         self._step_tokens.setdefault(tokenizer, []).extend(updates)
             case WorkerReady():
                 self._on_worker(message)
-            case TokenizerHello(index=index) if 0 <= index < len(self.tokenizers):
+            case TokenizerHello(index=index) if index >= 0:
                 with contextlib.suppress(PeerGone):  # not connected yet: it asks again
-                    send(self.tokenizers[index], SchedulerHello(os.getpid()), grace_ms=0)
+                    send(self._tokenizer(index), SchedulerHello(os.getpid()), grace_ms=0)
 
     def _on_worker(self, ready: WorkerReady) -> None:
         if ready.epoch == self.worker_epoch:
             return
         if self.batcher is not None:  # a new worker without our hearing the old one go
-            self._fail_all("the worker restarted")
+            self._worker_gone("the worker restarted")
         self.worker_epoch = ready.epoch
         blocks = BlockManager(ready.num_blocks, ready.block_size)
         self.batcher = Batcher(blocks, self.limits(), ready.context_length, (), epoch=self.tier.epoch)
         log.info("scheduler.worker_up", epoch=ready.epoch, cache_tokens=ready.num_blocks * ready.block_size)
+        if self.hold_since is not None:
+            log.info("scheduler.hold_ended", waited=len(self.held))
+            for _received, request in self.held:
+                self.batcher.add(request)
+            self.hold_since, self.held = None, []
 
     def _on_event(self, event: TierEvent) -> None:
-        if event.state != "down":
+        if event.state not in ("down", "stopped"):
             return
         if event.tier == "worker" and event.epoch == self.worker_epoch:
-            self._fail_all("the worker stopped")
-            self.worker_epoch, self.batcher = None, None
+            self._worker_gone("the worker stopped")
         elif event.tier == "tokenizer" and self.batcher is not None:
             for seq in [*self.batcher.running, *self.batcher.waiting]:
                 if seq.tokenizer == event.index:  # nobody is left to hear its tokens
                     self.batcher.abort(seq.request_id)
+
+    def _worker_gone(self, reason: str) -> None:
+        """The worker went: its requests fail, but during a hold those not started wait for the next."""
+        assert self.batcher is not None
+        if self.hold_since is not None:
+            self.held += [(self.hold_since, request) for request in self.batcher.take_unstarted()]
+        self._fail_all(reason)
+        self.worker_epoch, self.batcher = None, None
+
+    # --- reloads ------------------------------------------------------------------------------
+
+    def _adopt(self, generation: int) -> None:
+        self.tier.adopt(generation)
+        if self.batcher is not None:
+            self.batcher.limits = self.limits()
+        send(self.control, ConfigApplied(self.tier.role, self.tier.index, os.getpid(), generation))
+        log.info("scheduler.config_applied")
+
+    def _hold(self, on: bool) -> None:
+        if on and self.hold_since is None:
+            self.hold_since, self._idle_said = time.monotonic(), False
+            log.info("scheduler.hold")
+        elif not on and self.hold_since is not None:
+            self.hold_since = None
+            if self.batcher is None:  # no worker to run them: the next one is not coming
+                for _received, request in self.held:
+                    self._refuse(request, ErrorInfo(503, "the model is not loaded", type="server_error"))
+                self.held = []
+        if self.batcher is not None:
+            self.batcher.hold = self.hold_since is not None
+
+    def _while_held(self) -> None:
+        if not self._idle_said and (self.batcher is None or self.batcher.idle):
+            send(self.control, EngineIdle(os.getpid()))
+            self._idle_said = True
+        bound = self.tier.settings.runtime.drain_timeout_s
+        now = time.monotonic()
+        expired = [r for received, r in self.held if now - received > bound]
+        if expired:
+            self.held = [(t, r) for t, r in self.held if now - t <= bound]
+            error = ErrorInfo(503, f"the model is reloading and was not back within {bound:g} s", type="server_error")
+            for request in expired:
+                self._refuse(request, error)
+
+    def _refuse(self, request: ScheduleRequest, error: ErrorInfo) -> None:
+        self._send(request.tokenizer, [SequenceUpdate(request.request_id, [], "error", error)])
 
     def _fail_all(self, reason: str) -> None:
         assert self.batcher is not None
@@ -171,14 +239,19 @@ class SchedulerService:
                     reason=update.finish_reason,
                     status=update.error.status if update.error else None,
                 )
-        if not 0 <= tokenizer < len(self.tokenizers):
+        if tokenizer < 0:
             return
         try:
-            send(self.tokenizers[tokenizer], StepTokens(updates))
+            send(self._tokenizer(tokenizer), StepTokens(updates))
         except PeerGone:  # that tokenizer is gone: its requests are lost with it
             if self.batcher is not None:
                 for update in updates:
                     self.batcher.abort(update.request_id)
+
+    def _tokenizer(self, index: int) -> zmq.Socket:
+        if index not in self.tokenizers:
+            self.tokenizers[index] = open_socket(self._context, zmq.PUSH, connect=self.tier.endpoints.tokenizer(index))
+        return self.tokenizers[index]
 
     def _publish_stats(self) -> None:
         now = time.monotonic()
@@ -187,7 +260,7 @@ class SchedulerService:
         self._stats_sent = now
         batcher = self.batcher
         if batcher is None:
-            stats = SchedulerStats(running=0, queued=0, free_tokens=0, total_tokens=0)
+            stats = SchedulerStats(running=0, queued=len(self.held), free_tokens=0, total_tokens=0)
         else:
             blocks = batcher.blocks
             stats = SchedulerStats(

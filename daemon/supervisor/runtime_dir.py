@@ -46,6 +46,16 @@ def create_socket_dir(runtime_dir: Path, pid: int) -> tuple[Path, IO[bytes]]:
     return directory, lock
 
 
+def live_socket_dirs(runtime_dir: Path) -> list[tuple[int, Path]]:
+    """(supervisor PID, socket directory) of every daemon running under `runtime_dir`."""
+    found = []
+    for candidate in sorted(runtime_dir.glob(f"{SOCKET_DIR_PREFIX}*")):
+        suffix = candidate.name[len(SOCKET_DIR_PREFIX) :]
+        if suffix.isdigit() and candidate.is_dir() and _in_use(candidate, int(suffix)):
+            found.append((int(suffix), candidate))
+    return found
+
+
 def remove_stale_socket_dirs(runtime_dir: Path) -> None:
     for candidate in runtime_dir.glob(f"{SOCKET_DIR_PREFIX}*"):
         suffix = candidate.name[len(SOCKET_DIR_PREFIX) :]

@@ -28,11 +28,26 @@ import zmq
 import zmq.asyncio
 
 from daemon.config import LoadedConfig
-from daemon.config.handoff import write_config
+from daemon.config.handoff import GENERATION_VAR, write_config
 from daemon.ipc.endpoints import PARENT_PID_VAR, RUNTIME_DIR_VAR, STATUS_FILE, Endpoints
-from daemon.ipc.messages import DaemonStatus, TierEvent, TierReady, TierStatus, ToSupervisor, encode
+from daemon.ipc.messages import (
+    ConfigApplied,
+    ConfigUpdate,
+    DaemonStatus,
+    EngineHold,
+    EngineIdle,
+    ReloadCommand,
+    ReloadReport,
+    TierEvent,
+    TierReady,
+    TierStatus,
+    ToSupervisor,
+    encode,
+)
 from daemon.ipc.sockets import Receiver, configure
-from daemon.supervisor import probe
+from daemon.logs import set_generation
+from daemon.supervisor import notify, probe
+from daemon.supervisor.reload import Reloader, TierStartFailed
 from daemon.supervisor.runtime_dir import create_socket_dir
 from daemon.tier import EPOCH_VAR, SPAWNER_VAR, STOP_SIGNAL
 
@@ -63,6 +78,9 @@ class Child:
     process: asyncio.subprocess.Process | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     restarts: deque[float] = field(default_factory=deque)
+    generation: int = 1  # the config generation it runs
+    retiring: bool = False  # stopped on purpose (a reload replaces it): not to be restarted
+    deaths: int = 0
 
     @property
     def name(self) -> str:
@@ -74,12 +92,16 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, config: LoadedConfig):
+    def __init__(self, config: LoadedConfig, sources: dict | None = None):
         self.config = config
+        # How `config` was read (env file, --set): a reload reads the file again the same way.
+        self.sources = {"environ": dict(os.environ), **(sources or {})}
+        self.generation = 1
+        set_generation(self.generation)
         settings = config.settings
         self.settings = settings
         self.socket_dir, self._lock = create_socket_dir(settings.runtime.dir, os.getpid())
-        write_config(settings, self.socket_dir, generation=1)
+        write_config(settings, self.socket_dir, self.generation)
         self.endpoints = Endpoints(self.socket_dir)
         self.context = zmq.asyncio.Context()
         self.control = configure(self.context.socket(zmq.ROUTER), zmq.ROUTER)
@@ -95,6 +117,12 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.fatal: str | None = None
         self.started = time.time()
+        self.serving = False  # the first generation went through: reloads may start
+        self._watchers: list[asyncio.Task] = []
+        self._applied: dict[int, set[int]] = {}  # generation -> PIDs that acknowledged it
+        self._acknowledged = asyncio.Event()
+        self._engine_idle = asyncio.Event()
+        self.reloader = Reloader(self)
 
     # --- the whole life -----------------------------------------------------------------------
 
@@ -104,22 +132,28 @@ class Supervisor:
             loop.add_signal_handler(signum, self._request_stop, signal.Signals(signum).name)
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         reader = asyncio.create_task(self._read_control())
-        watchers: list[asyncio.Task] = []
+        reloads = asyncio.create_task(self.reloader.run())
         try:
             for child in self.children:  # in dependency order: each finds the ones before it ready
                 if child.tier == "frontend":
                     self._check_port_free()
                 await self._start(child)
                 await self._until_ready(child)
-            watchers = [asyncio.create_task(self._watch(child)) for child in self.children]
+            for child in self.children:
+                self._watch_child(child)
             await self._first_generation()
+            self.serving = True
+            notify.ready(self.status_line())
             await self.stopping.wait()
         except StartupFailed as exc:
             if not self.stopping.is_set():
                 self.fatal = str(exc)
         finally:
+            notify.stopping("stopping: draining requests in flight")
+            await self.reloader.stop()
+            reloads.cancel()
             await self._stop_all()  # the watchers still run: a tier dying in the drain is announced
-            for watcher in watchers:
+            for watcher in self._watchers:
                 watcher.cancel()
             reader.cancel()
             self.context.destroy(linger=0)
@@ -136,12 +170,21 @@ class Supervisor:
         self.stopping.set()
 
     def _on_hangup(self) -> None:
-        log.warning("daemon.reload_unavailable", detail="config reload comes with a later release; nothing changed")
+        self.reloader.request("sighup")
+
+    def status_line(self) -> str:
+        """One line for humans (systemctl status): the generation, its hash, the last reload."""
+        line = f"serving generation {self.generation} (config {self.config.hash})"
+        if (last := self.reloader.last) is not None:
+            line += f"; last reload {last.result}" + (f": {last.reason}" if last.reason else "")
+        return line
 
     # --- starting -----------------------------------------------------------------------------
 
-    async def _start(self, child: Child) -> None:
+    async def _start(self, child: Child, generation: int | None = None) -> None:
+        """Start `child` with the config of `generation` (the running one by default)."""
         child.epoch += 1
+        child.generation = generation or self.generation
         child.ready.clear()
         env = {
             **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
@@ -149,6 +192,7 @@ class Supervisor:
             SPAWNER_VAR: str(os.getpid()),
             RUNTIME_DIR_VAR: str(self.settings.runtime.dir),
             EPOCH_VAR: str(child.epoch),
+            GENERATION_VAR: str(child.generation),
         }
         child.process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -160,7 +204,14 @@ class Supervisor:
             start_new_session=True,  # a terminal's ^C reaches only us
         )
         self._publish(child, "starting")
-        log.info("tier.started", tier=child.tier, index=child.index, child_pid=child.pid, epoch=child.epoch)
+        log.info(
+            "tier.started",
+            tier=child.tier,
+            index=child.index,
+            child_pid=child.pid,
+            epoch=child.epoch,
+            child_generation=child.generation,
+        )
 
     async def _until_ready(self, child: Child) -> None:
         """Wait for `child` to be ready; StartupFailed if it dies, times out, or we are told to stop."""
@@ -225,23 +276,121 @@ class Supervisor:
     async def _read_control(self) -> None:
         receiver = Receiver(self.control, ToSupervisor)
         while True:
-            _identity, frame = await self.control.recv_multipart()
-            message = receiver.decode(frame)
-            if not isinstance(message, TierReady):
-                continue
-            for child in self.children:
-                if (child.tier, child.index, child.pid) == (message.tier, message.index, message.pid):
-                    child.ready.set()
+            identity, frame = await self.control.recv_multipart()
+            match receiver.decode(frame):
+                case TierReady() as message:
+                    for child in self.children:
+                        if (child.tier, child.index, child.pid) == (message.tier, message.index, message.pid):
+                            child.ready.set()
+                case ConfigApplied(pid=pid, generation=generation):
+                    self._applied.setdefault(generation, set()).add(pid)
+                    self._acknowledged.set()
+                case EngineIdle():
+                    self._engine_idle.set()
+                case ReloadCommand():
+                    self.reloader.request("command", reply_to=identity)
+
+    async def reply(self, identity: bytes, report: ReloadReport) -> None:
+        """Answer a `daemon reload` client on the control socket."""
+        with contextlib.suppress(zmq.ZMQError):
+            await self.control.send_multipart([identity, encode(report)], zmq.NOBLOCK)
+
+    # --- reload mechanics (the transaction is in reload.py) -------------------------------------
+
+    def adopt(self, config: LoadedConfig, generation: int) -> None:
+        """Make `config` the running one, as `generation`."""
+        self.config, self.settings, self.generation = config, config.settings, generation
+        set_generation(generation)
+        self.write_status()
+
+    async def push_live(self, generation: int, timeout: float) -> list[str]:
+        """Tell every tier to adopt `generation`; the tiers that did not acknowledge in time."""
+        self._acknowledged.clear()
+        with contextlib.suppress(zmq.Again):
+            self.events.send(encode(ConfigUpdate(generation)), zmq.NOBLOCK)
+        expected = {c.name: c for c in self.children if c.tier != "frontend"}
+        frontend_workers = self.settings.server.workers
+        deadline = time.monotonic() + timeout
+        while True:
+            acked = self._applied.get(generation, set())
+            missing = [name for name, c in expected.items() if c.pid not in acked]
+            frontends = len(acked - {c.pid for c in self.children})
+            if frontends < frontend_workers:
+                missing.append(f"{frontend_workers - frontends} front-end worker(s)")
+            if not missing or time.monotonic() > deadline:
+                return missing
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self._acknowledged.wait()
+            self._acknowledged.clear()
+
+    async def replace_worker(self, generation: int) -> None:
+        """Replace the model worker with one running `generation`; TierStartFailed if it does not
+        come up, after bringing back one running the current generation.
+
+        The scheduler holds new requests meanwhile and lets those running finish on the old
+        worker (bounded by runtime.drain_timeout_s)."""
+        old = self._child("worker")
+        self._engine_idle.clear()
+        self._broadcast(EngineHold(on=True))
+        try:
+            async with asyncio.timeout(self.settings.runtime.drain_timeout_s):
+                await self._engine_idle.wait()
+        except TimeoutError:
+            log.warning("reload.drain_timeout", tier="worker", detail="requests still running are failed")
+        try:
+            await self._replace(old, generation)
+        except TierStartFailed:
+            try:
+                await self._replace(self._child("worker"), self.generation)
+            except TierStartFailed as exc:  # the old config no longer starts either: nothing to serve with
+                self.fatal = f"the worker failed to start with the new config, then with the old one: {exc}"
+                self.stopping.set()
+            raise
+
+    async def _replace(self, old: Child, generation: int) -> None:
+        """Stop `old`, then start a child like it running `generation`; TierStartFailed if it fails."""
+        old.retiring = True
+        await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
+        new = Child(old.tier, old.index, old.module, epoch=old.epoch)
+        self.children[self.children.index(old)] = new
+        await self._start(new, generation)
+        try:
+            await self._until_ready(new)
+        except StartupFailed as exc:
+            new.retiring = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(new.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            await new.process.wait()  # type: ignore[union-attr]
+            self._publish(new, "down")
+            raise TierStartFailed(str(exc)) from None
+        self._watch_child(new)
+
+    def lift_engine_hold(self) -> None:
+        self._broadcast(EngineHold(on=False))
+
+    def _child(self, tier: str, index: int = 0) -> Child:
+        return next(c for c in self.children if (c.tier, c.index) == (tier, index))
+
+    def _broadcast(self, message: msgspec.Struct) -> None:
+        with contextlib.suppress(zmq.Again):
+            self.events.send(encode(message), zmq.NOBLOCK)
+
+    def _watch_child(self, child: Child) -> None:
+        self._watchers.append(asyncio.create_task(self._watch(child)))
 
     async def _watch(self, child: Child) -> None:
-        """Restart `child` whenever it dies, until we stop or it crash-loops."""
+        """Restart `child` whenever it dies, until we stop, it crash-loops, or a reload retires it."""
         while True:
             assert child.process is not None
             status = await child.process.wait()
+            if child.retiring:
+                return
             if self.stopping.is_set():
                 self._publish(child, "down")  # its requests must end now, not at the drain's deadline
                 return
             log.error("tier.died", tier=child.tier, index=child.index, child_pid=child.pid, status=status)
+            child.deaths += 1
             self._publish(child, "down")
             now = time.monotonic()
             child.restarts.append(now)
@@ -264,20 +413,24 @@ class Supervisor:
 
     def _publish(self, child: Child, state: str) -> None:
         """Tell every tier (events socket) and every reader of status.json what became of `child`."""
-        event = TierEvent(child.tier, child.index, child.epoch, state)  # type: ignore[arg-type]
-        with contextlib.suppress(zmq.Again):
-            self.events.send(encode(event), zmq.NOBLOCK)
+        self._broadcast(TierEvent(child.tier, child.index, child.epoch, state))  # type: ignore[arg-type]
         if state in ("starting", "up", "down", "stopped"):
             child.state, child.since = state, time.time()
-            self._write_status()
+            self.write_status()
 
-    def _write_status(self) -> None:
+    def write_status(self) -> None:
+        tiers = [
+            TierStatus(c.tier, c.index, c.pid, c.epoch, c.state, c.since, c.deaths)  # type: ignore[arg-type]
+            for c in self.children
+        ]
         status = DaemonStatus(
             supervisor_pid=os.getpid(),
-            generation=1,
+            generation=self.generation,
             config_hash=self.config.hash,
             started=self.started,
-            tiers=[TierStatus(c.tier, c.index, c.pid, c.epoch, c.state, c.since) for c in self.children],  # type: ignore[arg-type]
+            tiers=tiers,
+            last_reload=self.reloader.last,
+            reloads=dict(self.reloader.counts),
         )
         staging = self.socket_dir / f".{STATUS_FILE}"
         staging.write_bytes(msgspec.json.encode(status))

@@ -21,6 +21,8 @@ from daemon.engine.model_dir import ModelDirError, inspect_model_dir
 from daemon.ipc.messages import (
     AbortRequest,
     Broadcast,
+    ConfigApplied,
+    ConfigUpdate,
     ErrorInfo,
     GenerateOutput,
     GenerateRequest,
@@ -86,8 +88,13 @@ class TokenizerService:
             ready = dict(self.poller.poll(POLL_MS))
             if self.events.socket in ready:
                 for event in self.events.recv_ready():
-                    if isinstance(event, TierEvent) and event.tier == "scheduler" and event.state == "down":
-                        self._fail_all("the scheduler stopped")
+                    match event:
+                        case TierEvent(tier="scheduler", state="down"):
+                            self._fail_all("the scheduler stopped")
+                        case ConfigUpdate(generation=generation):
+                            self.tier.adopt(generation)
+                            send(self.control, ConfigApplied(self.tier.role, self.tier.index, os.getpid(), generation))
+                            log.info("tokenizer.config_applied")
             if self.inbox.socket in ready:
                 self._handle(self.inbox.recv_ready())
 

@@ -19,7 +19,7 @@ from daemon.engine.blocks import BLOCK_SIZE
 from daemon.engine.locate import locate_model, served_context
 from daemon.engine.model_dir import inspect_model_dir
 from daemon.engine.runner import ModelRunner
-from daemon.ipc.messages import StepPlan, TierReady, ToWorker, WorkerReady
+from daemon.ipc.messages import Broadcast, ConfigApplied, ConfigUpdate, StepPlan, TierReady, ToWorker, WorkerReady
 from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
 from daemon.tier import Tier
 from daemon.worker.execute import execute
@@ -86,6 +86,10 @@ class WorkerService:
         self.plans = Receiver(open_socket(context, zmq.PULL, bind=endpoints.worker), ToWorker)
         self.scheduler = open_socket(context, zmq.PUSH, connect=endpoints.scheduler)
         self.control = open_socket(context, zmq.DEALER, connect=endpoints.control)
+        self.events = Receiver(open_socket(context, zmq.SUB, connect=endpoints.events), Broadcast)
+        self.poller = zmq.Poller()
+        self.poller.register(self.plans.socket, zmq.POLLIN)
+        self.poller.register(self.events.socket, zmq.POLLIN)
         self.scheduler_epoch: int | None = None
 
     def run(self) -> None:
@@ -103,9 +107,16 @@ class WorkerService:
             if time.monotonic() - announced >= ANNOUNCE_INTERVAL_S:
                 self._announce()
                 announced = time.monotonic()
-            plan = self.plans.recv(timeout_ms=int(ANNOUNCE_INTERVAL_S * 1000))
-            if isinstance(plan, StepPlan):
-                self._run(plan)
+            ready = dict(self.poller.poll(int(ANNOUNCE_INTERVAL_S * 1000)))
+            if self.events.socket in ready:
+                for event in self.events.recv_ready():
+                    if isinstance(event, ConfigUpdate):  # nothing of the worker's is live but its logging
+                        tier.adopt(event.generation)
+                        send(self.control, ConfigApplied(tier.role, tier.index, os.getpid(), event.generation))
+            if self.plans.socket in ready:
+                for plan in self.plans.recv_ready():
+                    if isinstance(plan, StepPlan):
+                        self._run(plan)
 
     def _run(self, plan: StepPlan) -> None:
         if plan.scheduler_epoch != self.scheduler_epoch:
