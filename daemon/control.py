@@ -13,15 +13,14 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import msgspec
 import zmq
 
 from daemon.config.check import check_config
 from daemon.config.derive import default_runtime_dir
 from daemon.config.errors import ConfigError
 from daemon.config.sources import read_config_file
-from daemon.ipc.endpoints import STATUS_FILE, Endpoints
-from daemon.ipc.messages import DaemonStatus, ReloadCommand, ReloadReport, decoder, encode
+from daemon.ipc.endpoints import Endpoints
+from daemon.ipc.messages import DaemonStatus, ReloadCommand, ReloadReport, decoder, encode, read_status_file
 from daemon.supervisor.runtime_dir import live_socket_dirs
 
 RUNTIME_DIR_VAR = "DAEMON_RUNTIME__DIR"
@@ -75,10 +74,10 @@ def request_reload(socket_dir: Path, timeout_s: float) -> ReloadReport:
 
 
 def read_status(socket_dir: Path) -> DaemonStatus:
-    try:
-        return msgspec.json.decode((socket_dir / STATUS_FILE).read_bytes(), type=DaemonStatus)
-    except (OSError, msgspec.DecodeError) as exc:
-        raise ControlError(f"cannot read the daemon's status in {socket_dir}: {exc}") from None
+    status = read_status_file(socket_dir)
+    if status is None:
+        raise ControlError(f"cannot read the daemon's status in {socket_dir}")
+    return status
 
 
 # --- rendering ----------------------------------------------------------------------------------

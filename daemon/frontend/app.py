@@ -23,8 +23,14 @@ from daemon import __version__
 from daemon.config.schema import config_hash, flat_values, nested_values
 from daemon.frontend import metrics, openai
 from daemon.frontend.gateway import Gateway
-from daemon.ipc.endpoints import STATUS_FILE
-from daemon.ipc.messages import DaemonStatus, ErrorInfo, GenerateOutput, GenerateRequest, Sampling
+from daemon.ipc.messages import (
+    DaemonStatus,
+    ErrorInfo,
+    GenerateOutput,
+    GenerateRequest,
+    Sampling,
+    read_status_file,
+)
 from daemon.tier import Tier, start_tier
 
 log = structlog.get_logger("daemon.frontend")
@@ -171,10 +177,7 @@ class Application:
     def _status(self) -> DaemonStatus | None:
         """The supervisor's status file: tier PIDs, epochs and states."""
         assert self.tier is not None
-        try:
-            return msgspec.json.decode((self.tier.endpoints.directory / STATUS_FILE).read_bytes(), type=DaemonStatus)
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-            return None
+        return read_status_file(self.tier.endpoints.directory)
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not await self._authorized(scope, send):

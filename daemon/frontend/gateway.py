@@ -25,12 +25,14 @@ from daemon.ipc.messages import (
     ConfigApplied,
     ConfigUpdate,
     ErrorInfo,
+    FrontendWorkerReady,
     GenerateOutput,
     GenerateRequest,
     OutputBatch,
     SchedulerStats,
     TierEvent,
     ToFrontend,
+    read_status_file,
 )
 from daemon.ipc.sockets import PeerGone, Receiver, configure, open_socket, send
 from daemon.tier import Tier
@@ -42,23 +44,31 @@ def _error(request_id: str, status: int, message: str) -> GenerateOutput:
     return GenerateOutput(request_id, finish_reason="error", error=ErrorInfo(status, message, type="server_error"))
 
 
+def current_tokenizers(tier: Tier) -> list[int]:
+    """The tokenizer indices of the pool serving now, from the supervisor's status file."""
+    status = read_status_file(tier.endpoints.directory)
+    if status is None:
+        return list(range(tier.settings.tokenizer.workers))
+    return sorted(t.index for t in status.tiers if t.tier == "tokenizer" and t.state in ("starting", "up", "down"))
+
+
 class Gateway:
     def __init__(self, tier: Tier):
         self.tier = tier
         self.endpoints = endpoints = tier.endpoints
-        tokenizers = tier.settings.tokenizer.workers
         self.address = endpoints.frontend(os.getpid())
         self._sync = zmq.Context()
         self._control = open_socket(self._sync, zmq.DEALER, connect=endpoints.control)
         self._async = zmq.asyncio.Context()
-        self._tokenizers = [
-            open_socket(self._sync, zmq.PUSH, connect=endpoints.tokenizer(i)) for i in range(tokenizers)
-        ]
+        self._tokenizers: dict[int, zmq.Socket] = {}  # by index, connected on first use
+        # The tokenizer workers new requests go to. A reload replaces the pool: new indices join
+        # when they are up, old ones leave when they start draining (and finish what they hold).
+        self._pool: list[int] = current_tokenizers(tier)
         self._turn = itertools.count()
         self._waiting: dict[str, tuple[asyncio.Queue[GenerateOutput], int]] = {}
         self._tasks: list[asyncio.Task] = []
         self.draining = False
-        self._down: set[int] = set()  # tokenizer workers the supervisor reported down
+        self._down: set[int] = set()  # pool members the supervisor reported down (they come back)
         self.stats = SchedulerStats(running=0, queued=0, free_tokens=0, total_tokens=0)
 
     async def start(self) -> None:
@@ -71,6 +81,9 @@ class Gateway:
             asyncio.create_task(self._read_outputs(Receiver(results, ToFrontend))),
             asyncio.create_task(self._read_broadcasts(Receiver(broadcasts, Broadcast))),
         ]
+        # Granian starts accepting right after the lifespan startup this runs in.
+        with contextlib.suppress(PeerGone):
+            send(self._control, FrontendWorkerReady(os.getpid(), os.getppid()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -99,7 +112,7 @@ class Gateway:
             self._waiting.pop(request.request_id, None)
             if not finished:  # the client left, or the caller gave up: free the engine's work
                 with contextlib.suppress(PeerGone):
-                    send(self._tokenizers[tokenizer], AbortRequest(request.request_id))
+                    send(self._tokenizer(tokenizer), AbortRequest(request.request_id))
 
     def _submit(self, request: GenerateRequest) -> int | None:
         """Send to the next tokenizer worker that takes it; its index, or None if none does.
@@ -107,18 +120,23 @@ class Gateway:
         Workers the supervisor reported down are skipped without trying: a send to
         an absent peer waits for a connection, and this is the event loop's thread.
         """
-        count = len(self._tokenizers)
+        pool = self._pool
         first = next(self._turn)
-        for offset in range(count):
-            index = (first + offset) % count
+        for offset in range(len(pool)):
+            index = pool[(first + offset) % len(pool)]
             if index in self._down:
                 continue
             try:
-                send(self._tokenizers[index], request)
+                send(self._tokenizer(index), request)
             except PeerGone:
                 continue
             return index
         return None
+
+    def _tokenizer(self, index: int) -> zmq.Socket:
+        if index not in self._tokenizers:
+            self._tokenizers[index] = open_socket(self._sync, zmq.PUSH, connect=self.endpoints.tokenizer(index))
+        return self._tokenizers[index]
 
     async def _read_outputs(self, receiver: Receiver) -> None:
         while True:
@@ -146,10 +164,20 @@ class Gateway:
     def _on_event(self, event: TierEvent) -> None:
         if event.tier == "frontend" and event.state == "draining":
             self.draining = True
-        if event.tier == "tokenizer" and event.state == "up":
+        if event.tier != "tokenizer":
+            return
+        if event.state == "up":
             self._down.discard(event.index)
-        if event.tier == "tokenizer" and event.state == "down":
+            if event.index not in self._pool:
+                self._pool = sorted([*self._pool, event.index])
+        elif event.state == "draining" and event.index in self._pool:
+            self._pool = [i for i in self._pool if i != event.index]
+        elif event.state == "down":  # it died: the supervisor restarts it
             self._down.add(event.index)
+        elif event.state == "stopped":  # for good
+            self._pool = [i for i in self._pool if i != event.index]
+            self._down.discard(event.index)
+        if event.state in ("down", "stopped"):
             lost = [rid for rid, (_queue, index) in self._waiting.items() if index == event.index]
             for request_id in lost:
                 queue, _index = self._waiting[request_id]

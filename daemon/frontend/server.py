@@ -3,6 +3,12 @@
 This process imports neither torch nor the app: Granian's workers import the
 app themselves (daemon.frontend.app:app) and bootstrap as tier processes from
 the ASGI lifespan.
+
+Granian does not bind: the supervisor owns the listening socket and passes it
+down (LISTEN_FD_VAR), so that a new front-end can take over from an old one on
+the same socket without a connection being refused or reset. Granian has no
+option for an inherited socket; `InheritedSocketGranian` overrides the one
+private method that makes its listener (pinned: granian 2.8.x, guarded by a test).
 """
 
 from __future__ import annotations
@@ -10,13 +16,16 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import socket
 from typing import Any
 
 from granian import Granian
+from granian._granian import SocketHolder
 from granian.constants import HTTPModes, Interfaces, Loops
 from granian.http import HTTP2Settings
 
 from daemon.config.schema import DaemonSettings
+from daemon.ipc.endpoints import LISTEN_FD_VAR
 from daemon.tier import SPAWNER_VAR, start_tier
 
 APP = "daemon.frontend.app:app"
@@ -57,14 +66,39 @@ def granian_options(settings: DaemonSettings) -> dict[str, Any]:
     }
 
 
+class InheritedSocketGranian(Granian):
+    """Granian serving from a listening socket it inherited instead of binding its own."""
+
+    def __init__(self, *args: Any, listen_fd: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.listen_fd = listen_fd
+
+    def _init_shared_socket(self) -> None:
+        # What Granian does on platforms where its workers share one socket, with ours.
+        self._ssp = None
+        self._shd = SocketHolder(self.listen_fd, False, self.backlog)
+        self._sfd = self.listen_fd
+        shared = socket.socket(fileno=os.dup(self.listen_fd))
+        shared.set_inheritable(True)
+        self._sso = shared
+
+
 def main() -> None:
     tier = start_tier("frontend", stopped_by_supervisor=False)  # Granian drains on SIGTERM
-    metrics_dir = tier.endpoints.directory / "metrics"
+    # Each front-end instance has its own: during a handover two run side by side.
+    metrics_dir = tier.endpoints.directory / f"metrics-{os.getpid()}"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(mode=0o700)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # the workers inherit it
     os.environ[SPAWNER_VAR] = str(os.getpid())  # Granian's workers die with this process
-    Granian(APP, **granian_options(tier.settings)).serve()
+    options = granian_options(tier.settings)
+    try:
+        if listen_fd := os.environ.get(LISTEN_FD_VAR):
+            InheritedSocketGranian(APP, listen_fd=int(listen_fd), **options).serve()
+        else:  # started by hand, outside a supervisor's tree
+            Granian(APP, **options).serve()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

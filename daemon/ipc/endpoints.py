@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PARENT_PID_VAR = "DAEMON_PARENT_PID"
+LISTEN_FD_VAR = "DAEMON_LISTEN_FD"  # the front-end's listening socket, inherited from the supervisor
 RUNTIME_DIR_VAR = "DAEMON_RUNTIME_DIR"
 SOCKET_DIR_PREFIX = "daemon-"
 STATUS_FILE = "status.json"  # the supervisor's DaemonStatus, rewritten on every tier change

@@ -9,6 +9,7 @@ cost grows with steps, not with tokens times requests.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -154,6 +155,13 @@ class TierEvent(msgspec.Struct, frozen=True, tag=True):
     state: Literal["starting", "up", "down", "draining", "stopped"]
 
 
+class FrontendWorkerReady(msgspec.Struct, frozen=True, tag=True):
+    """A Granian worker process of front-end instance `main_pid` is about to accept connections."""
+
+    pid: int
+    main_pid: int
+
+
 class ConfigUpdate(msgspec.Struct, frozen=True, tag=True):
     """A reload changed live settings: adopt those of `generation` (config-<generation>.json)
     and acknowledge with ConfigApplied."""
@@ -236,12 +244,22 @@ class SchedulerStats(msgspec.Struct, frozen=True, tag=True):
 # --- the supervisor's status file (status.json in the socket directory) ------------------------
 
 
+def read_status_file(directory: Path) -> DaemonStatus | None:
+    """The supervisor's status file in socket directory `directory`; None if unreadable."""
+    from daemon.ipc.endpoints import STATUS_FILE
+
+    try:
+        return msgspec.json.decode((directory / STATUS_FILE).read_bytes(), type=DaemonStatus)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
 class TierStatus(msgspec.Struct, frozen=True):
     tier: str
     index: int
     pid: int | None
     epoch: int
-    state: Literal["starting", "up", "down", "stopped"]
+    state: Literal["starting", "up", "draining", "down", "stopped"]
     since: float  # wall-clock time of the last state change
     restarts: int = 0  # after deaths (not reloads)
 
@@ -260,7 +278,7 @@ ToTokenizer = GenerateRequest | AbortRequest | StepTokens | SchedulerHello
 ToScheduler = ScheduleRequest | AbortRequest | StepResult | WorkerReady | TokenizerHello
 ToWorker = StepPlan
 ToFrontend = OutputBatch
-ToSupervisor = TierReady | ConfigApplied | EngineIdle | ReloadCommand
+ToSupervisor = TierReady | FrontendWorkerReady | ConfigApplied | EngineIdle | ReloadCommand
 Broadcast = TierEvent | SchedulerStats | ConfigUpdate | EngineHold  # PUB/SUB from the supervisor and scheduler
 
 _encoder = msgspec.msgpack.Encoder()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -24,7 +25,7 @@ from daemon.config.handoff import write_config
 from daemon.config.schema import Reload
 from daemon.ipc.messages import ReloadReport
 from daemon.supervisor import notify
-from daemon.supervisor.triggers import config_changes
+from daemon.supervisor.triggers import file_changes
 
 if TYPE_CHECKING:
     from daemon.supervisor.supervisor import Supervisor
@@ -38,8 +39,9 @@ class TierStartFailed(Exception):
     """A tier started by a reload did not come up; the message says why."""
 
 
-# The scopes a reload can apply today, and how.
-RESTARTABLE = {Reload.WORKER, Reload.SCHEDULER}
+# The scopes a reload can apply today by restarting a tier.
+RESTARTABLE = {Reload.WORKER, Reload.SCHEDULER, Reload.TOKENIZER, Reload.FRONTEND}
+CERTIFICATES = "certificates"  # the trigger of a change of the TLS files (server.tls.refresh)
 
 
 class Reloader:
@@ -48,15 +50,14 @@ class Reloader:
         self.last: ReloadReport | None = None
         self.counts: Counter[str] = Counter()
         self._queue: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
-        self._stop_watching = asyncio.Event()
-        self._watcher: asyncio.Task | None = None
+        self._watches: dict[str, tuple[tuple[Path, ...], asyncio.Event, asyncio.Task]] = {}  # by trigger
 
     def request(self, trigger: str, reply_to: bytes | None = None) -> None:
         self._queue.put_nowait((trigger, reply_to))
 
     async def run(self) -> None:
         """Apply requests one at a time, for the supervisor's whole life."""
-        self._follow_watch_setting()
+        self._follow_settings()
         while True:
             trigger, reply_to = await self._queue.get()
             batch = [(trigger, reply_to)]
@@ -69,9 +70,8 @@ class Reloader:
                     await self.supervisor.reply(identity, report)
 
     async def stop(self) -> None:
-        self._stop_watching.set()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for trigger in list(self._watches):
+            self._unwatch(trigger)
 
     # --- the transaction ----------------------------------------------------------------------
 
@@ -89,25 +89,52 @@ class Reloader:
         new = report.config
         diff = diff_configs(supervisor.config, new)
         notes = [s.message() for s in diff.shadowed]
-        if diff.empty:
+        rotate = CERTIFICATES in trigger and new.settings.server.tls.refresh  # same config, new certificates
+        if diff.empty and not rotate:
             return self._finish(trigger, started, "unchanged", notes=notes)
         if refusal := _refusal(diff):
             return self._finish(trigger, started, "rejected", reason=refusal, diff=diff, notes=notes)
         generation = supervisor.generation + 1
         write_config(new.settings, supervisor.socket_dir, generation)
-        restarted = []
-        if Reload.WORKER in diff.scopes or Reload.SCHEDULER in diff.scopes:
-            try:
+        if rotate:
+            notes.append("the TLS certificate files changed")
+        restarted: list[str] = []
+        stage = ""
+        try:
+            if Reload.WORKER in diff.scopes or Reload.SCHEDULER in diff.scopes:
+                stage = "worker"
                 await supervisor.replace_worker(generation)
-            except TierStartFailed as exc:
-                reason = f"the new worker did not start ({exc}); the old config's worker is serving again"
-                return self._finish(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
-            restarted.append("worker")
+                restarted.append(stage)
+            if Reload.TOKENIZER in diff.scopes:
+                stage = "tokenizer"
+                await supervisor.replace_tokenizers(generation, new.settings.tokenizer.workers)
+                restarted.append(stage)
+            if Reload.FRONTEND in diff.scopes or rotate:
+                stage = "frontend"
+                await supervisor.replace_frontend(generation, new.settings.server)
+                restarted.append(stage)
+        except TierStartFailed as exc:
+            await self._undo(restarted)
+            reason = f"the new {stage} did not start ({exc}); the running config keeps serving"
+            return self._finish(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
         supervisor.adopt(new, generation)
         missing = await supervisor.push_live(generation, LIVE_ACK_TIMEOUT_S)
         if missing:
             notes.append(f"not acknowledged within {LIVE_ACK_TIMEOUT_S:g} s by: {', '.join(missing)}")
         return self._finish(trigger, started, "applied", diff=diff, notes=notes, restarted=restarted)
+
+    async def _undo(self, restarted: list[str]) -> None:
+        """Put back tiers of the running config where a failed reload had replaced them."""
+        supervisor = self.supervisor
+        try:
+            for stage in reversed(restarted):
+                if stage == "tokenizer":
+                    await supervisor.replace_tokenizers(supervisor.generation, supervisor.settings.tokenizer.workers)
+                elif stage == "worker":
+                    await supervisor.replace_worker(supervisor.generation)
+        except TierStartFailed as exc:  # the running config no longer starts: nothing to fall back on
+            supervisor.fatal = f"a reload failed and the running config could not be restored: {exc}"
+            supervisor.stopping.set()
 
     def _finish(
         self,
@@ -150,27 +177,35 @@ class Reloader:
         )
         if supervisor.serving:
             notify.ready(supervisor.status_line())
-        self._follow_watch_setting()
+        self._follow_settings()
         return report
 
     # --- watching the file --------------------------------------------------------------------
 
-    def _follow_watch_setting(self) -> None:
-        """Watch the config file while runtime.watch_config says so (a live setting)."""
-        wanted = self.supervisor.settings.runtime.watch_config
-        if wanted and self._watcher is None:
-            self._stop_watching.clear()
-            self._watcher = asyncio.create_task(self._watch_file())
-        elif not wanted and self._watcher is not None:
-            self._stop_watching.set()
-            self._watcher = None
+    def _follow_settings(self) -> None:
+        """Watch the config file while runtime.watch_config says so, and the TLS files while
+        server.tls.refresh does (both live settings)."""
+        settings = self.supervisor.settings
+        config = (self.supervisor.config.path,) if settings.runtime.watch_config else ()
+        tls = settings.server.tls
+        certificates = tuple(p for p in (tls.certfile, tls.keyfile, tls.ca_certs) if p) if tls.refresh else ()
+        for trigger, paths in (("file", config), (CERTIFICATES, certificates)):
+            if trigger in self._watches and self._watches[trigger][0] != paths:
+                self._unwatch(trigger)
+            if paths and trigger not in self._watches:
+                stop = asyncio.Event()
+                self._watches[trigger] = (paths, stop, asyncio.create_task(self._watch(trigger, paths, stop)))
 
-    async def _watch_file(self) -> None:
-        path = self.supervisor.config.path
-        log.info("config.watching", path=str(path))
-        async for names in config_changes(path, self._stop_watching):
-            log.info("config.changed", path=str(path), entries=sorted(names))
-            self.request("file")
+    def _unwatch(self, trigger: str) -> None:
+        _paths, stop, task = self._watches.pop(trigger)
+        stop.set()
+        task.cancel()
+
+    async def _watch(self, trigger: str, paths: tuple[Path, ...], stop: asyncio.Event) -> None:
+        log.info("config.watching", trigger=trigger, paths=[str(p) for p in paths])
+        async for names in file_changes(list(paths), stop):
+            log.info("config.changed", trigger=trigger, entries=sorted(names))
+            self.request(trigger)
 
 
 def _refusal(diff: ConfigDiff) -> str | None:

@@ -29,13 +29,15 @@ import zmq.asyncio
 
 from daemon.config import LoadedConfig
 from daemon.config.handoff import GENERATION_VAR, write_config
-from daemon.ipc.endpoints import PARENT_PID_VAR, RUNTIME_DIR_VAR, STATUS_FILE, Endpoints
+from daemon.config.schema import ServerSettings
+from daemon.ipc.endpoints import LISTEN_FD_VAR, PARENT_PID_VAR, RUNTIME_DIR_VAR, STATUS_FILE, Endpoints
 from daemon.ipc.messages import (
     ConfigApplied,
     ConfigUpdate,
     DaemonStatus,
     EngineHold,
     EngineIdle,
+    FrontendWorkerReady,
     ReloadCommand,
     ReloadReport,
     TierEvent,
@@ -59,6 +61,7 @@ CRASH_LOOP_RESTARTS = 5  # this many restarts of one tier process ...
 CRASH_LOOP_WINDOW_S = 60.0  # ... within this many seconds: give up
 BACKOFF_MAX_S = 8.0
 STOP_GRACE_S = 5.0  # after SIGTERM, how long a back-end tier may take before SIGKILL
+HANDOVER_SETTLE_S = 0.3  # after a new front-end's workers report, before the old one stops accepting
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -81,6 +84,9 @@ class Child:
     generation: int = 1  # the config generation it runs
     retiring: bool = False  # stopped on purpose (a reload replaces it): not to be restarted
     deaths: int = 0
+    serving_workers: set[int] = field(default_factory=set)  # a front-end's Granian workers that are up
+    expected_workers: int = 1
+    listener: socket.socket | None = None  # a front-end's listening socket
 
     @property
     def name(self) -> str:
@@ -112,12 +118,13 @@ class Supervisor:
             Child("worker", 0, "daemon.worker"),
             Child("scheduler", 0, "daemon.scheduler"),
             *(Child("tokenizer", i, "daemon.tokenizer") for i in range(settings.tokenizer.workers)),
-            Child("frontend", 0, "daemon.frontend"),
+            Child("frontend", 0, "daemon.frontend", expected_workers=settings.server.workers),
         ]
         self.stopping = asyncio.Event()
         self.fatal: str | None = None
         self.started = time.time()
         self.serving = False  # the first generation went through: reloads may start
+        self.listener: socket.socket | None = None
         self._watchers: list[asyncio.Task] = []
         self._applied: dict[int, set[int]] = {}  # generation -> PIDs that acknowledged it
         self._acknowledged = asyncio.Event()
@@ -136,7 +143,7 @@ class Supervisor:
         try:
             for child in self.children:  # in dependency order: each finds the ones before it ready
                 if child.tier == "frontend":
-                    self._check_port_free()
+                    self.listener = self._listen(self.settings.server)
                 await self._start(child)
                 await self._until_ready(child)
             for child in self.children:
@@ -156,6 +163,8 @@ class Supervisor:
             for watcher in self._watchers:
                 watcher.cancel()
             reader.cancel()
+            if self.listener is not None:
+                self.listener.close()
             self.context.destroy(linger=0)
             shutil.rmtree(self.socket_dir, ignore_errors=True)
         if self.fatal:
@@ -181,8 +190,9 @@ class Supervisor:
 
     # --- starting -----------------------------------------------------------------------------
 
-    async def _start(self, child: Child, generation: int | None = None) -> None:
-        """Start `child` with the config of `generation` (the running one by default)."""
+    async def _start(self, child: Child, generation: int | None = None, listener: socket.socket | None = None) -> None:
+        """Start `child` with the config of `generation` (the running one by default); a
+        front-end serves from `listener` (the daemon's by default)."""
         child.epoch += 1
         child.generation = generation or self.generation
         child.ready.clear()
@@ -194,6 +204,12 @@ class Supervisor:
             EPOCH_VAR: str(child.epoch),
             GENERATION_VAR: str(child.generation),
         }
+        inherited: tuple[int, ...] = ()
+        if child.tier == "frontend":
+            listener = listener or self.listener
+            env[LISTEN_FD_VAR] = str(listener.fileno())
+            inherited = (listener.fileno(),)
+            child.listener, child.serving_workers = listener, set()
         child.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -202,6 +218,7 @@ class Supervisor:
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # a terminal's ^C reaches only us
+            pass_fds=inherited,
         )
         self._publish(child, "starting")
         log.info(
@@ -225,36 +242,27 @@ class Supervisor:
                 raise StartupFailed("stopped while starting")
             if time.monotonic() > deadline:
                 raise StartupFailed(f"{child.name} was not ready within {STARTUP_TIMEOUT_S[child.tier]:.0f} s")
-            if child.tier == "frontend":
-                if await self._frontend_up():
-                    child.ready.set()
-                else:
-                    await asyncio.sleep(0.1)
-                continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.2):
                     await child.ready.wait()
         self._publish(child, "up")
         log.info("tier.ready", tier=child.tier, index=child.index, child_pid=child.pid, epoch=child.epoch)
 
-    def _check_port_free(self) -> None:
-        """Refuse a port another process listens on. Granian's listeners share ports (SO_REUSEPORT):
-        started anyway, we would silently split its traffic with the other server."""
-        server = self.settings.server
+    @staticmethod
+    def _listen(server: ServerSettings) -> socket.socket:
+        """The front-end's listening socket, owned here for the daemon's life and handed to each
+        front-end instance: a new one accepts on it while the old one drains, so no connection
+        is refused or reset in between. No SO_REUSEPORT: no other server can share the port."""
+        family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
         try:
-            family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
-            with socket.socket(family, socket.SOCK_STREAM) as probe_socket:
-                # REUSEADDR ignores our own connections lingering in TIME_WAIT, not a listener.
-                probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe_socket.bind((server.host, server.port))
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # our own TIME_WAITs only
+            listener.bind((server.host, server.port))
+            listener.listen(server.backlog)
         except OSError as exc:
+            listener.close()
             raise StartupFailed(f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}") from None
-
-    async def _frontend_up(self) -> bool:
-        server = self.settings.server
-        if server.tls.verify_client:  # mutual TLS: we hold no client certificate, a connection must do
-            return await probe.listening(server, timeout=1.0)
-        return await probe.http_status(server, "/health", timeout=1.0) == 200
+        return listener
 
     async def _first_generation(self) -> None:
         """Log the one 'ready' line once a real token has gone through every tier."""
@@ -282,6 +290,12 @@ class Supervisor:
                     for child in self.children:
                         if (child.tier, child.index, child.pid) == (message.tier, message.index, message.pid):
                             child.ready.set()
+                case FrontendWorkerReady(pid=pid, main_pid=main_pid):
+                    for child in self.children:
+                        if child.tier == "frontend" and child.pid == main_pid:
+                            child.serving_workers.add(pid)
+                            if len(child.serving_workers) >= child.expected_workers:
+                                child.ready.set()
                 case ConfigApplied(pid=pid, generation=generation):
                     self._applied.setdefault(generation, set()).add(pid)
                     self._acknowledged.set()
@@ -358,16 +372,99 @@ class Supervisor:
         try:
             await self._until_ready(new)
         except StartupFailed as exc:
-            new.retiring = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(new.pid, signal.SIGKILL)  # type: ignore[arg-type]
-            await new.process.wait()  # type: ignore[union-attr]
-            self._publish(new, "down")
+            await self._kill(new)
+            self._publish(new, "down")  # its slot stays: the caller starts another in it
             raise TierStartFailed(str(exc)) from None
         self._watch_child(new)
 
-    def lift_engine_hold(self) -> None:
-        self._broadcast(EngineHold(on=False))
+    async def replace_tokenizers(self, generation: int, workers: int) -> None:
+        """Start a new tokenizer pool of `workers` running `generation`, send new requests to it,
+        and let the old pool finish what it holds; TierStartFailed (old pool untouched) if the
+        new one does not come up."""
+        old = [c for c in self.children if c.tier == "tokenizer"]
+        first = max(c.index for c in old) + 1  # new indices: requests name the worker that has them
+        new = [Child("tokenizer", first + i, "daemon.tokenizer") for i in range(workers)]
+        position = self.children.index(old[-1]) + 1
+        self.children[position:position] = new
+        try:
+            for child in new:
+                await self._start(child, generation)
+            for child in new:
+                await self._until_ready(child)  # "up": the front-ends route to it from now on
+        except StartupFailed as exc:
+            for child in new:
+                await self._abandon(child)
+            raise TierStartFailed(str(exc)) from None
+        for child in new:
+            self._watch_child(child)
+        for child in old:
+            child.retiring = True
+            self._publish(child, "draining")  # it leaves the pools, finishes its requests, and exits
+        await self._retire(old, self.settings.runtime.drain_timeout_s)
+
+    async def replace_frontend(self, generation: int, server: ServerSettings) -> None:
+        """Start a front-end running `generation` beside the running one, then drain the old one.
+
+        Both accept from the same listening socket (a new one if the address changed), so
+        connections queued meanwhile are served by whichever accepts them, never reset.
+        TierStartFailed (old front-end untouched) if the new one does not come up."""
+        old = self._child("frontend")
+        running = self.settings.server
+        moved = (server.host, server.port, server.backlog) != (running.host, running.port, running.backlog)
+        try:
+            listener = self._listen(server) if moved else self.listener
+        except StartupFailed as exc:
+            raise TierStartFailed(str(exc)) from None
+        new = Child("frontend", 0, "daemon.frontend", epoch=old.epoch, expected_workers=server.workers)
+        self.children.append(new)
+        try:
+            await self._start(new, generation, listener)
+            await self._until_ready(new)
+        except StartupFailed as exc:
+            await self._abandon(new)
+            if moved:
+                listener.close()  # type: ignore[union-attr]
+            raise TierStartFailed(str(exc)) from None
+        await asyncio.sleep(HANDOVER_SETTLE_S)
+        self._watch_child(new)
+        old.retiring = True
+        # Granian stops accepting and finishes its requests and streams, bounded by its kill timeout.
+        await self._terminate([old], signal.SIGTERM, self.settings.runtime.drain_timeout_s + STOP_GRACE_S)
+        self.children.remove(old)
+        if moved:
+            assert self.listener is not None
+            self.listener.close()
+            self.listener = listener
+        self.write_status()
+
+    async def _abandon(self, child: Child) -> None:
+        """Kill a child started by a reload that failed, and forget it."""
+        await self._kill(child)
+        self._publish(child, "stopped")
+        self.children.remove(child)
+
+    @staticmethod
+    async def _kill(child: Child) -> None:
+        child.retiring = True
+        if child.process is not None and child.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)  # it and whatever it started
+            await child.process.wait()
+
+    async def _retire(self, children: list[Child], grace: float) -> None:
+        """Wait for draining `children` to exit by themselves, then stop the laggards."""
+        waits = [c.process.wait() for c in children if c.process is not None]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await asyncio.gather(*waits)
+        for child in children:
+            if child.process is not None and child.process.returncode is not None:
+                self._publish(child, "stopped")
+                log.info("tier.stopped", tier=child.tier, index=child.index, status=child.process.returncode)
+        await self._terminate(children, STOP_SIGNAL, STOP_GRACE_S)  # the laggards: their requests fail
+        for child in children:
+            self.children.remove(child)
+        self.write_status()
 
     def _child(self, tier: str, index: int = 0) -> Child:
         return next(c for c in self.children if (c.tier, c.index) == (tier, index))
@@ -414,7 +511,7 @@ class Supervisor:
     def _publish(self, child: Child, state: str) -> None:
         """Tell every tier (events socket) and every reader of status.json what became of `child`."""
         self._broadcast(TierEvent(child.tier, child.index, child.epoch, state))  # type: ignore[arg-type]
-        if state in ("starting", "up", "down", "stopped"):
+        if state in ("starting", "up", "draining", "down", "stopped"):
             child.state, child.since = state, time.time()
             self.write_status()
 

@@ -22,16 +22,17 @@ QUIET_MS = 400  # a change is reported once the directory has been quiet this lo
 LONGEST_BURST_MS = 10_000  # ... or after this long, however busy it stays
 
 
-async def config_changes(path: Path, stop: asyncio.Event) -> AsyncIterator[set[str]]:
-    """Yield the names of the changed entries, once per burst of changes to `path`."""
-    directory, name = path.parent, path.name
+async def file_changes(paths: list[Path], stop: asyncio.Event) -> AsyncIterator[set[str]]:
+    """Yield the names of the changed entries, once per burst of changes to any of `paths`."""
+    names = {p.name for p in paths}
+    directories = sorted({p.parent for p in paths})
 
     def relevant(_change: watchfiles.Change, changed: str) -> bool:
         entry = Path(changed).name
-        return entry == name or entry.startswith("..")  # ..data, ..2026_11_24_... (Kubernetes)
+        return entry in names or entry.startswith("..")  # ..data, ..2026_11_24_... (Kubernetes)
 
     async for changes in watchfiles.awatch(
-        directory,
+        *directories,
         watch_filter=relevant,
         debounce=LONGEST_BURST_MS,
         step=QUIET_MS,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 
 import msgspec
@@ -44,6 +45,9 @@ from daemon.tokenizer.loading import TokenizerError, load_text_tokenizer
 log = structlog.get_logger("daemon.tokenizer")
 POLL_MS = 200
 HELLO_INTERVAL_MS = 100
+# A draining worker exits once it holds no request and has heard nothing this long: requests the
+# front-ends sent before they learned of the drain have arrived by then.
+DRAIN_QUIET_S = 0.5
 
 
 @dataclass
@@ -84,6 +88,8 @@ class TokenizerService:
         send(self.control, TierReady(self.tier.role, self.tier.index, os.getpid()))
         log.info("tokenizer.ready", vocab=self.text.vocab_size, context=self.context)
         self._handle(early)
+        draining_since: float | None = None
+        last_message = time.monotonic()
         while True:
             ready = dict(self.poller.poll(POLL_MS))
             if self.events.socket in ready:
@@ -91,12 +97,19 @@ class TokenizerService:
                     match event:
                         case TierEvent(tier="scheduler", state="down"):
                             self._fail_all("the scheduler stopped")
+                        case TierEvent(tier="tokenizer", index=self.tier.index, state="draining"):
+                            draining_since = time.monotonic()
+                            log.info("tokenizer.draining", requests=len(self.active))
                         case ConfigUpdate(generation=generation):
                             self.tier.adopt(generation)
                             send(self.control, ConfigApplied(self.tier.role, self.tier.index, os.getpid(), generation))
                             log.info("tokenizer.config_applied")
             if self.inbox.socket in ready:
+                last_message = time.monotonic()
                 self._handle(self.inbox.recv_ready())
+            if draining_since is not None and not self.active and time.monotonic() - last_message > DRAIN_QUIET_S:
+                log.info("tokenizer.drained")  # a new pool took over, and this one holds nothing more
+                return
 
     def _meet_scheduler(self) -> list[msgspec.Struct]:
         """Say hello until the scheduler answers; returns what else arrived meanwhile.
