@@ -12,7 +12,7 @@ import msgspec
 
 from daemon import __version__
 from daemon.config import ConfigError, check_config, load_config
-from daemon.config.render import reference_markdown, render_rules, render_toml
+from daemon.config.render import reference_markdown, reload_scopes_markdown, render_rules, render_toml
 from daemon.config.schema import json_schema
 
 EXIT_OK = 0
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_commands.add_parser("show", parents=[options], help="effective config as TOML, secrets masked")
     show.add_argument("--sources", action="store_true", help="add where each value came from")
     config_commands.add_parser("reference", help="Markdown reference of every key (as in the README)")
+    config_commands.add_parser("scopes", help="Markdown table of the keys by what a reload does when they change")
 
     rules = commands.add_parser("rules", help="list the rule catalogue")
     rules.add_argument("--format", choices=["text", "json", "markdown"], default="text")
@@ -120,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return show(parser, args)
             case "config", "reference":
                 print(reference_markdown(), end="")
+            case "config", "scopes":
+                print(reload_scopes_markdown(), end="")
             case "rules", _:
                 print(render_rules(args.format), end="")
             case "reload", _:

@@ -37,7 +37,11 @@ def regenerate() -> None:
 
 def test_generated_sections_are_current():
     sections = list(GENERATED.finditer(README.read_text()))
-    assert {m["command"] for m in sections} == {"daemon config reference", "daemon rules --format markdown"}
+    assert {m["command"] for m in sections} == {
+        "daemon config reference",
+        "daemon config scopes",
+        "daemon rules --format markdown",
+    }
     for match in sections:
         assert match["body"].strip() == _generated(match["command"]).strip(), (
             f"README section '{match['command']}' is stale: run `python tests/test_readme.py`"
@@ -59,13 +63,20 @@ def test_readme_run_command_installs_and_runs_the_demo_model():
     assert len(run) == 1 and "pip install torch==2.13.0 && pip install -e . &&" in run[0]
 
 
+# Commands that talk to a running daemon: run by the test that starts one.
+TO_RUNNING_DAEMON = re.compile(r"^daemon (reload|status) ")
+
+
+def _daemon_commands() -> list[str]:
+    lines = [line for block in _blocks("sh") for line in block.splitlines()]
+    return [line for line in lines if re.match(r"^(\w+=\S+ )*daemon ", line)]
+
+
 def test_readme_daemon_commands_work_as_written():
-    commands = [
-        line for block in _blocks("sh") for line in block.splitlines() if re.match(r"^(\w+=\S+ )*daemon ", line)
-    ]
+    commands = [line for line in _daemon_commands() if not TO_RUNNING_DAEMON.match(line)]
     assert len(commands) >= 4
     for line in commands:
-        words = shlex.split(line)
+        words = shlex.split(line, comments=True)
         env = dict(w.split("=", 1) for w in words if re.match(r"^\w+=", w) and words.index(w) < words.index("daemon"))
         result = run_daemon(*words[words.index("daemon") + 1 :], env=env)
         assert result.returncode == 0, f"{line}\n{result.stdout}{result.stderr}"
@@ -124,6 +135,12 @@ def test_readme_curl_commands_work_against_the_default_config(tmp_path: Path, mo
             )
             assert result.returncode == 0, f"{line}\n{result.stderr}"
             assert '"choices"' in result.stdout
+        controls = [line for line in _daemon_commands() if TO_RUNNING_DAEMON.match(line)]
+        assert {line.split()[1] for line in controls} == {"reload", "status"}
+        for line in controls:  # with the override the daemon was started with
+            result = run_daemon(*shlex.split(line, comments=True)[1:], "--set", f"runtime.dir={runtime}")
+            assert result.returncode == 0, f"{line}\n{result.stdout}{result.stderr}"
+            assert "generation 1" in result.stdout, result.stdout
     finally:
         assert daemon.stop() == 0, daemon.log_tail()
         shutil.rmtree(runtime, ignore_errors=True)

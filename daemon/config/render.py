@@ -7,7 +7,7 @@ from typing import Any
 
 from daemon.config.check import LoadedConfig
 from daemon.config.rules import LIFTED, RULES
-from daemon.config.schema import SECTIONS, SETTINGS, DaemonSettings, flat_values, toml_value
+from daemon.config.schema import RELOAD_EFFECTS, SECTIONS, SETTINGS, DaemonSettings, flat_values, toml_value
 
 
 def render_toml(config: LoadedConfig, *, sources: bool = False) -> str:
@@ -49,6 +49,15 @@ def reference_markdown() -> str:
             )
         out.append("")
     return "\n".join(out)
+
+
+def reload_scopes_markdown() -> str:
+    """Every key by what a reload does when it changes."""
+    out = ["| scope | when one of these keys changes | keys |", "|---|---|---|"]
+    for scope, effect in RELOAD_EFFECTS.items():
+        keys = ", ".join(f"`{key}`" for key, info in SETTINGS.items() if info.reload is scope) or "(none)"
+        out.append(f"| `{scope.value}` | {effect} | {keys} |")
+    return "\n".join(out) + "\n"
 
 
 def _section_doc(section: str) -> str:

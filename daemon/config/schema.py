@@ -39,6 +39,20 @@ class Reload(enum.StrEnum):
     SUPERVISOR = "supervisor"  # cannot be applied by reload: restart the daemon
 
 
+# What a reload does when a key of each scope changes (documentation, and `daemon config scopes`).
+RELOAD_EFFECTS: dict[Reload, str] = {
+    Reload.LIVE: "pushed to the running processes and acknowledged; no process restarts",
+    Reload.FRONTEND: "a new Granian front-end starts on the supervisor's listening socket (a new one "
+    "if the address changed), then the old one drains its requests and streams",
+    Reload.TOKENIZER: "a new tokenizer pool starts; new requests go to it, the old pool finishes "
+    "what it holds and exits",
+    Reload.SCHEDULER: "as worker: the scheduler adopts the new settings while the worker is replaced",
+    Reload.WORKER: "the scheduler holds new requests and lets running ones finish, then the model "
+    "worker is replaced; held requests run on the new one (or get a 503 after runtime.drain_timeout_s)",
+    Reload.SUPERVISOR: "refused: the reload is rejected and names the key; restart the daemon",
+}
+
+
 @dataclass(frozen=True)
 class ResolvePath:
     """Marks a setting holding a file system path.
@@ -324,7 +338,9 @@ class LoggingSettings(Section):
         doc="json: one JSON object a line. console: readable, for people. auto: console on a terminal, json otherwise.",
         reload=Reload.LIVE,
     )
-    access_log: bool = setting(False, doc="Log one line per HTTP request.", reload=Reload.LIVE)
+    access_log: bool = setting(
+        False, doc="Log one line per HTTP request (Granian's access log).", reload=Reload.FRONTEND
+    )
 
     @field_validator("level", mode="before")
     @classmethod
@@ -347,7 +363,8 @@ class RuntimeSettings(Section):
     )
     drain_timeout_s: float = setting(
         30.0,
-        doc="Longest wait for in-flight requests and streams to finish when a tier stops or restarts.",
+        doc="Longest wait for in-flight requests and streams to finish when a tier stops or restarts. "
+        "A running front-end keeps the value it started with until a reload replaces it.",
         reload=Reload.LIVE,
         gt=0,
         le=86400,
