@@ -61,6 +61,7 @@ CRASH_LOOP_RESTARTS = 5  # this many restarts of one tier process ...
 CRASH_LOOP_WINDOW_S = 60.0  # ... within this many seconds: give up
 BACKOFF_MAX_S = 8.0
 STOP_GRACE_S = 5.0  # after SIGTERM, how long a back-end tier may take before SIGKILL
+REFUSE_AFTER_S = 1.0  # how long a stopping front-end's workers may take to stop accepting
 HANDOVER_SETTLE_S = 0.3  # after a new front-end's workers report, before the old one stops accepting
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -540,9 +541,22 @@ class Supervisor:
         frontends = [c for c in self.children if c.tier == "frontend"]
         for child in frontends:
             self._publish(child, "draining")
+        refuse = asyncio.create_task(self._refuse_new_connections())
         await self._terminate(frontends, signal.SIGTERM, self.settings.runtime.drain_timeout_s + STOP_GRACE_S)
+        refuse.cancel()
         back = [c for c in self.children if c.tier != "frontend"]
         await self._terminate(list(reversed(back)), STOP_SIGNAL, STOP_GRACE_S)
+
+    async def _refuse_new_connections(self) -> None:
+        """Shut the listening socket once the stopping front-end's workers no longer accept: new
+        connections are then refused at once rather than queued until the drain ends.
+
+        Not at once: a Granian worker still accepting when its socket shuts cannot stop gracefully.
+        The workers keep the socket open until they exit, so time is the only sign to go by."""
+        await asyncio.sleep(REFUSE_AFTER_S)
+        if self.listener is not None:
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RDWR)
 
     async def _terminate(self, children: list[Child], signum: int, grace: float) -> None:
         running = [c for c in children if c.process is not None and c.process.returncode is None]
