@@ -43,3 +43,19 @@ def stopping(status: str) -> None:
 
 def status(text: str) -> None:
     notify(f"STATUS={text}")
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings systemd expects of this process (half its WatchdogSec=),
+    or None when it expects none."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 2e6
+    except ValueError:
+        return None
+
+
+def watchdog() -> None:
+    notify("WATCHDOG=1")

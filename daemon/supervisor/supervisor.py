@@ -152,7 +152,9 @@ class Supervisor:
             await self._first_generation()
             self.serving = True
             notify.ready(self.status_line())
+            pinger = asyncio.create_task(self._watchdog())
             await self.stopping.wait()
+            pinger.cancel()
         except StartupFailed as exc:
             if not self.stopping.is_set():
                 self.fatal = str(exc)
@@ -181,6 +183,20 @@ class Supervisor:
 
     def _on_hangup(self) -> None:
         self.reloader.request("sighup")
+
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog while the tiers are healthy: none has stayed down longer than
+        a ping interval (a tier being restarted by a reload or after a death is not down for long;
+        one that cannot come back ends in a crash loop, or here, with systemd restarting us)."""
+        interval = notify.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            now = time.time()
+            stuck = [c.name for c in self.children if c.state == "down" and now - c.since > interval]
+            if not stuck:
+                notify.watchdog()
+            await asyncio.sleep(interval)
 
     def status_line(self) -> str:
         """One line for humans (systemctl status): the generation, its hash, the last reload."""
