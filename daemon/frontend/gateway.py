@@ -120,17 +120,20 @@ class Gateway:
         Workers the supervisor reported down are skipped without trying: a send to
         an absent peer waits for a connection, and this is the event loop's thread.
         """
-        pool = self._pool
         first = next(self._turn)
-        for offset in range(len(pool)):
-            index = pool[(first + offset) % len(pool)]
-            if index in self._down:
-                continue
-            try:
-                send(self._tokenizer(index), request)
-            except PeerGone:
-                continue
-            return index
+        for attempt in range(2):
+            pool = self._pool
+            for offset in range(len(pool)):
+                index = pool[(first + offset) % len(pool)]
+                if index in self._down:
+                    continue
+                try:
+                    send(self._tokenizer(index), request)
+                except PeerGone:
+                    continue
+                return index
+            if attempt == 0:  # we may have missed a pool change: the supervisor's status file has it
+                self._pool, self._down = current_tokenizers(self.tier), set()
         return None
 
     def _tokenizer(self, index: int) -> zmq.Socket:
