@@ -102,6 +102,9 @@ class Application:
         async def counted(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 answered.append(message["status"])
+                if self.gateway is not None and self.gateway.retiring and scope.get("http_version") == "1.1":
+                    # the client's next request goes on a new connection, to the new front-end
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         if route is None:

@@ -25,6 +25,7 @@ from daemon.ipc.messages import (
     ConfigApplied,
     ConfigUpdate,
     ErrorInfo,
+    FrontendRetiring,
     FrontendWorkerReady,
     GenerateOutput,
     GenerateRequest,
@@ -67,7 +68,8 @@ class Gateway:
         self._turn = itertools.count()
         self._waiting: dict[str, tuple[asyncio.Queue[GenerateOutput], int]] = {}
         self._tasks: list[asyncio.Task] = []
-        self.draining = False
+        self.draining = False  # the daemon is stopping: new requests get a 503
+        self.retiring = False  # a new front-end took over: ask HTTP/1.1 clients to reconnect
         self._down: set[int] = set()  # pool members the supervisor reported down (they come back)
         self.stats = SchedulerStats(running=0, queued=0, free_tokens=0, total_tokens=0)
 
@@ -158,6 +160,8 @@ class Gateway:
                 self.stats = message
             elif isinstance(message, TierEvent):
                 self._on_event(message)
+            elif isinstance(message, FrontendRetiring) and message.main_pid == os.getppid():
+                self.retiring = True
             elif isinstance(message, ConfigUpdate):
                 self.tier.adopt(message.generation)
                 with contextlib.suppress(PeerGone):

@@ -162,6 +162,13 @@ class FrontendWorkerReady(msgspec.Struct, frozen=True, tag=True):
     main_pid: int
 
 
+class FrontendRetiring(msgspec.Struct, frozen=True, tag=True):
+    """Front-end instance `main_pid` is being replaced: its workers answer HTTP/1.1 requests with
+    `Connection: close`, so that clients leave its connections before it stops accepting."""
+
+    main_pid: int
+
+
 class ConfigUpdate(msgspec.Struct, frozen=True, tag=True):
     """A reload changed live settings: adopt those of `generation` (config-<generation>.json)
     and acknowledge with ConfigApplied."""
@@ -279,7 +286,8 @@ ToScheduler = ScheduleRequest | AbortRequest | StepResult | WorkerReady | Tokeni
 ToWorker = StepPlan
 ToFrontend = OutputBatch
 ToSupervisor = TierReady | FrontendWorkerReady | ConfigApplied | EngineIdle | ReloadCommand
-Broadcast = TierEvent | SchedulerStats | ConfigUpdate | EngineHold  # PUB/SUB from the supervisor and scheduler
+# PUB/SUB: from the supervisor (events) and the scheduler (stats)
+Broadcast = TierEvent | SchedulerStats | ConfigUpdate | EngineHold | FrontendRetiring
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -22,10 +22,15 @@ class PeerGone(Exception):
     """The message could not be queued: the peer is not connected (or not keeping up)."""
 
 
+RECONNECT_MS = 20
+
+
 def configure(socket: zmq.Socket, kind: int) -> zmq.Socket:
     socket.setsockopt(zmq.LINGER, 0)
     if kind in (zmq.PUSH, zmq.DEALER):
         socket.setsockopt(zmq.IMMEDIATE, 1)
+        # A restarted peer binds again within milliseconds: find it as soon (default 100 ms).
+        socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
     if kind == zmq.SUB:
         socket.setsockopt(zmq.SUBSCRIBE, b"")
     return socket

@@ -62,6 +62,7 @@ class SchedulerService:
         self.poller.register(self.events.socket, zmq.POLLIN)
         self.batcher: Batcher | None = None  # created when a worker announces its cache
         self.worker_epoch: int | None = None
+        self._announced: WorkerReady | None = None  # a new worker we cannot reach yet
         self._stats_sent = 0.0
         # A step's tokens, held until the next step is on its way: the worker computes while we route them.
         self._step_tokens: dict[int, list[SequenceUpdate]] = {}
@@ -96,6 +97,8 @@ class SchedulerService:
             if self.inbox.socket in ready:
                 for message in self.inbox.recv_ready():
                     self._on_message(message)
+            if self._announced is not None:
+                self._on_worker(self._announced)
             self._step()
             self._route_step_tokens()
             if self.hold_since is not None:
@@ -132,6 +135,11 @@ class SchedulerService:
     def _on_worker(self, ready: WorkerReady) -> None:
         if ready.epoch == self.worker_epoch:
             return
+        if not self.worker.poll(0, zmq.POLLOUT):
+            # Our path to a new worker is still connecting: a plan sent now would be refused.
+            self._announced = ready  # taken up as soon as it is connected (see run)
+            return
+        self._announced = None
         if self.batcher is not None:  # a new worker without our hearing the old one go
             self._worker_gone("the worker restarted")
         self.worker_epoch = ready.epoch
@@ -204,9 +212,11 @@ class SchedulerService:
         assert self.batcher is not None
         self._route_step_tokens()  # what was produced before the failure goes first
         error = ErrorInfo(503, f"{reason}; the request was lost, retry it", type="server_error")
-        for tokenizer, updates in self.batcher.fail_all(error).items():
+        failed = self.batcher.fail_all(error)
+        for tokenizer, updates in failed.items():
             self._send(tokenizer, updates)
-        log.warning("scheduler.requests_failed", reason=reason)
+        if failed:
+            log.warning("scheduler.requests_failed", reason=reason, count=sum(len(u) for u in failed.values()))
 
     def _step(self) -> None:
         batcher = self.batcher

@@ -58,6 +58,8 @@ class Reloader:
     async def run(self) -> None:
         """Apply requests one at a time, for the supervisor's whole life."""
         self._follow_settings()
+        # A change seen while the daemon starts waits for the first generation to serve, then applies.
+        await self.supervisor.serving.wait()
         while True:
             trigger, reply_to = await self._queue.get()
             batch = [(trigger, reply_to)]
@@ -78,8 +80,8 @@ class Reloader:
     async def reload(self, trigger: str) -> ReloadReport:
         supervisor = self.supervisor
         started = time.monotonic()
-        if not supervisor.serving or supervisor.stopping.is_set():
-            return self._finish(trigger, started, "rejected", reason="the daemon is starting or stopping")
+        if supervisor.stopping.is_set():
+            return self._finish(trigger, started, "rejected", reason="the daemon is stopping")
         notify.reloading(f"reloading generation {supervisor.generation} ({trigger})")
         report = await asyncio.to_thread(check_config, supervisor.config.path, **supervisor.sources)
         if report.config is None:
@@ -175,7 +177,7 @@ class Reloader:
             notes=report.notes,
             config_hash=report.config_hash,
         )
-        if supervisor.serving:
+        if supervisor.serving.is_set():
             notify.ready(supervisor.status_line())
         self._follow_settings()
         return report

@@ -37,6 +37,7 @@ from daemon.ipc.messages import (
     DaemonStatus,
     EngineHold,
     EngineIdle,
+    FrontendRetiring,
     FrontendWorkerReady,
     ReloadCommand,
     ReloadReport,
@@ -62,6 +63,7 @@ CRASH_LOOP_WINDOW_S = 60.0  # ... within this many seconds: give up
 BACKOFF_MAX_S = 8.0
 STOP_GRACE_S = 5.0  # after SIGTERM, how long a back-end tier may take before SIGKILL
 REFUSE_AFTER_S = 1.0  # how long a stopping front-end's workers may take to stop accepting
+HANDOVER_CLOSE_S = 1.0  # answers with Connection: close from the old front-end before it stops
 HANDOVER_SETTLE_S = 0.3  # after a new front-end's workers report, before the old one stops accepting
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -124,7 +126,7 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.fatal: str | None = None
         self.started = time.time()
-        self.serving = False  # the first generation went through: reloads may start
+        self.serving = asyncio.Event()  # the first generation went through: reloads may start
         self.listener: socket.socket | None = None
         self._watchers: list[asyncio.Task] = []
         self._applied: dict[int, set[int]] = {}  # generation -> PIDs that acknowledged it
@@ -150,7 +152,7 @@ class Supervisor:
             for child in self.children:
                 self._watch_child(child)
             await self._first_generation()
-            self.serving = True
+            self.serving.set()
             notify.ready(self.status_line())
             pinger = asyncio.create_task(self._watchdog())
             await self.stopping.wait()
@@ -444,6 +446,10 @@ class Supervisor:
             raise TierStartFailed(str(exc)) from None
         await asyncio.sleep(HANDOVER_SETTLE_S)
         self._watch_child(new)
+        # HTTP/1.1 has no "go away" for idle keep-alive connections, which Granian closes when it
+        # stops: first let the clients of the old instance leave them after their next answer.
+        self._broadcast(FrontendRetiring(old.pid))  # type: ignore[arg-type]
+        await asyncio.sleep(HANDOVER_CLOSE_S)
         old.retiring = True
         # Granian stops accepting and finishes its requests and streams, bounded by its kill timeout.
         await self._terminate([old], signal.SIGTERM, self.settings.runtime.drain_timeout_s + STOP_GRACE_S)
