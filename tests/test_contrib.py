@@ -1,0 +1,774 @@
+"""The operations integrations in contrib/ hold together with the daemon they run.
+
+systemd: the unit passes `systemd-analyze verify` and its security review, its
+numbers agree with the daemon's (drain, watchdog, start-up), and the daemon
+speaks sd_notify as Type=notify-reload expects (checked against a fake
+NOTIFY_SOCKET). Kubernetes: the manifests pass the API schemas, their ports,
+probes, grace period and mounts agree with the ConfigMap's config, which passes
+`daemon check`. Grafana: every metric the dashboard charts is one the daemon
+exports. Editors: the example configs pass the JSON Schema, and Taplo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import pytest
+import tomli
+import yaml
+from conftest import DAEMON, REPO, run_daemon
+from daemon_process import RunningDaemon, start_daemon
+
+from daemon.frontend.app import HEALTH_GENERATE_TIMEOUT_S
+from daemon.supervisor.supervisor import (
+    BACKOFF_MAX_S,
+    FIRST_GENERATION_TIMEOUT_S,
+    STARTUP_TIMEOUT_S,
+    STOP_GRACE_S,
+)
+
+CONTRIB = REPO / "contrib"
+SYSTEMD = CONTRIB / "systemd"
+KUBERNETES = CONTRIB / "kubernetes"
+GRAFANA = CONTRIB / "grafana"
+SCHEMA = json.loads((REPO / "schemas" / "server.schema.json").read_text())
+EXAMPLES = sorted((REPO / "configs").glob("*.toml"))
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+SYSTEMD_SYSUSERS = shutil.which("systemd-sysusers")
+UNIT_DAEMON = "/opt/daemon/venv/bin/daemon"
+UNIT_CONFIG = "/etc/daemon/server.toml"
+API_KEY = {"DAEMON_SERVER__API_KEY": "test-key"}
+
+
+def tool(name: str) -> str | None:
+    """A command-line tool from the test virtual environment, else from PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+# --- systemd --------------------------------------------------------------------------------------
+
+
+def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
+    """A unit file's sections as (key, value) lists, in order (keys may repeat)."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for raw in text.replace("\\\n", " ").splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        assert current is not None, f"a key outside a section: {line}"
+        key, _, value = line.partition("=")
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def unit_value(unit: dict, section: str, key: str) -> str:
+    values = [v for k, v in unit[section] if k == key]
+    assert values, f"[{section}] {key}= is not set"
+    return values[-1]
+
+
+def timespan_s(text: str) -> float:
+    """systemd's time span syntax ("3min 20s", "180", "90s") in seconds."""
+    units = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text)
+    assert parts and "".join(n + u for n, u in parts) == text.replace(" ", ""), f"not a time span: {text}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+UNIT = parse_unit((SYSTEMD / "daemon.service").read_text())
+
+
+def env_file_values(path: Path) -> dict[str, str]:
+    return dict(
+        line.split("=", 1) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
+    )
+
+
+def systemd_version() -> int:
+    out = subprocess.run([SYSTEMD_ANALYZE, "--version"], capture_output=True, text=True, timeout=30).stdout
+    return int(re.match(r"systemd (\d+)", out).group(1))
+
+
+def unit_copy(directory: Path, text: str | None = None) -> Path:
+    """The unit with its ExecStart paths pointing at this test environment's `daemon` (verify
+    checks that the executables exist)."""
+    path = directory / "daemon.service"
+    text = (SYSTEMD / "daemon.service").read_text() if text is None else text
+    path.write_text(text.replace(UNIT_DAEMON, str(DAEMON)))
+    return path
+
+
+def verify(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", "--man=no", "--generators=no", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=path.parent,
+    )
+
+
+# systemd older than 253 does not know these two; with them ignored, the unit is the documented
+# fallback minus ExecReload= (which the next test checks separately).
+NOTIFY_RELOAD_ONLY = (
+    re.compile(r"Failed to parse service type, ignoring: notify-reload"),
+    re.compile(r"Unknown key '?ReloadSignal'? in section '?\[?Service\]?'?"),
+)
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path):
+    result = verify(unit_copy(tmp_path))
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    if systemd_version() >= 253:
+        assert result.returncode == 0 and not lines, "\n".join(lines)
+    else:  # only notify-reload is beyond it: the rest of the unit must be clean
+        unexpected = [line for line in lines if not any(p.search(line) for p in NOTIFY_RELOAD_ONLY)]
+        assert not unexpected, "\n".join(unexpected)
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+def test_unit_fallback_for_systemd_before_253_verifies_clean(tmp_path: Path):
+    # What the unit's header tells users of older systemd to do.
+    text = (SYSTEMD / "daemon.service").read_text()
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in text
+    text = text.replace("Type=notify-reload\n", "Type=notify\nExecReload=/bin/kill -HUP $MAINPID\n")
+    text = text.replace("ReloadSignal=SIGHUP\n", "")
+    result = verify(unit_copy(tmp_path, text))
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+def test_unit_security_exposure_stays_low(tmp_path: Path):
+    path = unit_copy(tmp_path)
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=yes", "--threshold=45", "--no-pager", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert "Overall exposure level" in result.stdout
+
+
+def test_unit_runs_the_checked_config_as_notify_reload():
+    service = dict(UNIT["Service"])
+    assert service["Type"] == "notify-reload"
+    assert service.get("ReloadSignal", "SIGHUP") == "SIGHUP"  # what the supervisor reloads on
+    assert service["NotifyAccess"] == "main"
+    assert unit_value(UNIT, "Service", "ExecStartPre") == f"{UNIT_DAEMON} check -c {UNIT_CONFIG}"
+    assert unit_value(UNIT, "Service", "ExecStart") == f"{UNIT_DAEMON} -c {UNIT_CONFIG}"
+    assert unit_value(UNIT, "Service", "EnvironmentFile") == "-/etc/daemon/daemon.env"
+    assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == "2"  # daemon's exit status for an invalid config
+
+
+def test_unit_timeouts_fit_the_daemon():
+    service = dict(UNIT["Service"])
+    # The watchdog is pinged every WatchdogSec/2 unless a tier has been down that long: a tier
+    # waiting out its restart backoff must not stop the pings.
+    assert timespan_s(service["WatchdogSec"]) / 2 > BACKOFF_MAX_S
+    # Start-up ends with READY=1, after the model worker's start and the first generation.
+    assert timespan_s(service["TimeoutStartSec"]) > STARTUP_TIMEOUT_S["worker"] + FIRST_GENERATION_TIMEOUT_S
+    # Stop: the front-end drains (drain_timeout_s, then STOP_GRACE_S), then each back-end tier
+    # gets STOP_GRACE_S. The longest drain of the example configs must fit.
+    drains = [30.0] + [tomli.loads(p.read_text()).get("runtime", {}).get("drain_timeout_s", 30) for p in EXAMPLES]
+    tiers = 2 + max(tomli.loads(p.read_text()).get("tokenizer", {}).get("workers", 1) for p in EXAMPLES)
+    assert timespan_s(service["TimeoutStopSec"]) > max(drains) + STOP_GRACE_S * (1 + tiers)
+
+
+def test_unit_lets_the_supervisor_drain():
+    service = dict(UNIT["Service"])
+    assert service["KillMode"] in ("mixed", "control-group")  # not process: leftovers would survive
+    assert service.get("KillSignal", "SIGTERM") in ("SIGTERM", "SIGINT")  # the supervisor drains on these
+
+
+def test_unit_hardening_leaves_the_daemon_its_directories():
+    service = dict(UNIT["Service"])
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "RuntimeDirectory": "daemon",
+    }.items():
+        assert service[key] == value, key
+    assert "PrivateDevices" not in service, "PrivateDevices= hides the GPUs"
+    assert "MemoryDenyWriteExecute" not in service, "PyTorch and CUDA need writable executable memory"
+    assert service["User"] not in ("root", "daemon", "nobody"), "a dedicated user"
+    env = env_file_values(SYSTEMD / "daemon.env")
+    assert env["DAEMON_RUNTIME__DIR"] == "/run/" + service["RuntimeDirectory"]
+    writable = [f"/var/cache/{service['CacheDirectory']}"] + service.get("ReadWritePaths", "").split()
+    assert env["DAEMON_RUNTIME__CACHE_DIR"] in writable
+    assert len(env["DAEMON_RUNTIME__DIR"]) <= 59  # rule runtime.dir-too-long
+
+
+@pytest.mark.skipif(SYSTEMD_SYSUSERS is None, reason="systemd-sysusers is not installed")
+def test_sysusers_file_creates_the_units_user(tmp_path: Path):
+    (tmp_path / "etc").mkdir()
+    result = subprocess.run(
+        [SYSTEMD_SYSUSERS, f"--root={tmp_path}", str(SYSTEMD / "daemon.sysusers.conf")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    users = {line.split(":")[0]: line for line in (tmp_path / "etc" / "passwd").read_text().splitlines()}
+    groups = {line.split(":")[0] for line in (tmp_path / "etc" / "group").read_text().splitlines()}
+    service = dict(UNIT["Service"])
+    assert service["User"] in users and service["Group"] in groups
+    assert users[service["User"]].endswith(":/usr/sbin/nologin")
+
+
+def effective_offline(path: Path, environ: dict[str, str], env_file: Path | None = None):
+    """The effective settings of a config meant for another machine (`daemon config show` checks
+    this host's model directory and GPUs, so the check's pipeline is called offline instead)."""
+    from daemon.config.check import check_config
+
+    report = check_config(path, environ=environ, env_file=env_file, offline=True)
+    assert report.config is not None, [v.to_line() for v in report.violations]
+    return report.config.settings
+
+
+def test_env_file_configures_the_example_as_the_unit_runs_it():
+    args = ["--env-file", str(SYSTEMD / "daemon.env")]
+    result = run_daemon("check", "-c", "configs/gpu.toml", "--offline", "--strict", *args, env=API_KEY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    settings = effective_offline(REPO / "configs" / "gpu.toml", API_KEY, SYSTEMD / "daemon.env")
+    assert settings.runtime.dir == Path("/run/daemon")
+    assert settings.runtime.cache_dir == Path("/var/cache/daemon")
+
+
+def test_watchdog_pings_come_from_the_supervisor_only(monkeypatch):
+    # systemd sets WATCHDOG_PID to the main PID; the tiers inherit it and must not ping.
+    from daemon.supervisor import notify
+
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    assert notify.watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert notify.watchdog_interval() == 15.0
+
+
+@dataclass
+class Notification:
+    received_usec: int  # CLOCK_MONOTONIC when it arrived
+    pid: int  # the sender, from SCM_CREDENTIALS
+    fields: dict[str, str]
+
+    @property
+    def kind(self) -> str:
+        for kind in ("READY", "RELOADING", "STOPPING", "WATCHDOG"):
+            if self.fields.get(kind) == "1":
+                return kind
+        return "STATUS"
+
+
+class NotifySocket:
+    """A stand-in for systemd's notification socket: records every datagram and its sender."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.settimeout(0.2)
+        self.messages: list[Notification] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        credentials = struct.calcsize("iII")
+        while not self._stop.is_set():
+            try:
+                data, ancillary, _flags, _address = self.sock.recvmsg(4096, socket.CMSG_SPACE(credentials))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            pid = -1
+            for level, kind, payload in ancillary:
+                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
+                    pid = struct.unpack("iII", payload[:credentials])[0]
+            fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
+            self.messages.append(Notification(now, pid, fields))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(short_tmp: Path) -> Iterator[NotifySocket]:
+    listener = NotifySocket(short_tmp / "notify")
+    yield listener
+    listener.close()
+
+
+def test_daemon_speaks_sd_notify_as_notify_reload_expects(
+    tmp_path: Path, short_tmp: Path, model_cache: Path, notify_socket: NotifySocket
+):
+    env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "2000000"}  # a ping every second
+    # The file watch is off so that only the two `daemon reload` commands below reload.
+    daemon = start_daemon(tmp_path, short_tmp / "run", model_cache, {"runtime.watch_config": False}, env=env)
+    try:
+        reload_command = ["reload", "--runtime-dir", str(daemon.runtime_dir), "--format", "json"]
+        original = daemon.config_path.read_text()
+        daemon.config_path.write_text(original.replace("drain_timeout_s = 10", "drain_timeout_s = 12"))  # live
+        applied = run_daemon(*reload_command, timeout=300)
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        applied_report = json.loads(applied.stdout)
+        assert (applied_report["result"], applied_report["generation"]) == ("applied", 2)
+
+        daemon.config_path.write_text(original.replace(f"port = {daemon.port}", 'port = "not a port"'))
+        rejected = run_daemon(*reload_command, timeout=300)
+        assert rejected.returncode == 1, rejected.stdout + rejected.stderr
+        assert json.loads(rejected.stdout)["result"] == "rejected"
+        time.sleep(2.5)  # a few more watchdog intervals
+    finally:
+        status = daemon.stop()
+    assert status == 0, daemon.log_tail()
+    time.sleep(0.5)  # the last datagram is read
+    messages = list(notify_socket.messages)
+
+    assert {m.pid for m in messages} == {daemon.pid}, "only the supervisor notifies (NotifyAccess=main)"
+    lifecycle = [m for m in messages if m.kind != "WATCHDOG"]
+    assert [m.kind for m in lifecycle] == ["READY", "RELOADING", "READY", "RELOADING", "READY", "STOPPING"], [
+        m.fields for m in messages
+    ]
+    ready1, reloading1, ready2, reloading2, ready3, stopping = lifecycle
+    assert all("STATUS" in m.fields for m in lifecycle)
+    hash1 = re.fullmatch(r"serving generation 1 \(config (\w+)\)", ready1.fields["STATUS"]).group(1)
+    assert reloading1.fields["STATUS"] == "reloading generation 1 (command)"
+    served2 = re.fullmatch(r"serving generation 2 \(config (\w+)\); last reload applied", ready2.fields["STATUS"])
+    hash2 = served2.group(1)
+    assert hash2 != hash1 and hash2 == applied_report["config_hash"]
+    assert reloading2.fields["STATUS"] == "reloading generation 2 (command)"
+    assert ready3.fields["STATUS"].startswith(f"serving generation 2 (config {hash2}); last reload rejected: ")
+    assert "port" in ready3.fields["STATUS"]
+    assert stopping.fields["STATUS"].startswith("stopping")
+    for reloading in (reloading1, reloading2):
+        # MONOTONIC_USEC: CLOCK_MONOTONIC when the reload started, which tells systemd this
+        # RELOADING=1 from an earlier one.
+        sent = int(reloading.fields["MONOTONIC_USEC"])
+        assert 0 <= reloading.received_usec - sent < 5_000_000
+    assert int(reloading1.fields["MONOTONIC_USEC"]) < int(reloading2.fields["MONOTONIC_USEC"])
+
+    pings = [m for m in messages if m.kind == "WATCHDOG"]
+    assert all(m.fields == {"WATCHDOG": "1"} for m in pings)
+    assert all(ready1.received_usec <= m.received_usec <= stopping.received_usec for m in pings), (
+        "the watchdog runs from READY=1 to STOPPING=1"
+    )
+    assert len(pings) >= 2
+    # Every second (WATCHDOG_USEC / 2); gaps of more than the whole WATCHDOG_USEC would get the
+    # daemon killed by systemd. Generous for a loaded machine, still far from no pings at all.
+    times = [ready1.received_usec] + [m.received_usec for m in pings] + [stopping.received_usec]
+    assert max(b - a for a, b in zip(times, times[1:], strict=False)) < 4_000_000
+
+
+# --- Kubernetes -----------------------------------------------------------------------------------
+
+
+def load_manifests() -> dict[str, dict]:
+    """Every object in contrib/kubernetes/*.yaml but the kustomization, by kind."""
+    objects: dict[str, dict] = {}
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document is None or document.get("kind") == "Kustomization":
+                continue
+            assert document["kind"] not in objects, f"two {document['kind']} objects"
+            objects[document["kind"]] = document
+    return objects
+
+
+MANIFESTS = load_manifests()
+DEPLOYMENT = MANIFESTS["Deployment"]
+POD = DEPLOYMENT["spec"]["template"]["spec"]
+CONTAINER = POD["containers"][0]
+CONFIGMAP_TOML_TEXT = MANIFESTS["ConfigMap"]["data"]["server.toml"]
+CONFIGMAP_TOML = tomli.loads(CONFIGMAP_TOML_TEXT)
+
+
+def container_port(port: int | str) -> int:
+    """A probe's or Service's port, named or numbered, as the container's port number."""
+    if isinstance(port, int):
+        return port
+    return next(p["containerPort"] for p in CONTAINER["ports"] if p.get("name") == port)
+
+
+def container_env() -> dict[str, str]:
+    """The container's environment; Secret references get a stand-in value."""
+    env = {}
+    for entry in CONTAINER["env"]:
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        else:
+            assert "secretKeyRef" in entry["valueFrom"], entry
+            env[entry["name"]] = "stand-in-secret"
+    return env
+
+
+def test_manifests_are_the_expected_objects():
+    assert set(MANIFESTS) == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget"}
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    assert listed == {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    assert "configMapGenerator" not in kustomization, "a generated (hashed) name would defeat hot reload"
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "latest"])
+def test_manifests_pass_the_kubernetes_api_schemas(version: str):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+    version = kubernetes_validate.latest_version() if version == "latest" else version
+    for kind, document in MANIFESTS.items():
+        try:
+            kubernetes_validate.validate(document, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{kind} against Kubernetes {version}: {exc}")
+
+
+@pytest.mark.skipif(tool("kubectl") is None, reason="kubectl is not installed")
+def test_kustomization_builds():
+    result = subprocess.run(
+        [tool("kubectl"), "kustomize", str(KUBERNETES)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    built = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert {d["kind"] for d in built} == set(MANIFESTS)
+    assert next(d for d in built if d["kind"] == "ConfigMap")["metadata"]["name"] == "daemon-config"
+
+
+def test_ports_agree_with_the_configmaps_server_port():
+    port = CONFIGMAP_TOML["server"]["port"]
+    assert CONFIGMAP_TOML["server"]["host"] in ("0.0.0.0", "::"), "reachable from outside the pod"
+    assert [p["containerPort"] for p in CONTAINER["ports"]] == [port]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container_port(CONTAINER[probe]["httpGet"]["port"]) == port, probe
+    service = MANIFESTS["Service"]
+    assert service["spec"]["selector"].items() <= DEPLOYMENT["spec"]["template"]["metadata"]["labels"].items()
+    assert [container_port(p["targetPort"]) for p in service["spec"]["ports"]] == [port]
+    if any(p.get("appProtocol") == "kubernetes.io/h2c" for p in service["spec"]["ports"]):
+        assert CONFIGMAP_TOML["server"].get("enable_http2", True), "h2c needs server.enable_http2"
+    annotations = DEPLOYMENT["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == port and annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_probes_use_the_daemons_health_endpoints():
+    assert CONTAINER["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert CONTAINER["readinessProbe"]["httpGet"]["path"] == "/health_generate"
+    assert CONTAINER["readinessProbe"]["timeoutSeconds"] > HEALTH_GENERATE_TIMEOUT_S
+    startup = CONTAINER["startupProbe"]
+    assert startup["httpGet"]["path"] in ("/health", "/health_generate")
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= STARTUP_TIMEOUT_S["worker"], "model load"
+
+
+def test_grace_period_covers_prestop_and_the_drain():
+    drain = CONFIGMAP_TOML["runtime"]["drain_timeout_s"]
+    pre_stop = CONTAINER["lifecycle"]["preStop"]
+    sleep = pre_stop["sleep"]["seconds"] if "sleep" in pre_stop else int(pre_stop["exec"]["command"][-1])
+    assert 0 < sleep <= 15
+    # The front-end drains, then the back-end tiers (worker, scheduler, tokenizers) stop.
+    tiers = 2 + CONFIGMAP_TOML.get("tokenizer", {}).get("workers", 1)
+    assert POD["terminationGracePeriodSeconds"] > sleep + drain + STOP_GRACE_S
+    assert POD["terminationGracePeriodSeconds"] >= sleep + drain + STOP_GRACE_S * (1 + tiers)
+
+
+def test_config_is_mounted_as_a_directory_and_the_command_reads_it():
+    volume = next(v for v in POD["volumes"] if v.get("configMap", {}).get("name") == "daemon-config")
+    mount = next(m for m in CONTAINER["volumeMounts"] if m["name"] == volume["name"])
+    assert "subPath" not in mount and "subPathExpr" not in mount, "a subPath mount never sees ConfigMap updates"
+    assert "items" not in volume["configMap"] or any(i["path"] == "server.toml" for i in volume["configMap"]["items"])
+    command = CONTAINER["command"] + CONTAINER.get("args", [])
+    assert Path(command[0]).name == "daemon"
+    config = Path(command[command.index("-c") + 1])
+    assert config.parent == Path(mount["mountPath"]) and config.name in MANIFESTS["ConfigMap"]["data"]
+    assert CONFIGMAP_TOML["runtime"].get("watch_config", True), "reload on ConfigMap updates"
+
+
+def test_runtime_dir_is_an_emptydir_and_the_overrides_name_real_keys():
+    env = container_env()
+    overrides = {k: v for k, v in env.items() if k.startswith("DAEMON_")}
+    assert {"DAEMON_RUNTIME__DIR", "DAEMON_SERVER__API_KEY"} <= set(overrides)
+    mounts = {m["mountPath"]: m["name"] for m in CONTAINER["volumeMounts"]}
+    volumes = {v["name"]: v for v in POD["volumes"]}
+    for key in ("DAEMON_RUNTIME__DIR", "DAEMON_RUNTIME__CACHE_DIR"):
+        assert "emptyDir" in volumes[mounts[env[key]]], key
+    assert len(env["DAEMON_RUNTIME__DIR"]) <= 59  # rule runtime.dir-too-long
+    model = Path(CONFIGMAP_TOML["model"]["path"])
+    assert any(model.is_relative_to(path) for path in mounts), "model.path is on a mounted volume"
+
+
+def test_pod_requests_a_gpu():
+    resources = CONTAINER["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+    assert resources["requests"].get("nvidia.com/gpu", 1) == 1
+    assert CONFIGMAP_TOML["model"]["device"] in ("cuda", "auto")
+
+
+def test_configmap_config_passes_daemon_check_with_the_deployments_environment(tmp_path: Path):
+    config = tmp_path / "server.toml"
+    config.write_text(CONFIGMAP_TOML_TEXT)
+    # The pod's model directory and GPUs are not here: --offline checks everything else.
+    result = run_daemon("check", "-c", str(config), "--offline", "--strict", env=container_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    settings = effective_offline(config, container_env())
+    assert settings.runtime.dir == Path("/run/daemon") and settings.logging.format == "json"
+
+
+class ConfigMapVolume:
+    """A directory laid out as the kubelet lays out a ConfigMap volume: the files are symlinks
+    into ..data, itself a symlink to a timestamped directory that an update replaces whole."""
+
+    def __init__(self, root: Path, files: dict[str, str]):
+        self.root, self.version = root, 0
+        root.mkdir(parents=True, exist_ok=True)
+        self.update(files)
+        for name in files:
+            (root / name).symlink_to(Path("..data") / name)
+
+    def update(self, files: dict[str, str]) -> None:
+        """The kubelet's atomic update: write a new timestamped directory, swap ..data to it
+        with a rename, remove the old one."""
+        self.version += 1
+        stamp = f"..2026_01_01_00_00_{self.version:02d}.{self.version:09d}"
+        (self.root / stamp).mkdir()
+        for name, text in files.items():
+            (self.root / stamp / name).write_text(text)
+        previous = (self.root / "..data").readlink() if (self.root / "..data").is_symlink() else None
+        (self.root / "..data_tmp").symlink_to(stamp)
+        os.rename(self.root / "..data_tmp", self.root / "..data")
+        if previous is not None:
+            shutil.rmtree(self.root / previous)
+
+
+def test_configmap_update_reloads_the_daemon_in_place(tmp_path: Path, short_tmp: Path, model_cache: Path):
+    # The Deployment mounts the ConfigMap as a directory: the daemon must see the ..data swap.
+    volume = ConfigMapVolume(tmp_path / "etc-daemon", {"server.toml": "# written by start_daemon\n"})
+    env = {"NOTIFY_SOCKET": "", "WATCHDOG_USEC": ""}
+    daemon = start_daemon(volume.root, short_tmp / "run", model_cache, env=env)  # writes through the symlink
+    try:
+        assert daemon.config_path.is_symlink()
+        text = daemon.config_path.read_text()
+        volume.update({"server.toml": text.replace("drain_timeout_s = 10", "drain_timeout_s = 11")})
+        event = daemon.wait_for_event("config.reload", timeout=60, result="applied")
+        assert event["trigger"] == "file" and event["diff"]["runtime.drain_timeout_s"]["new"] == 11
+        assert json.loads((daemon.socket_dir / "status.json").read_text())["generation"] == 2
+    finally:
+        status = daemon.stop()
+    assert status == 0, daemon.log_tail()
+
+
+def test_poddisruptionbudget_leaves_one_serving():
+    budget = MANIFESTS["PodDisruptionBudget"]["spec"]
+    assert budget["selector"]["matchLabels"] == DEPLOYMENT["spec"]["selector"]["matchLabels"]
+    replicas = DEPLOYMENT["spec"]["replicas"]
+    assert budget.get("maxUnavailable", 0) < replicas or budget.get("minAvailable", replicas) < replicas
+
+
+# --- Grafana --------------------------------------------------------------------------------------
+
+DASHBOARD = json.loads((GRAFANA / "daemon-dashboard.json").read_text())
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of the dashboard: panel targets and the variables' queries."""
+    queries = [t["expr"] for p in DASHBOARD["panels"] for t in p.get("targets", [])]
+    for variable in DASHBOARD["templating"]["list"]:
+        if variable["type"] == "query":
+            query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+            match = re.fullmatch(r"label_values\((.+),\s*\w+\)", query)
+            assert match, query
+            queries.append(match.group(1))
+    return queries
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (parsed, when promql-parser is installed)."""
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    try:
+        import promql_parser
+    except ImportError:  # a rough fallback: identifiers that look like the daemon's metrics
+        return set(re.findall(r"\bdaemon_[a-z0-9_]+\b", re.sub(r'"[^"]*"', '""', expr)))
+    names: set[str] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            assert node.name, f"a selector without a metric name in {expr}"
+            names.add(node.name)
+        for attribute in dir(node):
+            if attribute.startswith("_") or attribute in ("parse", "prettify"):
+                continue
+            value = getattr(node, attribute)
+            for child in value if isinstance(value, list) else [value]:
+                if isinstance(child, promql_parser.Expr):
+                    walk(child)
+
+    walk(promql_parser.parse(expr))
+    return names
+
+
+def test_dashboard_is_a_grafana_dashboard():
+    assert DASHBOARD["title"] and DASHBOARD["uid"] and isinstance(DASHBOARD["schemaVersion"], int)
+    panels = DASHBOARD["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for panel in panels:
+        assert panel["title"] and panel["type"] and set(panel["gridPos"]) == {"h", "w", "x", "y"}
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)), panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}" and target["expr"].strip()
+    titles = " / ".join(p["title"].lower() for p in panels)
+    for wanted in ("request rate", "error", "time to first token", "latency", "running and queued"):
+        assert wanted in titles
+    for wanted in ("tokens per second", "restarts", "reloads", "generation", "kv-cache"):
+        assert wanted in titles
+
+
+def test_dashboard_queries_parse_and_use_the_daemons_metrics():
+    pytest.importorskip("promql_parser", reason="promql-parser is not installed: queries not parsed")
+    for expr in dashboard_queries():
+        assert metric_names(expr), expr
+    quantiles = [e for e in dashboard_queries() if "histogram_quantile" in e]
+    assert quantiles and all("_bucket" in e and "by (le" in e for e in quantiles)
+
+
+@pytest.fixture
+def serving_daemon(tmp_path: Path, model_cache: Path) -> Iterator[RunningDaemon]:
+    runtime_dir = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
+    env = {"NOTIFY_SOCKET": "", "WATCHDOG_USEC": ""}  # not the test runner's systemd, if any
+    daemon = start_daemon(tmp_path, runtime_dir, model_cache, env=env)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def exported_metrics(url: str) -> dict[str, set[str]]:
+    """The daemon's metric families, each with the names of its samples (_bucket, _total...)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {f.name: {s.name for s in f.samples} | {f.name} for f in text_string_to_metric_families(text)}
+
+
+def test_every_metric_in_the_dashboard_is_exported(serving_daemon: RunningDaemon):
+    for path, body in (
+        ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 4}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+    ):
+        request = urllib.request.Request(
+            serving_daemon.url + path, json.dumps(body).encode(), {"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+    families = exported_metrics(serving_daemon.url)
+    samples = {name for names in families.values() for name in names if name.startswith("daemon_")}
+    # Histograms only have samples once observed: the two requests above observed them.
+    assert "daemon_time_to_first_token_seconds_bucket" in samples and "daemon_reloads_total" in samples
+    used = set()
+    for expr in dashboard_queries():
+        names = metric_names(expr)
+        missing = names - samples
+        assert not missing, f"{expr}: not exported: {sorted(missing)}"
+        used |= names
+    charted = {family for family, names in families.items() if family.startswith("daemon_") and names & used}
+    assert charted == {family for family in families if family.startswith("daemon_")}, "every metric is charted"
+
+
+# --- editors --------------------------------------------------------------------------------------
+
+SCHEMA_CHECKED = [*EXAMPLES, "contrib/kubernetes/configmap.yaml"]
+
+
+def config_text(example: Path | str) -> str:
+    return CONFIGMAP_TOML_TEXT if str(example).endswith(".yaml") else Path(example).read_text()
+
+
+@pytest.mark.parametrize("example", SCHEMA_CHECKED, ids=lambda p: Path(p).name)
+def test_example_configs_validate_against_the_json_schema(example: Path | str):
+    document = tomli.loads(config_text(example))
+    errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(document), key=str)
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+
+
+def taplo_command() -> list[str] | None:
+    if found := tool("taplo"):
+        return [found]
+    npx = shutil.which("npx")
+    if npx is None:
+        return None
+    with contextlib.suppress(subprocess.SubprocessError, OSError):  # offline and not cached: none
+        probe = subprocess.run(
+            [npx, "--no-install", "@taplo/cli", "--version"], capture_output=True, text=True, timeout=60
+        )
+        if probe.returncode == 0:
+            return [npx, "--no-install", "@taplo/cli"]
+    return None
+
+
+TAPLO = taplo_command()
+
+
+@pytest.mark.skipif(TAPLO is None, reason="taplo is not installed (pip install taplo, or npm's @taplo/cli)")
+def test_taplo_checks_the_examples_with_their_schema_directive(tmp_path: Path):
+    # Each example's first line, #:schema ../schemas/server.schema.json, is what editors follow.
+    result = subprocess.run(
+        [*TAPLO, "check", "--no-auto-config", *map(str, EXAMPLES)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # A mistake the schema catches must fail the same check: the directive is really followed.
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f"#:schema {REPO / 'schemas' / 'server.schema.json'}\n[server]\nprot = 8000\n[model]\npath = 'x'\n")
+    result = subprocess.run(
+        [*TAPLO, "check", "--no-auto-config", str(bad)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode != 0 and "prot" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_contrib_readme_indexes_the_integrations():
+    readme = (CONTRIB / "README.md").read_text()
+    for directory in ("systemd", "kubernetes", "grafana"):
+        assert f"{directory}/" in readme
+        assert (CONTRIB / directory / "README.md").exists() or directory == "grafana"
+    assert "#:schema" in readme and "taplo" in readme.lower()
