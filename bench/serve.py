@@ -205,6 +205,14 @@ def wait_http_ok(server: Server, path: str, deadline: float, *, ready_event: str
 # --- completion load ------------------------------------------------------------------------------
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `values` by nearest rank; nan when there are none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
 def make_prompts(count: int, seed: int = 7) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(count)]
@@ -235,10 +243,7 @@ class LoadResult:
         return self.tokens / self.wall_s if self.wall_s else 0.0
 
     def pct(self, q: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+        return percentile(self.latencies, q)
 
     def note_error(self, what: str) -> None:
         self.failures += 1
