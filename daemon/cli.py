@@ -228,11 +228,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return EXIT_INVALID
     import asyncio
 
-    from daemon.logs import configure_logging, get_logger
+    from daemon.logs import configure_logging, get_logger, set_generation
     from daemon.supervisor.runtime_dir import RuntimeDirError
     from daemon.supervisor.supervisor import Supervisor
 
     configure_logging("supervisor", level=config.settings.logging.level, fmt=config.settings.logging.format)
+    set_generation(1)
     log = get_logger("daemon.cli")
     for warning in config.warnings:
         log.warning("config.warning", rule=warning.rule, key=warning.key, message=warning.message, fix=warning.fix)

@@ -94,6 +94,7 @@ def start_tier(role: str, index: int = 0, *, stopped_by_supervisor: bool = True)
     back-end tiers); the front-end leaves signals to Granian.
     """
     from daemon.config.handoff import generation_from_environment, read_config
+    from daemon.ipc.messages import read_status_file
     from daemon.logs import configure_logging, set_generation
 
     guard()
@@ -103,6 +104,10 @@ def start_tier(role: str, index: int = 0, *, stopped_by_supervisor: bool = True)
         signal.signal(STOP_SIGNAL, _exit_cleanly)
     endpoints = Endpoints.from_environment()
     generation = generation_from_environment()
+    # A process Granian respawns inherits the environment its instance started with: the
+    # generation the daemon runs now (status file) may be newer.
+    if (status := read_status_file(endpoints.directory)) is not None:
+        generation = max(generation, status.generation)
     settings = read_config(endpoints.directory, generation)
     configure_logging(role, level=settings.logging.level, fmt=settings.logging.format)
     set_generation(generation)

@@ -166,7 +166,8 @@ class SchedulerService:
         """The worker went: its requests fail, but during a hold those not started wait for the next."""
         assert self.batcher is not None
         if self.hold_since is not None:
-            self.held += [(self.hold_since, request) for request in self.batcher.take_unstarted()]
+            # their wait for the next worker starts now (the drain before it was bounded apart)
+            self.held += [(time.monotonic(), request) for request in self.batcher.take_unstarted()]
         self._fail_all(reason)
         self.worker_epoch, self.batcher = None, None
 
@@ -232,8 +233,7 @@ class SchedulerService:
         try:
             send(self.worker, plan)
         except PeerGone:
-            self._fail_all("the worker is not reachable")
-            self.worker_epoch, self.batcher = None, None
+            self._worker_gone("the worker is not reachable")
 
     def _route_step_tokens(self) -> None:
         pending, self._step_tokens = self._step_tokens, {}

@@ -86,7 +86,9 @@ class Reloader:
         report = await asyncio.to_thread(check_config, supervisor.config.path, **supervisor.sources)
         if report.config is None:
             problems = report.errors or report.violations
-            reason = "; ".join(f"{v.rule}: {v.message} ({v.origin})" for v in problems[:5])
+            reason = "; ".join(
+                f"{v.rule} ({v.key or v.origin}): {v.message} at {v.origin}; fix: {v.fix}" for v in problems[:5]
+            )
             return self._finish(trigger, started, "rejected", reason=f"the new config is invalid: {reason}")
         new = report.config
         diff = diff_configs(supervisor.config, new)

@@ -48,7 +48,7 @@ from daemon.ipc.messages import (
     encode,
 )
 from daemon.ipc.sockets import Receiver, configure
-from daemon.logs import set_generation
+from daemon.logs import configure_logging, set_generation
 from daemon.supervisor import notify, probe
 from daemon.supervisor.reload import Reloader, TierStartFailed
 from daemon.supervisor.runtime_dir import create_socket_dir
@@ -332,6 +332,9 @@ class Supervisor:
 
     def adopt(self, config: LoadedConfig, generation: int) -> None:
         """Make `config` the running one, as `generation`."""
+        logging = config.settings.logging
+        if (logging.level, logging.format) != (self.settings.logging.level, self.settings.logging.format):
+            configure_logging("supervisor", level=logging.level, fmt=logging.format)
         self.config, self.settings, self.generation = config, config.settings, generation
         set_generation(generation)
         self.write_status()
@@ -385,7 +388,7 @@ class Supervisor:
         """Stop `old`, then start a child like it running `generation`; TierStartFailed if it fails."""
         old.retiring = True
         await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
-        new = Child(old.tier, old.index, old.module, epoch=old.epoch)
+        new = Child(old.tier, old.index, old.module, epoch=old.epoch, deaths=old.deaths, restarts=old.restarts)
         self.children[self.children.index(old)] = new
         await self._start(new, generation)
         try:
@@ -434,7 +437,15 @@ class Supervisor:
             listener = self._listen(server) if moved else self.listener
         except StartupFailed as exc:
             raise TierStartFailed(str(exc)) from None
-        new = Child("frontend", 0, "daemon.frontend", epoch=old.epoch, expected_workers=server.workers)
+        new = Child(
+            "frontend",
+            0,
+            "daemon.frontend",
+            epoch=old.epoch,
+            deaths=old.deaths,
+            restarts=old.restarts,
+            expected_workers=server.workers,
+        )
         self.children.append(new)
         try:
             await self._start(new, generation, listener)

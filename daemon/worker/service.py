@@ -26,6 +26,7 @@ from daemon.worker.execute import execute
 
 log = structlog.get_logger("daemon.worker")
 ANNOUNCE_INTERVAL_S = 1.0  # how often an idle worker tells the scheduler it is there
+FIRST_ANNOUNCE_WAIT_MS = 2000  # at most this long for the path to the scheduler before the first
 CPU_CONTEXTS = 16  # default cache on CPU: this many full-length requests
 CPU_MEMORY_SHARE = 0.25  # ... but never more than this share of the memory available
 
@@ -102,6 +103,9 @@ class WorkerService:
             context=self.context,
         )
         send(self.control, TierReady(tier.role, tier.index, os.getpid()))
+        # The first announcement must not be lost to a connection still being made: the
+        # scheduler, holding requests for us, would wait a whole interval for the next one.
+        self.scheduler.poll(FIRST_ANNOUNCE_WAIT_MS, zmq.POLLOUT)
         announced = 0.0
         while True:
             if time.monotonic() - announced >= ANNOUNCE_INTERVAL_S:
