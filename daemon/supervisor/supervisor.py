@@ -462,13 +462,16 @@ class Supervisor:
         self._broadcast(FrontendRetiring(old.pid))  # type: ignore[arg-type]
         await asyncio.sleep(HANDOVER_CLOSE_S)
         old.retiring = True
+        previous = self.listener
+        if moved:  # the new address serves from now on; the old one refuses once the old instance stops
+            self.listener = listener
+            refuse = asyncio.create_task(self._refuse_new_connections(previous))
         # Granian stops accepting and finishes its requests and streams, bounded by its kill timeout.
         await self._terminate([old], signal.SIGTERM, self.settings.runtime.drain_timeout_s + STOP_GRACE_S)
         self.children.remove(old)
         if moved:
-            assert self.listener is not None
-            self.listener.close()
-            self.listener = listener
+            await refuse
+            previous.close()  # type: ignore[union-attr]
         self.write_status()
 
     async def _abandon(self, child: Child) -> None:
@@ -574,22 +577,23 @@ class Supervisor:
         frontends = [c for c in self.children if c.tier == "frontend"]
         for child in frontends:
             self._publish(child, "draining")
-        refuse = asyncio.create_task(self._refuse_new_connections())
+        refuse = asyncio.create_task(self._refuse_new_connections(self.listener))
         await self._terminate(frontends, signal.SIGTERM, self.settings.runtime.drain_timeout_s + STOP_GRACE_S)
         refuse.cancel()
         back = [c for c in self.children if c.tier != "frontend"]
         await self._terminate(list(reversed(back)), STOP_SIGNAL, STOP_GRACE_S)
 
-    async def _refuse_new_connections(self) -> None:
-        """Shut the listening socket once the stopping front-end's workers no longer accept: new
+    @staticmethod
+    async def _refuse_new_connections(listener: socket.socket | None) -> None:
+        """Shut `listener` once the stopping front-end's workers no longer accept from it: new
         connections are then refused at once rather than queued until the drain ends.
 
         Not at once: a Granian worker still accepting when its socket shuts cannot stop gracefully.
         The workers keep the socket open until they exit, so time is the only sign to go by."""
         await asyncio.sleep(REFUSE_AFTER_S)
-        if self.listener is not None:
+        if listener is not None:
             with contextlib.suppress(OSError):
-                self.listener.shutdown(socket.SHUT_RDWR)
+                listener.shutdown(socket.SHUT_RDWR)
 
     async def _terminate(self, children: list[Child], signum: int, grace: float) -> None:
         running = [c for c in children if c.process is not None and c.process.returncode is None]
