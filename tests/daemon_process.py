@@ -148,3 +148,70 @@ def start_daemon(
             daemon.stop()
             raise
     return daemon
+
+
+def wait_gone(supervisor_pid: int, timeout: float) -> list[int]:
+    """Wait until no process of `supervisor_pid`'s tree is left; those still there after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (left := descendants(supervisor_pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def describe(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            out.append(f"{pid}: {command}")
+        except OSError:
+            out.append(f"{pid}: (gone)")
+    return out
+
+
+def read_completion_stream(response, outcome, *, give_up_after: float) -> None:
+    """Read an SSE completion stream into `outcome` (kind, detail, chunks, first_chunk_at):
+    complete after `[DONE]` with a finish_reason, sse-error on an error event, incomplete when it
+    just ends, hang when it goes on past `give_up_after` (a time.monotonic() deadline)."""
+    finished = None
+    for line in response.iter_lines():
+        if time.monotonic() > give_up_after:
+            outcome.kind, outcome.detail = "hang", "the stream went on too long"
+            return
+        if not line.startswith("data: "):
+            continue
+        data = line[len("data: ") :]
+        if data == "[DONE]":
+            outcome.kind = "complete" if finished else "unexpected"
+            outcome.detail = f"[DONE] after finish_reason {finished}"
+            return
+        event = json.loads(data)
+        if "error" in event:
+            outcome.kind, outcome.detail = "sse-error", json.dumps(event["error"])
+            return
+        outcome.chunks += 1
+        if outcome.first_chunk_at is None:
+            outcome.first_chunk_at = time.monotonic()
+        finished = finished or (event.get("choices") or [{}])[0].get("finish_reason")
+    outcome.kind, outcome.detail = "incomplete", "the stream ended with neither [DONE] nor an error"
+
+
+def stop_daemons(started: list[RunningDaemon], runtime_dir: Path, *, drain_s: float) -> None:
+    """A fixture's teardown: SIGTERM each daemon still running (SIGKILL after `drain_s`), kill
+    whatever it left by PID, remove the runtime dir; fail if any process outlived its supervisor."""
+    import shutil
+
+    survivors = {}
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.send_signal(signal.SIGTERM)
+            try:
+                daemon.process.wait(drain_s)
+            except subprocess.TimeoutExpired:
+                daemon.process.kill()
+                daemon.process.wait(10)
+        if left := wait_gone(daemon.pid, 5.0):
+            survivors[daemon.pid] = describe(left)
+        daemon.stop()  # kills whatever is left, by PID
+    shutil.rmtree(runtime_dir, ignore_errors=True)
+    assert not survivors, f"processes outlived their supervisor: {survivors}"

@@ -29,7 +29,16 @@ import h2.events
 import httpx
 import pytest
 from conftest import DAEMON, clean_environ, run_daemon
-from daemon_process import RunningDaemon, descendants, kill_leftovers, start_daemon
+from daemon_process import (
+    RunningDaemon,
+    descendants,
+    describe,
+    kill_leftovers,
+    read_completion_stream,
+    start_daemon,
+    stop_daemons,
+    wait_gone,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 KILL_BOUND_S = 10.0  # every request in flight ends within this long of a kill
@@ -65,25 +74,6 @@ def long_context_settings(model: Path) -> dict[str, object]:
 
 
 # --- daemons ---------------------------------------------------------------------------------------
-
-
-def wait_gone(supervisor_pid: int, timeout: float) -> list[int]:
-    """Wait until no process of `supervisor_pid`'s tree is left; those still there after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while (left := descendants(supervisor_pid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
-
-
-def describe(pids: list[int]) -> list[str]:
-    out = []
-    for pid in pids:
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            out.append(f"{pid}: {command}")
-        except OSError:
-            out.append(f"{pid}: (gone)")
-    return out
 
 
 def children(pid: int) -> set[int]:
@@ -140,20 +130,7 @@ def launch(tmp_path: Path, model_cache: Path) -> Iterator[Launcher]:
     try:
         yield launcher
     finally:
-        survivors = {}
-        for daemon in launcher.started:
-            if daemon.process.poll() is None:
-                daemon.process.send_signal(signal.SIGTERM)
-                try:
-                    daemon.process.wait(30)
-                except subprocess.TimeoutExpired:
-                    daemon.process.kill()
-                    daemon.process.wait(10)
-            if left := wait_gone(daemon.pid, 5.0):
-                survivors[daemon.pid] = describe(left)
-            daemon.stop()  # kills whatever is left, by PID
-        shutil.rmtree(runtime_dir, ignore_errors=True)
-        assert not survivors, f"processes outlived their supervisor: {survivors}"
+        stop_daemons(launcher.started, runtime_dir, drain_s=30)
 
 
 def tier_state(daemon: RunningDaemon) -> dict[str, dict]:
@@ -276,27 +253,7 @@ def one_request(base_url: str, outcome: Outcome, *, chat: bool, stream: bool, ht
                     outcome.kind = "http-error" if response.status_code >= 500 else "unexpected"
                     outcome.detail = text
                     return
-                finished = None
-                for line in response.iter_lines():
-                    if time.monotonic() - started > KILL_BOUND_S + READ_TIMEOUT_S:
-                        outcome.kind, outcome.detail = "hang", "the stream went on too long"
-                        return
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[len("data: ") :]
-                    if data == "[DONE]":
-                        outcome.kind = "complete" if finished else "unexpected"
-                        outcome.detail = f"[DONE] after finish_reason {finished}"
-                        return
-                    event = json.loads(data)
-                    if "error" in event:
-                        outcome.kind, outcome.detail = "sse-error", json.dumps(event["error"])
-                        return
-                    outcome.chunks += 1
-                    if outcome.first_chunk_at is None:
-                        outcome.first_chunk_at = time.monotonic()
-                    finished = finished or (event.get("choices") or [{}])[0].get("finish_reason")
-                outcome.kind, outcome.detail = "incomplete", "the stream ended with neither [DONE] nor an error"
+                read_completion_stream(response, outcome, give_up_after=started + KILL_BOUND_S + READ_TIMEOUT_S)
     except httpx.TimeoutException as exc:
         outcome.kind, outcome.detail = "hang", repr(exc)
     except httpx.TransportError as exc:

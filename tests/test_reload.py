@@ -37,8 +37,16 @@ import httpx
 import pytest
 import tomli_w
 from conftest import DAEMON, REPO, clean_environ, run_daemon
-from daemon_process import READY_TIMEOUT_S, RunningDaemon, free_port, kill_leftovers
-from test_faults import Outcome, children, describe, request_body, scrape, until, wait_gone
+from daemon_process import (
+    READY_TIMEOUT_S,
+    RunningDaemon,
+    describe,
+    free_port,
+    kill_leftovers,
+    read_completion_stream,
+    wait_gone,
+)
+from test_faults import Outcome, children, request_body, scrape, until
 
 API_KEY = "reload-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -399,27 +407,7 @@ def send(client: httpx.Client, outcome: Timed, *, chat: bool, stream: bool, body
                 outcome.kind = "http-error" if response.status_code >= 500 else "unexpected"
                 outcome.detail = response.read().decode(errors="replace")[:300]
                 return
-            finished = None
-            for line in response.iter_lines():
-                if time.monotonic() - outcome.started_at > 3 * READ_TIMEOUT_S:
-                    outcome.kind, outcome.detail = "hang", "the stream went on too long"
-                    return
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: ") :]
-                if data == "[DONE]":
-                    outcome.kind = "complete" if finished else "unexpected"
-                    outcome.detail = f"[DONE] after finish_reason {finished}"
-                    return
-                event = json.loads(data)
-                if "error" in event:
-                    outcome.kind, outcome.detail = "sse-error", json.dumps(event["error"])
-                    return
-                outcome.chunks += 1
-                if outcome.first_chunk_at is None:
-                    outcome.first_chunk_at = time.monotonic()
-                finished = finished or (event.get("choices") or [{}])[0].get("finish_reason")
-            outcome.kind, outcome.detail = "incomplete", "the stream ended with neither [DONE] nor an error"
+            read_completion_stream(response, outcome, give_up_after=outcome.started_at + 3 * READ_TIMEOUT_S)
     except httpx.TimeoutException as exc:
         outcome.kind, outcome.detail = "hang", repr(exc)
     except httpx.TransportError as exc:

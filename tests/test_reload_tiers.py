@@ -26,7 +26,6 @@ import datetime
 import importlib.metadata
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -42,8 +41,8 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import DAEMON, REPO, clean_environ, run_daemon
-from daemon_process import RunningDaemon, descendants, free_port
-from test_faults import children, describe, until, wait_gone
+from daemon_process import RunningDaemon, descendants, describe, free_port, stop_daemons
+from test_faults import children, until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -169,20 +168,7 @@ def daemons(tmp_path: Path, model_cache: Path) -> Iterator[Daemons]:
     try:
         yield launcher
     finally:
-        survivors = {}
-        for daemon in launcher.started:
-            if daemon.process.poll() is None:
-                daemon.process.send_signal(signal.SIGTERM)
-                try:
-                    daemon.process.wait(60)
-                except subprocess.TimeoutExpired:
-                    daemon.process.kill()
-                    daemon.process.wait(10)
-            if left := wait_gone(daemon.pid, 5.0):
-                survivors[daemon.pid] = describe(left)
-            daemon.stop()  # kills whatever is left, by PID
-        shutil.rmtree(runtime_dir, ignore_errors=True)
-        assert not survivors, f"processes outlived their supervisor: {survivors}"
+        stop_daemons(launcher.started, runtime_dir, drain_s=60)
 
 
 def log_time(event: dict) -> float:
