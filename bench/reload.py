@@ -61,7 +61,6 @@ import contextlib
 import errno
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -88,9 +87,11 @@ from serve import (
     daemon_log_findings,
     daemon_processes,
     free_port,
+    limit_run,
     make_prompts,
     marked_pids,
     percentile,
+    print_header,
     versions,
     wait_http_ok,
     warm_up,
@@ -760,21 +761,9 @@ def main() -> int:
     startup_load = float("nan")
     exit_code = 0
 
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    def overtime(signum, frame):
-        raise Overtime(f"the whole run took longer than --total-time-limit {args.total_time_limit} s")
-
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGALRM, overtime)
-    signal.alarm(args.total_time_limit)
-
-    print(f"# daemon hot reload benchmark, {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    print(f"machine: nproc={os.cpu_count()} ({cpu_model()}), {platform.platform()}")
-    print(f"versions: {versions()}, aiohttp {metadata.version('aiohttp')}, load client loop {client_loop}")
-    print(f"work dir: {work} (runtime.dir {runtime_dir})")
-    print(f"load average at start: {Path('/proc/loadavg').read_text().strip()}")
+    reinstall_limits = limit_run(args.total_time_limit, Overtime)
+    client = f"aiohttp {metadata.version('aiohttp')}, load client loop {client_loop}"
+    print_header("hot reload", work, runtime_dir, f"{versions()}, {client}")
     print(f"bench command: {shlex.join([sys.executable, *sys.argv])}")
 
     try:
@@ -833,8 +822,7 @@ def main() -> int:
 
         with contextlib.suppress(asyncio.CancelledError):  # a signal cancelled it: see out["cancelled_by"]
             asyncio.run(measure(args, daemon, values, config_path, runtime_dir, log, prompts, out))
-        signal.signal(signal.SIGTERM, interrupted)  # the loop's handlers are gone with it
-        signal.signal(signal.SIGALRM, overtime)
+        reinstall_limits()  # the loop's handlers are gone with it
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if (signum := out.get("cancelled_by")) == signal.SIGALRM:
             raise Overtime(f"the whole run took longer than --total-time-limit {args.total_time_limit} s")

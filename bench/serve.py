@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -703,6 +704,33 @@ def versions() -> str:
     return ", ".join(parts)
 
 
+def limit_run(seconds: int, overtime: type[BaseException]) -> Callable[[], None]:
+    """SIGTERM ends the run as ^C would, and so does `seconds` running out (raising `overtime`).
+    Returns what installs the handlers again (after an event loop replaced them)."""
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def out_of_time(signum, frame):
+        raise overtime(f"the whole run took longer than --total-time-limit {seconds} s")
+
+    def install() -> None:
+        signal.signal(signal.SIGTERM, interrupted)
+        signal.signal(signal.SIGALRM, out_of_time)
+
+    install()
+    signal.alarm(seconds)
+    return install
+
+
+def print_header(what: str, work: Path, runtime_dir: Path, versions_line: str) -> None:
+    print(f"# daemon {what} benchmark, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    print(f"machine: nproc={os.cpu_count()} ({cpu_model()}), {platform.platform()}")
+    print(f"versions: {versions_line}")
+    print(f"work dir: {work} (runtime.dir {runtime_dir})")
+    print(f"load average at start: {Path('/proc/loadavg').read_text().strip()}")
+
+
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -783,21 +811,8 @@ def main() -> int:
     exit_code = 0
 
     # SIGTERM (e.g. from `timeout`) and the overall time limit end the run through the finally below.
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    def overtime(signum, frame):
-        raise TimeoutError(f"the whole run took longer than --total-time-limit {args.total_time_limit} s")
-
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGALRM, overtime)
-    signal.alarm(args.total_time_limit)
-
-    print(f"# daemon serving benchmark, {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    print(f"machine: nproc={os.cpu_count()} ({cpu_model()}), {platform.platform()}")
-    print(f"versions: {versions()}")
-    print(f"work dir: {work} (runtime.dir {runtime_dir})")
-    print(f"load average at start: {Path('/proc/loadavg').read_text().strip()}")
+    limit_run(args.total_time_limit, TimeoutError)
+    print_header("serving", work, runtime_dir, versions())
 
     try:
         from daemon.engine.demo_model import ensure_demo_model
