@@ -185,10 +185,8 @@ class ConfigApplied(msgspec.Struct, frozen=True, tag=True):
 
 class EngineHold(msgspec.Struct, frozen=True, tag=True):
     """The worker is about to be replaced: admit nothing new (queue it), finish what runs, and
-    say EngineIdle when nothing does. The hold ends when a new worker announces itself, or
-    when the supervisor lifts it (on=False)."""
-
-    on: bool = True
+    say EngineIdle when nothing does. The hold ends when a worker announces itself (the new
+    one, or one of the running config when the new one fails)."""
 
 
 class EngineIdle(msgspec.Struct, frozen=True, tag=True):

@@ -92,8 +92,8 @@ class SchedulerService:
                             self._on_event(event)
                         case ConfigUpdate(generation=generation):
                             self._adopt(generation)
-                        case EngineHold(on=on):
-                            self._hold(on)
+                        case EngineHold():
+                            self._hold()
             if self.inbox.socket in ready:
                 for message in self.inbox.recv_ready():
                     self._on_message(message)
@@ -180,18 +180,12 @@ class SchedulerService:
         send(self.control, ConfigApplied(self.tier.role, self.tier.index, os.getpid(), generation))
         log.info("scheduler.config_applied")
 
-    def _hold(self, on: bool) -> None:
-        if on and self.hold_since is None:
+    def _hold(self) -> None:
+        if self.hold_since is None:
             self.hold_since, self._idle_said = time.monotonic(), False
             log.info("scheduler.hold")
-        elif not on and self.hold_since is not None:
-            self.hold_since = None
-            if self.batcher is None:  # no worker to run them: the next one is not coming
-                for _received, request in self.held:
-                    self._refuse(request, ErrorInfo(503, "the model is not loaded", type="server_error"))
-                self.held = []
         if self.batcher is not None:
-            self.batcher.hold = self.hold_since is not None
+            self.batcher.hold = True
 
     def _while_held(self) -> None:
         if not self._idle_said and (self.batcher is None or self.batcher.idle):

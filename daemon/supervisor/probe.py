@@ -45,14 +45,3 @@ async def http_status(server: ServerSettings, path: str, timeout: float) -> int 
         return None
     parts = status_line.split()
     return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
-
-
-async def listening(server: ServerSettings, timeout: float) -> bool:
-    """Whether the port accepts a TCP connection (for mutual TLS, where we hold no client certificate)."""
-    try:
-        async with asyncio.timeout(timeout):
-            _reader, writer = await asyncio.open_connection(probe_host(server), server.port)
-            writer.close()
-            return True
-    except (OSError, TimeoutError):
-        return False

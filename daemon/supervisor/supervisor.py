@@ -368,7 +368,7 @@ class Supervisor:
         worker (bounded by runtime.drain_timeout_s)."""
         old = self._child("worker")
         self._engine_idle.clear()
-        self._broadcast(EngineHold(on=True))
+        self._broadcast(EngineHold())
         try:
             async with asyncio.timeout(self.settings.runtime.drain_timeout_s):
                 await self._engine_idle.wait()
