@@ -90,8 +90,8 @@ class RunningDaemon:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM, wait; then kill whatever is left, supervisor and descendants, by PID."""
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM the supervisor and wait for it (SIGKILL after `timeout`); its exit status."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -99,6 +99,11 @@ class RunningDaemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        return self.process.returncode
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """terminate(); then kill whatever is left, supervisor and descendants, by PID."""
+        self.terminate(timeout)
         kill_leftovers(self.pid)
         return self.process.returncode
 
@@ -203,13 +208,7 @@ def stop_daemons(started: list[RunningDaemon], runtime_dir: Path, *, drain_s: fl
 
     survivors = {}
     for daemon in started:
-        if daemon.process.poll() is None:
-            daemon.process.send_signal(signal.SIGTERM)
-            try:
-                daemon.process.wait(drain_s)
-            except subprocess.TimeoutExpired:
-                daemon.process.kill()
-                daemon.process.wait(10)
+        daemon.terminate(drain_s)
         if left := wait_gone(daemon.pid, 5.0):
             survivors[daemon.pid] = describe(left)
         daemon.stop()  # kills whatever is left, by PID
