@@ -234,6 +234,10 @@ def send(client: httpx.Client, call: Call, body: dict) -> None:
     try:
         with client.stream("POST", path_of(body), json=body) as response:
             call.responded, call.status = time.time(), response.status_code
+            spoken, meant = response.http_version, ("HTTP/2" if call.httpx_h2 else "HTTP/1.1")
+            if spoken != meant:  # the client is not what the test says it is
+                call.kind, call.detail = "unexpected", f"spoke {spoken}, not {meant}"
+                return
             if response.status_code != 200:
                 text = response.read().decode(errors="replace")[:300]
                 call.kind, call.detail = ("http-error" if response.status_code >= 500 else "unexpected"), text
@@ -274,9 +278,13 @@ def send(client: httpx.Client, call: Call, body: dict) -> None:
         call.ended = time.time()
 
 
-def http_client(url: str, *, http2: bool, keepalive: bool = True, verify: object = True) -> httpx.Client:
+def http_client(url: str, *, http2: bool, keepalive: bool = True, cafile: Path | None = None) -> httpx.Client:
+    """An httpx client speaking one protocol. Over TLS each client gets its own SSL context: httpx sets
+    its ALPN protocols on the context, so a context shared with an HTTP/2 client would make an
+    HTTP/1.1 client negotiate h2 too."""
     timeout = httpx.Timeout(connect=10.0, read=READ_TIMEOUT_S, write=10.0, pool=10.0)
     limits = httpx.Limits() if keepalive else httpx.Limits(max_keepalive_connections=0)
+    verify = ssl.create_default_context(cafile=str(cafile)) if cafile else True
     return httpx.Client(base_url=url, http1=not http2, http2=http2, timeout=timeout, limits=limits, verify=verify)
 
 
@@ -345,9 +353,9 @@ class Traffic:
     """Background clients, each sending requests one after another until stopped (bounded in count and time)."""
 
     def __init__(
-        self, url: str, clients: list[Client], directory: Path, *, verify: object = True, cafile: Path | None = None
+        self, url: str, clients: list[Client], directory: Path, *, cafile: Path | None = None
     ):
-        self.url, self.directory, self.verify, self.cafile = url, directory, verify, cafile
+        self.url, self.directory, self.cafile = url, directory, cafile
         self.calls: list[Call] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -360,7 +368,7 @@ class Traffic:
         with contextlib.ExitStack() as stack:
             if spec.protocol != "curl":
                 http2 = spec.protocol == "h2"
-                client = http_client(self.url, http2=http2, keepalive=spec.keepalive, verify=self.verify)
+                client = http_client(self.url, http2=http2, keepalive=spec.keepalive, cafile=self.cafile)
                 stack.enter_context(client)
             for index in range(CLIENT_REQUESTS):
                 if self._stop.is_set() or time.monotonic() > deadline:
@@ -412,14 +420,14 @@ class Pinned:
     """Long requests sent before a reload and confirmed running (their streams' first chunks arrived):
     HTTP/1.1 by httpx and HTTP/2 by curl, a stream and a full response each."""
 
-    def __init__(self, daemon: FileDaemon, directory: Path, *, verify: object = True, cafile: Path | None = None):
+    def __init__(self, daemon: FileDaemon, directory: Path, *, cafile: Path | None = None):
         self.calls: list[Call] = []
         self.threads: list[threading.Thread] = []
         self.curls: list[CurlCall] = []
         for index, stream in enumerate((False, True)):  # the full ones first: running by the streams' first chunks
             body = request_body(stream=stream, chat=False, max_tokens=PINNED_MAX_TOKENS, index=100 + index)
             call = Call(f"pinned/h1/{'stream' if stream else 'full'}", stream)
-            client = http_client(daemon.url, http2=False, verify=verify)
+            client = http_client(daemon.url, http2=False, cafile=cafile)
             thread = threading.Thread(target=self._send, args=(client, call, body), daemon=True)
             thread.start()
             self.calls.append(call)
@@ -887,18 +895,18 @@ def test_certificate_rotation_with_tls_refresh_over_http2(daemons, tmp_path):
         }
     )
     assert served_serial(daemon.port, verify) == first
-    with http_client(daemon.url, http2=True, verify=verify) as client:
+    with http_client(daemon.url, http2=True, cafile=cafile) as client:
         probe = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert probe.status_code == 200 and probe.http_version == "HTTP/2", probe  # ALPN chose h2
     before = daemon.tiers()
     old_frontend = before["frontend-0"]
     daemon.wait_for_event("config.watching", trigger="certificates")
 
-    traffic = Traffic(daemon.url, KEEPALIVE + CURL, tmp_path, verify=verify, cafile=cafile)
+    traffic = Traffic(daemon.url, KEEPALIVE + CURL, tmp_path, cafile=cafile)
     pinned = None
     try:
         traffic.wait_busy()
-        pinned = Pinned(daemon, tmp_path, verify=verify, cafile=cafile)
+        pinned = Pinned(daemon, tmp_path, cafile=cafile)
         os.replace(next_cert, cert)
         os.replace(next_key, key)
         event = daemon.wait_for_event("config.reload", timeout=RELOAD_TIMEOUT_S)
