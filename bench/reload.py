@@ -24,6 +24,7 @@ every process it starts is stopped at the end, on errors and SIGTERM too, by PID
      tokenizer  tokenizer.workers 1 <-> 2                      (a new pool; the old one drains)
      frontend   server.workers 1 <-> 2                         (a new Granian on the same socket; the old drains)
      model      model.seed +1                                  (the worker is replaced; new requests are held)
+     model-bg   model.seed +1, runtime.model_reload blue_green (the new worker loads beside the old one)
    Then it waits until every tier is up again and --settle seconds have passed.
    After the last round, one change back to the starting config (every class that
    differs at once: reported per change, not in the table), and --steady seconds of
@@ -100,14 +101,21 @@ from serve import (
 REQUEST_TIMEOUT_S = 120.0
 STOP_LOAD_GRACE_S = 40.0  # after the last change, how long requests in flight may take to finish
 
-CLASSES = ("live", "tokenizer", "frontend", "model")
+CLASSES = ("live", "tokenizer", "frontend", "model", "model-bg")
 DESCRIPTION = {
     "live": "live field (scheduler.max_queued_requests 1024 <-> 1000)",
     "tokenizer": "tokenizer (tokenizer.workers 1 <-> 2)",
     "frontend": "front-end (server.workers 1 <-> 2, same port)",
-    "model": "model worker (model.seed + 1)",
+    "model": "model worker, drain (model.seed + 1)",
+    "model-bg": "model worker, blue-green (model.seed + 1)",
 }
-EXPECTED_RESTART = {"live": [], "tokenizer": ["tokenizer"], "frontend": ["frontend"], "model": ["worker"]}
+EXPECTED_RESTART = {
+    "live": [],
+    "tokenizer": ["tokenizer"],
+    "frontend": ["frontend"],
+    "model": ["worker"],
+    "model-bg": ["worker"],
+}
 GOAL_S = {"live": 1.0, "tokenizer": 3.0, "frontend": 3.0}  # model: its load time + MODEL_GOAL_EXTRA_S
 MODEL_GOAL_EXTRA_S = 2.0
 
@@ -163,7 +171,8 @@ def changed(values: dict[str, dict], kind: str) -> tuple[dict[str, dict], str]:
         old = new["server"]["workers"]
         new["server"]["workers"] = 2 if old == 1 else 1
         key, value = "server.workers", new["server"]["workers"]
-    elif kind == "model":
+    elif kind in ("model", "model-bg"):
+        new["runtime"]["model_reload"] = "blue_green" if kind == "model-bg" else "drain"
         old = new["model"]["seed"]
         new["model"]["seed"] = old + 1
         key, value = "model.seed", new["model"]["seed"]
@@ -460,7 +469,7 @@ class Trial:
         return f"{min(ends):.2f}-{max(ends):.2f}" if ends else "-"
 
     def goal(self) -> float:
-        if self.kind == "model":
+        if self.kind.startswith("model"):
             return self.load_time + MODEL_GOAL_EXTRA_S
         return GOAL_S.get(self.kind, float("nan"))
 
@@ -777,6 +786,7 @@ def main() -> int:
         values["tokenizer"]["workers"] = 1
         values["scheduler"]["max_queued_requests"] = 1024
         values["model"]["seed"] = 0
+        values["runtime"]["model_reload"] = "drain"
         values["logging"]["format"] = "json"
         values["runtime"].update(dir=str(runtime_dir), cache_dir=str(cache_dir))
         values["runtime"]["watch_config"] = args.trigger == "file"
@@ -957,7 +967,7 @@ def main() -> int:
             continue
         restarted = sorted({tier for t in of_kind for tier in t.restarted}) or ["none (live)"]
         times = [t.to_generation for t in of_kind]
-        if kind == "model":
+        if kind.startswith("model"):
             goal = f"< load + {MODEL_GOAL_EXTRA_S:g} s (load {spread([t.load_time for t in of_kind])})"
         else:
             goal = f"< {GOAL_S[kind]:g}"

@@ -988,6 +988,7 @@ CANNOT_FIRE_HERE = {
     # It only runs with device = "cuda" and at least one visible GPU; here torch sees none, and
     # model.cuda-unavailable fires instead. Its check is tested directly below.
     "model.tp-exceeds-gpus": "needs a visible CUDA GPU",
+    "runtime.blue-green-needs-cache-size": "needs a visible CUDA GPU",
 }
 
 
@@ -1044,6 +1045,25 @@ def test_tp_exceeds_gpus_through_the_pipeline(tmp_path: Path) -> None:
     report = check_config(path, environ={}, facts=OneGpuFacts())
     found = [(v.rule, v.key, v.origin.line) for v in report.errors if v.rule != "model.tp-unimplemented"]
     assert found == [("model.tp-exceeds-gpus", "model.tp_size", 4)]
+
+
+def test_blue_green_needs_a_cache_size_on_a_gpu_rule() -> None:
+    rule = RULES_BY_ID["runtime.blue-green-needs-cache-size"]
+
+    def settings(device: str, **changes: Any) -> DaemonSettings:
+        return DaemonSettings(
+            model={"path": "builtin:demo", "device": device},
+            runtime={"model_reload": changes.pop("model_reload", "blue_green")},
+            scheduler=changes,
+        )
+
+    message = "model_reload is blue_green on a GPU but scheduler.max_total_tokens is unset"
+    for device in ("cuda", "auto"):
+        assert [f.message for f in rule.findings(settings(device), OneGpuFacts())] == [message]
+        assert rule.findings(settings(device, max_total_tokens=65536), OneGpuFacts()) == []
+        assert rule.findings(settings(device, model_reload="drain"), OneGpuFacts()) == []
+    assert rule.findings(settings("cpu"), OneGpuFacts()) == []
+    assert rule.findings(settings("auto"), Facts()) == []  # no GPU here: the cache is sized on CPU
 
 
 class NonRootFacts(Facts):

@@ -920,6 +920,104 @@ def test_request_longer_than_the_drain_timeout_ends_with_an_error(manual):
         handle.reset()
 
 
+# --- 2b. a worker setting, blue-green ------------------------------------------------------------------------
+
+
+def started_wall(outcome: Timed) -> float:
+    assert outcome.ended_wall is not None and outcome.ended_at is not None
+    return outcome.ended_wall - (outcome.ended_at - outcome.started_at)
+
+
+def test_blue_green_worker_reload_serves_new_requests_while_the_old_worker_finishes(manual):
+    """runtime.model_reload = blue_green: the new worker loads beside the old one and takes new requests as
+    soon as it is up, while the old one finishes the streams it holds (no request waits for them); then
+    the old one stops."""
+    handle = manual
+    handle.reset()
+    bluegreen = {"runtime.model_reload": "blue_green"}
+    assert handle.apply(bluegreen)["result"] == "applied"  # live: nothing restarts
+    before_generation, before = handle.generation(), handle.processes()
+
+    long = tokens_lasting(handle, 4.0)  # the old worker's streams outlast the new worker's start (slowed by it)
+    load = SteadyLoad(handle.url)
+    try:
+        load.wait_completed(8)
+        streams = LongStreams(handle.url, count=2, max_tokens=long)
+        handle.write({**bluegreen, "model.seed": 4321})
+        mark = handle.log.mark()
+        started = time.monotonic()
+        status, report, output = handle.reload_command()
+        ended = time.monotonic()
+        time.sleep(1.0)
+    finally:
+        load.stop()
+    streams.join()
+
+    assert status == 0 and report is not None, output
+    assert report["result"] == "applied" and report["restarted"] == ["worker"], report
+    assert report["generation"] == before_generation + 1, report
+    assert "the model worker was replaced in blue_green mode" in report["notes"], report
+    switched = handle.log.since(mark, "scheduler.worker_switched")
+    drained = handle.log.since(mark, "scheduler.worker_drained")
+    assert switched and drained, handle.log.tail()
+    assert not handle.log.since(mark, "scheduler.hold") and not handle.log.since(mark, "reload.drain_timeout")
+    switch_at, drained_at = logged_at(switched[0]), logged_at(drained[0])
+    for stream in streams.outcomes:  # in flight on the old worker, which finished them after the switch
+        assert stream.kind == "complete" and stream.first_chunk_at < started, stream
+        assert stream.ended_wall > switch_at, f"the stream ended before the switch: not on the old worker {stream}"
+    served_beside = [o for o in load.completed() if switch_at < started_wall(o) and o.ended_wall < drained_at]
+    assert served_beside, "no request ran on the new worker while the old one finished its streams"
+    assert_no_failures(load, handle, window=(started, ended))
+
+    # the new worker replaced the old one, which stopped once its streams ended; nothing else restarted
+    after = handle.processes()
+    assert after["worker-0"] != before["worker-0"]
+    assert {k: v for k, v in after.items() if k != "worker-0"} == {k: v for k, v in before.items() if k != "worker-0"}
+    stopped = handle.log.since(mark, "tier.stopped", tier="worker")
+    assert len(stopped) == 1 and logged_at(stopped[0]) >= drained_at, stopped
+    assert [t["state"] for t in handle.status()["tiers"] if t["tier"] == "worker"] == ["up"]
+    assert handle.log.since(mark, "worker.ready")[0]["generation"] == before_generation + 1
+    assert handle.server_info()["effective_config"]["model"]["seed"] == 4321
+    handle.reset()
+
+
+def test_blue_green_worker_that_does_not_fit_beside_falls_back_to_drain(manual):
+    """A new worker whose KV cache would not fit in the memory left beside the running one does not load
+    beside it: the reload goes on in drain mode. Here the cache fits nowhere, so that one fails too and
+    the reload is rolled back, under load, without a failed request."""
+    handle = manual
+    handle.reset()
+    huge = 2**38  # tokens: terabytes of KV cache
+    before_generation, before = handle.generation(), handle.processes()
+    load = SteadyLoad(handle.url)
+    try:
+        load.wait_completed(8)
+        handle.write({"runtime.model_reload": "blue_green", "scheduler.max_total_tokens": huge})
+        mark = handle.log.mark()
+        started = time.monotonic()
+        status, report, output = handle.reload_command()
+        ended = time.monotonic()
+        time.sleep(1.0)  # the running config's worker serves the load a while
+    finally:
+        load.stop()
+
+    assert status == 1 and report is not None, output
+    assert report["result"] == "rolled_back" and report["generation"] == before_generation, report
+    no_room = handle.log.since(mark, "worker.no_room_beside")
+    assert no_room and "the KV cache (" in no_room[0]["detail"], handle.log.tail()
+    assert "would not fit beside the running worker" in no_room[0]["detail"], no_room
+    assert handle.log.since(mark, "reload.no_room_beside"), handle.log.tail()
+    assert handle.log.since(mark, "scheduler.hold"), "the fallback is the drain mode"
+    failed = handle.log.since(mark, "worker.load_failed")
+    assert failed and "lower scheduler.max_total_tokens" in failed[0]["error"], handle.log.tail()
+    assert f"KV cache of {huge} tokens" in failed[0]["error"], failed
+    assert_no_failures(load, handle, window=(started, ended))
+    after = handle.processes()
+    assert {k: v for k, v in after.items() if k != "worker-0"} == {k: v for k, v in before.items() if k != "worker-0"}
+    assert handle.server_info()["effective_config"]["scheduler"]["max_total_tokens"] == LONG_CONTEXT + 4096
+    handle.reset()
+
+
 # --- 4. a model that passes the check but does not load ---------------------------------------------------
 
 

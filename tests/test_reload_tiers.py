@@ -352,9 +352,7 @@ FRESH = [Client(protocol, stream, keepalive=False) for protocol in ("h1", "h2") 
 class Traffic:
     """Background clients, each sending requests one after another until stopped (bounded in count and time)."""
 
-    def __init__(
-        self, url: str, clients: list[Client], directory: Path, *, cafile: Path | None = None
-    ):
+    def __init__(self, url: str, clients: list[Client], directory: Path, *, cafile: Path | None = None):
         self.url, self.directory, self.cafile = url, directory, cafile
         self.calls: list[Call] = []
         self._lock = threading.Lock()

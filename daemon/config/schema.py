@@ -48,7 +48,9 @@ RELOAD_EFFECTS: dict[Reload, str] = {
     "what it holds and exits",
     Reload.SCHEDULER: "as worker: the scheduler adopts the new settings while the worker is replaced",
     Reload.WORKER: "the scheduler holds new requests and lets running ones finish, then the model "
-    "worker is replaced; held requests run on the new one (or get a 503 after runtime.drain_timeout_s)",
+    "worker is replaced; held requests run on the new one (or get a 503 after runtime.drain_timeout_s). "
+    "With runtime.model_reload = blue_green, the new worker loads beside the old one and takes new "
+    "requests as soon as it is up",
     Reload.SUPERVISOR: "refused: the reload is rejected and names the key; restart the daemon",
 }
 
@@ -372,6 +374,14 @@ class RuntimeSettings(Section):
     )
     watch_config: bool = setting(
         True, doc="Reload when the config file changes (SIGHUP and daemon reload always work).", reload=Reload.LIVE
+    )
+    model_reload: Literal["drain", "blue_green"] = setting(
+        "drain",
+        doc="How a reload replaces the model worker (the new config's value applies). drain: new "
+        "requests wait while the running ones finish, then the new worker loads. blue_green: the "
+        "new worker loads beside the running one, then takes new requests at once while the old "
+        "one finishes its own; needs memory for both, else that reload falls back to drain.",
+        reload=Reload.LIVE,
     )
 
 

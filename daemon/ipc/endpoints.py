@@ -64,10 +64,10 @@ class Endpoints:
         """The scheduler's PULL: requests and aborts from tokenizers, step results from workers."""
         return self._ipc("scheduler")
 
-    @property
-    def worker(self) -> str:
-        """Where the scheduler PUBlishes step plans to every worker rank."""
-        return self._ipc("worker")
+    def worker(self, epoch: int) -> str:
+        """The PULL of the worker started as `epoch`: step plans from the scheduler. One per
+        epoch, as a new worker may run beside the one it replaces (blue-green reload)."""
+        return self._ipc(f"worker-{epoch}")
 
     @property
     def stats(self) -> str:

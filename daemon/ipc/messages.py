@@ -189,8 +189,19 @@ class EngineHold(msgspec.Struct, frozen=True, tag=True):
     one, or one of the running config when the new one fails)."""
 
 
+class EngineBeside(msgspec.Struct, frozen=True, tag=True):
+    """Blue-green model reload: the worker of `epoch` starts beside the running one. When it
+    announces itself, new requests go to it and the running worker finishes what it holds, then
+    the scheduler says EngineIdle for it. Epoch 0: the new worker did not come up, expect none."""
+
+    epoch: int
+
+
 class EngineIdle(msgspec.Struct, frozen=True, tag=True):
+    """Nothing runs any more on the worker being replaced (`epoch`, 0 for the one held)."""
+
     pid: int
+    epoch: int = 0
 
 
 class ReloadCommand(msgspec.Struct, frozen=True, tag=True):
@@ -285,7 +296,7 @@ ToWorker = StepPlan
 ToFrontend = OutputBatch
 ToSupervisor = TierReady | FrontendWorkerReady | ConfigApplied | EngineIdle | ReloadCommand
 # PUB/SUB: from the supervisor (events) and the scheduler (stats)
-Broadcast = TierEvent | SchedulerStats | ConfigUpdate | EngineHold | FrontendRetiring
+Broadcast = TierEvent | SchedulerStats | ConfigUpdate | EngineHold | EngineBeside | FrontendRetiring
 
 _encoder = msgspec.msgpack.Encoder()
 

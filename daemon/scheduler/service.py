@@ -4,6 +4,10 @@ It holds no model. Requests and aborts come from tokenizers, step results and
 announcements from the worker, all on one PULL socket; tier events from the
 supervisor on a SUB socket. A step is planned as soon as the previous one
 completes, so the worker never idles while there is work.
+
+It drives one worker, except during a blue-green model reload: then the new
+worker takes new requests while the old one finishes those it holds, each with
+its own batcher and KV-cache bookkeeping.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 
 import structlog
 import zmq
@@ -21,6 +26,7 @@ from daemon.ipc.messages import (
     Broadcast,
     ConfigApplied,
     ConfigUpdate,
+    EngineBeside,
     EngineHold,
     EngineIdle,
     ErrorInfo,
@@ -45,6 +51,15 @@ STATS_INTERVAL_S = 0.5
 POLL_MS = 100
 
 
+@dataclass
+class Engine:
+    """A worker the scheduler drives: where its plans go, and the batcher of the requests on it."""
+
+    epoch: int
+    plans: zmq.Socket
+    batcher: Batcher
+
+
 class SchedulerService:
     def __init__(self, tier: Tier):
         self.tier = tier
@@ -52,7 +67,6 @@ class SchedulerService:
         context = zmq.Context()
         self.inbox = Receiver(open_socket(context, zmq.PULL, bind=endpoints.scheduler), ToScheduler)
         self.events = Receiver(open_socket(context, zmq.SUB, connect=endpoints.events), Broadcast)
-        self.worker = open_socket(context, zmq.PUSH, connect=endpoints.worker)
         self.stats = open_socket(context, zmq.PUB, bind=endpoints.stats)
         self.control = open_socket(context, zmq.DEALER, connect=endpoints.control)
         self._context = context
@@ -60,8 +74,11 @@ class SchedulerService:
         self.poller = zmq.Poller()
         self.poller.register(self.inbox.socket, zmq.POLLIN)
         self.poller.register(self.events.socket, zmq.POLLIN)
-        self.batcher: Batcher | None = None  # created when a worker announces its cache
-        self.worker_epoch: int | None = None
+        self.engine: Engine | None = None  # new requests go to it; set when a worker announces its cache
+        self.retiring: dict[int, Engine] = {}  # by epoch: replaced workers finishing their requests
+        self.beside_epoch = 0  # the worker a blue-green reload is starting beside the running one
+        self._engaged_epoch = 0  # the newest worker driven: announcements of older ones are stale
+        self._plan_sockets: dict[int, zmq.Socket] = {}  # by worker epoch, connected when it announces
         self._announced: WorkerReady | None = None  # a new worker we cannot reach yet
         self._stats_sent = 0.0
         # A step's tokens, held until the next step is on its way: the worker computes while we route them.
@@ -94,13 +111,17 @@ class SchedulerService:
                             self._adopt(generation)
                         case EngineHold():
                             self._hold()
+                        case EngineBeside(epoch=epoch):
+                            self.beside_epoch = epoch
             if self.inbox.socket in ready:
                 for message in self.inbox.recv_ready():
                     self._on_message(message)
             if self._announced is not None:
                 self._on_worker(self._announced)
-            self._step()
+            for engine in self._engines():
+                self._step(engine)
             self._route_step_tokens()
+            self._let_idle_engines_go()
             if self.hold_since is not None:
                 self._while_held()
             self._publish_stats()
@@ -109,8 +130,8 @@ class SchedulerService:
         match message:
             case ScheduleRequest():
                 log.debug("request.queued", request_id=message.request_id, prompt_tokens=len(message.prompt_ids))
-                if self.batcher is not None:
-                    self.batcher.add(message)
+                if self.engine is not None:
+                    self.engine.batcher.add(message)
                 elif self.hold_since is None:
                     self._refuse(message, ErrorInfo(503, "the model is still loading", type="server_overloaded"))
                 elif len(self.held) >= self.tier.settings.scheduler.max_queued_requests:
@@ -119,12 +140,12 @@ class SchedulerService:
                     self.held.append((time.monotonic(), message))
             case AbortRequest(request_id=request_id):
                 log.debug("request.aborted", request_id=request_id)
-                if self.batcher is not None:
-                    self.batcher.abort(request_id)
+                for engine in self._engines():
+                    engine.batcher.abort(request_id)
                 self.held = [(t, r) for t, r in self.held if r.request_id != request_id]
             case StepResult():
-                if self.batcher is not None and message.worker_epoch == self.worker_epoch:
-                    for tokenizer, updates in self.batcher.complete(message).items():
+                if (engine := self._engine(message.worker_epoch)) is not None:
+                    for tokenizer, updates in engine.batcher.complete(message).items():
                         self._step_tokens.setdefault(tokenizer, []).extend(updates)
             case WorkerReady():
                 self._on_worker(message)
@@ -132,51 +153,89 @@ class SchedulerService:
                 with contextlib.suppress(PeerGone):  # not connected yet: it asks again
                     send(self._tokenizer(index), SchedulerHello(os.getpid()), grace_ms=0)
 
+    def _engines(self) -> list[Engine]:
+        return [*([self.engine] if self.engine else []), *self.retiring.values()]
+
+    def _engine(self, epoch: int) -> Engine | None:
+        return next((e for e in self._engines() if e.epoch == epoch), None)
+
     def _on_worker(self, ready: WorkerReady) -> None:
-        if ready.epoch == self.worker_epoch:
+        if ready.epoch <= self._engaged_epoch:  # the running worker, or one replaced, still announcing
             return
-        if not self.worker.poll(0, zmq.POLLOUT):
+        if ready.epoch not in self._plan_sockets:
+            endpoint = self.tier.endpoints.worker(ready.epoch)
+            self._plan_sockets[ready.epoch] = open_socket(self._context, zmq.PUSH, connect=endpoint)
+        plans = self._plan_sockets[ready.epoch]
+        if not plans.poll(0, zmq.POLLOUT):
             # Our path to a new worker is still connecting: a plan sent now would be refused.
             self._announced = ready  # taken up as soon as it is connected (see run)
             return
         self._announced = None
-        if self.batcher is not None:  # a new worker without our hearing the old one go
-            self._worker_gone("the worker restarted")
-        self.worker_epoch = ready.epoch
+        self._engaged_epoch = ready.epoch
         blocks = BlockManager(ready.num_blocks, ready.block_size)
-        self.batcher = Batcher(blocks, self.limits(), ready.context_length, (), epoch=self.tier.epoch)
+        batcher = Batcher(blocks, self.limits(), ready.context_length, (), epoch=self.tier.epoch)
+        previous = self.engine
+        switching = previous is not None and ready.epoch == self.beside_epoch
+        if previous is not None and not switching:  # a new worker without our hearing the old one go
+            self._worker_gone(previous, "the worker restarted")
+        self.engine = Engine(ready.epoch, plans, batcher)
         log.info("scheduler.worker_up", epoch=ready.epoch, cache_tokens=ready.num_blocks * ready.block_size)
+        if switching:
+            self._switch(previous, self.engine)  # type: ignore[arg-type]
         if self.hold_since is not None:
             log.info("scheduler.hold_ended", waited=len(self.held))
             for _received, request in self.held:
-                self.batcher.add(request)
+                batcher.add(request)
             self.hold_since, self.held = None, []
+
+    def _switch(self, old: Engine, new: Engine) -> None:
+        """Blue-green: new requests, and those not started yet, go to the new worker; the old one
+        finishes the requests it has started."""
+        old.batcher.hold = True
+        for request in old.batcher.take_unstarted():
+            new.batcher.add(request)
+        self.retiring[old.epoch] = old
+        self.beside_epoch = 0
+        log.info("scheduler.worker_switched", old_epoch=old.epoch, finishing=len(old.batcher.running))
+
+    def _let_idle_engines_go(self) -> None:
+        """Tell the supervisor when a replaced worker has finished its requests: it may stop it."""
+        for engine in [e for e in self.retiring.values() if e.batcher.idle]:
+            send(self.control, EngineIdle(os.getpid(), engine.epoch))
+            log.info("scheduler.worker_drained", old_epoch=engine.epoch)
+            self._forget(engine)
+
+    def _forget(self, engine: Engine) -> None:
+        if engine is self.engine:
+            self.engine = None
+        self.retiring.pop(engine.epoch, None)
+        self._plan_sockets.pop(engine.epoch).close(linger=0)
 
     def _on_event(self, event: TierEvent) -> None:
         if event.state not in ("down", "stopped"):
             return
-        if event.tier == "worker" and event.epoch == self.worker_epoch:
-            self._worker_gone("the worker stopped")
-        elif event.tier == "tokenizer" and self.batcher is not None:
-            for seq in [*self.batcher.running, *self.batcher.waiting]:
-                if seq.tokenizer == event.index:  # nobody is left to hear its tokens
-                    self.batcher.abort(seq.request_id)
+        if event.tier == "worker" and (engine := self._engine(event.epoch)) is not None:
+            self._worker_gone(engine, "the worker stopped")
+        elif event.tier == "tokenizer":
+            for engine in self._engines():
+                for seq in [*engine.batcher.running, *engine.batcher.waiting]:
+                    if seq.tokenizer == event.index:  # nobody is left to hear its tokens
+                        engine.batcher.abort(seq.request_id)
 
-    def _worker_gone(self, reason: str) -> None:
-        """The worker went: its requests fail, but during a hold those not started wait for the next."""
-        assert self.batcher is not None
-        if self.hold_since is not None:
+    def _worker_gone(self, engine: Engine, reason: str) -> None:
+        """A worker went: its requests fail, but during a hold those not started wait for the next."""
+        if self.hold_since is not None and engine is self.engine:
             # their wait for the next worker starts now (the drain before it was bounded apart)
-            self.held += [(time.monotonic(), request) for request in self.batcher.take_unstarted()]
-        self._fail_all(reason)
-        self.worker_epoch, self.batcher = None, None
+            self.held += [(time.monotonic(), request) for request in engine.batcher.take_unstarted()]
+        self._fail_all(engine, reason)
+        self._forget(engine)
 
     # --- reloads ------------------------------------------------------------------------------
 
     def _adopt(self, generation: int) -> None:
         self.tier.adopt(generation)
-        if self.batcher is not None:
-            self.batcher.limits = self.limits()
+        if self.engine is not None:
+            self.engine.batcher.limits = self.limits()
         send(self.control, ConfigApplied(self.tier.role, self.tier.index, os.getpid(), generation))
         log.info("scheduler.config_applied")
 
@@ -184,11 +243,12 @@ class SchedulerService:
         if self.hold_since is None:
             self.hold_since, self._idle_said = time.monotonic(), False
             log.info("scheduler.hold")
-        if self.batcher is not None:
-            self.batcher.hold = True
+        self.beside_epoch = 0
+        if self.engine is not None:
+            self.engine.batcher.hold = True
 
     def _while_held(self) -> None:
-        if not self._idle_said and (self.batcher is None or self.batcher.idle):
+        if not self._idle_said and (self.engine is None or self.engine.batcher.idle):
             send(self.control, EngineIdle(os.getpid()))
             self._idle_said = True
         bound = self.tier.settings.runtime.drain_timeout_s
@@ -203,20 +263,17 @@ class SchedulerService:
     def _refuse(self, request: ScheduleRequest, error: ErrorInfo) -> None:
         self._send(request.tokenizer, [SequenceUpdate(request.request_id, [], "error", error)])
 
-    def _fail_all(self, reason: str) -> None:
-        assert self.batcher is not None
+    def _fail_all(self, engine: Engine, reason: str) -> None:
         self._route_step_tokens()  # what was produced before the failure goes first
         error = ErrorInfo(503, f"{reason}; the request was lost, retry it", type="server_error")
-        failed = self.batcher.fail_all(error)
+        failed = engine.batcher.fail_all(error)
         for tokenizer, updates in failed.items():
             self._send(tokenizer, updates)
         if failed:
             log.warning("scheduler.requests_failed", reason=reason, count=sum(len(u) for u in failed.values()))
 
-    def _step(self) -> None:
-        batcher = self.batcher
-        if batcher is None:
-            return
+    def _step(self, engine: Engine) -> None:
+        batcher = engine.batcher
         for tokenizer, update in batcher.take_rejections():
             self._send(tokenizer, [update])
         if batcher.busy:
@@ -225,9 +282,9 @@ class SchedulerService:
         if plan is None:
             return
         try:
-            send(self.worker, plan)
+            send(engine.plans, plan)
         except PeerGone:
-            self._worker_gone("the worker is not reachable")
+            self._worker_gone(engine, "the worker is not reachable")
 
     def _route_step_tokens(self) -> None:
         pending, self._step_tokens = self._step_tokens, {}
@@ -248,9 +305,9 @@ class SchedulerService:
         try:
             send(self._tokenizer(tokenizer), StepTokens(updates))
         except PeerGone:  # that tokenizer is gone: its requests are lost with it
-            if self.batcher is not None:
+            for engine in self._engines():
                 for update in updates:
-                    self.batcher.abort(update.request_id)
+                    engine.batcher.abort(update.request_id)
 
     def _tokenizer(self, index: int) -> zmq.Socket:
         if index not in self.tokenizers:
@@ -262,15 +319,12 @@ class SchedulerService:
         if now - self._stats_sent < STATS_INTERVAL_S:
             return
         self._stats_sent = now
-        batcher = self.batcher
-        if batcher is None:
-            stats = SchedulerStats(running=0, queued=len(self.held), free_tokens=0, total_tokens=0)
-        else:
-            blocks = batcher.blocks
-            stats = SchedulerStats(
-                running=len(batcher.running),
-                queued=len(batcher.waiting),
-                free_tokens=blocks.free_tokens,
-                total_tokens=blocks.num_blocks * blocks.block_size,
-            )
+        engines = self._engines()
+        blocks = self.engine.batcher.blocks if self.engine else None
+        stats = SchedulerStats(
+            running=sum(len(e.batcher.running) for e in engines),
+            queued=len(self.held) + sum(len(e.batcher.waiting) for e in engines),
+            free_tokens=blocks.free_tokens if blocks else 0,
+            total_tokens=blocks.num_blocks * blocks.block_size if blocks else 0,
+        )
         send(self.stats, stats)

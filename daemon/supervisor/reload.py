@@ -107,7 +107,8 @@ class Reloader:
         try:
             if Reload.WORKER in diff.scopes or Reload.SCHEDULER in diff.scopes:
                 stage = "worker"
-                await supervisor.replace_worker(generation)
+                mode = await supervisor.replace_worker(generation, mode=new.settings.runtime.model_reload)
+                notes.append(f"the model worker was replaced in {mode} mode")
                 restarted.append(stage)
             if Reload.TOKENIZER in diff.scopes:
                 stage = "tokenizer"
@@ -130,12 +131,13 @@ class Reloader:
     async def _undo(self, restarted: list[str]) -> None:
         """Put back tiers of the running config where a failed reload had replaced them."""
         supervisor = self.supervisor
+        running = supervisor.settings
         try:
             for stage in reversed(restarted):
                 if stage == "tokenizer":
-                    await supervisor.replace_tokenizers(supervisor.generation, supervisor.settings.tokenizer.workers)
+                    await supervisor.replace_tokenizers(supervisor.generation, running.tokenizer.workers)
                 elif stage == "worker":
-                    await supervisor.replace_worker(supervisor.generation)
+                    await supervisor.replace_worker(supervisor.generation, mode=running.runtime.model_reload)
         except TierStartFailed as exc:  # the running config no longer starts: nothing to fall back on
             supervisor.fatal = f"a reload failed and the running config could not be restored: {exc}"
             supervisor.stopping.set()

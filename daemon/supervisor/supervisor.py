@@ -35,6 +35,7 @@ from daemon.ipc.messages import (
     ConfigApplied,
     ConfigUpdate,
     DaemonStatus,
+    EngineBeside,
     EngineHold,
     EngineIdle,
     FrontendRetiring,
@@ -52,7 +53,7 @@ from daemon.logs import configure_logging, set_generation
 from daemon.supervisor import notify, probe
 from daemon.supervisor.reload import Reloader, TierStartFailed
 from daemon.supervisor.runtime_dir import create_socket_dir
-from daemon.tier import EPOCH_VAR, SPAWNER_VAR, STOP_SIGNAL
+from daemon.tier import BESIDE_VAR, EPOCH_VAR, EXIT_NO_ROOM_BESIDE, SPAWNER_VAR, STOP_SIGNAL
 
 log = structlog.get_logger("daemon.supervisor")
 
@@ -132,6 +133,7 @@ class Supervisor:
         self._applied: dict[int, set[int]] = {}  # generation -> PIDs that acknowledged it
         self._acknowledged = asyncio.Event()
         self._engine_idle = asyncio.Event()
+        self._idle_epochs: set[int] = set()  # workers the scheduler said idle (0: the one held)
         self.reloader = Reloader(self)
 
     # --- the whole life -----------------------------------------------------------------------
@@ -209,9 +211,17 @@ class Supervisor:
 
     # --- starting -----------------------------------------------------------------------------
 
-    async def _start(self, child: Child, generation: int | None = None, listener: socket.socket | None = None) -> None:
+    async def _start(
+        self,
+        child: Child,
+        generation: int | None = None,
+        listener: socket.socket | None = None,
+        *,
+        beside: bool = False,
+    ) -> None:
         """Start `child` with the config of `generation` (the running one by default); a
-        front-end serves from `listener` (the daemon's by default)."""
+        front-end serves from `listener` (the daemon's by default); `beside`: a worker starting
+        beside the running one."""
         child.epoch += 1
         child.generation = generation or self.generation
         child.ready.clear()
@@ -223,6 +233,8 @@ class Supervisor:
             EPOCH_VAR: str(child.epoch),
             GENERATION_VAR: str(child.generation),
         }
+        if beside:
+            env[BESIDE_VAR] = "1"
         inherited: tuple[int, ...] = ()
         if child.tier == "frontend":
             listener = listener or self.listener
@@ -318,7 +330,8 @@ class Supervisor:
                 case ConfigApplied(pid=pid, generation=generation):
                     self._applied.setdefault(generation, set()).add(pid)
                     self._acknowledged.set()
-                case EngineIdle():
+                case EngineIdle(epoch=epoch):
+                    self._idle_epochs.add(epoch)
                     self._engine_idle.set()
                 case ReloadCommand():
                     self.reloader.request("command", reply_to=identity)
@@ -360,20 +373,20 @@ class Supervisor:
                     await self._acknowledged.wait()
             self._acknowledged.clear()
 
-    async def replace_worker(self, generation: int) -> None:
-        """Replace the model worker with one running `generation`; TierStartFailed if it does not
-        come up, after bringing back one running the current generation.
+    async def replace_worker(self, generation: int, *, mode: str = "drain") -> str:
+        """Replace the model worker with one running `generation` in `mode` (runtime.model_reload),
+        and say which mode it took; TierStartFailed if it does not come up, after making sure one running the
+        current generation serves.
 
-        The scheduler holds new requests meanwhile and lets those running finish on the old
-        worker (bounded by runtime.drain_timeout_s)."""
+        Drain mode: the scheduler holds new requests meanwhile and lets those running finish on
+        the old worker (bounded by runtime.drain_timeout_s), then the new one loads. Blue-green:
+        the new one loads beside the old, which keeps serving; drain mode if it does not fit."""
+        if mode == "blue_green" and await self._replace_worker_beside(generation):
+            return "blue_green"
         old = self._child("worker")
-        self._engine_idle.clear()
+        self._idle_epochs.discard(0)
         self._broadcast(EngineHold())
-        try:
-            async with asyncio.timeout(self.settings.runtime.drain_timeout_s):
-                await self._engine_idle.wait()
-        except TimeoutError:
-            log.warning("reload.drain_timeout", tier="worker", detail="requests still running are failed")
+        await self._until_engine_idle(0)
         try:
             await self._replace(old, generation)
         except TierStartFailed:
@@ -383,6 +396,53 @@ class Supervisor:
                 self.fatal = f"the worker failed to start with the new config, then with the old one: {exc}"
                 self.stopping.set()
             raise
+        return "drain"
+
+    async def _replace_worker_beside(self, generation: int) -> bool:
+        """Blue-green: start a worker running `generation` beside the old one; the scheduler sends
+        new requests to it once it is up, and the old one is stopped when it has finished its
+        own. False (nothing changed) if the new one does not fit in memory beside the old;
+        TierStartFailed (the old one still serving, untouched) if it fails otherwise."""
+        old = self._child("worker")
+        new = Child("worker", old.index, old.module, epoch=old.epoch, deaths=old.deaths, restarts=old.restarts)
+        self.children.insert(self.children.index(old) + 1, new)
+        self._idle_epochs.discard(old.epoch)
+        self._broadcast(EngineBeside(old.epoch + 1))  # _start makes it the new one's epoch
+        try:
+            await self._start(new, generation, beside=True)
+            await self._until_ready(new)
+        except StartupFailed as exc:
+            no_room = new.process is not None and new.process.returncode == EXIT_NO_ROOM_BESIDE
+            await self._abandon(new)
+            self._broadcast(EngineBeside(0))
+            if no_room:
+                log.warning("reload.no_room_beside", detail="the model worker is replaced in drain mode")
+                return False
+            raise TierStartFailed(str(exc)) from None
+        self._watch_child(new)
+        old.retiring = True  # the new one is the worker now: the old one is not to be restarted
+        await self._until_engine_idle(old.epoch, old)
+        if old.process is not None and old.process.returncode is not None:  # it died meanwhile
+            self._publish(old, "down")  # the scheduler fails what still ran on it
+        await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
+        self.children.remove(old)
+        self.write_status()
+        return True
+
+    async def _until_engine_idle(self, epoch: int, child: Child | None = None) -> None:
+        """Until the scheduler says nothing runs on the worker of `epoch` (0: the one held), or
+        `child` exited, or runtime.drain_timeout_s passed: what still runs fails when it stops."""
+        deadline = time.monotonic() + self.settings.runtime.drain_timeout_s
+        while epoch not in self._idle_epochs:
+            if child is not None and child.process is not None and child.process.returncode is not None:
+                return
+            if time.monotonic() > deadline:
+                log.warning("reload.drain_timeout", tier="worker", detail="requests still running are failed")
+                return
+            self._engine_idle.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await self._engine_idle.wait()
 
     async def _replace(self, old: Child, generation: int) -> None:
         """Stop `old`, then start a child like it running `generation`; TierStartFailed if it fails."""

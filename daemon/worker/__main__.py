@@ -4,6 +4,7 @@ from daemon.tier import guard
 
 guard()  # before importing torch: a second of imports is a second of outliving a dead supervisor
 
+import os  # noqa: E402
 import sys  # noqa: E402
 
 import structlog  # noqa: E402
@@ -11,13 +12,18 @@ import structlog  # noqa: E402
 from daemon.engine.demo_model import DemoModelError  # noqa: E402
 from daemon.engine.llama import UnsupportedModel  # noqa: E402
 from daemon.engine.model_dir import ModelDirError  # noqa: E402
-from daemon.tier import start_tier  # noqa: E402
+from daemon.tier import BESIDE_VAR, EXIT_NO_ROOM_BESIDE, start_tier  # noqa: E402
+from daemon.worker.memory import CacheAllocationFailed, NoRoomBeside  # noqa: E402
 from daemon.worker.service import WorkerService  # noqa: E402
 
 tier = start_tier("worker", int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+log = structlog.get_logger("daemon.worker")
 try:
-    service = WorkerService(tier)
-except (ModelDirError, UnsupportedModel, DemoModelError) as exc:
-    structlog.get_logger("daemon.worker").error("worker.load_failed", error=str(exc))
+    service = WorkerService(tier, beside=os.environ.get(BESIDE_VAR) == "1")
+except (ModelDirError, UnsupportedModel, DemoModelError, CacheAllocationFailed) as exc:
+    log.error("worker.load_failed", error=str(exc))
     raise SystemExit(2) from None
+except NoRoomBeside as exc:
+    log.warning("worker.no_room_beside", detail=str(exc))
+    raise SystemExit(EXIT_NO_ROOM_BESIDE) from None
 service.run()

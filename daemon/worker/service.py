@@ -1,8 +1,10 @@
 """The worker process: load the model, size the KV cache, run the scheduler's steps.
 
 One worker per model replica (tensor parallelism over several ranks comes
-later). It binds the `worker` endpoint, announces itself to the scheduler with
-its cache size, and then executes step plans as they come, one at a time.
+later). It binds the `worker` endpoint of its epoch, announces itself to the
+scheduler with its cache size, and then executes step plans as they come, one
+at a time. Started beside a running worker (a blue-green reload), it first
+checks that it fits in the memory left (see memory.py).
 """
 
 from __future__ import annotations
@@ -18,34 +20,16 @@ from daemon.config.schema import DaemonSettings
 from daemon.engine.blocks import BLOCK_SIZE
 from daemon.engine.locate import locate_model, served_context
 from daemon.engine.model_dir import inspect_model_dir
-from daemon.engine.runner import ModelRunner
+from daemon.engine.runner import ModelRunner, resolve_device
 from daemon.ipc.messages import Broadcast, ConfigApplied, ConfigUpdate, StepPlan, TierReady, ToWorker, WorkerReady
 from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
 from daemon.tier import Tier
 from daemon.worker.execute import execute
+from daemon.worker.memory import CacheAllocationFailed, cache_blocks, check_room_beside, gib, weights_size
 
 log = structlog.get_logger("daemon.worker")
 ANNOUNCE_INTERVAL_S = 1.0  # how often an idle worker tells the scheduler it is there
 FIRST_ANNOUNCE_WAIT_MS = 2000  # at most this long for the path to the scheduler before the first
-CPU_CONTEXTS = 16  # default cache on CPU: this many full-length requests
-CPU_MEMORY_SHARE = 0.25  # ... but never more than this share of the memory available
-
-
-def cache_blocks(settings: DaemonSettings, runner_bytes_per_token: int, context: int, device: str) -> int:
-    """KV-cache blocks: scheduler.max_total_tokens, else what the device's memory allows."""
-    if settings.scheduler.max_total_tokens:
-        tokens = settings.scheduler.max_total_tokens
-    elif device == "cuda":
-        import torch
-
-        free, total = torch.cuda.mem_get_info()
-        budget = total * settings.scheduler.mem_fraction_static - (total - free)
-        tokens = max(int(budget // runner_bytes_per_token), context)
-    else:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        tokens = min(CPU_CONTEXTS * context, int(available * CPU_MEMORY_SHARE // runner_bytes_per_token))
-        tokens = max(tokens, context)
-    return -(-tokens // BLOCK_SIZE)
 
 
 def cpu_threads(configured: int | None) -> int:
@@ -53,7 +37,9 @@ def cpu_threads(configured: int | None) -> int:
     return configured or max(1, len(os.sched_getaffinity(0)) - 2)
 
 
-def load_runner(settings: DaemonSettings) -> tuple[ModelRunner, int]:
+def load_runner(settings: DaemonSettings, *, beside: bool = False) -> tuple[ModelRunner, int]:
+    """The model with its KV cache, and the context it serves. `beside`: another worker runs
+    (NoRoomBeside if this one would not fit beside it)."""
     import torch
 
     from daemon.engine.kv_cache import KVCache
@@ -62,6 +48,8 @@ def load_runner(settings: DaemonSettings) -> tuple[ModelRunner, int]:
 
     model_dir = locate_model(settings.model.path, settings.runtime.cache_dir, build=True)
     context = served_context(inspect_model_dir(model_dir), settings.model.context_length)
+    if beside:
+        check_room_beside("the model's weights", weights_size(model_dir), resolve_device(settings.model.device).type)
     probe = ModelRunner(
         model_dir,
         num_blocks=1,
@@ -73,18 +61,27 @@ def load_runner(settings: DaemonSettings) -> tuple[ModelRunner, int]:
     shape = probe.shape
     per_token = KVCache.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, probe.dtype)
     blocks = cache_blocks(settings, per_token, context, probe.device.type)
-    probe.resize_cache(blocks)
+    size = blocks * BLOCK_SIZE * per_token
+    if beside:
+        check_room_beside("the KV cache", size, probe.device.type)
+    try:
+        probe.resize_cache(blocks)
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        raise CacheAllocationFailed(
+            f"the KV cache of {blocks * BLOCK_SIZE} tokens ({gib(size)}) could not be allocated on "
+            f"{probe.device.type}: {str(exc).splitlines()[0]}; lower scheduler.max_total_tokens"
+        ) from None
     return probe, context
 
 
 class WorkerService:
-    def __init__(self, tier: Tier):
+    def __init__(self, tier: Tier, *, beside: bool = False):
         self.tier = tier
-        self.runner, self.context = load_runner(tier.settings)
+        self.runner, self.context = load_runner(tier.settings, beside=beside)
         self.num_blocks = self.runner.cache.num_blocks
         context = zmq.Context()
         endpoints = tier.endpoints
-        self.plans = Receiver(open_socket(context, zmq.PULL, bind=endpoints.worker), ToWorker)
+        self.plans = Receiver(open_socket(context, zmq.PULL, bind=endpoints.worker(tier.epoch)), ToWorker)
         self.scheduler = open_socket(context, zmq.PUSH, connect=endpoints.scheduler)
         self.control = open_socket(context, zmq.DEALER, connect=endpoints.control)
         self.events = Receiver(open_socket(context, zmq.SUB, connect=endpoints.events), Broadcast)

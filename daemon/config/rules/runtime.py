@@ -48,3 +48,17 @@ def _dir_not_directory(c: DaemonSettings, f: Facts) -> CheckResult:
     """runtime.dir is a directory, or can become one: no file stands in its way."""
     problem = f.dir_problem(c.runtime.dir) if c.runtime.dir else None
     return problem[1] if problem and problem[0] else None
+
+
+@rule(
+    "runtime.blue-green-needs-cache-size",
+    keys=["runtime.model_reload", "scheduler.max_total_tokens", "model.device"],
+    fix="set scheduler.max_total_tokens to a cache that fits twice in GPU memory with the weights, or use drain",
+)
+def _blue_green_cache(c: DaemonSettings, f: Facts) -> CheckResult:
+    """A blue-green reload on a GPU knows its KV cache size: a worker loading beside another cannot
+    size it from the free memory (the other one's share counts as used)."""
+    if c.runtime.model_reload != "blue_green" or c.scheduler.max_total_tokens or c.model.device == "cpu":
+        return None
+    if (probe := f.cuda) is not None and probe.devices > 0:
+        return "model_reload is blue_green on a GPU but scheduler.max_total_tokens is unset"
