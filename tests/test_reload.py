@@ -1098,6 +1098,38 @@ def test_model_that_fails_to_load_is_rolled_back_under_load(manual, renamed_tens
     handle.reset()
 
 
+def test_model_that_fails_to_load_beside_leaves_the_old_worker_serving(manual, renamed_tensor_model):
+    """Blue-green: the broken model fails beside the running worker, which never stopped serving (same PID,
+    no hold): rolled back without touching it."""
+    handle = manual
+    handle.reset()
+    bluegreen = {"runtime.model_reload": "blue_green"}
+    assert handle.apply(bluegreen)["result"] == "applied"
+    before_generation, before = handle.generation(), handle.processes()
+    load = SteadyLoad(handle.url)
+    try:
+        load.wait_completed(8)
+        handle.write({**bluegreen, "model.path": str(renamed_tensor_model)})
+        mark = handle.log.mark()
+        started = time.monotonic()
+        status, report, output = handle.reload_command()
+        ended = time.monotonic()
+        time.sleep(1.0)
+    finally:
+        load.stop()
+
+    assert status == 1 and report is not None, output
+    assert report["result"] == "rolled_back" and report["generation"] == before_generation, report
+    assert "the new worker did not start" in report["reason"], report
+    failed = handle.log.since(mark, "worker.load_failed")
+    assert failed and "unexpected tensors model.norx.weight" in failed[0]["error"], handle.log.tail()
+    assert handle.processes() == before  # the old worker served throughout: nothing restarted
+    assert not handle.log.since(mark, "scheduler.hold") and not handle.log.since(mark, "scheduler.worker_switched")
+    assert_no_failures(load, handle, window=(started, ended))
+    assert [t["state"] for t in handle.status()["tiers"] if t["tier"] == "worker"] == ["up"]
+    handle.reset()
+
+
 # --- 9. settings a reload cannot change -------------------------------------------------------------------
 
 
