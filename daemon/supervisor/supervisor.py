@@ -134,6 +134,7 @@ class Supervisor:
         self._acknowledged = asyncio.Event()
         self._engine_idle = asyncio.Event()
         self._idle_epochs: set[int] = set()  # workers the scheduler said idle (0: the one held)
+        self._worker_epoch = 0  # the last worker started
         self.reloader = Reloader(self)
 
     # --- the whole life -----------------------------------------------------------------------
@@ -222,7 +223,11 @@ class Supervisor:
         """Start `child` with the config of `generation` (the running one by default); a
         front-end serves from `listener` (the daemon's by default); `beside`: a worker starting
         beside the running one."""
+        if child.tier == "worker":  # two may run at once (blue-green): a worker's epoch is never reused
+            child.epoch = max(child.epoch, self._worker_epoch)
         child.epoch += 1
+        if child.tier == "worker":
+            self._worker_epoch = child.epoch
         child.generation = generation or self.generation
         child.ready.clear()
         env = {
@@ -375,8 +380,8 @@ class Supervisor:
 
     async def replace_worker(self, generation: int, *, mode: str = "drain") -> str:
         """Replace the model worker with one running `generation` in `mode` (runtime.model_reload),
-        and say which mode it took; TierStartFailed if it does not come up, after making sure one running the
-        current generation serves.
+        and say which mode it took; TierStartFailed if it does not come up, after making sure
+        that one running the current generation serves.
 
         Drain mode: the scheduler holds new requests meanwhile and lets those running finish on
         the old worker (bounded by runtime.drain_timeout_s), then the new one loads. Blue-green:
@@ -407,7 +412,7 @@ class Supervisor:
         new = Child("worker", old.index, old.module, epoch=old.epoch, deaths=old.deaths, restarts=old.restarts)
         self.children.insert(self.children.index(old) + 1, new)
         self._idle_epochs.discard(old.epoch)
-        self._broadcast(EngineBeside(old.epoch + 1))  # _start makes it the new one's epoch
+        self._broadcast(EngineBeside(self._worker_epoch + 1))  # what _start makes the new one's epoch
         try:
             await self._start(new, generation, beside=True)
             await self._until_ready(new)
