@@ -1058,12 +1058,12 @@ def test_blue_green_needs_a_cache_size_on_a_gpu_rule() -> None:
         )
 
     message = "model_reload is blue_green on a GPU but scheduler.max_total_tokens is unset"
-    for device in ("cuda", "auto"):
-        assert [f.message for f in rule.findings(settings(device), OneGpuFacts())] == [message]
-        assert rule.findings(settings(device, max_total_tokens=65536), OneGpuFacts()) == []
-        assert rule.findings(settings(device, model_reload="drain"), OneGpuFacts()) == []
+    assert [f.message for f in rule.findings(settings("cuda"), OneGpuFacts())] == [message]
+    assert rule.findings(settings("cuda", max_total_tokens=65536), OneGpuFacts()) == []
+    assert rule.findings(settings("cuda", model_reload="drain"), OneGpuFacts()) == []
+    # not for auto: telling would import torch into the supervisor (its worker falls back to drain)
+    assert rule.findings(settings("auto"), OneGpuFacts()) == []
     assert rule.findings(settings("cpu"), OneGpuFacts()) == []
-    assert rule.findings(settings("auto"), Facts()) == []  # no GPU here: the cache is sized on CPU
 
 
 class NonRootFacts(Facts):

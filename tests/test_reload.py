@@ -978,6 +978,8 @@ def test_blue_green_worker_reload_serves_new_requests_while_the_old_worker_finis
     assert [t["state"] for t in handle.status()["tiers"] if t["tier"] == "worker"] == ["up"]
     assert handle.log.since(mark, "worker.ready")[0]["generation"] == before_generation + 1
     assert handle.server_info()["effective_config"]["model"]["seed"] == 4321
+    maps = Path(f"/proc/{handle.daemon.process.pid}/maps").read_text()
+    assert "libtorch" not in maps, "checking the blue-green config imported torch into the supervisor"
     handle.reset()
 
 

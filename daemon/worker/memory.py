@@ -63,8 +63,14 @@ def cache_blocks(settings: DaemonSettings, bytes_per_token: int, context: int, d
     return -(-tokens // BLOCK_SIZE)
 
 
-def check_room_beside(what: str, size: int, device: str) -> None:
-    """NoRoomBeside unless `size` bytes fit in `device`'s free memory, headroom kept."""
+def check_room_beside(settings: DaemonSettings, size: int, device: str, *, what: str = "the model's weights") -> None:
+    """NoRoomBeside unless `size` bytes fit in `device`'s free memory, headroom kept, and the
+    cache size is known where it would otherwise be sized from that memory (a GPU)."""
+    if device == "cuda" and not settings.scheduler.max_total_tokens:
+        raise NoRoomBeside(
+            "on a GPU, a worker loading beside another needs scheduler.max_total_tokens (its KV cache "
+            "would be sized from the memory the other one leaves free)"
+        )
     available, total = device_memory(device)
     room = available - int(total * HEADROOM_SHARE)
     if size > room:

@@ -49,7 +49,7 @@ def load_runner(settings: DaemonSettings, *, beside: bool = False) -> tuple[Mode
     model_dir = locate_model(settings.model.path, settings.runtime.cache_dir, build=True)
     context = served_context(inspect_model_dir(model_dir), settings.model.context_length)
     if beside:
-        check_room_beside("the model's weights", weights_size(model_dir), resolve_device(settings.model.device).type)
+        check_room_beside(settings, weights_size(model_dir), resolve_device(settings.model.device).type)
     probe = ModelRunner(
         model_dir,
         num_blocks=1,
@@ -63,7 +63,7 @@ def load_runner(settings: DaemonSettings, *, beside: bool = False) -> tuple[Mode
     blocks = cache_blocks(settings, per_token, context, probe.device.type)
     size = blocks * BLOCK_SIZE * per_token
     if beside:
-        check_room_beside("the KV cache", size, probe.device.type)
+        check_room_beside(settings, size, probe.device.type, what="the KV cache")
     try:
         probe.resize_cache(blocks)
     except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError

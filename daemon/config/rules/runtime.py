@@ -57,8 +57,10 @@ def _dir_not_directory(c: DaemonSettings, f: Facts) -> CheckResult:
 )
 def _blue_green_cache(c: DaemonSettings, f: Facts) -> CheckResult:
     """A blue-green reload on a GPU knows its KV cache size: a worker loading beside another cannot
-    size it from the free memory (the other one's share counts as used)."""
-    if c.runtime.model_reload != "blue_green" or c.scheduler.max_total_tokens or c.model.device == "cpu":
+    size it from the free memory (the other one's share counts as used). Only for device = cuda:
+    asking whether `auto` means a GPU would import torch into the supervisor (the worker itself
+    then falls back to drain mode)."""
+    if c.runtime.model_reload != "blue_green" or c.scheduler.max_total_tokens or c.model.device != "cuda":
         return None
     if (probe := f.cuda) is not None and probe.devices > 0:
         return "model_reload is blue_green on a GPU but scheduler.max_total_tokens is unset"
