@@ -928,6 +928,29 @@ def started_wall(outcome: Timed) -> float:
     return outcome.ended_wall - (outcome.ended_at - outcome.started_at)
 
 
+@dataclass
+class Reloaded:
+    """A `daemon reload` run under load: its exit status, report and output, the log mark before it,
+    and its (monotonic) start and end."""
+
+    status: int
+    report: dict | None
+    output: str
+    mark: int
+    window: tuple[float, float]
+
+
+def reload_with(handle: Reloadable, changes: dict[str, object], *, settle: float = 1.0) -> Reloaded:
+    """Write the base settings with `changes`, run `daemon reload`, then let the load run `settle` s more."""
+    handle.write(changes)
+    mark = handle.log.mark()
+    started = time.monotonic()
+    status, report, output = handle.reload_command()
+    ended = time.monotonic()
+    time.sleep(settle)
+    return Reloaded(status, report, output, mark, (started, ended))
+
+
 def test_blue_green_worker_reload_serves_new_requests_while_the_old_worker_finishes(manual):
     """runtime.model_reload = blue_green: the new worker loads beside the old one and takes new requests as
     soon as it is up, while the old one finishes the streams it holds (no request waits for them); then
@@ -943,17 +966,13 @@ def test_blue_green_worker_reload_serves_new_requests_while_the_old_worker_finis
     try:
         load.wait_completed(8)
         streams = LongStreams(handle.url, count=2, max_tokens=long)
-        handle.write({**bluegreen, "model.seed": 4321})
-        mark = handle.log.mark()
-        started = time.monotonic()
-        status, report, output = handle.reload_command()
-        ended = time.monotonic()
-        time.sleep(1.0)
+        run = reload_with(handle, {**bluegreen, "model.seed": 4321})
     finally:
         load.stop()
     streams.join()
 
-    assert status == 0 and report is not None, output
+    status, report, mark, (started, ended) = run.status, run.report, run.mark, run.window
+    assert status == 0 and report is not None, run.output
     assert report["result"] == "applied" and report["restarted"] == ["worker"], report
     assert report["generation"] == before_generation + 1, report
     assert "the model worker was replaced in blue_green mode" in report["notes"], report
@@ -994,16 +1013,12 @@ def test_blue_green_worker_that_does_not_fit_beside_falls_back_to_drain(manual):
     load = SteadyLoad(handle.url)
     try:
         load.wait_completed(8)
-        handle.write({"runtime.model_reload": "blue_green", "scheduler.max_total_tokens": huge})
-        mark = handle.log.mark()
-        started = time.monotonic()
-        status, report, output = handle.reload_command()
-        ended = time.monotonic()
-        time.sleep(1.0)  # the running config's worker serves the load a while
+        run = reload_with(handle, {"runtime.model_reload": "blue_green", "scheduler.max_total_tokens": huge})
     finally:
         load.stop()
 
-    assert status == 1 and report is not None, output
+    status, report, mark, (started, ended) = run.status, run.report, run.mark, run.window
+    assert status == 1 and report is not None, run.output
     assert report["result"] == "rolled_back" and report["generation"] == before_generation, report
     no_room = handle.log.since(mark, "worker.no_room_beside")
     assert no_room and "the KV cache (" in no_room[0]["detail"], handle.log.tail()
@@ -1111,16 +1126,12 @@ def test_model_that_fails_to_load_beside_leaves_the_old_worker_serving(manual, r
     load = SteadyLoad(handle.url)
     try:
         load.wait_completed(8)
-        handle.write({**bluegreen, "model.path": str(renamed_tensor_model)})
-        mark = handle.log.mark()
-        started = time.monotonic()
-        status, report, output = handle.reload_command()
-        ended = time.monotonic()
-        time.sleep(1.0)
+        run = reload_with(handle, {**bluegreen, "model.path": str(renamed_tensor_model)})
     finally:
         load.stop()
 
-    assert status == 1 and report is not None, output
+    status, report, mark, (started, ended) = run.status, run.report, run.mark, run.window
+    assert status == 1 and report is not None, run.output
     assert report["result"] == "rolled_back" and report["generation"] == before_generation, report
     assert "the new worker did not start" in report["reason"], report
     failed = handle.log.since(mark, "worker.load_failed")
