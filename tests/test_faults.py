@@ -37,6 +37,7 @@ from daemon_process import (
     read_completion_stream,
     start_daemon,
     stop_daemons,
+    taken_port,
     wait_gone,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -1144,10 +1145,7 @@ def test_runtime_dir_that_is_a_file_is_reported_cleanly(tmp_path, model_cache):
 
 
 def test_port_held_by_another_program_fails_the_start_promptly(launch):
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen(8)
-        held = holder.getsockname()[1]
+    with taken_port() as held:
         daemon = launch({"server.port": held}, wait=False)
         status = daemon.process.wait(60)
     assert status != 0, daemon.log_tail()

@@ -541,6 +541,37 @@ def reload_counts(handle: Reloadable) -> dict[str, float]:
     }
 
 
+def started_wall(outcome: Timed) -> float:
+    assert outcome.ended_wall is not None and outcome.ended_at is not None
+    return outcome.ended_wall - (outcome.ended_at - outcome.started_at)
+
+
+@dataclass
+class Reloaded:
+    """A `daemon reload` run under load: its exit status, report and output, the log mark before it,
+    and its (monotonic) start and end."""
+
+    status: int
+    report: dict | None
+    output: str
+    mark: int
+    window: tuple[float, float]
+
+
+def reload_with(
+    handle: Reloadable, changes: dict[str, object], *, settle: float = 1.0, by_config: bool = False
+) -> Reloaded:
+    """Write the base settings with `changes`, run `daemon reload` (finding the daemon by its config file
+    or by its runtime dir), then let the load run `settle` s more."""
+    handle.write(changes)
+    mark = handle.log.mark()
+    started = time.monotonic()
+    status, report, output = handle.reload_command(by_config=by_config)
+    ended = time.monotonic()
+    time.sleep(settle)
+    return Reloaded(status, report, output, mark, (started, ended))
+
+
 # --- 1. live settings --------------------------------------------------------------------------------
 
 
@@ -847,17 +878,13 @@ def test_worker_settings_replace_only_the_worker_under_load(manual):
     try:
         load.wait_completed(8)
         streams = LongStreams(handle.url, count=3, max_tokens=long)
-        handle.write(change)
-        mark = handle.log.mark()
-        started = time.monotonic()
-        status, report, output = handle.reload_command(by_config=True)  # `daemon reload -c FILE`
-        ended = time.monotonic()
-        time.sleep(2.0)  # the new worker serves the load a while
+        run = reload_with(handle, change, settle=2.0, by_config=True)  # `daemon reload -c FILE`
     finally:
         load.stop()
     streams.join()
 
-    assert status == 0 and report is not None, output
+    status, report, mark, (started, ended) = run.status, run.report, run.mark, run.window
+    assert status == 0 and report is not None, run.output
     generation = before_generation + 1
     assert report["result"] == "applied" and report["trigger"] == "command", report
     assert report["generation"] == generation and report["restarted"] == ["worker"]
@@ -921,34 +948,6 @@ def test_request_longer_than_the_drain_timeout_ends_with_an_error(manual):
 
 
 # --- 2b. a worker setting, blue-green ------------------------------------------------------------------------
-
-
-def started_wall(outcome: Timed) -> float:
-    assert outcome.ended_wall is not None and outcome.ended_at is not None
-    return outcome.ended_wall - (outcome.ended_at - outcome.started_at)
-
-
-@dataclass
-class Reloaded:
-    """A `daemon reload` run under load: its exit status, report and output, the log mark before it,
-    and its (monotonic) start and end."""
-
-    status: int
-    report: dict | None
-    output: str
-    mark: int
-    window: tuple[float, float]
-
-
-def reload_with(handle: Reloadable, changes: dict[str, object], *, settle: float = 1.0) -> Reloaded:
-    """Write the base settings with `changes`, run `daemon reload`, then let the load run `settle` s more."""
-    handle.write(changes)
-    mark = handle.log.mark()
-    started = time.monotonic()
-    status, report, output = handle.reload_command()
-    ended = time.monotonic()
-    time.sleep(settle)
-    return Reloaded(status, report, output, mark, (started, ended))
 
 
 def test_blue_green_worker_reload_serves_new_requests_while_the_old_worker_finishes(manual):
@@ -1057,7 +1056,8 @@ def renamed_tensor_model(tmp_path_factory, demo_dir) -> Path:
 def test_model_that_fails_to_load_is_rolled_back_under_load(manual, renamed_tensor_model):
     handle = manual
     handle.reset()
-    text = handle.write({"model.path": str(renamed_tensor_model)})
+    broken: dict[str, object] = {"model.path": str(renamed_tensor_model)}
+    text = handle.write(broken)
     checked = run_daemon("check", "-c", str(handle.config))
     assert checked.returncode == 0, f"the broken model must pass `daemon check`:\n{checked.stdout}\n{text}"
     before_generation, before_counts, before = handle.generation(), reload_counts(handle), handle.processes()
@@ -1067,16 +1067,13 @@ def test_model_that_fails_to_load_is_rolled_back_under_load(manual, renamed_tens
     try:
         load.wait_completed(8)
         streams = LongStreams(handle.url, max_tokens=long)
-        mark = handle.log.mark()
-        started = time.monotonic()
-        status, report, output = handle.reload_command()
-        ended = time.monotonic()
-        time.sleep(2.0)  # the old config's worker serves the load a while
+        run = reload_with(handle, broken, settle=2.0)  # the old config's worker serves the load a while
     finally:
         load.stop()
     streams.join()
 
-    assert status == 1 and report is not None, output
+    status, report, mark, (started, ended) = run.status, run.report, run.mark, run.window
+    assert status == 1 and report is not None, run.output
     assert report["result"] == "rolled_back" and report["generation"] == before_generation, report
     assert "the new worker did not start" in report["reason"] and "keeps serving" in report["reason"], report
     assert report["changes"] == {

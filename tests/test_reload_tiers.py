@@ -41,7 +41,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import DAEMON, REPO, clean_environ, run_daemon
-from daemon_process import RunningDaemon, descendants, describe, free_port, stop_daemons
+from daemon_process import RunningDaemon, descendants, describe, free_port, stop_daemons, taken_port
 from test_faults import children, until
 
 pytestmark = pytest.mark.timeout(240)
@@ -695,10 +695,7 @@ def test_port_change_moves_the_listener_and_a_taken_port_rolls_back(daemons, tmp
     traffic = Traffic(daemon.url, KEEPALIVE + CURL, tmp_path)
     try:
         traffic.wait_busy()
-        with socket.socket() as holder:
-            holder.bind(("127.0.0.1", 0))
-            holder.listen(8)
-            taken = holder.getsockname()[1]
+        with taken_port() as taken:
             daemon.edit(server__port=taken)
             status, outcome = daemon.reload()
         assert status == 1 and outcome["result"] == "rolled_back", outcome
@@ -973,10 +970,8 @@ def test_later_tier_failing_rolls_back_the_replaced_tokenizer_pool(daemons, tmp_
     traffic = Traffic(daemon.url, KEEPALIVE + CURL, tmp_path)
     try:
         traffic.wait_busy()
-        with socket.socket() as holder:
-            holder.bind(("127.0.0.1", 0))
-            holder.listen(8)
-            daemon.edit(server__port=holder.getsockname()[1], tokenizer__workers=2)
+        with taken_port() as taken:
+            daemon.edit(server__port=taken, tokenizer__workers=2)
             status, outcome = daemon.reload()
         assert status == 1 and outcome["result"] == "rolled_back" and outcome["generation"] == 1, outcome
         assert "the new frontend did not start" in outcome["reason"], outcome
