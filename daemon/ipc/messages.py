@@ -41,13 +41,27 @@ class ErrorInfo(msgspec.Struct, frozen=True):
 # --- front-end -> tokenizer ---------------------------------------------------------------------
 
 
+class ChatOptions(msgspec.Struct, frozen=True, omit_defaults=True):
+    """How a conversation becomes a prompt: the chat template's inputs beside the messages."""
+
+    add_generation_prompt: bool = True  # end with the assistant's turn opening
+    continue_final_message: bool = False  # leave the last (assistant) message open, to be continued
+    template_kwargs: dict[str, Any] = {}  # extra variables for the template (e.g. enable_thinking)
+    add_special_tokens: bool = False  # also add the tokenizer's own specials (BOS) to the rendered text
+
+
 class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
-    request_id: str
+    request_id: str  # unique inside the daemon, whatever the client's X-Request-Id
     reply_to: str  # the front-end worker's result endpoint
     sampling: Sampling
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     messages: list[dict] | None = None  # chat: OpenAI-shaped messages
+    chat: ChatOptions | None = None  # with messages
+    add_special_tokens: bool = True  # a text prompt gets the tokenizer's specials (BOS), as a plain prompt
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last N tokens
+    skip_special_tokens: bool = True  # special tokens are left out of the text
+    include_stop_str_in_output: bool = False  # the stop string that ended the text stays in it
     stop: tuple[str, ...] = ()
     priority: int = 0
     arrival: float = 0.0  # wall-clock time the front-end received it

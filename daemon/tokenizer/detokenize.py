@@ -100,8 +100,9 @@ class StopStrings:
     deltas is still found and never shown.
     """
 
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: Sequence[str], *, include_stop: bool = False):
         self._stops = tuple(stop for stop in stops if stop)  # an empty stop would match before any text
+        self._include_stop = include_stop  # the stop string found ends the text instead of being cut
         self._held = ""
         self.stopped = False
 
@@ -110,10 +111,11 @@ class StopStrings:
         if self.stopped:
             return "", True
         text = self._held + delta
-        cut = self._first_stop(text)
-        if cut is not None:
+        found = self._first_stop(text)
+        if found is not None:
             self._held, self.stopped = "", True
-            return text[:cut], True
+            start, end = found
+            return text[: end if self._include_stop else start], True
         keep = self._longest_stop_start(text)
         self._held = text[len(text) - keep :]
         return text[: len(text) - keep], False
@@ -123,10 +125,13 @@ class StopStrings:
         held, self._held = self._held, ""
         return held
 
-    def _first_stop(self, text: str) -> int | None:
-        """Where the stop string that `text` completes first begins, if it holds one."""
+    def _first_stop(self, text: str) -> tuple[int, int] | None:
+        """Where the stop string that `text` completes first begins and ends, if it holds one."""
         found = [(at + len(stop), at) for stop in self._stops if (at := text.find(stop)) >= 0]
-        return min(found)[1] if found else None
+        if not found:
+            return None
+        end, start = min(found)
+        return start, end
 
     def _longest_stop_start(self, text: str) -> int:
         """The length of the longest end of `text` that begins some stop string."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from daemon.ipc.messages import ChatOptions
 from daemon.tokenizer.chat import ChatTemplate, TokenizerError
 
 __all__ = ["TextTokenizer", "TokenizerError", "load_text_tokenizer"]
@@ -85,21 +86,46 @@ class TextTokenizer:
             messages, add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs
         )
 
-    def render_chat_prompt(self, messages: Any, *, template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+    def render_chat_prompt(self, messages: Any, options: ChatOptions | None = None) -> list[int]:
         """Token ids of the conversation, ready for the assistant's reply, with exactly one BOS if any.
 
         Most templates write the BOS themselves: the text is then tokenized without
         special tokens, or the prompt would start with two. A template that writes none
-        gets the BOS a plain prompt would.
+        gets the BOS a plain prompt would. With `continue_final_message`, the prompt ends
+        where the last message's content ends, so the model continues it (what the
+        template appends after a finished turn, such as an end-of-turn token, is cut).
         """
-        text = self.apply_chat_template(messages, add_generation_prompt=True, template_kwargs=template_kwargs)
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        options = options or ChatOptions()
+        if options.continue_final_message and options.add_generation_prompt:
+            raise TokenizerError(
+                "continue_final_message and add_generation_prompt cannot both be true: "
+                "set add_generation_prompt to false to continue the final message"
+            )
+        text = self.apply_chat_template(
+            messages, add_generation_prompt=options.add_generation_prompt, template_kwargs=options.template_kwargs
+        )
+        if options.continue_final_message:
+            text = _cut_after_final_message(text, messages)
+        ids = self._tokenizer.encode(text, add_special_tokens=options.add_special_tokens).ids
         if self.adds_bos and not self._starts_with_bos(ids):
             return [self.bos_token_id, *ids]
         return ids
 
     def _starts_with_bos(self, ids: list[int]) -> bool:
         return self.bos_token_id is not None and ids[:1] == [self.bos_token_id]
+
+
+def _cut_after_final_message(text: str, messages: Any) -> str:
+    """`text` up to the end of the last message's content, as transformers' continue_final_message does."""
+    content = messages[-1].get("content") if messages and isinstance(messages[-1], Mapping) else None
+    if isinstance(content, list):
+        content = "\n".join(part.get("text", "") for part in content if isinstance(part, Mapping))
+    if not isinstance(content, str) or not content.strip():
+        raise TokenizerError("continue_final_message needs a final message with text content to continue")
+    end = text.rfind(content.strip())
+    if end < 0:
+        raise TokenizerError("continue_final_message: the chat template does not show the final message's content")
+    return text[: end + len(content.strip())]
 
 
 def load_text_tokenizer(model_dir: Path) -> TextTokenizer:

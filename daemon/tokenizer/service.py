@@ -147,15 +147,22 @@ class TokenizerService:
             self._tokenize(request)
 
     def _tokenize(self, request: GenerateRequest) -> None:
+        prompt_param = "messages" if request.messages is not None else "prompt"
         try:
             prompt_ids = self._prompt_ids(request)
         except TokenizerError as exc:
-            param = "messages" if request.messages is not None else "prompt"
             log.info("tokenizer.rejected", reason=str(exc))
-            return self._reject(request, ErrorInfo(400, str(exc), param=param))
+            return self._reject(request, ErrorInfo(400, str(exc), param=prompt_param))
+        if len(prompt_ids) >= self.context:  # the prompt alone leaves no room for a single token
+            message = (
+                f"This model's maximum context length is {self.context} tokens. However, your prompt has "
+                f"{len(prompt_ids)} tokens, which leaves no room for the completion. Please shorten the "
+                "prompt (or set truncate_prompt_tokens)."
+            )
+            return self._reject(request, ErrorInfo(400, message, param=prompt_param))
         max_tokens = request.sampling.max_tokens or self.context - len(prompt_ids)
         requested = len(prompt_ids) + max_tokens
-        if requested > self.context or max_tokens < 1:
+        if requested > self.context:
             message = (
                 f"This model's maximum context length is {self.context} tokens. However, you requested "
                 f"{requested} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
@@ -176,21 +183,27 @@ class TokenizerService:
             return self._reject(request, ErrorInfo(503, "the scheduler is not reachable", type="server_error"))
         self.active[request.request_id] = Active(
             request,
-            IncrementalDetokenizer(self.text, prompt_ids),
-            StopStrings(list(request.stop)),
-            frozenset(stop_ids),
+            IncrementalDetokenizer(self.text, prompt_ids, skip_special_tokens=request.skip_special_tokens),
+            StopStrings(list(request.stop), include_stop=request.include_stop_str_in_output),
+            # stop tokens end the text without being part of it, unless the client asked for them
+            frozenset() if request.include_stop_str_in_output else frozenset(stop_ids),
             len(prompt_ids),
         )
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         if request.messages is not None:
-            ids = self.text.render_chat_prompt(request.messages)
+            ids = self.text.render_chat_prompt(request.messages, request.chat)
         elif request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
             if any(not 0 <= i < self.text.vocab_size for i in ids):
                 raise TokenizerError(f"prompt token ids must be in 0..{self.text.vocab_size - 1}")
         else:
-            ids = self.text.encode(request.prompt or "", add_special_tokens=True)
+            ids = self.text.encode(request.prompt or "", add_special_tokens=request.add_special_tokens)
+        if request.truncate_prompt_tokens is not None:  # the end of a prompt is what the model continues
+            keep = request.truncate_prompt_tokens
+            if keep == -1:  # as much as fits beside the completion
+                keep = max(self.context - (request.sampling.max_tokens or 1), 1)
+            ids = ids[-keep:]
         if not ids:
             raise TokenizerError("the prompt is empty")
         return ids
