@@ -194,6 +194,21 @@ class ServerSettings(Section):
         ge=1024,
         le=1024**3,
     )
+    max_prompts_per_request: int = setting(
+        256,
+        doc="Most prompts one /v1/completions request may carry (a list of strings or of token-id lists); "
+        "each is scheduled as its own request and answered as its own choice. More: 400.",
+        reload=Reload.LIVE,
+        ge=1,
+        le=65536,
+    )
+    unknown_request_fields: Literal["reject", "ignore"] = setting(
+        "reject",
+        doc="What a request field the API does not know gets. reject: a 400 naming it, with the closest "
+        "known field. ignore: the request is served as if it were absent, and the field is logged once "
+        "(for clients that send vendor extras).",
+        reload=Reload.LIVE,
+    )
     tls: TLSSettings = section(TLSSettings, "TLS (HTTPS) for the front-end.")
 
 

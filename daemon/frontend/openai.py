@@ -14,7 +14,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from daemon.ipc.messages import ErrorInfo, GenerateOutput, GenerateRequest, Sampling
+from daemon.frontend.asgi import BadRequest
+from daemon.ipc.messages import GenerateOutput, GenerateRequest, Sampling
 
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
@@ -64,12 +65,6 @@ class ChatRequest(_Common, kw_only=True):
     response_format: dict[str, Any] | None = None
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.error = ErrorInfo(status, message, param=param)
-
-
 _LOCATION = re.compile(r" - at `\$\.?([^`]*)`")
 
 
@@ -106,30 +101,20 @@ def _unsupported(request: _Common) -> None:
             raise BadRequest("only the text response format is supported", "response_format")
 
 
-def to_generate_request(request: CompletionRequest | ChatRequest, request_id: str, reply_to: str) -> GenerateRequest:
-    """The tokenizer-bound request; max_tokens defaults to what is left of the context."""
+def to_generate_requests(
+    request: CompletionRequest | ChatRequest, request_id: str, reply_to: str, max_prompts: int
+) -> list[GenerateRequest]:
+    """The tokenizer-bound requests, one per prompt; max_tokens defaults to what is left of the context."""
     _unsupported(request)
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if any(not s for s in stop):
         raise BadRequest("stop strings must not be empty", "stop")
-    prompt: str | None = None
-    prompt_ids: list[int] | None = None
-    messages = None
     if isinstance(request, ChatRequest):
-        messages = request.messages
         max_tokens = request.max_completion_tokens or request.max_tokens
+        prompts: list[dict[str, Any]] = [{"messages": request.messages}]
     else:
         max_tokens = request.max_tokens
-        if isinstance(request.prompt, str):
-            prompt = request.prompt
-        elif request.prompt and all(isinstance(p, str) for p in request.prompt):
-            if len(request.prompt) != 1:
-                raise BadRequest("only one prompt per request is supported", "prompt")
-            prompt = request.prompt[0]
-        elif request.prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in request.prompt):
-            prompt_ids = list(request.prompt)
-        else:
-            raise BadRequest("prompt must be a string, a list of one string, or a list of token ids", "prompt")
+        prompts = _prompts(request.prompt, max_prompts)
     sampling = Sampling(
         max_tokens=max_tokens,  # None: the tokenizer fills in what the prompt leaves of the context
         temperature=request.temperature,
@@ -139,80 +124,100 @@ def to_generate_request(request: CompletionRequest | ChatRequest, request_id: st
         stop_token_ids=tuple(request.stop_token_ids or ()),
         ignore_eos=request.ignore_eos,
     )
-    return GenerateRequest(
-        request_id=request_id,
-        reply_to=reply_to,
-        sampling=sampling,
-        prompt=prompt,
-        prompt_token_ids=prompt_ids,
-        messages=messages,
-        stop=stop,
-        priority=request.priority,
-        arrival=time.time(),
-        stream=request.stream,
+    arrival = time.time()
+    return [
+        GenerateRequest(
+            request_id=request_id if len(prompts) == 1 else f"{request_id}-{index}",
+            reply_to=reply_to,
+            sampling=sampling,
+            stop=stop,
+            priority=request.priority,
+            arrival=arrival,
+            stream=request.stream,
+            **prompt,
+        )
+        for index, prompt in enumerate(prompts)
+    ]
+
+
+def _is_token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+    )
+
+
+def _prompts(prompt: Any, max_prompts: int) -> list[dict[str, Any]]:
+    """A completions `prompt` as one entry per prompt: a string, token ids, or a list of either."""
+    if isinstance(prompt, str):
+        return [{"prompt": prompt}]
+    if _is_token_ids(prompt):
+        return [{"prompt_token_ids": list(prompt)}]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            prompts = [{"prompt": p} for p in prompt]
+        elif all(_is_token_ids(p) for p in prompt):
+            prompts = [{"prompt_token_ids": list(p)} for p in prompt]
+        else:
+            prompts = []
+        if len(prompts) > max_prompts:
+            raise BadRequest(f"at most {max_prompts} prompts per request (server.max_prompts_per_request)", "prompt")
+        if prompts:
+            return prompts
+    raise BadRequest(
+        "prompt must be a string, a list of token ids, or a non-empty list of strings or of token-id lists", "prompt"
     )
 
 
 # --- responses ---------------------------------------------------------------------------------
 
 
-def error_body(error: ErrorInfo) -> dict[str, Any]:
-    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": None}}
-
-
-def _usage(output: GenerateOutput) -> dict[str, int]:
-    return {
-        "prompt_tokens": output.prompt_tokens,
-        "completion_tokens": output.completion_tokens,
-        "total_tokens": output.prompt_tokens + output.completion_tokens,
-    }
+def _usage(lasts: list[GenerateOutput]) -> dict[str, int]:
+    prompt = sum(last.prompt_tokens for last in lasts)
+    completion = sum(last.completion_tokens for last in lasts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class Responder:
-    """Shapes one request's outputs as OpenAI completion or chat-completion JSON."""
+    """Shapes one request's outputs as OpenAI completion or chat-completion JSON, a choice per prompt."""
 
-    def __init__(self, chat: bool, request_id: str, model: str):
+    def __init__(self, chat: bool, response_id: str, model: str):
         self.chat = chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        self.id = ("chatcmpl-" if chat else "cmpl-") + response_id
         self.model = model
         self.created = int(time.time())
 
-    def _envelope(self, obj: str, choice: dict[str, Any]) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def full(self, text: str, last: GenerateOutput) -> dict[str, Any]:
-        if self.chat:
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": last.finish_reason}
-            body = self._envelope("chat.completion", choice)
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
-            body = self._envelope("text_completion", choice)
-        return {**body, "usage": _usage(last)}
+    def full(self, results: list[tuple[str, GenerateOutput]]) -> dict[str, Any]:
+        choices = []
+        for index, (text, last) in enumerate(results):
+            if self.chat:
+                message = {"role": "assistant", "content": text}
+                choices.append(
+                    {"index": index, "message": message, "logprobs": None, "finish_reason": last.finish_reason}
+                )
+            else:
+                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": last.finish_reason})
+        body = self._envelope("chat.completion" if self.chat else "text_completion", choices)
+        return {**body, "usage": _usage([last for _text, last in results])}
 
     def first_chunk(self) -> dict[str, Any] | None:
         if not self.chat:
             return None
         delta = {"role": "assistant", "content": ""}
         return self._envelope(
-            "chat.completion.chunk", {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            "chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
         )
 
-    def chunk(self, output: GenerateOutput) -> dict[str, Any]:
+    def chunk(self, index: int, output: GenerateOutput) -> dict[str, Any]:
         if self.chat:
             delta = {"content": output.text} if output.text else {}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": output.finish_reason}
-            return self._envelope("chat.completion.chunk", choice)
-        choice = {"index": 0, "text": output.text, "logprobs": None, "finish_reason": output.finish_reason}
-        return self._envelope("text_completion", choice)
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": output.finish_reason}
+            return self._envelope("chat.completion.chunk", [choice])
+        choice = {"index": index, "text": output.text, "logprobs": None, "finish_reason": output.finish_reason}
+        return self._envelope("text_completion", [choice])
 
-    def usage_chunk(self, last: GenerateOutput) -> dict[str, Any]:
+    def usage_chunk(self, lasts: list[GenerateOutput]) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": _usage(last),
-        }
+        return {**self._envelope(obj, []), "usage": _usage(lasts)}
