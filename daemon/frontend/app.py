@@ -35,6 +35,8 @@ from daemon.frontend.asgi import (
 )
 from daemon.frontend.gateway import Gateway
 from daemon.frontend.generation import Generation
+from daemon.frontend.request_models import ChatRequest, CompletionRequest, logged_fields
+from daemon.frontend.response_models import Responder
 from daemon.ipc.messages import DaemonStatus, ErrorInfo, GenerateRequest, Sampling, read_status_file
 from daemon.tier import Tier, start_tier
 
@@ -210,7 +212,10 @@ class Application:
             server = self.tier.settings.server
             try:
                 body = await read_body(scope, receive, server.max_request_body_bytes)
-                parsed = openai.parse(body, openai.ChatRequest if chat else openai.CompletionRequest)
+                model = ChatRequest if chat else CompletionRequest
+                parsed = openai.parse(body, model, server.unknown_request_fields)
+                if noted := logged_fields(parsed):
+                    log.info("request.client_fields", **noted)
                 served = self.tier.settings.model.served_model_name
                 if parsed.model is not None and parsed.model != served:
                     message = f"The model `{parsed.model}` does not exist; this server serves `{served}`"
@@ -222,9 +227,7 @@ class Application:
                 return await send_error(send, exc.error, headers)
             except ClientGone:
                 return
-            generation = Generation(
-                self.gateway, requests, openai.Responder(chat, client_id or request_id, served), headers
-            )
+            generation = Generation(self.gateway, requests, Responder(chat, client_id or request_id, served), headers)
             if parsed.stream:
                 include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
                 await until_disconnected(receive, generation.stream(send, include_usage))
