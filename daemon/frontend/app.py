@@ -20,6 +20,7 @@ import structlog
 from daemon import __version__
 from daemon.config.schema import config_hash, flat_values, nested_values
 from daemon.frontend import metrics, openai
+from daemon.frontend.api_docs import API_ROUTES, openapi
 from daemon.frontend.asgi import (
     BadRequest,
     ClientGone,
@@ -56,6 +57,7 @@ class Application:
             "/metrics": ("GET", self._metrics),
             "/server_info": ("GET", self._server_info),
             "/v1/models": ("GET", self._models),
+            "/openapi.json": ("GET", self._openapi),
             "/v1/completions": ("POST", self._completions),
             "/v1/chat/completions": ("POST", self._chat_completions),
         }
@@ -178,6 +180,9 @@ class Application:
         """The supervisor's status file: tier PIDs, epochs and states."""
         assert self.tier is not None
         return read_status_file(self.tier.endpoints.directory)
+
+    async def _openapi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, openapi(API_ROUTES))
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not await self._authorized(scope, send):

@@ -115,20 +115,20 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Not implemented yet: refused unless they ask for nothing.
     n: Annotated[Int, refused("Choices per prompt.", neutral=(None, 1), planned=SAMPLING_ISSUE)] = None
     presence_penalty: Annotated[
-        Float, refused("Penalty on tokens already present.", neutral=(None, 0, 0.0), planned=SAMPLING_ISSUE)
+        Float, refused("Penalty on tokens already present.", neutral=(None, 0.0), planned=SAMPLING_ISSUE)
     ] = None
     frequency_penalty: Annotated[
-        Float, refused("Penalty by token frequency.", neutral=(None, 0, 0.0), planned=SAMPLING_ISSUE)
+        Float, refused("Penalty by token frequency.", neutral=(None, 0.0), planned=SAMPLING_ISSUE)
     ] = None
     repetition_penalty: Annotated[
-        Float, refused("vLLM's repetition penalty.", neutral=(None, 1, 1.0), planned=SAMPLING_ISSUE)
+        Float, refused("vLLM's repetition penalty.", neutral=(None, 1.0), planned=SAMPLING_ISSUE)
     ] = None
     logit_bias: Annotated[
         dict[str, float] | None, refused("Bias added to token logits.", neutral=(None, {}), planned=SAMPLING_ISSUE)
     ] = None
     min_p: Annotated[
         Float,
-        refused("Minimum probability relative to the likeliest token.", neutral=(None, 0, 0.0), planned=SAMPLING_ISSUE),
+        refused("Minimum probability relative to the likeliest token.", neutral=(None, 0.0), planned=SAMPLING_ISSUE),
     ] = None
     min_tokens: Annotated[
         Int,
@@ -140,9 +140,7 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     use_beam_search: Annotated[
         Bool, refused("Beam search instead of sampling.", neutral=(None, False), planned=None)
     ] = None
-    length_penalty: Annotated[Float, refused("Beam search's length penalty.", neutral=(None, 1, 1.0), planned=None)] = (
-        None
-    )
+    length_penalty: Annotated[Float, refused("Beam search's length penalty.", neutral=(None, 1.0), planned=None)] = None
     allowed_token_ids: Annotated[
         list[int] | None, refused("Only these tokens may be generated.", planned=SAMPLING_ISSUE)
     ] = None
