@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands.add_parser("reference", help="Markdown reference of every key (as in the README)")
     config_commands.add_parser("scopes", help="Markdown table of the keys by what a reload does when they change")
 
+    api = commands.add_parser("api", help="describe the HTTP API: request fields, OpenAPI document")
+    api_commands = api.add_subparsers(dest="api_command", metavar="SUBCOMMAND", required=True)
+    api_commands.add_parser("fields", help="Markdown table of every request field and what the server does with it")
+    api_commands.add_parser("openapi", help="the OpenAPI document the server serves at /openapi.json")
+
     rules = commands.add_parser("rules", help="list the rule catalogue")
     rules.add_argument("--format", choices=["text", "json", "markdown"], default="text")
 
@@ -110,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        match args.command, getattr(args, "config_command", None):
+        match args.command, getattr(args, "config_command", None) or getattr(args, "api_command", None):
             case None, _:
                 return run(parser, args)
             case "check", _:
@@ -125,6 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(reload_scopes_markdown(), end="")
             case "rules", _:
                 print(render_rules(args.format), end="")
+            case "api", "fields":
+                from daemon.frontend.api_docs import fields_markdown
+
+                print(fields_markdown(), end="")
+            case "api", "openapi":
+                from daemon.frontend.api_docs import API_ROUTES, openapi
+
+                print(json.dumps(openapi(API_ROUTES), indent=2))
             case "reload", _:
                 return reload(parser, args)
             case "status", _:

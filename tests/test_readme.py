@@ -41,6 +41,7 @@ def test_generated_sections_are_current():
         "daemon config reference",
         "daemon config scopes",
         "daemon rules --format markdown",
+        "daemon api fields",
     }
     for match in sections:
         assert match["body"].strip() == _generated(match["command"]).strip(), (

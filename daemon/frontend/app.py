@@ -20,6 +20,7 @@ import structlog
 from daemon import __version__
 from daemon.config.schema import config_hash, flat_values, nested_values
 from daemon.frontend import metrics, openai
+from daemon.frontend.api_docs import API_ROUTES, openapi
 from daemon.frontend.asgi import (
     BadRequest,
     ClientGone,
@@ -35,6 +36,8 @@ from daemon.frontend.asgi import (
 )
 from daemon.frontend.gateway import Gateway
 from daemon.frontend.generation import Generation
+from daemon.frontend.request_models import ChatRequest, CompletionRequest, logged_fields
+from daemon.frontend.response_models import Responder
 from daemon.ipc.messages import DaemonStatus, ErrorInfo, GenerateRequest, Sampling, read_status_file
 from daemon.tier import Tier, start_tier
 
@@ -54,6 +57,7 @@ class Application:
             "/metrics": ("GET", self._metrics),
             "/server_info": ("GET", self._server_info),
             "/v1/models": ("GET", self._models),
+            "/openapi.json": ("GET", self._openapi),
             "/v1/completions": ("POST", self._completions),
             "/v1/chat/completions": ("POST", self._chat_completions),
         }
@@ -177,6 +181,9 @@ class Application:
         assert self.tier is not None
         return read_status_file(self.tier.endpoints.directory)
 
+    async def _openapi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, openapi(API_ROUTES))
+
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not await self._authorized(scope, send):
             return
@@ -210,7 +217,10 @@ class Application:
             server = self.tier.settings.server
             try:
                 body = await read_body(scope, receive, server.max_request_body_bytes)
-                parsed = openai.parse(body, openai.ChatRequest if chat else openai.CompletionRequest)
+                model = ChatRequest if chat else CompletionRequest
+                parsed = openai.parse(body, model, server.unknown_request_fields)
+                if noted := logged_fields(parsed):
+                    log.info("request.client_fields", **noted)
                 served = self.tier.settings.model.served_model_name
                 if parsed.model is not None and parsed.model != served:
                     message = f"The model `{parsed.model}` does not exist; this server serves `{served}`"
@@ -222,9 +232,7 @@ class Application:
                 return await send_error(send, exc.error, headers)
             except ClientGone:
                 return
-            generation = Generation(
-                self.gateway, requests, openai.Responder(chat, client_id or request_id, served), headers
-            )
+            generation = Generation(self.gateway, requests, Responder(chat, client_id or request_id, served), headers)
             if parsed.stream:
                 include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
                 await until_disconnected(receive, generation.stream(send, include_usage))

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from daemon.frontend import metrics
 from daemon.frontend.asgi import Headers, Send, end_events, error_body, send_error, send_event, send_json, start_events
 from daemon.frontend.gateway import Gateway
-from daemon.frontend.openai import Responder
+from daemon.frontend.response_models import Responder
 from daemon.ipc.messages import ErrorInfo, GenerateOutput, GenerateRequest
 
 

@@ -1,128 +1,119 @@
-"""OpenAI-compatible request bodies in, response bodies and stream chunks out.
+"""OpenAI-compatible request bodies in: parsed strictly, checked against the field policy, turned into
+tokenizer-bound requests (one per prompt).
 
-Parsing is strict about what it understands (types, ranges) and explicit about
-what it does not implement: a field the engine cannot honour with a
-non-default value is a 400 naming it, never silently ignored. Fields OpenAI
-clients send that change nothing here (user, default penalties...) pass.
+The request models and their policy are in request_models.py, the answers in response_models.py.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import time
-from typing import Annotated, Any
+from typing import Any, Literal
 
 import msgspec
+import structlog
 
 from daemon.frontend.asgi import BadRequest
-from daemon.ipc.messages import GenerateOutput, GenerateRequest, Sampling
+from daemon.frontend.request_models import (
+    ChatRequest,
+    CompletionRequest,
+    LenientChatRequest,
+    LenientCompletionRequest,
+    RequestModel,
+    check_policy,
+)
+from daemon.ipc.messages import ChatOptions, GenerateRequest, Sampling
 
-MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
-Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
-TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
-TopK = Annotated[int, msgspec.Meta(ge=-1)]
-Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
-Stop = str | Annotated[list[str], msgspec.Meta(max_length=16)] | None
-DEFAULT_MAX_TOKENS = 16
+log = structlog.get_logger("daemon.frontend")
 
-
-class StreamOptions(msgspec.Struct, forbid_unknown_fields=False):
-    include_usage: bool = False
-
-
-class _Common(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
-    model: str | None = None
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    top_k: TopK = 0
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: Stop = None
-    seed: Seed | None = None
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    priority: Priority = 0
-    logprobs: Any = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-
-
-class CompletionRequest(_Common, kw_only=True):
-    prompt: str | list[Any]  # a string, a list of one string, or token ids (checked below)
-    max_tokens: MaxTokens | None = DEFAULT_MAX_TOKENS
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-
-class ChatRequest(_Common, kw_only=True):
-    messages: list[dict[str, Any]]
-    max_tokens: MaxTokens | None = None
-    max_completion_tokens: MaxTokens | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-
-
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; chat defaults to what the context leaves
+_LENIENT: dict[RequestModel, RequestModel] = {
+    CompletionRequest: LenientCompletionRequest,
+    ChatRequest: LenientChatRequest,
+}
+_ENDPOINT = {CompletionRequest: "/v1/completions", ChatRequest: "/v1/chat/completions"}
 _LOCATION = re.compile(r" - at `\$\.?([^`]*)`")
+_MISSING = re.compile(r"^Object missing required field `([^`]*)`")
+_UNKNOWN = re.compile(r"^Object contains unknown field `([^`]*)`")
+_ignored_logged: set[tuple[str, str]] = set()  # (endpoint, field): each ignored field is logged once
 
 
-def parse(body: bytes, kind: type[CompletionRequest] | type[ChatRequest]) -> CompletionRequest | ChatRequest:
+def parse(
+    body: bytes, model: RequestModel, unknown_fields: Literal["reject", "ignore"] = "reject"
+) -> CompletionRequest | ChatRequest:
+    """The request in `body`, or a BadRequest naming the field at fault (`param`)."""
     try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        param = (match[1].split(".")[0].split("[")[0] or None) if (match := _LOCATION.search(text)) else None
-        raise BadRequest(_LOCATION.sub("", text).rstrip(".") + (f" (in `{param}`)" if param else ""), param) from None
+        return msgspec.json.decode(body, type=model)
     except msgspec.DecodeError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(exc, msgspec.ValidationError):
+            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+        text = str(exc)
+    location = match[1] if (match := _LOCATION.search(text)) else ""
+    if _UNKNOWN.match(text) and not location:  # unknown top-level fields: the operator's choice
+        unknown = _unknown_fields(body, model)
+        if unknown_fields == "ignore":
+            for name in unknown:
+                if (_ENDPOINT[model], name) not in _ignored_logged:
+                    _ignored_logged.add((_ENDPOINT[model], name))
+                    log.warning("request.field_ignored", field=name, endpoint=_ENDPOINT[model])
+            return parse(body, _LENIENT[model], "reject")
+        raise BadRequest(_unknown_message(unknown, model), unknown[0])
+    if missing := _MISSING.match(text):
+        path = f"{location}.{missing[1]}" if location else missing[1]
+        raise BadRequest(f"`{path}` is required", _top(path))
+    message = _LOCATION.sub("", text).rstrip(".")
+    raise BadRequest(message + (f" (in `{location}`)" if location else ""), _top(location) or None)
 
 
-def _unsupported(request: _Common) -> None:
-    if request.n != 1:
-        raise BadRequest("only n = 1 is supported", "n")
-    if request.logprobs not in (None, False, 0):
-        raise BadRequest("logprobs are not supported", "logprobs")
-    if request.presence_penalty or request.frequency_penalty:
-        param = "presence_penalty" if request.presence_penalty else "frequency_penalty"
-        raise BadRequest(f"{param} is not supported", param)
-    if isinstance(request, CompletionRequest):
-        if request.echo:
-            raise BadRequest("echo is not supported", "echo")
-        if request.suffix:
-            raise BadRequest("suffix is not supported", "suffix")
-        if request.best_of not in (None, 1):
-            raise BadRequest("only best_of = 1 is supported", "best_of")
-    if isinstance(request, ChatRequest):
-        if request.tools:
-            raise BadRequest("tools are not supported", "tools")
-        if request.response_format and request.response_format.get("type", "text") != "text":
-            raise BadRequest("only the text response format is supported", "response_format")
+def _top(path: str) -> str:
+    return path.split(".")[0].split("[")[0]
+
+
+def _unknown_fields(body: bytes, model: RequestModel) -> list[str]:
+    known = set(model.__struct_fields__)
+    return [name for name in msgspec.json.decode(body, type=dict[str, msgspec.Raw]) if name not in known]
+
+
+def _unknown_message(unknown: list[str], model: RequestModel) -> str:
+    parts = []
+    other = ChatRequest if model is CompletionRequest else CompletionRequest
+    for name in unknown:
+        close = difflib.get_close_matches(name, model.__struct_fields__, n=1, cutoff=0.6)
+        if close:
+            parts.append(f"unknown field `{name}`: did you mean `{close[0]}`?")
+        elif name in other.__struct_fields__:
+            parts.append(f"unknown field `{name}`: it belongs to {_ENDPOINT[other]}, not {_ENDPOINT[model]}")
+        else:
+            parts.append(f"unknown field `{name}`")
+    return "; ".join(parts) + " (server.unknown_request_fields = reject)"
 
 
 def to_generate_requests(
     request: CompletionRequest | ChatRequest, request_id: str, reply_to: str, max_prompts: int
 ) -> list[GenerateRequest]:
-    """The tokenizer-bound requests, one per prompt; max_tokens defaults to what is left of the context."""
-    _unsupported(request)
+    """The tokenizer-bound requests, one per prompt, with every unset field at its default."""
+    check_policy(request)
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if any(not s for s in stop):
         raise BadRequest("stop strings must not be empty", "stop")
     if isinstance(request, ChatRequest):
         max_tokens = request.max_completion_tokens or request.max_tokens
-        prompts: list[dict[str, Any]] = [{"messages": request.messages}]
+        prompts: list[dict[str, Any]] = [{"messages": request.messages, "chat": _chat_options(request)}]
     else:
-        max_tokens = request.max_tokens
-        prompts = _prompts(request.prompt, max_prompts)
+        max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
+        prompts = [
+            {**prompt, "add_special_tokens": _default(request.add_special_tokens, True)}
+            for prompt in _prompts(request.prompt, max_prompts)
+        ]
     sampling = Sampling(
         max_tokens=max_tokens,  # None: the tokenizer fills in what the prompt leaves of the context
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=max(request.top_k, 0),
+        temperature=_default(request.temperature, 1.0),
+        top_p=_default(request.top_p, 1.0),
+        top_k=max(request.top_k or 0, 0),
         seed=request.seed,
         stop_token_ids=tuple(request.stop_token_ids or ()),
-        ignore_eos=request.ignore_eos,
+        ignore_eos=_default(request.ignore_eos, False),
     )
     arrival = time.time()
     return [
@@ -130,14 +121,35 @@ def to_generate_requests(
             request_id=request_id if len(prompts) == 1 else f"{request_id}-{index}",
             reply_to=reply_to,
             sampling=sampling,
+            truncate_prompt_tokens=request.truncate_prompt_tokens,
+            skip_special_tokens=_default(request.skip_special_tokens, True),
+            include_stop_str_in_output=_default(request.include_stop_str_in_output, False),
             stop=stop,
-            priority=request.priority,
+            priority=request.priority or 0,
             arrival=arrival,
-            stream=request.stream,
+            stream=_default(request.stream, False),
             **prompt,
         )
         for index, prompt in enumerate(prompts)
     ]
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _chat_options(request: ChatRequest) -> ChatOptions:
+    continue_final = _default(request.continue_final_message, False)
+    template_kwargs = dict(request.chat_template_kwargs or {})
+    if request.documents is not None:
+        template_kwargs["documents"] = request.documents
+    return ChatOptions(
+        # continuing the final message implies not opening a new turn, unless the client says otherwise
+        add_generation_prompt=_default(request.add_generation_prompt, not continue_final),
+        continue_final_message=continue_final,
+        template_kwargs=template_kwargs,
+        add_special_tokens=_default(request.add_special_tokens, False),
+    )
 
 
 def _is_token_ids(value: Any) -> bool:
@@ -166,58 +178,3 @@ def _prompts(prompt: Any, max_prompts: int) -> list[dict[str, Any]]:
     raise BadRequest(
         "prompt must be a string, a list of token ids, or a non-empty list of strings or of token-id lists", "prompt"
     )
-
-
-# --- responses ---------------------------------------------------------------------------------
-
-
-def _usage(lasts: list[GenerateOutput]) -> dict[str, int]:
-    prompt = sum(last.prompt_tokens for last in lasts)
-    completion = sum(last.completion_tokens for last in lasts)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-class Responder:
-    """Shapes one request's outputs as OpenAI completion or chat-completion JSON, a choice per prompt."""
-
-    def __init__(self, chat: bool, response_id: str, model: str):
-        self.chat = chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + response_id
-        self.model = model
-        self.created = int(time.time())
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
-
-    def full(self, results: list[tuple[str, GenerateOutput]]) -> dict[str, Any]:
-        choices = []
-        for index, (text, last) in enumerate(results):
-            if self.chat:
-                message = {"role": "assistant", "content": text}
-                choices.append(
-                    {"index": index, "message": message, "logprobs": None, "finish_reason": last.finish_reason}
-                )
-            else:
-                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": last.finish_reason})
-        body = self._envelope("chat.completion" if self.chat else "text_completion", choices)
-        return {**body, "usage": _usage([last for _text, last in results])}
-
-    def first_chunk(self) -> dict[str, Any] | None:
-        if not self.chat:
-            return None
-        delta = {"role": "assistant", "content": ""}
-        return self._envelope(
-            "chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
-        )
-
-    def chunk(self, index: int, output: GenerateOutput) -> dict[str, Any]:
-        if self.chat:
-            delta = {"content": output.text} if output.text else {}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": output.finish_reason}
-            return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": index, "text": output.text, "logprobs": None, "finish_reason": output.finish_reason}
-        return self._envelope("text_completion", [choice])
-
-    def usage_chunk(self, lasts: list[GenerateOutput]) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._envelope(obj, []), "usage": _usage(lasts)}

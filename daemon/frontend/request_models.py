@@ -1,0 +1,364 @@
+"""The bodies of /v1/completions and /v1/chat/completions, and what the daemon does with each field.
+
+Every field a client written for OpenAI, vLLM or SGLang sends is declared here once,
+with its type and its policy, and nothing else decides:
+
+- honoured: it does what the client asked;
+- logged: an identifier or note for the client's records (user, metadata...), written
+  on the request's log line;
+- refused: not implemented yet; any value but the neutral one (unset, null, or the value
+  that changes nothing, such as n = 1) is a 400 naming it, never accepted and ignored.
+
+A field may also require another (top_logprobs needs logprobs), as in OpenAI's API.
+`check_policy` enforces all of it in one place; the README's field table, `daemon api
+fields` and /openapi.json are generated from these same declarations. Explicit null
+means unset for every optional field.
+"""
+
+from __future__ import annotations
+
+import functools
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from daemon.frontend.asgi import BadRequest
+
+UNSET = (None,)
+SAMPLING_ISSUE = "sampling and scoring"
+STRUCTURED_ISSUE = "structured outputs and tools"
+
+
+@dataclass(frozen=True)
+class Policy:
+    status: Literal["honoured", "logged", "refused"]
+    neutral: tuple[Any, ...] = UNSET  # values a refused field accepts: they ask for nothing
+    requires: str | None = None  # a field that must be set (truthy) when this one is set
+    planned: str | None = None  # the work that will honour a refused field
+
+
+def honoured(doc: str, *, requires: str | None = None) -> msgspec.Meta:
+    return msgspec.Meta(description=doc, extra={"policy": Policy("honoured", requires=requires)})
+
+
+def logged(doc: str) -> msgspec.Meta:
+    return msgspec.Meta(description=doc, extra={"policy": Policy("logged")})
+
+
+def refused(doc: str, *, neutral: tuple[Any, ...] = UNSET, planned: str | None, requires: str | None = None) -> Any:
+    return msgspec.Meta(
+        description=doc, extra={"policy": Policy("refused", neutral=neutral, requires=requires, planned=planned)}
+    )
+
+
+Float = float | None
+Int = int | None
+Bool = bool | None
+Stop = str | Annotated[list[str], msgspec.Meta(max_length=16)] | None
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    include_usage: Annotated[Bool, honoured("Send a last chunk with the usage of the whole request.")] = None
+    continuous_usage_stats: Annotated[
+        Bool, refused("vLLM: usage in every chunk.", neutral=(None, False), planned=SAMPLING_ISSUE)
+    ] = None
+
+
+class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Fields both endpoints take."""
+
+    model: Annotated[
+        str | None, honoured("The served model's name (model.served_model_name); another name is a 404.")
+    ] = None
+    max_tokens: Annotated[
+        Annotated[int, msgspec.Meta(ge=1)] | None,
+        honoured("Most tokens to generate. Unset: 16 for completions, what the context leaves for chat."),
+    ] = None
+    temperature: Annotated[
+        Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None, honoured("Sampling temperature; 0 is greedy.")
+    ] = None
+    top_p: Annotated[
+        Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None,
+        honoured("Nucleus sampling: the smallest set of tokens whose probabilities add up to top_p."),
+    ] = None
+    top_k: Annotated[
+        Annotated[int, msgspec.Meta(ge=-1)] | None, honoured("Sample among the k likeliest tokens; 0 or -1: all.")
+    ] = None
+    seed: Annotated[
+        Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None,
+        honoured("Seed of this request's own random generator: the same request gives the same tokens."),
+    ] = None
+    stop: Annotated[
+        Stop, honoured("Up to 16 strings that end the text where they first appear (across token boundaries).")
+    ] = None
+    stop_token_ids: Annotated[
+        list[int] | None, honoured("Token ids that end generation, beside the model's end-of-sequence tokens.")
+    ] = None
+    ignore_eos: Annotated[Bool, honoured("Keep generating past the end-of-sequence token.")] = None
+    include_stop_str_in_output: Annotated[
+        Bool, honoured("Keep the stop string (or stop token's text) that ended the text in it.")
+    ] = None
+    skip_special_tokens: Annotated[Bool, honoured("Leave special tokens out of the text (default true).")] = None
+    truncate_prompt_tokens: Annotated[
+        Annotated[int, msgspec.Meta(ge=-1)] | None,
+        honoured("Keep only the prompt's last N tokens; -1: as many as fit beside max_tokens."),
+    ] = None
+    stream: Annotated[Bool, honoured("Answer with server-sent events as the text is generated.")] = None
+    stream_options: Annotated[StreamOptions | None, honoured("Options of a streamed answer.", requires="stream")] = None
+    priority: Annotated[
+        Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)] | None,
+        honoured("With scheduler.policy = priority: lower runs first."),
+    ] = None
+    user: Annotated[str | None, logged("An end-user id, for the client's records.")] = None
+    # Not implemented yet: refused unless they ask for nothing.
+    n: Annotated[Int, refused("Choices per prompt.", neutral=(None, 1), planned=SAMPLING_ISSUE)] = None
+    presence_penalty: Annotated[
+        Float, refused("Penalty on tokens already present.", neutral=(None, 0.0), planned=SAMPLING_ISSUE)
+    ] = None
+    frequency_penalty: Annotated[
+        Float, refused("Penalty by token frequency.", neutral=(None, 0.0), planned=SAMPLING_ISSUE)
+    ] = None
+    repetition_penalty: Annotated[
+        Float, refused("vLLM's repetition penalty.", neutral=(None, 1.0), planned=SAMPLING_ISSUE)
+    ] = None
+    logit_bias: Annotated[
+        dict[str, float] | None, refused("Bias added to token logits.", neutral=(None, {}), planned=SAMPLING_ISSUE)
+    ] = None
+    min_p: Annotated[
+        Float,
+        refused("Minimum probability relative to the likeliest token.", neutral=(None, 0.0), planned=SAMPLING_ISSUE),
+    ] = None
+    min_tokens: Annotated[
+        Int,
+        refused(
+            "Tokens to generate before end-of-sequence may end the text.", neutral=(None, 0), planned=SAMPLING_ISSUE
+        ),
+    ] = None
+    prompt_logprobs: Annotated[Int, refused("Log-probabilities of the prompt's tokens.", planned=SAMPLING_ISSUE)] = None
+    use_beam_search: Annotated[
+        Bool, refused("Beam search instead of sampling.", neutral=(None, False), planned=None)
+    ] = None
+    length_penalty: Annotated[Float, refused("Beam search's length penalty.", neutral=(None, 1.0), planned=None)] = None
+    allowed_token_ids: Annotated[
+        list[int] | None, refused("Only these tokens may be generated.", planned=SAMPLING_ISSUE)
+    ] = None
+    bad_words: Annotated[
+        list[str] | None, refused("Words that may not be generated.", neutral=(None, []), planned=SAMPLING_ISSUE)
+    ] = None
+    spaces_between_special_tokens: Annotated[
+        Bool, refused("vLLM's detokenizer option.", neutral=(None, True), planned=None)
+    ] = None
+    response_format: Annotated[
+        dict[str, Any] | None,
+        refused(
+            "The shape of the answer: text, json_object or json_schema.",
+            neutral=(None, {"type": "text"}),
+            planned=STRUCTURED_ISSUE,
+        ),
+    ] = None
+    structured_outputs: Annotated[
+        dict[str, Any] | None,
+        refused("vLLM's constrained decoding (json, regex, choice, grammar).", planned=STRUCTURED_ISSUE),
+    ] = None
+    guided_json: Annotated[Any, refused("vLLM's older JSON-schema constraint.", planned=STRUCTURED_ISSUE)] = None
+    guided_regex: Annotated[str | None, refused("vLLM's older regex constraint.", planned=STRUCTURED_ISSUE)] = None
+    guided_choice: Annotated[list[str] | None, refused("vLLM's older choice constraint.", planned=STRUCTURED_ISSUE)] = (
+        None
+    )
+    guided_grammar: Annotated[str | None, refused("vLLM's older grammar constraint.", planned=STRUCTURED_ISSUE)] = None
+    guided_decoding_backend: Annotated[
+        str | None, refused("vLLM's older constraint backend choice.", planned=STRUCTURED_ISSUE)
+    ] = None
+    guided_whitespace_pattern: Annotated[
+        str | None, refused("vLLM's older JSON whitespace pattern.", planned=STRUCTURED_ISSUE)
+    ] = None
+    regex: Annotated[str | None, refused("SGLang's regex constraint.", planned=STRUCTURED_ISSUE)] = None
+    json_schema: Annotated[
+        str | dict[str, Any] | None, refused("SGLang's JSON-schema constraint.", planned=STRUCTURED_ISSUE)
+    ] = None
+    ebnf: Annotated[str | None, refused("SGLang's grammar constraint.", planned=STRUCTURED_ISSUE)] = None
+
+
+class CompletionRequest(_Common, kw_only=True):
+    """POST /v1/completions."""
+
+    prompt: Annotated[
+        str | list[Any],
+        honoured("A string, a list of token ids, or a list of strings or of token-id lists (one choice each)."),
+    ]
+    add_special_tokens: Annotated[
+        Bool, honoured("Add the tokenizer's special tokens (BOS) to a text prompt (default true).")
+    ] = None
+    logprobs: Annotated[
+        Int, refused("Log-probabilities of the chosen and the N likeliest tokens.", planned=SAMPLING_ISSUE)
+    ] = None
+    echo: Annotated[
+        Bool, refused("Put the prompt before the completion.", neutral=(None, False), planned=SAMPLING_ISSUE)
+    ] = None
+    best_of: Annotated[
+        Int, refused("Generate several and return the best.", neutral=(None, 1), planned=SAMPLING_ISSUE)
+    ] = None
+    suffix: Annotated[
+        str | None, refused("Text after the completion (insertion).", neutral=(None, ""), planned=None)
+    ] = None
+
+
+class ChatRequest(_Common, kw_only=True):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[
+        list[dict[str, Any]], honoured("The conversation: {role, content} objects (content: text or text parts).")
+    ]
+    max_completion_tokens: Annotated[
+        Annotated[int, msgspec.Meta(ge=1)] | None, honoured("Most tokens to generate; wins over max_tokens.")
+    ] = None
+    add_generation_prompt: Annotated[
+        Bool, honoured("End the prompt with the assistant's turn opening (default true).")
+    ] = None
+    continue_final_message: Annotated[
+        Bool, honoured("Leave the last message open, for the model to continue it (with add_generation_prompt false).")
+    ] = None
+    add_special_tokens: Annotated[
+        Bool,
+        honoured(
+            "Also add the tokenizer's special tokens to the rendered conversation (default false: the "
+            "template writes them)."
+        ),
+    ] = None
+    chat_template_kwargs: Annotated[
+        dict[str, Any] | None, honoured("Extra variables for the chat template (e.g. enable_thinking).")
+    ] = None
+    documents: Annotated[
+        list[dict[str, Any]] | None, honoured("Documents for templates that take them (retrieval).")
+    ] = None
+    metadata: Annotated[dict[str, str] | None, logged("Key-value notes for the client's records.")] = None
+    safety_identifier: Annotated[str | None, logged("An end-user id, for the client's records.")] = None
+    prompt_cache_key: Annotated[str | None, logged("A client's cache routing hint.")] = None
+    logprobs: Annotated[
+        Bool, refused("Log-probabilities of the chosen tokens.", neutral=(None, False), planned=SAMPLING_ISSUE)
+    ] = None
+    top_logprobs: Annotated[
+        Int,
+        refused(
+            "How many likeliest tokens' log-probabilities to return per position.",
+            neutral=(None, 0),
+            planned=SAMPLING_ISSUE,
+            requires="logprobs",
+        ),
+    ] = None
+    tools: Annotated[
+        list[dict[str, Any]] | None,
+        refused("Functions the model may call.", neutral=(None, []), planned=STRUCTURED_ISSUE),
+    ] = None
+    tool_choice: Annotated[
+        str | dict[str, Any] | None,
+        refused(
+            "Whether and which tool must be called.", neutral=(None, "none"), planned=STRUCTURED_ISSUE, requires="tools"
+        ),
+    ] = None
+    parallel_tool_calls: Annotated[
+        Bool,
+        refused(
+            "Allow several tool calls in one answer.",
+            neutral=(None, True, False),
+            planned=STRUCTURED_ISSUE,
+            requires="tools",
+        ),
+    ] = None
+    functions: Annotated[
+        list[dict[str, Any]] | None, refused("Deprecated form of tools.", neutral=(None, []), planned=None)
+    ] = None
+    function_call: Annotated[
+        str | dict[str, Any] | None,
+        refused("Deprecated form of tool_choice.", neutral=(None, "none"), planned=None, requires="functions"),
+    ] = None
+    chat_template: Annotated[str | None, refused("A chat template sent with the request.", planned=None)] = None
+    echo: Annotated[
+        Bool,
+        refused(
+            "vLLM: begin the answer with the last message's content.", neutral=(None, False), planned=SAMPLING_ISSUE
+        ),
+    ] = None
+    modalities: Annotated[
+        list[str] | None, refused("Output modalities; only text.", neutral=(None, ["text"]), planned=None)
+    ] = None
+    audio: Annotated[dict[str, Any] | None, refused("Audio output.", planned=None)] = None
+    prediction: Annotated[dict[str, Any] | None, refused("Predicted output.", planned=None)] = None
+    reasoning_effort: Annotated[str | None, refused("Reasoning effort of reasoning models.", planned=None)] = None
+    verbosity: Annotated[str | None, refused("Answer verbosity.", planned=None)] = None
+    web_search_options: Annotated[dict[str, Any] | None, refused("Web search.", planned=None)] = None
+    service_tier: Annotated[
+        str | None, refused("Processing tier; this server has one.", neutral=(None, "auto", "default"), planned=None)
+    ] = None
+    store: Annotated[Bool, refused("Store the answer on the server.", neutral=(None, False), planned=None)] = None
+
+
+class LenientCompletionRequest(CompletionRequest, forbid_unknown_fields=False, kw_only=True):
+    """As CompletionRequest, for server.unknown_request_fields = ignore."""
+
+
+class LenientChatRequest(ChatRequest, forbid_unknown_fields=False, kw_only=True):
+    """As ChatRequest, for server.unknown_request_fields = ignore."""
+
+
+# --- the policy, read from the declarations above -------------------------------------------------
+
+RequestModel = type[CompletionRequest] | type[ChatRequest]
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    name: str
+    policy: Policy
+    doc: str
+    required: bool
+
+
+@functools.cache
+def fields_of(model: RequestModel) -> tuple[FieldInfo, ...]:
+    hints = typing.get_type_hints(model, include_extras=True)
+    infos = []
+    for field in msgspec.structs.fields(model):
+        meta = next(m for m in hints[field.name].__metadata__ if isinstance(m, msgspec.Meta))
+        required = field.default is msgspec.NODEFAULT and field.default_factory is msgspec.NODEFAULT
+        infos.append(FieldInfo(field.name, meta.extra["policy"], meta.description or "", required))
+    return tuple(infos)
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None and value is not False and value != [] and value != {}
+
+
+def check_policy(request: CompletionRequest | ChatRequest) -> None:
+    """A 400 for the first field that needs another the request lacks, or asks for what is not implemented."""
+    infos = fields_of(type(request))
+    for info in infos:
+        value = getattr(request, info.name)
+        if info.policy.requires and value is not None and not _is_set(getattr(request, info.policy.requires)):
+            raise BadRequest(f"`{info.name}` is only allowed when `{info.policy.requires}` is set", info.name)
+    for info in infos:
+        value = getattr(request, info.name)
+        if info.policy.status == "refused" and not _neutral(value, info.policy.neutral):
+            shown = ", ".join("null" if v is None else msgspec.json.encode(v).decode() for v in info.policy.neutral)
+            raise BadRequest(f"`{info.name}` is not supported by this server yet (accepted values: {shown})", info.name)
+    if request.stream_options is not None and not _neutral(
+        request.stream_options.continuous_usage_stats, (None, False)
+    ):
+        raise BadRequest(
+            "`stream_options.continuous_usage_stats` is not supported by this server yet", "stream_options"
+        )
+
+
+def _neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    # bool is an int in Python: True must not pass for 1, nor False for 0
+    return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral)
+
+
+def logged_fields(request: CompletionRequest | ChatRequest) -> dict[str, Any]:
+    return {
+        info.name: value
+        for info in fields_of(type(request))
+        if info.policy.status == "logged" and (value := getattr(request, info.name)) is not None
+    }

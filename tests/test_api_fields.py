@@ -1,0 +1,504 @@
+"""Every row of the README's request-field table, checked against the running server.
+
+The rows come from the request models themselves (daemon.frontend.request_models): a
+refused field is refused with a 400 naming it and accepted with each neutral value; a
+logged field reaches the request's log line; a honoured field does what it says, each
+checked by its own function below, and a test fails if a honoured field has none.
+
+Two daemons: the built-in demo model, and a "probe" model made from it whose every
+output is one known special token, which it also takes as its end-of-sequence token,
+with a chat template that shows its extra inputs: that makes the effect of
+ignore_eos, skip_special_tokens, stop_token_ids and the template options observable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import openai
+import pytest
+from daemon_process import RunningDaemon, start_daemon
+from safetensors.torch import load_file, save_file
+
+from daemon.engine.demo_model import ensure_demo_model
+from daemon.frontend.request_models import ChatRequest, CompletionRequest, FieldInfo, fields_of
+from daemon.ipc.messages import ChatOptions
+from daemon.tokenizer.loading import load_text_tokenizer
+
+ENDPOINTS = {"completions": ("/v1/completions", CompletionRequest), "chat": ("/v1/chat/completions", ChatRequest)}
+PROBE_TOKEN = "<|begin_of_text|>"  # id 0: what a model whose final hidden state is zero always picks
+PROBE_TEMPLATE_TAIL = (
+    "{%- if greeting is defined %}{{ greeting }}{% endif %}"
+    "{%- for document in documents or [] %}{{ document['text'] }}{% endfor %}"
+)
+CHAT = [{"role": "user", "content": "hello there"}]
+
+
+def _start(tmp_path_factory, model_cache, settings: dict[str, Any]) -> RunningDaemon:
+    runtime = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
+    running = start_daemon(tmp_path_factory.mktemp("daemon"), runtime, model_cache, settings)
+    running.runtime_to_remove = runtime
+    return running
+
+
+def _shut_down(running: RunningDaemon) -> None:
+    status = running.stop()
+    shutil.rmtree(running.runtime_to_remove, ignore_errors=True)
+    assert status == 0, running.log_tail()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, model_cache) -> RunningDaemon:
+    running = _start(tmp_path_factory, model_cache, {})
+    yield running
+    _shut_down(running)
+
+
+@pytest.fixture(scope="module")
+def probe_dir(tmp_path_factory, model_cache) -> Path:
+    """The demo model, changed to always say token 0, which is also its only end-of-sequence token."""
+    directory = tmp_path_factory.mktemp("probe") / "probe"
+    shutil.copytree(ensure_demo_model(model_cache), directory)
+    weights = load_file(directory / "model.safetensors")
+    weights["model.norm.weight"].zero_()  # zero hidden state: every logit is 0, greedy picks id 0
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    for name, value in (("config.json", 0), ("generation_config.json", [0])):
+        config = json.loads((directory / name).read_text())
+        config["eos_token_id"] = value
+        (directory / name).write_text(json.dumps(config))
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] += PROBE_TEMPLATE_TAIL
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory, model_cache, probe_dir) -> RunningDaemon:
+    # one request at a time, by priority: so the priority field's effect is visible
+    settings = {
+        "model.path": str(probe_dir),
+        "scheduler.policy": "priority",
+        "scheduler.max_running_requests": 1,
+        "logging.level": "debug",  # the scheduler's request.queued lines
+    }
+    running = _start(tmp_path_factory, model_cache, settings)
+    yield running
+    _shut_down(running)
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer(model_cache):
+    return load_text_tokenizer(ensure_demo_model(model_cache))
+
+
+@pytest.fixture(scope="module")
+def probe_tokenizer(probe_dir):
+    return load_text_tokenizer(probe_dir)
+
+
+def post(daemon: RunningDaemon, path: str, body: dict, *, http2: bool = False) -> httpx.Response:
+    with httpx.Client(base_url=daemon.url, http2=http2, http1=not http2, timeout=60) as http:
+        return http.post(path, json=body)
+
+
+def ok(daemon: RunningDaemon, path: str, body: dict, **kwargs) -> dict:
+    response = post(daemon, path, body, **kwargs)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def complete(daemon: RunningDaemon, **body: Any) -> dict:
+    return ok(daemon, "/v1/completions", {"prompt": "Once upon a time", **body})
+
+
+def generate(daemon: RunningDaemon, endpoint: str, **body: Any) -> dict:
+    return ok(daemon, ENDPOINTS[endpoint][0], {**_required(endpoint), **body})
+
+
+def chat(daemon: RunningDaemon, **body: Any) -> dict:
+    return ok(daemon, "/v1/chat/completions", {"messages": CHAT, **body})
+
+
+def text_of(answer: dict) -> str:
+    choice = answer["choices"][0]
+    return choice["text"] if "text" in choice else choice["message"]["content"]
+
+
+def refusal(response: httpx.Response) -> dict:
+    assert response.status_code == 400, response.text
+    return response.json()["error"]
+
+
+def rows(status: str) -> list[tuple[str, FieldInfo]]:
+    return [
+        (endpoint, info)
+        for endpoint, (_p, model) in ENDPOINTS.items()
+        for info in fields_of(model)
+        if info.policy.status == status
+    ]
+
+
+def row_id(row: tuple[str, FieldInfo]) -> str:
+    return f"{row[0]}.{row[1].name}"
+
+
+# --- refused ---------------------------------------------------------------------------------------
+
+CANDIDATES = [2, 0.5, True, False, "x", {"1": 1.0}, ["x"], [1], [{"type": "function", "function": {"name": "f"}}]]
+
+
+def _refused_example(endpoint: str, info: FieldInfo) -> Any:
+    """A value of the field's type that asks for what is not implemented (no neutral value)."""
+    model = ENDPOINTS[endpoint][1]
+    for value in CANDIDATES:
+        if any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in info.policy.neutral):
+            continue
+        try:
+            msgspec.convert({info.name: value, **_required(endpoint)}, model)
+        except msgspec.ValidationError:
+            continue
+        return value
+    return None
+
+
+def _probing(endpoint: str) -> dict[str, Any]:
+    """A request to the probe model: greedy, as its logits are all equal (id 0 is the first maximum)."""
+    return {**_required(endpoint), "temperature": 0}
+
+
+def _required(endpoint: str) -> dict[str, Any]:
+    """The fields an endpoint's request cannot do without."""
+    return {"prompt": "hi"} if endpoint == "completions" else {"messages": CHAT}
+
+
+@pytest.mark.parametrize("row", rows("refused"), ids=row_id)
+def test_refused_field_is_refused_naming_it_and_its_neutral_values_pass(demo, row):
+    endpoint, info = row
+    path, _model = ENDPOINTS[endpoint]
+    base = {**_required(endpoint), "max_tokens": 1}
+    if info.policy.requires:  # without what it needs: OpenAI's 400, naming this field
+        value = next(v for v in [*info.policy.neutral, "auto"] if v is not None)
+        error = refusal(post(demo, path, {**base, info.name: value}))
+        assert error["param"] == info.name and f"only allowed when `{info.policy.requires}`" in error["message"]
+        return
+    value = _refused_example(endpoint, info)
+    assert value is not None, f"no non-neutral example for {info.name}"
+    error = refusal(post(demo, path, {**base, info.name: value}))
+    assert error["param"] == info.name and "not supported by this server yet" in error["message"], error
+    for neutral in info.policy.neutral:
+        ok(demo, path, {**base, info.name: neutral})
+
+
+def test_the_openai_client_sees_a_refusal_as_bad_request(demo):
+    client = openai.OpenAI(base_url=demo.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="demo", messages=CHAT, logprobs=True, top_logprobs=2)
+    assert raised.value.body["param"] == "logprobs"
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="demo", messages=CHAT, top_logprobs=2)
+    assert raised.value.body["param"] == "top_logprobs"
+
+
+# --- logged ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("row", rows("logged"), ids=row_id)
+def test_logged_field_is_on_the_request_log_line(demo, row):
+    endpoint, info = row
+    path, _model = ENDPOINTS[endpoint]
+    value = {"ticket": f"t-{endpoint}"} if info.name == "metadata" else f"{info.name}-{endpoint}-42"
+    ok(demo, path, {**_required(endpoint), "max_tokens": 1, info.name: value})
+    demo.wait_for_event("request.client_fields", **{info.name: value})
+
+
+# --- honoured: one check each ----------------------------------------------------------------------
+
+
+def _model(demo, probe, tokenizers, endpoint):
+    path = ENDPOINTS[endpoint][0]
+    ok(demo, path, {**_required(endpoint), "max_tokens": 1, "model": "demo"})
+    response = post(demo, path, {**_required(endpoint), "model": "gpt-4"})
+    assert response.status_code == 404 and response.json()["error"]["param"] == "model"
+
+
+def _max_tokens(demo, probe, tokenizers, endpoint):
+    body = {**_required(endpoint), "max_tokens": 3, "ignore_eos": True}
+    assert ok(demo, ENDPOINTS[endpoint][0], body)["usage"]["completion_tokens"] == 3
+
+
+def _max_completion_tokens(demo, probe, tokenizers, endpoint):
+    assert chat(demo, max_tokens=5, max_completion_tokens=2, ignore_eos=True)["usage"]["completion_tokens"] == 2
+
+
+def _temperature(demo, probe, tokenizers, endpoint):
+    greedy = text_of(generate(demo, endpoint, max_tokens=12, temperature=0, ignore_eos=True))
+    assert text_of(generate(demo, endpoint, max_tokens=12, temperature=1, top_k=1, ignore_eos=True)) == greedy
+    hot = {text_of(generate(demo, endpoint, max_tokens=12, temperature=2, seed=s, ignore_eos=True)) for s in range(4)}
+    assert hot - {greedy}, "temperature 2 never left the greedy path"
+
+
+def _top_p(demo, probe, tokenizers, endpoint):
+    greedy = text_of(generate(demo, endpoint, max_tokens=12, temperature=0, ignore_eos=True))
+    assert (
+        text_of(generate(demo, endpoint, max_tokens=12, temperature=1.5, top_p=1e-6, seed=3, ignore_eos=True)) == greedy
+    )
+
+
+def _top_k(demo, probe, tokenizers, endpoint):
+    greedy = text_of(generate(demo, endpoint, max_tokens=12, temperature=0, ignore_eos=True))
+    assert text_of(generate(demo, endpoint, max_tokens=12, temperature=1.5, top_k=1, seed=5, ignore_eos=True)) == greedy
+    for off in (0, -1):  # all tokens: as unset
+        same = {
+            text_of(generate(demo, endpoint, max_tokens=12, temperature=1.5, top_k=k, seed=5, ignore_eos=True))
+            for k in (off, None)
+        }
+        assert len(same) == 1
+
+
+def _seed(demo, probe, tokenizers, endpoint):
+    runs = [
+        text_of(generate(demo, endpoint, max_tokens=12, temperature=1.5, seed=s, ignore_eos=True)) for s in (7, 7, 8, 9)
+    ]
+    assert runs[0] == runs[1] and len(set(runs[1:])) > 1
+
+
+def _stop(demo, probe, tokenizers, endpoint):
+    free = text_of(complete(demo, max_tokens=24, temperature=0, ignore_eos=True))
+    stop = free[len(free) // 2 : len(free) // 2 + 2]
+    cut = complete(demo, max_tokens=24, temperature=0, ignore_eos=True, stop=[stop])
+    assert text_of(cut) == free[: free.index(stop)] and cut["choices"][0]["finish_reason"] == "stop"
+
+
+def _include_stop_str_in_output(demo, probe, tokenizers, endpoint):
+    free = text_of(generate(demo, endpoint, max_tokens=24, temperature=0, ignore_eos=True))
+    stop = free[len(free) // 2 : len(free) // 2 + 2]
+    kept = generate(
+        demo, endpoint, max_tokens=24, temperature=0, ignore_eos=True, stop=stop, include_stop_str_in_output=True
+    )
+    assert text_of(kept) == free[: free.index(stop) + len(stop)]
+    # a stop token's text too (the probe's end-of-sequence token)
+    body = {**_probing(endpoint), "max_tokens": 4, "include_stop_str_in_output": True, "skip_special_tokens": False}
+    assert text_of(ok(probe, ENDPOINTS[endpoint][0], body)) == PROBE_TOKEN
+
+
+def _stop_token_ids(demo, probe, tokenizers, endpoint):
+    path = ENDPOINTS[endpoint][0]
+    body = {**_probing(endpoint), "max_tokens": 4, "ignore_eos": True}
+    assert ok(probe, path, body)["usage"]["completion_tokens"] == 4
+    stopped = ok(probe, path, {**body, "stop_token_ids": [0]})
+    assert stopped["usage"]["completion_tokens"] == 1 and stopped["choices"][0]["finish_reason"] == "stop"
+
+
+def _ignore_eos(demo, probe, tokenizers, endpoint):
+    path = ENDPOINTS[endpoint][0]
+    ended = ok(probe, path, {**_probing(endpoint), "max_tokens": 4})
+    assert ended["usage"]["completion_tokens"] == 1 and ended["choices"][0]["finish_reason"] == "stop"
+    going = ok(probe, path, {**_probing(endpoint), "max_tokens": 4, "ignore_eos": True})
+    assert going["usage"]["completion_tokens"] == 4 and going["choices"][0]["finish_reason"] == "length"
+
+
+def _skip_special_tokens(demo, probe, tokenizers, endpoint):
+    path, body = ENDPOINTS[endpoint][0], {**_probing(endpoint), "max_tokens": 3, "ignore_eos": True}
+    assert text_of(ok(probe, path, body)) == ""
+    assert text_of(ok(probe, path, {**body, "skip_special_tokens": False})) == PROBE_TOKEN * 3
+
+
+def _truncate_prompt_tokens(demo, probe, tokenizers, endpoint):
+    long = {"prompt": "Once upon a time in a land far away"} if endpoint == "completions" else {}
+    answer = generate(demo, endpoint, **long, max_tokens=1, truncate_prompt_tokens=3)
+    assert answer["usage"]["prompt_tokens"] == 3
+    if endpoint == "completions":  # -1: as much of a too-long prompt as fits beside max_tokens
+        answer = complete(demo, prompt=[7] * 3000, max_tokens=8, truncate_prompt_tokens=-1)
+        assert answer["usage"]["prompt_tokens"] == 2048 - 8
+
+
+def _stream(demo, probe, tokenizers, endpoint):
+    client = openai.OpenAI(base_url=demo.url + "/v1", api_key="unused", max_retries=0)
+    if endpoint == "completions":
+        whole = client.completions.create(model="demo", prompt="The river", max_tokens=8, temperature=0)
+        parts = client.completions.create(model="demo", prompt="The river", max_tokens=8, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in parts) == whole.choices[0].text
+    else:
+        whole = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=8, temperature=0)
+        parts = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=8, temperature=0, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+        assert text == whole.choices[0].message.content
+
+
+def _stream_options(demo, probe, tokenizers, endpoint):
+    path = ENDPOINTS[endpoint][0]
+    body = {**_required(endpoint), "max_tokens": 3, "stream": True}
+
+    def usage_events(extra: dict) -> list:
+        with (
+            httpx.Client(base_url=demo.url, timeout=60) as http,
+            http.stream("POST", path, json={**body, **extra}) as response,
+        ):
+            events = [
+                json.loads(line[6:])
+                for line in response.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"
+            ]
+        return [e for e in events if e.get("usage")]
+
+    assert usage_events({}) == [] and usage_events({"stream_options": {"include_usage": False}}) == []
+    assert len(usage_events({"stream_options": {"include_usage": True}})) == 1
+    error = refusal(post(demo, path, {**_required(endpoint), "stream_options": {"include_usage": True}}))
+    assert error["param"] == "stream_options"
+
+
+def _priority(demo, probe, tokenizers, endpoint):
+    """One request runs at a time on the probe: of two waiting behind it, the lower priority goes first."""
+    path = ENDPOINTS[endpoint][0]
+
+    async def run() -> list[str]:
+        finished: list[str] = []
+        async with httpx.AsyncClient(base_url=probe.url, timeout=60) as http:
+
+            async def one(name: str, priority: int) -> None:
+                body = {**_probing(endpoint), "max_tokens": 2, "ignore_eos": True, "priority": priority}
+                response = await http.post(path, json=body)
+                assert response.status_code == 200, response.text
+                finished.append(name)
+
+            queued = _queued(probe)
+            blocker = {**_probing(endpoint), "max_tokens": 1500, "ignore_eos": True, "stream": True}
+            blocker["skip_special_tokens"] = False  # its tokens make text: events come as it runs
+            async with http.stream("POST", path, json=blocker) as running:
+                lines = running.aiter_lines()  # kept: an abandoned line iterator closes the stream
+                await anext(lines)  # it generates: the one running slot is taken
+                waiting = [asyncio.create_task(one("later", 5))]
+                await _until_queued(probe, queued + 2)
+                waiting.append(asyncio.create_task(one("sooner", -5)))
+                await _until_queued(probe, queued + 3)
+            # leaving the stream aborts the blocker: the two waiting ones run, by priority
+            await asyncio.gather(*waiting)
+        return finished
+
+    assert asyncio.run(run()) == ["sooner", "later"]
+
+
+def _queued(daemon: RunningDaemon) -> int:
+    """Requests the scheduler has queued so far (its debug log line)."""
+    return sum(1 for e in daemon.log_events() if e.get("event") == "request.queued")
+
+
+async def _until_queued(daemon: RunningDaemon, count: int, timeout: float = 30) -> None:
+    async with asyncio.timeout(timeout):
+        while _queued(daemon) < count:
+            await asyncio.sleep(0.02)  # polling the daemon's log for an observable event, bounded
+
+
+def _prompt(demo, probe, tokenizers, endpoint):
+    assert complete(demo, prompt="x", max_tokens=1)["usage"]["prompt_tokens"] == len(
+        tokenizers["demo"].encode("x", add_special_tokens=True)
+    )
+    assert complete(demo, prompt=[5, 6, 7], max_tokens=1)["usage"]["prompt_tokens"] == 3
+
+
+def _completions_add_special_tokens(demo, probe, tokenizers, endpoint):
+    with_bos = complete(demo, prompt="x", max_tokens=1)["usage"]["prompt_tokens"]
+    assert complete(demo, prompt="x", max_tokens=1, add_special_tokens=False)["usage"]["prompt_tokens"] == with_bos - 1
+
+
+def _rendered(tokenizers, name: str, messages=CHAT, **options) -> int:
+    return len(tokenizers[name].render_chat_prompt(messages, ChatOptions(**options)))
+
+
+def _messages(demo, probe, tokenizers, endpoint):
+    assert chat(demo, max_tokens=1)["usage"]["prompt_tokens"] == _rendered(tokenizers, "demo")
+    error = refusal(post(demo, "/v1/chat/completions", {"messages": [{"role": "user"}]}))
+    assert error["param"] == "messages"
+
+
+def _add_generation_prompt(demo, probe, tokenizers, endpoint):
+    off = chat(demo, max_tokens=1, add_generation_prompt=False)["usage"]["prompt_tokens"]
+    assert off == _rendered(tokenizers, "demo", add_generation_prompt=False) < _rendered(tokenizers, "demo")
+
+
+def _continue_final_message(demo, probe, tokenizers, endpoint):
+    messages = [*CHAT, {"role": "assistant", "content": "Once upon"}]
+    answer = chat(demo, messages=messages, max_tokens=1, continue_final_message=True)
+    expected = _rendered(tokenizers, "demo", messages, add_generation_prompt=False, continue_final_message=True)
+    closed = _rendered(tokenizers, "demo", messages, add_generation_prompt=False)
+    assert answer["usage"]["prompt_tokens"] == expected < closed  # the turn's end is cut
+    error = refusal(
+        post(
+            demo,
+            "/v1/chat/completions",
+            {"messages": messages, "continue_final_message": True, "add_generation_prompt": True},
+        )
+    )
+    assert error["param"] == "messages"
+
+
+def _chat_add_special_tokens(demo, probe, tokenizers, endpoint):
+    answer = chat(demo, max_tokens=1, add_special_tokens=True)
+    assert answer["usage"]["prompt_tokens"] == _rendered(tokenizers, "demo", add_special_tokens=True)
+
+
+def _chat_template_kwargs(demo, probe, tokenizers, endpoint):
+    plain = chat(probe, max_tokens=1)["usage"]["prompt_tokens"]
+    greeted = chat(probe, max_tokens=1, chat_template_kwargs={"greeting": "good morning to you"})
+    expected = _rendered(tokenizers, "probe", template_kwargs={"greeting": "good morning to you"})
+    assert greeted["usage"]["prompt_tokens"] == expected > plain
+
+
+def _documents(demo, probe, tokenizers, endpoint):
+    documents = [{"text": "the first document"}, {"text": "the second"}]
+    answer = chat(probe, max_tokens=1, documents=documents)
+    expected = _rendered(tokenizers, "probe", template_kwargs={"documents": documents})
+    assert answer["usage"]["prompt_tokens"] == expected > chat(probe, max_tokens=1)["usage"]["prompt_tokens"]
+
+
+HONOURED: dict[str, Callable[..., None]] = {
+    "model": _model,
+    "max_tokens": _max_tokens,
+    "chat.max_completion_tokens": _max_completion_tokens,
+    "temperature": _temperature,
+    "top_p": _top_p,
+    "top_k": _top_k,
+    "seed": _seed,
+    "stop": _stop,
+    "include_stop_str_in_output": _include_stop_str_in_output,
+    "stop_token_ids": _stop_token_ids,
+    "ignore_eos": _ignore_eos,
+    "skip_special_tokens": _skip_special_tokens,
+    "truncate_prompt_tokens": _truncate_prompt_tokens,
+    "stream": _stream,
+    "stream_options": _stream_options,
+    "priority": _priority,
+    "completions.prompt": _prompt,
+    "completions.add_special_tokens": _completions_add_special_tokens,
+    "chat.messages": _messages,
+    "chat.add_generation_prompt": _add_generation_prompt,
+    "chat.continue_final_message": _continue_final_message,
+    "chat.add_special_tokens": _chat_add_special_tokens,
+    "chat.chat_template_kwargs": _chat_template_kwargs,
+    "chat.documents": _documents,
+}
+
+
+def _check_for(endpoint: str, name: str) -> Callable[..., None] | None:
+    return HONOURED.get(f"{endpoint}.{name}") or HONOURED.get(name)
+
+
+def test_every_honoured_field_has_a_check():
+    missing = [row_id(row) for row in rows("honoured") if _check_for(row[0], row[1].name) is None]
+    assert not missing, f"honoured fields without a behaviour check: {missing}"
+
+
+@pytest.mark.parametrize("row", rows("honoured"), ids=row_id)
+def test_honoured_field_does_what_it_says(demo, probe, demo_tokenizer, probe_tokenizer, row):
+    endpoint, info = row
+    check = _check_for(endpoint, info.name)
+    assert check is not None
+    check(demo, probe, {"demo": demo_tokenizer, "probe": probe_tokenizer}, endpoint)
