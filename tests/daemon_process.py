@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 from conftest import DAEMON, clean_environ
+from prometheus_client.parser import text_string_to_metric_families
 
 READY_TIMEOUT_S = 90.0
 
@@ -182,6 +184,16 @@ def describe(pids: list[int]) -> list[str]:
         except OSError:
             out.append(f"{pid}: (gone)")
     return out
+
+
+def scrape(daemon: RunningDaemon) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    text = httpx.get(daemon.url + "/metrics", timeout=5).raise_for_status().text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
 
 
 def read_completion_stream(response, outcome, *, give_up_after: float) -> None:

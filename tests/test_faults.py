@@ -35,12 +35,12 @@ from daemon_process import (
     describe,
     kill_leftovers,
     read_completion_stream,
+    scrape,
     start_daemon,
     stop_daemons,
     taken_port,
     wait_gone,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 KILL_BOUND_S = 10.0  # every request in flight ends within this long of a kill
 READ_TIMEOUT_S = 20.0  # a client read that waits this long is a hang (longer than KILL_BOUND_S on purpose)
@@ -154,16 +154,6 @@ def until(predicate: Callable[[], object], timeout: float, interval: float = 0.1
 
 
 # --- metrics ---------------------------------------------------------------------------------------
-
-
-def scrape(daemon: RunningDaemon) -> dict[tuple[str, tuple], float]:
-    """/metrics as {(sample name, sorted labels): value}."""
-    text = httpx.get(daemon.url + "/metrics", timeout=5).raise_for_status().text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
 
 
 def engine_figures(daemon: RunningDaemon) -> tuple[float, float, float]:

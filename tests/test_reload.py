@@ -44,9 +44,10 @@ from daemon_process import (
     free_port,
     kill_leftovers,
     read_completion_stream,
+    scrape,
     wait_gone,
 )
-from test_faults import Outcome, children, request_body, scrape, until
+from test_faults import Outcome, children, request_body, until
 
 API_KEY = "reload-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
