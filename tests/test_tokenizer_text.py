@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, processors
 
 from daemon.engine.demo_model import BOS, EOS, IM_END, IM_START, ensure_demo_model
+from daemon.ipc.messages import ChatOptions
 from daemon.tokenizer.detokenize import MAX_HELD_IDS, IncrementalDetokenizer, StopStrings
 from daemon.tokenizer.loading import TextTokenizer, TokenizerError, load_text_tokenizer
 
@@ -439,3 +440,49 @@ def test_empty_stop_strings_are_ignored() -> None:
     stopper = StopStrings(["", "END"])
     assert stopper.feed("text E") == ("text ", False)
     assert stopper.feed("NDING") == ("", True)
+
+
+@pytest.mark.parametrize("deltas", [["text END more"], ["text E", "ND more"], ["te", "xt EN", "D"]])
+def test_an_included_stop_ends_the_text_it_is_found_in(deltas: list[str]) -> None:
+    stopper, emitted = StopStrings(["END"], include_stop=True), ""
+    for delta in deltas:
+        out, stopped = stopper.feed(delta)
+        emitted += out
+    assert (emitted, stopped) == ("text END", True)
+
+
+# --- chat options --------------------------------------------------------------------------------------
+
+
+def test_continue_final_message_ends_the_prompt_inside_the_last_message(demo: TextTokenizer) -> None:
+    conversation = [*CONVERSATION, {"role": "assistant", "content": "Bonjour, it is"}]
+    ids = demo.render_chat_prompt(conversation, ChatOptions(add_generation_prompt=False, continue_final_message=True))
+    text = demo.decode(ids, skip_special_tokens=False)
+    assert text.endswith("<|im_start|>assistant\nBonjour, it is")
+    closed = demo.decode(demo.render_chat_prompt(conversation, ChatOptions(add_generation_prompt=False)), False)
+    assert closed == text + "<|im_end|>\n"
+
+
+@pytest.mark.parametrize(
+    ("messages", "options", "reason"),
+    [
+        (CONVERSATION, ChatOptions(continue_final_message=True), "cannot both be true"),
+        (
+            [{"role": "user", "content": ""}],
+            ChatOptions(add_generation_prompt=False, continue_final_message=True),
+            "final message with text",
+        ),
+    ],
+)
+def test_impossible_chat_options_are_tokenizer_errors(demo: TextTokenizer, messages, options, reason) -> None:
+    with pytest.raises(TokenizerError, match=reason):
+        demo.render_chat_prompt(messages, options)
+
+
+def test_generation_prompt_and_special_tokens_are_options(demo: TextTokenizer, ids_of: dict[str, int]) -> None:
+    opened = demo.decode(demo.render_chat_prompt(CONVERSATION), skip_special_tokens=False)
+    plain = demo.decode(demo.render_chat_prompt(CONVERSATION, ChatOptions(add_generation_prompt=False)), False)
+    assert opened == plain + "<|im_start|>assistant\n"
+    # the template writes its BOS; asking for the tokenizer's specials too adds its own, as vLLM does
+    ids = demo.render_chat_prompt(CONVERSATION, ChatOptions(add_special_tokens=True))
+    assert ids[:2] == [ids_of[BOS], ids_of[BOS]] and ids[2:] == demo.render_chat_prompt(CONVERSATION)[1:]
