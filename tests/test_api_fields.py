@@ -384,6 +384,10 @@ def _priority(demo, probe, tokenizers, endpoint):
         return finished
 
     assert asyncio.run(run()) == ["sooner", "later"]
+    # the demo daemon schedules first come, first served: a priority there would change nothing
+    error = refusal(post(demo, path, {**_required(endpoint), "priority": 1}))
+    assert error["param"] == "priority" and "scheduler.policy" in error["message"]
+    ok(demo, path, {**_required(endpoint), "max_tokens": 1, "priority": 0})
 
 
 def _queued(daemon: RunningDaemon) -> int:

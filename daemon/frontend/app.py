@@ -225,9 +225,7 @@ class Application:
                 if parsed.model is not None and parsed.model != served:
                     message = f"The model `{parsed.model}` does not exist; this server serves `{served}`"
                     raise BadRequest(message, "model", status=404)
-                requests = openai.to_generate_requests(
-                    parsed, request_id, self.gateway.address, server.max_prompts_per_request
-                )
+                requests = openai.to_generate_requests(parsed, request_id, self.gateway.address, self.tier.settings)
             except BadRequest as exc:
                 return await send_error(send, exc.error, headers)
             except ClientGone:

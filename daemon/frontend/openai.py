@@ -14,6 +14,7 @@ from typing import Any, Literal
 import msgspec
 import structlog
 
+from daemon.config.schema import DaemonSettings
 from daemon.frontend.asgi import BadRequest
 from daemon.frontend.request_models import (
     ChatRequest,
@@ -90,10 +91,16 @@ def _unknown_message(unknown: list[str], model: RequestModel) -> str:
 
 
 def to_generate_requests(
-    request: CompletionRequest | ChatRequest, request_id: str, reply_to: str, max_prompts: int
+    request: CompletionRequest | ChatRequest, request_id: str, reply_to: str, settings: DaemonSettings
 ) -> list[GenerateRequest]:
     """The tokenizer-bound requests, one per prompt, with every unset field at its default."""
     check_policy(request)
+    if request.priority and settings.scheduler.policy != "priority":  # it would change nothing: say so
+        raise BadRequest(
+            f"`priority` needs scheduler.policy = priority (this server schedules by {settings.scheduler.policy})",
+            "priority",
+        )
+    max_prompts = settings.server.max_prompts_per_request
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if any(not s for s in stop):
         raise BadRequest("stop strings must not be empty", "stop")

@@ -109,7 +109,10 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stream_options: Annotated[StreamOptions | None, honoured("Options of a streamed answer.", requires="stream")] = None
     priority: Annotated[
         Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)] | None,
-        honoured("With scheduler.policy = priority: lower runs first."),
+        honoured(
+            "With scheduler.policy = priority: lower runs first. Non-zero under another policy: 400 (it would "
+            "change nothing)."
+        ),
     ] = None
     user: Annotated[str | None, logged("An end-user id, for the client's records.")] = None
     # Not implemented yet: refused unless they ask for nothing.
