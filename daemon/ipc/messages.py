@@ -158,6 +158,7 @@ class TierReady(msgspec.Struct, frozen=True, tag=True):
     tier: str
     index: int
     pid: int
+    model: LoadedModel | None = None  # a worker's: what it loaded
 
 
 class TierEvent(msgspec.Struct, frozen=True, tag=True):
@@ -292,6 +293,7 @@ class TierStatus(msgspec.Struct, frozen=True):
     state: Literal["starting", "up", "draining", "down", "stopped"]
     since: float  # wall-clock time of the last state change
     restarts: int = 0  # after deaths (not reloads)
+    model: LoadedModel | None = None  # a worker's, from its TierReady
 
 
 class DaemonStatus(msgspec.Struct, frozen=True):
@@ -302,6 +304,18 @@ class DaemonStatus(msgspec.Struct, frozen=True):
     tiers: list[TierStatus]
     last_reload: ReloadReport | None = None
     reloads: dict[str, int] = {}  # by result
+
+
+# --- the model a worker serves ------------------------------------------------------------------
+
+
+class LoadedModel(msgspec.Struct, frozen=True):
+    """The model a worker loaded, as it reports it (TierReady) and the status file keeps it: the
+    front-end shows it (/v1/models, /server_info) without resolving model.path itself, which for
+    the built-in model would take the engine's code."""
+
+    directory: str  # absolute: the built-in model's directory in the cache, or model.path resolved
+    max_model_len: int  # the context it serves: model.context_length, else the model's maximum
 
 
 ToTokenizer = GenerateRequest | AbortRequest | StepTokens | SchedulerHello
