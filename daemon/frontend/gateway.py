@@ -153,6 +153,7 @@ class Gateway:
             return _unavailable("no tokenizer worker is reachable")
         answer: asyncio.Future[Tokenized | Detokenized | ErrorInfo] = asyncio.get_running_loop().create_future()
         self._asked[request.request_id] = (answer, tokenizer)
+        log.debug("tokenizer.asked", kind=type(request).__name__, tokenizer=tokenizer)
         try:
             async with asyncio.timeout(ASK_TIMEOUT_S):
                 return await answer
