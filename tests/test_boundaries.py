@@ -52,3 +52,10 @@ def test_light_tiers_never_import_torch(module: str):
     probe = f"import sys, {module}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=Path("/"))
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_frontend_never_imports_the_tokenizers_library():
+    """Tokenization happens in the tokenizer tier, reached over ZeroMQ: /tokenize included."""
+    probe = "import sys, daemon.frontend.app; print('tokenizers' in sys.modules, 'jinja2' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=Path("/"))
+    assert result.stdout.strip() == "False False", result.stderr

@@ -183,7 +183,8 @@ class ServerSettings(Section):
     )
     api_key: SecretStr | None = setting(
         None,
-        doc="Bearer token required on /v1/* endpoints. Unset: no authentication. Secret: masked in every output.",
+        doc="Bearer token required on /v1/* endpoints, /tokenize and /detokenize. Unset: no authentication. "
+        "Secret: masked in every output.",
         reload=Reload.LIVE,
         min_length=1,
     )

@@ -19,7 +19,7 @@ import structlog
 
 from daemon import __version__
 from daemon.config.schema import config_hash, flat_values, nested_values
-from daemon.frontend import metrics, openai
+from daemon.frontend import metrics, openai, utility
 from daemon.frontend.api_docs import API_ROUTES, openapi
 from daemon.frontend.asgi import (
     BadRequest,
@@ -51,16 +51,19 @@ class Application:
     def __init__(self) -> None:
         self.tier: Tier | None = None
         self.gateway: Gateway | None = None
+        # By path; a {name} in a path is a parameter, passed in scope["path_params"].
         self.routes: dict[str, tuple[str, Callable[..., Awaitable[None]]]] = {
             "/health": ("GET", self._health),
             "/health_generate": ("GET", self._health_generate),
             "/metrics": ("GET", self._metrics),
             "/server_info": ("GET", self._server_info),
-            "/v1/models": ("GET", self._models),
             "/openapi.json": ("GET", self._openapi),
             "/v1/completions": ("POST", self._completions),
             "/v1/chat/completions": ("POST", self._chat_completions),
+            # /v1/models, /v1/models/{model}, /tokenize, /detokenize, /version
+            **utility.Routes(self, self._authorized).table(),
         }
+        self._patterns = [(_path_pattern(path), path) for path in self.routes if "{" in path]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -95,9 +98,22 @@ class Application:
 
     # --- routing ------------------------------------------------------------------------------
 
+    def _match(self, path: str) -> tuple[str, dict[str, str]] | None:
+        """The route `path` takes, by its path in the table, with its parameters."""
+        path = path.rstrip("/") or "/"
+        if path in self.routes:
+            return path, {}
+        for pattern, template in self._patterns:
+            if (found := pattern.fullmatch(path)) is not None:
+                return template, found.groupdict()
+        return None
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
-        route = self.routes.get(path.rstrip("/") or "/")
+        matched = self._match(path)
+        route = self.routes[matched[0]] if matched else None
+        if matched and matched[1]:
+            scope = {**scope, "path_params": matched[1]}
         answered: list[int] = []
 
         async def counted(message: dict[str, Any]) -> None:
@@ -120,7 +136,8 @@ class Application:
                 if not answered:
                     await send_error(counted, ErrorInfo(500, "internal error; see the server log", type="server_error"))
         # 499: the client left before any answer (nginx's convention)
-        metrics.REQUESTS.labels(path if route else "other", str(answered[0] if answered else 499)).inc()
+        # by route, not by path: a path parameter must not make a label per value
+        metrics.REQUESTS.labels(matched[0] if matched else "other", str(answered[0] if answered else 499)).inc()
 
     # --- probes and info ----------------------------------------------------------------------
 
@@ -172,6 +189,7 @@ class Application:
             "config": {"generation": self.tier.generation, "hash": config_hash(settings), "last_reload": last_reload},
             "supervisor": supervisor,
             "tiers": tiers,
+            "model": utility.loaded_model(status),
             "effective_config": nested_values(flat_values(settings)),
         }
         await send_json(send, 200, info)
@@ -183,14 +201,6 @@ class Application:
 
     async def _openapi(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, openapi(API_ROUTES))
-
-    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not await self._authorized(scope, send):
-            return
-        assert self.tier is not None
-        name = self.tier.settings.model.served_model_name
-        model = {"id": name, "object": "model", "created": 0, "owned_by": "daemon"}
-        await send_json(send, 200, {"object": "list", "data": [model]})
 
     # --- generation ---------------------------------------------------------------------------
 
@@ -249,6 +259,13 @@ class Application:
         error = ErrorInfo(401, "Incorrect API key provided", type="invalid_request_error")
         await send_error(send, error, [*(headers or []), (b"www-authenticate", b"Bearer")])
         return False
+
+
+def _path_pattern(template: str) -> re.Pattern[str]:
+    """`/v1/models/{model}` as a regular expression. A parameter takes the rest of the path,
+    slashes included: served model names are often Hugging Face ids (`org/name`)."""
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+)" for i, p in enumerate(parts)))
 
 
 app = Application()

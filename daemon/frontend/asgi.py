@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +26,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 _json = msgspec.json.Encoder()
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class ClientGone(Exception):
@@ -48,6 +51,16 @@ def header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def request_ids(scope: Scope) -> tuple[str, str]:
+    """(the id the response echoes: the client's X-Request-Id when it is a sane one, the request's
+    own id inside the daemon). The client's is never trusted to be unique (retrying proxies reuse
+    them): the daemon's own starts with it."""
+    supplied = header(scope, b"x-request-id")
+    client = supplied if supplied and _REQUEST_ID.match(supplied) else None
+    own = f"{client}-{uuid.uuid4().hex[:12]}" if client else uuid.uuid4().hex
+    return client or own, own
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:

@@ -2,7 +2,8 @@
 
 Each Granian worker process has one Gateway. It binds its own result endpoint
 (named from its PID), spreads requests over the tokenizer workers round robin,
-and delivers each output batch to the waiting requests. It also listens to the
+and delivers each output batch to the waiting requests (/tokenize and /detokenize
+go the same way, and get one reply each). It also listens to the
 supervisor's events (a tokenizer that dies takes its requests with it: they
 end with a 503 at once) and to the scheduler's figures, for metrics.
 """
@@ -24,6 +25,8 @@ from daemon.ipc.messages import (
     Broadcast,
     ConfigApplied,
     ConfigUpdate,
+    Detokenize,
+    Detokenized,
     ErrorInfo,
     FrontendRetiring,
     FrontendWorkerReady,
@@ -33,16 +36,25 @@ from daemon.ipc.messages import (
     SchedulerStats,
     TierEvent,
     ToFrontend,
+    Tokenize,
+    Tokenized,
     read_status_file,
 )
 from daemon.ipc.sockets import PeerGone, Receiver, configure, open_socket, send
 from daemon.tier import Tier
 
 log = structlog.get_logger("daemon.frontend")
+# A tokenizer worker answers /tokenize and /detokenize at once; one that has not within this long is
+# stuck (a huge chat template?), and the client gets a 503 rather than waiting on it forever.
+ASK_TIMEOUT_S = 30.0
 
 
 def _error(request_id: str, status: int, message: str) -> GenerateOutput:
     return GenerateOutput(request_id, finish_reason="error", error=ErrorInfo(status, message, type="server_error"))
+
+
+def _unavailable(message: str) -> ErrorInfo:
+    return ErrorInfo(503, message, type="server_error")
 
 
 def current_tokenizers(tier: Tier) -> list[int]:
@@ -67,6 +79,8 @@ class Gateway:
         self._pool: list[int] = current_tokenizers(tier)
         self._turn = itertools.count()
         self._waiting: dict[str, tuple[asyncio.Queue[GenerateOutput], int]] = {}
+        # /tokenize and /detokenize requests waiting for their reply, and the tokenizer worker that has them
+        self._asked: dict[str, tuple[asyncio.Future[Tokenized | Detokenized | ErrorInfo], int]] = {}
         self._tasks: list[asyncio.Task] = []
         self.draining = False  # the daemon is stopping: new requests get a 503
         self.retiring = False  # a new front-end took over: ask HTTP/1.1 clients to reconnect
@@ -116,7 +130,39 @@ class Gateway:
                 with contextlib.suppress(PeerGone):
                     send(self._tokenizer(tokenizer), AbortRequest(request.request_id))
 
-    def _submit(self, request: GenerateRequest) -> int | None:
+    async def tokenize(self, request: Tokenize) -> Tokenized:
+        """The tokenizer pool's answer; one with a 503 error if no worker gives it."""
+        reply = await self._ask(request)
+        if isinstance(reply, ErrorInfo):
+            return Tokenized(request.request_id, error=reply)
+        assert isinstance(reply, Tokenized)  # replies are matched by request id
+        return reply
+
+    async def detokenize(self, request: Detokenize) -> Detokenized:
+        reply = await self._ask(request)
+        if isinstance(reply, ErrorInfo):
+            return Detokenized(request.request_id, error=reply)
+        assert isinstance(reply, Detokenized)
+        return reply
+
+    async def _ask(self, request: Tokenize | Detokenize) -> Tokenized | Detokenized | ErrorInfo:
+        """Send one request, wait for its one reply: an ErrorInfo (503) if no tokenizer worker
+        takes it, or the one that did stops or does not answer in time."""
+        tokenizer = self._submit(request)
+        if tokenizer is None:
+            return _unavailable("no tokenizer worker is reachable")
+        answer: asyncio.Future[Tokenized | Detokenized | ErrorInfo] = asyncio.get_running_loop().create_future()
+        self._asked[request.request_id] = (answer, tokenizer)
+        log.debug("tokenizer.asked", kind=type(request).__name__, tokenizer=tokenizer)
+        try:
+            async with asyncio.timeout(ASK_TIMEOUT_S):
+                return await answer
+        except TimeoutError:
+            return _unavailable(f"the tokenizer worker did not answer within {ASK_TIMEOUT_S:.0f} s")
+        finally:
+            self._asked.pop(request.request_id, None)
+
+    def _submit(self, request: GenerateRequest | Tokenize | Detokenize) -> int | None:
         """Send to the next tokenizer worker that takes it; its index, or None if none does.
 
         Workers the supervisor reported down are skipped without trying: a send to
@@ -146,6 +192,11 @@ class Gateway:
     async def _read_outputs(self, receiver: Receiver) -> None:
         while True:
             batch = receiver.decode(await receiver.socket.recv())
+            if isinstance(batch, Tokenized | Detokenized):
+                asked = self._asked.get(batch.request_id)
+                if asked is not None and not asked[0].done():
+                    asked[0].set_result(batch)
+                continue
             if not isinstance(batch, OutputBatch):
                 continue
             for output in batch.outputs:
@@ -193,3 +244,7 @@ class Gateway:
                 )
             if lost:
                 log.warning("frontend.requests_failed", reason="tokenizer stopped", count=len(lost))
+            for answer, index in self._asked.values():
+                if index == event.index and not answer.done():
+                    message = "the tokenizer worker stopped; the request was lost, retry it"
+                    answer.set_result(_unavailable(message))

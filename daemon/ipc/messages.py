@@ -158,6 +158,7 @@ class TierReady(msgspec.Struct, frozen=True, tag=True):
     tier: str
     index: int
     pid: int
+    model: LoadedModel | None = None  # a worker's: what it loaded
 
 
 class TierEvent(msgspec.Struct, frozen=True, tag=True):
@@ -292,6 +293,7 @@ class TierStatus(msgspec.Struct, frozen=True):
     state: Literal["starting", "up", "draining", "down", "stopped"]
     since: float  # wall-clock time of the last state change
     restarts: int = 0  # after deaths (not reloads)
+    model: LoadedModel | None = None  # a worker's, from its TierReady
 
 
 class DaemonStatus(msgspec.Struct, frozen=True):
@@ -304,10 +306,60 @@ class DaemonStatus(msgspec.Struct, frozen=True):
     reloads: dict[str, int] = {}  # by result
 
 
-ToTokenizer = GenerateRequest | AbortRequest | StepTokens | SchedulerHello
+# --- the model a worker serves ------------------------------------------------------------------
+
+
+class LoadedModel(msgspec.Struct, frozen=True):
+    """The model a worker loaded, as it reports it (TierReady) and the status file keeps it: the
+    front-end shows it (/v1/models, /server_info) without resolving model.path itself, which for
+    the built-in model would take the engine's code."""
+
+    directory: str  # absolute: the built-in model's directory in the cache, or model.path resolved
+    max_model_len: int  # the context it serves: model.context_length, else the model's maximum
+
+
+# --- front-end <-> tokenizer: /tokenize and /detokenize ------------------------------------------
+
+
+class Tokenize(msgspec.Struct, frozen=True, tag=True):
+    """/tokenize: a prompt (or a conversation, through the chat template) to token ids; the
+    tokenizer worker answers `reply_to` with Tokenized. Exactly one of prompt and messages."""
+
+    request_id: str
+    reply_to: str  # the front-end worker's result endpoint
+    prompt: str | None = None
+    add_special_tokens: bool = True  # with prompt: the tokenizer's specials (BOS), as a plain prompt
+    messages: list[dict] | None = None
+    chat: ChatOptions | None = None  # with messages
+    return_token_strs: bool = False
+
+
+class Tokenized(msgspec.Struct, frozen=True, tag=True):
+    request_id: str
+    tokens: list[int] = []
+    token_strs: list[str] | None = None  # the vocabulary's string of each token, when asked
+    max_model_len: int = 0
+    error: ErrorInfo | None = None
+
+
+class Detokenize(msgspec.Struct, frozen=True, tag=True):
+    """/detokenize: token ids to text, special tokens included; answered with Detokenized."""
+
+    request_id: str
+    reply_to: str
+    tokens: list[int]
+
+
+class Detokenized(msgspec.Struct, frozen=True, tag=True):
+    request_id: str
+    text: str = ""
+    error: ErrorInfo | None = None
+
+
+ToTokenizer = GenerateRequest | AbortRequest | StepTokens | SchedulerHello | Tokenize | Detokenize
 ToScheduler = ScheduleRequest | AbortRequest | StepResult | WorkerReady | TokenizerHello
 ToWorker = StepPlan
-ToFrontend = OutputBatch
+ToFrontend = OutputBatch | Tokenized | Detokenized
 ToSupervisor = TierReady | FrontendWorkerReady | ConfigApplied | EngineIdle | ReloadCommand
 # PUB/SUB: from the supervisor (events) and the scheduler (stats)
 Broadcast = TierEvent | SchedulerStats | ConfigUpdate | EngineHold | EngineBeside | FrontendRetiring

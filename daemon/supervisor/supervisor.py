@@ -40,6 +40,7 @@ from daemon.ipc.messages import (
     EngineIdle,
     FrontendRetiring,
     FrontendWorkerReady,
+    LoadedModel,
     ReloadCommand,
     ReloadReport,
     TierEvent,
@@ -91,6 +92,7 @@ class Child:
     serving_workers: set[int] = field(default_factory=set)  # a front-end's Granian workers that are up
     expected_workers: int = 1
     listener: socket.socket | None = None  # a front-end's listening socket
+    model: LoadedModel | None = None  # a worker's, from its TierReady
 
     @property
     def name(self) -> str:
@@ -230,6 +232,7 @@ class Supervisor:
             self._worker_epoch = child.epoch
         child.generation = generation or self.generation
         child.ready.clear()
+        child.model = None  # until this process reports what it loaded
         env = {
             **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
             PARENT_PID_VAR: str(os.getpid()),
@@ -325,6 +328,7 @@ class Supervisor:
                 case TierReady() as message:
                     for child in self.children:
                         if (child.tier, child.index, child.pid) == (message.tier, message.index, message.pid):
+                            child.model = message.model
                             child.ready.set()
                 case FrontendWorkerReady(pid=pid, main_pid=main_pid):
                     for child in self.children:
@@ -619,7 +623,7 @@ class Supervisor:
 
     def write_status(self) -> None:
         tiers = [
-            TierStatus(c.tier, c.index, c.pid, c.epoch, c.state, c.since, c.deaths)  # type: ignore[arg-type]
+            TierStatus(c.tier, c.index, c.pid, c.epoch, c.state, c.since, c.deaths, c.model)  # type: ignore[arg-type]
             for c in self.children
         ]
         status = DaemonStatus(

@@ -73,6 +73,11 @@ class TextTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_strings(self, ids: Iterable[int]) -> list[str]:
+        """Each id's string in the vocabulary, as stored (byte-level BPE shows a space as 'Ġ'):
+        what transformers' convert_ids_to_tokens gives, and vLLM's /tokenize returns."""
+        return [self._tokenizer.id_to_token(i) or "" for i in ids]
+
     def apply_chat_template(
         self,
         messages: Any,

@@ -24,6 +24,8 @@ from daemon.ipc.messages import (
     Broadcast,
     ConfigApplied,
     ConfigUpdate,
+    Detokenize,
+    Detokenized,
     ErrorInfo,
     GenerateOutput,
     GenerateRequest,
@@ -34,6 +36,8 @@ from daemon.ipc.messages import (
     StepTokens,
     TierEvent,
     TierReady,
+    Tokenize,
+    Tokenized,
     TokenizerHello,
     ToTokenizer,
 )
@@ -137,6 +141,8 @@ class TokenizerService:
                         self._to_scheduler(message)
                 case StepTokens(updates=updates):
                     self._detokenize(updates)
+                case Tokenize() | Detokenize():
+                    self._answer(message)
         self._flush()
 
     # --- requests in --------------------------------------------------------------------------
@@ -210,6 +216,35 @@ class TokenizerService:
 
     def _reject(self, request: GenerateRequest, error: ErrorInfo) -> None:
         self._queue(request, GenerateOutput(request.request_id, finish_reason="error", error=error))
+
+    def _answer(self, request: Tokenize | Detokenize) -> None:
+        """/tokenize and /detokenize: answered at once, nothing is scheduled."""
+        reply: Tokenized | Detokenized
+        if isinstance(request, Tokenize):
+            reply = self._tokenize_only(request)
+        elif any(not 0 <= i < self.text.vocab_size for i in request.tokens):
+            error = ErrorInfo(400, f"token ids must be in 0..{self.text.vocab_size - 1}", param="tokens")
+            reply = Detokenized(request.request_id, error=error)
+        else:  # special tokens stay: the text shows exactly what the ids are, as vLLM's does
+            reply = Detokenized(request.request_id, self.text.decode(request.tokens, skip_special_tokens=False))
+        socket = self._frontend(request.reply_to)
+        try:
+            send(socket, reply)
+        except PeerGone:  # that front-end worker is gone, and the client with it
+            socket.close()
+            del self.frontends[request.reply_to]
+
+    def _tokenize_only(self, request: Tokenize) -> Tokenized:
+        try:
+            if request.messages is not None:
+                tokens = self.text.render_chat_prompt(request.messages, request.chat)
+            else:
+                tokens = self.text.encode(request.prompt or "", add_special_tokens=request.add_special_tokens)
+        except TokenizerError as exc:
+            param = "messages" if request.messages is not None else "prompt"
+            return Tokenized(request.request_id, error=ErrorInfo(400, str(exc), param=param))
+        strings = self.text.token_strings(tokens) if request.return_token_strs else None
+        return Tokenized(request.request_id, tokens, strings, self.context)
 
     # --- tokens back --------------------------------------------------------------------------
 

@@ -21,7 +21,16 @@ from daemon.engine.blocks import BLOCK_SIZE
 from daemon.engine.locate import locate_model, served_context
 from daemon.engine.model_dir import inspect_model_dir
 from daemon.engine.runner import ModelRunner, resolve_device
-from daemon.ipc.messages import Broadcast, ConfigApplied, ConfigUpdate, StepPlan, TierReady, ToWorker, WorkerReady
+from daemon.ipc.messages import (
+    Broadcast,
+    ConfigApplied,
+    ConfigUpdate,
+    LoadedModel,
+    StepPlan,
+    TierReady,
+    ToWorker,
+    WorkerReady,
+)
 from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
 from daemon.tier import Tier
 from daemon.worker.execute import execute
@@ -37,9 +46,9 @@ def cpu_threads(configured: int | None) -> int:
     return configured or max(1, len(os.sched_getaffinity(0)) - 2)
 
 
-def load_runner(settings: DaemonSettings, *, beside: bool = False) -> tuple[ModelRunner, int]:
-    """The model with its KV cache, and the context it serves. `beside`: another worker runs
-    (NoRoomBeside if this one would not fit beside it)."""
+def load_runner(settings: DaemonSettings, *, beside: bool = False) -> tuple[ModelRunner, LoadedModel]:
+    """The model with its KV cache, and where it came from and the context it serves. `beside`:
+    another worker runs (NoRoomBeside if this one would not fit beside it)."""
     import torch
 
     from daemon.engine.kv_cache import KVCache
@@ -71,13 +80,14 @@ def load_runner(settings: DaemonSettings, *, beside: bool = False) -> tuple[Mode
             f"the KV cache of {blocks * BLOCK_SIZE} tokens ({gib(size)}) could not be allocated on "
             f"{probe.device.type}: {str(exc).splitlines()[0]}; lower scheduler.max_total_tokens"
         ) from None
-    return probe, context
+    return probe, LoadedModel(str(model_dir.resolve()), context)
 
 
 class WorkerService:
     def __init__(self, tier: Tier, *, beside: bool = False):
         self.tier = tier
-        self.runner, self.context = load_runner(tier.settings, beside=beside)
+        self.runner, self.model = load_runner(tier.settings, beside=beside)
+        self.context = self.model.max_model_len
         self.num_blocks = self.runner.cache.num_blocks
         context = zmq.Context()
         endpoints = tier.endpoints
@@ -99,7 +109,7 @@ class WorkerService:
             cache_tokens=self.num_blocks * BLOCK_SIZE,
             context=self.context,
         )
-        send(self.control, TierReady(tier.role, tier.index, os.getpid()))
+        send(self.control, TierReady(tier.role, tier.index, os.getpid(), self.model))
         # The first announcement must not be lost to a connection still being made: the
         # scheduler, holding requests for us, would wait a whole interval for the next one.
         self.scheduler.poll(FIRST_ANNOUNCE_WAIT_MS, zmq.POLLOUT)
