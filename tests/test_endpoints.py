@@ -261,7 +261,7 @@ def test_an_unknown_field_is_named_with_what_was_meant(http):
     assert "did you mean `return_token_strs`?" in typo["message"]
     other_form = http.post("/tokenize", json={"prompt": "x", "chat_template_kwargs": {}})
     other_form = assert_error(other_form, 400, "chat_template_kwargs")
-    assert "it is for tokenizing a conversation" in other_form["message"]
+    assert "it belongs to the conversation form of /tokenize" in other_form["message"]
 
 
 @pytest.mark.parametrize(

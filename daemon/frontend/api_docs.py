@@ -15,6 +15,7 @@ import msgspec
 from daemon import __version__
 from daemon.frontend.request_models import ChatRequest, CompletionRequest, FieldInfo, fields_of
 from daemon.frontend.response_models import ChatCompletion, ChatCompletionChunk, Completion, ErrorResponse
+from daemon.frontend.utility import ENDPOINTS
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class ApiRoute:
     path: str
     summary: str
     response: Any  # the 200 body's type
-    request: Any = None  # the JSON body's type, if any
+    requests: tuple[Any, ...] = ()  # the JSON body takes one of these shapes; () for no body
     events: Any = None  # with stream = true: each server-sent event's type
 
 
@@ -33,7 +34,7 @@ GENERATION_ROUTES = [
         "/v1/completions",
         "Text completion of one prompt or several (a choice each).",
         Completion,
-        CompletionRequest,
+        (CompletionRequest,),
         Completion,
     ),
     ApiRoute(
@@ -41,12 +42,15 @@ GENERATION_ROUTES = [
         "/v1/chat/completions",
         "Chat completion through the model's chat template.",
         ChatCompletion,
-        ChatRequest,
+        (ChatRequest,),
         ChatCompletionChunk,
     ),
 ]
 
-API_ROUTES = tuple(GENERATION_ROUTES)  # every route with a body /openapi.json describes
+API_ROUTES = (  # every route /openapi.json describes
+    *GENERATION_ROUTES,
+    *(ApiRoute(e.method, e.path, e.summary, e.response, e.requests) for e in ENDPOINTS),
+)
 
 
 # --- the field table -------------------------------------------------------------------------------
@@ -116,7 +120,7 @@ def openapi(routes: tuple[ApiRoute, ...]) -> dict[str, Any]:
     """An OpenAPI 3.1 document of `routes`, their bodies generated from their structs."""
     types = {ErrorResponse}
     for route in routes:
-        types |= {t for t in (route.request, route.response, route.events) if t is not None}
+        types |= {t for t in (*route.requests, route.response, route.events) if t is not None}
     _refs, components = msgspec.json.schema_components(
         sorted(types, key=lambda t: t.__name__), ref_template="#/components/schemas/{name}"
     )
@@ -130,8 +134,13 @@ def openapi(routes: tuple[ApiRoute, ...]) -> dict[str, Any]:
                 "description": "With stream = true: `data: <event>` lines, ending with `data: [DONE]`",
             }
         operation: dict[str, Any] = {"summary": route.summary, "responses": {"200": ok, "default": error}}
-        if route.request is not None:
-            operation["requestBody"] = {"required": True, "content": _json_body(route.request)}
+        if route.requests:
+            shapes = [_ref(kind) for kind in route.requests]
+            schema = shapes[0] if len(shapes) == 1 else {"oneOf": shapes}
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+        if "{" in route.path:
+            name = route.path.split("{")[1].split("}")[0]
+            operation["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}]
         paths.setdefault(route.path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",

@@ -29,6 +29,7 @@ from daemon.frontend.asgi import (
     Send,
     header,
     read_body,
+    request_ids,
     send_bytes,
     send_error,
     send_json,
@@ -44,7 +45,6 @@ from daemon.tier import Tier, start_tier
 log = structlog.get_logger("daemon.frontend")
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class Application:
@@ -212,12 +212,8 @@ class Application:
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send, *, chat: bool) -> None:
         assert self.tier is not None and self.gateway is not None
-        supplied = header(scope, b"x-request-id")
-        client_id = supplied if supplied and _REQUEST_ID.match(supplied) else None
-        # The client's id is echoed and logged, never trusted to be unique (retrying proxies reuse
-        # them): inside the daemon every request has its own, which starts with the client's.
-        request_id = f"{client_id}-{uuid.uuid4().hex[:12]}" if client_id else uuid.uuid4().hex
-        headers = [(b"x-request-id", (client_id or request_id).encode())]
+        echoed, request_id = request_ids(scope)
+        headers = [(b"x-request-id", echoed.encode())]
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             log.debug("request.received", path=scope["path"], http_version=scope.get("http_version"))
             if not await self._authorized(scope, send, headers):
@@ -240,7 +236,7 @@ class Application:
                 return await send_error(send, exc.error, headers)
             except ClientGone:
                 return
-            generation = Generation(self.gateway, requests, Responder(chat, client_id or request_id, served), headers)
+            generation = Generation(self.gateway, requests, Responder(chat, echoed, served), headers)
             if parsed.stream:
                 include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
                 await until_disconnected(receive, generation.stream(send, include_usage))

@@ -6,88 +6,30 @@ The request models and their policy are in request_models.py, the answers in res
 
 from __future__ import annotations
 
-import difflib
-import re
 import time
-from typing import Any, Literal
+from typing import Any
 
-import msgspec
 import structlog
 
 from daemon.config.schema import DaemonSettings
+from daemon.frontend import parsing
 from daemon.frontend.asgi import BadRequest
-from daemon.frontend.request_models import (
-    ChatRequest,
-    CompletionRequest,
-    LenientChatRequest,
-    LenientCompletionRequest,
-    RequestModel,
-    check_policy,
-)
+from daemon.frontend.parsing import Unknown
+from daemon.frontend.request_models import ChatRequest, CompletionRequest, RequestModel, check_policy
 from daemon.ipc.messages import ChatOptions, GenerateRequest, Sampling
 
 log = structlog.get_logger("daemon.frontend")
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; chat defaults to what the context leaves
-_LENIENT: dict[RequestModel, RequestModel] = {
-    CompletionRequest: LenientCompletionRequest,
-    ChatRequest: LenientChatRequest,
+_SIBLINGS: dict[RequestModel, tuple[RequestModel, str]] = {
+    CompletionRequest: (ChatRequest, "/v1/chat/completions"),
+    ChatRequest: (CompletionRequest, "/v1/completions"),
 }
-_ENDPOINT = {CompletionRequest: "/v1/completions", ChatRequest: "/v1/chat/completions"}
-_LOCATION = re.compile(r" - at `\$\.?([^`]*)`")
-_MISSING = re.compile(r"^Object missing required field `([^`]*)`")
-_UNKNOWN = re.compile(r"^Object contains unknown field `([^`]*)`")
-_ignored_logged: set[tuple[str, str]] = set()  # (endpoint, field): each ignored field is logged once
 
 
-def parse(
-    body: bytes, model: RequestModel, unknown_fields: Literal["reject", "ignore"] = "reject"
-) -> CompletionRequest | ChatRequest:
+def parse(body: bytes, model: RequestModel, unknown_fields: Unknown = "reject") -> CompletionRequest | ChatRequest:
     """The request in `body`, or a BadRequest naming the field at fault (`param`)."""
-    try:
-        return msgspec.json.decode(body, type=model)
-    except msgspec.DecodeError as exc:
-        if not isinstance(exc, msgspec.ValidationError):
-            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-        text = str(exc)
-    location = match[1] if (match := _LOCATION.search(text)) else ""
-    if _UNKNOWN.match(text) and not location:  # unknown top-level fields: the operator's choice
-        unknown = _unknown_fields(body, model)
-        if unknown_fields == "ignore":
-            for name in unknown:
-                if (_ENDPOINT[model], name) not in _ignored_logged:
-                    _ignored_logged.add((_ENDPOINT[model], name))
-                    log.warning("request.field_ignored", field=name, endpoint=_ENDPOINT[model])
-            return parse(body, _LENIENT[model], "reject")
-        raise BadRequest(_unknown_message(unknown, model), unknown[0])
-    if missing := _MISSING.match(text):
-        path = f"{location}.{missing[1]}" if location else missing[1]
-        raise BadRequest(f"`{path}` is required", _top(path))
-    message = _LOCATION.sub("", text).rstrip(".")
-    raise BadRequest(message + (f" (in `{location}`)" if location else ""), _top(location) or None)
-
-
-def _top(path: str) -> str:
-    return path.split(".")[0].split("[")[0]
-
-
-def _unknown_fields(body: bytes, model: RequestModel) -> list[str]:
-    known = set(model.__struct_fields__)
-    return [name for name in msgspec.json.decode(body, type=dict[str, msgspec.Raw]) if name not in known]
-
-
-def _unknown_message(unknown: list[str], model: RequestModel) -> str:
-    parts = []
-    other = ChatRequest if model is CompletionRequest else CompletionRequest
-    for name in unknown:
-        close = difflib.get_close_matches(name, model.__struct_fields__, n=1, cutoff=0.6)
-        if close:
-            parts.append(f"unknown field `{name}`: did you mean `{close[0]}`?")
-        elif name in other.__struct_fields__:
-            parts.append(f"unknown field `{name}`: it belongs to {_ENDPOINT[other]}, not {_ENDPOINT[model]}")
-        else:
-            parts.append(f"unknown field `{name}`")
-    return "; ".join(parts) + " (server.unknown_request_fields = reject)"
+    return parsing.parse(body, model, unknown_fields, sibling=_SIBLINGS[model])
 
 
 def to_generate_requests(

@@ -298,14 +298,6 @@ class ChatRequest(_Common, kw_only=True):
     store: Annotated[Bool, refused("Store the answer on the server.", neutral=(None, False), planned=None)] = None
 
 
-class LenientCompletionRequest(CompletionRequest, forbid_unknown_fields=False, kw_only=True):
-    """As CompletionRequest, for server.unknown_request_fields = ignore."""
-
-
-class LenientChatRequest(ChatRequest, forbid_unknown_fields=False, kw_only=True):
-    """As ChatRequest, for server.unknown_request_fields = ignore."""
-
-
 # --- the policy, read from the declarations above -------------------------------------------------
 
 RequestModel = type[CompletionRequest] | type[ChatRequest]

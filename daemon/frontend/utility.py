@@ -12,12 +12,10 @@ status file, and /tokenize and /detokenize run in the tokenizer tier.
 
 from __future__ import annotations
 
-import difflib
 import functools
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import msgspec
 import structlog
@@ -34,6 +32,7 @@ from daemon.frontend.asgi import (
     send_error,
     send_json,
 )
+from daemon.frontend.parsing import Unknown, convert, json_object, parse
 from daemon.frontend.response_models import ErrorResponse
 from daemon.ipc.messages import ChatOptions, DaemonStatus, Detokenize, ErrorInfo, TierStatus, Tokenize, read_status_file
 
@@ -153,74 +152,21 @@ class VersionResponse(msgspec.Struct):
 
 # --- parsing -------------------------------------------------------------------------------------------
 
-_LOCATION = re.compile(r" - at `\$\.?([^`]*)`")
-_MISSING = re.compile(r"^Object missing required field `([^`]*)`")
-T = TypeVar("T")
-Unknown = Literal["reject", "ignore"]  # server.unknown_request_fields
-_ignored_logged: set[tuple[str, str]] = set()  # (struct, field): each ignored field is logged once
-
-
-def parse(body: bytes, kind: type[T], unknown: Unknown = "reject") -> T:
-    """The request body as `kind`; a BadRequest naming the field at fault (`param`)."""
-    return _convert(_object(body), kind, unknown)
+_TOKENIZE_FORMS = {
+    TokenizeCompletionRequest: (TokenizeChatRequest, "the conversation form of /tokenize (with messages)"),
+    TokenizeChatRequest: (TokenizeCompletionRequest, "the prompt form of /tokenize (with prompt)"),
+}
 
 
 def parse_tokenize(body: bytes, unknown: Unknown = "reject") -> TokenizeCompletionRequest | TokenizeChatRequest:
     """Either form of /tokenize, told apart by `messages` as vLLM does."""
-    fields = _object(body)
+    fields = json_object(body)
     if "messages" in fields and "prompt" in fields:
         raise BadRequest("give either prompt or messages, not both", "prompt")
     if "messages" not in fields and "prompt" not in fields:
         raise BadRequest("`prompt` (a text) or `messages` (a conversation) is required", "prompt")
-    return _convert(fields, TokenizeChatRequest if "messages" in fields else TokenizeCompletionRequest, unknown)
-
-
-def _object(body: bytes) -> dict[str, Any]:
-    try:
-        return msgspec.json.decode(body, type=dict[str, Any])
-    except msgspec.ValidationError:
-        raise BadRequest("the request body must be a JSON object") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-
-
-def _convert(fields: dict[str, Any], kind: type[T], unknown: Unknown) -> T:
-    known: tuple[str, ...] = kind.__struct_fields__  # type: ignore[attr-defined]
-    if strangers := [name for name in fields if name not in known]:
-        if unknown == "reject":
-            raise BadRequest(_unknown_message(strangers, kind), strangers[0])
-        for name in strangers:
-            if (kind.__name__, name) not in _ignored_logged:
-                _ignored_logged.add((kind.__name__, name))
-                log.warning("request.field_ignored", field=name, body=kind.__name__)
-        fields = {name: value for name, value in fields.items() if name in known}
-    try:
-        return msgspec.convert(fields, type=kind)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-    location = found[1] if (found := _LOCATION.search(text)) else ""
-    if missing := _MISSING.match(text):
-        path = f"{location}.{missing[1]}" if location else missing[1]
-        raise BadRequest(f"`{path}` is required", re.split(r"[.\[]", path)[0])
-    message = _LOCATION.sub("", text).rstrip(".")
-    raise BadRequest(message + (f" (in `{location}`)" if location else ""), re.split(r"[.\[]", location)[0] or None)
-
-
-def _unknown_message(names: list[str], kind: type) -> str:
-    """Each unknown field, with the known one it may be a typo of (or the form it belongs to)."""
-    forms = {TokenizeCompletionRequest: TokenizeChatRequest, TokenizeChatRequest: TokenizeCompletionRequest}
-    other = forms.get(kind)
-    parts = []
-    for name in names:
-        close = difflib.get_close_matches(name, kind.__struct_fields__, n=1, cutoff=0.6)  # type: ignore[attr-defined]
-        if close:
-            parts.append(f"unknown field `{name}`: did you mean `{close[0]}`?")
-        elif other is not None and name in other.__struct_fields__:
-            form = "a conversation (messages)" if other is TokenizeChatRequest else "a prompt"
-            parts.append(f"unknown field `{name}`: it is for tokenizing {form}")
-        else:
-            parts.append(f"unknown field `{name}`")
-    return "; ".join(parts) + " (server.unknown_request_fields = reject)"
+    kind = TokenizeChatRequest if "messages" in fields else TokenizeCompletionRequest
+    return convert(fields, kind, unknown, sibling=_TOKENIZE_FORMS[kind])
 
 
 # --- the routes ------------------------------------------------------------------------------------------
