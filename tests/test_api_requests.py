@@ -178,6 +178,8 @@ def test_openapi_describes_the_real_request_and_response_bodies(daemon, client):
         document = http.get("/openapi.json").json()
         completion = http.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2}).json()
         chat = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2}).json()
+        tokenized = http.post("/tokenize", json={"messages": CHAT, "return_token_strs": True}).json()
+        model = http.get("/v1/models/demo").json()
     assert document["openapi"].startswith("3.1")
     operation = document["paths"]["/v1/completions"]["post"]
     assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/CompletionRequest")
@@ -185,7 +187,18 @@ def test_openapi_describes_the_real_request_and_response_bodies(daemon, client):
     def validator(name: str) -> jsonschema.Draft202012Validator:
         return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}", **document})
 
+    assert set(document["paths"]) >= {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/models/{model}",
+        "/tokenize",
+        "/detokenize",
+        "/version",
+    }
     validator("Completion").validate(completion)
+    validator("TokenizeResponse").validate(tokenized)
+    validator("ModelCard").validate(model)
     validator("ChatCompletion").validate(chat)
     validator("CompletionRequest").validate({"prompt": [[1, 2], [3]], "max_tokens": 2, "temperature": None})
     assert not validator("CompletionRequest").is_valid({"prompt": "x", "max_tokns": 2})  # unknown: refused
