@@ -236,3 +236,26 @@ def stop_daemons(started: list[RunningDaemon], runtime_dir: Path, *, drain_s: fl
         daemon.stop()  # kills whatever is left, by PID
     shutil.rmtree(runtime_dir, ignore_errors=True)
     assert not survivors, f"processes outlived their supervisor: {survivors}"
+
+
+@contextlib.contextmanager
+def serving(
+    directory: Path, cache_dir: Path, settings: dict[str, object] | None = None, *, env: dict | None = None
+) -> Iterator[RunningDaemon]:
+    """A daemon serving for the length of the block (a module fixture's body), in its own short
+    runtime dir; afterwards it must have stopped cleanly (exit 0), and the dir is removed."""
+    import shutil
+    import tempfile
+
+    runtime = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))  # short: it holds Unix socket paths
+    try:
+        running = start_daemon(directory, runtime, cache_dir, settings, env=env)  # stopped if it fails
+    except BaseException:
+        shutil.rmtree(runtime, ignore_errors=True)
+        raise
+    try:
+        yield running
+    finally:
+        status = running.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
+    assert status == 0, running.log_tail()

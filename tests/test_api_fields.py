@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import httpx
 import msgspec
 import openai
 import pytest
-from daemon_process import RunningDaemon, start_daemon
+from daemon_process import RunningDaemon, serving
 from safetensors.torch import load_file, save_file
 
 from daemon.engine.demo_model import ensure_demo_model
@@ -42,24 +41,10 @@ PROBE_TEMPLATE_TAIL = (
 CHAT = [{"role": "user", "content": "hello there"}]
 
 
-def _start(tmp_path_factory, model_cache, settings: dict[str, Any]) -> RunningDaemon:
-    runtime = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
-    running = start_daemon(tmp_path_factory.mktemp("daemon"), runtime, model_cache, settings)
-    running.runtime_to_remove = runtime
-    return running
-
-
-def _shut_down(running: RunningDaemon) -> None:
-    status = running.stop()
-    shutil.rmtree(running.runtime_to_remove, ignore_errors=True)
-    assert status == 0, running.log_tail()
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, model_cache) -> RunningDaemon:
-    running = _start(tmp_path_factory, model_cache, {})
-    yield running
-    _shut_down(running)
+    with serving(tmp_path_factory.mktemp("daemon"), model_cache) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +74,8 @@ def probe(tmp_path_factory, model_cache, probe_dir) -> RunningDaemon:
         "scheduler.max_running_requests": 1,
         "logging.level": "debug",  # the scheduler's request.queued lines
     }
-    running = _start(tmp_path_factory, model_cache, settings)
-    yield running
-    _shut_down(running)
+    with serving(tmp_path_factory.mktemp("daemon"), model_cache, settings) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import httpx
 import jsonschema
 import openai
 import pytest
 from conftest import run_daemon
-from daemon_process import RunningDaemon, start_daemon
+from daemon_process import RunningDaemon, serving
 
 from daemon.frontend.request_models import ChatRequest, CompletionRequest, fields_of
 
@@ -27,12 +24,8 @@ TRANSPORTS = pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "ht
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, model_cache) -> RunningDaemon:
-    runtime = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
-    running = start_daemon(tmp_path_factory.mktemp("daemon"), runtime, model_cache)
-    yield running
-    status = running.stop()
-    shutil.rmtree(runtime, ignore_errors=True)
-    assert status == 0, running.log_tail()
+    with serving(tmp_path_factory.mktemp("daemon"), model_cache) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +82,7 @@ def test_a_field_of_the_other_endpoint_is_named_as_such(daemon, http2):
 
 
 def test_ignoring_unknown_fields_is_a_live_setting_and_each_is_logged_once(tmp_path_factory, model_cache):
-    runtime = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
-    running = start_daemon(tmp_path_factory.mktemp("daemon"), runtime, model_cache)
-    try:
+    with serving(tmp_path_factory.mktemp("daemon"), model_cache) as running:
         body = {"prompt": "x", "max_tokens": 2, "vendor_extra": {"a": 1}, "another_one": True}
         assert openai_error(post(running, "/v1/completions", body), 400)["param"] == "vendor_extra"
         pids = running.tier_pids()
@@ -107,9 +98,6 @@ def test_ignoring_unknown_fields_is_a_live_setting_and_each_is_logged_once(tmp_p
         assert running.tier_pids() == pids  # live: nothing restarted
         ignored = [e for e in running.log_events() if e.get("event") == "request.field_ignored"]
         assert sorted(e["field"] for e in ignored) == ["another_one", "vendor_extra"]
-    finally:
-        running.stop()
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 # --- null means unset --------------------------------------------------------------------------------

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from daemon_process import RunningDaemon, start_daemon
+from daemon_process import RunningDaemon, serving
 
 PROMPTS = ["Once upon a time", "The river", "In a hole in the ground"]
 TOKEN_PROMPTS = [[5, 17, 300, 41], [9, 9, 200], [77, 1, 2, 3, 4, 5]]
@@ -24,14 +21,9 @@ GREEDY = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, model_cache) -> RunningDaemon:
-    runtime = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
-    running = start_daemon(
-        tmp_path_factory.mktemp("daemon"), runtime, model_cache, {"server.max_prompts_per_request": 8}
-    )
-    yield running
-    status = running.stop()
-    shutil.rmtree(runtime, ignore_errors=True)
-    assert status == 0, running.log_tail()
+    settings = {"server.max_prompts_per_request": 8}
+    with serving(tmp_path_factory.mktemp("daemon"), model_cache, settings) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

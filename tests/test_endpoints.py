@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ import msgspec
 import openai
 import pytest
 from conftest import run_daemon
-from daemon_process import RunningDaemon, start_daemon
+from daemon_process import RunningDaemon, serving
 from tokenizers import Tokenizer
 
 import daemon as daemon_package
@@ -40,20 +38,12 @@ HEALTHY_TIMEOUT_S = 60.0
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, model_cache) -> RunningDaemon:
-    runtime = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
-    running = start_daemon(
-        tmp_path_factory.mktemp("endpoints"),
-        runtime,
-        model_cache,
-        # the reload test reloads by command, once its file is written; debug logs say when a
-        # tokenizer worker has a request
-        {"runtime.watch_config": False, "logging.level": "debug"},
-        env={"DAEMON_SERVER__API_KEY": API_KEY},
-    )
-    yield running
-    status = running.stop()
-    shutil.rmtree(runtime, ignore_errors=True)
-    assert status == 0, running.log_tail()
+    # the reload test reloads by command, once its file is written; debug logs say when a
+    # tokenizer worker has a request
+    settings = {"runtime.watch_config": False, "logging.level": "debug"}
+    env = {"DAEMON_SERVER__API_KEY": API_KEY}
+    with serving(tmp_path_factory.mktemp("endpoints"), model_cache, settings, env=env) as running:
+        yield running
 
 
 @pytest.fixture(params=["HTTP/1.1", "HTTP/2"])

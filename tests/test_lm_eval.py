@@ -12,16 +12,14 @@ import json
 import math
 import re
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import REPO, clean_environ
-from daemon_process import RunningDaemon, scrape, start_daemon
+from daemon_process import RunningDaemon, scrape, serving
 
 from daemon.engine.demo_model import demo_dir_name
 
@@ -76,12 +74,8 @@ class Evaluation:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, model_cache) -> RunningDaemon:
-    runtime = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
-    running = start_daemon(tmp_path_factory.mktemp("daemon"), runtime, model_cache)
-    yield running
-    status = running.stop()
-    shutil.rmtree(runtime, ignore_errors=True)
-    assert status == 0, running.log_tail()
+    with serving(tmp_path_factory.mktemp("daemon"), model_cache) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

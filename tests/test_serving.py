@@ -12,17 +12,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from daemon_process import RunningDaemon, descendants, start_daemon
+from daemon_process import RunningDaemon, descendants, serving, start_daemon
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, model_cache) -> RunningDaemon:
-    runtime = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
-    running = start_daemon(tmp_path_factory.mktemp("daemon"), runtime, model_cache)
-    yield running
-    status = running.stop()
-    shutil.rmtree(runtime, ignore_errors=True)
-    assert status == 0, running.log_tail()
+    with serving(tmp_path_factory.mktemp("daemon"), model_cache) as running:
+        yield running
 
 
 @pytest.fixture
