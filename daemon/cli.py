@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -232,21 +233,34 @@ def status(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _show_warnings(caught: list[warnings.WarningMessage]) -> None:
+    for early in caught:
+        warnings.showwarning(early.message, early.category, early.filename, early.lineno)
+
+
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     path = _config_path(parser, args)
-    try:
-        config = load_config(path, **_load_kwargs(args))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    # The config says how to log, so logging is set up after loading it: warnings raised while
+    # loading wait, and then become log lines like any other.
+    with warnings.catch_warnings(record=True) as early_warnings:
+        try:
+            config, error = load_config(path, **_load_kwargs(args)), None
+        except ConfigError as exc:
+            config, error = None, exc
+    if config is None:
+        _show_warnings(early_warnings)
+        print(error, file=sys.stderr)
         return EXIT_INVALID
-    import asyncio
-
     from daemon.logs import configure_logging, get_logger, set_generation
-    from daemon.supervisor.runtime_dir import RuntimeDirError
-    from daemon.supervisor.supervisor import Supervisor
 
     configure_logging("supervisor", level=config.settings.logging.level, fmt=config.settings.logging.format)
     set_generation(1)
+    _show_warnings(early_warnings)
+    import asyncio
+
+    from daemon.supervisor.runtime_dir import RuntimeDirError
+    from daemon.supervisor.supervisor import Supervisor
+
     log = get_logger("daemon.cli")
     for warning in config.warnings:
         log.warning("config.warning", rule=warning.rule, key=warning.key, message=warning.message, fix=warning.fix)

@@ -544,3 +544,63 @@ def test_warnings_and_uncaught_exceptions_are_log_lines_too():
     assert warning["level"] == "warning" and warning["role"] == "tokenizer"
     crash = next(r for r in records if r["event"] == "uncaught exception")
     assert crash["level"] == "critical" and "RuntimeError: boom" in crash["exception"]
+
+
+# --------------------------------------------------------------------------- the daemon's own processes
+
+
+# Put first on PYTHONPATH, this runs at the start of every Python process of the daemon. It warns
+# once as a process starts importing the module that makes it what it is, before that module's own
+# imports run (as torch warns about a missing numpy while the worker imports it), and once as the
+# supervisor opens the config file, before the config has said how to log.
+WARN_EARLY = """\
+import sys, warnings
+
+MODULES = {
+    "daemon.supervisor.supervisor", "daemon.worker.service", "daemon.scheduler.service",
+    "daemon.tokenizer.service", "daemon.frontend.server", "daemon.frontend.app",
+}
+warned = set()
+
+
+def warn_early(event, args):
+    if event == "import" and args[0] in MODULES and args[0] not in warned:
+        warned.add(args[0])
+        warnings.warn(f"early warning while importing {args[0]}")
+    elif event == "open" and str(args[0]).endswith("server.toml") and "config" not in warned:
+        warned.add("config")
+        warnings.warn("early warning while reading server.toml")
+
+
+sys.addaudithook(warn_early)
+"""
+
+
+def test_early_warnings_in_every_process_are_json_log_lines(tmp_path: Path, short_tmp: Path, model_cache: Path):
+    from daemon_process import start_daemon
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(WARN_EARLY)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)}
+    daemon = start_daemon(tmp_path, short_tmp, model_cache, env=env)
+    try:
+        lines = daemon.log_path.read_text().splitlines()
+        raw = [line for line in lines if not is_json_object(line)]
+        assert not raw, "lines that are not JSON log lines:\n" + "\n".join(raw)
+        warned = {}
+        for record in map(json.loads, lines):
+            if "early warning while " in record["event"]:
+                assert record["level"] == "warning" and record["logger"] == "py.warnings", record
+                warned[record["event"].split("early warning while ")[1].split("\n")[0]] = record["role"]
+        assert warned == {
+            "reading server.toml": "supervisor",
+            "importing daemon.supervisor.supervisor": "supervisor",
+            "importing daemon.worker.service": "worker",
+            "importing daemon.scheduler.service": "scheduler",
+            "importing daemon.tokenizer.service": "tokenizer",
+            "importing daemon.frontend.server": "frontend",
+            "importing daemon.frontend.app": "frontend",
+        }, daemon.log_tail()
+    finally:
+        assert daemon.stop() == 0, daemon.log_tail()

@@ -64,6 +64,41 @@ def test_readme_run_command_installs_and_runs_the_demo_model():
     assert len(run) == 1 and "pip install torch==2.13.0 && pip install -e . &&" in run[0]
 
 
+def test_ci_first_runs_the_readme_run_command_on_a_fresh_install():
+    """.ci/fresh-install (which CI runs whole, so it is not run here) comes before the tests, and
+    runs the README's own run command: it reads the line from the README, it holds no copy."""
+    steps = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert steps[:3] == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', "bash .ci/fresh-install"]
+    run = [line for block in _blocks("sh") for line in block.splitlines() if "daemon -c " in line]
+    assert len(run) == 1 and "[test]" not in run[0]
+    script = REPO / ".ci" / "fresh-install"
+    assert run[0] not in script.read_text()
+    printed = subprocess.run(["bash", str(script), "--print-command"], capture_output=True, text=True, timeout=30)
+    assert (printed.returncode, printed.stdout) == (0, run[0] + "\n"), printed.stderr
+
+
+@pytest.mark.parametrize(
+    "readme, printed",
+    [
+        ("```sh\npip install . && daemon -c other.toml\n```\n", "pip install . && daemon -c other.toml\n"),
+        ("```sh\ndaemon -c a.toml\ndaemon -c b.toml\n```\n", None),  # ambiguous: refused
+        ("```text\ndaemon -c a.toml\n```\n", None),  # not a command
+    ],
+)
+def test_fresh_install_reads_the_run_command_from_its_readme(tmp_path: Path, readme: str, printed: str | None):
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(REPO / ".ci" / "fresh-install", tmp_path / ".ci")
+    (tmp_path / "README.md").write_text(readme)
+    result = subprocess.run(
+        ["bash", str(tmp_path / ".ci" / "fresh-install"), "--print-command"], capture_output=True, text=True, timeout=30
+    )
+    if printed is None:
+        assert result.returncode != 0 and result.stdout == ""
+        assert "could not read the run command from README.md" in result.stderr
+    else:
+        assert (result.returncode, result.stdout) == (0, printed), result.stderr
+
+
 # Commands that talk to a running daemon: run by the test that starts one.
 TO_RUNNING_DAEMON = re.compile(r"^daemon (reload|status) ")
 

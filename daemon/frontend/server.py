@@ -26,7 +26,7 @@ from granian.http import HTTP2Settings
 
 from daemon.config.schema import DaemonSettings
 from daemon.ipc.endpoints import LISTEN_FD_VAR
-from daemon.tier import SPAWNER_VAR, start_tier
+from daemon.tier import SPAWNER_VAR, Tier
 
 APP = "daemon.frontend.app:app"
 # Granian's loggers pass their records to the root logger, which the tier's logging setup owns.
@@ -83,8 +83,7 @@ class InheritedSocketGranian(Granian):
         self._sso = shared
 
 
-def main() -> None:
-    tier = start_tier("frontend", stopped_by_supervisor=False)  # Granian drains on SIGTERM
+def main(tier: Tier) -> None:
     # Each front-end instance has its own: during a handover two run side by side.
     metrics_dir = tier.endpoints.directory / f"metrics-{os.getpid()}"
     shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -99,7 +98,3 @@ def main() -> None:
             Granian(APP, **options).serve()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,10 @@ from daemon.tier import guard
 
 guard()
 
-from daemon.scheduler.service import SchedulerService  # noqa: E402
 from daemon.tier import start_tier  # noqa: E402
 
-SchedulerService(start_tier("scheduler")).run()
+tier = start_tier("scheduler")  # logging first: warnings raised by the imports below are log lines
+
+from daemon.scheduler.service import SchedulerService  # noqa: E402
+
+SchedulerService(tier).run()

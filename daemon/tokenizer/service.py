@@ -340,10 +340,7 @@ class TokenizerService:
         return True
 
 
-def main(index: int) -> None:
-    from daemon.tier import start_tier
-
-    tier = start_tier("tokenizer", index)
+def main(tier: Tier) -> None:
     try:
         service = TokenizerService(tier)
     except (TokenizerError, ModelDirError) as exc:

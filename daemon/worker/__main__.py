@@ -7,16 +7,20 @@ guard()  # before importing torch: a second of imports is a second of outliving 
 import os  # noqa: E402
 import sys  # noqa: E402
 
+from daemon.tier import BESIDE_VAR, EXIT_NO_ROOM_BESIDE, start_tier  # noqa: E402
+
+# Logging is set up before torch is imported: what torch warns about while it loads (a missing
+# numpy, a CUDA driver it cannot use) becomes a log line, not raw text in a JSON log.
+tier = start_tier("worker", int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+
 import structlog  # noqa: E402
 
 from daemon.engine.demo_model import DemoModelError  # noqa: E402
 from daemon.engine.llama import UnsupportedModel  # noqa: E402
 from daemon.engine.model_dir import ModelDirError  # noqa: E402
-from daemon.tier import BESIDE_VAR, EXIT_NO_ROOM_BESIDE, start_tier  # noqa: E402
 from daemon.worker.memory import CacheAllocationFailed, NoRoomBeside  # noqa: E402
 from daemon.worker.service import WorkerService  # noqa: E402
 
-tier = start_tier("worker", int(sys.argv[1]) if len(sys.argv) > 1 else 0)
 log = structlog.get_logger("daemon.worker")
 try:
     service = WorkerService(tier, beside=os.environ.get(BESIDE_VAR) == "1")
