@@ -35,7 +35,7 @@ import yaml
 from conftest import DAEMON, REPO, run_daemon
 from daemon_process import RunningDaemon, start_daemon
 
-from daemon.frontend.app import HEALTH_GENERATE_TIMEOUT_S
+from daemon.frontend.probes import HEALTH_GENERATE_TIMEOUT_S
 from daemon.supervisor.supervisor import (
     BACKOFF_MAX_S,
     FIRST_GENERATION_TIMEOUT_S,

@@ -192,7 +192,8 @@ class Reloadable:
         return result.returncode, report, result.stdout + result.stderr
 
     def server_info(self) -> dict:
-        return httpx.get(self.url + "/server_info", timeout=10).raise_for_status().json()
+        """The whole of it: some tests set server.api_key, and without it /server_info says less."""
+        return httpx.get(self.url + "/server_info", headers=AUTH, timeout=10).raise_for_status().json()
 
     def generation(self) -> int:
         return self.server_info()["config"]["generation"]

@@ -7,19 +7,14 @@ abandoned request is aborted in the engine instead of generating for nobody.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import re
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 import structlog
 
-from daemon import __version__
-from daemon.config.schema import config_hash, flat_values, nested_values
-from daemon.frontend import metrics, openai, utility
+from daemon.frontend import metrics, openai, probes, utility
 from daemon.frontend.api_docs import API_ROUTES, openapi
 from daemon.frontend.asgi import (
     BadRequest,
@@ -39,18 +34,17 @@ from daemon.frontend.gateway import Gateway
 from daemon.frontend.generation import Generation
 from daemon.frontend.request_models import ChatRequest, CompletionRequest, logged_fields
 from daemon.frontend.response_models import Responder
-from daemon.ipc.messages import DaemonStatus, ErrorInfo, GenerateRequest, Sampling, read_status_file
+from daemon.ipc.messages import DaemonStatus, ErrorInfo, read_status_file
 from daemon.tier import Tier, start_tier
 
 log = structlog.get_logger("daemon.frontend")
-
-HEALTH_GENERATE_TIMEOUT_S = 20.0
 
 
 class Application:
     def __init__(self) -> None:
         self.tier: Tier | None = None
         self.gateway: Gateway | None = None
+        self.probe: probes.GenerationProbe | None = None
         # By path; a {name} in a path is a parameter, passed in scope["path_params"].
         self.routes: dict[str, tuple[str, Callable[..., Awaitable[None]]]] = {
             "/health": ("GET", self._health),
@@ -93,6 +87,7 @@ class Application:
     async def _start(self) -> None:
         self.tier = start_tier("frontend", stopped_by_supervisor=False)
         self.gateway = Gateway(self.tier)
+        self.probe = probes.GenerationProbe(self.gateway)
         await self.gateway.start()
         log.info("frontend.worker_ready", address=self.gateway.address)
 
@@ -145,27 +140,14 @@ class Application:
         await send_json(send, 200, {"status": "ok"})
 
     async def _health_generate(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Ready when one real token has gone through every tier."""
-        assert self.gateway is not None
+        """Ready when one real token has gone through every tier (one shared by probes at once)."""
+        assert self.probe is not None and self.gateway is not None
         if self.gateway.draining:
             return await send_error(send, ErrorInfo(503, "the server is shutting down"))
-        probe = GenerateRequest(
-            f"health-{uuid.uuid4().hex}",
-            self.gateway.address,
-            Sampling(max_tokens=1, temperature=0.0, ignore_eos=True),
-            prompt="health",
-        )
-        last = None
-        try:
-            async with asyncio.timeout(HEALTH_GENERATE_TIMEOUT_S):
-                async for output in self.gateway.generate(probe):
-                    last = output
-        except TimeoutError:
-            return await send_error(send, ErrorInfo(503, "no token within the health check's time"))
-        if last is None or last.error is not None:
-            error = last.error if last and last.error else ErrorInfo(503, "the engine is not ready")
-            return await send_error(send, ErrorInfo(503, error.message, type=error.type))
-        await send_json(send, 200, {"status": "ok", "completion_tokens": last.completion_tokens})
+        result = await self.probe.check()
+        if isinstance(result, ErrorInfo):
+            return await send_error(send, result)
+        await send_json(send, 200, result)
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert self.gateway is not None
@@ -178,21 +160,10 @@ class Application:
         await send_bytes(send, 200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     async def _server_info(self, scope: Scope, receive: Receive, send: Send) -> None:
-        assert self.tier is not None and self.gateway is not None
-        settings = self.tier.settings
+        assert self.tier is not None
         status = self._status()
-        tiers = msgspec.to_builtins(status.tiers) if status else []
-        supervisor = {"pid": status.supervisor_pid, "started": status.started} if status else {}
-        last_reload = msgspec.to_builtins(status.last_reload) if status and status.last_reload else None
-        info = {
-            "version": __version__,
-            "config": {"generation": self.tier.generation, "hash": config_hash(settings), "last_reload": last_reload},
-            "supervisor": supervisor,
-            "tiers": tiers,
-            "model": utility.loaded_model(status),
-            "effective_config": nested_values(flat_values(settings)),
-        }
-        await send_json(send, 200, info)
+        full = self._key_given(scope)
+        await send_json(send, 200, probes.server_info(self.tier, status, utility.loaded_model(status), full=full))
 
     def _status(self) -> DaemonStatus | None:
         """The supervisor's status file: tier PIDs, epochs and states."""
@@ -243,14 +214,18 @@ class Application:
             else:
                 await until_disconnected(receive, generation.respond(send))
 
-    async def _authorized(self, scope: Scope, send: Send, headers: list | None = None) -> bool:
+    def _key_given(self, scope: Scope) -> bool:
+        """Whether the request may see what server.api_key guards (always, when none is set)."""
         assert self.tier is not None
         key = self.tier.settings.server.api_key
         if key is None:
             return True
         supplied = header(scope, b"authorization") or ""
         token = supplied[7:] if supplied[:7].lower() == "bearer " else ""
-        if hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
+        return hmac.compare_digest(token.encode(), key.get_secret_value().encode())
+
+    async def _authorized(self, scope: Scope, send: Send, headers: list | None = None) -> bool:
+        if self._key_given(scope):
             return True
         error = ErrorInfo(401, "Incorrect API key provided", type="invalid_request_error")
         await send_error(send, error, [*(headers or []), (b"www-authenticate", b"Bearer")])
