@@ -13,11 +13,17 @@ random JSON bodies at both generation endpoints.
 
 from __future__ import annotations
 
+import json
+import socket
+import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from daemon_process import RunningDaemon, serving
 
 from daemon.engine.blocks import BlockManager
 from daemon.engine.demo_model import ensure_demo_model
@@ -106,3 +112,161 @@ def test_extreme_values_within_the_bounds_sample_the_likeliest_token(params):
     logits = torch.randn(3, 200, generator=torch.Generator().manual_seed(2)) * 30
     drawn = sample(logits, [params] * 3, [torch.Generator().manual_seed(i) for i in range(3)])
     assert drawn == logits.argmax(dim=-1).tolist()
+
+
+# --- a real daemon -----------------------------------------------------------------------------------
+
+BEYOND_64_BITS = 2**64  # one past what MessagePack carries
+TRANSPORTS = pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "http2"])
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, model_cache) -> RunningDaemon:
+    with serving(tmp_path_factory.mktemp("daemon"), model_cache) as running:
+        yield running
+
+
+def post(
+    daemon: RunningDaemon, path: str, body: dict | bytes, *, http2: bool = False, timeout: float = 60
+) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with httpx.Client(base_url=daemon.url, http2=http2, http1=not http2, timeout=timeout) as http:
+        return http.post(path, content=content, headers={"content-type": "application/json"})
+
+
+def openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def test_extreme_but_valid_sampling_values_batched_with_innocent_requests_all_complete(daemon):
+    """The fault battery's case: temperature 1e-40 and top_p 1e-45 under an 8-client load once
+    failed every request batched with them (and the next pipelined step). Now nobody fails."""
+    clients, per_client = 8, 4
+    extreme = [{"temperature": 1e-40}, {"top_p": 1e-45}, {"temperature": 1e-40, "top_p": 1e-45, "top_k": 5}]
+    deadline = time.monotonic() + 240
+
+    def one_client(index: int) -> list[tuple[str, int, str]]:
+        outcomes = []
+        with httpx.Client(base_url=daemon.url, timeout=120) as http:
+            for n in range(per_client):
+                if time.monotonic() > deadline:  # bounded in time as well as in count
+                    break
+                bad = (index + n) % 3 == 0
+                body = {"prompt": f"client {index} request {n}", "max_tokens": 8, "ignore_eos": True, "seed": n}
+                body |= extreme[(index + n) % len(extreme)] if bad else {"temperature": 0.8}
+                response = http.post("/v1/completions", json=body)
+                outcomes.append(("bad" if bad else "innocent", response.status_code, response.text))
+        return outcomes
+
+    with ThreadPoolExecutor(clients) as pool:
+        outcomes = [o for result in pool.map(one_client, range(clients)) for o in result]
+    assert len(outcomes) == clients * per_client
+    failures = [o for o in outcomes if o[1] != 200]
+    assert not failures, failures[:3]
+    assert all(json.loads(text)["usage"]["completion_tokens"] == 8 for _kind, _status, text in outcomes)
+    assert not [e for e in daemon.log_events() if e.get("event") in ("worker.step_failed", "worker.sequence_failed")]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "extra"),
+    [
+        ("max_tokens", BEYOND_64_BITS, {}),
+        ("seed", BEYOND_64_BITS, {}),
+        ("top_k", BEYOND_64_BITS, {}),
+        ("priority", BEYOND_64_BITS, {}),
+        ("truncate_prompt_tokens", BEYOND_64_BITS, {}),
+        ("stop_token_ids", [1, BEYOND_64_BITS], {}),
+        ("max_tokens", 2**63, {}),  # fits uint64, not the int64 the engine counts in
+        ("temperature", 1e300, {}),
+        ("n", BEYOND_64_BITS, {}),
+    ],
+)
+def test_numbers_beyond_their_bounds_are_a_400_naming_the_field(daemon, field, value, extra):
+    for path, body in [
+        ("/v1/completions", {"prompt": "x"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    ]:
+        error = openai_error(post(daemon, path, {**body, "max_tokens": 2, field: value, **extra}), 400)
+        assert error["param"] == field, error
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [[1, BEYOND_64_BITS], [[5, 6], [BEYOND_64_BITS]], [-1, 5], [2**63]],
+    ids=["ids", "lists", "negative", "int64+1"],
+)
+def test_prompt_token_ids_beyond_64_bits_are_a_400_naming_the_prompt(daemon, prompt):
+    error = openai_error(post(daemon, "/v1/completions", {"prompt": prompt, "max_tokens": 2}), 400)
+    assert error["param"] == "prompt", error
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "note": BEYOND_64_BITS}]}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"n": -BEYOND_64_BITS}},
+        ),
+        ("/tokenize", {"messages": [{"role": "user", "content": "x", "note": BEYOND_64_BITS}]}),
+        ("/detokenize", {"tokens": [BEYOND_64_BITS]}),
+    ],
+    ids=["chat-message", "template-kwargs", "tokenize", "detokenize"],
+)
+def test_integers_beyond_64_bits_in_free_form_fields_are_a_400(daemon, path, body):
+    """Free-form objects (a message's keys, the template's variables) are passed on as they are:
+    an integer there that MessagePack cannot carry is the request's fault, not the server's."""
+    openai_error(post(daemon, path, {**body, "max_tokens": 2} if path.startswith("/v1") else body), 400)
+
+
+DEEP = 10_000
+
+
+@TRANSPORTS
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
+@pytest.mark.parametrize("where", ["inside-a-field", "the-whole-body"])
+def test_json_nested_ten_thousand_levels_deep_is_a_400(daemon, path, where, http2):
+    nested = b"[" * DEEP + b"]" * DEEP
+    body = b'{"prompt": ' + nested + b', "max_tokens": 2}' if where == "inside-a-field" else nested
+    error = openai_error(post(daemon, path, body, http2=http2), 400)
+    if where == "inside-a-field":  # a whole body that is an array is refused as not an object, first
+        assert "nests too deeply" in error["message"]
+    assert post(daemon, "/tokenize", {"prompt": "still serving"}, http2=http2).status_code == 200
+
+
+def raw_exchange(daemon: RunningDaemon, request: bytes, timeout: float = 30) -> tuple[bytes, bool]:
+    """Send `request` on a fresh connection: what the server answers, and whether it closed the
+    connection (False: still open `timeout` seconds after the last byte)."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=timeout) as conn:
+        conn.sendall(request)
+        received = b""
+        try:
+            while chunk := conn.recv(65536):
+                received += chunk
+        except TimeoutError:
+            return received, False
+        return received, True
+
+
+def test_content_length_with_chunked_encoding_is_framed_by_chunks_and_the_connection_closed(daemon):
+    """A body framed two ways is the shape of request smuggling. Granian (hyper) never lets the
+    app see it: it drops Content-Length, reads the body by its chunks, answers, and closes the
+    connection (RFC 9112, 6.3), so whatever follows on the connection (a request hidden behind a
+    Content-Length a proxy believed) is never served. The app cannot answer 400: the header is
+    gone by the time it runs."""
+    body = json.dumps({"prompt": "x", "max_tokens": 2}).encode()
+    chunked = f"{len(body):x}".encode() + b"\r\n" + body + b"\r\n0\r\n\r\n"
+    smuggled = b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked + smuggled
+    )
+    answer, closed = raw_exchange(daemon, request)
+    assert closed, answer
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # the request behind it was never served
+    head, _, text = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower(), head
+    assert json.loads(text)["usage"]["completion_tokens"] == 2  # the whole chunked body was read, not 5 bytes
