@@ -24,12 +24,15 @@ import httpx
 import pytest
 import torch
 from daemon_process import RunningDaemon, serving
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from daemon.engine.blocks import BlockManager
 from daemon.engine.demo_model import ensure_demo_model
 from daemon.engine.demo_spec import DEMO_HF_CONFIG
 from daemon.engine.runner import ModelRunner
 from daemon.engine.sampler import SamplingParams, sample
+from daemon.frontend.request_models import ChatRequest, CompletionRequest, fields_of
 from daemon.ipc.messages import Sampling, ScheduleRequest, StepResult, ToScheduler, ToWorker, decoder, encode
 from daemon.scheduler.batcher import PIPELINE_DEPTH, Batcher, Limits
 from daemon.worker.execute import execute
@@ -270,3 +273,94 @@ def test_content_length_with_chunked_encoding_is_framed_by_chunks_and_the_connec
     head, _, text = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower(), head
     assert json.loads(text)["usage"]["completion_tokens"] == 2  # the whole chunked body was read, not 5 bytes
+
+
+# --- random bodies -----------------------------------------------------------------------------------
+
+BOUNDED = settings(
+    max_examples=75,  # per endpoint: 150 in all
+    deadline=None,  # each request has its own timeout below, which is the hang we look for
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
+REQUEST_TIMEOUT_S = 60.0
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 5)
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.floats(-1e-30, 1e-30)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10,
+)
+# Lengths stay small or invalid: a large valid one would only make a slow test of the CPU engine.
+lengths = st.integers(-2, 4) | st.integers(2**63 - 1, 2**70) | st.text(max_size=4) | st.floats(-1, 4)
+prompts = st.text(max_size=40) | st.lists(st.integers(-5, 2**65), min_size=1, max_size=6) | json_values
+messages = (
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(["user", "assistant", "system", "robot"]),
+                "content": st.text(max_size=30) | json_values,
+            }
+        ),
+        max_size=3,
+    )
+    | json_values
+)
+field_values = {
+    "max_completion_tokens": lengths,
+    "stream": st.booleans(),
+    "temperature": st.floats(-1, 3) | st.sampled_from([0.0, 1e-40, 1e-5, 2.0]) | json_values,
+    "top_p": st.floats(-0.5, 1.5) | st.sampled_from([1e-45, 1e-300, 1.0]) | json_values,
+    "top_k": st.integers(-3, 2**65) | json_values,
+    "seed": st.integers(-3, 2**65) | json_values,
+    "stop_token_ids": st.lists(st.integers(-3, 2**65), max_size=3) | json_values,
+}
+
+
+def bodies(model: type[CompletionRequest] | type[ChatRequest]) -> st.SearchStrategy:
+    """Near-valid bodies (the required field, a small max_tokens, random values of real field names
+    and a few unknown ones), and now and then any JSON at all."""
+    names = [info.name for info in fields_of(model) if info.name not in ("max_tokens", "prompt", "messages")]
+    names += ["max_tokns", "temprature", "x"]
+    fields = st.sampled_from(names).flatmap(lambda name: st.tuples(st.just(name), field_values.get(name, json_values)))
+    required = {"prompt": prompts} if model is CompletionRequest else {"messages": messages}
+    near_valid = st.builds(
+        lambda base, extra: {**base, **dict(extra)},
+        st.fixed_dictionaries({**required, "max_tokens": lengths}),
+        st.lists(fields, max_size=4),
+    )
+    return st.one_of(near_valid, near_valid, near_valid, json_values)
+
+
+def assert_well_answered(daemon: RunningDaemon, path: str, body: object, http2: bool) -> None:
+    """200 (a stream read to its end without a server error in it) or a 4xx with an OpenAI error
+    object; never a 5xx, a hang or a dropped connection (httpx raises for those)."""
+    with httpx.Client(base_url=daemon.url, http2=http2, http1=not http2, timeout=REQUEST_TIMEOUT_S) as http:
+        response = http.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    if response.status_code == 200:
+        assert "server_error" not in response.text, response.text
+        if isinstance(body, dict) and body.get("stream") is True:
+            assert response.text.endswith("data: [DONE]\n\n"), response.text
+        return
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+
+
+@BOUNDED
+@given(body=bodies(CompletionRequest), http2=st.booleans())
+def test_random_completion_bodies_get_a_200_or_a_4xx(daemon, body, http2):
+    assert_well_answered(daemon, "/v1/completions", body, http2)
+
+
+@BOUNDED
+@given(body=bodies(ChatRequest), http2=st.booleans())
+def test_random_chat_bodies_get_a_200_or_a_4xx(daemon, body, http2):
+    assert_well_answered(daemon, "/v1/chat/completions", body, http2)
