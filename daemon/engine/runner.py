@@ -69,6 +69,7 @@ class ModelRunner:
         self._seeds = torch.Generator().manual_seed(seed)
         self._generators: dict[int, torch.Generator] = {}
         self.last_sampled: dict[int, int] = {}  # the previous step's tokens, by sequence
+        self.failures: dict[int, str] = {}  # the previous step's sequences whose sampling failed, with why
 
     def resize_cache(self, num_blocks: int) -> None:
         """(Re)allocate the KV cache with `num_blocks` blocks; its contents are lost."""
@@ -78,11 +79,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, chunks: list[SequenceChunk]) -> dict[int, int]:
-        """Run one forward pass over `chunks`; returns {seq_id: next token} for chunks that sample."""
+        """Run one forward pass over `chunks`; returns {seq_id: next token} for chunks that sample.
+
+        A chunk whose sampling fails gets no token: it is in `failures` instead, and the others
+        of the step are unaffected.
+        """
+        self.last_sampled, self.failures = {}, {}
+        if not chunks:
+            return self.last_sampled
         samplers = [c for c in chunks if c.sample]
         logits = self.logits(chunks)
-        tokens = sample(logits, [c.sampling for c in samplers], [self._generator(c) for c in samplers])
-        self.last_sampled = {c.seq_id: token for c, token in zip(samplers, tokens, strict=True)}
+        drawn = sample(logits, [c.sampling for c in samplers], [self._generator(c) for c in samplers])
+        for chunk, token in zip(samplers, drawn, strict=True):
+            if isinstance(token, Exception):
+                self.failures[chunk.seq_id] = f"{type(token).__name__}: {token}"
+            else:
+                self.last_sampled[chunk.seq_id] = token
         return self.last_sampled
 
     @torch.inference_mode()
@@ -103,7 +115,7 @@ class ModelRunner:
     def forget_all(self) -> None:
         """Forget every sequence (a new scheduler numbers them afresh)."""
         self._generators.clear()
-        self.last_sampled = {}
+        self.last_sampled, self.failures = {}, {}
 
     def _generator(self, chunk: SequenceChunk) -> torch.Generator | None:
         if chunk.sampling.greedy:

@@ -64,8 +64,32 @@ def _type_text(schema: dict[str, Any]) -> str:
         return "object"
     kind = schema.get("type", "any")
     if kind == "array" and "items" in schema:
-        return f"array of {_type_text(schema['items'])}"
-    return kind
+        most = f" (at most {schema['maxItems']})" if "maxItems" in schema else ""
+        return f"array of {_type_text(schema['items'])}{most}"
+    return kind + _range_text(schema)
+
+
+def _range_text(schema: dict[str, Any]) -> str:
+    """A number's bounds as an interval: " in [0, 2]", " in (0, 1]", or one side: " ≥ 1"."""
+    low = ("[", schema["minimum"]) if "minimum" in schema else ("(", schema.get("exclusiveMinimum"))
+    high = ("]", schema["maximum"]) if "maximum" in schema else (")", schema.get("exclusiveMaximum"))
+    if low[1] is None and high[1] is None:
+        return ""
+    if high[1] is None:
+        return f" {'≥' if low[0] == '[' else '>'} {_number_text(low[1])}"
+    if low[1] is None:
+        return f" {'≤' if high[0] == ']' else '<'} {_number_text(high[1])}"
+    return f" in {low[0]}{_number_text(low[1])}, {_number_text(high[1])}{high[0]}"
+
+
+def _number_text(value: float) -> str:
+    """Powers of two as such (2^63-1 is the largest integer the IPC carries), others as written."""
+    for exponent in (31, 63):
+        if value == 2**exponent - 1:
+            return f"2^{exponent}-1"
+        if value == -(2**exponent):
+            return f"-2^{exponent}"
+    return str(value)
 
 
 def _status_text(info: FieldInfo) -> str:

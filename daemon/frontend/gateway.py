@@ -47,6 +47,13 @@ log = structlog.get_logger("daemon.frontend")
 # A tokenizer worker answers /tokenize and /detokenize at once; one that has not within this long is
 # stuck (a huge chat template?), and the client gets a 503 rather than waiting on it forever.
 ASK_TIMEOUT_S = 30.0
+# What msgspec raises for a message it cannot encode: an integer beyond 64 bits, or nesting past
+# the recursion limit, in a field the request models leave free (a chat message's extra keys, the
+# template's variables). The request itself is at fault, so it is a 400, not a 500.
+UNSENDABLE_ERRORS = (OverflowError, RecursionError)
+UNSENDABLE = ErrorInfo(
+    400, "the request holds an integer beyond 64 bits, or nests too deeply, for this server to pass it on"
+)
 
 
 def _error(request_id: str, status: int, message: str) -> GenerateOutput:
@@ -113,7 +120,11 @@ class Gateway:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """The outputs of `request` as they come; an abandoned iteration aborts the request."""
         queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
-        tokenizer = self._submit(request)
+        try:
+            tokenizer = self._submit(request)
+        except UNSENDABLE_ERRORS:
+            yield GenerateOutput(request.request_id, finish_reason="error", error=UNSENDABLE)
+            return
         if tokenizer is None:
             yield _error(request.request_id, 503, "no tokenizer worker is reachable")
             return
@@ -148,7 +159,10 @@ class Gateway:
     async def _ask(self, request: Tokenize | Detokenize) -> Tokenized | Detokenized | ErrorInfo:
         """Send one request, wait for its one reply: an ErrorInfo (503) if no tokenizer worker
         takes it, or the one that did stops or does not answer in time."""
-        tokenizer = self._submit(request)
+        try:
+            tokenizer = self._submit(request)
+        except UNSENDABLE_ERRORS:
+            return UNSENDABLE
         if tokenizer is None:
             return _unavailable("no tokenizer worker is reachable")
         answer: asyncio.Future[Tokenized | Detokenized | ErrorInfo] = asyncio.get_running_loop().create_future()

@@ -15,7 +15,7 @@ from daemon.config.schema import DaemonSettings
 from daemon.frontend import parsing
 from daemon.frontend.asgi import BadRequest
 from daemon.frontend.parsing import Unknown
-from daemon.frontend.request_models import ChatRequest, CompletionRequest, RequestModel, check_policy
+from daemon.frontend.request_models import TOKEN_ID, ChatRequest, CompletionRequest, RequestModel, check_policy
 from daemon.ipc.messages import ChatOptions, GenerateRequest, Sampling
 
 log = structlog.get_logger("daemon.frontend")
@@ -112,7 +112,7 @@ def _prompts(prompt: Any, max_prompts: int) -> list[dict[str, Any]]:
     if isinstance(prompt, str):
         return [{"prompt": prompt}]
     if _is_token_ids(prompt):
-        return [{"prompt_token_ids": list(prompt)}]
+        return [_bounded({"prompt_token_ids": list(prompt)})]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             prompts = [{"prompt": p} for p in prompt]
@@ -123,7 +123,15 @@ def _prompts(prompt: Any, max_prompts: int) -> list[dict[str, Any]]:
         if len(prompts) > max_prompts:
             raise BadRequest(f"at most {max_prompts} prompts per request (server.max_prompts_per_request)", "prompt")
         if prompts:
-            return prompts
+            return [_bounded(p) for p in prompts]
     raise BadRequest(
         "prompt must be a string, a list of token ids, or a non-empty list of strings or of token-id lists", "prompt"
     )
+
+
+def _bounded(prompt: dict[str, Any]) -> dict[str, Any]:
+    """A prompt whose token ids, if any, are within TOKEN_ID's bounds (what the IPC carries)."""
+    low, high = TOKEN_ID.ge, TOKEN_ID.le
+    if any(not low <= i <= high for i in prompt.get("prompt_token_ids", ())):
+        raise BadRequest(f"prompt token ids must be in {low}..{high}", "prompt")
+    return prompt

@@ -22,6 +22,8 @@ T = TypeVar("T")
 Unknown = Literal["reject", "ignore"]  # server.unknown_request_fields
 _LOCATION = re.compile(r" - at `\$\.?([^`]*)`")
 _MISSING = re.compile(r"^Object missing required field `([^`]*)`")
+# msgspec's decoder stops at Python's recursion limit (about 1,000 levels) and raises RecursionError
+TOO_DEEP = "the request body nests too deeply (JSON arrays and objects nest at most a few hundred levels)"
 _ignored_logged: set[tuple[str, str]] = set()  # (struct, field): each ignored field is logged once
 
 
@@ -36,6 +38,8 @@ def parse(body: bytes, kind: type[T], unknown: Unknown = "reject", *, sibling: t
         pass
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(TOO_DEEP) from None
     return convert(json_object(body), kind, unknown, sibling=sibling)
 
 
@@ -46,6 +50,8 @@ def json_object(body: bytes) -> dict[str, Any]:
         raise BadRequest("the request body must be a JSON object") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(TOO_DEEP) from None
 
 
 def convert(

@@ -53,6 +53,13 @@ def refused(doc: str, *, neutral: tuple[Any, ...] = UNSET, planned: str | None, 
     )
 
 
+# Every integer the engine sees travels as MessagePack's int64: a larger one could not be sent
+# on, so it is refused here, naming its field, rather than failing later as a 500.
+IPC_INT_MAX = 2**63 - 1
+TOKEN_ID = msgspec.Meta(ge=0, le=IPC_INT_MAX)  # also beyond the vocabulary: a 400 from the tokenizer
+TokenId = Annotated[int, TOKEN_ID]
+TokenCount = Annotated[int, msgspec.Meta(ge=1, le=IPC_INT_MAX)]
+
 Float = float | None
 Int = int | None
 Bool = bool | None
@@ -73,28 +80,33 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         str | None, honoured("The served model's name (model.served_model_name); another name is a 404.")
     ] = None
     max_tokens: Annotated[
-        Annotated[int, msgspec.Meta(ge=1)] | None,
+        TokenCount | None,
         honoured("Most tokens to generate. Unset: 16 for completions, what the context leaves for chat."),
     ] = None
     temperature: Annotated[
-        Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None, honoured("Sampling temperature; 0 is greedy.")
+        Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None,
+        honoured("Sampling temperature; 0, and anything below 1e-5, is greedy."),
     ] = None
     top_p: Annotated[
         Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None,
-        honoured("Nucleus sampling: the smallest set of tokens whose probabilities add up to top_p."),
+        honoured(
+            "Nucleus sampling: the smallest set of tokens whose probabilities add up to top_p (the likeliest "
+            "token is always in it)."
+        ),
     ] = None
     top_k: Annotated[
-        Annotated[int, msgspec.Meta(ge=-1)] | None, honoured("Sample among the k likeliest tokens; 0 or -1: all.")
+        Annotated[int, msgspec.Meta(ge=-1, le=IPC_INT_MAX)] | None,
+        honoured("Sample among the k likeliest tokens; 0 or -1 (or more than the vocabulary): all."),
     ] = None
     seed: Annotated[
-        Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None,
+        Annotated[int, msgspec.Meta(ge=0, le=IPC_INT_MAX)] | None,
         honoured("Seed of this request's own random generator: the same request gives the same tokens."),
     ] = None
     stop: Annotated[
         Stop, honoured("Up to 16 strings that end the text where they first appear (across token boundaries).")
     ] = None
     stop_token_ids: Annotated[
-        list[int] | None, honoured("Token ids that end generation, beside the model's end-of-sequence tokens.")
+        list[TokenId] | None, honoured("Token ids that end generation, beside the model's end-of-sequence tokens.")
     ] = None
     ignore_eos: Annotated[Bool, honoured("Keep generating past the end-of-sequence token.")] = None
     include_stop_str_in_output: Annotated[
@@ -102,7 +114,7 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ] = None
     skip_special_tokens: Annotated[Bool, honoured("Leave special tokens out of the text (default true).")] = None
     truncate_prompt_tokens: Annotated[
-        Annotated[int, msgspec.Meta(ge=-1)] | None,
+        Annotated[int, msgspec.Meta(ge=-1, le=IPC_INT_MAX)] | None,
         honoured("Keep only the prompt's last N tokens; -1: as many as fit beside max_tokens."),
     ] = None
     stream: Annotated[Bool, honoured("Answer with server-sent events as the text is generated.")] = None
@@ -189,7 +201,10 @@ class CompletionRequest(_Common, kw_only=True):
 
     prompt: Annotated[
         str | list[Any],
-        honoured("A string, a list of token ids, or a list of strings or of token-id lists (one choice each)."),
+        honoured(
+            "A string, a list of token ids (in the vocabulary), or a list of strings or "
+            "of token-id lists (one choice each)."
+        ),
     ]
     add_special_tokens: Annotated[
         Bool, honoured("Add the tokenizer's special tokens (BOS) to a text prompt (default true).")
@@ -214,9 +229,9 @@ class ChatRequest(_Common, kw_only=True):
     messages: Annotated[
         list[dict[str, Any]], honoured("The conversation: {role, content} objects (content: text or text parts).")
     ]
-    max_completion_tokens: Annotated[
-        Annotated[int, msgspec.Meta(ge=1)] | None, honoured("Most tokens to generate; wins over max_tokens.")
-    ] = None
+    max_completion_tokens: Annotated[TokenCount | None, honoured("Most tokens to generate; wins over max_tokens.")] = (
+        None
+    )
     add_generation_prompt: Annotated[
         Bool, honoured("End the prompt with the assistant's turn opening (default true).")
     ] = None

@@ -148,7 +148,8 @@ class StepResult(msgspec.Struct, frozen=True, tag=True):
     step: int
     worker_epoch: int
     tokens: dict[int, int]  # seq_id -> sampled token, for chunks that sampled
-    error: str | None = None
+    error: str | None = None  # the whole step failed: every sequence in it ends
+    failed: dict[int, str] = {}  # seq_id -> why: these sequences alone failed, the others' tokens stand
 
 
 # --- control: every tier <-> supervisor ---------------------------------------------------------

@@ -205,6 +205,11 @@ class Batcher:
                 error = ErrorInfo(500, f"the engine failed: {result.error}", type="server_error")
                 updates.setdefault(seq.tokenizer, []).append(SequenceUpdate(seq.request_id, [], "error", error))
                 continue
+            if (why := result.failed.get(seq.seq_id)) is not None:
+                self._end(seq, "error")
+                error = ErrorInfo(500, f"the engine failed on this request: {why}", type="server_error")
+                updates.setdefault(seq.tokenizer, []).append(SequenceUpdate(seq.request_id, [], "error", error))
+                continue
             seq.computed += item.tokens
             if not item.sample:
                 continue

@@ -6,25 +6,34 @@ from daemon.engine.runner import ModelRunner, SequenceChunk
 from daemon.engine.sampler import SamplingParams
 from daemon.ipc.messages import SAMPLED_LAST_STEP, PlannedChunk, StepPlan, StepResult
 
+NOT_SAMPLED = "its previous token was never sampled (that step failed for it)"
+
 
 def execute(runner: ModelRunner, plan: StepPlan, worker_epoch: int = 1) -> StepResult:
-    """Run `plan`; an engine failure becomes a StepResult error, so its requests end cleanly."""
+    """Run `plan`. A failure of one sequence (its sampling) ends only that one: it is reported in
+    `failed` and the step's other tokens are delivered; a failure of the whole step (the forward
+    pass) becomes a StepResult error, so its requests end cleanly."""
     for seq_id in plan.finished:
         runner.release(seq_id)
+    chunks: list[SequenceChunk] = []
+    unsampled: dict[int, str] = {}
+    for c in plan.chunks:
+        if c.token_ids == [SAMPLED_LAST_STEP] and c.seq_id not in runner.last_sampled:
+            # The step before failed for this sequence, so the scheduler ends it (or has): the
+            # step goes on without it, rather than failing every request planned beside it.
+            unsampled[c.seq_id] = NOT_SAMPLED
+            continue
+        chunks.append(_chunk(c, runner.last_sampled))
     try:
-        chunks = [_chunk(c, runner.last_sampled) for c in plan.chunks]
-        return StepResult(plan.step, worker_epoch, runner.step(chunks))
+        tokens = runner.step(chunks)
     except Exception as exc:  # noqa: BLE001 - whatever broke, the scheduler must hear of it
-        runner.last_sampled = {}
+        runner.last_sampled, runner.failures = {}, {}
         return StepResult(plan.step, worker_epoch, {}, error=f"{type(exc).__name__}: {exc}")
+    return StepResult(plan.step, worker_epoch, tokens, failed={**unsampled, **runner.failures})
 
 
 def _chunk(c: PlannedChunk, last_sampled: dict[int, int]) -> SequenceChunk:
-    token_ids = c.token_ids
-    if token_ids == [SAMPLED_LAST_STEP]:
-        if c.seq_id not in last_sampled:
-            raise ValueError(f"sequence {c.seq_id} asks for the token of a step that did not sample it")
-        token_ids = [last_sampled[c.seq_id]]
+    token_ids = [last_sampled[c.seq_id]] if c.token_ids == [SAMPLED_LAST_STEP] else c.token_ids
     return SequenceChunk(
         seq_id=c.seq_id,
         token_ids=token_ids,

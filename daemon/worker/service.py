@@ -33,7 +33,7 @@ from daemon.ipc.messages import (
 )
 from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
 from daemon.tier import Tier
-from daemon.worker.execute import execute
+from daemon.worker.execute import NOT_SAMPLED, execute
 from daemon.worker.memory import CacheAllocationFailed, cache_blocks, check_room_beside, gib, weights_size
 
 log = structlog.get_logger("daemon.worker")
@@ -136,6 +136,10 @@ class WorkerService:
         result = execute(self.runner, plan, self.tier.epoch)
         if result.error:
             log.error("worker.step_failed", step=plan.step, error=result.error)
+        for seq_id, why in result.failed.items():  # a sequence skipped after its failure is no news
+            (log.debug if why == NOT_SAMPLED else log.error)(
+                "worker.sequence_failed", step=plan.step, seq_id=seq_id, error=why
+            )
         try:
             send(self.scheduler, result)
         except PeerGone:
