@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
 from daemon.ipc.messages import ChatOptions
+from daemon.tokenizer.bounds import bytes_per_token
 from daemon.tokenizer.chat import ChatTemplate, TokenizerError
 
-__all__ = ["TextTokenizer", "TokenizerError", "load_text_tokenizer"]
+__all__ = ["PromptText", "TextTokenizer", "TokenizerError", "load_text_tokenizer"]
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -29,6 +31,18 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 MODEL_CONFIG_FILE = "config.json"
 # The special tokens transformers passes to a chat template, by their tokenizer_config.json keys.
 TEMPLATE_SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+@dataclass(frozen=True)
+class PromptText:
+    """A prompt's text just before tokenizing, and how its ids begin.
+
+    Rendering is cheap and tokenizing is not: the service looks at the text (its
+    length) before it decides where and whether to tokenize it."""
+
+    text: str
+    add_special_tokens: bool
+    chat: bool = False  # a rendered conversation: its template writes the BOS, if any
 
 
 class TextTokenizer:
@@ -43,6 +57,7 @@ class TextTokenizer:
         adds_bos: bool | None = None,
         chat_template: ChatTemplate | None,
         no_template_reason: str = "",
+        bytes_per_token: int | None = None,
     ):
         self._tokenizer = tokenizer
         self.bos_token = special_tokens.get("bos_token")
@@ -56,6 +71,8 @@ class TextTokenizer:
         )
         self.chat_template = chat_template
         self._no_template_reason = no_template_reason
+        # The most bytes of prompt one token covers (daemon.tokenizer.bounds); None: not known.
+        self.bytes_per_token = bytes_per_token
 
     @property
     def vocab_size(self) -> int:
@@ -63,12 +80,25 @@ class TextTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """Token ids of `text`; with special tokens, as a plain prompt: BOS first exactly when `adds_bos`."""
-        ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        if not add_special_tokens or self.adds_bos == self._post_processor_adds_bos:
+        return self.tokenize(PromptText(text, add_special_tokens))
+
+    def tokenize(self, prompt: PromptText) -> list[int]:
+        """Token ids of a plain prompt or a rendered conversation. Safe to call from another thread,
+        and the interpreter runs other threads meanwhile: encode_batch lets go of the GIL while
+        the Rust side works (encode holds it throughout), with the same ids as encode."""
+        ids = self._tokenizer.encode_batch([prompt.text], add_special_tokens=prompt.add_special_tokens)[0].ids
+        if prompt.chat:  # exactly one BOS: the template's own, else the one a plain prompt gets
+            return [self.bos_token_id, *ids] if self.adds_bos and not self._starts_with_bos(ids) else ids
+        if not prompt.add_special_tokens or self.adds_bos == self._post_processor_adds_bos:
             return ids
         if self.adds_bos:
             return [self.bos_token_id, *ids]
         return ids[1:] if self._starts_with_bos(ids) else ids
+
+    def max_prompt_bytes(self, tokens: int) -> int | None:
+        """The longest prompt, in UTF-8 bytes, that may have at most `tokens` tokens: any longer one
+        certainly has more. None when this tokenizer gives no such bound."""
+        return None if self.bytes_per_token is None else tokens * self.bytes_per_token
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -92,7 +122,11 @@ class TextTokenizer:
         )
 
     def render_chat_prompt(self, messages: Any, options: ChatOptions | None = None) -> list[int]:
-        """Token ids of the conversation, ready for the assistant's reply, with exactly one BOS if any.
+        """Token ids of the conversation, ready for the assistant's reply, with exactly one BOS if any."""
+        return self.tokenize(self.chat_prompt_text(messages, options))
+
+    def chat_prompt_text(self, messages: Any, options: ChatOptions | None = None) -> PromptText:
+        """The conversation rendered by the chat template, ready for the assistant's reply.
 
         Most templates write the BOS themselves: the text is then tokenized without
         special tokens, or the prompt would start with two. A template that writes none
@@ -111,10 +145,7 @@ class TextTokenizer:
         )
         if options.continue_final_message:
             text = _cut_after_final_message(text, messages)
-        ids = self._tokenizer.encode(text, add_special_tokens=options.add_special_tokens).ids
-        if self.adds_bos and not self._starts_with_bos(ids):
-            return [self.bos_token_id, *ids]
-        return ids
+        return PromptText(text, options.add_special_tokens, chat=True)
 
     def _starts_with_bos(self, ids: list[int]) -> bool:
         return self.bos_token_id is not None and ids[:1] == [self.bos_token_id]
@@ -135,7 +166,7 @@ def _cut_after_final_message(text: str, messages: Any) -> str:
 
 def load_text_tokenizer(model_dir: Path) -> TextTokenizer:
     model_dir = Path(model_dir)
-    tokenizer = _read_tokenizer(model_dir / TOKENIZER_FILE)
+    tokenizer, description = _read_tokenizer(model_dir / TOKENIZER_FILE)
     config = _read_json(model_dir / TOKENIZER_CONFIG_FILE)
     special_tokens = {key: _token_content(config.get(key), key) for key in TEMPLATE_SPECIAL_TOKENS}
     add_bos = config.get("add_bos_token")
@@ -147,16 +178,20 @@ def load_text_tokenizer(model_dir: Path) -> TextTokenizer:
         adds_bos=add_bos if isinstance(add_bos, bool) else None,
         chat_template=ChatTemplate(template_source, origin, special_tokens) if template_source is not None else None,
         no_template_reason=no_template_reason,
+        bytes_per_token=bytes_per_token(description),
     )
 
 
-def _read_tokenizer(path: Path) -> Tokenizer:
+def _read_tokenizer(path: Path) -> tuple[Tokenizer, dict[str, Any]]:
+    """The tokenizer, and its description as parsed JSON (what it is made of)."""
     if not path.is_file():
         raise TokenizerError(f"{path} does not exist: the model directory needs a fast tokenizer ({TOKENIZER_FILE})")
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # the Rust side raises a bare Exception for every kind of bad file
         raise TokenizerError(f"{path} is not a valid tokenizer file: {exc}") from None
+    # As the library saw it (defaults filled in), not as written: the file may be in an older format.
+    return tokenizer, json.loads(tokenizer.to_str())
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -44,7 +44,8 @@ from daemon.ipc.messages import (
 from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
 from daemon.tier import Tier
 from daemon.tokenizer.detokenize import IncrementalDetokenizer, StopStrings
-from daemon.tokenizer.loading import TokenizerError, load_text_tokenizer
+from daemon.tokenizer.loading import PromptText, TokenizerError, load_text_tokenizer
+from daemon.tokenizer.offloop import OffLoop
 
 log = structlog.get_logger("daemon.tokenizer")
 POLL_MS = 200
@@ -52,6 +53,9 @@ HELLO_INTERVAL_MS = 100
 # A draining worker exits once it holds no request and has heard nothing this long: requests the
 # front-ends sent before they learned of the drain have arrived by then.
 DRAIN_QUIET_S = 0.5
+# Prompts longer than this (in characters) are tokenized off the loop: about 20 ms of encoding
+# here, what a request behind it may wait; shorter ones are done at once, without the round trip.
+OFF_LOOP_CHARS = 32 * 1024
 
 
 @dataclass
@@ -83,9 +87,11 @@ class TokenizerService:
         self.frontends: dict[str, zmq.Socket] = {}
         self.active: dict[str, Active] = {}
         self._pending: dict[str, list[GenerateOutput]] = {}  # outputs of this round, by front-end
+        self.off_loop = OffLoop()  # long prompts: tokenized there while the loop serves the rest
         self.poller = zmq.Poller()
         self.poller.register(self.inbox.socket, zmq.POLLIN)
         self.poller.register(self.events.socket, zmq.POLLIN)
+        self.poller.register(self.off_loop.fd, zmq.POLLIN)
 
     def run(self) -> None:
         early = self._meet_scheduler()
@@ -108,10 +114,15 @@ class TokenizerService:
                             self.tier.adopt(generation)
                             send(self.control, ConfigApplied(self.tier.role, self.tier.index, os.getpid(), generation))
                             log.info("tokenizer.config_applied")
+            if self.off_loop.fd in ready:
+                for then, result, error in self.off_loop.finished():
+                    then(result, error)
+                self._flush()
             if self.inbox.socket in ready:
                 last_message = time.monotonic()
                 self._handle(self.inbox.recv_ready())
-            if draining_since is not None and not self.active and time.monotonic() - last_message > DRAIN_QUIET_S:
+            idle = not self.active and not self.off_loop
+            if draining_since is not None and idle and time.monotonic() - last_message > DRAIN_QUIET_S:
                 log.info("tokenizer.drained")  # a new pool took over, and this one holds nothing more
                 return
 
@@ -139,6 +150,7 @@ class TokenizerService:
                 case AbortRequest(request_id=request_id):
                     if self.active.pop(request_id, None) is not None:
                         self._to_scheduler(message)
+                    self.off_loop.cancel(request_id)  # still tokenizing: it never reaches the scheduler
                 case StepTokens(updates=updates):
                     self._detokenize(updates)
                 case Tokenize() | Detokenize():
@@ -153,12 +165,58 @@ class TokenizerService:
             self._tokenize(request)
 
     def _tokenize(self, request: GenerateRequest) -> None:
+        """Check the prompt, tokenize it (off the loop when it is long), then schedule it."""
         prompt_param = "messages" if request.messages is not None else "prompt"
         try:
-            prompt_ids = self._prompt_ids(request)
+            if request.prompt_token_ids is not None:  # given as ids: nothing to tokenize
+                given = self._checked_ids(request.prompt_token_ids)
+            else:
+                prompt = self._prompt_text(request)
         except TokenizerError as exc:
             log.info("tokenizer.rejected", reason=str(exc))
             return self._reject(request, ErrorInfo(400, str(exc), param=prompt_param))
+        if request.prompt_token_ids is not None:
+            return self._schedule(request, given)
+        if request.truncate_prompt_tokens is None and (error := self._beyond_context(prompt, prompt_param)):
+            return self._reject(request, error)
+        if len(prompt.text) <= OFF_LOOP_CHARS:
+            return self._schedule(request, self.text.tokenize(prompt))
+
+        def then(ids: list[int] | None, error: BaseException | None) -> None:
+            with structlog.contextvars.bound_contextvars(request_id=request.request_id):
+                if error is not None:
+                    raise error  # the tokenizer library failed on this text: as if it had on the loop
+                self._schedule(request, ids)
+
+        log.info("tokenizer.off_loop", chars=len(prompt.text))  # seconds of work: worth a line
+        self.off_loop.submit(request.request_id, lambda: self.text.tokenize(prompt), then)
+
+    def _beyond_context(self, prompt: PromptText, param: str) -> ErrorInfo | None:
+        """The 400 for a prompt so long it cannot fit, whatever its tokens: known from its length
+        alone, before the cost of tokenizing it (which may be seconds)."""
+        limit = self.text.max_prompt_bytes(self.context - 1)
+        if limit is None or len(prompt.text) * 4 <= limit:  # a character is at most 4 bytes
+            return None
+        size = len(prompt.text.encode("utf-8", "surrogatepass"))
+        if size <= limit:
+            return None
+        message = (
+            f"This model's maximum context length is {self.context} tokens. However, your prompt is {size} "
+            f"bytes long, more than {self.context - 1} tokens of this tokenizer can hold ({limit} bytes), "
+            "which leaves no room for the completion. Please shorten the prompt (or set truncate_prompt_tokens)."
+        )
+        log.info("tokenizer.rejected", reason="prompt beyond the context", prompt_bytes=size)
+        return ErrorInfo(400, message, param=param)
+
+    def _schedule(self, request: GenerateRequest, prompt_ids: list[int]) -> None:
+        prompt_param = "messages" if request.messages is not None else "prompt"
+        if request.truncate_prompt_tokens is not None:  # the end of a prompt is what the model continues
+            keep = request.truncate_prompt_tokens
+            if keep == -1:  # as much as fits beside the completion
+                keep = max(self.context - (request.sampling.max_tokens or 1), 1)
+            prompt_ids = prompt_ids[-keep:]
+        if not prompt_ids:
+            return self._reject(request, ErrorInfo(400, "the prompt is empty", param=prompt_param))
         if len(prompt_ids) >= self.context:  # the prompt alone leaves no room for a single token
             message = (
                 f"This model's maximum context length is {self.context} tokens. However, your prompt has "
@@ -196,23 +254,16 @@ class TokenizerService:
             len(prompt_ids),
         )
 
-    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
+    def _prompt_text(self, request: GenerateRequest | Tokenize) -> PromptText:
+        """What to tokenize: the prompt, or the conversation rendered (cheap, unlike tokenizing)."""
         if request.messages is not None:
-            ids = self.text.render_chat_prompt(request.messages, request.chat)
-        elif request.prompt_token_ids is not None:
-            ids = list(request.prompt_token_ids)
-            if any(not 0 <= i < self.text.vocab_size for i in ids):
-                raise TokenizerError(f"prompt token ids must be in 0..{self.text.vocab_size - 1}")
-        else:
-            ids = self.text.encode(request.prompt or "", add_special_tokens=request.add_special_tokens)
-        if request.truncate_prompt_tokens is not None:  # the end of a prompt is what the model continues
-            keep = request.truncate_prompt_tokens
-            if keep == -1:  # as much as fits beside the completion
-                keep = max(self.context - (request.sampling.max_tokens or 1), 1)
-            ids = ids[-keep:]
-        if not ids:
-            raise TokenizerError("the prompt is empty")
-        return ids
+            return self.text.chat_prompt_text(request.messages, request.chat)
+        return PromptText(request.prompt or "", request.add_special_tokens)
+
+    def _checked_ids(self, ids: list[int]) -> list[int]:
+        if any(not 0 <= i < self.text.vocab_size for i in ids):
+            raise TokenizerError(f"prompt token ids must be in 0..{self.text.vocab_size - 1}")
+        return list(ids)
 
     def _reject(self, request: GenerateRequest, error: ErrorInfo) -> None:
         self._queue(request, GenerateOutput(request.request_id, finish_reason="error", error=error))
@@ -221,30 +272,40 @@ class TokenizerService:
         """/tokenize and /detokenize: answered at once, nothing is scheduled."""
         reply: Tokenized | Detokenized
         if isinstance(request, Tokenize):
-            reply = self._tokenize_only(request)
-        elif any(not 0 <= i < self.text.vocab_size for i in request.tokens):
+            return self._tokenize_only(request)
+        if any(not 0 <= i < self.text.vocab_size for i in request.tokens):
             error = ErrorInfo(400, f"token ids must be in 0..{self.text.vocab_size - 1}", param="tokens")
             reply = Detokenized(request.request_id, error=error)
         else:  # special tokens stay: the text shows exactly what the ids are, as vLLM's does
             reply = Detokenized(request.request_id, self.text.decode(request.tokens, skip_special_tokens=False))
-        socket = self._frontend(request.reply_to)
+        self._reply(request.reply_to, reply)
+
+    def _reply(self, reply_to: str, reply: Tokenized | Detokenized) -> None:
+        socket = self._frontend(reply_to)
         try:
             send(socket, reply)
         except PeerGone:  # that front-end worker is gone, and the client with it
             socket.close()
-            del self.frontends[request.reply_to]
+            del self.frontends[reply_to]
 
-    def _tokenize_only(self, request: Tokenize) -> Tokenized:
+    def _tokenize_only(self, request: Tokenize) -> None:
+        """/tokenize: any length is answered (it schedules nothing), long prompts off the loop."""
         try:
-            if request.messages is not None:
-                tokens = self.text.render_chat_prompt(request.messages, request.chat)
-            else:
-                tokens = self.text.encode(request.prompt or "", add_special_tokens=request.add_special_tokens)
+            prompt = self._prompt_text(request)
         except TokenizerError as exc:
             param = "messages" if request.messages is not None else "prompt"
-            return Tokenized(request.request_id, error=ErrorInfo(400, str(exc), param=param))
-        strings = self.text.token_strings(tokens) if request.return_token_strs else None
-        return Tokenized(request.request_id, tokens, strings, self.context)
+            error = ErrorInfo(400, str(exc), param=param)
+            return self._reply(request.reply_to, Tokenized(request.request_id, error=error))
+
+        def then(tokens: list[int] | None, error: BaseException | None) -> None:
+            if error is not None:
+                raise error
+            strings = self.text.token_strings(tokens) if request.return_token_strs else None
+            self._reply(request.reply_to, Tokenized(request.request_id, tokens, strings, self.context))
+
+        if len(prompt.text) <= OFF_LOOP_CHARS:
+            return then(self.text.tokenize(prompt), None)
+        self.off_loop.submit(request.request_id, lambda: self.text.tokenize(prompt), then)
 
     # --- tokens back --------------------------------------------------------------------------
 
