@@ -222,7 +222,7 @@ class Application:
                 return await send_error(send, ErrorInfo(503, "the server is shutting down"), headers)
             server = self.tier.settings.server
             try:
-                body = await read_body(scope, receive, server.max_request_body_bytes)
+                body = await read_body(scope, receive, server.max_request_body_bytes, server.body_read_timeout_s)
                 model = ChatRequest if chat else CompletionRequest
                 parsed = openai.parse(body, model, server.unknown_request_fields)
                 if noted := logged_fields(parsed):

@@ -302,7 +302,8 @@ class Routes:
         return self.host.gateway
 
     async def _body(self, call: Call) -> bytes:
-        return await read_body(call.scope, call.receive, self._tier().settings.server.max_request_body_bytes)
+        server = self._tier().settings.server
+        return await read_body(call.scope, call.receive, server.max_request_body_bytes, server.body_read_timeout_s)
 
     def _check_model(self, name: str | None) -> None:
         served = self._tier().settings.model.served_model_name
