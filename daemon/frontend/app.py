@@ -24,6 +24,7 @@ from daemon.frontend.api_docs import API_ROUTES, openapi
 from daemon.frontend.asgi import (
     BadRequest,
     ClientGone,
+    drain_body,
     Receive,
     Scope,
     Send,
@@ -216,7 +217,7 @@ class Application:
         headers = [(b"x-request-id", echoed.encode())]
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             log.debug("request.received", path=scope["path"], http_version=scope.get("http_version"))
-            if not await self._authorized(scope, send, headers):
+            if not await self._authorized(scope, receive, send, headers):
                 return
             if self.gateway.draining:
                 return await send_error(send, ErrorInfo(503, "the server is shutting down"), headers)
@@ -243,7 +244,7 @@ class Application:
             else:
                 await until_disconnected(receive, generation.respond(send))
 
-    async def _authorized(self, scope: Scope, send: Send, headers: list | None = None) -> bool:
+    async def _authorized(self, scope: Scope, receive: Receive, send: Send, headers: list | None = None) -> bool:
         assert self.tier is not None
         key = self.tier.settings.server.api_key
         if key is None:
@@ -253,6 +254,8 @@ class Application:
         if hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
             return True
         error = ErrorInfo(401, "Incorrect API key provided", type="invalid_request_error")
+        server = self.tier.settings.server
+        await drain_body(receive, server.max_request_body_bytes, server.body_read_timeout_s)
         await send_error(send, error, [*(headers or []), (b"www-authenticate", b"Bearer")])
         return False
 

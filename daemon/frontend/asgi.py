@@ -76,6 +76,15 @@ async def read_body(scope: Scope, receive: Receive, limit: int, timeout_s: float
         raise BadRequest(f"the request body did not arrive within {timeout_s:g} s", status=408) from None
 
 
+async def drain_body(receive: Receive, limit: int, timeout_s: float) -> None:
+    """Read and drop up to `limit` bytes of a body we refuse, within `timeout_s`: over HTTP/2, a
+    response sent before the request body is read makes the stream end in a reset that curl and
+    httpx report instead of the response."""
+    with contextlib.suppress(TimeoutError, BadRequest, ClientGone):
+        async with asyncio.timeout(timeout_s):
+            await _read_chunks(receive, limit)
+
+
 async def _read_chunks(receive: Receive, limit: int) -> bytes:
     chunks, size = [], 0
     while True:
