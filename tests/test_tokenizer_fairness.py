@@ -128,7 +128,6 @@ def then_byte_level(first: dict) -> dict:
     return {"type": "Sequence", "pretokenizers": [first, BYTE_LEVEL]}
 
 
-
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -172,6 +171,7 @@ def test_the_off_loop_encoding_gives_the_ids_of_a_one_shot_encode(demo, text, sp
     except Exception:  # lone surrogates: both refuse them
         return
     found = []
+
     def encode_on_a_thread() -> None:
         found.append(raw.encode_batch([text], add_special_tokens=special)[0].ids)
 

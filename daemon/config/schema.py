@@ -181,6 +181,54 @@ class ServerSettings(Section):
         ge=128,
         le=65535,
     )
+    max_connections: int = setting(
+        8192,
+        doc="Most client connections each front-end worker holds open at once (Granian's backpressure); "
+        "beyond it new connections wait in the listen backlog until one closes. Idle keep-alive and silent "
+        "connections count too, so keep it well above the clients' connection pools: with the default, "
+        "2,000 idle connections leave /health answering. The front-end raises its open-file limit to fit.",
+        reload=Reload.FRONTEND,
+        ge=16,
+        le=1_000_000,
+    )
+    header_read_timeout_s: float = setting(
+        30.0,
+        doc="HTTP/1.1: seconds a client has to send a request's whole header block, and the longest an "
+        "idle keep-alive connection stays open between requests; then the connection is closed (no "
+        "response). With enable_http2 off it also closes a connection that never sends a byte.",
+        reload=Reload.FRONTEND,
+        ge=1.0,
+        le=3600.0,
+        allow_inf_nan=False,
+    )
+    body_read_timeout_s: float = setting(
+        60.0,
+        doc="Seconds a client has to send a request's whole body, once its headers are in (a body shorter "
+        "than its Content-Length, a trickled or endless chunked body); then the request gets 408 and "
+        "nothing runs.",
+        reload=Reload.FRONTEND,
+        ge=1.0,
+        le=3600.0,
+        allow_inf_nan=False,
+    )
+    http2_keepalive_interval_s: float | None = setting(
+        60.0,
+        doc="HTTP/2: seconds between PINGs on a connection; a peer that does not answer one within "
+        "http2_keepalive_timeout_s is dropped with its streams (a vanished client, a dead NAT entry). "
+        "Unset: no PINGs.",
+        reload=Reload.FRONTEND,
+        ge=1.0,
+        le=86400.0,
+        allow_inf_nan=False,
+    )
+    http2_keepalive_timeout_s: float = setting(
+        20.0,
+        doc="HTTP/2: seconds to wait for a PING's answer before the connection is dropped.",
+        reload=Reload.FRONTEND,
+        ge=1.0,
+        le=3600.0,
+        allow_inf_nan=False,
+    )
     api_key: SecretStr | None = setting(
         None,
         doc="Bearer token required on /v1/* endpoints, /tokenize and /detokenize. Unset: no authentication. "

@@ -22,6 +22,7 @@ from daemon.frontend.asgi import (
     Receive,
     Scope,
     Send,
+    drain_body,
     header,
     read_body,
     request_ids,
@@ -187,13 +188,13 @@ class Application:
         headers = [(b"x-request-id", echoed.encode())]
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             log.debug("request.received", path=scope["path"], http_version=scope.get("http_version"))
-            if not await self._authorized(scope, send, headers):
+            if not await self._authorized(scope, receive, send, headers):
                 return
             if self.gateway.draining:
                 return await send_error(send, ErrorInfo(503, "the server is shutting down"), headers)
             server = self.tier.settings.server
             try:
-                body = await read_body(scope, receive, server.max_request_body_bytes)
+                body = await read_body(scope, receive, server.max_request_body_bytes, server.body_read_timeout_s)
                 model = ChatRequest if chat else CompletionRequest
                 parsed = openai.parse(body, model, server.unknown_request_fields)
                 if noted := logged_fields(parsed):
@@ -224,10 +225,12 @@ class Application:
         token = supplied[7:] if supplied[:7].lower() == "bearer " else ""
         return hmac.compare_digest(token.encode(), key.get_secret_value().encode())
 
-    async def _authorized(self, scope: Scope, send: Send, headers: list | None = None) -> bool:
+    async def _authorized(self, scope: Scope, receive: Receive, send: Send, headers: list | None = None) -> bool:
         if self._key_given(scope):
             return True
         error = ErrorInfo(401, "Incorrect API key provided", type="invalid_request_error")
+        server = self.tier.settings.server
+        await drain_body(receive, server.max_request_body_bytes, server.body_read_timeout_s)
         await send_error(send, error, [*(headers or []), (b"www-authenticate", b"Bearer")])
         return False
 

@@ -63,10 +63,29 @@ def request_ids(scope: Scope) -> tuple[str, str]:
     return client or own, own
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+async def read_body(scope: Scope, receive: Receive, limit: int, timeout_s: float) -> bytes:
+    """The whole body, within `limit` bytes (413) and `timeout_s` seconds (408: a body shorter than
+    its Content-Length, or trickled, would otherwise hold the request open forever)."""
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(f"the request body exceeds {limit} bytes", status=413)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_chunks(receive, limit)
+    except TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {timeout_s:g} s", status=408) from None
+
+
+async def drain_body(receive: Receive, limit: int, timeout_s: float) -> None:
+    """Read and drop up to `limit` bytes of a body we refuse, within `timeout_s`: over HTTP/2, a
+    response sent before the request body is read makes the stream end in a reset that curl and
+    httpx report instead of the response."""
+    with contextlib.suppress(TimeoutError, BadRequest, ClientGone):
+        async with asyncio.timeout(timeout_s):
+            await _read_chunks(receive, limit)
+
+
+async def _read_chunks(receive: Receive, limit: int) -> bytes:
     chunks, size = [], 0
     while True:
         message = await receive()

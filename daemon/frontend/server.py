@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import shutil
 import socket
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from granian import Granian
 from granian._granian import SocketHolder
 from granian.constants import HTTPModes, Interfaces, Loops
-from granian.http import HTTP2Settings
+from granian.http import HTTP1Settings, HTTP2Settings
 
 from daemon.config.schema import DaemonSettings
 from daemon.ipc.endpoints import LISTEN_FD_VAR
@@ -50,7 +51,17 @@ def granian_options(settings: DaemonSettings) -> dict[str, Any]:
         "workers": server.workers,
         "loop": Loops.uvloop,
         "backlog": server.backlog,
-        "http2_settings": HTTP2Settings(max_concurrent_streams=server.http2_max_concurrent_streams),
+        # Granian's default (backlog / workers) lets ~1,000 silent connections lock everyone out.
+        "backpressure": server.max_connections,
+        # In HTTP/1.1 the header timeout is also the keep-alive idle timeout (hyper has no other).
+        "http1_settings": HTTP1Settings(header_read_timeout=round(server.header_read_timeout_s * 1000)),
+        "http2_settings": HTTP2Settings(
+            max_concurrent_streams=server.http2_max_concurrent_streams,
+            keep_alive_interval=(
+                None if server.http2_keepalive_interval_s is None else round(server.http2_keepalive_interval_s * 1000)
+            ),
+            keep_alive_timeout=math.ceil(server.http2_keepalive_timeout_s),
+        ),
         "ssl_cert": tls.certfile,
         "ssl_key": tls.keyfile,
         "ssl_key_password": tls.keyfile_password.get_secret_value() if tls.keyfile_password else None,
@@ -83,6 +94,18 @@ class InheritedSocketGranian(Granian):
         self._sso = shared
 
 
+def raise_open_file_limit(settings: DaemonSettings) -> None:
+    """Let the workers hold max_connections sockets each, within the hard limit: the usual soft
+    limit (1,024) would make accept() fail long before Granian's own bound."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # each worker also holds its ZeroMQ sockets, logs and libraries: a margin for those
+    wanted = settings.server.max_connections + 1024
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def main(tier: Tier) -> None:
     # Each front-end instance has its own: during a handover two run side by side.
     metrics_dir = tier.endpoints.directory / f"metrics-{os.getpid()}"
@@ -91,6 +114,7 @@ def main(tier: Tier) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # the workers inherit it
     os.environ[SPAWNER_VAR] = str(os.getpid())  # Granian's workers die with this process
     options = granian_options(tier.settings)
+    raise_open_file_limit(tier.settings)  # the workers inherit it
     try:
         if listen_fd := os.environ.get(LISTEN_FD_VAR):
             InheritedSocketGranian(APP, listen_fd=int(listen_fd), **options).serve()

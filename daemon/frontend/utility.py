@@ -195,7 +195,7 @@ class Routes:
     answered with (a BadRequest, for what the request itself gets wrong); `table` wraps them
     with the API key check, the X-Request-Id and the error responses."""
 
-    def __init__(self, host: Host, authorized: Callable[[Scope, Send, list], Awaitable[bool]]):
+    def __init__(self, host: Host, authorized: Callable[[Scope, Receive, Send, list], Awaitable[bool]]):
         self.host = host
         self.authorized = authorized  # the application's API key check: one for every route
 
@@ -207,7 +207,7 @@ class Routes:
         echoed, own = request_ids(scope)
         headers = [(b"x-request-id", echoed.encode())]
         with structlog.contextvars.bound_contextvars(request_id=own):
-            if endpoint.authorized and not await self.authorized(scope, send, headers):
+            if endpoint.authorized and not await self.authorized(scope, receive, send, headers):
                 return
             if endpoint.tokenizer and self._gateway().draining:
                 return await send_error(send, ErrorInfo(503, "the server is shutting down"), headers)
@@ -302,7 +302,8 @@ class Routes:
         return self.host.gateway
 
     async def _body(self, call: Call) -> bytes:
-        return await read_body(call.scope, call.receive, self._tier().settings.server.max_request_body_bytes)
+        server = self._tier().settings.server
+        return await read_body(call.scope, call.receive, server.max_request_body_bytes, server.body_read_timeout_s)
 
     def _check_model(self, name: str | None) -> None:
         served = self._tier().settings.model.served_model_name

@@ -36,7 +36,7 @@ def bytes_per_token(config: dict[str, Any]) -> int | None:
     if shrink is None or not _keeps_every_byte(pre) or not _has_byte_level(pre) or model.get("type") != "BPE":
         return None
     vocab = model.get("vocab")
-    if not isinstance(vocab, dict) or not BYTE_ALPHABET <= vocab.keys():
+    if not isinstance(vocab, dict) or not vocab.keys() >= BYTE_ALPHABET:
         return None  # a byte without a symbol is dropped or unknown: no token stands for it
     added = config.get("added_tokens") or []
     if any(token.get("lstrip") or token.get("rstrip") for token in added):
