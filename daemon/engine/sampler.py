@@ -37,10 +37,11 @@ def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int | Exception]:
     """logits [B, vocab] (float32) -> one token id per row, or the exception that row's sampling raised."""
-    chosen: list[int | Exception] = logits.max(
-        dim=-1
-    ).indices.tolist()  # the first maximum, like argmax, at a third of its cost on CPU
-    broken = logits.isnan().any(dim=-1).tolist()  # a NaN logit makes argmax and softmax meaningless
+    top = logits.max(dim=-1)  # the first maximum, like argmax, at a third of its cost on CPU
+    chosen: list[int | Exception] = top.indices.tolist()
+    # max propagates NaN: a row holding one (which makes argmax and softmax meaningless) shows it
+    # here, without another pass over the logits
+    broken = top.values.isnan().tolist()
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
         if broken[row]:
             chosen[row] = ValueError("the model's logits for this sequence hold NaN")
