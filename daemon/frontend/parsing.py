@@ -46,12 +46,22 @@ def parse(body: bytes, kind: type[T], unknown: Unknown = "reject", *, sibling: t
 def json_object(body: bytes) -> dict[str, Any]:
     try:
         return msgspec.json.decode(body, type=dict[str, Any])
-    except msgspec.ValidationError:
+    except msgspec.ValidationError as exc:
+        if str(exc).startswith("Number out of range"):  # valid JSON, beyond a double: say where
+            raise BadRequest(f"a number is out of range (in `{_out_of_range(body)}`)", _out_of_range(body)) from None
         raise BadRequest("the request body must be a JSON object") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequest(TOO_DEEP) from None
+
+
+def _out_of_range(body: bytes) -> str | None:
+    """The top-level field holding a number no double can hold (msgspec's error has no key)."""
+    for name, raw in msgspec.json.decode(body, type=dict[str, msgspec.Raw]).items():
+        try:
+            msgspec.json.decode(raw)
+        except msgspec.ValidationError:
+            return name
+    return None
 
 
 def convert(
