@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 
 import h2.config
 import h2.connection
 import h2.settings
+import httpx
 import pytest
 from daemon_process import RunningDaemon, scrape, serving
 
@@ -110,3 +112,70 @@ def test_clients_that_stop_reading_then_leave_are_aborted_quietly(daemon: Runnin
     )
     noise = log_count(daemon, "ASGI transport error") - errors_before
     assert noise <= STALLED_CLIENTS, f"{noise} transport error lines for {STALLED_CLIENTS} clients"
+
+
+API_KEY = "stream-gone-key"
+BODY_LIMIT = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, model_cache) -> Iterator[RunningDaemon]:
+    settings = {"server.api_key": API_KEY, "server.max_request_body_bytes": BODY_LIMIT}
+    with serving(tmp_path_factory.mktemp("early-errors"), model_cache, settings) as running:
+        yield running
+
+
+EARLY_ERRORS = {
+    # (status, authorized, body size): a refused key with a body that fits; a body over the limit
+    "401": (401, False, 500 * 1000),
+    "413": (413, True, BODY_LIMIT + 1024 * 1024),
+}
+
+
+def early_error_body(size: int) -> bytes:
+    padding = "x" * max(0, size - 40)
+    return json.dumps({"prompt": padding, "max_tokens": 1}).encode()[:size].ljust(size, b" ")
+
+
+@pytest.mark.parametrize("case", EARLY_ERRORS)
+def test_early_errors_reach_httpx_over_h2c(guarded: RunningDaemon, case: str) -> None:
+    status, authorized, size = EARLY_ERRORS[case]
+    headers = {"content-type": "application/json"}
+    if authorized:
+        headers["authorization"] = f"Bearer {API_KEY}"
+    with httpx.Client(http1=False, http2=True, timeout=15) as client:
+        response = client.post(guarded.url + "/v1/completions", content=early_error_body(size), headers=headers)
+    assert response.http_version == "HTTP/2"
+    assert response.status_code == status, response.text
+    assert "error" in response.json()
+
+
+@pytest.mark.parametrize("case", EARLY_ERRORS)
+def test_early_errors_reach_curl_over_h2c(guarded: RunningDaemon, case: str, tmp_path) -> None:
+    status, authorized, size = EARLY_ERRORS[case]
+    body = tmp_path / "body.json"
+    body.write_bytes(early_error_body(size))
+    auth = ["-H", f"Authorization: Bearer {API_KEY}"] if authorized else []
+    result = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "15",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+            "-H",
+            "Content-Type: application/json",
+            *auth,
+            "--data-binary",
+            f"@{body}",
+            guarded.url + "/v1/completions",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.stdout == f"2 {status}", result.stderr
