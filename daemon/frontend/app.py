@@ -207,7 +207,9 @@ class Application:
                     raise BadRequest(message, "model", status=404)
                 requests = openai.to_generate_requests(parsed, request_id, self.gateway.address, self.tier.settings)
             except BadRequest as exc:
-                if exc.error.status == 413:
+                # (not over HTTP/1.1: there the 413 goes out at once and the connection closes,
+                # and a client waiting on `Expect: 100-continue` never uploads the body)
+                if exc.error.status == 413 and scope.get("http_version") == "2":
                     # over HTTP/2 an answer before the body is read ends in a reset that clients
                     # report instead of the 413: read and drop a bounded amount past the limit
                     bound = server.max_request_body_bytes + DRAIN_BEYOND_LIMIT_BYTES
