@@ -39,6 +39,8 @@ from daemon.ipc.messages import DaemonStatus, ErrorInfo, read_status_file
 from daemon.tier import Tier, start_tier
 
 log = structlog.get_logger("daemon.frontend")
+# How much of a too-large body is read and dropped before the 413 (bodies larger still end in a reset)
+DRAIN_BEYOND_LIMIT_BYTES = 16 * 1024 * 1024
 
 
 class Application:
@@ -205,6 +207,13 @@ class Application:
                     raise BadRequest(message, "model", status=404)
                 requests = openai.to_generate_requests(parsed, request_id, self.gateway.address, self.tier.settings)
             except BadRequest as exc:
+                # (not over HTTP/1.1: there the 413 goes out at once and the connection closes,
+                # and a client waiting on `Expect: 100-continue` never uploads the body)
+                if exc.error.status == 413 and scope.get("http_version") == "2":
+                    # over HTTP/2 an answer before the body is read ends in a reset that clients
+                    # report instead of the 413: read and drop a bounded amount past the limit
+                    bound = server.max_request_body_bytes + DRAIN_BEYOND_LIMIT_BYTES
+                    await drain_body(receive, bound, server.body_read_timeout_s)
                 return await send_error(send, exc.error, headers)
             except ClientGone:
                 return

@@ -34,6 +34,12 @@ APP = "daemon.frontend.app:app"
 GRANIAN_LOGGING = {
     "loggers": {
         "_granian": {"handlers": [], "propagate": True},
+        # Granian's Rust side logs through pyo3-log under its module path. Its ASGI I/O logs one
+        # INFO "ASGI transport error" per send() after the client went away (tens of thousands
+        # for a few stalled streams that then leave); the app notices the client has gone and logs
+        # one frontend.client_gone line itself. Only a level on this very logger stops them: a
+        # filter on "_granian" never sees records propagated from its children.
+        "_granian.asgi.io": {"handlers": [], "propagate": True, "level": "WARNING"},
         "granian.access": {"handlers": [], "propagate": True},
     }
 }
