@@ -484,7 +484,7 @@ def test_300_random_disconnects_leak_nothing(daemon):
     started = time.monotonic()
     try:
         for n in range(DISCONNECTS):
-            assert time.monotonic() - started < 20, f"only {n} clients in 20 s"
+            assert time.monotonic() - started < 60, f"only {n} clients in 60 s"  # bounded, with room for slow CI
             body = json.dumps(
                 {"prompt": f"client {n}", "max_tokens": rng.choice([1, 8, 64]), "stream": rng.random() < 0.5}
             ).encode()
