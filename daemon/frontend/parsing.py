@@ -48,10 +48,13 @@ def json_object(body: bytes) -> dict[str, Any]:
         return msgspec.json.decode(body, type=dict[str, Any])
     except msgspec.ValidationError as exc:
         if str(exc).startswith("Number out of range"):  # valid JSON, beyond a double: say where
-            raise BadRequest(f"a number is out of range (in `{_out_of_range(body)}`)", _out_of_range(body)) from None
+            field = _out_of_range(body)
+            raise BadRequest(f"a number is out of range (in `{field}`)", field) from None
         raise BadRequest("the request body must be a JSON object") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(TOO_DEEP) from None
 
 
 def _out_of_range(body: bytes) -> str | None:
@@ -61,6 +64,8 @@ def _out_of_range(body: bytes) -> str | None:
             msgspec.json.decode(raw)
         except msgspec.ValidationError:
             return name
+        except RecursionError:  # deep, but not what this looks for
+            continue
     return None
 
 
