@@ -68,7 +68,8 @@ def assert_serving(daemon: RunningDaemon) -> None:
     """A real completion still comes back, over both protocols."""
     for http2 in (False, True):
         with httpx.Client(base_url=daemon.url, http2=http2, http1=not http2, timeout=30) as http:
-            response = http.post("/v1/completions", json={"prompt": "still there", "max_tokens": 2})
+            body = {"prompt": "still there", "max_tokens": 2, "ignore_eos": True}  # sampled: EOS may come first
+            response = http.post("/v1/completions", json=body)
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] == 2
 
@@ -189,11 +190,11 @@ BAD_BYTES = {
 
 
 def completion_with(text: bytes) -> bytes:
-    return b'{"prompt": "a' + text + b'b", "max_tokens": 2}'
+    return b'{"prompt": "a' + text + b'b", "max_tokens": 2, "ignore_eos": true}'
 
 
 def chat_with(text: bytes) -> bytes:
-    return b'{"messages": [{"role": "user", "content": "a' + text + b'b"}], "max_tokens": 2}'
+    return b'{"messages": [{"role": "user", "content": "a' + text + b'b"}], "max_tokens": 2, "ignore_eos": true}'
 
 
 @pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "http2"])
@@ -343,7 +344,9 @@ def test_streams_beyond_the_limit_are_refused_and_those_within_complete(daemon):
         within = streams[:MAX_STREAMS]
         for stream in within:
             client.conn.send_data(
-                stream, json.dumps({"prompt": f"s{stream}", "max_tokens": 2}).encode(), end_stream=True
+                stream,
+                json.dumps({"prompt": f"s{stream}", "max_tokens": 2, "ignore_eos": True}).encode(),
+                end_stream=True,
             )
         client.flush()
         statuses, bodies, ended = {}, {s: b"" for s in within}, set()

@@ -260,7 +260,7 @@ def test_content_length_with_chunked_encoding_is_framed_by_chunks_and_the_connec
     connection (RFC 9112, 6.3), so whatever follows on the connection (a request hidden behind a
     Content-Length a proxy believed) is never served. The app cannot answer 400: the header is
     gone by the time it runs."""
-    body = json.dumps({"prompt": "x", "max_tokens": 2}).encode()
+    body = json.dumps({"prompt": "x", "max_tokens": 2, "ignore_eos": True}).encode()
     chunked = f"{len(body):x}".encode() + b"\r\n" + body + b"\r\n0\r\n\r\n"
     smuggled = b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     request = (
