@@ -30,6 +30,7 @@ import h2.exceptions
 import httpx
 import pytest
 from daemon_process import RunningDaemon, descendants, scrape, serving
+from raw_h2 import RawH2
 
 MAX_STREAMS = 8  # small, so a client can exceed it with a dozen streams
 
@@ -116,51 +117,6 @@ def status_of(response: bytes) -> int:
 
 def body_of(response: bytes) -> bytes:
     return response.partition(b"\r\n\r\n")[2]
-
-
-class RawH2:
-    """HTTP/2 with prior knowledge on a bare socket: the h2 library lets a test send frames no
-    well-behaved client sends (streams beyond the limit, a reset right after each HEADERS)."""
-
-    def __init__(self, port: int, timeout: float = 10):
-        self.port = port
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.conn.initiate_connection()
-        self.flush()
-
-    def flush(self) -> None:
-        if data := self.conn.data_to_send():
-            self.sock.sendall(data)
-
-    def headers(self, path: str, method: str = "POST") -> list[tuple[str, str]]:
-        return [
-            (":method", method),
-            (":path", path),
-            (":scheme", "http"),
-            (":authority", f"127.0.0.1:{self.port}"),
-            ("content-type", "application/json"),
-        ]
-
-    def receive(self, timeout: float) -> list[h2.events.Event]:
-        """The events of what arrives within `timeout` seconds (nothing: an empty list)."""
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            return []
-        if not data:
-            raise ConnectionError("the server closed the connection")
-        events = self.conn.receive_data(data)
-        for event in events:
-            if isinstance(event, h2.events.DataReceived):
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-        with contextlib.suppress(OSError):
-            self.flush()
-        return events
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def frontend_pids(daemon: RunningDaemon) -> list[int]:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -22,10 +21,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
 import httpx
 import pytest
 from conftest import DAEMON, clean_environ, run_daemon
@@ -41,6 +36,7 @@ from daemon_process import (
     taken_port,
     wait_gone,
 )
+from raw_h2 import RawH2
 
 KILL_BOUND_S = 10.0  # every request in flight ends within this long of a kill
 READ_TIMEOUT_S = 20.0  # a client read that waits this long is a hang (longer than KILL_BOUND_S on purpose)
@@ -831,68 +827,6 @@ def test_request_ended_by_a_stop_string_frees_the_engine_at_once(shared_daemon):
     assert response.json()["usage"]["completion_tokens"] < 1000, response.json()
     took = wait_engine_idle(daemon, 15)
     assert time.monotonic() - answered <= ABORT_BOUND_S, f"the engine kept generating for {took:.1f} s"
-
-
-class RawH2:
-    """A bare HTTP/2 client (the h2 library on a socket): httpx never sends RST_STREAM."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.conn.initiate_connection()
-        self.flush()
-
-    def flush(self) -> None:
-        if data := self.conn.data_to_send():
-            self.sock.sendall(data)
-
-    def request(self, method: str, path: str, body: bytes = b"") -> int:
-        stream_id = self.conn.get_next_available_stream_id()
-        headers = [
-            (":method", method),
-            (":path", path),
-            (":scheme", "http"),
-            (":authority", f"127.0.0.1:{self.port}"),
-            ("content-type", "application/json"),
-        ]
-        self.conn.send_headers(stream_id, headers, end_stream=not body)
-        if body:
-            self.conn.send_data(stream_id, body, end_stream=True)
-        self.flush()
-        return stream_id
-
-    def read(self, stream_id: int, until: Callable[[bytes, bool], bool], timeout: float = 10) -> tuple[int, bytes]:
-        """Read frames until `until(body so far, ended)`; the status and the body of `stream_id`."""
-        status, body, ended = 0, b"", False
-        deadline = time.monotonic() + timeout
-        while not until(body, ended):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"stream {stream_id}: nothing conclusive within {timeout} s: {body[-200:]!r}")
-            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
-            data = self.sock.recv(65536)
-            if not data:
-                raise AssertionError("the server closed the HTTP/2 connection")
-            for event in self.conn.receive_data(data):
-                if isinstance(event, h2.events.DataReceived):
-                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                    if event.stream_id == stream_id:
-                        body += event.data
-                elif isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream_id:
-                    status = int(dict(event.headers)[b":status"])
-                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset) and event.stream_id == stream_id:
-                    ended = True
-                elif isinstance(event, h2.events.ConnectionTerminated):
-                    raise AssertionError(f"the server ended the HTTP/2 connection: {event}")
-            self.flush()
-        return status, body
-
-    def reset(self, stream_id: int) -> None:
-        self.conn.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
-        self.flush()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_http2_stream_reset_aborts_its_request_and_keeps_the_connection(shared_daemon):
