@@ -98,10 +98,19 @@ class Reloader:
             return self._finish(trigger, started, "unchanged", notes=notes)
         if refusal := _refusal(diff):
             return self._finish(trigger, started, "rejected", reason=refusal, diff=diff, notes=notes)
+        replaces_frontend = Reload.FRONTEND in diff.scopes or rotate
+        # Prepare: what can still fail without touching a serving tier, cheapest first. The config
+        # was checked above (certificates and memory fit included); a new address is bound now, so
+        # a taken port rejects the reload before any tier is drained or replaced.
+        try:
+            listener = supervisor.listener_for(new.settings.server) if replaces_frontend else None
+        except TierStartFailed as exc:
+            return self._finish(trigger, started, "rejected", reason=str(exc), diff=diff, notes=notes)
         generation = supervisor.generation + 1
         write_config(new.settings, supervisor.socket_dir, generation)
         if rotate:
             notes.append("the TLS certificate files changed")
+        # Commit: replace the affected tiers; a tier that does not come up rolls the others back.
         restarted: list[str] = []
         stage = ""
         try:
@@ -114,11 +123,13 @@ class Reloader:
                 stage = "tokenizer"
                 await supervisor.replace_tokenizers(generation, new.settings.tokenizer.workers)
                 restarted.append(stage)
-            if Reload.FRONTEND in diff.scopes or rotate:
+            if replaces_frontend:
                 stage = "frontend"
-                await supervisor.replace_frontend(generation, new.settings.server)
+                await supervisor.replace_frontend(generation, new.settings.server, listener)
                 restarted.append(stage)
         except TierStartFailed as exc:
+            if listener is not None and listener is not supervisor.listener:
+                listener.close()
             await self._undo(restarted)
             reason = f"the new {stage} did not start ({exc}); the running config keeps serving"
             return self._finish(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)

@@ -493,19 +493,26 @@ class Supervisor:
             self._publish(child, "draining")  # it leaves the pools, finishes its requests, and exits
         await self._retire(old, self.settings.runtime.drain_timeout_s)
 
-    async def replace_frontend(self, generation: int, server: ServerSettings) -> None:
-        """Start a front-end running `generation` beside the running one, then drain the old one.
-
-        Both accept from the same listening socket (a new one if the address changed), so
-        connections queued meanwhile are served by whichever accepts them, never reset.
-        TierStartFailed (old front-end untouched) if the new one does not come up."""
-        old = self._child("frontend")
+    def listener_for(self, server: ServerSettings) -> socket.socket:
+        """The listening socket a front-end with `server` serves from: the running one, or a new
+        one bound now if the address changed (TierStartFailed if it cannot be)."""
         running = self.settings.server
-        moved = (server.host, server.port, server.backlog) != (running.host, running.port, running.backlog)
+        if (server.host, server.port, server.backlog) == (running.host, running.port, running.backlog):
+            return self.listener  # type: ignore[return-value]
         try:
-            listener = self._listen(server) if moved else self.listener
+            return self._listen(server)
         except StartupFailed as exc:
             raise TierStartFailed(str(exc)) from None
+
+    async def replace_frontend(self, generation: int, server: ServerSettings, listener: socket.socket) -> None:
+        """Start a front-end running `generation` beside the running one, then drain the old one.
+
+        Both accept from the same listening socket (`listener`, a new one if the address
+        changed), so connections queued meanwhile are served by whichever accepts them, never
+        reset. TierStartFailed (old front-end untouched) if the new one does not come up; the
+        caller then closes a new `listener`."""
+        old = self._child("frontend")
+        moved = listener is not self.listener
         new = Child(
             "frontend",
             0,
@@ -521,8 +528,6 @@ class Supervisor:
             await self._until_ready(new)
         except StartupFailed as exc:
             await self._abandon(new)
-            if moved:
-                listener.close()  # type: ignore[union-attr]
             raise TierStartFailed(str(exc)) from None
         await asyncio.sleep(HANDOVER_SETTLE_S)
         self._watch_child(new)
