@@ -1244,6 +1244,48 @@ def test_sighup_and_reload_command_and_status(manual):
     handle.reset()
 
 
+def test_live_push_a_frozen_tier_cannot_acknowledge_is_rolled_back_under_load(manual):
+    """A tokenizer frozen (SIGSTOP) while live keys are pushed cannot acknowledge them: the reload is
+    rolled back, not applied; every tier is told the running generation again, the frozen one too
+    once thawed; nothing restarts and no request fails. Then the same file applies."""
+    handle = manual
+    handle.reset()
+    generation, before = handle.generation(), handle.processes()
+    tokenizer = before["tokenizer-0"]
+    load = SteadyLoad(handle.url)
+    try:
+        load.wait_completed(4)
+        handle.write({"scheduler.max_queued_requests": 303})
+        mark = handle.log.mark()
+        os.kill(tokenizer, signal.SIGSTOP)
+        try:
+            status, report, output = handle.reload_command()
+        finally:
+            os.kill(tokenizer, signal.SIGCONT)
+        assert status == 1 and report["result"] == "rolled_back", output
+        assert "not acknowledged" in report["reason"] and "tokenizer-0" in report["reason"], report
+        assert report["generation"] == generation and report["restarted"] == [], report
+
+        def applied(role: str) -> list[int]:
+            return [e["generation"] for e in handle.log.since(mark, f"{role}.config_applied")]
+
+        # thawed, the tokenizer reads both pushes in order and ends on the running generation
+        until(lambda: applied("tokenizer") == [generation + 1, generation], 30, what="the tokenizer back")
+        assert applied("scheduler") == [generation + 1, generation], handle.log.tail()
+        load.wait_completed(len(load.completed()) + 4)
+    finally:
+        load.stop()
+    assert not load.failures(), load.report()
+    assert handle.processes() == before
+    assert handle.generation() == generation and handle.status()["last_reload"]["result"] == "rolled_back"
+    assert handle.server_info()["effective_config"]["scheduler"]["max_queued_requests"] != 303
+
+    status, report, output = handle.reload_command()
+    assert status == 0 and report["result"] == "applied" and report["generation"] == generation + 1, output
+    assert handle.server_info()["effective_config"]["scheduler"]["max_queued_requests"] == 303
+    handle.reset()
+
+
 # --- 6. a Kubernetes ConfigMap ------------------------------------------------------------------------------
 
 

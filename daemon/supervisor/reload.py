@@ -99,6 +99,7 @@ class Reloader:
         if refusal := _refusal(diff):
             return self._finish(trigger, started, "rejected", reason=refusal, diff=diff, notes=notes)
         replaces_frontend = Reload.FRONTEND in diff.scopes or rotate
+        running_frontend_workers = supervisor.settings.server.workers
         # Prepare: what can still fail without touching a serving tier, cheapest first. The config
         # was checked above (certificates and memory fit included); a new address is bound now, so
         # a taken port rejects the reload before any tier is drained or replaced.
@@ -133,10 +134,16 @@ class Reloader:
             await self._undo(restarted)
             reason = f"the new {stage} did not start ({exc}); the running config keeps serving"
             return self._finish(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
+        missing = await supervisor.push_live(generation, new.settings.server.workers, LIVE_ACK_TIMEOUT_S)
+        if missing:  # some tier may not run the new live values: every tier goes back to the running ones
+            await supervisor.push_live(supervisor.generation, running_frontend_workers, LIVE_ACK_TIMEOUT_S)
+            await self._undo(restarted)
+            reason = (
+                f"not acknowledged within {LIVE_ACK_TIMEOUT_S:g} s by: {', '.join(missing)}; "
+                "the running config was pushed again and keeps serving"
+            )
+            return self._finish(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
         supervisor.adopt(new, generation)
-        missing = await supervisor.push_live(generation, LIVE_ACK_TIMEOUT_S)
-        if missing:
-            notes.append(f"not acknowledged within {LIVE_ACK_TIMEOUT_S:g} s by: {', '.join(missing)}")
         return self._finish(trigger, started, "applied", diff=diff, notes=notes, restarted=restarted)
 
     async def _undo(self, restarted: list[str]) -> None:
@@ -149,6 +156,9 @@ class Reloader:
                     await supervisor.replace_tokenizers(supervisor.generation, running.tokenizer.workers)
                 elif stage == "worker":
                     await supervisor.replace_worker(supervisor.generation, mode=running.runtime.model_reload)
+                elif stage == "frontend":
+                    listener = supervisor.listener_for(running.server)
+                    await supervisor.replace_frontend(supervisor.generation, running.server, listener)
         except TierStartFailed as exc:  # the running config no longer starts: nothing to fall back on
             supervisor.fatal = f"a reload failed and the running config could not be restored: {exc}"
             supervisor.stopping.set()

@@ -131,6 +131,7 @@ class Supervisor:
         self.started = time.time()
         self.serving = asyncio.Event()  # the first generation went through: reloads may start
         self.listener: socket.socket | None = None
+        self.listener_address: tuple[str, int, int] | None = None  # (host, port, backlog) it is bound with
         self._watchers: list[asyncio.Task] = []
         self._applied: dict[int, set[int]] = {}  # generation -> PIDs that acknowledged it
         self._acknowledged = asyncio.Event()
@@ -152,6 +153,7 @@ class Supervisor:
             for child in self.children:  # in dependency order: each finds the ones before it ready
                 if child.tier == "frontend":
                     self.listener = self._listen(self.settings.server)
+                    self.listener_address = _address(self.settings.server)
                 await self._start(child)
                 await self._until_ready(child)
             for child in self.children:
@@ -361,13 +363,15 @@ class Supervisor:
         set_generation(generation)
         self.write_status()
 
-    async def push_live(self, generation: int, timeout: float) -> list[str]:
-        """Tell every tier to adopt `generation`; the tiers that did not acknowledge in time."""
+    async def push_live(self, generation: int, frontend_workers: int, timeout: float) -> list[str]:
+        """Tell every tier to adopt `generation`; the tiers that did not acknowledge in time.
+
+        A tier that acknowledged now belongs to `generation`: if it dies later, it restarts with it."""
         self._acknowledged.clear()
+        self._applied.pop(generation, None)  # acknowledgements of an earlier push of that number
         with contextlib.suppress(zmq.Again):
             self.events.send(encode(ConfigUpdate(generation)), zmq.NOBLOCK)
         expected = {c.name: c for c in self.children if c.tier != "frontend"}
-        frontend_workers = self.settings.server.workers
         deadline = time.monotonic() + timeout
         while True:
             acked = self._applied.get(generation, set())
@@ -376,6 +380,10 @@ class Supervisor:
             if frontends < frontend_workers:
                 missing.append(f"{frontend_workers - frontends} front-end worker(s)")
             if not missing or time.monotonic() > deadline:
+                for child in self.children:
+                    served_by = child.serving_workers if child.tier == "frontend" else {child.pid}
+                    if served_by and served_by <= acked:
+                        child.generation = generation
                 return missing
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -496,8 +504,7 @@ class Supervisor:
     def listener_for(self, server: ServerSettings) -> socket.socket:
         """The listening socket a front-end with `server` serves from: the running one, or a new
         one bound now if the address changed (TierStartFailed if it cannot be)."""
-        running = self.settings.server
-        if (server.host, server.port, server.backlog) == (running.host, running.port, running.backlog):
+        if _address(server) == self.listener_address:
             return self.listener  # type: ignore[return-value]
         try:
             return self._listen(server)
@@ -538,7 +545,7 @@ class Supervisor:
         old.retiring = True
         previous = self.listener
         if moved:  # the new address serves from now on; the old one refuses once the old instance stops
-            self.listener = listener
+            self.listener, self.listener_address = listener, _address(server)
             refuse = asyncio.create_task(self._refuse_new_connections(previous))
         # Granian stops accepting and finishes its requests and streams, bounded by its kill timeout.
         await self._terminate([old], signal.SIGTERM, self.settings.runtime.drain_timeout_s + STOP_GRACE_S)
@@ -611,7 +618,8 @@ class Supervisor:
             await asyncio.sleep(min(0.25 * 2 ** (len(child.restarts) - 1), BACKOFF_MAX_S))
             if self.stopping.is_set():
                 return
-            await self._start(child)
+            # The generation it ran, not the supervisor's: mid-transaction the two differ.
+            await self._start(child, child.generation, child.listener)
             try:
                 await self._until_ready(child)
             except StartupFailed as exc:
@@ -687,3 +695,7 @@ class Supervisor:
                 await process.wait()
             self._publish(child, "stopped")
             log.info("tier.stopped", tier=child.tier, index=child.index, status=process.returncode)
+
+
+def _address(server: ServerSettings) -> tuple[str, int, int]:
+    return server.host, server.port, server.backlog
