@@ -967,6 +967,36 @@ def test_tokenizer_and_worker_change_in_one_edit(daemons, tmp_path):
     assert_all_complete(calls, daemon)
 
 
+def test_tier_killed_mid_reload_restarts_with_the_generation_it_belongs_to(daemons):
+    """kill -9 of the new worker while the same reload replaces the tokenizer pool: it restarts with
+    the config it was started with (generation 2), not the one still serving (1), and the reload
+    ends with every tier on one generation, whichever result it reports."""
+    daemon = daemons({"tokenizer.workers": 1, "model.seed": 0})
+    daemon.edit(tokenizer__workers=2, model__seed=1)
+    outcome: dict = {}
+    reloading = threading.Thread(target=lambda: outcome.update(report=daemon.reload()[1]))
+    reloading.start()
+    try:
+        daemon.wait_for_event("tier.started", tier="tokenizer", child_generation=2, timeout=RELOAD_TIMEOUT_S)
+        new_worker = daemon.wait_for_event("tier.started", tier="worker", child_generation=2, timeout=5)
+        os.kill(new_worker["child_pid"], signal.SIGKILL)  # up: the tokenizer phase follows the worker's
+    finally:
+        reloading.join(RELOAD_TIMEOUT_S)
+    report = outcome["report"]
+    events = daemon.log_events()
+    died = next(i for i, e in enumerate(events) if e.get("event") == "tier.died" and e.get("tier") == "worker")
+    ended = next(i for i, e in enumerate(events) if e.get("event") == "config.reload")
+    assert died < ended, "the worker died after the reload ended: the test missed its window"
+    workers = [e["child_generation"] for e in daemon.events("tier.started", tier="worker")]
+    assert workers[:3] == [1, 2, 2], workers  # started, replaced by the reload, restarted after the kill
+    generation = 2 if report["result"] == "applied" else 1
+    assert report["result"] in ("applied", "rolled_back") and report["generation"] == generation, report
+    running = {f"{e['tier']}-{e['index']}": e["child_generation"] for e in daemon.events("tier.started")}
+    assert {running[name] for name in daemon.tiers() if name != "frontend-0"} == {generation}, running
+    answer = httpx.post(daemon.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert answer.status_code == 200, answer.text
+
+
 def test_later_tier_failing_rolls_back_the_replaced_worker(daemons, tmp_path):
     """model.seed and a tokenizer that cannot load in one edit: the new worker comes up, the new
     tokenizer pool cannot; a worker of the running config replaces the new one, and nothing fails
