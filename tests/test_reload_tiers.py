@@ -997,6 +997,57 @@ def test_tier_killed_mid_reload_restarts_with_the_generation_it_belongs_to(daemo
     assert answer.status_code == 200, answer.text
 
 
+# A moment in a worker reload (model.seed and tokenizer.workers change in one edit), told by the log.
+STOP_PHASES = {
+    "old worker draining": ("scheduler.hold", {}),
+    "new worker loading": ("tier.started", {"tier": "worker", "child_generation": 2}),
+    "new tokenizer pool starting": ("tier.started", {"tier": "tokenizer", "child_generation": 2}),
+}
+STOP_BOUND_S = 30 + 15 + 30 + 20  # the reload's drain and its grace, the stop's drain, slack
+
+
+@pytest.mark.parametrize("phase", list(STOP_PHASES))
+def test_sigterm_during_a_worker_reload_ends_it_then_drains(daemons, tmp_path, phase):
+    """SIGTERM in a phase of a worker reload (drain mode): the reload ends early and is reported; the
+    requests running finish, those held get an explicit 503, none is cut or left hanging; exit 0."""
+    daemon = daemons({"tokenizer.workers": 1, "model.seed": 0})
+    traffic = Traffic(daemon.url, KEEPALIVE + CURL, tmp_path)
+    pinned = None
+    try:
+        traffic.wait_busy()
+        pinned = Pinned(daemon, tmp_path) if phase == "old worker draining" else None
+        daemon.edit(model__seed=1, tokenizer__workers=2)
+        reloading = threading.Thread(target=daemon.reload, daemon=True)
+        reloading.start()
+        event, fields = STOP_PHASES[phase]
+        daemon.wait_for_event(event, timeout=RELOAD_TIMEOUT_S, **fields)
+        stopped = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        status = daemon.process.wait(STOP_BOUND_S)
+        took = time.monotonic() - stopped
+        reloading.join(30)
+    finally:
+        calls = traffic.stop()
+        held = pinned.finish() if pinned else []
+    assert status == 0 and took < STOP_BOUND_S, daemon.log_tail()
+    (report_event,) = daemon.events("config.reload")
+    assert report_event["result"] in ("applied", "rolled_back"), report_event
+    if report_event["result"] == "rolled_back":
+        assert "the daemon is stopping" in report_event["reason"], report_event
+    if pinned:
+        assert_all_complete(held, daemon)  # running on the old worker when the stop came: they finish
+    explicit = [c for c in calls if c.kind == "http-error" and c.status == 503 and '"error"' in c.detail]
+    # Sent once the front-end had stopped accepting: refused, or reset in the listen backlog when the
+    # supervisor shuts the socket (as at any stop), with nothing read.
+    (closing,) = [log_time(e) for e in daemon.log_events() if e.get("event") == "Shutting down granian"]
+    never_read = [
+        c for c in calls if c.refused or c.kind == "goaway" or (c.kind == "connection-error" and c.sent >= closing)
+    ]
+    lost = [c for c in calls if c.kind != "complete" and c not in explicit and c not in never_read]
+    assert not lost, report(lost, daemon)
+    assert not daemon.events("daemon.failed"), daemon.log_tail()
+
+
 def test_later_tier_failing_rolls_back_the_replaced_worker(daemons, tmp_path):
     """model.seed and a tokenizer that cannot load in one edit: the new worker comes up, the new
     tokenizer pool cannot; a worker of the running config replaces the new one, and nothing fails

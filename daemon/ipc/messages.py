@@ -205,6 +205,13 @@ class EngineHold(msgspec.Struct, frozen=True, tag=True):
     one, or one of the running config when the new one fails)."""
 
 
+class EngineHoldAbandoned(msgspec.Struct, frozen=True, tag=True):
+    """No worker will end the hold (the daemon stops in the middle of a worker reload): answer
+    the requests it holds with a 503 saying `reason`, at once rather than at the drain's end."""
+
+    reason: str
+
+
 class EngineBeside(msgspec.Struct, frozen=True, tag=True):
     """Blue-green model reload: the worker of `epoch` starts beside the running one. When it
     announces itself, new requests go to it and the running worker finishes what it holds, then
@@ -363,7 +370,9 @@ ToWorker = StepPlan
 ToFrontend = OutputBatch | Tokenized | Detokenized
 ToSupervisor = TierReady | FrontendWorkerReady | ConfigApplied | EngineIdle | ReloadCommand
 # PUB/SUB: from the supervisor (events) and the scheduler (stats)
-Broadcast = TierEvent | SchedulerStats | ConfigUpdate | EngineHold | EngineBeside | FrontendRetiring
+Broadcast = (
+    TierEvent | SchedulerStats | ConfigUpdate | EngineHold | EngineHoldAbandoned | EngineBeside | FrontendRetiring
+)
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -28,6 +28,7 @@ from daemon.ipc.messages import (
     ConfigUpdate,
     EngineBeside,
     EngineHold,
+    EngineHoldAbandoned,
     EngineIdle,
     ErrorInfo,
     ScheduleRequest,
@@ -111,6 +112,8 @@ class SchedulerService:
                             self._adopt(generation)
                         case EngineHold():
                             self._hold()
+                        case EngineHoldAbandoned(reason=reason):
+                            self._abandon_hold(reason)
                         case EngineBeside(epoch=epoch):
                             self.beside_epoch = epoch
             if self.inbox.socket in ready:
@@ -259,6 +262,13 @@ class SchedulerService:
             error = ErrorInfo(503, f"the model is reloading and was not back within {bound:g} s", type="server_error")
             for request in expired:
                 self._refuse(request, error)
+
+    def _abandon_hold(self, reason: str) -> None:
+        held, self.held, self.hold_since = self.held, [], None
+        error = ErrorInfo(503, reason, type="server_error")
+        for _received, request in held:
+            self._refuse(request, error)
+        log.warning("scheduler.hold_abandoned", reason=reason, requests=len(held))
 
     def _refuse(self, request: ScheduleRequest, error: ErrorInfo) -> None:
         self._send(request.tokenizer, [SequenceUpdate(request.request_id, [], "error", error)])

@@ -49,7 +49,7 @@ class Reloader:
         self.supervisor = supervisor
         self.last: ReloadReport | None = None
         self.counts: Counter[str] = Counter()
-        self._queue: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, bytes | None] | None] = asyncio.Queue()  # None: the end
         self._watches: dict[str, tuple[tuple[Path, ...], asyncio.Event, asyncio.Task]] = {}  # by trigger
 
     def request(self, trigger: str, reply_to: bytes | None = None) -> None:
@@ -60,20 +60,26 @@ class Reloader:
         self._follow_settings()
         # A change seen while the daemon starts waits for the first generation to serve, then applies.
         await self.supervisor.serving.wait()
-        while True:
-            trigger, reply_to = await self._queue.get()
-            batch = [(trigger, reply_to)]
+        ending = False
+        while not ending:
+            batch = [await self._queue.get()]
             while not self._queue.empty():  # requests that piled up: one reload answers them all
                 batch.append(self._queue.get_nowait())
-            triggers = sorted({t for t, _ in batch})
-            report = await self.reload("+".join(triggers))
-            for _trigger, identity in batch:
+            ending = None in batch
+            requests = [request for request in batch if request is not None]
+            if not requests:
+                continue
+            report = await self.reload("+".join(sorted({trigger for trigger, _ in requests})))
+            for _trigger, identity in requests:
                 if identity is not None:
                     await self.supervisor.reply(identity, report)
 
     async def stop(self) -> None:
+        """Stop watching; `run` ends after the reload in progress and those already asked for
+        (rejected: the daemon is stopping)."""
         for trigger in list(self._watches):
             self._unwatch(trigger)
+        self._queue.put_nowait(None)
 
     # --- the transaction ----------------------------------------------------------------------
 
@@ -131,6 +137,9 @@ class Reloader:
         except TierStartFailed as exc:
             if listener is not None and listener is not supervisor.listener:
                 listener.close()
+            if supervisor.stopping.is_set():  # nothing is put back: every tier drains as it is
+                reason = f"the daemon is stopping: the reload was abandoned while replacing the {stage}"
+                return self._finish(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
             await self._undo(restarted)
             reason = f"the new {stage} did not start ({exc}); the running config keeps serving"
             return self._finish(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
@@ -202,6 +211,8 @@ class Reloader:
             notes=report.notes,
             config_hash=report.config_hash,
         )
+        if supervisor.stopping.is_set():  # no READY=1 after STOPPING=1, no watch armed again
+            return report
         if supervisor.serving.is_set():
             notify.ready(supervisor.status_line())
         self._follow_settings()

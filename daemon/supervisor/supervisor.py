@@ -37,6 +37,7 @@ from daemon.ipc.messages import (
     DaemonStatus,
     EngineBeside,
     EngineHold,
+    EngineHoldAbandoned,
     EngineIdle,
     FrontendRetiring,
     FrontendWorkerReady,
@@ -64,6 +65,7 @@ CRASH_LOOP_RESTARTS = 5  # this many restarts of one tier process ...
 CRASH_LOOP_WINDOW_S = 60.0  # ... within this many seconds: give up
 BACKOFF_MAX_S = 8.0
 STOP_GRACE_S = 5.0  # after SIGTERM, how long a back-end tier may take before SIGKILL
+RELOAD_END_GRACE_S = 15.0  # a reload in progress at a stop ends within runtime.drain_timeout_s plus this
 REFUSE_AFTER_S = 1.0  # how long a stopping front-end's workers may take to stop accepting
 HANDOVER_CLOSE_S = 1.0  # answers with Connection: close from the old front-end before it stops
 HANDOVER_SETTLE_S = 0.3  # after a new front-end's workers report, before the old one stops accepting
@@ -170,6 +172,12 @@ class Supervisor:
         finally:
             notify.stopping("stopping: draining requests in flight")
             await self.reloader.stop()
+            if self.serving.is_set():
+                # A reload in progress ends first (early: a tier it starts now is abandoned, a drain
+                # it began runs its course) and reports; reloads asked for meanwhile are rejected.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.runtime.drain_timeout_s + RELOAD_END_GRACE_S):
+                        await asyncio.shield(reloads)
             reloads.cancel()
             await self._stop_all()  # the watchers still run: a tier dying in the drain is announced
             for watcher in self._watchers:
@@ -407,6 +415,9 @@ class Supervisor:
         try:
             await self._replace(old, generation)
         except TierStartFailed:
+            if self.stopping.is_set():  # nothing to start now: what the scheduler holds is answered
+                self._broadcast(EngineHoldAbandoned("the daemon is stopping during a model reload; retry the request"))
+                raise
             try:
                 await self._replace(self._child("worker"), self.generation)
             except TierStartFailed as exc:  # the old config no longer starts either: nothing to serve with
