@@ -13,7 +13,6 @@ of reusing a stale one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -25,14 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from daemon.engine.demo_spec import DEMO_HF_CONFIG
+from daemon.engine.demo_spec import BUILD_VERSION, DEMO_HF_CONFIG, demo_dir_name, demo_model_dir  # noqa: F401 - re-exported
 from daemon.pids import pid_alive
 
 if TYPE_CHECKING:
     import torch
 
-# Bump whenever the files built from an unchanged DEMO_HF_CONFIG would change.
-BUILD_VERSION = 1
 WEIGHT_SEED = 20240601
 CORPUS_SEED = 1234
 CORPUS_SENTENCES = 2000
@@ -87,11 +84,6 @@ class DemoModelError(Exception):
     """The demo model's cache directory cannot be created or written."""
 
 
-def demo_model_dir(cache_dir: Path) -> Path:
-    """Where the demo model is (or will be) under `cache_dir`; builds nothing."""
-    return Path(cache_dir) / demo_dir_name()
-
-
 def ensure_demo_model(cache_dir: Path) -> Path:
     """The demo model's directory under `cache_dir`, built there first if absent."""
     cache_dir = Path(cache_dir)
@@ -122,11 +114,6 @@ def _remove_abandoned_builds(cache_dir: Path) -> None:
         pid = leftover.name.rsplit("-", 2)[-2]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
-
-
-def demo_dir_name(config: dict[str, Any] = DEMO_HF_CONFIG, build_version: int = BUILD_VERSION) -> str:
-    recipe = json.dumps({"build_version": build_version, "config": config}, sort_keys=True)
-    return "demo-" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
 def _publish(staging: Path, target: Path) -> None:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("daemon.supervisor")
 
-LIVE_ACK_TIMEOUT_S = 2.0
+LIVE_ACK_TIMEOUT_S = 5.0  # a tier busy with a long step, on a loaded machine, answers late
 
 
 class TierStartFailed(Exception):

@@ -29,7 +29,8 @@ import zmq.asyncio
 
 from daemon.config import LoadedConfig
 from daemon.config.handoff import GENERATION_VAR, write_config
-from daemon.config.schema import ServerSettings
+from daemon.config.schema import DaemonSettings, ServerSettings
+from daemon.engine.demo_spec import DEMO_MODEL_REF, demo_model_dir
 from daemon.ipc.endpoints import LISTEN_FD_VAR, PARENT_PID_VAR, RUNTIME_DIR_VAR, STATUS_FILE, Endpoints
 from daemon.ipc.messages import (
     ConfigApplied,
@@ -152,12 +153,16 @@ class Supervisor:
         reader = asyncio.create_task(self._read_control())
         reloads = asyncio.create_task(self.reloader.run())
         try:
-            for child in self.children:  # in dependency order: each finds the ones before it ready
-                if child.tier == "frontend":
-                    self.listener = self._listen(self.settings.server)
-                    self.listener_address = _address(self.settings.server)
-                await self._start(child)
-                await self._until_ready(child)
+            # The port first (the likeliest failure, and the cheapest); then every tier at once: each
+            # finds its peers over sockets that connect whenever the other end comes up, as it does
+            # when one of them restarts.
+            self.listener = self._listen(self.settings.server)
+            self.listener_address = _address(self.settings.server)
+            builder = [c for c in self.children if c.tier == "worker"] if _demo_to_build(self.settings) else []
+            for group in (builder, [c for c in self.children if c not in builder]):
+                for child in group:
+                    await self._start(child)
+                await self._all_ready(group)
             for child in self.children:
                 self._watch_child(child)
             await self._first_generation()
@@ -279,6 +284,16 @@ class Supervisor:
             child_generation=child.generation,
         )
 
+    async def _all_ready(self, children: list[Child]) -> None:
+        """Until every one of `children` is ready; the first StartupFailed, the others no longer awaited."""
+        waits = [asyncio.create_task(self._until_ready(child)) for child in children]
+        try:
+            for ready in asyncio.as_completed(waits):
+                await ready
+        finally:
+            for wait in waits:
+                wait.cancel()
+
     async def _until_ready(self, child: Child) -> None:
         """Wait for `child` to be ready; StartupFailed if it dies, times out, or we are told to stop."""
         deadline = time.monotonic() + STARTUP_TIMEOUT_S[child.tier]
@@ -325,7 +340,7 @@ class Supervisor:
                 raise StartupFailed("no generation went through the tiers in time")
             if self.stopping.is_set():
                 return
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.1)
         log.info("daemon.ready", url=probe.base_url(server), model=self.settings.model.served_model_name)
 
     # --- watching -----------------------------------------------------------------------------
@@ -710,3 +725,10 @@ class Supervisor:
 
 def _address(server: ServerSettings) -> tuple[str, int, int]:
     return server.host, server.port, server.backlog
+
+
+def _demo_to_build(settings: DaemonSettings) -> bool:
+    """Whether the built-in demo model is used and not built yet: the worker builds it, and the
+    tiers that read it (the tokenizer) start once it is up."""
+    used = DEMO_MODEL_REF in (settings.model.path, settings.tokenizer.path or settings.model.path)
+    return used and not demo_model_dir(settings.runtime.cache_dir).is_dir()
