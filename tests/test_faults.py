@@ -9,6 +9,7 @@ checks that nothing carrying DAEMON_PARENT_PID=<supervisor pid> outlives it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -465,6 +466,41 @@ def test_kill_one_frontend_worker_process_under_load(launch):
     wait_serving(daemon)
     wait_engine_idle(daemon, timeout=5.0)  # the dead worker's requests were aborted in the engine
     assert daemon.stop() == 0, daemon.log_tail()
+
+
+HANG_TIMEOUT_S = 3.0
+
+
+@pytest.mark.parametrize("tier", ["worker-0", "scheduler-0", "tokenizer-0"])
+def test_frozen_tier_is_declared_hung_killed_and_restarted_under_load(launch, tier):
+    """SIGSTOP of a back-end tier under load: once it has been silent for runtime.hang_timeout_s it
+    is declared hung and killed; every request in flight ends (an answer, or an explicit 503) within
+    that plus the kill bound; then the tier is back and serves."""
+    daemon = launch({"runtime.hang_timeout_s": HANG_TIMEOUT_S})
+    name, index = tier.rsplit("-", 1)
+    frozen = daemon.tier_pids()[tier]
+    load = Load(daemon)
+    load.wait_streaming()
+    frozen_at = time.monotonic()
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        hung = daemon.wait_for_event("tier.hung", timeout=HANG_TIMEOUT_S + 10, tier=name, index=int(index))
+        load.join(HANG_TIMEOUT_S + KILL_BOUND_S + READ_TIMEOUT_S + 5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
+    assert hung["child_pid"] == frozen and hung["silent_s"] >= HANG_TIMEOUT_S, hung
+    report = f"after SIGSTOP of {tier}:\n{load.report()}\n{daemon.log_tail(25)}"
+    for outcome in load.outcomes:
+        assert outcome.kind == "complete" or outcome.explicit_error, report
+        assert outcome.ended_at - frozen_at <= HANG_TIMEOUT_S + KILL_BOUND_S, f"{outcome.label} took too long\n{report}"
+        if outcome.kind == "http-error":
+            assert outcome.status == 503, report
+    assert any(o.explicit_error for o in load.outcomes), f"the freeze hit no request in flight\n{report}"
+    died = [e for e in daemon.log_events() if e.get("event") == "tier.died" and e.get("child_pid") == frozen]
+    assert died and died[0]["status"] == -signal.SIGKILL, daemon.log_tail()
+    daemon.wait_for_event("tier.ready", timeout=RECOVERY_S, tier=name, index=int(index), epoch=2)
+    wait_serving(daemon)
 
 
 def test_frontend_workers_never_outlive_their_tier_process(launch):

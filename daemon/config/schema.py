@@ -436,6 +436,16 @@ class RuntimeSettings(Section):
         le=86400,
         allow_inf_nan=False,
     )
+    hang_timeout_s: float = setting(
+        60.0,
+        doc="A worker, scheduler or tokenizer process that sends no heartbeat for this long (frozen, "
+        "deadlocked, a step that never returns) is declared hung: killed and restarted like a crashed one, "
+        "its requests ending with a 503. Raise it where one model step can take longer. 0: never.",
+        reload=Reload.LIVE,
+        ge=0,
+        le=86400,
+        allow_inf_nan=False,
+    )
     watch_config: bool = setting(
         True, doc="Reload when the config file changes (SIGHUP and daemon reload always work).", reload=Reload.LIVE
     )

@@ -192,6 +192,15 @@ class ConfigUpdate(msgspec.Struct, frozen=True, tag=True):
     generation: int
 
 
+class Heartbeat(msgspec.Struct, frozen=True, tag=True):
+    """A tier's main loop is turning (sent at least every HEARTBEAT_INTERVAL_S): the supervisor
+    declares a tier hung when they stop for runtime.hang_timeout_s."""
+
+    tier: str
+    index: int
+    pid: int
+
+
 class ConfigApplied(msgspec.Struct, frozen=True, tag=True):
     tier: str
     index: int
@@ -368,7 +377,7 @@ ToTokenizer = GenerateRequest | AbortRequest | StepTokens | SchedulerHello | Tok
 ToScheduler = ScheduleRequest | AbortRequest | StepResult | WorkerReady | TokenizerHello
 ToWorker = StepPlan
 ToFrontend = OutputBatch | Tokenized | Detokenized
-ToSupervisor = TierReady | FrontendWorkerReady | ConfigApplied | EngineIdle | ReloadCommand
+ToSupervisor = TierReady | FrontendWorkerReady | ConfigApplied | EngineIdle | ReloadCommand | Heartbeat
 # PUB/SUB: from the supervisor (events) and the scheduler (stats)
 Broadcast = (
     TierEvent | SchedulerStats | ConfigUpdate | EngineHold | EngineHoldAbandoned | EngineBeside | FrontendRetiring

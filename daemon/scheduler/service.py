@@ -21,6 +21,7 @@ import structlog
 import zmq
 
 from daemon.engine.blocks import BlockManager
+from daemon.ipc.heartbeat import Pulse
 from daemon.ipc.messages import (
     AbortRequest,
     Broadcast,
@@ -70,6 +71,7 @@ class SchedulerService:
         self.events = Receiver(open_socket(context, zmq.SUB, connect=endpoints.events), Broadcast)
         self.stats = open_socket(context, zmq.PUB, bind=endpoints.stats)
         self.control = open_socket(context, zmq.DEALER, connect=endpoints.control)
+        self.pulse = Pulse(self.control, self.tier.role, self.tier.index)
         self._context = context
         self.tokenizers: dict[int, zmq.Socket] = {}  # by tokenizer index, connected on first use
         self.poller = zmq.Poller()
@@ -102,6 +104,7 @@ class SchedulerService:
         send(self.control, TierReady(self.tier.role, self.tier.index, os.getpid()))
         log.info("scheduler.ready")
         while True:
+            self.pulse.beat()
             ready = dict(self.poller.poll(POLL_MS))
             if self.events.socket in ready:
                 for event in self.events.recv_ready():

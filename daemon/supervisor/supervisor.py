@@ -32,6 +32,7 @@ from daemon.config.handoff import GENERATION_VAR, write_config
 from daemon.config.schema import DaemonSettings, ServerSettings
 from daemon.engine.demo_spec import DEMO_MODEL_REF, demo_model_dir
 from daemon.ipc.endpoints import LISTEN_FD_VAR, PARENT_PID_VAR, RUNTIME_DIR_VAR, STATUS_FILE, Endpoints
+from daemon.ipc.heartbeat import HEARTBEAT_INTERVAL_S
 from daemon.ipc.messages import (
     ConfigApplied,
     ConfigUpdate,
@@ -42,6 +43,7 @@ from daemon.ipc.messages import (
     EngineIdle,
     FrontendRetiring,
     FrontendWorkerReady,
+    Heartbeat,
     LoadedModel,
     ReloadCommand,
     ReloadReport,
@@ -54,6 +56,7 @@ from daemon.ipc.messages import (
 from daemon.ipc.sockets import Receiver, configure
 from daemon.logs import configure_logging, set_generation
 from daemon.supervisor import notify, probe
+from daemon.supervisor.liveness import Heartbeats
 from daemon.supervisor.reload import Reloader, TierStartFailed
 from daemon.supervisor.runtime_dir import create_socket_dir
 from daemon.tier import BESIDE_VAR, EPOCH_VAR, EXIT_NO_ROOM_BESIDE, SPAWNER_VAR, STOP_SIGNAL
@@ -96,6 +99,7 @@ class Child:
     expected_workers: int = 1
     listener: socket.socket | None = None  # a front-end's listening socket
     model: LoadedModel | None = None  # a worker's, from its TierReady
+    hung: bool = False  # declared hung and killed; true until its process is reaped
 
     @property
     def name(self) -> str:
@@ -141,6 +145,7 @@ class Supervisor:
         self._engine_idle = asyncio.Event()
         self._idle_epochs: set[int] = set()  # workers the scheduler said idle (0: the one held)
         self._worker_epoch = 0  # the last worker started
+        self.heartbeats = Heartbeats()
         self.reloader = Reloader(self)
 
     # --- the whole life -----------------------------------------------------------------------
@@ -169,8 +174,10 @@ class Supervisor:
             self.serving.set()
             notify.ready(self.status_line())
             pinger = asyncio.create_task(self._watchdog())
+            hangs = asyncio.create_task(self._kill_hung_tiers())
             await self.stopping.wait()
             pinger.cancel()
+            hangs.cancel()
         except StartupFailed as exc:
             if not self.stopping.is_set():
                 self.fatal = str(exc)
@@ -216,9 +223,28 @@ class Supervisor:
         while True:
             now = time.time()
             stuck = [c.name for c in self.children if c.state == "down" and now - c.since > interval]
+            # a tier whose main loop has not turned for a ping interval: systemd's watchdog, set
+            # longer than the longest model step, is the last resort if ours (hang_timeout_s) is off
+            # or the hung process will not die (a driver call in uninterruptible sleep)
+            stuck += [c.name for c in self.heartbeats.hung(self.children, interval)]
             if not stuck:
                 notify.watchdog()
             await asyncio.sleep(interval)
+
+    async def _kill_hung_tiers(self) -> None:
+        """Kill every tier silent for longer than runtime.hang_timeout_s; its watcher then handles
+        the death like a crash (its requests end with a 503, it restarts)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            timeout = self.settings.runtime.hang_timeout_s
+            for child in self.heartbeats.hung(self.children, timeout):
+                if child.hung or child.process is None or child.process.returncode is not None:
+                    continue
+                child.hung = True
+                silent = round(self.heartbeats.silent_for(child.pid), 1)
+                log.error("tier.hung", tier=child.tier, index=child.index, child_pid=child.pid, silent_s=silent)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.process.pid, signal.SIGKILL)  # it and whatever it started
 
     def status_line(self) -> str:
         """One line for humans (systemctl status): the generation, its hash, the last reload."""
@@ -309,6 +335,7 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.2):
                     await child.ready.wait()
+        self.heartbeats.heard(child.pid)  # its silence is counted from now
         self._publish(child, "up")
         log.info("tier.ready", tier=child.tier, index=child.index, child_pid=child.pid, epoch=child.epoch)
 
@@ -364,6 +391,8 @@ class Supervisor:
                 case ConfigApplied(pid=pid, generation=generation):
                     self._applied.setdefault(generation, set()).add(pid)
                     self._acknowledged.set()
+                case Heartbeat(pid=pid):
+                    self.heartbeats.heard(pid)
                 case EngineIdle(epoch=epoch):
                     self._idle_epochs.add(epoch)
                     self._engine_idle.set()
@@ -625,6 +654,8 @@ class Supervisor:
         while True:
             assert child.process is not None
             status = await child.process.wait()
+            self.heartbeats.forget(child.pid)
+            child.hung = False
             if child.retiring:
                 return
             if self.stopping.is_set():

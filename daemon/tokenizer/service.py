@@ -19,6 +19,7 @@ import zmq
 
 from daemon.engine.locate import locate_model, served_context
 from daemon.engine.model_dir import ModelDirError, inspect_model_dir
+from daemon.ipc.heartbeat import Pulse
 from daemon.ipc.messages import (
     AbortRequest,
     Broadcast,
@@ -84,6 +85,7 @@ class TokenizerService:
         self.events = Receiver(open_socket(self.zmq, zmq.SUB, connect=endpoints.events), Broadcast)
         self.scheduler = open_socket(self.zmq, zmq.PUSH, connect=endpoints.scheduler)
         self.control = open_socket(self.zmq, zmq.DEALER, connect=endpoints.control)
+        self.pulse = Pulse(self.control, self.tier.role, self.tier.index)
         self.frontends: dict[str, zmq.Socket] = {}
         self.active: dict[str, Active] = {}
         self._pending: dict[str, list[GenerateOutput]] = {}  # outputs of this round, by front-end
@@ -101,6 +103,7 @@ class TokenizerService:
         draining_since: float | None = None
         last_message = time.monotonic()
         while True:
+            self.pulse.beat()
             ready = dict(self.poller.poll(POLL_MS))
             if self.events.socket in ready:
                 for event in self.events.recv_ready():

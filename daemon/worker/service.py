@@ -21,6 +21,7 @@ from daemon.engine.blocks import BLOCK_SIZE
 from daemon.engine.locate import locate_model, served_context
 from daemon.engine.model_dir import inspect_model_dir
 from daemon.engine.runner import ModelRunner, resolve_device
+from daemon.ipc.heartbeat import Pulse
 from daemon.ipc.messages import (
     Broadcast,
     ConfigApplied,
@@ -94,6 +95,7 @@ class WorkerService:
         self.plans = Receiver(open_socket(context, zmq.PULL, bind=endpoints.worker(tier.epoch)), ToWorker)
         self.scheduler = open_socket(context, zmq.PUSH, connect=endpoints.scheduler)
         self.control = open_socket(context, zmq.DEALER, connect=endpoints.control)
+        self.pulse = Pulse(self.control, tier.role, tier.index)
         self.events = Receiver(open_socket(context, zmq.SUB, connect=endpoints.events), Broadcast)
         self.poller = zmq.Poller()
         self.poller.register(self.plans.socket, zmq.POLLIN)
@@ -118,6 +120,7 @@ class WorkerService:
             if time.monotonic() - announced >= ANNOUNCE_INTERVAL_S:
                 self._announce()
                 announced = time.monotonic()
+            self.pulse.beat()
             ready = dict(self.poller.poll(int(ANNOUNCE_INTERVAL_S * 1000)))
             if self.events.socket in ready:
                 for event in self.events.recv_ready():
