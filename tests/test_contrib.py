@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -35,6 +36,7 @@ import yaml
 from conftest import DAEMON, REPO, run_daemon
 from daemon_process import RunningDaemon, start_daemon
 
+from daemon.config.schema import RuntimeSettings
 from daemon.frontend.probes import HEALTH_GENERATE_TIMEOUT_S
 from daemon.supervisor.supervisor import (
     BACKOFF_MAX_S,
@@ -190,6 +192,8 @@ def test_unit_timeouts_fit_the_daemon():
     # The watchdog is pinged every WatchdogSec/2 unless a tier has been down that long: a tier
     # waiting out its restart backoff must not stop the pings.
     assert timespan_s(service["WatchdogSec"]) / 2 > BACKOFF_MAX_S
+    # ... and the supervisor's own hang detection, which restarts only the hung tier, acts first.
+    assert timespan_s(service["WatchdogSec"]) > RuntimeSettings().hang_timeout_s
     # Start-up ends with READY=1, after the model worker's start and the first generation.
     assert timespan_s(service["TimeoutStartSec"]) > STARTUP_TIMEOUT_S["worker"] + FIRST_GENERATION_TIMEOUT_S
     # Stop: the front-end drains (drain_timeout_s, then STOP_GRACE_S), then each back-end tier
@@ -389,6 +393,44 @@ def test_daemon_speaks_sd_notify_as_notify_reload_expects(
     # daemon killed by systemd. Generous for a loaded machine, still far from no pings at all.
     times = [ready1.received_usec] + [m.received_usec for m in pings] + [stopping.received_usec]
     assert max(b - a for a, b in zip(times, times[1:], strict=False)) < 4_000_000
+
+
+FROZEN_S = 9.0  # longer than the supervisor's 5 s threshold for a silent tier, plus a few pings
+
+
+def test_watchdog_is_not_fed_while_a_tier_is_frozen(
+    tmp_path: Path, short_tmp: Path, model_cache: Path, notify_socket: NotifySocket
+):
+    """The scheduler frozen (SIGSTOP) with the daemon's own hang detection off: systemd's watchdog
+    stops being fed once the tier has been silent for 5 s, and is fed again once it is back."""
+    env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "2000000"}  # a ping every second
+    settings = {"runtime.watch_config": False, "runtime.hang_timeout_s": 0}
+    daemon = start_daemon(tmp_path, short_tmp / "run", model_cache, settings, env=env)
+    try:
+        scheduler = daemon.tier_pids()["scheduler-0"]
+        frozen = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        os.kill(scheduler, signal.SIGSTOP)
+        try:
+            time.sleep(FROZEN_S)  # the freeze itself is what is measured
+        finally:
+            os.kill(scheduler, signal.SIGCONT)
+        thawed = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+        def pings_after_thaw() -> int:
+            return sum(m.kind == "WATCHDOG" and m.received_usec > thawed for m in notify_socket.messages)
+
+        deadline = time.monotonic() + 15
+        while pings_after_thaw() < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        status = daemon.stop()
+    assert status == 0, daemon.log_tail()
+    pings = [m.received_usec for m in notify_socket.messages if m.kind == "WATCHDOG"]
+    assert any(t < frozen for t in pings), "no ping before the freeze"
+    silent_from = frozen + 7_000_000  # 5 s of silence, a ping interval, slack
+    assert not [t for t in pings if silent_from < t < thawed], "pinged while the scheduler was frozen"
+    assert len([t for t in pings if t > thawed]) >= 2, "the pings did not resume"
+    assert not [e for e in daemon.log_events() if e.get("event") == "tier.hung"], "hang detection was off"
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ CRASH_LOOP_RESTARTS = 5  # this many restarts of one tier process ...
 CRASH_LOOP_WINDOW_S = 60.0  # ... within this many seconds: give up
 BACKOFF_MAX_S = 8.0
 STOP_GRACE_S = 5.0  # after SIGTERM, how long a back-end tier may take before SIGKILL
+SILENT_FOR_WATCHDOG_S = 5.0  # a tier silent this long (or a watchdog interval, if longer) stops the pings
 RELOAD_END_GRACE_S = 15.0  # a reload in progress at a stop ends within runtime.drain_timeout_s plus this
 REFUSE_AFTER_S = 1.0  # how long a stopping front-end's workers may take to stop accepting
 HANDOVER_CLOSE_S = 1.0  # answers with Connection: close from the old front-end before it stops
@@ -226,7 +227,7 @@ class Supervisor:
             # a tier whose main loop has not turned for a ping interval: systemd's watchdog, set
             # longer than the longest model step, is the last resort if ours (hang_timeout_s) is off
             # or the hung process will not die (a driver call in uninterruptible sleep)
-            stuck += [c.name for c in self.heartbeats.hung(self.children, interval)]
+            stuck += [c.name for c in self.heartbeats.hung(self.children, max(interval, SILENT_FOR_WATCHDOG_S))]
             if not stuck:
                 notify.watchdog()
             await asyncio.sleep(interval)
