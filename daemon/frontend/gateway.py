@@ -40,7 +40,7 @@ from daemon.ipc.messages import (
     Tokenized,
     read_status_file,
 )
-from daemon.ipc.sockets import PeerGone, Receiver, configure, open_socket, send
+from daemon.ipc.sockets import PeerGone, Receiver, configure, open_socket, send_async
 from daemon.tier import Tier
 
 log = structlog.get_logger("daemon.frontend")
@@ -51,6 +51,8 @@ ASK_TIMEOUT_S = 30.0
 # the recursion limit, in a field the request models leave free (a chat message's extra keys, the
 # template's variables). The request itself is at fault, so it is a 400, not a 500.
 UNSENDABLE_ERRORS = (OverflowError, RecursionError)
+NOT_SENT = -1  # the tokenizer index of a request whose send has not returned yet
+TOKENIZER_STOPPED = "the tokenizer worker stopped; the request was lost, retry it"
 UNSENDABLE = ErrorInfo(
     400, "the request holds an integer beyond 64 bits, or nests too deeply, for this server to pass it on"
 )
@@ -77,9 +79,10 @@ class Gateway:
         self.tier = tier
         self.endpoints = endpoints = tier.endpoints
         self.address = endpoints.frontend(os.getpid())
-        self._sync = zmq.Context()
-        self._control = open_socket(self._sync, zmq.DEALER, connect=endpoints.control)
+        # Asyncio sockets only: a send that waits for a connection must not stop the event loop,
+        # which serves every other request of this worker meanwhile.
         self._async = zmq.asyncio.Context()
+        self._control = open_socket(self._async, zmq.DEALER, connect=endpoints.control)
         self._tokenizers: dict[int, zmq.Socket] = {}  # by index, connected on first use
         # The tokenizer workers new requests go to. A reload replaces the pool: new indices join
         # when they are up, old ones leave when they start draining (and finish what they hold).
@@ -106,7 +109,7 @@ class Gateway:
         ]
         # Granian starts accepting right after the lifespan startup this runs in.
         with contextlib.suppress(PeerGone):
-            send(self._control, FrontendWorkerReady(os.getpid(), os.getppid()))
+            await send_async(self._control, FrontendWorkerReady(os.getpid(), os.getppid()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -115,31 +118,34 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._async.destroy(linger=0)
-        self._sync.destroy(linger=0)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """The outputs of `request` as they come; an abandoned iteration aborts the request."""
         queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
+        self._waiting[request.request_id] = (queue, NOT_SENT)  # before the send: outputs may come first
+        tokenizer, finished = NOT_SENT, False
         try:
-            tokenizer = self._submit(request)
-        except UNSENDABLE_ERRORS:
-            yield GenerateOutput(request.request_id, finish_reason="error", error=UNSENDABLE)
-            return
-        if tokenizer is None:
-            yield _error(request.request_id, 503, "no tokenizer worker is reachable")
-            return
-        self._waiting[request.request_id] = (queue, tokenizer)
-        finished = False
-        try:
+            try:
+                tokenizer = await self._submit(request)
+            except UNSENDABLE_ERRORS:
+                yield GenerateOutput(request.request_id, finish_reason="error", error=UNSENDABLE)
+                return
+            if tokenizer is None:
+                yield _error(request.request_id, 503, "no tokenizer worker is reachable")
+                return
+            self._waiting[request.request_id] = (queue, tokenizer)
+            if tokenizer in self._down:  # it went while the send returned: its down event missed us
+                queue.put_nowait(_error(request.request_id, 503, TOKENIZER_STOPPED))
             while not finished:
                 output = await queue.get()
                 finished = output.finish_reason is not None
                 yield output
         finally:
             self._waiting.pop(request.request_id, None)
-            if not finished:  # the client left, or the caller gave up: free the engine's work
+            if tokenizer is not None and tokenizer != NOT_SENT and not finished:
+                # the client left, or the caller gave up: free the engine's work
                 with contextlib.suppress(PeerGone):
-                    send(self._tokenizer(tokenizer), AbortRequest(request.request_id))
+                    await send_async(self._tokenizer(tokenizer), AbortRequest(request.request_id))
 
     async def tokenize(self, request: Tokenize) -> Tokenized:
         """The tokenizer pool's answer; one with a 503 error if no worker gives it."""
@@ -159,16 +165,19 @@ class Gateway:
     async def _ask(self, request: Tokenize | Detokenize) -> Tokenized | Detokenized | ErrorInfo:
         """Send one request, wait for its one reply: an ErrorInfo (503) if no tokenizer worker
         takes it, or the one that did stops or does not answer in time."""
-        try:
-            tokenizer = self._submit(request)
-        except UNSENDABLE_ERRORS:
-            return UNSENDABLE
-        if tokenizer is None:
-            return _unavailable("no tokenizer worker is reachable")
         answer: asyncio.Future[Tokenized | Detokenized | ErrorInfo] = asyncio.get_running_loop().create_future()
-        self._asked[request.request_id] = (answer, tokenizer)
-        log.debug("tokenizer.asked", kind=type(request).__name__, tokenizer=tokenizer)
+        self._asked[request.request_id] = (answer, NOT_SENT)  # before the send: the reply may come first
         try:
+            try:
+                tokenizer = await self._submit(request)
+            except UNSENDABLE_ERRORS:
+                return UNSENDABLE
+            if tokenizer is None:
+                return _unavailable("no tokenizer worker is reachable")
+            self._asked[request.request_id] = (answer, tokenizer)
+            if tokenizer in self._down and not answer.done():
+                answer.set_result(_unavailable(TOKENIZER_STOPPED))
+            log.debug("tokenizer.asked", kind=type(request).__name__, tokenizer=tokenizer)
             async with asyncio.timeout(ASK_TIMEOUT_S):
                 return await answer
         except TimeoutError:
@@ -176,11 +185,11 @@ class Gateway:
         finally:
             self._asked.pop(request.request_id, None)
 
-    def _submit(self, request: GenerateRequest | Tokenize | Detokenize) -> int | None:
+    async def _submit(self, request: GenerateRequest | Tokenize | Detokenize) -> int | None:
         """Send to the next tokenizer worker that takes it; its index, or None if none does.
 
-        Workers the supervisor reported down are skipped without trying: a send to
-        an absent peer waits for a connection, and this is the event loop's thread.
+        Workers the supervisor reported down are skipped without trying: a send to an
+        absent peer waits for a connection (CONNECT_GRACE_MS), which this request would wait.
         """
         first = next(self._turn)
         for attempt in range(2):
@@ -190,7 +199,7 @@ class Gateway:
                 if index in self._down:
                     continue
                 try:
-                    send(self._tokenizer(index), request)
+                    await send_async(self._tokenizer(index), request)
                 except PeerGone:
                     continue
                 return index
@@ -200,7 +209,7 @@ class Gateway:
 
     def _tokenizer(self, index: int) -> zmq.Socket:
         if index not in self._tokenizers:
-            self._tokenizers[index] = open_socket(self._sync, zmq.PUSH, connect=self.endpoints.tokenizer(index))
+            self._tokenizers[index] = open_socket(self._async, zmq.PUSH, connect=self.endpoints.tokenizer(index))
         return self._tokenizers[index]
 
     async def _read_outputs(self, receiver: Receiver) -> None:
@@ -230,7 +239,7 @@ class Gateway:
             elif isinstance(message, ConfigUpdate):
                 self.tier.adopt(message.generation)
                 with contextlib.suppress(PeerGone):
-                    send(self._control, ConfigApplied("frontend", 0, os.getpid(), message.generation))
+                    await send_async(self._control, ConfigApplied("frontend", 0, os.getpid(), message.generation))
                 log.info("frontend.config_applied")
 
     def _on_event(self, event: TierEvent) -> None:
@@ -253,12 +262,9 @@ class Gateway:
             lost = [rid for rid, (_queue, index) in self._waiting.items() if index == event.index]
             for request_id in lost:
                 queue, _index = self._waiting[request_id]
-                queue.put_nowait(
-                    _error(request_id, 503, "the tokenizer worker stopped; the request was lost, retry it")
-                )
+                queue.put_nowait(_error(request_id, 503, TOKENIZER_STOPPED))
             if lost:
                 log.warning("frontend.requests_failed", reason="tokenizer stopped", count=len(lost))
             for answer, index in self._asked.values():
                 if index == event.index and not answer.done():
-                    message = "the tokenizer worker stopped; the request was lost, retry it"
-                    answer.set_result(_unavailable(message))
+                    answer.set_result(_unavailable(TOKENIZER_STOPPED))

@@ -64,6 +64,18 @@ def send(socket: zmq.Socket, message: msgspec.Struct, grace_ms: int = CONNECT_GR
         raise PeerGone from None
 
 
+async def send_async(socket: zmq.asyncio.Socket, message: msgspec.Struct, grace_ms: int = CONNECT_GRACE_MS) -> None:
+    """As `send`, from an event loop: the wait for a connection never blocks the loop."""
+    frame = encode(message)
+    for attempt in range(2):
+        try:
+            await socket.send(frame, zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            if attempt == 1 or not await socket.poll(grace_ms, zmq.POLLOUT):
+                raise PeerGone from None
+
+
 class Receiver:
     """Decodes one channel's messages; a malformed message is dropped and counted, never fatal."""
 
