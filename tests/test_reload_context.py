@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from daemon_process import free_port
 from test_faults import until
@@ -148,6 +150,50 @@ def test_tokenizer_restarted_while_no_worker_serves_learns_the_context_when_one_
             RELOAD_TIMEOUT_S,
             what="the new tokenizer knows the new worker's context",
         )
+        assert_serves(handle, prompts, LOW, accepted=False)
+    finally:
+        handle.reset()
+
+
+def test_request_held_through_a_lowering_is_refused_by_the_new_limit(daemon, prompts):
+    """Drain mode: a request that comes while the worker is replaced was checked by the tokenizer against
+    the old limit, and waits for the new worker; the scheduler, which holds the new worker's limit,
+    refuses it, in the same words as the tokenizer, naming the new limit."""
+    handle = daemon
+    handle.reset()
+    try:
+        reload_context(handle, HIGH, "drain")
+        handle.write({"model.context_length": LOW, "runtime.model_reload": "drain"})
+        mark = handle.log.mark()
+        reloaded: list[tuple[int, dict | None, str]] = []
+        reloading = threading.Thread(target=lambda: reloaded.append(handle.reload_command()), daemon=True)
+        reloading.start()
+        handle.log.wait("scheduler.hold", mark, handle.daemon.process)
+        body = {"prompt": prompts["tokens"], "max_tokens": MAX_TOKENS, "ignore_eos": True}
+        answers: dict[bool, httpx.Response | Exception] = {}
+
+        def ask(http2: bool) -> None:
+            try:
+                with http_client(handle.url, http2=http2) as client:
+                    answers[http2] = client.post("/v1/completions", json=body)
+            except httpx.HTTPError as exc:
+                answers[http2] = exc
+
+        clients = [threading.Thread(target=ask, args=(http2,), daemon=True) for http2 in (False, True)]
+        for client in clients:
+            client.start()
+        for thread in [*clients, reloading]:
+            thread.join(RELOAD_TIMEOUT_S + 30)
+        assert reloaded and set(answers) == {False, True}, f"no answer in time: {reloaded} {answers}"
+        ((status, report, output),) = reloaded
+        assert status == 0 and report["result"] == "applied", output
+        held = handle.log.since(mark, "scheduler.hold_ended")
+        assert held and held[0]["waited"] >= 2, f"the requests did not wait for the new worker: {held}"
+        for http2, response in answers.items():
+            assert isinstance(response, httpx.Response) and response.status_code == 400, (http2, response)
+            message = response.json()["error"]["message"]
+            assert message.startswith(f"This model's maximum context length is {LOW} tokens."), message
+            assert REFUSED_BY["tokens"] in message, message
         assert_serves(handle, prompts, LOW, accepted=False)
     finally:
         handle.reset()
