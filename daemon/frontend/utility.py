@@ -34,7 +34,15 @@ from daemon.frontend.asgi import (
 )
 from daemon.frontend.parsing import Unknown, convert, json_object, parse
 from daemon.frontend.response_models import ErrorResponse
-from daemon.ipc.messages import ChatOptions, DaemonStatus, Detokenize, ErrorInfo, TierStatus, Tokenize, read_status_file
+from daemon.ipc.messages import (
+    ChatOptions,
+    DaemonStatus,
+    Detokenize,
+    ErrorInfo,
+    Tokenize,
+    read_status_file,
+    serving_worker,
+)
 
 if TYPE_CHECKING:
     from daemon.frontend.gateway import Gateway
@@ -309,13 +317,6 @@ class Routes:
         served = self._tier().settings.model.served_model_name
         if name is not None and name != served:
             raise BadRequest(f"The model `{name}` does not exist; this server serves `{served}`", "model", status=404)
-
-
-def serving_worker(status: DaemonStatus | None) -> TierStatus | None:
-    """The model worker serving now: the newest one up (during a blue-green reload the old one is
-    up too, until the new one replaces it). None while none is: a restart, a drain-mode reload."""
-    up = [t for t in status.tiers if t.tier == "worker" and t.state == "up"] if status else []
-    return max(up, key=lambda t: t.epoch, default=None)
 
 
 def loaded_model(status: DaemonStatus | None) -> dict[str, Any] | None:

@@ -169,6 +169,9 @@ class TierEvent(msgspec.Struct, frozen=True, tag=True):
     index: int
     epoch: int  # how many times the supervisor has started this tier
     state: Literal["starting", "up", "down", "draining", "stopped"]
+    # A worker's, from its TierReady: with "up", the tiers that check requests against the served
+    # context follow it from this news, rather than each deriving its own from the config.
+    model: LoadedModel | None = None
 
 
 class FrontendWorkerReady(msgspec.Struct, frozen=True, tag=True):
@@ -300,6 +303,13 @@ def read_status_file(directory: Path) -> DaemonStatus | None:
         return msgspec.json.decode((directory / STATUS_FILE).read_bytes(), type=DaemonStatus)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return None
+
+
+def serving_worker(status: DaemonStatus | None) -> TierStatus | None:
+    """The model worker serving now: the newest one up (during a blue-green reload the old one is
+    up too, until the new one replaces it). None while none is: a restart, a drain-mode reload."""
+    up = [t for t in status.tiers if t.tier == "worker" and t.state == "up"] if status else []
+    return max(up, key=lambda t: t.epoch, default=None)
 
 
 class TierStatus(msgspec.Struct, frozen=True):

@@ -104,9 +104,13 @@ class Batcher:
         if request.sampling.max_tokens is None or request.sampling.max_tokens < 1:
             return ErrorInfo(400, "max_tokens must be at least 1", param="max_tokens")
         if len(request.prompt_ids) >= self.context_length:
+            # Worded as the tokenizer's refusal: a request it checked against the limit of the worker
+            # being replaced lands here, and its client reads the same sentence with the new limit.
             return ErrorInfo(
                 400,
-                f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.context_length}",
+                f"This model's maximum context length is {self.context_length} tokens. However, your prompt has "
+                f"{len(request.prompt_ids)} tokens, which leaves no room for the completion. Please shorten "
+                "the prompt (or set truncate_prompt_tokens).",
                 param="prompt",
             )
         if len(request.prompt_ids) + 1 > self.blocks.num_blocks * self.blocks.block_size:

@@ -687,7 +687,7 @@ class Supervisor:
 
     def _publish(self, child: Child, state: str) -> None:
         """Tell every tier (events socket) and every reader of status.json what became of `child`."""
-        self._broadcast(TierEvent(child.tier, child.index, child.epoch, state))  # type: ignore[arg-type]
+        self._broadcast(TierEvent(child.tier, child.index, child.epoch, state, child.model))  # type: ignore[arg-type]
         if state in ("starting", "up", "draining", "down", "stopped"):
             child.state, child.since = state, time.time()
             self.write_status()

@@ -17,8 +17,8 @@ import msgspec
 import structlog
 import zmq
 
-from daemon.engine.locate import locate_model, served_context
-from daemon.engine.model_dir import ModelDirError, inspect_model_dir
+from daemon.engine.locate import locate_model
+from daemon.engine.model_dir import ModelDirError
 from daemon.ipc.heartbeat import Pulse
 from daemon.ipc.messages import (
     AbortRequest,
@@ -47,6 +47,7 @@ from daemon.tier import Tier
 from daemon.tokenizer.detokenize import IncrementalDetokenizer, StopStrings
 from daemon.tokenizer.loading import PromptText, TokenizerError, load_text_tokenizer
 from daemon.tokenizer.offloop import OffLoop
+from daemon.tokenizer.served import ServedContext
 
 log = structlog.get_logger("daemon.tokenizer")
 POLL_MS = 200
@@ -57,6 +58,8 @@ DRAIN_QUIET_S = 0.5
 # Prompts longer than this (in characters) are tokenized off the loop: about 20 ms of encoding
 # here, what a request behind it may wait; shorter ones are done at once, without the round trip.
 OFF_LOOP_CHARS = 32 * 1024
+# No worker has served yet, so no context is known (a tokenizer restarted while the worker is replaced).
+MODEL_LOADING = ErrorInfo(503, "the model is still loading", type="server_overloaded")
 
 
 @dataclass
@@ -78,11 +81,11 @@ class TokenizerService:
         settings, endpoints = tier.settings, tier.endpoints
         cache = settings.runtime.cache_dir
         self.text = load_text_tokenizer(locate_model(settings.tokenizer.path, cache, build=False))
-        model_info = inspect_model_dir(locate_model(settings.model.path, cache, build=False))
-        self.context = served_context(model_info, settings.model.context_length)
         self.zmq = zmq.Context()
         self.inbox = Receiver(open_socket(self.zmq, zmq.PULL, bind=endpoints.tokenizer(tier.index)), ToTokenizer)
         self.events = Receiver(open_socket(self.zmq, zmq.SUB, connect=endpoints.events), Broadcast)
+        # What the serving worker announced, never derived here: a reload replaces the worker alone.
+        self.served = ServedContext(endpoints.directory)
         self.scheduler = open_socket(self.zmq, zmq.PUSH, connect=endpoints.scheduler)
         self.control = open_socket(self.zmq, zmq.DEALER, connect=endpoints.control)
         self.pulse = Pulse(self.control, self.tier.role, self.tier.index)
@@ -97,8 +100,10 @@ class TokenizerService:
 
     def run(self) -> None:
         early = self._meet_scheduler()
+        # Listening to events by now: a worker that came up since the first look is in the status file.
+        self.served.refresh()
         send(self.control, TierReady(self.tier.role, self.tier.index, os.getpid()))
-        log.info("tokenizer.ready", vocab=self.text.vocab_size, context=self.context)
+        log.info("tokenizer.ready", vocab=self.text.vocab_size, context=self.served.length)
         self._handle(early)
         draining_since: float | None = None
         last_message = time.monotonic()
@@ -110,6 +115,8 @@ class TokenizerService:
                     match event:
                         case TierEvent(tier="scheduler", state="down"):
                             self._fail_all("the scheduler stopped")
+                        case TierEvent(tier="worker", state="up"):
+                            self.served.follow(event)
                         case TierEvent(tier="tokenizer", index=self.tier.index, state="draining"):
                             draining_since = time.monotonic()
                             log.info("tokenizer.draining", requests=len(self.active))
@@ -170,6 +177,9 @@ class TokenizerService:
     def _tokenize(self, request: GenerateRequest) -> None:
         """Check the prompt, tokenize it (off the loop when it is long), then schedule it."""
         prompt_param = "messages" if request.messages is not None else "prompt"
+        # The limit when the request came: it is checked against this one all along.
+        if (context := self.served.known()) is None:
+            return self._reject(request, MODEL_LOADING)
         try:
             if request.prompt_token_ids is not None:  # given as ids: nothing to tokenize
                 given = self._checked_ids(request.prompt_token_ids)
@@ -179,59 +189,59 @@ class TokenizerService:
             log.info("tokenizer.rejected", reason=str(exc))
             return self._reject(request, ErrorInfo(400, str(exc), param=prompt_param))
         if request.prompt_token_ids is not None:
-            return self._schedule(request, given)
-        if request.truncate_prompt_tokens is None and (error := self._beyond_context(prompt, prompt_param)):
+            return self._schedule(request, given, context)
+        if request.truncate_prompt_tokens is None and (error := self._beyond_context(prompt, prompt_param, context)):
             return self._reject(request, error)
         if len(prompt.text) <= OFF_LOOP_CHARS:
-            return self._schedule(request, self.text.tokenize(prompt))
+            return self._schedule(request, self.text.tokenize(prompt), context)
 
         def then(ids: list[int] | None, error: BaseException | None) -> None:
             with structlog.contextvars.bound_contextvars(request_id=request.request_id):
                 if error is not None:
                     raise error  # the tokenizer library failed on this text: as if it had on the loop
-                self._schedule(request, ids)
+                self._schedule(request, ids, context)
 
         log.info("tokenizer.off_loop", chars=len(prompt.text))  # seconds of work: worth a line
         self.off_loop.submit(request.request_id, lambda: self.text.tokenize(prompt), then)
 
-    def _beyond_context(self, prompt: PromptText, param: str) -> ErrorInfo | None:
+    def _beyond_context(self, prompt: PromptText, param: str, context: int) -> ErrorInfo | None:
         """The 400 for a prompt so long it cannot fit, whatever its tokens: known from its length
         alone, before the cost of tokenizing it (which may be seconds)."""
-        limit = self.text.max_prompt_bytes(self.context - 1)
+        limit = self.text.max_prompt_bytes(context - 1)
         if limit is None or len(prompt.text) * 4 <= limit:  # a character is at most 4 bytes
             return None
         size = len(prompt.text.encode("utf-8", "surrogatepass"))
         if size <= limit:
             return None
         message = (
-            f"This model's maximum context length is {self.context} tokens. However, your prompt is {size} "
-            f"bytes long, more than {self.context - 1} tokens of this tokenizer can hold ({limit} bytes), "
+            f"This model's maximum context length is {context} tokens. However, your prompt is {size} "
+            f"bytes long, more than {context - 1} tokens of this tokenizer can hold ({limit} bytes), "
             "which leaves no room for the completion. Please shorten the prompt (or set truncate_prompt_tokens)."
         )
         log.info("tokenizer.rejected", reason="prompt beyond the context", prompt_bytes=size)
         return ErrorInfo(400, message, param=param)
 
-    def _schedule(self, request: GenerateRequest, prompt_ids: list[int]) -> None:
+    def _schedule(self, request: GenerateRequest, prompt_ids: list[int], context: int) -> None:
         prompt_param = "messages" if request.messages is not None else "prompt"
         if request.truncate_prompt_tokens is not None:  # the end of a prompt is what the model continues
             keep = request.truncate_prompt_tokens
             if keep == -1:  # as much as fits beside the completion
-                keep = max(self.context - (request.sampling.max_tokens or 1), 1)
+                keep = max(context - (request.sampling.max_tokens or 1), 1)
             prompt_ids = prompt_ids[-keep:]
         if not prompt_ids:
             return self._reject(request, ErrorInfo(400, "the prompt is empty", param=prompt_param))
-        if len(prompt_ids) >= self.context:  # the prompt alone leaves no room for a single token
+        if len(prompt_ids) >= context:  # the prompt alone leaves no room for a single token
             message = (
-                f"This model's maximum context length is {self.context} tokens. However, your prompt has "
+                f"This model's maximum context length is {context} tokens. However, your prompt has "
                 f"{len(prompt_ids)} tokens, which leaves no room for the completion. Please shorten the "
                 "prompt (or set truncate_prompt_tokens)."
             )
             return self._reject(request, ErrorInfo(400, message, param=prompt_param))
-        max_tokens = request.sampling.max_tokens or self.context - len(prompt_ids)
+        max_tokens = request.sampling.max_tokens or context - len(prompt_ids)
         requested = len(prompt_ids) + max_tokens
-        if requested > self.context:
+        if requested > context:
             message = (
-                f"This model's maximum context length is {self.context} tokens. However, you requested "
+                f"This model's maximum context length is {context} tokens. However, you requested "
                 f"{requested} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
                 "completion). Please reduce the prompt or max_tokens."
             )
@@ -304,7 +314,8 @@ class TokenizerService:
             if error is not None:
                 raise error
             strings = self.text.token_strings(tokens) if request.return_token_strs else None
-            self._reply(request.reply_to, Tokenized(request.request_id, tokens, strings, self.context))
+            served = self.served.known() or 0  # 0: no worker has served yet
+            self._reply(request.reply_to, Tokenized(request.request_id, tokens, strings, served))
 
         if len(prompt.text) <= OFF_LOOP_CHARS:
             return then(self.text.tokenize(prompt), None)
