@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -323,19 +324,20 @@ class Supervisor:
 
     async def _until_ready(self, child: Child) -> None:
         """Wait for `child` to be ready; StartupFailed if it dies, times out, or we are told to stop."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S[child.tier]
         process = child.process
         assert process is not None
-        while not child.ready.is_set():
-            if process.returncode is not None:
+        first = await first_of(
+            STARTUP_TIMEOUT_S[child.tier],
+            ready=child.ready.wait(),
+            exited=process.wait(),
+            stopping=self.stopping.wait(),
+        )
+        if not child.ready.is_set():
+            if first == "exited":
                 raise StartupFailed(f"{child.name} exited with status {process.returncode} while starting")
-            if self.stopping.is_set():
+            if first == "stopping":
                 raise StartupFailed("stopped while starting")
-            if time.monotonic() > deadline:
-                raise StartupFailed(f"{child.name} was not ready within {STARTUP_TIMEOUT_S[child.tier]:.0f} s")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.2):
-                    await child.ready.wait()
+            raise StartupFailed(f"{child.name} was not ready within {STARTUP_TIMEOUT_S[child.tier]:.0f} s")
         self.heartbeats.heard(child.pid)  # its silence is counted from now
         self._publish(child, "up")
         log.info("tier.ready", tier=child.tier, index=child.index, child_pid=child.pid, epoch=child.epoch)
@@ -507,15 +509,18 @@ class Supervisor:
         `child` exited, or runtime.drain_timeout_s passed: what still runs fails when it stops."""
         deadline = time.monotonic() + self.settings.runtime.drain_timeout_s
         while epoch not in self._idle_epochs:
-            if child is not None and child.process is not None and child.process.returncode is not None:
+            self._engine_idle.clear()
+            if epoch in self._idle_epochs:  # said between the check and the clear
+                break
+            waits: dict[str, Awaitable[object]] = {"idle": self._engine_idle.wait()}
+            if child is not None and child.process is not None:
+                waits["exited"] = child.process.wait()
+            first = await first_of(max(0.0, deadline - time.monotonic()), **waits)
+            if first == "exited":
                 return
-            if time.monotonic() > deadline:
+            if first is None:
                 log.warning("reload.drain_timeout", tier="worker", detail="requests still running are failed")
                 return
-            self._engine_idle.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.2):
-                    await self._engine_idle.wait()
 
     async def _replace(self, old: Child, generation: int) -> None:
         """Stop `old`, then start a child like it running `generation`; TierStartFailed if it fails."""
@@ -764,3 +769,15 @@ def _demo_to_build(settings: DaemonSettings) -> bool:
     tiers that read it (the tokenizer) start once it is up."""
     used = DEMO_MODEL_REF in (settings.model.path, settings.tokenizer.path or settings.model.path)
     return used and not demo_model_dir(settings.runtime.cache_dir).is_dir()
+
+
+async def first_of(timeout: float, **waits: Awaitable[object]) -> str | None:
+    """The name of the first of `waits` to finish within `timeout` s (None: none did); the
+    others are cancelled."""
+    tasks = {asyncio.ensure_future(wait): name for name, wait in waits.items()}
+    try:
+        done, _pending = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return tasks[next(iter(done))] if done else None
