@@ -1,0 +1,281 @@
+"""How a reload replaces each tier, and pushes live settings: the mechanics under the
+transaction in reload.py (which decides what to replace, in which order, and how to
+roll back).
+
+- worker: drain (the scheduler holds new requests while the old worker finishes,
+  then the new one loads) or blue-green (the new one loads beside the old one);
+- tokenizer: a new pool starts, new requests go to it, the old one drains;
+- front-end: a new Granian instance accepts on the same (or a newly bound)
+  listening socket, then the old one drains its requests and streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from daemon.config.schema import ServerSettings
+from daemon.ipc.messages import (
+    ConfigUpdate,
+    EngineBeside,
+    EngineHold,
+    EngineHoldAbandoned,
+    FrontendRetiring,
+    encode,
+)
+from daemon.supervisor.process import (
+    STOP_GRACE_S,
+    Child,
+    StartupFailed,
+    address,
+    first_of,
+    kill,
+    listen,
+)
+from daemon.supervisor.reload import TierStartFailed
+from daemon.tier import EXIT_NO_ROOM_BESIDE, STOP_SIGNAL
+
+log = structlog.get_logger("daemon.supervisor")
+
+HANDOVER_CLOSE_S = 1.0  # answers with Connection: close from the old front-end before it stops
+HANDOVER_SETTLE_S = 0.3  # after a new front-end's workers report, before the old one stops accepting
+
+
+class TierReplacement:
+    """Part of the Supervisor (a mixin): replacing tiers during a reload."""
+
+    async def push_live(self, generation: int, frontend_workers: int, timeout: float) -> list[str]:
+        """Tell every tier to adopt `generation`; the tiers that did not acknowledge in time.
+
+        A tier that acknowledged now belongs to `generation`: if it dies later, it restarts with it."""
+        self._acknowledged.clear()
+        self._applied.pop(generation, None)  # acknowledgements of an earlier push of that number
+        with contextlib.suppress(zmq.Again):
+            self.events.send(encode(ConfigUpdate(generation)), zmq.NOBLOCK)
+        expected = {c.name: c for c in self.children if c.tier != "frontend"}
+        deadline = time.monotonic() + timeout
+        while True:
+            acked = self._applied.get(generation, set())
+            missing = [name for name, c in expected.items() if c.pid not in acked]
+            frontends = len(acked - {c.pid for c in self.children})
+            if frontends < frontend_workers:
+                missing.append(f"{frontend_workers - frontends} front-end worker(s)")
+            if not missing or time.monotonic() > deadline:
+                for child in self.children:
+                    served_by = child.serving_workers if child.tier == "frontend" else {child.pid}
+                    if served_by and served_by <= acked:
+                        child.generation = generation
+                return missing
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self._acknowledged.wait()
+            self._acknowledged.clear()
+
+    async def replace_worker(self, generation: int, *, mode: str = "drain") -> str:
+        """Replace the model worker with one running `generation` in `mode` (runtime.model_reload),
+        and say which mode it took; TierStartFailed if it does not come up, after making sure
+        that one running the current generation serves.
+
+        Drain mode: the scheduler holds new requests meanwhile and lets those running finish on
+        the old worker (bounded by runtime.drain_timeout_s), then the new one loads. Blue-green:
+        the new one loads beside the old, which keeps serving; drain mode if it does not fit."""
+        if mode == "blue_green" and await self._replace_worker_beside(generation):
+            return "blue_green"
+        old = self._child("worker")
+        self._idle_epochs.discard(0)
+        self._broadcast(EngineHold())
+        await self._until_engine_idle(0)
+        try:
+            await self._replace(old, generation)
+        except TierStartFailed:
+            if self.stopping.is_set():  # nothing to start now: what the scheduler holds is answered
+                self._broadcast(EngineHoldAbandoned("the daemon is stopping during a model reload; retry the request"))
+                raise
+            try:
+                await self._replace(self._child("worker"), self.generation)
+            except TierStartFailed as exc:  # the old config no longer starts either: nothing to serve with
+                self.fatal = f"the worker failed to start with the new config, then with the old one: {exc}"
+                self.stopping.set()
+            raise
+        return "drain"
+
+    async def _replace_worker_beside(self, generation: int) -> bool:
+        """Blue-green: start a worker running `generation` beside the old one; the scheduler sends
+        new requests to it once it is up, and the old one is stopped when it has finished its
+        own. False (nothing changed) if the new one does not fit in memory beside the old;
+        TierStartFailed (the old one still serving, untouched) if it fails otherwise."""
+        old = self._child("worker")
+        new = Child("worker", old.index, old.module, epoch=old.epoch, deaths=old.deaths, restarts=old.restarts)
+        self.children.insert(self.children.index(old) + 1, new)
+        self._idle_epochs.discard(old.epoch)
+        self._broadcast(EngineBeside(self._worker_epoch + 1))  # what _start makes the new one's epoch
+        try:
+            await self._start(new, generation, beside=True)
+            await self._until_ready(new)
+        except StartupFailed as exc:
+            no_room = new.process is not None and new.process.returncode == EXIT_NO_ROOM_BESIDE
+            await self._abandon(new)
+            self._broadcast(EngineBeside(0))
+            if no_room:
+                log.warning("reload.no_room_beside", detail="the model worker is replaced in drain mode")
+                return False
+            raise TierStartFailed(str(exc)) from None
+        self._watch_child(new)
+        old.retiring = True  # the new one is the worker now: the old one is not to be restarted
+        await self._until_engine_idle(old.epoch, old)
+        if old.process is not None and old.process.returncode is not None:  # it died meanwhile
+            self._publish(old, "down")  # the scheduler fails what still ran on it
+        await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
+        self.children.remove(old)
+        self.write_status()
+        return True
+
+    async def _until_engine_idle(self, epoch: int, child: Child | None = None) -> None:
+        """Until the scheduler says nothing runs on the worker of `epoch` (0: the one held), or
+        `child` exited, or runtime.drain_timeout_s passed: what still runs fails when it stops."""
+        deadline = time.monotonic() + self.settings.runtime.drain_timeout_s
+        while epoch not in self._idle_epochs:
+            self._engine_idle.clear()
+            if epoch in self._idle_epochs:  # said between the check and the clear
+                break
+            waits: dict[str, Awaitable[object]] = {"idle": self._engine_idle.wait()}
+            if child is not None and child.process is not None:
+                waits["exited"] = child.process.wait()
+            first = await first_of(max(0.0, deadline - time.monotonic()), **waits)
+            if first == "exited":
+                return
+            if first is None:
+                log.warning("reload.drain_timeout", tier="worker", detail="requests still running are failed")
+                return
+
+    async def _replace(self, old: Child, generation: int) -> None:
+        """Stop `old`, then start a child like it running `generation`; TierStartFailed if it fails."""
+        old.retiring = True
+        await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
+        new = Child(old.tier, old.index, old.module, epoch=old.epoch, deaths=old.deaths, restarts=old.restarts)
+        self.children[self.children.index(old)] = new
+        await self._start(new, generation)
+        try:
+            await self._until_ready(new)
+        except StartupFailed as exc:
+            await kill(new)
+            self._publish(new, "down")  # its slot stays: the caller starts another in it
+            raise TierStartFailed(str(exc)) from None
+        self._watch_child(new)
+
+    async def replace_tokenizers(self, generation: int, workers: int) -> None:
+        """Start a new tokenizer pool of `workers` running `generation`, send new requests to it,
+        and let the old pool finish what it holds; TierStartFailed (old pool untouched) if the
+        new one does not come up."""
+        old = [c for c in self.children if c.tier == "tokenizer"]
+        first = max(c.index for c in old) + 1  # new indices: requests name the worker that has them
+        new = [Child("tokenizer", first + i, "daemon.tokenizer") for i in range(workers)]
+        position = self.children.index(old[-1]) + 1
+        self.children[position:position] = new
+        try:
+            for child in new:
+                await self._start(child, generation)
+            for child in new:
+                await self._until_ready(child)  # "up": the front-ends route to it from now on
+        except StartupFailed as exc:
+            for child in new:
+                await self._abandon(child)
+            raise TierStartFailed(str(exc)) from None
+        for child in new:
+            self._watch_child(child)
+        for child in old:
+            child.retiring = True
+            self._publish(child, "draining")  # it leaves the pools, finishes its requests, and exits
+        await self._retire(old, self.settings.runtime.drain_timeout_s)
+
+    def listener_for(self, server: ServerSettings) -> socket.socket:
+        """The listening socket a front-end with `server` serves from: the running one, or a new
+        one bound now if the address changed (TierStartFailed if it cannot be)."""
+        if address(server) == self.listener_address:
+            return self.listener  # type: ignore[return-value]
+        try:
+            return listen(server)
+        except StartupFailed as exc:
+            raise TierStartFailed(str(exc)) from None
+
+    async def replace_frontend(self, generation: int, server: ServerSettings, listener: socket.socket) -> None:
+        """Start a front-end running `generation` beside the running one, then drain the old one.
+
+        Both accept from the same listening socket (`listener`, a new one if the address
+        changed), so connections queued meanwhile are served by whichever accepts them, never
+        reset. TierStartFailed (old front-end untouched) if the new one does not come up; the
+        caller then closes a new `listener`."""
+        old = self._child("frontend")
+        moved = listener is not self.listener
+        new = Child(
+            "frontend",
+            0,
+            "daemon.frontend",
+            epoch=old.epoch,
+            deaths=old.deaths,
+            restarts=old.restarts,
+            expected_workers=server.workers,
+        )
+        self.children.append(new)
+        try:
+            await self._start(new, generation, listener)
+            await self._until_ready(new)
+        except StartupFailed as exc:
+            await self._abandon(new)
+            raise TierStartFailed(str(exc)) from None
+        await asyncio.sleep(HANDOVER_SETTLE_S)
+        self._watch_child(new)
+        # HTTP/1.1 has no "go away" for idle keep-alive connections, which Granian closes when it
+        # stops: first let the clients of the old instance leave them after their next answer.
+        self._broadcast(FrontendRetiring(old.pid))  # type: ignore[arg-type]
+        await asyncio.sleep(HANDOVER_CLOSE_S)
+        old.retiring = True
+        previous = self.listener
+        if moved:  # the new address serves from now on; the old one refuses once the old instance stops
+            self.listener, self.listener_address = listener, address(server)
+            refuse = asyncio.create_task(self._refuse_new_connections(previous))
+        # Granian stops accepting and finishes its requests and streams, bounded by its kill timeout.
+        await self._terminate([old], signal.SIGTERM, self.settings.runtime.drain_timeout_s + STOP_GRACE_S)
+        self.children.remove(old)
+        if moved:
+            await refuse
+            previous.close()  # type: ignore[union-attr]
+        self.write_status()
+
+    async def _abandon(self, child: Child) -> None:
+        """Kill a child started by a reload that failed, and forget it."""
+        await kill(child)
+        self._publish(child, "stopped")
+        self.children.remove(child)
+
+    @staticmethod
+    async def _kill(child: Child) -> None:
+        child.retiring = True
+        if child.process is not None and child.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)  # it and whatever it started
+            await child.process.wait()
+
+    async def _retire(self, children: list[Child], grace: float) -> None:
+        """Wait for draining `children` to exit by themselves, then stop the laggards."""
+        waits = [c.process.wait() for c in children if c.process is not None]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await asyncio.gather(*waits)
+        for child in children:
+            if child.process is not None and child.process.returncode is not None:
+                self._publish(child, "stopped")
+                log.info("tier.stopped", tier=child.tier, index=child.index, status=child.process.returncode)
+        await self._terminate(children, STOP_SIGNAL, STOP_GRACE_S)  # the laggards: their requests fail
+        for child in children:
+            self.children.remove(child)
+        self.write_status()
