@@ -252,6 +252,8 @@ def start(
     handle.watches = settings["runtime"].get("watch_config", True)
     try:
         daemon.wait_for_event("daemon.ready", timeout=READY_TIMEOUT_S)
+        if handle.watches:  # a change of the file is seen from then on
+            daemon.wait_for_event("config.watching", timeout=READY_TIMEOUT_S, trigger="file")
         handle.base_hash = handle.status()["config_hash"]
     except BaseException:
         stop(handle)
@@ -856,8 +858,7 @@ def test_watching_the_file_follows_runtime_watch_config(watching):
     status, report, output = handle.reload_command()
     assert status == 0 and set(report["changes"]) == {"runtime.watch_config", "scheduler.max_queued_requests"}, output
     handle.log.wait("config.watching", mark, handle.daemon.process)
-    time.sleep(0.5)  # the watch is set up just after that line
-    mark = handle.log.mark()
+    mark = handle.log.mark()  # written at once: config.watching is logged only once the watch is armed
     handle.write({"scheduler.max_queued_requests": 98})
     event = handle.next_reload(mark)
     assert event["trigger"] == "file" and event["diff"]["scheduler.max_queued_requests"]["new"] == 98, event
@@ -1283,6 +1284,77 @@ def test_live_push_a_frozen_tier_cannot_acknowledge_is_rolled_back_under_load(ma
     status, report, output = handle.reload_command()
     assert status == 0 and report["result"] == "applied" and report["generation"] == generation + 1, output
     assert handle.server_info()["effective_config"]["scheduler"]["max_queued_requests"] == 303
+    handle.reset()
+
+
+def put_at(path: Path, kind: str) -> None:
+    """Something other than a regular file at `path` (a file there is replaced)."""
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:  # a socket, left bound: nothing listens on it
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(path))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "socket"])
+def test_non_regular_file_at_the_config_path_is_rejected_and_nothing_wedges(manual, kind):
+    """A FIFO used to block the reloader in open() for good (no later reload, no stop). Now a
+    FIFO, a directory or a socket at the config path is rejected at once, naming what it is;
+    nothing changes; the next reload of a real file applies."""
+    handle = manual
+    handle.reset()
+    generation, before = handle.generation(), handle.processes()
+    put_at(handle.config, kind)
+    try:
+        started = time.monotonic()
+        status, report, output = handle.reload_command()
+        assert time.monotonic() - started < 30, "the reload took as long as a blocked read"
+        assert status == 1 and report["result"] == "rejected", output
+        what = {"fifo": "a named pipe (FIFO)", "directory": "a directory", "socket": "a socket"}[kind]
+        assert f"{handle.config} is {what}, not a config file" in report["reason"], report
+        assert report["generation"] == generation and handle.processes() == before
+    finally:
+        if handle.config.is_dir():
+            handle.config.rmdir()
+        else:
+            handle.config.unlink()
+    handle.write({"scheduler.max_queued_requests": 304})
+    status, report, output = handle.reload_command()
+    assert status == 0 and report["result"] == "applied", output
+    handle.reset()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_non_regular_file_as_config_or_env_file_fails_the_start_at_once(tmp_path, kind):
+    path = tmp_path / "server.toml"
+    put_at(path, kind)
+    what = "a named pipe (FIFO)" if kind == "fifo" else "a directory"
+    for args in (["check", "-c", str(path)], ["-c", str(path)]):
+        result = run_daemon(*args, timeout=30)
+        assert result.returncode == 2 and f"is {what}" in result.stdout + result.stderr, result
+    config = tmp_path / "ok.toml"
+    config.write_text("")
+    result = run_daemon("check", "-c", str(config), "--env-file", str(path), timeout=30)
+    assert result.returncode == 2 and f"env file {path} is {what}" in result.stdout + result.stderr, result
+
+
+def test_unreadable_config_file_is_rejected_by_a_reload(manual):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their mode")
+    handle = manual
+    handle.reset()
+    generation = handle.generation()
+    handle.write({"scheduler.max_queued_requests": 305})
+    handle.config.chmod(0)
+    try:
+        status, report, output = handle.reload_command()
+    finally:
+        handle.config.chmod(0o644)
+    assert status == 1 and report["result"] == "rejected" and "Permission denied" in report["reason"], output
+    assert report["generation"] == generation
     handle.reset()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import io
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +21,7 @@ import tomli
 from pydantic_settings import EnvSettingsSource, SettingsError
 
 from daemon.config.errors import DEFAULT_ORIGIN, ConfigError, Origin, OriginKind, Severity, Violation
+from daemon.config.files import NotARegularFile, read_regular_file
 from daemon.config.schema import (
     ENV_NESTED_DELIMITER,
     ENV_PREFIX,
@@ -56,7 +58,7 @@ def read_config_file(path: Path) -> Layer:
     """Parse the config file. A missing or unreadable file is an error, never silent defaults."""
     where = Origin(OriginKind.FILE, str(path))
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
     except FileNotFoundError:
         raise source_error(
             "file.missing",
@@ -64,10 +66,14 @@ def read_config_file(path: Path) -> Layer:
             "pass the path of an existing TOML file with -c",
             where,
         ) from None
-    except IsADirectoryError:
+    except (IsADirectoryError, NotARegularFile) as exc:
+        what = "a directory" if isinstance(exc, IsADirectoryError) else str(exc).removeprefix(f"{path} is ")
+        what = what.removesuffix(", not a regular file")
         raise source_error(
-            "file.unreadable", f"{path} is a directory, not a config file", "pass the TOML file itself with -c", where
+            "file.unreadable", f"{path} is {what}, not a config file", "pass the TOML file itself with -c", where
         ) from None
+    except ValueError as exc:
+        raise source_error("file.unreadable", str(exc), "a config file is a few KiB of TOML", where) from None
     except OSError as exc:
         raise source_error(
             "file.unreadable", f"cannot read {path}: {exc.strerror or exc}", "check the file's permissions", where
@@ -322,13 +328,22 @@ def read_env_file(path: Path) -> dict[str, str]:
     from dotenv import dotenv_values
 
     where = Origin(OriginKind.FILE, str(path))
-    if not path.is_file():
-        problem = f"env file {path} is not a regular file" if path.exists() else f"env file {path} does not exist"
-        raise source_error("env-file.missing", problem, "pass an existing file to --env-file", where)
-    if not os.access(path, os.R_OK):
-        raise source_error("env-file.unreadable", f"cannot read env file {path}", "check the file's permissions", where)
     try:
-        values = dotenv_values(path, interpolate=False)
+        data = read_regular_file(path)
+    except FileNotFoundError:
+        raise source_error(
+            "env-file.missing", f"env file {path} does not exist", "pass an existing file to --env-file", where
+        ) from None
+    except (IsADirectoryError, NotARegularFile) as exc:
+        problem = f"env file {path} is a directory" if isinstance(exc, IsADirectoryError) else f"env file {exc}"
+        raise source_error("env-file.missing", problem, "pass an existing file to --env-file", where) from None
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise source_error(
+            "env-file.unreadable", f"cannot read env file {path}: {reason}", "check the file's permissions", where
+        ) from None
+    try:
+        values = dotenv_values(stream=io.StringIO(data.decode("utf-8")), interpolate=False)
     except (OSError, UnicodeDecodeError) as exc:
         raise source_error(
             "env-file.unreadable", f"cannot read env file {path}: {exc}", "save it as UTF-8 KEY=value lines", where

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("daemon.supervisor")
 
+CHECK_TIMEOUT_S = 60.0
 LIVE_ACK_TIMEOUT_S = 5.0  # a tier busy with a long step, on a loaded machine, answers late
 
 
@@ -89,7 +90,13 @@ class Reloader:
         if supervisor.stopping.is_set():
             return self._finish(trigger, started, "rejected", reason="the daemon is stopping")
         notify.reloading(f"reloading generation {supervisor.generation} ({trigger})")
-        report = await asyncio.to_thread(check_config, supervisor.config.path, **supervisor.sources)
+        try:  # in a thread, bounded: a file system that hangs (NFS) must not wedge the reloader
+            report = await asyncio.wait_for(
+                asyncio.to_thread(check_config, supervisor.config.path, **supervisor.sources), CHECK_TIMEOUT_S
+            )
+        except TimeoutError:
+            reason = f"reading and checking the config took longer than {CHECK_TIMEOUT_S:g} s"
+            return self._finish(trigger, started, "rejected", reason=reason)
         if report.config is None:
             problems = report.errors or report.violations
             reason = "; ".join(
@@ -240,8 +247,10 @@ class Reloader:
         task.cancel()
 
     async def _watch(self, trigger: str, paths: tuple[Path, ...], stop: asyncio.Event) -> None:
-        log.info("config.watching", trigger=trigger, paths=[str(p) for p in paths])
-        async for names in file_changes(list(paths), stop):
+        def armed() -> None:  # logged once a change made from now on is seen: tests and operators wait for it
+            log.info("config.watching", trigger=trigger, paths=[str(p) for p in paths])
+
+        async for names in file_changes(list(paths), stop, armed):
             log.info("config.changed", trigger=trigger, entries=sorted(names))
             self.request(trigger)
 
