@@ -14,13 +14,14 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import h2.config
 import h2.connection
 import h2.settings
 import httpx
 import pytest
-from daemon_process import RunningDaemon, scrape, serving
+from daemon_process import RunningDaemon, descendants, scrape, serving
 
 STALLED_CLIENTS = 20
 # Long enough that no stream can finish by itself while its client sits unread.
@@ -92,9 +93,8 @@ def log_count(daemon: RunningDaemon, text: str) -> int:
     return daemon.log_path.read_text(errors="replace").count(text)
 
 
-@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
-def test_clients_that_stop_reading_then_leave_are_aborted_quietly(daemon: RunningDaemon, http2: bool) -> None:
-    errors_before = log_count(daemon, "ASGI transport error")
+def stall_then_leave(daemon: RunningDaemon, http2: bool) -> None:
+    """STALLED_CLIENTS streams that stop reading once begun, then leave; until all are aborted."""
     gone_before = log_count(daemon, "frontend.client_gone")
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(stalled_stream(daemon, http2)) for _ in range(STALLED_CLIENTS)]
@@ -110,8 +110,43 @@ def test_clients_that_stop_reading_then_leave_are_aborted_quietly(daemon: Runnin
         30,
         "every stalled client counted as gone",
     )
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_clients_that_stop_reading_then_leave_are_aborted_quietly(daemon: RunningDaemon, http2: bool) -> None:
+    errors_before = log_count(daemon, "ASGI transport error")
+    stall_then_leave(daemon, http2)
     noise = log_count(daemon, "ASGI transport error") - errors_before
     assert noise <= STALLED_CLIENTS, f"{noise} transport error lines for {STALLED_CLIENTS} clients"
+
+
+def frontend_rss_kib(daemon: RunningDaemon) -> int:
+    """Resident memory of the front-end tier and its Granian worker processes."""
+    frontend = str(daemon.tier_pids()["frontend-0"])
+    workers = [p for p in descendants(daemon.pid) if Path(f"/proc/{p}/stat").read_text().split()[3] == frontend]
+    assert workers, "no Granian worker process found"
+    total = 0
+    for pid in [int(frontend), *workers]:
+        status = Path(f"/proc/{pid}/status").read_text()
+        total += int(status.split("VmRSS:")[1].split()[0])
+    return total
+
+
+MEMORY_ROUNDS = 4
+MEMORY_SLACK_KIB = 16 * 1024  # allocator noise; a leak of the stalled streams' buffers is far more
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_front_end_memory_returns_after_stalled_clients_leave(daemon: RunningDaemon, http2: bool) -> None:
+    """Rounds of clients that stop reading (their unsent chunks pile up in the front-end) and leave:
+    after the first round (the allocator's warm-up), memory stays at its level round after round."""
+    stall_then_leave(daemon, http2)
+    level = frontend_rss_kib(daemon)
+    after = []
+    for _round in range(MEMORY_ROUNDS - 1):
+        stall_then_leave(daemon, http2)
+        after.append(frontend_rss_kib(daemon))
+    assert max(after) <= level + MEMORY_SLACK_KIB, f"front-end RSS {level} KiB, then {after} KiB"
 
 
 API_KEY = "stream-gone-key"
