@@ -95,7 +95,7 @@ def start_tier(role: str, index: int = 0, *, stopped_by_supervisor: bool = True)
     `stopped_by_supervisor`: ignore SIGTERM/SIGINT and exit on STOP_SIGNAL (the
     back-end tiers); the front-end leaves signals to Granian.
     """
-    from daemon.config.handoff import generation_from_environment, read_config
+    from daemon.config.handoff import UntrustedHandoff, generation_from_environment, read_config
     from daemon.ipc.messages import read_status_file
     from daemon.logs import configure_logging, set_generation
 
@@ -110,7 +110,14 @@ def start_tier(role: str, index: int = 0, *, stopped_by_supervisor: bool = True)
     # generation the daemon runs now (status file) may be newer.
     if (status := read_status_file(endpoints.directory)) is not None:
         generation = max(generation, status.generation)
-    settings = read_config(endpoints.directory, generation)
+    try:
+        settings = read_config(endpoints.directory, generation)
+    except UntrustedHandoff as exc:  # planted by someone else: run nothing it says
+        import structlog
+
+        configure_logging(role)
+        structlog.get_logger(f"daemon.{role}").error("tier.handoff_refused", reason=str(exc))
+        raise SystemExit(2) from None
     configure_logging(role, level=settings.logging.level, fmt=settings.logging.format)
     set_generation(generation)
     epoch = int(os.environ.get(EPOCH_VAR, "1"))

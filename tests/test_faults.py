@@ -366,8 +366,14 @@ def test_kill_one_tier_under_load(launch, tier):
         granian_workers = [p for p in descendants(daemon.pid) if p not in daemon.tier_pids().values()]
         assert granian_workers, "no Granian worker process found"
 
+    with httpx.Client(base_url=daemon.url, timeout=30) as http:  # more than a restart's own probes
+        for _ in range(10):
+            assert http.post("/v1/completions", json={"prompt": "count me", "max_tokens": 1}).status_code == 200
+    answered_before = requests_answered(daemon)
+    assert answered_before >= 10
     load = Load(daemon)
     load.wait_streaming()
+    sockets_before = {p.name for p in daemon.socket_dir.iterdir()}
     killed_at = time.monotonic()
     os.kill(old_pid, signal.SIGKILL)
     load.join(KILL_BOUND_S + READ_TIMEOUT_S + 5)
@@ -400,9 +406,23 @@ def test_kill_one_tier_under_load(launch, tier):
     assert restarts >= 1, samples
     # whatever the dead tier's requests held in the engine was given back
     wait_engine_idle(daemon, timeout=5.0)
+    # its socket files are gone with it (a worker's is named by its epoch, a front-end worker's by
+    # its PID: no successor binds them again), and the request counters went on from where they were
+    left = {p.name for p in daemon.socket_dir.iterdir()}
+    if name == "worker":
+        assert f"worker-{old_epoch}" in sockets_before and f"worker-{old_epoch}" not in left, left
+    if name == "frontend":
+        gone = {f"frontend-{pid}" for pid in granian_workers}
+        assert gone <= sockets_before and not gone & left, left
+    assert requests_answered(daemon) >= answered_before, "the request counters started again from 0"
 
     assert daemon.stop() == 0, daemon.log_tail()
     assert not wait_gone(daemon.pid, 2.0)
+
+
+def requests_answered(daemon: RunningDaemon) -> float:
+    """daemon_requests_total over every endpoint and status: it survives front-end restarts."""
+    return sum(v for (sample, _labels), v in scrape(daemon).items() if sample == "daemon_requests_total")
 
 
 def connections_by_process(port: int, pids: list[int]) -> dict[int, int]:
@@ -1099,6 +1119,64 @@ def test_runtime_dir_that_is_a_file_is_reported_cleanly(tmp_path, model_cache):
         assert "runtime.dir" in result.stderr + result.stdout
     finally:
         not_a_dir.unlink()
+
+
+# --- a runtime dir that is not ours alone ----------------------------------------------------------
+
+
+def planted_runtime_dir(base: Path, kind: str) -> Path:
+    """A runtime dir another local user could tamper with."""
+    if kind == "world-writable":
+        planted = base / "open"
+        planted.mkdir()
+        planted.chmod(0o777)
+    elif kind == "symlink":
+        target = base / "elsewhere"
+        target.mkdir(mode=0o700)
+        planted = base / "link"
+        planted.symlink_to(target)
+    else:  # another user's
+        if os.geteuid() != 0:
+            pytest.skip("only root can give a directory to another user")
+        planted = base / "theirs"
+        planted.mkdir(mode=0o700)
+        os.chown(planted, 65534, 65534)
+    return planted
+
+
+@pytest.mark.parametrize("kind", ["world-writable", "symlink", "another-user"])
+def test_planted_runtime_dir_is_refused_by_check_and_start(short_tmp, model_cache, kind):
+    planted = planted_runtime_dir(short_tmp, kind)
+    config = server_toml(short_tmp, planted, model_cache)
+    checked = run_daemon("check", "-c", str(config))
+    assert checked.returncode == 2 and "error[runtime.dir-unsafe] runtime.dir" in checked.stdout, checked
+    why = {"world-writable": "writable by its group or by others", "symlink": "is a symlink"}.get(kind, "uid 65534")
+    assert why in checked.stdout and "chmod 700" in checked.stdout, checked.stdout
+    started = run_daemon("-c", str(config), timeout=30)
+    assert started.returncode == 2 and "runtime.dir-unsafe" in started.stdout + started.stderr, started
+    assert not list(planted.glob("daemon-*")), "the daemon made its socket directory there"
+
+
+@pytest.mark.parametrize("tampering", ["symlink", "writable"])
+def test_tier_refuses_a_tampered_config_hand_off(launch, tmp_path, tampering):
+    """The per-generation config a restarted tier reads, replaced by a link or made writable by others:
+    the restarted tier refuses it (and runs nothing it says) instead of reading it."""
+    daemon = launch()
+    handoff = daemon.socket_dir / "config-1.json"
+    if tampering == "symlink":
+        copy = tmp_path / "planted.json"
+        copy.write_bytes(handoff.read_bytes())
+        handoff.unlink()
+        handoff.symlink_to(copy)
+    else:
+        handoff.chmod(0o666)
+    os.kill(daemon.tier_pids()["tokenizer-0"], signal.SIGKILL)
+    # every restart refuses it: a crash loop, and the daemon stops with an error
+    assert daemon.process.wait(60) == 1, daemon.log_tail()
+    refused = next(e for e in daemon.log_events() if e.get("event") == "tier.handoff_refused")
+    assert "tokenizer-0 crash-looped" in daemon.log_events()[-1].get("reason", ""), daemon.log_tail()
+    expected = "is a symlink" if tampering == "symlink" else "writable by others (mode 0666)"
+    assert str(handoff) in refused["reason"] and expected in refused["reason"], refused
 
 
 # --- the port -------------------------------------------------------------------------------------

@@ -107,6 +107,8 @@ class Files:
         if short is not None:
             (short / "afile").write_text("a regular file, not a directory\n")
             (short / "readonly").mkdir(mode=0o500, exist_ok=True)
+            (short / "open").mkdir(exist_ok=True)
+            (short / "open").chmod(0o777)  # anyone could replace the sockets in it
             self.values["short"] = str(short)
 
     def _build(self, name: str) -> str | None:
@@ -877,6 +879,13 @@ CASES: list[Case] = [
         line=4,
         warning=True,
         marks=(pytest.mark.skipif(IS_ROOT, reason="root writes anywhere: see test_runtime_dir_unwritable_rule"),),
+    ),
+    case(
+        "runtime-dir-world-writable",
+        M + '[runtime]\ndir = "{short}/open"\n',
+        "runtime.dir-unsafe",
+        "runtime.dir",
+        line=4,
     ),
     case(
         "runtime-dir-nul",

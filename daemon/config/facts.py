@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from daemon.config.ownership import unsafe_directory
 from daemon.config.schema import BUILTIN_PREFIX
 from daemon.engine.demo_spec import BUILTIN_MODELS
 from daemon.engine.model_dir import (
@@ -106,6 +107,10 @@ class Facts:
             return True, f"{path!s} is not a usable directory: {exc}"
         return None
 
+    def dir_unsafe(self, path: Path) -> str | None:
+        """Why `path` is not a directory the user running this alone controls, or None."""
+        return unsafe_directory(path)
+
     @property
     def may_bind_privileged_ports(self) -> bool | None:
         return os.geteuid() == 0
@@ -146,6 +151,9 @@ class OfflineFacts(Facts):
         return None
 
     def dir_problem(self, path: Path) -> tuple[bool, str] | None:
+        return None
+
+    def dir_unsafe(self, path: Path) -> str | None:
         return None
 
     @property

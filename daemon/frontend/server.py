@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import shutil
 import socket
 from typing import Any
 
@@ -113,18 +112,16 @@ def raise_open_file_limit(settings: DaemonSettings) -> None:
 
 
 def main(tier: Tier) -> None:
-    # Each front-end instance has its own: during a handover two run side by side.
-    metrics_dir = tier.endpoints.directory / f"metrics-{os.getpid()}"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir(mode=0o700)
+    # One for every front-end process of the daemon's life (files are per process, so two
+    # instances side by side in a handover do not mix): a restart does not reset the counters.
+    # The supervisor removes it with the socket directory when the daemon stops.
+    metrics_dir = tier.endpoints.metrics
+    metrics_dir.mkdir(mode=0o700, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # the workers inherit it
     os.environ[SPAWNER_VAR] = str(os.getpid())  # Granian's workers die with this process
     options = granian_options(tier.settings)
     raise_open_file_limit(tier.settings)  # the workers inherit it
-    try:
-        if listen_fd := os.environ.get(LISTEN_FD_VAR):
-            InheritedSocketGranian(APP, listen_fd=int(listen_fd), **options).serve()
-        else:  # started by hand, outside a supervisor's tree
-            Granian(APP, **options).serve()
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+    if listen_fd := os.environ.get(LISTEN_FD_VAR):
+        InheritedSocketGranian(APP, listen_fd=int(listen_fd), **options).serve()
+    else:  # started by hand, outside a supervisor's tree
+        Granian(APP, **options).serve()

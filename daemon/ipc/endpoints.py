@@ -11,6 +11,7 @@ when it exits.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,3 +82,18 @@ class Endpoints:
     def frontend(self, pid: int) -> str:
         """A front-end worker process's PULL: outputs from tokenizers."""
         return self._ipc(f"frontend-{pid}")
+
+    @property
+    def metrics(self) -> Path:
+        """Prometheus' multiprocess files of every front-end process the daemon ever ran: kept
+        for the daemon's life, so that counters go on across front-end restarts."""
+        return self.directory / "metrics"
+
+    def bound_by(self, tier: str, *, epoch: int, frontend_workers: Iterable[int] = ()) -> list[Path]:
+        """The socket files a tier process binds that no successor binds again (a worker's is
+        named by its epoch, a front-end worker's by its PID): to remove once it is gone."""
+        if tier == "worker":
+            return [self.directory / f"worker-{epoch}"]
+        if tier == "frontend":
+            return [self.directory / f"frontend-{pid}" for pid in frontend_workers]
+        return []

@@ -254,6 +254,7 @@ class TierReplacement:
     async def _abandon(self, child: Child) -> None:
         """Kill a child started by a reload that failed, and forget it."""
         await kill(child)
+        self.remove_sockets(child)
         self._publish(child, "stopped")
         self.children.remove(child)
 

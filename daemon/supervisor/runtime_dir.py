@@ -16,6 +16,7 @@ from typing import IO
 
 import structlog
 
+from daemon.config.ownership import RUNTIME_DIR_FIX, unsafe_directory
 from daemon.ipc.endpoints import SOCKET_DIR_PREFIX, socket_dir
 from daemon.pids import pid_alive
 
@@ -32,6 +33,8 @@ def create_socket_dir(runtime_dir: Path, pid: int) -> tuple[Path, IO[bytes]]:
 
     Returns the directory and its lock file, which must stay open while we live.
     """
+    if problem := unsafe_directory(runtime_dir):
+        raise RuntimeDirError(f"error[runtime.dir-unsafe] runtime.dir {problem}; fix: {RUNTIME_DIR_FIX}")
     try:
         runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         remove_stale_socket_dirs(runtime_dir)
@@ -39,7 +42,9 @@ def create_socket_dir(runtime_dir: Path, pid: int) -> tuple[Path, IO[bytes]]:
         shutil.rmtree(directory, ignore_errors=True)  # a previous process with our PID left it
         directory.mkdir(mode=0o700)
         os.chmod(directory, 0o700)  # whatever the umask
-        lock = open(directory / LOCK_FILE, "wb")  # noqa: SIM115 - held open for our whole life
+        # O_EXCL|O_NOFOLLOW: in a directory just made, a file already there was planted
+        descriptor = os.open(directory / LOCK_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        lock = os.fdopen(descriptor, "wb")  # held open for our whole life
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         raise RuntimeDirError(f"cannot use runtime.dir {runtime_dir}: {exc.strerror or exc}") from None

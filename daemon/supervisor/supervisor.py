@@ -323,6 +323,12 @@ class Supervisor(TierReplacement, ControlChannel, StatusReports):
     def _child(self, tier: str, index: int = 0) -> Child:
         return next(c for c in self.children if (c.tier, c.index) == (tier, index))
 
+    def remove_sockets(self, child: Child) -> None:
+        """The socket files `child` bound that no successor binds again: gone with it."""
+        for path in self.endpoints.bound_by(child.tier, epoch=child.epoch, frontend_workers=child.serving_workers):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
     def _watch_child(self, child: Child) -> None:
         self._watchers.append(asyncio.create_task(self._watch(child)))
 
@@ -333,6 +339,7 @@ class Supervisor(TierReplacement, ControlChannel, StatusReports):
             status = await child.process.wait()
             self.heartbeats.forget(child.pid)
             child.hung = False
+            self.remove_sockets(child)
             if child.retiring:
                 return
             if self.stopping.is_set():

@@ -6,6 +6,7 @@ import os
 
 from daemon.config.errors import Severity
 from daemon.config.facts import Facts
+from daemon.config.ownership import RUNTIME_DIR_FIX
 from daemon.config.rules.catalogue import CheckResult, rule
 from daemon.config.schema import DaemonSettings
 
@@ -37,6 +38,13 @@ def _dir_unwritable(c: DaemonSettings, f: Facts) -> CheckResult:
     """The daemon can create its sockets under runtime.dir (as the user running the check)."""
     problem = f.dir_problem(c.runtime.dir) if c.runtime.dir else None
     return problem[1] if problem and not problem[0] else None
+
+
+@rule("runtime.dir-unsafe", keys=["runtime.dir"], fix=RUNTIME_DIR_FIX)
+def _dir_unsafe(c: DaemonSettings, f: Facts) -> CheckResult:
+    """runtime.dir is the daemon's user's alone: not a symlink, not another user's, not writable by
+    others (its sockets and config hand-off files are trusted by every tier)."""
+    return f.dir_unsafe(c.runtime.dir) if c.runtime.dir else None
 
 
 @rule(
