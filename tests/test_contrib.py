@@ -391,7 +391,7 @@ def test_daemon_speaks_sd_notify_as_notify_reload_expects(
     assert max(b - a for a, b in zip(times, times[1:], strict=False)) < 4_000_000
 
 
-FROZEN_S = 9.0  # longer than the supervisor's 5 s threshold for a silent tier, plus a few pings
+FROZEN_S = 12.0  # longer than the supervisor's 5 s threshold for a silent tier, plus a few pings
 
 
 def test_watchdog_is_not_fed_while_a_tier_is_frozen(
@@ -423,7 +423,7 @@ def test_watchdog_is_not_fed_while_a_tier_is_frozen(
     assert status == 0, daemon.log_tail()
     pings = [m.received_usec for m in notify_socket.messages if m.kind == "WATCHDOG"]
     assert any(t < frozen for t in pings), "no ping before the freeze"
-    silent_from = frozen + 7_000_000  # 5 s of silence, a ping interval, slack
+    silent_from = frozen + 9_000_000  # 5 s of silence, a ping interval, slack for a loaded machine
     assert not [t for t in pings if silent_from < t < thawed], "pinged while the scheduler was frozen"
     assert len([t for t in pings if t > thawed]) >= 2, "the pings did not resume"
     assert not [e for e in daemon.log_events() if e.get("event") == "tier.hung"], "hang detection was off"
