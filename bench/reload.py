@@ -63,7 +63,6 @@ import errno
 import json
 import os
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -76,11 +75,12 @@ from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
-# bench/ is on sys.path as the script's directory: the serving benchmark's helpers.
-from serve import (
+# bench/ is on sys.path as the script's directory: what both benchmarks share.
+from common import (
     BIN,
     CONFIG,
     REPO,
+    REQUEST_TIMEOUT_S,
     START_TIMEOUT_S,
     Server,
     clean_env,
@@ -93,12 +93,14 @@ from serve import (
     marked_pids,
     percentile,
     print_header,
+    print_notes,
+    remove_work,
+    use_uvloop,
     versions,
     wait_http_ok,
     warm_up,
 )
 
-REQUEST_TIMEOUT_S = 120.0
 STOP_LOAD_GRACE_S = 40.0  # after the last change, how long requests in flight may take to finish
 
 CLASSES = ("live", "tokenizer", "frontend", "model", "model-bg")
@@ -640,7 +642,7 @@ def parse_args() -> argparse.Namespace:
     args.classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if unknown := [c for c in args.classes if c not in CLASSES]:
         p.error(f"unknown class(es) {unknown}; choose from {', '.join(CLASSES)}")
-    # What serve.warm_up reads.
+    # What common.warm_up reads.
     args.concurrency, args.temperature, args.h1_client = args.clients, 0.0, "aiohttp"
     return args
 
@@ -745,13 +747,7 @@ async def measure(
 
 def main() -> int:
     args = parse_args()
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        client_loop = "uvloop"
-    except ImportError:
-        client_loop = "asyncio"
+    client_loop = use_uvloop()
 
     t_begin = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="dm-reload-", dir="/tmp"))
@@ -995,14 +991,10 @@ def main() -> int:
         f"window: from the write to {args.window_tail:g} s after that event; a request counts when its lifetime "
         "overlaps it. Steady p99: the requests wholly inside the steady-state measurement before the first change."
     )
-    for note in notes:
-        print(f"\nNOTE: {note}")
+    print_notes(notes)
     print(f"\nwhole run: {time.monotonic() - t_begin:.0f} s")
-    if args.keep or exit_code:
+    if remove_work(work, runtime_dir, keep=bool(args.keep or exit_code)):
         print(f"logs kept in {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(runtime_dir, ignore_errors=True)
     return exit_code
 
 

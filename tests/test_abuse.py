@@ -19,7 +19,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import h2.config
@@ -29,8 +29,11 @@ import h2.events
 import h2.exceptions
 import httpx
 import pytest
-from daemon_process import RunningDaemon, descendants, scrape, serving
-from raw_h2 import RawH2
+from harness.daemons import RunningDaemon, serving
+from harness.metrics import scrape
+from harness.procs import descendants
+from harness.raw_h2 import RawH2
+from harness.wait import until
 
 MAX_STREAMS = 8  # small, so a client can exceed it with a dozen streams
 
@@ -43,14 +46,6 @@ def daemon(tmp_path_factory, model_cache) -> Iterator[RunningDaemon]:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {timeout} s")
-        time.sleep(interval)
 
 
 def openai_error(response: httpx.Response, status: int) -> dict:
@@ -81,7 +76,8 @@ def running_and_queued(daemon: RunningDaemon) -> tuple[float, float]:
 
 
 def wait_nothing_running(daemon: RunningDaemon, timeout: float = 15) -> None:
-    until(lambda: running_and_queued(daemon) == (0, 0), timeout, "idle engine (running and queued back to 0)")
+    idle = "idle engine (running and queued back to 0)"
+    until(lambda: running_and_queued(daemon) == (0, 0), timeout, 0.05, idle, retry_on=())
 
 
 def raw_exchange(daemon: RunningDaemon, request: bytes, timeout: float = 10) -> bytes:
@@ -344,7 +340,7 @@ def test_rapid_reset_is_cut_off_and_everyone_else_is_served(daemon):
 
     prober = threading.Thread(target=probe)
     prober.start()
-    until(lambda: len(health) >= 1, 10, "a first /health answer before the attack")
+    until(lambda: len(health) >= 1, 10, 0.05, "a first /health answer before the attack", retry_on=())
     client = RawH2(daemon.port)
     sent, goaway, closed = 0, None, False
     body = json.dumps({"prompt": "reset me", "max_tokens": 50, "ignore_eos": True}).encode()
@@ -374,7 +370,7 @@ def test_rapid_reset_is_cut_off_and_everyone_else_is_served(daemon):
                 break
             goaway = next((e for e in events if isinstance(e, h2.events.ConnectionTerminated)), None)
         answered = len(health)
-        until(lambda: len(health) > answered, 10, "a /health answer after the attack")
+        until(lambda: len(health) > answered, 10, 0.05, "a /health answer after the attack", retry_on=())
     finally:
         client.close()
         stop.set()
@@ -459,5 +455,5 @@ def test_300_random_disconnects_leak_nothing(daemon):
             drop(rng, held.pop())
     wait_nothing_running(daemon)
     assert frontend_pids(daemon) == pids, "a front-end worker was replaced: the count below would mean nothing"
-    until(lambda: open_fds(pids) <= before + FD_MARGIN, 15, f"front-end fds back near {before}")
+    until(lambda: open_fds(pids) <= before + FD_MARGIN, 15, 0.05, f"front-end fds back near {before}", retry_on=())
     assert_serving(daemon)

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,8 +32,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, clean_environ
-from daemon_process import descendants, free_port
+from harness.daemons import REPO, clean_environ
+from harness.procs import descendants, free_port
+from harness.wait import until
 
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 ANSIBLE = REPO / "contrib" / "ansible"
@@ -322,10 +322,8 @@ def test_stopped_state_stops_the_daemon_and_all_it_started(deployment: Deploymen
     assert play.returncode == 0, play
     assert play.changed == 1, play
     assert not deployment.pidfile.exists()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and [p for p in (pid, *children) if Path(f"/proc/{p}").exists()]:
-        time.sleep(0.2)  # exited, waiting to be reaped by init
-    assert not [p for p in (pid, *children) if _running(p)]
+    # stopped (exited: a zombie until init reaps it, or gone)
+    until(lambda: not [p for p in (pid, *children) if _running(p)], 30, 0.2, "every process stopped", retry_on=())
     log = (Path(str(deployment.variables["daemon_log_dir"])) / "daemon.log").read_text()
     assert '"event": "daemon.stopped"' in log  # a graceful stop, not the kill after the timeout
 

@@ -24,7 +24,7 @@ import httpx
 import msgspec
 import openai
 import pytest
-from daemon_process import RunningDaemon, serving
+from harness.daemons import RunningDaemon, serving
 from safetensors.torch import load_file, save_file
 
 from daemon.engine.demo_model import ensure_demo_model

@@ -12,8 +12,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from conftest import run_daemon
-from daemon_process import RunningDaemon, serving
+from harness.daemons import RunningDaemon, run_daemon, serving
 
 from daemon.frontend.request_models import ChatRequest, CompletionRequest, fields_of
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from daemon_process import RunningDaemon, serving
+from harness.daemons import RunningDaemon, serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

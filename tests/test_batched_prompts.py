@@ -12,7 +12,7 @@ import json
 import httpx
 import openai
 import pytest
-from daemon_process import RunningDaemon, serving
+from harness.daemons import RunningDaemon, serving
 
 PROMPTS = ["Once upon a time", "The river", "In a hole in the ground"]
 TOKEN_PROMPTS = [[5, 17, 300, 41], [9, 9, 200], [77, 1, 2, 3, 4, 5]]

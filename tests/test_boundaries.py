@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from harness.daemons import REPO
 
 TIERS = ("frontend", "tokenizer", "scheduler", "worker", "supervisor")
 

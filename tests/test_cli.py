@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import tomli
-from conftest import run_daemon
+from harness.daemons import run_daemon
 
 BROKEN = """
 [server]

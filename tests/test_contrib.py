@@ -17,24 +17,19 @@ import os
 import re
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
 import pytest
 import tomli
 import yaml
-from conftest import DAEMON, REPO, run_daemon
-from daemon_process import RunningDaemon, start_daemon
+from harness.daemons import DAEMON, REPO, RunningDaemon, run_daemon, short_dir, start_daemon
+from harness.notify import NotifySocket
 
 from daemon.config.schema import RuntimeSettings
 from daemon.frontend.probes import HEALTH_GENERATE_TIMEOUT_S
@@ -272,57 +267,6 @@ def test_watchdog_pings_come_from_the_supervisor_only(monkeypatch):
     assert notify.watchdog_interval() == 15.0
 
 
-@dataclass
-class Notification:
-    received_usec: int  # CLOCK_MONOTONIC when it arrived
-    pid: int  # the sender, from SCM_CREDENTIALS
-    fields: dict[str, str]
-
-    @property
-    def kind(self) -> str:
-        for kind in ("READY", "RELOADING", "STOPPING", "WATCHDOG"):
-            if self.fields.get(kind) == "1":
-                return kind
-        return "STATUS"
-
-
-class NotifySocket:
-    """A stand-in for systemd's notification socket: records every datagram and its sender."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.settimeout(0.2)
-        self.messages: list[Notification] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        credentials = struct.calcsize("iII")
-        while not self._stop.is_set():
-            try:
-                data, ancillary, _flags, _address = self.sock.recvmsg(4096, socket.CMSG_SPACE(credentials))
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-            pid = -1
-            for level, kind, payload in ancillary:
-                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
-                    pid = struct.unpack("iII", payload[:credentials])[0]
-            fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
-            self.messages.append(Notification(now, pid, fields))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-
-
 @pytest.fixture
 def notify_socket(short_tmp: Path) -> Iterator[NotifySocket]:
     listener = NotifySocket(short_tmp / "notify")
@@ -349,11 +293,13 @@ def test_daemon_speaks_sd_notify_as_notify_reload_expects(
         rejected = run_daemon(*reload_command, timeout=300)
         assert rejected.returncode == 1, rejected.stdout + rejected.stderr
         assert json.loads(rejected.stdout)["result"] == "rejected"
-        time.sleep(2.5)  # a few more watchdog intervals
+        # a few more watchdog intervals: pings that come after the last READY=1
+        last_ready = notify_socket.received("READY")[-1].received_usec
+        notify_socket.wait(2, kind="WATCHDOG", after_usec=last_ready, timeout=10)
     finally:
         status = daemon.stop()
     assert status == 0, daemon.log_tail()
-    time.sleep(0.5)  # the last datagram is read
+    notify_socket.wait(1, kind="STOPPING", timeout=10)  # the last datagram is read
     messages = list(notify_socket.messages)
 
     assert {m.pid for m in messages} == {daemon.pid}, "only the supervisor notifies (NotifyAccess=main)"
@@ -411,13 +357,7 @@ def test_watchdog_is_not_fed_while_a_tier_is_frozen(
         finally:
             os.kill(scheduler, signal.SIGCONT)
         thawed = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-
-        def pings_after_thaw() -> int:
-            return sum(m.kind == "WATCHDOG" and m.received_usec > thawed for m in notify_socket.messages)
-
-        deadline = time.monotonic() + 15
-        while pings_after_thaw() < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        notify_socket.wait(2, kind="WATCHDOG", after_usec=thawed, timeout=15)  # the pings resume
     finally:
         status = daemon.stop()
     assert status == 0, daemon.log_tail()
@@ -707,7 +647,7 @@ def test_dashboard_queries_parse_and_use_the_daemons_metrics():
 
 @pytest.fixture
 def serving_daemon(tmp_path: Path, model_cache: Path) -> Iterator[RunningDaemon]:
-    runtime_dir = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
+    runtime_dir = short_dir()
     env = {"NOTIFY_SOCKET": "", "WATCHDOG_USEC": ""}  # not the test runner's systemd, if any
     daemon = start_daemon(tmp_path, runtime_dir, model_cache, env=env)
     try:

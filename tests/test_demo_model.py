@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import run_daemon
+from harness.daemons import run_daemon
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 

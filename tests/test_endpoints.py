@@ -16,8 +16,8 @@ import httpx
 import msgspec
 import openai
 import pytest
-from conftest import run_daemon
-from daemon_process import RunningDaemon, serving
+from harness.daemons import RunningDaemon, run_daemon, serving
+from harness.wait import until
 from tokenizers import Tokenizer
 
 import daemon as daemon_package
@@ -86,13 +86,11 @@ def assert_error(response: httpx.Response, status: int, param: str | None, kind:
 
 def wait_for_log(daemon: RunningDaemon, event: str, request_prefix: str, timeout: float = 30.0) -> dict:
     """The log line `event` about the request whose own id starts with the client's `request_prefix`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for record in daemon.log_events():
-            if record.get("event") == event and str(record.get("request_id", "")).startswith(request_prefix):
-                return record
-        time.sleep(0.05)
-    raise AssertionError(f"no {event} for {request_prefix} within {timeout} s:\n{daemon.log_tail()}")
+
+    def found() -> list[dict]:
+        return [e for e in daemon.events(event) if str(e.get("request_id", "")).startswith(request_prefix)]
+
+    return until(found, timeout, 0.05, f"{event} for {request_prefix}", retry_on=(), detail=daemon.log_tail)[0]
 
 
 # --- the served model --------------------------------------------------------------------------------
@@ -318,15 +316,16 @@ def test_version(daemon, http):
 
 def wait_healthy(daemon: RunningDaemon, tier: str, old_pid: int) -> dict:
     """Until a new process of `tier` is up and a token goes through every tier; its status entry."""
-    deadline = time.monotonic() + HEALTHY_TIMEOUT_S
-    while time.monotonic() < deadline:
+
+    def healthy() -> dict | None:
         entries = [t for t in status(daemon)["tiers"] if t["tier"] == tier and t["state"] == "up"]
         if entries and entries[-1]["pid"] != old_pid:
             with httpx.Client(base_url=daemon.url, timeout=30) as probe:
                 if probe.get("/health_generate").status_code == 200:
                     return entries[-1]
-        time.sleep(0.1)
-    raise AssertionError(f"no new {tier} within {HEALTHY_TIMEOUT_S} s:\n{daemon.log_tail()}")
+        return None
+
+    return until(healthy, HEALTHY_TIMEOUT_S, what=f"a new {tier}", retry_on=(), detail=daemon.log_tail)
 
 
 def test_a_tokenizer_that_dies_is_a_503_not_a_hang(daemon):

@@ -1,7 +1,7 @@
 """The engine's forward pass matches Hugging Face transformers on the same weights.
 
-Models are random, small and built here with transformers (Llama, Qwen2 with
-its q/k/v biases, Mistral, Llama 3 RoPE scaling, tied embeddings), saved as
+Models are random, small and built with transformers by the harness (tests/harness/models.py:
+Llama, Qwen2 with its q/k/v biases, Mistral, Llama 3 RoPE scaling, tied embeddings), saved as
 sharded safetensors and loaded by the engine through its own code.
 """
 
@@ -14,67 +14,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from daemon.engine.blocks import BlockManager  # noqa: E402
+from harness.models import PROMPT, VARIANTS, Sequences, build_hf_model, hf_logits  # noqa: E402
+
 from daemon.engine.model_dir import ModelDirError  # noqa: E402
-from daemon.engine.runner import ModelRunner, SequenceChunk  # noqa: E402
+from daemon.engine.runner import ModelRunner  # noqa: E402
 from daemon.engine.sampler import SamplingParams  # noqa: E402
 
 TOLERANCE = 2e-4
-SMALL = dict(
-    vocab_size=160,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-)
-VARIANTS = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
-    "llama-tied": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {"tie_word_embeddings": True}),
-    "llama3-rope": (
-        transformers.LlamaConfig,
-        transformers.LlamaForCausalLM,
-        {
-            "rope_scaling": {
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64,
-            },
-            "rope_theta": 500000.0,
-        },
-    ),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
-}
-
-
-def build_hf_model(directory: Path, variant: str, shard: bool = True):
-    config_class, model_class, extra = VARIANTS[variant]
-    torch.manual_seed(1234)
-    model = model_class(config_class(**SMALL, **extra)).eval()
-    for parameter in model.parameters():  # larger weights than the init default, so errors show in the logits
-        parameter.data.normal_(0, 0.1)
-    model.save_pretrained(directory, safe_serialization=True, max_shard_size="40KB" if shard else "1GB")
-    return model
-
-
-def hf_logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
-
-
-class Sequences:
-    """Block bookkeeping for a test that drives a runner by hand, as the scheduler will."""
-
-    def __init__(self, runner: ModelRunner):
-        self.blocks = BlockManager(num_blocks=runner.cache.layers[0].keys.shape[0] // runner.cache.block_size)
-
-    def chunk(self, seq_id: int, tokens: list[int], start: int, **kwargs) -> SequenceChunk:
-        table = self.blocks.grow(seq_id, start + len(tokens))
-        return SequenceChunk(seq_id, tokens, start, list(table), **kwargs)
 
 
 @pytest.fixture(params=list(VARIANTS))
@@ -82,9 +28,6 @@ def models(request, tmp_path: Path):
     hf = build_hf_model(tmp_path, request.param)
     runner = ModelRunner(tmp_path, num_blocks=64, device="cpu", dtype="float32")
     return hf, runner
-
-
-PROMPT = [5, 17, 33, 2, 99, 150, 7, 7, 42, 11, 64, 3, 120, 8, 19, 77, 101, 56, 9, 31]
 
 
 def test_prefill_logits_match(models):

@@ -13,7 +13,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 transformers = pytest.importorskip("transformers")
 
-from test_engine import PROMPT, VARIANTS, Sequences, build_hf_model  # noqa: E402
+from harness.models import PROMPT, VARIANTS, Sequences, build_hf_model  # noqa: E402
 
 from daemon.engine.runner import ModelRunner  # noqa: E402
 

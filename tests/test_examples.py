@@ -8,7 +8,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import tomli
-from conftest import REPO, make_certificate, run_daemon, write_model_dir
+from harness.daemons import REPO, run_daemon
+from harness.files import make_certificate, write_model_dir
 
 EXAMPLES = sorted((REPO / "configs").glob("*.toml"))
 SCHEMA = json.loads((REPO / "schemas" / "server.schema.json").read_text())

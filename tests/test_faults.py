@@ -10,6 +10,7 @@ checks that nothing carrying DAEMON_PARENT_PID=<supervisor pid> outlives it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -18,26 +19,18 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import DAEMON, clean_environ, run_daemon
-from daemon_process import (
-    RunningDaemon,
-    descendants,
-    describe,
-    kill_leftovers,
-    read_completion_stream,
-    scrape,
-    start_daemon,
-    stop_daemons,
-    taken_port,
-    wait_gone,
-)
-from raw_h2 import RawH2
+from harness.daemons import RunningDaemon, popen_daemon, run_daemon, short_dir, start_daemon, stop_daemons
+from harness.load import Client, Options, Outcome, Requests, request, request_body
+from harness.metrics import engine_figures, scrape, wait_engine_busy, wait_engine_idle
+from harness.procs import children, descendants, describe, free_port, kill_leftovers, parent, taken_port, wait_gone
+from harness.raw_h2 import RawH2
+from harness.wait import never, until
 
 KILL_BOUND_S = 10.0  # every request in flight ends within this long of a kill
 READ_TIMEOUT_S = 20.0  # a client read that waits this long is a hang (longer than KILL_BOUND_S on purpose)
@@ -74,28 +67,6 @@ def long_context_settings(model: Path) -> dict[str, object]:
 # --- daemons ---------------------------------------------------------------------------------------
 
 
-def children(pid: int) -> set[int]:
-    """The live child processes of `pid` (from /proc)."""
-    found: set[int] = set()
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            found |= {int(child) for child in (task / "children").read_text().split()}
-        except OSError:
-            continue
-    return found
-
-
-def parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def unaccounted(daemon: RunningDaemon) -> list[int]:
     """Processes of the daemon's tree that are neither a tier in status.json nor a child of the front-end tier."""
     tiers = set(daemon.tier_pids().values())
@@ -123,7 +94,7 @@ class Launcher:
 @pytest.fixture
 def launch(tmp_path: Path, model_cache: Path) -> Iterator[Launcher]:
     """Start daemons on one short runtime dir; stop them all afterwards and check none left a process."""
-    runtime_dir = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
+    runtime_dir = short_dir()
     launcher = Launcher(tmp_path, runtime_dir, model_cache, [])
     try:
         yield launcher
@@ -136,190 +107,52 @@ def tier_state(daemon: RunningDaemon) -> dict[str, dict]:
     return {f"{t['tier']}-{t['index']}": t for t in status["tiers"]}
 
 
-def until(predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):
-    """Poll `predicate` until it returns something truthy; that value, or AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if value := predicate():
-                return value
-        except (OSError, ValueError, KeyError, httpx.HTTPError) as exc:
-            last_error = exc
-        time.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout} s (last error: {last_error!r})")
-
-
-# --- metrics ---------------------------------------------------------------------------------------
-
-
-def engine_figures(daemon: RunningDaemon) -> tuple[float, float, float]:
-    """(running requests, free KV-cache tokens, KV-cache tokens) as the front-end reports them."""
-    samples = scrape(daemon)
-    return (
-        samples[("daemon_running_requests", ())],
-        samples[("daemon_kv_cache_free_tokens", ())],
-        samples[("daemon_kv_cache_tokens", ())],
-    )
-
-
-def wait_engine_idle(daemon: RunningDaemon, timeout: float) -> float:
-    """Seconds until /metrics shows no running request and the whole KV cache free."""
-    started = time.monotonic()
-
-    def idle() -> bool:
-        running, free, total = engine_figures(daemon)
-        return running == 0 and total > 0 and free == total
-
-    try:
-        until(idle, timeout, interval=0.1, what="an idle engine")
-    except AssertionError:
-        raise AssertionError(f"the engine is still busy {timeout} s later: {engine_figures(daemon)}") from None
-    return time.monotonic() - started
-
-
-def wait_engine_busy(daemon: RunningDaemon, timeout: float = 5.0) -> None:
-    def busy() -> bool:
-        running, free, total = engine_figures(daemon)
-        return running >= 1 and free < total
-
-    until(busy, timeout, what="a running request in /metrics")
-
-
 # --- clients ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Outcome:
-    """How one client request ended."""
-
-    label: str
-    kind: str = "pending"  # complete | http-error | sse-error | connection-error | hang | incomplete | unexpected
-    status: int | None = None
-    detail: str = ""
-    chunks: int = 0
-    first_chunk_at: float | None = None
-    ended_at: float | None = None
-
-    @property
-    def explicit_error(self) -> bool:
-        return self.kind in ("http-error", "sse-error", "connection-error")
+# Every request of the load is bounded: a read that waits READ_TIMEOUT_S is a hang, and so is a stream still
+# going KILL_BOUND_S + READ_TIMEOUT_S after it was sent.
+LOAD = Options(
+    max_tokens=LOAD_MAX_TOKENS,
+    read_timeout=READ_TIMEOUT_S,
+    connect_timeout=5.0,
+    give_up_after_s=KILL_BOUND_S + READ_TIMEOUT_S,
+)
 
 
-def request_body(chat: bool, stream: bool, max_tokens: int, index: int) -> dict:
-    body: dict = {"max_tokens": max_tokens, "ignore_eos": True, "stream": stream, "temperature": 0}
-    if chat:
-        body["messages"] = [{"role": "user", "content": f"tell me story number {index}"}]
-    else:
-        body["prompt"] = f"Once upon a time, story {index}"
-    return body
+def burst(daemon: RunningDaemon, *, copies: int = 1, max_tokens: int = LOAD_MAX_TOKENS, http2: bool = True) -> Requests:
+    """A fixed set of concurrent requests, one connection each: streaming and not, HTTP/1.1 and HTTP/2, chat and
+    not (`copies` times each)."""
+    protocols = ("h1", "h2") if http2 else ("h1",)
+    clients = [
+        Client(protocol, stream, chat)
+        for _copy in range(copies)
+        for stream in (True, False)
+        for protocol in protocols
+        for chat in (False, True)
+    ]
+    return Requests(daemon.url, clients, dataclasses.replace(LOAD, max_tokens=max_tokens))
 
 
-def one_request(base_url: str, outcome: Outcome, *, chat: bool, stream: bool, http2: bool, body: dict) -> None:
-    """Run one request to its end, recording how it ended in `outcome`; never raises, never waits unbounded."""
-    path = "/v1/chat/completions" if chat else "/v1/completions"
-    timeout = httpx.Timeout(connect=5.0, read=READ_TIMEOUT_S, write=5.0, pool=5.0)
-    started = time.monotonic()
-    try:
-        with httpx.Client(base_url=base_url, http1=not http2, http2=http2, timeout=timeout) as client:
-            if not stream:
-                response = client.post(path, json=body)
-                outcome.status = response.status_code
-                if response.status_code == 200:
-                    choice = response.json()["choices"][0]
-                    outcome.kind = "complete" if choice["finish_reason"] in ("length", "stop") else "unexpected"
-                    outcome.detail = str(choice["finish_reason"])
-                elif response.status_code >= 500:
-                    outcome.kind, outcome.detail = "http-error", response.text[:300]
-                else:
-                    outcome.kind, outcome.detail = "unexpected", response.text[:300]
-                return
-            with client.stream("POST", path, json=body) as response:
-                outcome.status = response.status_code
-                if response.status_code != 200:
-                    text = response.read().decode(errors="replace")[:300]
-                    outcome.kind = "http-error" if response.status_code >= 500 else "unexpected"
-                    outcome.detail = text
-                    return
-                read_completion_stream(response, outcome, give_up_after=started + KILL_BOUND_S + READ_TIMEOUT_S)
-    except httpx.TimeoutException as exc:
-        outcome.kind, outcome.detail = "hang", repr(exc)
-    except httpx.TransportError as exc:
-        outcome.kind, outcome.detail = "connection-error", repr(exc)
-    except Exception as exc:  # noqa: BLE001 - a test client must report, not die in its thread
-        outcome.kind, outcome.detail = "unexpected", repr(exc)
-    finally:
-        outcome.ended_at = time.monotonic()
+def wait_in_flight(daemon: RunningDaemon, load: Requests, timeout: float = 15.0) -> None:
+    """Until every stream of `load` has had a first chunk, and every request, streamed or not, is in the engine:
+    none still on its way in, which a fault (or a drain, which closes connections whose request was not read
+    yet) would race. None may have ended."""
+    load.wait_streaming(timeout)
+    until(
+        lambda: engine_figures(daemon)[0] >= len(load.outcomes),
+        timeout,
+        interval=0.05,
+        what=f"{len(load.outcomes)} requests running in the engine",
+    )
+    load.assert_none_ended()
 
 
-class Load:
-    """A fixed set of concurrent requests (streaming and not, HTTP/1.1 and HTTP/2, chat and not), one thread each."""
-
-    def __init__(
-        self, daemon: RunningDaemon, *, copies: int = 1, max_tokens: int = LOAD_MAX_TOKENS, http2: bool = True
-    ):
-        self.daemon = daemon
-        self.outcomes: list[Outcome] = []
-        self.threads: list[threading.Thread] = []
-        index = 0
-        for _copy in range(copies):
-            for stream in (True, False):
-                for over_h2 in (False, True)[: 1 + http2]:
-                    for chat in (False, True):
-                        outcome = Outcome(
-                            f"{'stream' if stream else 'full'}/{'h2' if over_h2 else 'h1'}/{'chat' if chat else 'text'}"
-                        )
-                        body = request_body(chat, stream, max_tokens, index)
-                        index += 1
-                        thread = threading.Thread(
-                            target=one_request,
-                            args=(daemon.url, outcome),
-                            kwargs={"chat": chat, "stream": stream, "http2": over_h2, "body": body},
-                            daemon=True,
-                        )
-                        self.outcomes.append(outcome)
-                        self.threads.append(thread)
-        for thread in self.threads:
-            thread.start()
-
-    @property
-    def streams(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.label.startswith("stream")]
-
-    def wait_streaming(self, timeout: float = 15.0) -> None:
-        """Until every stream has had a first chunk: the load is in flight."""
-        until(
-            lambda: all(o.first_chunk_at is not None or o.ended_at is not None for o in self.streams),
-            timeout,
-            interval=0.02,
-            what="first chunks of every stream",
-        )
-        # and every request, streamed or not, is in the engine: none still on its way in, which a
-        # fault (or a drain, which closes connections whose request was not read yet) would race
-        until(
-            lambda: engine_figures(self.daemon)[0] >= len(self.outcomes),
-            timeout,
-            interval=0.05,
-            what=f"{len(self.outcomes)} requests running in the engine",
-        )
-        early = [o for o in self.outcomes if o.ended_at is not None]
-        assert not early, f"requests ended before the fault: {early}"
-
-    def join(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        stuck = [o for o, t in zip(self.outcomes, self.threads, strict=True) if t.is_alive()]
-        assert not stuck, f"requests still running {timeout} s later (hung): {stuck}"
-
-    def report(self) -> str:
-        return "\n".join(f"  {o.label}: {o.kind} {o.status} {o.detail[:160]}" for o in self.outcomes)
-
-
-def get_completion(daemon: RunningDaemon, *, stream: bool = False, http2: bool = False) -> Outcome:
-    outcome = Outcome("probe")
-    one_request(daemon.url, outcome, chat=False, stream=stream, http2=http2, body=request_body(False, stream, 8, 0))
-    return outcome
+def get_completion(
+    daemon: RunningDaemon, *, stream: bool = False, http2: bool = False, label: str = "probe"
+) -> Outcome:
+    body = request_body(chat=False, stream=stream, max_tokens=8, index=0)
+    return request(daemon.url, body, http2=http2, label=label, options=LOAD)
 
 
 PROBE_BOUND_S = 10.0  # a request sent while a tier is down ends this soon: a success or an explicit error
@@ -371,8 +204,8 @@ def test_kill_one_tier_under_load(launch, tier):
             assert http.post("/v1/completions", json={"prompt": "count me", "max_tokens": 1}).status_code == 200
     answered_before = requests_answered(daemon)
     assert answered_before >= 10
-    load = Load(daemon)
-    load.wait_streaming()
+    load = burst(daemon)
+    wait_in_flight(daemon, load)
     sockets_before = {p.name for p in daemon.socket_dir.iterdir()}
     killed_at = time.monotonic()
     os.kill(old_pid, signal.SIGKILL)
@@ -385,7 +218,7 @@ def test_kill_one_tier_under_load(launch, tier):
             assert outcome.ended_at - killed_at <= KILL_BOUND_S, f"{outcome.label} took too long\n{report}"
     assert any(o.explicit_error for o in load.outcomes), f"the kill hit no request in flight\n{report}"
     if name == "frontend":
-        assert all(o.kind in ("complete", "connection-error") for o in load.outcomes), report
+        assert all(o.kind == "complete" or o.connection_lost for o in load.outcomes), report
         assert not [p for p in granian_workers if p in descendants(daemon.pid)], "Granian workers outlived it"
     else:
         for outcome in load.outcomes:  # the back end's errors are 503-class, said in the protocol
@@ -398,7 +231,7 @@ def test_kill_one_tier_under_load(launch, tier):
     ready = daemon.wait_for_event("tier.ready", timeout=10, tier=name, index=int(index), epoch=old_epoch + 1)
     state = tier_state(daemon)[tier]
     assert state["pid"] == ready["child_pid"] != old_pid and state["state"] == "up", state
-    assert any(e.get("event") == "tier.died" and e.get("child_pid") == old_pid for e in daemon.log_events())
+    assert daemon.events("tier.died", child_pid=old_pid), daemon.log_tail()
 
     wait_serving(daemon)
     samples = scrape(daemon)
@@ -452,8 +285,8 @@ def test_kill_one_frontend_worker_process_under_load(launch):
     workers = sorted(set(descendants(daemon.pid)) - tiers)
     assert len(workers) == 2, describe(workers)
 
-    load = Load(daemon, copies=2, max_tokens=1000)
-    load.wait_streaming()
+    load = burst(daemon, copies=2, max_tokens=1000)
+    wait_in_flight(daemon, load)
 
     # every client's connection accepted by one of the two workers (the last ones may still be connecting)
     def all_connected() -> dict[int, int] | None:
@@ -470,9 +303,9 @@ def test_kill_one_frontend_worker_process_under_load(launch):
 
     report = f"held {held}, killed {victim}:\n{load.report()}\n{daemon.log_tail(20)}"
     for outcome in load.outcomes:  # those the other worker serves finish at their own pace
-        assert outcome.kind in ("complete", "connection-error"), report
+        assert outcome.kind == "complete" or outcome.connection_lost, report
         assert outcome.kind == "complete" or outcome.ended_at - killed_at <= KILL_BOUND_S, report
-    assert sum(o.kind == "connection-error" for o in load.outcomes) == held[victim], report
+    assert sum(o.connection_lost for o in load.outcomes) == held[victim], report
     assert sum(o.kind == "complete" for o in load.outcomes) == held[survivor], report
 
     # Granian starts a new worker, which stays up (it dies with its parent only) and serves
@@ -480,8 +313,7 @@ def test_kill_one_frontend_worker_process_under_load(launch):
         return sorted(set(descendants(daemon.pid)) - tiers - set(workers))
 
     replacement = until(respawned, 15, what="a new front-end worker process")
-    time.sleep(1.0)
-    assert set(replacement) <= set(descendants(daemon.pid)), "the new front-end worker died"
+    never(lambda: set(replacement) - set(descendants(daemon.pid)), 1.0, "the new front-end worker died")
     assert daemon.tier_pids()["frontend-0"] in descendants(daemon.pid)
     wait_serving(daemon)
     wait_engine_idle(daemon, timeout=5.0)  # the dead worker's requests were aborted in the engine
@@ -499,8 +331,8 @@ def test_frozen_tier_is_declared_hung_killed_and_restarted_under_load(launch, ti
     daemon = launch({"runtime.hang_timeout_s": HANG_TIMEOUT_S})
     name, index = tier.rsplit("-", 1)
     frozen = daemon.tier_pids()[tier]
-    load = Load(daemon)
-    load.wait_streaming()
+    load = burst(daemon)
+    wait_in_flight(daemon, load)
     frozen_at = time.monotonic()
     os.kill(frozen, signal.SIGSTOP)
     try:
@@ -517,7 +349,7 @@ def test_frozen_tier_is_declared_hung_killed_and_restarted_under_load(launch, ti
         if outcome.kind == "http-error":
             assert outcome.status == 503, report
     assert any(o.explicit_error for o in load.outcomes), f"the freeze hit no request in flight\n{report}"
-    died = [e for e in daemon.log_events() if e.get("event") == "tier.died" and e.get("child_pid") == frozen]
+    died = daemon.events("tier.died", child_pid=frozen)
     assert died and died[0]["status"] == -signal.SIGKILL, daemon.log_tail()
     daemon.wait_for_event("tier.ready", timeout=RECOVERY_S, tier=name, index=int(index), epoch=2)
     wait_serving(daemon)
@@ -537,16 +369,29 @@ def test_frontend_workers_never_outlive_their_tier_process(launch):
     finally:
         os.kill(worker, signal.SIGCONT)
     daemon.wait_for_event("tier.ready", timeout=20, tier="frontend", epoch=3)
-    time.sleep(3.0)  # time to die with its parent, or to start serving
-    assert worker not in descendants(daemon.pid), f"orphaned front-end worker {describe([worker])} still runs"
-    assert not unaccounted(daemon), describe(unaccounted(daemon))
+    # thawed, it dies with its parent (or, the bug, starts serving): gone within 3 s
+    deadline = time.monotonic() + 3.0
+    until(
+        lambda: worker not in descendants(daemon.pid),
+        3.0,
+        interval=0.05,
+        what="the orphaned front-end worker gone",
+        detail=lambda: describe([worker]),
+    )
+    until(
+        lambda: not unaccounted(daemon),
+        max(0.0, deadline - time.monotonic()),
+        interval=0.05,
+        what="every process accounted for",
+        detail=lambda: describe(unaccounted(daemon)),
+    )
 
 
 def test_kill_one_of_two_tokenizers_fails_only_its_requests(launch):
     daemon = launch({"tokenizer.workers": 2})
     old_pid = daemon.tier_pids()["tokenizer-1"]
-    load = Load(daemon)  # one front-end worker sends requests to the tokenizers in turn
-    load.wait_streaming()
+    load = burst(daemon)  # one front-end worker sends requests to the tokenizers in turn
+    wait_in_flight(daemon, load)
     killed_at = time.monotonic()
     os.kill(old_pid, signal.SIGKILL)
     load.join(KILL_BOUND_S + READ_TIMEOUT_S + 5)
@@ -586,23 +431,16 @@ def test_kill_supervisor_takes_every_process_with_it(launch, settings):
     assert tiers <= tree
     assert len(granian_workers) >= settings.get("server.workers", 1), describe(sorted(tree))
 
-    stream = Outcome("stream")
-    client = threading.Thread(
-        target=one_request,
-        args=(daemon.url, stream),
-        kwargs={"chat": False, "stream": True, "http2": True, "body": request_body(False, True, 1500, 0)},
-        daemon=True,
-    )
-    client.start()
-    until(lambda: stream.first_chunk_at or stream.ended_at, 10, interval=0.02, what="a first chunk")
+    client = Requests(daemon.url, [Client("h2", stream=True)], dataclasses.replace(LOAD, max_tokens=1500))
+    client.wait_streaming(10)
 
     killed_at = time.monotonic()
     daemon.process.kill()
     daemon.process.wait(5)
     left = wait_gone(daemon.pid, ORPHAN_BOUND_S)
     assert not left, f"still alive {ORPHAN_BOUND_S} s after the supervisor died: {describe(left)}"
-    client.join(KILL_BOUND_S)
-    assert not client.is_alive() and stream.kind == "connection-error", stream
+    (stream,) = client.join(KILL_BOUND_S)
+    assert stream.kind == "cut", stream  # the connection went in the middle of the answer
     assert stream.ended_at - killed_at <= KILL_BOUND_S
 
 
@@ -611,7 +449,7 @@ def test_kill_supervisor_while_tiers_start(launch, tier):
     """The worker is still importing torch, or the front-end still spawning its workers: they go too."""
     daemon = launch(wait=False)
     started = until(
-        lambda: [e for e in daemon.log_events() if e.get("event") == "tier.started" and e.get("tier") == tier],
+        lambda: daemon.events("tier.started", tier=tier),
         60,
         interval=0.005,
         what=f"{tier} starting",
@@ -629,106 +467,61 @@ def test_kill_supervisor_while_tiers_start(launch, tier):
 # --- 3. SIGTERM under load ------------------------------------------------------------------------
 
 
-class Curl:
-    """One request by curl (nghttp2), for HTTP/2: Python's h2 treats the GOAWAY of a graceful
-    shutdown as the end of the connection, so httpx loses its streams in flight on every drain."""
-
-    def __init__(self, daemon: RunningDaemon, directory: Path, body: dict, name: str):
-        self.output = directory / f"{name}.out"
-        self.stream = body.get("stream", False)
-        command = ["curl", "-sS", "-N", "--http2-prior-knowledge", "--max-time", "60", "-o", str(self.output)]
-        command += ["-w", "%{http_code}", "-H", "content-type: application/json", "-d", json.dumps(body)]
-        self.process = subprocess.Popen(
-            [*command, daemon.url + "/v1/completions"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-
-    def started(self) -> bool:
-        return self.output.exists() and b"data: " in self.output.read_bytes()
-
-    def outcome(self, timeout: float) -> Outcome:
-        outcome = Outcome(f"curl-h2-{'stream' if self.stream else 'full'}")
-        try:
-            status, error = self.process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.communicate()
-            outcome.kind = "hang"
-            return outcome
-        body = self.output.read_text(errors="replace") if self.output.exists() else ""
-        outcome.status = int(status) if status.isdigit() else None
-        outcome.detail = f"curl exit {self.process.returncode} {error.strip()} {body[-200:]}"
-        if self.process.returncode != 0:
-            outcome.kind = "connection-error"
-        elif outcome.status != 200:
-            outcome.kind = "http-error"
-        elif self.stream:
-            outcome.kind = "complete" if body.rstrip().endswith("data: [DONE]") else "incomplete"
-        else:
-            outcome.kind = "complete" if json.loads(body)["choices"][0]["finish_reason"] else "unexpected"
-        return outcome
+def draining(daemon: RunningDaemon) -> bool:
+    """The front-end says it is stopping (/health_generate answers 503), or takes no connection any more."""
+    try:
+        return httpx.get(daemon.url + "/health_generate", timeout=10).status_code == 503
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+        return True
 
 
 def test_sigterm_drains_requests_in_flight_then_exits_cleanly(launch, tmp_path):
     # a drain long enough for the load even on a slow, shared machine
     daemon = launch({"runtime.drain_timeout_s": 40})
-    load = Load(daemon, max_tokens=LOAD_MAX_TOKENS, http2=False)
-    curls = []
-    if shutil.which("curl"):
-        for stream in (True, False):
-            body = {**request_body(False, stream, LOAD_MAX_TOKENS, 50 + stream), "stream": stream}
-            curls.append(Curl(daemon, tmp_path, body, f"h2-{stream}"))
-        until(curls[0].started, 15, interval=0.02, what="curl's first chunk")
-    load.wait_streaming()
-    assert all(c.process.poll() is None for c in curls), "curl's requests ended before the signal"
+    # HTTP/2 by curl (nghttp2): Python's h2 treats the GOAWAY of a graceful shutdown as the end of the
+    # connection, so httpx loses its streams in flight on every drain
+    clients = [Client("h1", stream, chat) for stream in (True, False) for chat in (False, True)]
+    clients += [Client("curl", stream) for stream in (True, False)] if shutil.which("curl") else []
+    load = Requests(daemon.url, clients, dataclasses.replace(LOAD, directory=tmp_path, curl_max_time=60))
+    wait_in_flight(daemon, load)
 
     daemon.process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     daemon.wait_for_event("daemon.stopping", timeout=5)
+    until(lambda: draining(daemon), 5, interval=0.02, what="the front-end draining", retry_on=(httpx.TimeoutException,))
     late: list[Outcome] = []
-    time.sleep(0.2)
     while daemon.process.poll() is None and len(late) < 6:  # requests started during the drain
-        outcome = Outcome(f"late-{len(late)}")
         stream, http2 = len(late) % 2 == 0, len(late) % 3 == 0
-        one_request(daemon.url, outcome, chat=False, stream=stream, http2=http2, body=request_body(False, stream, 8, 0))
-        late.append(outcome)
-        time.sleep(0.3)
+        late.append(get_completion(daemon, stream=stream, http2=http2, label=f"late-{len(late)}"))
+        time.sleep(0.3)  # the late requests' pace: spread over the drain
 
-    load.join(60)
-    outcomes = load.outcomes + [c.outcome(60) for c in curls]
-    report = "\n".join(f"  {o.label}: {o.kind} {o.status} {o.detail[:200]}" for o in outcomes)
-    report += f"\nlate: {late}\n{daemon.log_tail(30)}"
+    outcomes = load.join(60)
+    report = f"{load.report()}\nlate: {late}\n{daemon.log_tail(30)}"
     assert all(o.kind == "complete" for o in outcomes), report
     assert late, "the daemon exited before any request could be tried during the drain"
     for outcome in late:
-        assert outcome.kind in ("http-error", "connection-error"), report
+        assert outcome.kind == "http-error" or outcome.connection_lost, report
         assert outcome.kind != "http-error" or outcome.status == 503, report
         assert outcome.ended_at - signalled < 10, report
 
     assert daemon.process.wait(30) == 0, daemon.log_tail()
     assert not wait_gone(daemon.pid, 2.0), describe(descendants(daemon.pid))
     assert not daemon.socket_dir.exists()
-    assert any(e.get("event") == "daemon.stopped" for e in daemon.log_events())
+    assert daemon.events("daemon.stopped"), daemon.log_tail()
     with pytest.raises(httpx.ConnectError):  # nothing listens any more
         httpx.get(daemon.url + "/health", timeout=2)
 
 
 def test_sigterm_cuts_requests_that_outlast_the_drain_timeout(launch, long_context_model):
     daemon = launch({**long_context_settings(long_context_model), "runtime.drain_timeout_s": 2})
-    stream = Outcome("long stream")
-    client = threading.Thread(
-        target=one_request,
-        args=(daemon.url, stream),
-        kwargs={"chat": False, "stream": True, "http2": False, "body": {**LONG, "stream": True}},
-        daemon=True,
-    )
-    client.start()
-    until(lambda: stream.first_chunk_at or stream.ended_at, 10, interval=0.02, what="a first chunk")
+    options = dataclasses.replace(LOAD, max_tokens=LONG["max_tokens"])
+    client = Requests(daemon.url, [Client("h1", stream=True)], options)
+    client.wait_streaming(10)
     daemon.process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
-    client.join(KILL_BOUND_S + 5)
-    assert not client.is_alive(), "the stream outlived the drain timeout by far"
+    (stream,) = client.join(KILL_BOUND_S + 5)  # else: the stream outlived the drain timeout by far
     # cut at the drain timeout: the client sees the stream end without [DONE]
-    assert stream.kind in ("connection-error", "incomplete", "sse-error"), stream
+    assert stream.kind in ("cut", "incomplete", "sse-error"), stream
     assert 1.0 < stream.ended_at - signalled < 2 + 5, stream
     assert daemon.process.wait(15) == 0, daemon.log_tail()
     assert time.monotonic() - signalled < 2 + 5 + 5
@@ -738,8 +531,8 @@ def test_sigterm_cuts_requests_that_outlast_the_drain_timeout(launch, long_conte
 
 def test_tier_dying_during_the_drain_fails_its_requests_at_once(launch):
     daemon = launch({"runtime.drain_timeout_s": 8})
-    load = Load(daemon, max_tokens=1500, http2=False)
-    load.wait_streaming()
+    load = burst(daemon, max_tokens=1500, http2=False)
+    wait_in_flight(daemon, load)
     worker = daemon.tier_pids()["worker-0"]
     daemon.process.send_signal(signal.SIGTERM)
     daemon.wait_for_event("daemon.stopping", timeout=5)
@@ -772,7 +565,7 @@ def test_sigterm_while_starting_or_restarting_a_tier(launch, moment):
     assert time.monotonic() - signalled < 10
     assert not wait_gone(daemon.pid, ORPHAN_BOUND_S), describe(descendants(daemon.pid))
     assert not daemon.socket_dir.exists()
-    assert not [e for e in daemon.log_events() if e.get("event") == "daemon.failed"], daemon.log_tail()
+    assert not daemon.events("daemon.failed"), daemon.log_tail()
 
 
 # --- 4. clients that leave ------------------------------------------------------------------------
@@ -780,7 +573,7 @@ def test_sigterm_while_starting_or_restarting_a_tier(launch, moment):
 
 @pytest.fixture(scope="module")
 def shared_daemon(tmp_path_factory, model_cache, long_context_model) -> Iterator[RunningDaemon]:
-    runtime_dir = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
+    runtime_dir = short_dir()
     # one request runs at a time: a second one waits in the queue
     settings = {**long_context_settings(long_context_model), "scheduler.max_running_requests": 1}
     daemon = start_daemon(tmp_path_factory.mktemp("faults"), runtime_dir, model_cache, settings)
@@ -807,10 +600,14 @@ def test_client_closing_a_stream_aborts_its_request(shared_daemon):
         while chunks < 5 and time.monotonic() < deadline:
             chunks += next(lines).startswith("data: ")
         wait_engine_busy(daemon)
-        # the control: a client still connected, even one not reading, keeps its request running
-        time.sleep(ABORT_BOUND_S)
-        running, free, total = engine_figures(daemon)
-        assert running == 1 and free < total
+
+        def stopped() -> tuple[float, float, float] | None:
+            running, free, total = engine_figures(daemon)
+            return None if running == 1 and free < total else (running, free, total)
+
+        # the control: a client still connected, even one not reading, keeps its request running (watched
+        # for as long as a request of a client that left may take to be freed)
+        never(stopped, ABORT_BOUND_S, "the request stopped while its client was still connected", interval=0.25)
     # leaving the block closes the response and the connection
     took = wait_engine_idle(daemon, 10)
     assert took <= ABORT_BOUND_S, f"the request was freed only {took:.1f} s after the client left"
@@ -838,15 +635,16 @@ def test_client_leaving_a_queued_request_removes_it_from_the_queue(shared_daemon
         assert running.status_code == 200
         lines = running.iter_lines()  # keep it: a discarded line iterator closes the connection
         next(lines)
-        waiting = Outcome("queued")
         body = {**LONGEST, "prompt": "queued behind the first"}
+        leaving: list[Outcome] = []
+        options = Options(read_timeout=2.0)
         leaver = threading.Thread(
-            target=lambda: httpx_post_timing_out(daemon.url, body, waiting, read_timeout=2.0), daemon=True
+            target=lambda: leaving.append(request(daemon.url, body, label="queued", options=options)), daemon=True
         )
         leaver.start()
         until(lambda: scrape(daemon)[("daemon_queued_requests", ())] == 1, 5, what="a queued request")
         leaver.join(10)
-        assert not leaver.is_alive() and waiting.kind == "hang", waiting  # the client's own timeout
+        assert not leaver.is_alive() and leaving[0].kind == "hang", leaving  # the client's own timeout
         left_at = time.monotonic()
         until(
             lambda: engine_figures(daemon)[0] == 1 and scrape(daemon)[("daemon_queued_requests", ())] == 0,
@@ -856,19 +654,6 @@ def test_client_leaving_a_queued_request_removes_it_from_the_queue(shared_daemon
         assert time.monotonic() - left_at <= ABORT_BOUND_S
     took = wait_engine_idle(daemon, 10)
     assert took <= ABORT_BOUND_S
-
-
-def httpx_post_timing_out(url: str, body: dict, outcome: Outcome, read_timeout: float) -> None:
-    try:
-        with httpx.Client(base_url=url, timeout=httpx.Timeout(10, read=read_timeout)) as client:
-            response = client.post("/v1/completions", json=body)
-            outcome.kind, outcome.status = "complete", response.status_code
-    except httpx.TimeoutException:
-        outcome.kind = "hang"
-    except httpx.HTTPError as exc:
-        outcome.kind, outcome.detail = "unexpected", repr(exc)
-    finally:
-        outcome.ended_at = time.monotonic()
 
 
 def test_request_ended_by_a_stop_string_frees_the_engine_at_once(shared_daemon):
@@ -914,24 +699,11 @@ def test_http2_stream_reset_aborts_its_request_and_keeps_the_connection(shared_d
 # --- 5. crash loop --------------------------------------------------------------------------------
 
 
-def ready_or_exit(daemon: RunningDaemon, tier: str, epoch: int, timeout: float) -> dict | None:
-    """The tier.ready event of `tier` at `epoch`, or None once the daemon has exited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for event in daemon.log_events():
-            if event.get("event") == "tier.ready" and event.get("tier") == tier and event.get("epoch") == epoch:
-                return event
-        if daemon.process.poll() is not None:
-            return None
-        time.sleep(0.05)
-    raise AssertionError(f"{tier} epoch {epoch} neither ready nor the daemon gone in {timeout} s")
-
-
 def test_worker_crash_loop_stops_the_daemon_with_an_error(launch):
     daemon = launch()
     kills = 0
     while kills < 8:  # the supervisor gives up after more than 5 restarts within 60 s: the 6th kill
-        ready = ready_or_exit(daemon, "worker", epoch=kills + 1, timeout=30)
+        ready = daemon.log.wait("tier.ready", tier="worker", epoch=kills + 1, timeout=30, or_exit=True)
         if ready is None:
             break
         os.kill(ready["child_pid"], signal.SIGKILL)
@@ -939,7 +711,7 @@ def test_worker_crash_loop_stops_the_daemon_with_an_error(launch):
     exited = daemon.process.wait(20)
     assert exited != 0, daemon.log_tail()
     assert kills == 6, f"{kills} kills\n{daemon.log_tail()}"
-    failed = [e for e in daemon.log_events() if e.get("event") == "daemon.failed"]
+    failed = daemon.events("daemon.failed")
     assert failed and "crash-loop" in failed[0]["reason"], daemon.log_tail()
     assert not wait_gone(daemon.pid, ORPHAN_BOUND_S), describe(descendants(daemon.pid))
     assert not daemon.socket_dir.exists()
@@ -961,13 +733,12 @@ def test_tier_that_cannot_restart_ends_in_a_crash_loop(launch, tmp_path, model_c
         assert probe.explicit_error and probe.ended_at - sent <= PROBE_BOUND_S, probe
         assert probe.kind == "connection-error" or probe.status == 503, probe
         probes.append(probe)
-        time.sleep(0.5)
+        time.sleep(0.5)  # the probes' pace, while the daemon restarts the tokenizer (or gives up)
     status = daemon.process.wait(60)
     assert status != 0, daemon.log_tail()
-    events = daemon.log_events()
-    failed = [e for e in events if e.get("event") == "daemon.failed"]
+    failed = daemon.events("daemon.failed")
     assert failed and "crash-loop" in failed[0]["reason"], daemon.log_tail()
-    assert len([e for e in events if e.get("event") == "tier.restart_failed"]) >= 5
+    assert len(daemon.events("tier.restart_failed")) >= 5
     assert not wait_gone(daemon.pid, ORPHAN_BOUND_S), describe(descendants(daemon.pid))
     assert not daemon.socket_dir.exists()
 
@@ -1019,8 +790,6 @@ def damaged_copy(model: Path, where: Path, damage: str) -> Path:
 
 
 def server_toml(directory: Path, runtime_dir: Path, cache_dir: Path) -> Path:
-    from daemon_process import free_port
-
     config = directory / "server.toml"
     config.write_text(
         f'[server]\nport = {free_port()}\n[model]\npath = "builtin:demo"\n'
@@ -1056,14 +825,7 @@ def test_damaged_model_fails_check_and_start(launch, sharded_model, tmp_path, da
     assert f"error[{rule}] model.path" in result.stdout, result.stdout
 
     started = time.monotonic()
-    with open(tmp_path / "run.log", "wb") as log:
-        process = subprocess.Popen(
-            [str(DAEMON), "-c", str(config), "--set", f"model.path={model}"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=clean_environ(),
-            start_new_session=True,
-        )
+    process = popen_daemon(["-c", str(config), "--set", f"model.path={model}"], tmp_path / "run.log")
     try:
         status = process.wait(30)
     finally:
@@ -1099,9 +861,9 @@ def test_model_that_passes_check_but_fails_to_load_stops_the_start(launch, shard
     daemon = launch({"model.path": model}, wait=False)
     status = daemon.process.wait(60)
     assert status != 0, daemon.log_tail()
-    failed = [e for e in daemon.log_events() if e.get("event") == "daemon.failed"]
+    failed = daemon.events("daemon.failed")
     assert failed and "worker-0" in failed[0]["reason"], daemon.log_tail()
-    load_failed = [e for e in daemon.log_events() if e.get("event") == "worker.load_failed"]
+    load_failed = daemon.events("worker.load_failed")
     assert load_failed and name in load_failed[0]["error"], daemon.log_tail()
     assert not wait_gone(daemon.pid, ORPHAN_BOUND_S)
     assert not daemon.socket_dir.exists()
@@ -1187,7 +949,7 @@ def test_port_held_by_another_program_fails_the_start_promptly(launch):
         daemon = launch({"server.port": held}, wait=False)
         status = daemon.process.wait(60)
     assert status != 0, daemon.log_tail()
-    failed = [e for e in daemon.log_events() if e.get("event") == "daemon.failed"]
+    failed = daemon.events("daemon.failed")
     assert failed and f"cannot listen on 127.0.0.1:{held}" in failed[0]["reason"], daemon.log_tail()
     assert "Address already in use" in failed[0]["reason"]
     assert not wait_gone(daemon.pid, ORPHAN_BOUND_S)
@@ -1201,7 +963,7 @@ def test_second_daemon_on_a_port_in_use_refuses_to_start(launch):
     def settled() -> str | None:
         if second.process.poll() is not None:
             return "exited"
-        if any(e.get("event") == "daemon.ready" for e in second.log_events()):
+        if second.events("daemon.ready"):
             return "ready"
         return None
 
@@ -1231,7 +993,7 @@ def test_stale_socket_dirs_of_a_killed_supervisor_are_removed_at_next_start(laun
     third = launch()
     assert not stale.exists()
     assert second.socket_dir.is_dir() and unrelated.is_dir()
-    removed = [e for e in third.log_events() if e.get("event") == "supervisor.stale_socket_dir_removed"]
+    removed = third.events("supervisor.stale_socket_dir_removed")
     assert [e["path"] for e in removed] == [str(stale)]
     assert get_completion(third).kind == "complete"
     assert get_completion(second).kind == "complete"

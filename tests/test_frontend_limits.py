@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from daemon_process import RunningDaemon, serving
+from harness.daemons import RunningDaemon, serving
 
 IDLE_CONNECTIONS = 2000
 HEADER_TIMEOUT_S = 2.0

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import clean_environ, make_certificate, run_daemon, write_model_dir, write_safetensors
+from harness.daemons import clean_environ, run_daemon
+from harness.files import make_certificate, write_model_dir, write_safetensors
 
 from daemon.config import OriginKind, Severity, check_config
 from daemon.config.facts import CudaProbe, Facts

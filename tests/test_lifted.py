@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import make_certificate, run_daemon
-from daemon_process import start_daemon
+from harness.daemons import run_daemon, short_dir, start_daemon
+from harness.files import make_certificate
 
 from daemon.config import load_config
 
@@ -31,7 +30,7 @@ def _http2_with_tokenizer_workers(tmp: Path) -> dict[str, object]:
 @pytest.mark.parametrize("combination", [_http2_with_tls_refresh, _http2_with_tokenizer_workers])
 def test_lifted_combination_is_accepted_starts_and_serves_http2(combination, tmp_path: Path, model_cache: Path):
     settings = combination(tmp_path)
-    runtime = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
+    runtime = short_dir()
     try:
         daemon = start_daemon(tmp_path, runtime, model_cache, settings)
         try:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, clean_environ
-from daemon_process import RunningDaemon, scrape, serving
+from harness.daemons import REPO, RunningDaemon, clean_environ, serving
+from harness.metrics import scrape
 
 from daemon.engine.demo_model import demo_dir_name
 

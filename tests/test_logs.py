@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, clean_environ
+from harness.daemons import REPO, clean_environ
 
 CHILD_TIMEOUT = 30.0  # seconds; every wait on a child is bounded by this
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -577,7 +577,7 @@ sys.addaudithook(warn_early)
 
 
 def test_early_warnings_in_every_process_are_json_log_lines(tmp_path: Path, short_tmp: Path, model_cache: Path):
-    from daemon_process import start_daemon
+    from harness.daemons import start_daemon
 
     hooks = tmp_path / "hooks"
     hooks.mkdir()

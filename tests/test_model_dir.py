@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_model_dir, write_safetensors
+from harness.files import write_model_dir, write_safetensors
 
 from daemon.config import check_config
 from daemon.config.facts import Facts

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_daemon
+from harness.daemons import run_daemon
 
 from daemon.config import OriginKind, load_config
 

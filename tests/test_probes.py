@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from daemon_process import RunningDaemon, serving
+from harness.daemons import RunningDaemon, serving
 
 from daemon.frontend.probes import HEALTH_GENERATE_REUSE_S
 

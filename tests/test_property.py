@@ -638,48 +638,64 @@ def test_rendered_effective_config_round_trips(setup: dict, extra_env: dict) -> 
 # --- inputs that once escaped the properties ----------------------------------------
 
 
-def _load_expecting_config_error(
-    text: str, *, environ: dict | None = None, sets: list[str] | None = None
-) -> ConfigError | None:
-    """Load `text`; return its ConfigError, None if it loaded. Any other exception propagates (the bug)."""
+def _load(text: str, *, environ: dict | None = None, sets: list[str] | None = None) -> LoadedConfig | ConfigError:
+    """Load `text`: the config, or its ConfigError; any other exception propagates (the bug). check_config
+    agrees (it never raises, and rejects exactly what load_config rejects)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "server.toml"
         path.write_text(text, encoding="utf-8")
-        check_config(path, environ=environ or {}, sets=sets or [])  # must not raise either
+        report = check_config(path, environ=environ or {}, sets=sets or [])
         try:
-            load_config(path, environ=environ or {}, sets=sets or [])
+            loaded = load_config(path, environ=environ or {}, sets=sets or [])
         except ConfigError as exc:
+            assert report.config is None, report
+            assert_good_violations(exc.violations)
             return exc
-    return None
+    assert report.config is not None, [v.to_line() for v in report.violations]
+    return loaded
 
 
 BASE = '[model]\npath = "builtin:demo"\n'
+MISSING_USER = "~no_such_user_for_daemon_tests"
 
 
 @pytest.mark.parametrize(
-    "text, environ, sets",
+    "text, environ, sets, rule",
     [
-        ('[model]\npath = "~no_such_user_for_daemon_tests/m"\n', {}, []),
-        (BASE, {"DAEMON_RUNTIME__DIR": "~no_such_user_for_daemon_tests/run"}, []),
-        (BASE, {}, ["tokenizer.path=~no_such_user_for_daemon_tests"]),
+        (f'[model]\npath = "{MISSING_USER}/m"\n', {}, [], "model.path-missing"),
+        (BASE, {}, [f"tokenizer.path={MISSING_USER}"], "tokenizer.path-missing"),
+        (BASE, {"DAEMON_RUNTIME__DIR": f"{MISSING_USER}/run"}, [], None),  # a directory the daemon makes
     ],
-    ids=["file", "env", "set"],
+    ids=["file", "set", "env"],
 )
-def test_tilde_user_path_of_missing_user_is_config_error(text: str, environ: dict, sets: list) -> None:
-    _load_expecting_config_error(text, environ=environ, sets=sets)
+def test_tilde_user_path_of_missing_user_is_kept_as_written(text: str, environ: dict, sets: list, rule: str | None):
+    """`~user` of a user that does not exist is no crash: the path is kept as written (not expanded), and
+    the rules judge it as they would any other: missing where it must exist."""
+    result = _load(text, environ=environ, sets=sets)
+    if rule is None:
+        assert isinstance(result, LoadedConfig), result
+        assert str(result.settings.runtime.dir).endswith(f"/{MISSING_USER}/run"), result.settings.runtime.dir
+    else:
+        assert isinstance(result, ConfigError), result
+        assert [v.rule for v in result.violations] == [rule], [v.to_line() for v in result.violations]
+        assert MISSING_USER in result.violations[0].to_line(), result.violations[0].to_line()
 
 
 def test_surrogate_in_environment_path_is_config_error_or_loads() -> None:
-    _load_expecting_config_error(BASE, environ={"DAEMON_RUNTIME__DIR": "/tmp/d\udcff"})
+    result = _load(BASE, environ={"DAEMON_RUNTIME__DIR": "/tmp/d\udcff"})
+    if isinstance(result, LoadedConfig):  # then as it was given
+        assert result.settings.runtime.dir == Path("/tmp/d\udcff"), result.settings.runtime.dir
 
 
 def test_deeply_nested_json_in_environment_is_config_error() -> None:
-    _load_expecting_config_error(BASE, environ={"DAEMON_SERVER": "[" * 100_000})
+    result = _load(BASE, environ={"DAEMON_SERVER": "[" * 100_000})
+    assert isinstance(result, ConfigError), result
+    assert [v.rule for v in result.violations] == ["env.invalid-json"], [v.to_line() for v in result.violations]
 
 
 def test_deeply_nested_toml_is_config_error() -> None:
-    exc = _load_expecting_config_error(BASE + "x = " + "[" * 1000 + "]" * 1000 + "\n")
-    assert exc is not None and exc.violations[0].rule == "file.syntax"
+    result = _load(BASE + "x = " + "[" * 1000 + "]" * 1000 + "\n")
+    assert isinstance(result, ConfigError) and result.violations[0].rule == "file.syntax", result
 
 
 @pytest.mark.parametrize(
@@ -693,8 +709,8 @@ def test_deeply_nested_toml_is_config_error() -> None:
     ids=["key", "path", "env-name", "set"],
 )
 def test_violation_line_is_one_line_whatever_the_input(text: str, environ: dict, sets: list) -> None:
-    exc = _load_expecting_config_error(text, environ=environ, sets=sets)
-    assert exc is not None
+    exc = _load(text, environ=environ, sets=sets)
+    assert isinstance(exc, ConfigError), exc
     for violation in exc.violations:
         assert "\n" not in violation.to_line(), violation.to_line()
 

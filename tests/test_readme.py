@@ -10,11 +10,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import DAEMON, REPO, clean_environ, run_daemon
+from harness.daemons import REPO, RunningDaemon, popen_daemon, run_daemon, short_dir
+from harness.procs import free_port
 
 README = REPO / "README.md"
 GENERATED = re.compile(r"(<!-- BEGIN generated: (?P<command>[^>]+?) -->\n)(?P<body>.*?)(<!-- END generated -->)", re.S)
@@ -133,31 +133,13 @@ if __name__ == "__main__":
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_readme_curl_commands_work_against_the_default_config(tmp_path: Path, model_cache: Path):
-    from daemon_process import RunningDaemon, free_port
-
     curls = [line for block in _blocks("sh") for line in block.splitlines() if line.startswith("curl ")]
     assert len(curls) >= 2
-    port, runtime = free_port(), Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
+    port, runtime = free_port(), short_dir()
     log_path = tmp_path / "daemon.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                str(DAEMON),
-                "-c",
-                "configs/server.toml",
-                "--set",
-                f"server.port={port}",
-                "--set",
-                f"runtime.dir={runtime}",
-                "--set",
-                f"runtime.cache_dir={model_cache}",
-            ],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=clean_environ(),
-            start_new_session=True,
-        )
+    settings = {"server.port": port, "runtime.dir": runtime, "runtime.cache_dir": model_cache}
+    sets = [word for key, value in settings.items() for word in ("--set", f"{key}={value}")]
+    process = popen_daemon(["-c", "configs/server.toml", *sets], log_path, cwd=REPO)
     daemon = RunningDaemon(process, port, REPO / "configs/server.toml", runtime, log_path)
     try:
         daemon.wait_for_event("daemon.ready")

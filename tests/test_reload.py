@@ -4,7 +4,7 @@ Each daemon runs from a config file written into the test's own directory (confi
 content, on a free port, with a short runtime dir), which the tests edit as an operator would:
 in place, by renaming a new file over it, by swapping a Kubernetes-style `..data` symlink.
 
-The load (`SteadyLoad`) is a few clients that keep sending requests, streaming and not, over
+The load (`steady_load`, the harness's Traffic) is a few clients that keep sending requests, streaming and not, over
 HTTP/1.1 and HTTP/2, until told to stop, bounded in count and in time; every outcome is kept, and
 a reload must cost none of them. Two daemons are shared by most tests: one that watches its file
 (`watching`) and one that reloads only when asked (`manual`, with SIGHUP or `daemon reload`).
@@ -16,19 +16,15 @@ The tests at the end of the file once showed bugs (now fixed): they stay as regr
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import datetime
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,262 +32,37 @@ from pathlib import Path
 import httpx
 import pytest
 import tomli_w
-from conftest import DAEMON, REPO, clean_environ, run_daemon
-from daemon_process import (
-    READY_TIMEOUT_S,
-    RunningDaemon,
-    describe,
-    free_port,
-    kill_leftovers,
-    read_completion_stream,
-    scrape,
-    wait_gone,
+from harness.daemons import DAEMON, clean_environ, run_daemon, short_dir
+from harness.load import Client, Options, Outcome, Requests, Traffic, request, request_body, send
+from harness.logs import logged_at
+from harness.metrics import metric, scrape
+from harness.notify import NotifySocket
+from harness.procs import children, free_port, watches
+from harness.reloadable import (
+    API_KEY,
+    AUTH,
+    READ_TIMEOUT_S,
+    RELOAD_TIMEOUT_S,
+    Reloadable,
+    changed,
+    running,
+    server_toml_settings,
+    start,
+    toml_text,
 )
-from test_faults import Outcome, children, request_body, until
+from harness.wait import never, until
 
-API_KEY = "reload-test-key"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-RELOAD_TIMEOUT_S = 60.0  # a reload (file change seen, worker replaced) is over within this long
-READ_TIMEOUT_S = 30.0  # a client read that waits this long is a hang
 QUIET_S = 2.0  # after a reload, how long to watch for another one that should not come
 
 
 # --- config files -----------------------------------------------------------------------------------
 
 
-def server_toml_settings(port: int, runtime_dir: Path, cache_dir: Path, **sections: dict) -> dict:
-    """configs/server.toml's settings, on `port`, with its runtime files under `runtime_dir`."""
-    settings = tomllib.loads((REPO / "configs" / "server.toml").read_text())
-    settings["server"]["port"] = port
-    settings["runtime"].update(dir=str(runtime_dir), cache_dir=str(cache_dir))
-    for section, values in sections.items():
-        settings.setdefault(section, {}).update(values)
-    return settings
-
-
-def changed(settings: dict, changes: dict[str, object] | None) -> dict:
-    """`settings` with dotted keys set (None: removed)."""
-    result = copy.deepcopy(settings)
-    for key, value in (changes or {}).items():
-        *sections, name = key.split(".")
-        node = result
-        for section in sections:
-            node = node.setdefault(section, {})
-        if value is None:
-            node.pop(name, None)
-        else:
-            node[name] = value
-    return result
-
-
-def toml_text(settings: dict) -> str:
-    return "# written by tests/test_reload.py\n" + tomli_w.dumps(settings)
-
-
 def line_of(text: str, needle: str) -> int:
     return next(number for number, line in enumerate(text.splitlines(), 1) if needle in line)
 
 
-# --- logs --------------------------------------------------------------------------------------------
-
-
-class Log:
-    """The daemon's JSON log lines, read incrementally (the log grows all along under load)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.events: list[dict] = []
-        self._offset = 0
-        self._partial = b""
-
-    def poll(self) -> list[dict]:
-        with open(self.path, "rb") as stream:
-            stream.seek(self._offset)
-            data = stream.read()
-        self._offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict):
-                    self.events.append(event)
-        return self.events
-
-    def mark(self) -> int:
-        """A position: `since(mark)` is what was logged after it."""
-        return len(self.poll())
-
-    def since(self, mark: int, event: str | None = None, **fields) -> list[dict]:
-        return [
-            e
-            for e in self.poll()[mark:]
-            if (event is None or e.get("event") == event) and all(e.get(k) == v for k, v in fields.items())
-        ]
-
-    def wait(self, event: str, since: int, process: subprocess.Popen, timeout: float = RELOAD_TIMEOUT_S, **fields):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if found := self.since(since, event, **fields):
-                return found[0]
-            if process.poll() is not None:
-                raise AssertionError(f"the daemon exited ({process.returncode}) before {event}:\n{self.tail()}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {event} {fields} within {timeout} s:\n{self.tail()}")
-
-    def tail(self, count: int = 30) -> str:
-        return "\n".join(json.dumps(e)[:400] for e in self.poll()[-count:])
-
-
-def logged_at(event: dict) -> float:
-    """An event's wall-clock time, as time.time() tells it."""
-    return datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
-
-
 # --- daemons -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Reloadable:
-    """A running daemon and the config file it was started from, which the test edits."""
-
-    daemon: RunningDaemon
-    directory: Path  # the config file's directory: nothing else is written there
-    base: dict  # the settings it was started with
-    log: Log
-    watches: bool = True  # runtime.watch_config
-    base_hash: str = ""  # the config hash of `base`
-
-    @property
-    def url(self) -> str:
-        return self.daemon.url
-
-    @property
-    def config(self) -> Path:
-        return self.daemon.config_path
-
-    def write(self, changes: dict[str, object] | None = None, *, atomic: bool = False) -> str:
-        """Write the base settings with `changes` into the config file (in place, or renamed over it)."""
-        return self.write_text(toml_text(changed(self.base, changes)), atomic=atomic)
-
-    def write_text(self, text: str, *, atomic: bool = False) -> str:
-        if atomic:  # as editors and Ansible do: a new file renamed over the old one
-            staging = self.directory / f".{self.config.name}.tmp"
-            staging.write_text(text)
-            os.replace(staging, self.config)
-        else:
-            self.config.write_text(text)
-        return text
-
-    def reload_command(self, *args: str, by_config: bool = False) -> tuple[int, dict | None, str]:
-        """`daemon reload --format json`: (exit status, the report, stdout + stderr)."""
-        finding = ["-c", str(self.config)] if by_config else ["--runtime-dir", str(self.daemon.runtime_dir)]
-        result = run_daemon("reload", *finding, "--format", "json", *args, timeout=RELOAD_TIMEOUT_S + 30)
-        report = None
-        with contextlib.suppress(ValueError):
-            report = json.loads(result.stdout)
-        return result.returncode, report, result.stdout + result.stderr
-
-    def server_info(self) -> dict:
-        """The whole of it: some tests set server.api_key, and without it /server_info says less."""
-        return httpx.get(self.url + "/server_info", headers=AUTH, timeout=10).raise_for_status().json()
-
-    def generation(self) -> int:
-        return self.server_info()["config"]["generation"]
-
-    def status(self) -> dict:
-        return json.loads((self.daemon.socket_dir / "status.json").read_text())
-
-    def processes(self) -> dict[str, int]:
-        """Every tier's PID, and those of the front-end's (Granian's) worker processes."""
-        pids = self.daemon.tier_pids()
-        for number, pid in enumerate(sorted(children(pids["frontend-0"]))):
-            pids[f"frontend-process-{number}"] = pid
-        return pids
-
-    def next_reload(self, since: int, timeout: float = RELOAD_TIMEOUT_S) -> dict:
-        return self.log.wait("config.reload", since, self.daemon.process, timeout)
-
-    def reloads_since(self, since: int) -> list[dict]:
-        return self.log.since(since, "config.reload")
-
-    def apply(self, changes: dict[str, object] | None = None, *, atomic: bool = False) -> dict:
-        """Write the file, have it reloaded (by the watcher, or `daemon reload`): its config.reload event."""
-        mark = self.log.mark()
-        self.write(changes, atomic=atomic)
-        if not self.watches:
-            self.reload_command()
-        return self.next_reload(mark)
-
-    def reset(self) -> None:
-        """Back to the settings it started with, file and daemon, if a test left them otherwise."""
-        with contextlib.suppress(tomllib.TOMLDecodeError):
-            if tomllib.loads(self.config.read_text()) == self.base and self.status()["config_hash"] == self.base_hash:
-                return
-        self.apply()
-
-
-def start(
-    directory: Path, runtime_dir: Path, settings: dict, *, env: dict | None = None, config: Path | None = None
-) -> Reloadable:
-    """Start `daemon -c` on a config file in `directory` (its own directory: the daemon watches it)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    config = config or directory / "server.toml"
-    if not config.exists():
-        config.write_text(toml_text(settings))
-    log_path = directory.parent / f"{directory.name}.log"  # outside the watched directory
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [str(DAEMON), "-c", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=clean_environ(**(env or {})),
-            start_new_session=True,
-        )
-    daemon = RunningDaemon(process, settings["server"]["port"], config, runtime_dir, log_path)
-    handle = Reloadable(daemon, directory, settings, Log(log_path))
-    handle.watches = settings["runtime"].get("watch_config", True)
-    try:
-        daemon.wait_for_event("daemon.ready", timeout=READY_TIMEOUT_S)
-        if handle.watches:  # a change of the file is seen from then on
-            daemon.wait_for_event("config.watching", timeout=READY_TIMEOUT_S, trigger="file")
-        handle.base_hash = handle.status()["config_hash"]
-    except BaseException:
-        stop(handle)
-        raise
-    return handle
-
-
-def stop(handle: Reloadable) -> tuple[int | None, list[str]]:
-    """SIGTERM, then by PID whatever is left: (the supervisor's exit status, processes that outlived it)."""
-    daemon = handle.daemon
-    if daemon.process.poll() is None:
-        daemon.process.send_signal(signal.SIGTERM)
-        try:
-            daemon.process.wait(60)
-        except subprocess.TimeoutExpired:
-            daemon.process.kill()
-            daemon.process.wait(10)
-    left = describe(wait_gone(daemon.pid, 5.0))
-    kill_leftovers(daemon.pid)
-    return daemon.process.returncode, left
-
-
-@contextlib.contextmanager
-def running(directory: Path, settings: dict, runtime_dir: Path, **kwargs) -> Iterator[Reloadable]:
-    handle = None
-    try:
-        handle = start(directory, runtime_dir, settings, **kwargs)
-        yield handle
-    finally:
-        if handle is not None:
-            status, left = stop(handle)
-        shutil.rmtree(runtime_dir, ignore_errors=True)
-    assert status == 0 and not left, f"exit status {status}, left behind: {left}\n{handle.log.tail()}"
-
-
-def short_dir() -> Path:
-    """A runtime dir with a short path: Unix socket paths must fit in 107 bytes."""
-    return Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
 
 
 LONG_CONTEXT = 32768
@@ -362,7 +133,7 @@ def launch(tmp_path, model_cache) -> Iterator[Callable[..., Reloadable]]:
     problems = []
     for handle, runtime_dir in started:
         if handle is not None:
-            status, left = stop(handle)
+            status, left = handle.daemon.stop_checked()
             if status != 0 or left:
                 problems.append(f"exit status {status}, left behind {left}\n{handle.log.tail()}")
         shutil.rmtree(runtime_dir, ignore_errors=True)
@@ -372,159 +143,35 @@ def launch(tmp_path, model_cache) -> Iterator[Callable[..., Reloadable]]:
 # --- clients -----------------------------------------------------------------------------------------
 
 
+LOAD = Options(max_tokens=24, read_timeout=READ_TIMEOUT_S, give_up_after_s=3 * READ_TIMEOUT_S, headers=AUTH)
+STOP_S = 3 * READ_TIMEOUT_S + 10  # the load's clients have all stopped this long after being told to
+
+
+def steady_load(handle: Reloadable) -> Traffic:
+    """Four clients that keep sending requests until stopped: each its own connection, HTTP/1.1 or HTTP/2, by
+    turns streaming and not, completions and chat. Bounded in count and in time."""
+    clients = [Client(protocol, stream=None, chat=None) for protocol in ("h1", "h2", "h1", "h2")]
+    return Traffic(handle.url, clients, LOAD, requests=2000, time_limit_s=150.0, pause_s=0.01)
+
+
+def long_streams(handle: Reloadable, *, count: int = 2, max_tokens: int = 600) -> Requests:
+    """`count` long streams (HTTP/1.1 completions, HTTP/2 chat, by turns), in flight (their first chunk came)."""
+    clients = [Client("h2" if n % 2 else "h1", stream=True, chat=n % 2 == 1) for n in range(count)]
+    streams = Requests(handle.url, clients, dataclasses.replace(LOAD, max_tokens=max_tokens))
+    streams.wait_streaming(30)
+    return streams
+
+
 def tokens_lasting(handle: Reloadable, seconds: float) -> int:
     """How many tokens one stream takes about `seconds` to generate here: measured on an idle daemon, so that
     under load it takes longer. For requests that must still run a while later, whatever the machine."""
-    probe = Timed("probe")
-    with http_client(handle.url, http2=False) as client:
-        send(client, probe, chat=False, stream=True, body=request_body(False, True, 300, 0))
+    probe = request(handle.url, request_body(chat=False, stream=True, max_tokens=300, index=0), options=LOAD)
     assert probe.kind == "complete" and probe.first_chunk_at is not None, probe
     per_token = (probe.ended_at - probe.first_chunk_at) / 299  # after the first, 299 tokens more
     return int(min(LONG_CONTEXT - 200, max(300, seconds / per_token)))
 
 
-@dataclass
-class Timed(Outcome):
-    started_at: float = 0.0  # time.monotonic()
-    ended_wall: float | None = None  # time.time(), to compare with log timestamps
-
-
-def send(client: httpx.Client, outcome: Timed, *, chat: bool, stream: bool, body: dict) -> None:
-    """One request to its end, recorded in `outcome`; never raises, never waits unbounded."""
-    path = "/v1/chat/completions" if chat else "/v1/completions"
-    outcome.started_at = time.monotonic()
-    try:
-        if not stream:
-            response = client.post(path, json=body)
-            outcome.status = response.status_code
-            if response.status_code == 200:
-                reason = response.json()["choices"][0]["finish_reason"]
-                outcome.kind = "complete" if reason in ("length", "stop") else "unexpected"
-                outcome.detail = str(reason)
-            else:
-                outcome.kind = "http-error" if response.status_code >= 500 else "unexpected"
-                outcome.detail = response.text[:300]
-            return
-        with client.stream("POST", path, json=body) as response:
-            outcome.status = response.status_code
-            if response.status_code != 200:
-                outcome.kind = "http-error" if response.status_code >= 500 else "unexpected"
-                outcome.detail = response.read().decode(errors="replace")[:300]
-                return
-            read_completion_stream(response, outcome, give_up_after=outcome.started_at + 3 * READ_TIMEOUT_S)
-    except httpx.TimeoutException as exc:
-        outcome.kind, outcome.detail = "hang", repr(exc)
-    except httpx.TransportError as exc:
-        outcome.kind, outcome.detail = "connection-error", repr(exc)
-    except Exception as exc:  # noqa: BLE001 - a client thread must report, not die
-        outcome.kind, outcome.detail = "unexpected", repr(exc)
-    finally:
-        outcome.ended_at, outcome.ended_wall = time.monotonic(), time.time()
-
-
-def http_client(url: str, http2: bool) -> httpx.Client:
-    timeout = httpx.Timeout(connect=10.0, read=READ_TIMEOUT_S, write=10.0, pool=10.0)
-    return httpx.Client(base_url=url, http1=not http2, http2=http2, timeout=timeout, headers=AUTH)
-
-
-class SteadyLoad:
-    """Clients that keep sending requests until stopped: each its own connection, HTTP/1.1 or HTTP/2,
-    by turns streaming and not, completions and chat. Bounded in count and in time."""
-
-    def __init__(self, url: str, *, clients: int = 4, max_tokens: int = 24, max_requests: int = 2000):
-        self.url = url
-        self.max_tokens = max_tokens
-        self.max_requests = max_requests
-        self.deadline = time.monotonic() + 150.0
-        self.outcomes: list[Timed] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-        for thread in self._threads:
-            thread.start()
-
-    def _client(self, index: int) -> None:
-        http2 = index % 2 == 1
-        with http_client(self.url, http2) as client:
-            for number in range(self.max_requests):
-                if self._stop.is_set() or time.monotonic() > self.deadline:
-                    return
-                stream, chat = (number + index) % 2 == 0, (number // 2 + index) % 2 == 1
-                outcome = Timed(
-                    f"{'stream' if stream else 'full'}/{'h2' if http2 else 'h1'}/{'chat' if chat else 'text'}"
-                )
-                self.outcomes.append(outcome)
-                send(
-                    client, outcome, chat=chat, stream=stream, body=request_body(chat, stream, self.max_tokens, number)
-                )
-                time.sleep(0.01)
-
-    def completed(self) -> list[Timed]:
-        return [o for o in self.outcomes if o.kind == "complete"]
-
-    def wait_completed(self, count: int, timeout: float = 60.0) -> None:
-        until(lambda: len(self.completed()) >= count, timeout, what=f"{count} requests of the load completed")
-
-    def stop(self, timeout: float = 3 * READ_TIMEOUT_S + 10) -> None:
-        self._stop.set()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        stuck = [t for t in self._threads if t.is_alive()]
-        assert not stuck, f"{len(stuck)} clients still busy {timeout} s after the load was stopped:\n{self.report()}"
-
-    def failures(self) -> list[Timed]:
-        return [o for o in self.outcomes if o.kind != "complete"]
-
-    def completed_between(self, start: float, end: float) -> list[Timed]:
-        return [o for o in self.completed() if start <= o.ended_at <= end]
-
-    def report(self) -> str:
-        counts: dict[str, int] = {}
-        for outcome in self.outcomes:
-            counts[outcome.kind] = counts.get(outcome.kind, 0) + 1
-        failed = "\n".join(f"  {o.label}: {o.kind} {o.status} {o.detail[:200]}" for o in self.failures()[:10])
-        return f"{counts}\n{failed}"
-
-
-class LongStreams:
-    """A few long streams, in flight (their first chunk received) once constructed."""
-
-    def __init__(self, url: str, *, count: int = 2, max_tokens: int = 600):
-        self.outcomes: list[Timed] = []
-        self.threads = []
-        for index in range(count):
-            outcome = Timed(f"long-stream/{'h2' if index % 2 else 'h1'}")
-            thread = threading.Thread(target=self._run, args=(url, index, outcome, max_tokens), daemon=True)
-            self.outcomes.append(outcome)
-            self.threads.append(thread)
-            thread.start()
-        until(
-            lambda: all(o.first_chunk_at is not None or o.ended_at is not None for o in self.outcomes),
-            30,
-            interval=0.02,
-            what="the first chunk of every long stream",
-        )
-        assert all(o.ended_at is None for o in self.outcomes), self.outcomes
-
-    @staticmethod
-    def _run(url: str, index: int, outcome: Timed, max_tokens: int) -> None:
-        with http_client(url, http2=index % 2 == 1) as client:
-            send(
-                client,
-                outcome,
-                chat=index % 2 == 1,
-                stream=True,
-                body=request_body(index % 2 == 1, True, max_tokens, index),
-            )
-
-    def join(self, timeout: float = 3 * READ_TIMEOUT_S + 10) -> None:
-        deadline = time.monotonic() + timeout
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        assert not any(t.is_alive() for t in self.threads), self.outcomes
-
-
-def assert_no_failures(load: SteadyLoad, handle: Reloadable, *, window: tuple[float, float]) -> None:
+def assert_no_failures(load: Traffic, handle: Reloadable, *, window: tuple[float, float]) -> None:
     """No request of the load failed, and some completed while the reload went on."""
     report = f"{load.report()}\n{handle.log.tail(20)}"
     assert not load.failures(), f"requests failed during the reload:\n{report}"
@@ -533,21 +180,12 @@ def assert_no_failures(load: SteadyLoad, handle: Reloadable, *, window: tuple[fl
     assert during, f"no request completed during the reload ({window[1] - window[0]:.2f} s):\n{report}"
 
 
-def metric(handle: Reloadable, name: str, **labels: str) -> float:
-    return scrape(handle.daemon)[(name, tuple(sorted(labels.items())))]
-
-
 def reload_counts(handle: Reloadable) -> dict[str, float]:
-    samples = scrape(handle.daemon)
+    samples = scrape(handle)
     return {
         result: samples[("daemon_reloads_total", (("result", result),))]
         for result in ("applied", "unchanged", "rejected", "rolled_back")
     }
-
-
-def started_wall(outcome: Timed) -> float:
-    assert outcome.ended_wall is not None and outcome.ended_at is not None
-    return outcome.ended_wall - (outcome.ended_at - outcome.started_at)
 
 
 @dataclass
@@ -563,16 +201,16 @@ class Reloaded:
 
 
 def reload_with(
-    handle: Reloadable, changes: dict[str, object], *, settle: float = 1.0, by_config: bool = False
+    handle: Reloadable, load: Traffic, changes: dict[str, object], *, then: int = 8, by_config: bool = False
 ) -> Reloaded:
     """Write the base settings with `changes`, run `daemon reload` (finding the daemon by its config file
-    or by its runtime dir), then let the load run `settle` s more."""
+    or by its runtime dir), then let the load complete `then` more requests."""
     handle.write(changes)
     mark = handle.log.mark()
     started = time.monotonic()
     status, report, output = handle.reload_command(by_config=by_config)
     ended = time.monotonic()
-    time.sleep(settle)
+    load.more(then)
     return Reloaded(status, report, output, mark, (started, ended))
 
 
@@ -587,10 +225,10 @@ def test_live_settings_apply_under_load_without_restarting_anything(watching):
         assert http.get("/v1/models").status_code == 200  # no key yet: open
     long = tokens_lasting(handle, 4.0)
 
-    load = SteadyLoad(handle.url)
+    load = steady_load(handle)
     try:
         load.wait_completed(8)
-        streams = LongStreams(handle.url, max_tokens=long)
+        streams = long_streams(handle, max_tokens=long)
         mark = handle.log.mark()
         started = time.monotonic()
         handle.write(
@@ -603,10 +241,10 @@ def test_live_settings_apply_under_load_without_restarting_anything(watching):
         )
         event = handle.next_reload(mark)
         ended = time.monotonic()
-        time.sleep(0.5)  # and the load goes on after it
+        load.more(4)  # and the load goes on after it
     finally:
-        load.stop()
-    streams.join()
+        load.stop(STOP_S)
+    streams.join(STOP_S)
 
     assert event["result"] == "applied" and event["trigger"] == "file", event
     assert event["diff"] == {
@@ -679,19 +317,18 @@ def test_queue_limits_change_live(watching):
     handle = watching
     handle.reset()
 
-    def third_request() -> tuple[Timed, float]:
+    def third_request() -> tuple[Outcome, float]:
         """A third request sent while one generates and one waits: how it ended, and the queue's length then."""
-        outcomes = {name: Timed(name) for name in ("queued", "third")}
+        outcomes = {name: Outcome(name, http2=name == "third") for name in ("queued", "third")}
 
         def request(name: str, max_tokens: int) -> None:
-            with http_client(handle.url, http2=name == "third") as client:
-                send(client, outcomes[name], chat=False, stream=False, body=request_body(False, False, max_tokens, 1))
+            with handle.client(http2=name == "third") as client:
+                body = request_body(chat=False, stream=False, max_tokens=max_tokens, index=1)
+                send(client, outcomes[name], body, give_up_after_s=LOAD.give_up_after_s)
 
         threads = {}
-        with (
-            http_client(handle.url, http2=False) as http,
-            http.stream("POST", "/v1/completions", json=request_body(False, True, 1800, 0)) as first,
-        ):
+        long = request_body(chat=False, stream=True, max_tokens=1800, index=0)
+        with handle.client(http2=False) as http, http.stream("POST", "/v1/completions", json=long) as first:
             lines = first.iter_lines()
             next(lines)  # generating now
             for name, max_tokens in (("queued", 200), ("third", 2)):
@@ -736,7 +373,7 @@ def test_invalid_file_is_rejected_under_load(watching, fault):
         needle, expected = "max_queued_requests = 123456789", "scheduler.max_queued_requests"
     line = line_of(text, needle)
 
-    load = SteadyLoad(handle.url)
+    load = steady_load(handle)
     try:
         load.wait_completed(8)
         mark = handle.log.mark()
@@ -744,9 +381,9 @@ def test_invalid_file_is_rejected_under_load(watching, fault):
         handle.write_text(text)
         event = handle.next_reload(mark)
         ended = time.monotonic()
-        time.sleep(0.5)
+        load.more(4)  # and the load goes on after it
     finally:
-        load.stop()
+        load.stop(STOP_S)
 
     assert event["result"] == "rejected" and event["trigger"] == "file", event
     reason = event["reason"]
@@ -775,7 +412,7 @@ def write_burst(handle: Reloadable, values: list[int]) -> None:
     """One write every 100 ms, in place and renamed over by turns: each a new max_queued_requests."""
     for number, value in enumerate(values):
         handle.write({"scheduler.max_queued_requests": value}, atomic=number % 2 == 1)
-        time.sleep(0.1)
+        time.sleep(0.1)  # the burst's own pace, which the watch's debounce must absorb
 
 
 def wait_applied(handle: Reloadable, mark: int, value: int) -> None:
@@ -795,7 +432,7 @@ def test_burst_of_writes_is_applied_once_and_ends_in_the_last_file(watching):
     try:
         write_burst(handle, values)
         wait_applied(handle, mark, values[-1])
-        time.sleep(QUIET_S)  # any later reload would have come by now
+        never(lambda: handle.reloads_since(mark)[1:], QUIET_S, "a second reload of the burst")
         reloads = handle.reloads_since(mark)
         assert [(e["result"], e["diff"]) for e in reloads] == [
             ("applied", {"scheduler.max_queued_requests": {"old": 1024, "new": values[-1], "scope": "live"}})
@@ -850,19 +487,19 @@ def test_watching_the_file_follows_runtime_watch_config(watching):
     assert handle.apply({"runtime.watch_config": False})["result"] == "applied"
     mark = handle.log.mark()
     handle.write({"runtime.watch_config": False, "scheduler.max_queued_requests": 99})
-    time.sleep(QUIET_S)
-    assert not handle.reloads_since(mark), handle.reloads_since(mark)
+    never(lambda: handle.reloads_since(mark), QUIET_S, "a reload of the file no longer watched")
+    until(lambda: not watches(handle.daemon.pid, handle.directory), 10, what="the file watch removed")
 
     handle.write({"scheduler.max_queued_requests": 99})
     mark = handle.log.mark()
     status, report, output = handle.reload_command()
     assert status == 0 and set(report["changes"]) == {"runtime.watch_config", "scheduler.max_queued_requests"}, output
-    handle.log.wait("config.watching", mark, handle.daemon.process)
+    handle.log.wait("config.watching", since=mark, timeout=RELOAD_TIMEOUT_S)
     mark = handle.log.mark()  # written at once: config.watching is logged only once the watch is armed
     handle.write({"scheduler.max_queued_requests": 98})
     event = handle.next_reload(mark)
     assert event["trigger"] == "file" and event["diff"]["scheduler.max_queued_requests"]["new"] == 98, event
-    time.sleep(QUIET_S)
+    never(lambda: handle.reloads_since(mark)[1:], QUIET_S, "a second reload of one write")
     assert len(handle.reloads_since(mark)) == 1, handle.reloads_since(mark)
     handle.reset()
 
@@ -877,14 +514,14 @@ def test_worker_settings_replace_only_the_worker_under_load(manual):
     change = {"model.seed": 1234, "scheduler.max_total_tokens": LONG_CONTEXT + 8192}
 
     long = tokens_lasting(handle, 3.0)  # the streams in flight outlast the start of `daemon reload`
-    load = SteadyLoad(handle.url)
+    load = steady_load(handle)
     try:
         load.wait_completed(8)
-        streams = LongStreams(handle.url, count=3, max_tokens=long)
-        run = reload_with(handle, change, settle=2.0, by_config=True)  # `daemon reload -c FILE`
+        streams = long_streams(handle, count=3, max_tokens=long)
+        run = reload_with(handle, load, change, then=16, by_config=True)  # `daemon reload -c FILE`
     finally:
-        load.stop()
-    streams.join()
+        load.stop(STOP_S)
+    streams.join(STOP_S)
 
     status, report, mark, (started, ended) = run.status, run.report, run.mark, run.window
     assert status == 0 and report is not None, run.output
@@ -935,7 +572,7 @@ def test_request_longer_than_the_drain_timeout_ends_with_an_error(manual):
     handle.reset()
     assert handle.apply({"runtime.drain_timeout_s": 1})["result"] == "applied"
     try:
-        (stream,) = LongStreams(handle.url, count=1, max_tokens=20000).outcomes  # far longer than the drain
+        (stream,) = long_streams(handle, count=1, max_tokens=20000).outcomes  # far longer than the drain
         handle.write({"runtime.drain_timeout_s": 1, "model.seed": 77})
         mark = handle.log.mark()
         status, report, output = handle.reload_command()
@@ -964,14 +601,14 @@ def test_blue_green_worker_reload_serves_new_requests_while_the_old_worker_finis
     before_generation, before = handle.generation(), handle.processes()
 
     long = tokens_lasting(handle, 4.0)  # the old worker's streams outlast the new worker's start (slowed by it)
-    load = SteadyLoad(handle.url)
+    load = steady_load(handle)
     try:
         load.wait_completed(8)
-        streams = LongStreams(handle.url, count=2, max_tokens=long)
-        run = reload_with(handle, {**bluegreen, "model.seed": 4321})
+        streams = long_streams(handle, count=2, max_tokens=long)
+        run = reload_with(handle, load, {**bluegreen, "model.seed": 4321})
     finally:
-        load.stop()
-    streams.join()
+        load.stop(STOP_S)
+    streams.join(STOP_S)
 
     status, report, mark, (started, ended) = run.status, run.report, run.mark, run.window
     assert status == 0 and report is not None, run.output
@@ -986,7 +623,7 @@ def test_blue_green_worker_reload_serves_new_requests_while_the_old_worker_finis
     for stream in streams.outcomes:  # in flight on the old worker, which finished them after the switch
         assert stream.kind == "complete" and stream.first_chunk_at < started, stream
         assert stream.ended_wall > switch_at, f"the stream ended before the switch: not on the old worker {stream}"
-    served_beside = [o for o in load.completed() if switch_at < started_wall(o) and o.ended_wall < drained_at]
+    served_beside = [o for o in load.completed() if switch_at < o.started_wall and o.ended_wall < drained_at]
     assert served_beside, "no request ran on the new worker while the old one finished its streams"
     assert_no_failures(load, handle, window=(started, ended))
 
@@ -1012,12 +649,12 @@ def test_blue_green_worker_that_does_not_fit_beside_falls_back_to_drain(manual):
     handle.reset()
     huge = 2**38  # tokens: terabytes of KV cache
     before_generation, before = handle.generation(), handle.processes()
-    load = SteadyLoad(handle.url)
+    load = steady_load(handle)
     try:
         load.wait_completed(8)
-        run = reload_with(handle, {"runtime.model_reload": "blue_green", "scheduler.max_total_tokens": huge})
+        run = reload_with(handle, load, {"runtime.model_reload": "blue_green", "scheduler.max_total_tokens": huge})
     finally:
-        load.stop()
+        load.stop(STOP_S)
 
     status, report, mark, (started, ended) = run.status, run.report, run.mark, run.window
     assert status == 1 and report is not None, run.output
@@ -1066,14 +703,14 @@ def test_model_that_fails_to_load_is_rolled_back_under_load(manual, renamed_tens
     before_generation, before_counts, before = handle.generation(), reload_counts(handle), handle.processes()
 
     long = tokens_lasting(handle, 3.0)  # the streams in flight outlast the start of `daemon reload`
-    load = SteadyLoad(handle.url)
+    load = steady_load(handle)
     try:
         load.wait_completed(8)
-        streams = LongStreams(handle.url, max_tokens=long)
-        run = reload_with(handle, broken, settle=2.0)  # the old config's worker serves the load a while
+        streams = long_streams(handle, max_tokens=long)
+        run = reload_with(handle, load, broken, then=16)  # the old config's worker serves the load a while
     finally:
-        load.stop()
-    streams.join()
+        load.stop(STOP_S)
+    streams.join(STOP_S)
 
     status, report, mark, (started, ended) = run.status, run.report, run.mark, run.window
     assert status == 1 and report is not None, run.output
@@ -1108,10 +745,8 @@ def test_model_that_fails_to_load_is_rolled_back_under_load(manual, renamed_tens
     assert info["effective_config"]["model"]["path"] == str(handle.base["model"]["path"])
     counts = reload_counts(handle)
     assert counts == {**before_counts, "rolled_back": before_counts["rolled_back"] + 1}, counts
-    with http_client(handle.url, http2=True) as client:
-        probe = Timed("probe")
-        send(client, probe, chat=True, stream=True, body=request_body(True, True, 8, 0))
-        assert probe.kind == "complete", probe
+    probe = request(handle.url, request_body(chat=True, stream=True, max_tokens=8, index=0), http2=True, options=LOAD)
+    assert probe.kind == "complete", probe
     handle.reset()
 
 
@@ -1123,12 +758,12 @@ def test_model_that_fails_to_load_beside_leaves_the_old_worker_serving(manual, r
     bluegreen = {"runtime.model_reload": "blue_green"}
     assert handle.apply(bluegreen)["result"] == "applied"
     before_generation, before = handle.generation(), handle.processes()
-    load = SteadyLoad(handle.url)
+    load = steady_load(handle)
     try:
         load.wait_completed(8)
-        run = reload_with(handle, {**bluegreen, "model.path": str(renamed_tensor_model)})
+        run = reload_with(handle, load, {**bluegreen, "model.path": str(renamed_tensor_model)})
     finally:
-        load.stop()
+        load.stop(STOP_S)
 
     status, report, mark, (started, ended) = run.status, run.report, run.mark, run.window
     assert status == 1 and report is not None, run.output
@@ -1253,7 +888,7 @@ def test_live_push_a_frozen_tier_cannot_acknowledge_is_rolled_back_under_load(ma
     handle.reset()
     generation, before = handle.generation(), handle.processes()
     tokenizer = before["tokenizer-0"]
-    load = SteadyLoad(handle.url)
+    load = steady_load(handle)
     try:
         load.wait_completed(4)
         handle.write({"scheduler.max_queued_requests": 303})
@@ -1275,7 +910,7 @@ def test_live_push_a_frozen_tier_cannot_acknowledge_is_rolled_back_under_load(ma
         assert applied("scheduler") == [generation + 1, generation], handle.log.tail()
         load.wait_completed(len(load.completed()) + 4)
     finally:
-        load.stop()
+        load.stop(STOP_S)
     assert not load.failures(), load.report()
     assert handle.processes() == before
     assert handle.generation() == generation and handle.status()["last_reload"]["result"] == "rolled_back"
@@ -1384,7 +1019,7 @@ def test_configmap_symlink_swap_is_detected_and_applied(tmp_path, model_cache):
             assert event["result"] == "applied" and event["trigger"] == "file", event
             assert event["diff"]["scheduler.max_queued_requests"]["new"] == value
             assert handle.server_info()["effective_config"]["scheduler"]["max_queued_requests"] == value
-        time.sleep(QUIET_S)
+        never(lambda: handle.reloads_since(0)[2:], QUIET_S, "a reload no swap asked for")
         assert handle.generation() == 3 and len(handle.reloads_since(0)) == 2, handle.reloads_since(0)
 
 
@@ -1418,42 +1053,6 @@ def test_file_change_of_a_key_the_environment_overrides_changes_nothing(launch):
 # --- 11. systemd's notification protocol -----------------------------------------------------------------------
 
 
-class NotifySocket:
-    """A fake systemd: the datagram socket NOTIFY_SOCKET names; it notes each message and when it came."""
-
-    def __init__(self, path: Path):
-        self.messages: list[dict] = []
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(path))
-        self._sock.settimeout(0.1)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._listen, daemon=True)
-        self._thread.start()
-
-    def _listen(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            received_usec, received_wall = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000, time.time()
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            self.messages.append({"fields": fields, "received_usec": received_usec, "received_wall": received_wall})
-
-    def kinds(self) -> list[str]:
-        return [next((k for k in ("READY", "RELOADING", "STOPPING") if k in m["fields"]), "?") for m in self.messages]
-
-    def wait(self, count: int, timeout: float = RELOAD_TIMEOUT_S) -> None:
-        until(lambda: len(self.messages) >= count, timeout, what=f"{count} notifications")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._sock.close()
-
-
 def test_sd_notify_tells_systemd_each_state(launch, short_tmp):
     socket_path = short_tmp / "notify"
     listener = NotifySocket(socket_path)
@@ -1469,23 +1068,24 @@ def test_sd_notify_tells_systemd_each_state(launch, short_tmp):
         os.kill(handle.daemon.pid, signal.SIGHUP)
         assert handle.next_reload(mark)["result"] == "rejected"
         listener.wait(5)
-        assert stop(handle) == (0, [])
+        assert handle.daemon.stop_checked() == (0, [])
         listener.wait(6, timeout=10)
-        time.sleep(0.5)  # nothing more comes
+        never(lambda: listener.messages[6:], 0.5, "a notification after STOPPING")
     finally:
         listener.close()
 
     messages = listener.messages
     assert listener.kinds() == ["READY", "RELOADING", "READY", "RELOADING", "READY", "STOPPING"], messages
-    ready, reloading, applied, reloading_again, rejected, stopping = (m["fields"] for m in messages)
+    assert {m.pid for m in messages} == {handle.daemon.pid}, "only the supervisor notifies"
+    ready, reloading, applied, reloading_again, rejected, stopping = (m.fields for m in messages)
     ready_logged = handle.log.since(0, "daemon.ready")[0]
-    assert logged_at(ready_logged) <= messages[0]["received_wall"], "READY=1 came before the daemon.ready line"
+    assert logged_at(ready_logged) <= messages[0].received_wall, "READY=1 came before the daemon.ready line"
     assert set(ready) == {"READY", "STATUS"} and "serving generation 1" in ready["STATUS"], ready
     for message in (messages[1], messages[3]):
-        sent = message["fields"]["MONOTONIC_USEC"]
+        sent = message.fields["MONOTONIC_USEC"]
         assert sent.isdigit(), sent
-        assert 0 <= message["received_usec"] - int(sent) < 10_000_000, message  # CLOCK_MONOTONIC, a moment ago
-        assert set(message["fields"]) == {"RELOADING", "MONOTONIC_USEC", "STATUS"}, message
+        assert 0 <= message.received_usec - int(sent) < 10_000_000, message  # CLOCK_MONOTONIC, a moment ago
+        assert set(message.fields) == {"RELOADING", "MONOTONIC_USEC", "STATUS"}, message
     assert int(reloading_again["MONOTONIC_USEC"]) > int(reloading["MONOTONIC_USEC"])
     assert "generation 1" in reloading["STATUS"] and "generation 2" in reloading_again["STATUS"]
     assert "serving generation 2" in applied["STATUS"] and "last reload applied" in applied["STATUS"], applied
@@ -1501,7 +1101,7 @@ def test_requests_held_while_the_worker_is_replaced_all_run(manual):
     """Worker replacements under load, one after the other: none costs a request (about one in two once did)."""
     handle = manual
     handle.reset()
-    load = SteadyLoad(handle.url)
+    load = steady_load(handle)
     try:
         load.wait_completed(8)
         for attempt in range(12):
@@ -1510,11 +1110,11 @@ def test_requests_held_while_the_worker_is_replaced_all_run(manual):
             os.kill(handle.daemon.pid, signal.SIGHUP)
             event = handle.next_reload(mark)
             assert event["result"] == "applied" and event["plan"]["restart"] == ["worker"], event
-            time.sleep(0.3)
+            load.more(2)  # some ran on the new worker
             ended = [o for o in load.failures() if o.ended_at is not None]  # not those still running
             assert not ended, f"after {attempt + 1} worker replacements:\n{load.report()}"
     finally:
-        load.stop()
+        load.stop(STOP_S)
         handle.reset()
     assert not load.failures(), load.report()
 
@@ -1526,7 +1126,7 @@ def test_worker_restart_count_survives_a_worker_reload(manual):
     before = metric(handle, "daemon_tier_restarts_total", **labels)
     epoch = next(t["epoch"] for t in handle.status()["tiers"] if t["tier"] == "worker")
     os.kill(handle.daemon.tier_pids()["worker-0"], signal.SIGKILL)
-    handle.log.wait("tier.ready", 0, handle.daemon.process, tier="worker", epoch=epoch + 1)
+    handle.log.wait("tier.ready", tier="worker", epoch=epoch + 1, timeout=RELOAD_TIMEOUT_S)
     until(lambda: metric(handle, "daemon_tier_restarts_total", **labels) == before + 1, 10, what="the restart counted")
     try:
         assert handle.apply({"model.seed": 4321})["result"] == "applied"
@@ -1546,7 +1146,7 @@ def test_respawned_frontend_worker_process_serves_the_current_generation(watchin
         (process,) = children(frontend)
         mark = handle.log.mark()
         os.kill(process, signal.SIGKILL)
-        handle.log.wait("frontend.worker_ready", mark, handle.daemon.process, timeout=30)
+        handle.log.wait("frontend.worker_ready", since=mark, timeout=30)
         until(lambda: children(frontend) - {process}, 10, what="a new front-end worker process")
         until(lambda: httpx.get(handle.url + "/health", timeout=5).status_code == 200, 20, what="serving again")
         # (what the new process serves: its generation, and whether it asks for the key)
@@ -1571,13 +1171,16 @@ def test_logging_level_reload_reaches_the_supervisor(watching):
             RELOAD_TIMEOUT_S,
             what="the second reload",
         )
-        time.sleep(0.5)
-        infos = [
-            e
-            for e in handle.log.since(mark)
-            if e.get("role") == "supervisor" and e.get("level") == "info" and e.get("generation") == generation + 1
-        ]
-        assert not infos, f"info lines logged at level warning: {[e['event'] for e in infos]}"
+
+        def infos() -> list[str]:
+            return [
+                e["event"]
+                for e in handle.log.since(mark)
+                if e.get("role") == "supervisor" and e.get("level") == "info" and e.get("generation") == generation + 1
+            ]
+
+        # lines the supervisor logs after it wrote the status file (the reload's end) come within this long
+        never(infos, 0.5, "info lines logged at level warning")
     finally:
         handle.reset()
 
@@ -1598,12 +1201,13 @@ def test_request_not_started_when_the_drain_times_out_waits_for_the_new_worker(m
     assert handle.apply(limits)["result"] == "applied"
     try:
         for attempt in range(6):
-            (running,) = LongStreams(handle.url, count=1, max_tokens=20000).outcomes
-            waiting = Timed("waiting")
+            (running,) = long_streams(handle, count=1, max_tokens=20000).outcomes
+            waiting = Outcome("waiting", http2=True)
 
-            def wait_behind(outcome: Timed = waiting, number: int = attempt) -> None:
-                with http_client(handle.url, http2=True) as client:
-                    send(client, outcome, chat=False, stream=False, body=request_body(False, False, 8, number))
+            def wait_behind(outcome: Outcome = waiting, number: int = attempt) -> None:
+                with handle.client(http2=True) as client:
+                    body = request_body(chat=False, stream=False, max_tokens=8, index=number)
+                    send(client, outcome, body, give_up_after_s=LOAD.give_up_after_s)
 
             thread = threading.Thread(target=wait_behind, daemon=True)
             thread.start()

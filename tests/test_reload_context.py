@@ -17,9 +17,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from daemon_process import free_port
-from test_faults import until
-from test_reload import RELOAD_TIMEOUT_S, Reloadable, http_client, running, server_toml_settings, short_dir
+from harness.daemons import short_dir
+from harness.procs import free_port
+from harness.reloadable import RELOAD_TIMEOUT_S, Reloadable, running, server_toml_settings
+from harness.wait import until
 
 from daemon.engine.demo_model import ensure_demo_model
 from daemon.tokenizer.loading import PromptText, TextTokenizer, load_text_tokenizer
@@ -74,7 +75,7 @@ def assert_serves(handle: Reloadable, prompts: dict[str, str], context: int, *, 
     """Over both protocols: /v1/models and /tokenize say `context`, and both prompts are served (accepted)
     or refused with a 400 that names `context`."""
     for http2 in (False, True):
-        with http_client(handle.url, http2=http2) as client:
+        with handle.client(http2) as client:
             models = client.get("/v1/models").raise_for_status()
             assert models.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
             assert models.json()["data"][0]["max_model_len"] == context, models.json()
@@ -139,9 +140,8 @@ def test_tokenizer_restarted_while_no_worker_serves_learns_the_context_when_one_
         mark = handle.log.mark()
         os.kill(pids["worker-0"], signal.SIGKILL)
         os.kill(pids["tokenizer-0"], signal.SIGKILL)
-        process = handle.daemon.process
-        handle.log.wait("tier.ready", mark, process, tier="tokenizer")
-        handle.log.wait("scheduler.worker_up", mark, process)
+        handle.log.wait("tier.ready", since=mark, timeout=RELOAD_TIMEOUT_S, tier="tokenizer")
+        handle.log.wait("scheduler.worker_up", since=mark, timeout=RELOAD_TIMEOUT_S)
         until(
             lambda: (
                 handle.log.since(mark, "tokenizer.context", context=LOW)
@@ -168,13 +168,13 @@ def test_request_held_through_a_lowering_is_refused_by_the_new_limit(daemon, pro
         reloaded: list[tuple[int, dict | None, str]] = []
         reloading = threading.Thread(target=lambda: reloaded.append(handle.reload_command()), daemon=True)
         reloading.start()
-        handle.log.wait("scheduler.hold", mark, handle.daemon.process)
+        handle.log.wait("scheduler.hold", since=mark, timeout=RELOAD_TIMEOUT_S)
         body = {"prompt": prompts["tokens"], "max_tokens": MAX_TOKENS, "ignore_eos": True}
         answers: dict[bool, httpx.Response | Exception] = {}
 
         def ask(http2: bool) -> None:
             try:
-                with http_client(handle.url, http2=http2) as client:
+                with handle.client(http2) as client:
                     answers[http2] = client.post("/v1/completions", json=body)
             except httpx.HTTPError as exc:
                 answers[http2] = exc

@@ -22,7 +22,7 @@ so that editing the file is what changes them.
 from __future__ import annotations
 
 import contextlib
-import datetime
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -31,7 +31,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -40,9 +39,24 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import DAEMON, REPO, clean_environ, run_daemon
-from daemon_process import RunningDaemon, descendants, describe, free_port, stop_daemons, taken_port
-from test_faults import children, until
+from harness.daemons import REPO, RunningDaemon, clean_environ, popen_daemon, run_daemon, short_dir, stop_daemons
+from harness.files import make_authority, make_server_certificate
+from harness.load import (
+    CURL,
+    FRESH,
+    KEEPALIVE,
+    Client,
+    Options,
+    Outcome,
+    Requests,
+    Traffic,
+    http_client,
+    report,
+    request_body,
+)
+from harness.logs import logged_at
+from harness.procs import children, descendants, describe, free_port, taken_port, watches
+from harness.wait import until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -53,6 +67,8 @@ CLIENT_LIMIT_S = 150.0  # ... and for at most this long
 FAILURE_PAUSE_S = 0.05  # a client whose request failed waits this long before the next: no busy loop
 READ_TIMEOUT_S = 60.0  # a worker reload holds new requests while the new worker loads: generous
 RELOAD_TIMEOUT_S = 150.0
+STOP_S = READ_TIMEOUT_S + 40  # the background clients' last requests end within this long of being stopped
+PINNED_S = 120.0  # the pinned requests end within this long
 
 
 # --- daemons started from a config file -------------------------------------------------------------
@@ -114,12 +130,7 @@ class FileDaemon(RunningDaemon):
         return result.returncode, json.loads(result.stdout)
 
     def reload_events(self) -> list[dict]:
-        return [e for e in self.log_events() if e.get("event") == "config.reload"]
-
-    def events(self, name: str, **fields: object) -> list[dict]:
-        return [
-            e for e in self.log_events() if e.get("event") == name and all(e.get(k) == v for k, v in fields.items())
-        ]
+        return self.events("config.reload")
 
 
 @dataclass
@@ -145,14 +156,7 @@ class Daemons:
         config_path = directory / "server.toml"
         config_path.write_text(render_toml(effective))
         log_path = directory / "daemon.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [str(DAEMON), "-c", str(config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=clean_environ(),
-                start_new_session=True,
-            )
+        process = popen_daemon(["-c", str(config_path)], log_path)
         scheme = "https" if effective.get("server.tls.certfile") else "http"
         daemon = FileDaemon(process, port, config_path, self.runtime_dir, log_path, scheme, settings=effective)
         self.started.append(daemon)
@@ -163,7 +167,7 @@ class Daemons:
 @pytest.fixture
 def daemons(tmp_path: Path, model_cache: Path) -> Iterator[Daemons]:
     """Start daemons from config files; stop them all afterwards and check none left a process."""
-    runtime_dir = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
+    runtime_dir = short_dir()
     launcher = Daemons(tmp_path, runtime_dir, model_cache, [])
     try:
         yield launcher
@@ -171,313 +175,38 @@ def daemons(tmp_path: Path, model_cache: Path) -> Iterator[Daemons]:
         stop_daemons(launcher.started, runtime_dir, drain_s=60)
 
 
-def log_time(event: dict) -> float:
-    """An event's timestamp as seconds since the epoch (what time.time() says)."""
-    return datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
-
-
 # --- clients ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Call:
-    """How one request ended, with wall-clock times (comparable with the daemon's log)."""
-
-    client: str
-    stream: bool
-    httpx_h2: bool = False  # sent by httpx over HTTP/2
-    kind: str = "pending"  # complete | http-error | unexpected | connection-error | truncated | goaway | hang
-    status: int | None = None
-    detail: str = ""
-    chunks: int = 0
-    sent: float = 0.0
-    responded: float | None = None  # response headers received
-    first_chunk: float | None = None
-    ended: float | None = None
-
-    def __str__(self) -> str:
-        times = f"sent {self.sent:.2f}" + (f" ended {self.ended:.2f}" if self.ended else "")
-        return f"{self.client}: {self.kind} {self.status} chunks={self.chunks} {times} {self.detail[:200]}"
-
-    def spans(self, start: float, end: float) -> bool:
-        """Sent before `start` and still running at `end`."""
-        return self.sent < start and (self.ended is None or self.ended > end)
-
-    @property
-    def refused(self) -> bool:
-        """The connection was refused (nothing listened)."""
-        return self.kind == "connection-error" and ("ConnectError" in self.detail or "curl exit 7 " in self.detail)
+LOAD = Options(max_tokens=TRAFFIC_MAX_TOKENS, read_timeout=READ_TIMEOUT_S)
 
 
-def request_body(*, stream: bool, chat: bool, max_tokens: int, index: int) -> dict:
-    body: dict = {"max_tokens": max_tokens, "ignore_eos": True, "stream": stream, "temperature": 0}
-    if chat:
-        body["messages"] = [{"role": "user", "content": f"tell me story number {index}"}]
-    else:
-        body["prompt"] = f"Once upon a time, story {index}"
-    return body
+def background(daemon: FileDaemon, clients: list, directory: Path, *, cafile: Path | None = None) -> Traffic:
+    """Background clients (KEEPALIVE, CURL, FRESH), each sending short requests one after another until stopped."""
+    options = dataclasses.replace(LOAD, directory=directory, cafile=cafile)
+    return Traffic(
+        daemon.url,
+        clients,
+        options,
+        requests=CLIENT_REQUESTS,
+        time_limit_s=CLIENT_LIMIT_S,
+        failure_pause_s=FAILURE_PAUSE_S,
+    )
 
 
-def path_of(body: dict) -> str:
-    return "/v1/chat/completions" if "messages" in body else "/v1/completions"
+def pinned_requests(daemon: FileDaemon, directory: Path, *, cafile: Path | None = None) -> Requests:
+    """Long requests sent before a reload and confirmed running (their streams' first chunks arrived): HTTP/1.1
+    by httpx and HTTP/2 by curl, a full response and a stream each (the full ones first: running by the time
+    the streams' first chunks come)."""
+    clients = [Client(protocol, stream) for stream in (False, True) for protocol in ("h1", "curl")]
+    options = dataclasses.replace(LOAD, max_tokens=PINNED_MAX_TOKENS, directory=directory, cafile=cafile)
+    pinned = Requests(daemon.url, clients, options, first_index=100)
+    pinned.wait_streaming(30)
+    return pinned
 
 
-# What Python's h2 library makes of a graceful GOAWAY: it closes the whole connection at once, so
-# that httpx fails every stream still running on it (python-hyper/h2#1181), though the server
-# finishes them. curl (nghttp2) reads them to their end: the HTTP/2 guarantees are checked with it.
-GOAWAY_SIGNS = ("ConnectionTerminated", "ConnectionState.CLOSED")
-
-
-def send(client: httpx.Client, call: Call, body: dict) -> None:
-    """One request to its end, recorded in `call`; never raises, never waits unbounded."""
-    call.sent = time.time()
-    try:
-        with client.stream("POST", path_of(body), json=body) as response:
-            call.responded, call.status = time.time(), response.status_code
-            spoken, meant = response.http_version, ("HTTP/2" if call.httpx_h2 else "HTTP/1.1")
-            if spoken != meant:  # the client is not what the test says it is
-                call.kind, call.detail = "unexpected", f"spoke {spoken}, not {meant}"
-                return
-            if response.status_code != 200:
-                text = response.read().decode(errors="replace")[:300]
-                call.kind, call.detail = ("http-error" if response.status_code >= 500 else "unexpected"), text
-                return
-            if not call.stream:
-                choice = json.loads(response.read())["choices"][0]
-                call.kind = "complete" if choice["finish_reason"] in ("length", "stop") else "unexpected"
-                call.detail = f"finish_reason {choice['finish_reason']}"
-                return
-            finished = None
-            for line in response.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: ") :]
-                if data == "[DONE]":
-                    call.kind = "complete" if finished else "unexpected"
-                    call.detail = f"[DONE] after finish_reason {finished}"
-                    return
-                event = json.loads(data)
-                if "error" in event:
-                    call.kind, call.detail = "truncated", "an error event: " + json.dumps(event["error"])
-                    return
-                call.chunks += 1
-                call.first_chunk = call.first_chunk or time.time()
-                finished = finished or (event.get("choices") or [{}])[0].get("finish_reason")
-            call.kind, call.detail = "truncated", "the stream ended with neither [DONE] nor an error"
-    except httpx.TimeoutException as exc:
-        call.kind, call.detail = "hang", repr(exc)
-    except Exception as exc:  # noqa: BLE001 - a test client must report, not die in its thread
-        call.detail = repr(exc)
-        if call.httpx_h2 and any(sign in call.detail for sign in GOAWAY_SIGNS):
-            call.kind = "goaway"
-        elif isinstance(exc, httpx.TransportError):  # before the response: the connection went; after: cut
-            call.kind = "connection-error" if call.responded is None else "truncated"
-        else:
-            call.kind = "unexpected"
-    finally:
-        call.ended = time.time()
-
-
-def http_client(url: str, *, http2: bool, keepalive: bool = True, cafile: Path | None = None) -> httpx.Client:
-    """An httpx client speaking one protocol. Over TLS each client gets its own SSL context: httpx sets
-    its ALPN protocols on the context, so a context shared with an HTTP/2 client would make an
-    HTTP/1.1 client negotiate h2 too."""
-    timeout = httpx.Timeout(connect=10.0, read=READ_TIMEOUT_S, write=10.0, pool=10.0)
-    limits = httpx.Limits() if keepalive else httpx.Limits(max_keepalive_connections=0)
-    verify = ssl.create_default_context(cafile=str(cafile)) if cafile else True
-    return httpx.Client(base_url=url, http1=not http2, http2=http2, timeout=timeout, limits=limits, verify=verify)
-
-
-class CurlCall:
-    """One request by curl over HTTP/2 (nghttp2; h2c with prior knowledge, or ALPN h2 over TLS)."""
-
-    def __init__(self, url: str, directory: Path, body: dict, name: str, *, cafile: Path | None = None):
-        self.call = Call(name, body["stream"])
-        self.output = directory / f"curl-{name.replace('/', '-')}.out"
-        command = ["curl", "-sS", "-N", "--max-time", "120", "-o", str(self.output), "-w", "%{http_code}"]
-        command += ["--cacert", str(cafile), "--http2"] if cafile else ["--http2-prior-knowledge"]
-        command += ["-H", "content-type: application/json", "-d", json.dumps(body), url + path_of(body)]
-        self.call.sent = time.time()
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def streaming(self) -> bool:
-        return self.output.exists() and b"data: " in self.output.read_bytes()
-
-    def finish(self, timeout: float) -> Call:
-        call = self.call
-        try:
-            status, error = self.process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.communicate()
-            call.kind, call.ended = "hang", time.time()
-            return call
-        call.ended = time.time()
-        body = self.output.read_text(errors="replace") if self.output.exists() else ""
-        call.status = int(status) if status.isdigit() and status != "000" else None
-        call.responded = call.sent if call.status else None
-        call.detail = f"curl exit {self.process.returncode} {error.strip()} {body[-200:]}"
-        call.chunks = body.count("data: ")
-        if self.process.returncode != 0:
-            call.kind = "connection-error" if call.status is None else "truncated"
-        elif call.status != 200:
-            call.kind = "http-error" if call.status >= 500 else "unexpected"
-        elif call.stream:
-            call.kind = "complete" if body.rstrip().endswith("data: [DONE]") else "truncated"
-        else:
-            call.kind = "complete" if json.loads(body)["choices"][0]["finish_reason"] else "unexpected"
-        return call
-
-
-@dataclass(frozen=True)
-class Client:
-    """One background client: how it speaks (httpx HTTP/1.1 or HTTP/2, or curl HTTP/2), whether it
-    streams, whether it keeps its connection (curl never does)."""
-
-    protocol: str  # h1 | h2 | curl
-    stream: bool
-    keepalive: bool = True
-
-    @property
-    def name(self) -> str:
-        reuse = "fresh" if self.protocol == "curl" or not self.keepalive else "ka"
-        return f"{self.protocol}/{'stream' if self.stream else 'full'}/{reuse}"
-
-
-KEEPALIVE = [Client(protocol, stream) for protocol in ("h1", "h2") for stream in (True, False)]
-CURL = [Client("curl", stream) for stream in (True, False)]
-FRESH = [Client(protocol, stream, keepalive=False) for protocol in ("h1", "h2") for stream in (True, False)] + CURL
-
-
-class Traffic:
-    """Background clients, each sending requests one after another until stopped (bounded in count and time)."""
-
-    def __init__(self, url: str, clients: list[Client], directory: Path, *, cafile: Path | None = None):
-        self.url, self.directory, self.cafile = url, directory, cafile
-        self.calls: list[Call] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(c, i), daemon=True) for i, c in enumerate(clients)]
-        for thread in self.threads:
-            thread.start()
-
-    def _run(self, spec: Client, number: int) -> None:
-        deadline = time.monotonic() + CLIENT_LIMIT_S
-        with contextlib.ExitStack() as stack:
-            if spec.protocol != "curl":
-                http2 = spec.protocol == "h2"
-                client = http_client(self.url, http2=http2, keepalive=spec.keepalive, cafile=self.cafile)
-                stack.enter_context(client)
-            for index in range(CLIENT_REQUESTS):
-                if self._stop.is_set() or time.monotonic() > deadline:
-                    return
-                chat = index % 2 == 1
-                body = request_body(stream=spec.stream, chat=chat, max_tokens=TRAFFIC_MAX_TOKENS, index=index)
-                name = f"{spec.name}#{number}.{index}"
-                if spec.protocol == "curl":
-                    curl = CurlCall(self.url, self.directory, body, name, cafile=self.cafile)
-                    self._record(curl.call)
-                    call = curl.finish(READ_TIMEOUT_S + 30)
-                else:
-                    call = Call(name, spec.stream, httpx_h2=spec.protocol == "h2")
-                    self._record(call)
-                    send(client, call, body)
-                if call.kind != "complete":
-                    time.sleep(FAILURE_PAUSE_S)
-
-    def _record(self, call: Call) -> None:
-        with self._lock:
-            self.calls.append(call)
-
-    def completed(self) -> int:
-        with self._lock:
-            return sum(c.kind == "complete" for c in self.calls)
-
-    def wait_busy(self, requests: int = 8, timeout: float = 60.0) -> None:
-        """Until `requests` requests have completed in all."""
-        try:
-            until(lambda: self.completed() >= requests, timeout, interval=0.05, what=f"{requests} requests completed")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{report(list(self.calls))}") from None
-
-    def more(self, requests: int = 8, timeout: float = 60.0) -> None:
-        """Until `requests` more have completed: the daemon serves them."""
-        self.wait_busy(self.completed() + requests, timeout)
-
-    def stop(self, timeout: float = READ_TIMEOUT_S + 40) -> list[Call]:
-        self._stop.set()
-        deadline = time.monotonic() + timeout
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        stuck = [t.name for t in self.threads if t.is_alive()]
-        assert not stuck, f"clients still running {timeout} s after being stopped: {stuck}\n{report(self.calls)}"
-        return list(self.calls)
-
-
-class Pinned:
-    """Long requests sent before a reload and confirmed running (their streams' first chunks arrived):
-    HTTP/1.1 by httpx and HTTP/2 by curl, a stream and a full response each."""
-
-    def __init__(self, daemon: FileDaemon, directory: Path, *, cafile: Path | None = None):
-        self.calls: list[Call] = []
-        self.threads: list[threading.Thread] = []
-        self.curls: list[CurlCall] = []
-        for index, stream in enumerate((False, True)):  # the full ones first: running by the streams' first chunks
-            body = request_body(stream=stream, chat=False, max_tokens=PINNED_MAX_TOKENS, index=100 + index)
-            call = Call(f"pinned/h1/{'stream' if stream else 'full'}", stream)
-            client = http_client(daemon.url, http2=False, cafile=cafile)
-            thread = threading.Thread(target=self._send, args=(client, call, body), daemon=True)
-            thread.start()
-            self.calls.append(call)
-            self.threads.append(thread)
-            body = request_body(stream=stream, chat=False, max_tokens=PINNED_MAX_TOKENS, index=200 + index)
-            name = f"pinned/curl/{'stream' if stream else 'full'}"
-            self.curls.append(CurlCall(daemon.url, directory, body, name, cafile=cafile))
-        try:
-            until(
-                lambda: (
-                    all(c.first_chunk or c.ended for c in self.calls if c.stream)
-                    and all(c.streaming() or c.process.poll() is not None for c in self.curls if c.call.stream)
-                ),
-                30,
-                interval=0.02,
-                what="the pinned streams' first chunks",
-            )
-            early = [c for c in self.calls if c.ended] + [c.call for c in self.curls if c.process.poll() is not None]
-            assert not early, f"pinned requests ended before the reload: {[str(c) for c in early]}"
-        except BaseException:
-            for curl in self.curls:
-                curl.process.kill()
-                curl.process.communicate()
-            raise
-
-    @staticmethod
-    def _send(client: httpx.Client, call: Call, body: dict) -> None:
-        with client:
-            send(client, call, body)
-
-    def finish(self, timeout: float = 120.0) -> list[Call]:
-        deadline = time.monotonic() + timeout
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        curls = [c.finish(max(1.0, deadline - time.monotonic())) for c in self.curls]  # killed if they hang
-        assert not any(t.is_alive() for t in self.threads), f"pinned requests hung: {[str(c) for c in self.calls]}"
-        return self.calls + curls
-
-
-def report(calls: list[Call], daemon: FileDaemon | None = None) -> str:
-    kinds: dict[str, int] = {}
-    for call in calls:
-        kinds[call.kind] = kinds.get(call.kind, 0) + 1
-    failed = [str(c) for c in calls if c.kind != "complete"]
-    text = f"{len(calls)} requests: {kinds}\n" + "\n".join(failed[:30])
-    if daemon is not None:
-        text += "\n--- log:\n" + daemon.log_tail(30)
-    return text
-
-
-def assert_all_complete(calls: list[Call], daemon: FileDaemon) -> None:
-    assert calls and all(c.kind == "complete" for c in calls), report(calls, daemon)
+def assert_all_complete(calls: list[Outcome], daemon: FileDaemon) -> None:
+    assert calls and all(c.kind == "complete" for c in calls), report(calls, daemon.log_tail(30))
 
 
 def handover_window(daemon: FileDaemon, old_frontend: int) -> tuple[float, float]:
@@ -490,10 +219,10 @@ def handover_window(daemon: FileDaemon, old_frontend: int) -> tuple[float, float
         e for e in daemon.log_events() if e.get("pid") == old_frontend and e.get("event") == "Shutting down granian"
     ]
     assert stopping, f"the old front-end {old_frontend} never stopped\n{daemon.log_tail()}"
-    return log_time(started[-1]), log_time(stopping[0])
+    return logged_at(started[-1]), logged_at(stopping[0])
 
 
-def check_handover(calls: list[Call], window: tuple[float, float], daemon: FileDaemon) -> dict[str, int]:
+def check_handover(calls: list[Outcome], window: tuple[float, float], daemon: FileDaemon) -> dict[str, int]:
     """What clients may see of a front-end handover; the counts of what they saw.
 
     Requests in flight on the old instance (sent before the new one started, still running when
@@ -503,14 +232,14 @@ def check_handover(calls: list[Call], window: tuple[float, float], daemon: FileD
     hang. httpx's HTTP/2 streams in flight at the GOAWAY are counted apart (see GOAWAY_SIGNS).
     """
     new_started, old_stopping = window
-    text = report(calls, daemon)
+    text = report(calls, daemon.log_tail(30))
     in_flight = [c for c in calls if c.spans(new_started, old_stopping)]
     lost = [c for c in in_flight if c.kind not in ("complete", "goaway")]
     assert not lost, f"requests in flight on the old instance failed: {[str(c) for c in lost]}\n{text}"
     for call in calls:
         assert call.kind in ("complete", "connection-error", "goaway"), text
         assert not call.refused, f"a connection was refused: {call}\n{text}"
-        assert call.kind != "goaway" or call.httpx_h2, text
+        assert call.kind != "goaway" or call.http2, text
     return {
         "requests": len(calls),
         "in_flight_at_sigterm": sum(c.spans(old_stopping, old_stopping) for c in calls),
@@ -527,11 +256,11 @@ def test_tokenizer_workers_1_to_2_under_load(daemons, tmp_path):
     daemon = daemons({"tokenizer.workers": 1})
     before = daemon.tiers()
     assert set(before) == {"worker-0", "scheduler-0", "tokenizer-0", "frontend-0"}, before
-    traffic = Traffic(daemon.url, KEEPALIVE + CURL, tmp_path)
+    traffic = background(daemon, KEEPALIVE + CURL, tmp_path)
     pinned = None
     try:
-        traffic.wait_busy()
-        pinned = Pinned(daemon, tmp_path)  # held by the old pool: it finishes them
+        traffic.wait_completed(8)
+        pinned = pinned_requests(daemon, tmp_path)  # held by the old pool: it finishes them
         daemon.edit(tokenizer__workers=2)
         status, outcome = daemon.reload()
         assert status == 0 and outcome["result"] == "applied", outcome
@@ -539,8 +268,8 @@ def test_tokenizer_workers_1_to_2_under_load(daemons, tmp_path):
         assert outcome["changes"] == {"tokenizer.workers": {"old": 1, "new": 2, "scope": "tokenizer"}}, outcome
         traffic.more()  # the new pool serves
     finally:
-        calls = traffic.stop()
-        held = pinned.finish() if pinned else []
+        calls = traffic.stop(STOP_S)
+        held = pinned.join(PINNED_S) if pinned else []
     assert_all_complete(calls + held, daemon)
 
     after = daemon.tiers()
@@ -567,9 +296,9 @@ def test_tokenizer_that_cannot_load_rolls_back_and_the_old_pool_keeps_serving(da
     (broken / "tokenizer.json").write_text("{}")  # there, so `daemon check` passes; not a tokenizer
     daemon = daemons()
     before = daemon.tiers()
-    traffic = Traffic(daemon.url, KEEPALIVE + CURL, tmp_path)
+    traffic = background(daemon, KEEPALIVE + CURL, tmp_path)
     try:
-        traffic.wait_busy()
+        traffic.wait_completed(8)
         daemon.edit(tokenizer__path=broken, tokenizer__workers=2)
         checked = run_daemon("check", "-c", str(daemon.config_path))
         assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -579,7 +308,7 @@ def test_tokenizer_that_cannot_load_rolls_back_and_the_old_pool_keeps_serving(da
         assert outcome["restarted"] == [], outcome
         traffic.more()  # the old pool still serves
     finally:
-        calls = traffic.stop()
+        calls = traffic.stop(STOP_S)
     assert_all_complete(calls, daemon)
     assert daemon.tiers() == before
     started = [e["child_pid"] for e in daemon.events("tier.started", tier="tokenizer") if e["index"] > 0]
@@ -601,11 +330,11 @@ def test_frontend_workers_1_to_2_hands_over_under_load(daemons, tmp_path, connec
     before = daemon.tiers()
     old_frontend = before["frontend-0"]
     old_workers = until(lambda: children(old_frontend), 10, what="Granian's worker")
-    traffic = Traffic(daemon.url, KEEPALIVE + CURL if connections == "keepalive" else FRESH, tmp_path)
+    traffic = background(daemon, KEEPALIVE + CURL if connections == "keepalive" else FRESH, tmp_path)
     pinned = None
     try:
-        traffic.wait_busy()
-        pinned = Pinned(daemon, tmp_path)
+        traffic.wait_completed(8)
+        pinned = pinned_requests(daemon, tmp_path)
         daemon.edit(server__workers=2)
         if connections == "fresh":  # the triggers: SIGHUP here, `daemon reload` in the other case
             daemon.process.send_signal(signal.SIGHUP)
@@ -617,8 +346,8 @@ def test_frontend_workers_1_to_2_hands_over_under_load(daemons, tmp_path, connec
         assert outcome["result"] == "applied", outcome
         traffic.more()  # the new instance serves
     finally:
-        calls = traffic.stop()
-        held = pinned.finish() if pinned else []
+        calls = traffic.stop(STOP_S)
+        held = pinned.join(PINNED_S) if pinned else []
 
     window = handover_window(daemon, old_frontend)
     assert_all_complete(held, daemon)
@@ -627,7 +356,7 @@ def test_frontend_workers_1_to_2_hands_over_under_load(daemons, tmp_path, connec
     counts["pinned_in_flight"] = sum(c.spans(*window) for c in held)
     print(f"\nfront-end handover, {connections} connections: {counts}")
     if connections == "fresh":
-        assert counts["connection_closed"] == 0, report(calls, daemon)
+        assert counts["connection_closed"] == 0, report(calls, daemon.log_tail(30))
 
     after = daemon.tiers()
     assert after["frontend-0"] != old_frontend and old_frontend not in descendants(daemon.pid)
@@ -655,32 +384,34 @@ def test_port_change_moves_the_listener_and_a_taken_port_is_rejected_untouched(d
     # No httpx HTTP/2 client here: after the GOAWAY it keeps its broken connection open while its next
     # request waits on the old port (see test_old_port_refuses_while_the_old_instance_drains), which
     # holds the old instance until the end of its drain timeout.
-    traffic = Traffic(daemon.url, [c for c in KEEPALIVE if c.protocol == "h1"] + CURL, tmp_path)
+    traffic = background(daemon, [c for c in KEEPALIVE if c.protocol == "h1"] + CURL, tmp_path)
     pinned = None
     try:
-        traffic.wait_busy()
-        pinned = Pinned(daemon, tmp_path)
+        traffic.wait_completed(8)
+        pinned = pinned_requests(daemon, tmp_path)
         new_port = free_port()
         daemon.edit(server__port=new_port)
         status, outcome = daemon.reload()
         assert status == 0 and outcome["result"] == "applied" and outcome["restarted"] == ["frontend"], outcome
         reloaded = time.time()
         until(
-            lambda: len([c for c in traffic.calls if c.sent > reloaded]) >= 12, 30, what="clients trying the old port"
+            lambda: len([c for c in traffic.outcomes if c.started_wall > reloaded]) >= 12,
+            30,
+            what="clients trying the old port",
         )
     finally:
-        calls = traffic.stop()
-        held = pinned.finish() if pinned else []
+        calls = traffic.stop(STOP_S)
+        held = pinned.join(PINNED_S) if pinned else []
     daemon.port = new_port
     assert refused(old_port), "the old port still accepts connections"
     window = handover_window(daemon, old_frontend)
     assert_all_complete(held, daemon)
     assert all(c.spans(*window) for c in held if c.stream), "the pinned streams were not in flight on the old instance"
-    counts = check_handover([c for c in calls if c.sent < window[0]], window, daemon)
+    counts = check_handover([c for c in calls if c.started_wall < window[0]], window, daemon)
     # sent to the old port during the move: served by the old instance, or their connection went
-    moving = [c for c in calls if window[0] <= c.sent <= reloaded]
-    assert all(c.kind in ("complete", "connection-error") for c in moving), report(moving, daemon)
-    after_move = [c for c in calls if c.sent > reloaded]
+    moving = [c for c in calls if window[0] <= c.started_wall <= reloaded]
+    assert all(c.kind in ("complete", "connection-error") for c in moving), report(moving, daemon.log_tail(30))
+    after_move = [c for c in calls if c.started_wall > reloaded]
     assert after_move and all(c.refused for c in after_move), report(after_move)
     counts["during_move"] = len(moving)
     counts["during_move_reset"] = sum(c.kind != "complete" and not c.refused for c in moving)
@@ -696,9 +427,9 @@ def test_port_change_moves_the_listener_and_a_taken_port_is_rejected_untouched(d
     # every PID unchanged (it used to drain and replace the worker, fail at the front-end, then
     # load the old model again)
     before = daemon.tiers()
-    traffic = Traffic(daemon.url, KEEPALIVE + CURL, tmp_path)
+    traffic = background(daemon, KEEPALIVE + CURL, tmp_path)
     try:
-        traffic.wait_busy()
+        traffic.wait_completed(8)
         with taken_port() as taken:
             daemon.edit(server__port=taken, model__context_length=1024)
             status, outcome = daemon.reload()
@@ -708,7 +439,7 @@ def test_port_change_moves_the_listener_and_a_taken_port_is_rejected_untouched(d
         assert outcome["restarted"] == [], outcome
         traffic.more()
     finally:
-        calls = traffic.stop()
+        calls = traffic.stop(STOP_S)
     assert_all_complete(calls, daemon)
     assert daemon.tiers() == before, "a reload that could never succeed replaced a tier"
     status = daemon.status()
@@ -807,65 +538,6 @@ def test_old_port_refuses_while_the_old_instance_drains(daemons):
 # --- 5. certificate rotation ------------------------------------------------------------------------
 
 
-def make_authority(directory: Path) -> tuple[Path, object]:
-    """A certificate authority: its certificate (PEM file) and its key."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "reload test CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    path = directory / "ca.crt"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path, (cert, key)
-
-
-def make_server_certificate(directory: Path, name: str, authority: object) -> tuple[Path, Path, int]:
-    """A server certificate for 127.0.0.1 and localhost signed by `authority`: cert and key files, serial."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    ca_cert, ca_key = authority  # type: ignore[misc]
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    serial = x509.random_serial_number()
-    alt_names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"localhost {name}")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(serial)
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path, serial
-
-
 def served_serial(port: int, verify: ssl.SSLContext) -> int:
     """The serial number of the certificate a new TLS connection to `port` is shown (verified)."""
     from cryptography import x509
@@ -895,25 +567,26 @@ def test_certificate_rotation_with_tls_refresh_over_http2(daemons, tmp_path):
         }
     )
     assert served_serial(daemon.port, verify) == first
-    with http_client(daemon.url, http2=True, cafile=cafile) as client:
+    with http_client(daemon.url, http2=True, read_timeout=READ_TIMEOUT_S, cafile=cafile) as client:
         probe = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert probe.status_code == 200 and probe.http_version == "HTTP/2", probe  # ALPN chose h2
     before = daemon.tiers()
     old_frontend = before["frontend-0"]
     daemon.wait_for_event("config.watching", trigger="certificates")
+    until(lambda: watches(daemon.pid, certs), 10, what="the certificates watched")
 
-    traffic = Traffic(daemon.url, KEEPALIVE + CURL, tmp_path, cafile=cafile)
+    traffic = background(daemon, KEEPALIVE + CURL, tmp_path, cafile=cafile)
     pinned = None
     try:
-        traffic.wait_busy()
-        pinned = Pinned(daemon, tmp_path, cafile=cafile)
+        traffic.wait_completed(8)
+        pinned = pinned_requests(daemon, tmp_path, cafile=cafile)
         os.replace(next_cert, cert)
         os.replace(next_key, key)
         event = daemon.wait_for_event("config.reload", timeout=RELOAD_TIMEOUT_S)
         traffic.more()
     finally:
-        calls = traffic.stop()
-        held = pinned.finish() if pinned else []
+        calls = traffic.stop(STOP_S)
+        held = pinned.join(PINNED_S) if pinned else []
     assert event["result"] == "applied" and "certificates" in event["trigger"], event
     assert event["plan"]["restart"] == ["frontend"] and event["diff"] == {}, event
     assert any("certificate" in note for note in event["notes"]), event
@@ -938,18 +611,19 @@ def test_certificate_rotation_with_tls_refresh_over_http2(daemons, tmp_path):
 def test_tokenizer_and_worker_change_in_one_edit(daemons, tmp_path):
     daemon = daemons({"runtime.watch_config": True, "tokenizer.workers": 1, "model.seed": 0})
     daemon.wait_for_event("config.watching", trigger="file")
+    until(lambda: watches(daemon.pid, daemon.config_path.parent), 10, what="the config file watched")
     before = daemon.tiers()
-    traffic = Traffic(daemon.url, KEEPALIVE + CURL, tmp_path)
+    traffic = background(daemon, KEEPALIVE + CURL, tmp_path)
     pinned = None
     try:
-        traffic.wait_busy()
-        pinned = Pinned(daemon, tmp_path)
+        traffic.wait_completed(8)
+        pinned = pinned_requests(daemon, tmp_path)
         daemon.edit(tokenizer__workers=2, model__seed=1)  # the file watch reloads
         event = daemon.wait_for_event("config.reload", timeout=RELOAD_TIMEOUT_S)
         traffic.more()
     finally:
-        calls = traffic.stop()
-        held = pinned.finish() if pinned else []
+        calls = traffic.stop(STOP_S)
+        held = pinned.join(PINNED_S) if pinned else []
     assert event["result"] == "applied" and event["trigger"] == "file", event
     assert sorted(event["plan"]["restart"]) == ["tokenizer", "worker"], event
     assert set(event["diff"]) == {"tokenizer.workers", "model.seed"}, event
@@ -1011,11 +685,11 @@ def test_sigterm_during_a_worker_reload_ends_it_then_drains(daemons, tmp_path, p
     """SIGTERM in a phase of a worker reload (drain mode): the reload ends early and is reported; the
     requests running finish, those held get an explicit 503, none is cut or left hanging; exit 0."""
     daemon = daemons({"tokenizer.workers": 1, "model.seed": 0})
-    traffic = Traffic(daemon.url, KEEPALIVE + CURL, tmp_path)
+    traffic = background(daemon, KEEPALIVE + CURL, tmp_path)
     pinned = None
     try:
-        traffic.wait_busy()
-        pinned = Pinned(daemon, tmp_path) if phase == "old worker draining" else None
+        traffic.wait_completed(8)
+        pinned = pinned_requests(daemon, tmp_path) if phase == "old worker draining" else None
         daemon.edit(model__seed=1, tokenizer__workers=2)
         reloading = threading.Thread(target=daemon.reload, daemon=True)
         reloading.start()
@@ -1027,8 +701,8 @@ def test_sigterm_during_a_worker_reload_ends_it_then_drains(daemons, tmp_path, p
         took = time.monotonic() - stopped
         reloading.join(30)
     finally:
-        calls = traffic.stop()
-        held = pinned.finish() if pinned else []
+        calls = traffic.stop(STOP_S)
+        held = pinned.join(PINNED_S) if pinned else []
     assert status == 0 and took < STOP_BOUND_S, daemon.log_tail()
     (report_event,) = daemon.events("config.reload")
     assert report_event["result"] in ("applied", "rolled_back"), report_event
@@ -1039,12 +713,14 @@ def test_sigterm_during_a_worker_reload_ends_it_then_drains(daemons, tmp_path, p
     explicit = [c for c in calls if c.kind == "http-error" and c.status == 503 and '"error"' in c.detail]
     # Sent once the front-end had stopped accepting: refused, or reset in the listen backlog when the
     # supervisor shuts the socket (as at any stop), with nothing read.
-    (closing,) = [log_time(e) for e in daemon.log_events() if e.get("event") == "Shutting down granian"]
+    (closing,) = [logged_at(e) for e in daemon.events("Shutting down granian")]
     never_read = [
-        c for c in calls if c.refused or c.kind == "goaway" or (c.kind == "connection-error" and c.sent >= closing)
+        c
+        for c in calls
+        if c.refused or c.kind == "goaway" or (c.kind == "connection-error" and c.started_wall >= closing)
     ]
     lost = [c for c in calls if c.kind != "complete" and c not in explicit and c not in never_read]
-    assert not lost, report(lost, daemon)
+    assert not lost, report(lost, daemon.log_tail(30))
     assert not daemon.events("daemon.failed"), daemon.log_tail()
 
 
@@ -1057,16 +733,16 @@ def test_later_tier_failing_rolls_back_the_replaced_worker(daemons, tmp_path):
     (broken / "tokenizer.json").write_text("{}")  # there, so `daemon check` passes; not a tokenizer
     daemon = daemons()
     before = daemon.tiers()
-    traffic = Traffic(daemon.url, KEEPALIVE + CURL, tmp_path)
+    traffic = background(daemon, KEEPALIVE + CURL, tmp_path)
     try:
-        traffic.wait_busy()
+        traffic.wait_completed(8)
         daemon.edit(model__seed=7, tokenizer__path=broken)
         status, outcome = daemon.reload()
         assert status == 1 and outcome["result"] == "rolled_back" and outcome["generation"] == 1, outcome
         assert "the new tokenizer did not start" in outcome["reason"], outcome
         traffic.more()
     finally:
-        calls = traffic.stop()
+        calls = traffic.stop(STOP_S)
     assert_all_complete(calls, daemon)
     after = daemon.tiers()
     assert after["worker-0"] != before["worker-0"], after  # replaced twice: by the new config, then back
@@ -1082,18 +758,18 @@ WORKER_RELOADS = 12  # the race strikes about one worker reload in three: all 12
 def test_worker_reload_fails_no_request(daemons, tmp_path):
     """model.seed changes (the worker is replaced) under load: none fails a request (once one in three did)."""
     daemon = daemons()
-    traffic = Traffic(daemon.url, KEEPALIVE, tmp_path)
+    traffic = background(daemon, KEEPALIVE, tmp_path)
     try:
-        traffic.wait_busy()
+        traffic.wait_completed(8)
         for seed in range(1, WORKER_RELOADS + 1):
             daemon.edit(model__seed=seed)
             status, outcome = daemon.reload()
             assert status == 0 and outcome["restarted"] == ["worker"], outcome
             traffic.more(4)
-            if any(c.kind not in ("complete", "pending") for c in traffic.calls):
+            if any(c.kind not in ("complete", "pending") for c in traffic.outcomes):
                 break
     finally:
-        calls = traffic.stop()
+        calls = traffic.stop(STOP_S)
     print(f"\nworker reloads: {seed}, {report(calls).splitlines()[0]}")
     assert_all_complete(calls, daemon)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import REPO, run_daemon
+from harness.daemons import REPO, run_daemon
 
 from daemon.config.rules import LIFTED, RULES, RULES_BY_ID
 from daemon.config.schema import SECTIONS, SETTINGS, Reload, json_schema

@@ -6,13 +6,13 @@ import asyncio
 import json
 import shutil
 import subprocess
-import tempfile
-from pathlib import Path
+import time
 
 import httpx
 import openai
 import pytest
-from daemon_process import RunningDaemon, descendants, serving, start_daemon
+from harness.daemons import RunningDaemon, serving, short_dir, start_daemon
+from harness.procs import descendants
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +54,44 @@ def test_chat_completion_streams_to_done(client):
     assert full.choices[0].message.content == text  # greedy: the same tokens either way
 
 
-def test_async_client_runs_requests_concurrently(daemon):
-    async def main() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        requests = [client.completions.create(model="demo", prompt=f"item {i}", max_tokens=5) for i in range(16)]
-        results = await asyncio.gather(*requests)
-        await client.close()
-        return [r.choices[0].finish_reason for r in results]
+CONCURRENT, CONCURRENT_TOKENS = 16, 32
 
-    assert set(asyncio.run(main())) <= {"length", "stop"}
+
+def test_async_client_runs_requests_concurrently(daemon):
+    """16 streams sent at once run at once: every one has had its first token before any has had its last
+    (one after another, each would end before the next began), and each generates all it was asked for."""
+
+    async def one(client: openai.AsyncOpenAI, number: int) -> tuple[float, float, int, str | None]:
+        stream = await client.completions.create(
+            model="demo",
+            prompt=f"item {number}",
+            max_tokens=CONCURRENT_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        first = last = None
+        tokens, reason = 0, None
+        async for chunk in stream:
+            if chunk.choices:  # a token (the last chunk holds the usage alone)
+                last = time.monotonic()
+                first = first or last
+                reason = chunk.choices[0].finish_reason or reason
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        assert first is not None and last is not None, f"stream {number} had no token"
+        return first, last, tokens, reason
+
+    async def main() -> list[tuple[float, float, int, str | None]]:
+        async with openai.AsyncOpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
+            return await asyncio.gather(*(one(c, n) for n in range(CONCURRENT)))
+
+    results = asyncio.run(main())
+    assert [(tokens, reason) for _first, _last, tokens, reason in results] == [(CONCURRENT_TOKENS, "length")] * 16
+    last_first_token = max(first for first, _last, _tokens, _reason in results)
+    first_last_token = min(last for _first, last, _tokens, _reason in results)
+    assert last_first_token < first_last_token, "the requests ran one after another, not at once"
 
 
 def test_httpx_speaks_http2_with_prior_knowledge(daemon):
@@ -204,11 +233,11 @@ def test_sampling_is_reproducible_under_a_seed(client):
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory, model_cache) -> RunningDaemon:
     """TLS, an API key, debug logs and a tiny queue: one daemon for the tests of those."""
-    from conftest import make_certificate
+    from harness.files import make_certificate
 
     directory = tmp_path_factory.mktemp("secured")
     cert, key = make_certificate(directory)
-    runtime = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))
+    runtime = short_dir()
     settings = {
         "server.tls.certfile": cert,
         "server.tls.keyfile": key,

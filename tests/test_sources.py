@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_certificate, run_daemon, write_model_dir
+from harness.daemons import run_daemon
+from harness.files import make_certificate, write_model_dir
 
 from daemon.config.check import check_config, load_config
 from daemon.config.errors import ConfigError, OriginKind

@@ -12,7 +12,6 @@ import contextlib
 import json
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,10 @@ import h2.connection
 import h2.settings
 import httpx
 import pytest
-from daemon_process import RunningDaemon, descendants, scrape, serving
+from harness.daemons import RunningDaemon, serving
+from harness.metrics import scrape
+from harness.procs import descendants
+from harness.wait import until
 
 STALLED_CLIENTS = 20
 # Long enough that no stream can finish by itself while its client sits unread.
@@ -36,15 +38,6 @@ def daemon(tmp_path_factory, model_cache) -> Iterator[RunningDaemon]:
 
 def running_requests(daemon: RunningDaemon) -> float:
     return scrape(daemon).get(("daemon_running_requests", ()), 0.0)
-
-
-def wait_until(check, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not {what} within {timeout} s")
 
 
 def stalled_stream(daemon: RunningDaemon, http2: bool) -> socket.socket:
@@ -99,16 +92,17 @@ def stall_then_leave(daemon: RunningDaemon, http2: bool) -> None:
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(stalled_stream(daemon, http2)) for _ in range(STALLED_CLIENTS)]
         # every stream has begun (bytes wait unread at the client), and all are generating
-        wait_until(lambda: all(unread_bytes(s) > 0 for s in socks), 30, "every stream started")
-        wait_until(lambda: running_requests(daemon) >= 1, 30, "generating")
+        until(lambda: all(unread_bytes(s) > 0 for s in socks), 30, what="every stream started", retry_on=())
+        until(lambda: running_requests(daemon) >= 1, 30, what="generating", retry_on=())
         for sock in socks:
             # unread data at close: the kernel answers with a reset, as a crashed client's would
             sock.close()
-    wait_until(lambda: running_requests(daemon) == 0, 30, "every stalled request aborted")
-    wait_until(
+    until(lambda: running_requests(daemon) == 0, 30, what="every stalled request aborted", retry_on=())
+    until(
         lambda: log_count(daemon, "frontend.client_gone") - gone_before >= STALLED_CLIENTS,
         30,
-        "every stalled client counted as gone",
+        what="every stalled client counted as gone",
+        retry_on=(),
     )
 
 

@@ -1,0 +1,412 @@
+"""What the two benchmarks share (bench/serve.py, bench/reload.py): the paths, the servers they start and
+stop (the daemon's marked processes too), the completion load's client side (prompts, transports, warm-up,
+percentiles), and the run's frame (limits, header, versions, the daemon's log findings).
+
+bench/ is on sys.path as the scripts' directory: they import this module as `common`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONFIG = REPO / "configs" / "server.toml"
+
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 40.0
+REQUEST_TIMEOUT_S = 120.0
+
+_WORD_TEXT = """
+the river house light water garden morning evening story letter window music voice small great little
+old long first last early quiet gentle strong simple careful curious famous ancient modern distant
+mountain valley forest island harbour market station library bridge village winter summer spring autumn
+child teacher doctor farmer painter sailor writer stranger friend walked carried opened watched listened
+"""
+
+
+WORDS = _WORD_TEXT.split()
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def marked_pids(supervisor_pid: int) -> list[int]:
+    """Live processes started by the daemon's supervisor: they carry DAEMON_PARENT_PID=<pid>."""
+    marker = f"DAEMON_PARENT_PID={supervisor_pid}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+    return sorted(found)
+
+
+def ppid_of(pid: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    return None
+
+
+def cmdline_of(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    return "?"
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    process: subprocess.Popen | None = None
+    is_daemon: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=REPO,
+                start_new_session=True,  # its own process group: the whole group is killed at the end
+            )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self) -> str:
+        """SIGTERM, wait; then SIGKILL the process group and (daemon) every marked process left."""
+        if self.process is None:
+            return "not started"
+        pid = self.process.pid
+        outcome = "already exited"
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+                outcome = f"stopped by SIGTERM (exit {self.process.returncode})"
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(10)
+                outcome = f"did not stop within {STOP_TIMEOUT_S:.0f} s of SIGTERM: killed"
+        else:
+            outcome = f"already exited ({self.process.returncode})"
+        # Anything left in its process group (e.g. a Granian worker), then the daemon's marked processes.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        leftovers = marked_pids(pid) if self.is_daemon else []
+        for child in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        if leftovers:
+            outcome += f"; killed {len(leftovers)} leftover process(es) {leftovers}"
+        return outcome
+
+
+def wait_http_ok(server: Server, path: str, deadline: float, *, ready_event: str | None = None) -> float:
+    """Poll until `path` answers 200 (and, for the daemon, its log has `ready_event`); seconds waited."""
+    started = time.monotonic()
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if not server.alive():
+                raise RuntimeError(f"{server.name} exited ({server.process.returncode}):\n{server.log_tail()}")
+            if ready_event is None or ready_event in server.log_path.read_text(errors="replace"):
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(server.url + path).status_code == 200:
+                        return time.monotonic() - started
+            time.sleep(0.2)
+    raise RuntimeError(f"{server.name} not ready within {START_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
+
+
+def daemon_processes(daemon: Server, runtime_dir: Path) -> dict[str, list[int]]:
+    """The daemon's processes by role: supervisor, frontend (Granian main + workers), tokenizer, scheduler, worker."""
+    supervisor = daemon.process.pid
+    status = json.loads((runtime_dir / f"daemon-{supervisor}" / "status.json").read_text())
+    roles: dict[str, list[int]] = {"supervisor": [supervisor]}
+    by_pid: dict[int, str] = {supervisor: "supervisor"}
+    for tier in status["tiers"]:
+        roles.setdefault(tier["tier"], []).append(tier["pid"])
+        by_pid[tier["pid"]] = tier["tier"]
+    # Granian's workers (and anything else started under a tier) carry the marker, with a tier as parent.
+    for pid in marked_pids(supervisor):
+        if pid in by_pid:
+            continue
+        parent = ppid_of(pid)
+        role = by_pid.get(parent, "other")
+        role = "frontend" if role == "frontend" else f"{role} (child)" if role != "other" else "other"
+        roles.setdefault(role, []).append(pid)
+    return roles
+
+
+# --- completion load ------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `values` by nearest rank; nan when there are none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+def make_prompts(count: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(count)]
+
+
+def completion_body(prompt: str, args: argparse.Namespace, ignore_eos: bool) -> dict:
+    body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": args.temperature}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+class Transport:
+    """POSTs JSON and returns (status, body); one per load run."""
+
+    description = ""
+    errors: tuple = ()
+
+    async def post(self, url: str, body: dict) -> tuple[int, bytes]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+class AiohttpH1(Transport):
+    """HTTP/1.1 keep-alive connections, at most `connections` of them (aiohttp: a light client)."""
+
+    def __init__(self, connections: int):
+        import aiohttp
+
+        self.errors = (aiohttp.ClientError, asyncio.TimeoutError)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections),
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+        )
+        self.description = f"aiohttp {metadata.version('aiohttp')}, {connections} HTTP/1.1 keep-alive connections"
+
+    async def post(self, url: str, body: dict) -> tuple[int, bytes]:
+        async with self.session.post(url, json=body) as response:
+            return response.status, await response.read()
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class HttpxTransport(Transport):
+    """httpx: HTTP/1.1 with `connections` connections, or h2c (prior knowledge) over `connections` connections."""
+
+    errors = (httpx.HTTPError,)
+
+    def __init__(self, connections: int, http2: bool, streams: int):
+        version = metadata.version("httpx")
+        if http2:
+            # Each client holds one connection and multiplexes its share of the streams on it.
+            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+            self.clients = [
+                httpx.AsyncClient(http1=False, http2=True, limits=limits, timeout=REQUEST_TIMEOUT_S)
+                for _ in range(connections)
+            ]
+            per = -(-streams // connections)
+            self.description = f"httpx {version}, {connections} h2c connections, up to {per} streams each"
+        else:
+            limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+            self.clients = [httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S)]
+            self.description = f"httpx {version}, {connections} HTTP/1.1 keep-alive connections"
+        self._next = 0
+
+    async def post(self, url: str, body: dict) -> tuple[int, bytes]:
+        client = self.clients[self._next % len(self.clients)]
+        self._next += 1
+        response = await client.post(url, json=body)
+        return response.status_code, response.content
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
+def make_transport(args: argparse.Namespace, http2: bool) -> Transport:
+    if http2:
+        return HttpxTransport(max(1, min(args.h2_connections, args.concurrency)), True, args.concurrency)
+    if args.h1_client == "aiohttp":
+        return AiohttpH1(args.concurrency)
+    return HttpxTransport(args.concurrency, False, args.concurrency)
+
+
+async def warm_up(url: str, prompts: list[str], args: argparse.Namespace, ignore_eos: bool, rounds: int) -> None:
+    """One completion (it also starts the peer's batching loop), then `rounds` bursts at full concurrency."""
+    transport = make_transport(args, http2=False)
+    try:
+        status, content = await transport.post(url + "/v1/completions", completion_body(prompts[0], args, ignore_eos))
+        if status != 200:
+            raise RuntimeError(f"warm-up completion: HTTP {status}: {content[:300]!r}")
+        burst = prompts[-args.concurrency :]
+        for _ in range(rounds):
+            answers = await asyncio.gather(
+                *(transport.post(url + "/v1/completions", completion_body(p, args, ignore_eos)) for p in burst)
+            )
+            bad = [status for status, _ in answers if status != 200]
+            if bad:
+                raise RuntimeError(f"warm-up burst: {len(bad)} non-200 answers ({sorted(set(bad))})")
+    finally:
+        await transport.close()
+
+
+# --- logs, machine, run ---------------------------------------------------------------------------
+
+
+def daemon_log_findings(log_path: Path) -> list[str]:
+    """Warnings, errors and tier restarts in the daemon's JSON log."""
+    found, restarts, counts = [], 0, {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if line.strip():
+                counts["non-JSON line"] = counts.get("non-JSON line", 0) + 1
+                if counts["non-JSON line"] <= 5:
+                    found.append(f"non-JSON: {line[:300]}")
+            continue
+        level = str(record.get("level", "")).lower()
+        event = str(record.get("event", ""))
+        if event == "tier.started" and record.get("epoch", 1) != 1:
+            restarts += 1
+        if level in {"warning", "error", "critical", "exception"} or event in {"tier.exited", "tier.crashed"}:
+            key = f"{level} {event}"
+            counts[key] = counts.get(key, 0) + 1
+            if counts[key] <= 3:
+                found.append(json.dumps(record)[:400])
+    summary = [f"{n} x {key}" for key, n in sorted(counts.items())]
+    if restarts:
+        summary.append(f"{restarts} tier restart(s) (tier.started with epoch > 1)")
+    return summary + found
+
+
+def run_tool(argv: list[str], timeout: float) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:
+        return f"timed out after {timeout} s\n{exc.stdout or ''}"
+
+
+def versions() -> str:
+    parts = [f"python {platform.python_version()}"]
+    for dist in ("daemon", "torch", "transformers", "granian", "uvicorn", "fastapi", "httpx", "h2"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            parts.append(f"{dist} {metadata.version(dist)}")
+    if shutil.which("h2load"):
+        out = run_tool(["h2load", "--version"], 10).strip().splitlines()
+        parts.append(out[0] if out else "h2load")
+    return ", ".join(parts)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def print_header(what: str, work: Path, runtime_dir: Path, versions_line: str) -> None:
+    print(f"# daemon {what} benchmark, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    print(f"machine: nproc={os.cpu_count()} ({cpu_model()}), {platform.platform()}")
+    print(f"versions: {versions_line}")
+    print(f"work dir: {work} (runtime.dir {runtime_dir})")
+    print(f"load average at start: {Path('/proc/loadavg').read_text().strip()}")
+
+
+def limit_run(seconds: int, overtime: type[BaseException]) -> Callable[[], None]:
+    """SIGTERM ends the run as ^C would, and so does `seconds` running out (raising `overtime`).
+    Returns what installs the handlers again (after an event loop replaced them)."""
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def out_of_time(signum, frame):
+        raise overtime(f"the whole run took longer than --total-time-limit {seconds} s")
+
+    def install() -> None:
+        signal.signal(signal.SIGTERM, interrupted)
+        signal.signal(signal.SIGALRM, out_of_time)
+
+    install()
+    signal.alarm(seconds)
+    return install
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DAEMON_")}
+    env.update(extra)
+    return env
+
+
+def use_uvloop() -> str:
+    """Run the load client's event loops on uvloop where installed: the loop's name."""
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return "uvloop"
+    except ImportError:
+        return "asyncio"
+
+
+def print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"\nNOTE: {note}")
+
+
+def remove_work(work: Path, runtime_dir: Path, *, keep: bool) -> bool:
+    """Remove the run's runtime dir, and its work dir unless `keep`: whether the work dir was kept."""
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(runtime_dir, ignore_errors=True)
+    return keep
