@@ -161,10 +161,19 @@ def wait_http_ok(server: Server, path: str, deadline: float, *, ready_event: str
     raise RuntimeError(f"{server.name} not ready within {START_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
 
 
+def read_status(runtime_dir: Path, supervisor_pid: int) -> dict | None:
+    """The supervisor's status.json (in its socket directory under runtime.dir); None while unreadable."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((runtime_dir / f"daemon-{supervisor_pid}" / "status.json").read_text())
+    return None
+
+
 def daemon_processes(daemon: Server, runtime_dir: Path) -> dict[str, list[int]]:
     """The daemon's processes by role: supervisor, frontend (Granian main + workers), tokenizer, scheduler, worker."""
     supervisor = daemon.process.pid
-    status = json.loads((runtime_dir / f"daemon-{supervisor}" / "status.json").read_text())
+    status = read_status(runtime_dir, supervisor)
+    if status is None:
+        raise RuntimeError(f"no readable status.json for supervisor {supervisor} under {runtime_dir}")
     roles: dict[str, list[int]] = {"supervisor": [supervisor]}
     by_pid: dict[int, str] = {supervisor: "supervisor"}
     for tier in status["tiers"]:
