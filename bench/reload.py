@@ -1,14 +1,14 @@
 """Hot reload under load: how long each kind of config change takes to serve, and what it costs the clients.
 
     .venv/bin/pip install -e '.[bench]'      # aiohttp, uvloop (the load client)
-    .venv/bin/python bench/reload.py         # --help for the knobs; ~3 minutes on 2 cores
+    .venv/bin/python bench/reload.py         # --help for the knobs; ~5 minutes on 2 cores
 
 What it does, in order (every wait is bounded, the whole run by --total-time-limit;
 every process it starts is stopped at the end, on errors and SIGTERM too, by PID):
 
 1. Writes a config file into a directory of its own (configs/server.toml with a free
    port, runtime.dir and runtime.cache_dir in temp directories, JSON logs,
-   runtime.watch_config = true) and starts `daemon -c <that file>` on the demo model.
+   runtime.watch_config = true, model.context_length 2048) and starts `daemon -c <that file>` on the demo model.
    The model load time is read from the daemon's log at start: the worker's
    tier.started to its tier.ready.
 2. Warms up, then starts a closed-loop load that runs until the end: --clients
@@ -25,6 +25,7 @@ every process it starts is stopped at the end, on errors and SIGTERM too, by PID
      frontend   server.workers 1 <-> 2                         (a new Granian on the same socket; the old drains)
      model      model.seed +1                                  (the worker is replaced; new requests are held)
      model-bg   model.seed +1, runtime.model_reload blue_green (the new worker loads beside the old one)
+     context    model.context_length 2048 <-> 1024             (as model; the tokenizer follows the new limit)
    Then it waits until every tier is up again and --settle seconds have passed.
    After the last round, one change back to the starting config (every class that
    differs at once: reported per change, not in the table), and --steady seconds of
@@ -95,7 +96,7 @@ from common import (
     warm_up,
 )
 from daemon_files import LogTail, config_text, tier_startups, write_atomically
-from reload_changes import CLASSES, Trial, changed, describe_report, reload_argv, run_trial
+from reload_changes import CLASSES, CONTEXT_LENGTHS, Bench, Trial, changed, describe_report, reload_argv, run_trial
 from reload_load import Load, failures_by_kind, ok_latencies
 from reload_report import fmt_ms, fmt_s, print_changes, print_results
 
@@ -113,7 +114,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Hot reload of the daemon under a closed-loop load: time to the new generation, failed "
         "requests and p99 latency while each class of config change (live field, tokenizer, front-end, model "
-        "worker) is applied by editing the watched config file.",
+        "worker, context length) is applied by editing the watched config file.",
     )
     p.add_argument("--clients", type=int, default=64, help="closed-loop clients (HTTP/1.1 keep-alive connections)")
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every completion (with ignore_eos)")
@@ -161,17 +162,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-async def measure(
-    args: argparse.Namespace,
-    daemon: Server,
-    values: dict[str, dict],
-    config_path: Path,
-    runtime_dir: Path,
-    log: LogTail,
-    prompts: list[str],
-    out: dict,
-) -> None:
+async def measure(bench: Bench, values: dict[str, dict], prompts: list[str], out: dict) -> None:
     """The load and the changes; results go into `out` as they come (an abort keeps what was measured)."""
+    args, daemon = bench.args, bench.daemon
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     for signum in (signal.SIGTERM, signal.SIGALRM, signal.SIGINT):
@@ -199,9 +192,7 @@ async def measure(
             nonlocal values
             label = f"change {repeat + 1}/{args.repeats}, {kind}" if kind in CLASSES else kind
             print(f"\n{label}: ", end="", flush=True)
-            trial, values = await run_trial(
-                kind, repeat, values, new_values, change, config_path, log, daemon, runtime_dir, args
-            )
+            trial, values = await run_trial(bench, kind, repeat, values, new_values, change)
             trials.append(trial)
             print(
                 f"{trial.change}: {trial.result} generation {trial.generation}, restarted "
@@ -270,6 +261,7 @@ def main() -> int:
         values["tokenizer"]["workers"] = 1
         values["scheduler"]["max_queued_requests"] = 1024
         values["model"]["seed"] = 0
+        values["model"]["context_length"] = CONTEXT_LENGTHS[0]
         values["runtime"]["model_reload"] = "drain"
         values["logging"]["format"] = "json"
         values["runtime"].update(dir=str(runtime_dir), cache_dir=str(cache_dir))
@@ -315,7 +307,8 @@ def main() -> int:
         print(f"warm-up: {time.monotonic() - t0:.1f} s")
 
         with contextlib.suppress(asyncio.CancelledError):  # a signal cancelled it: see out["cancelled_by"]
-            asyncio.run(measure(args, daemon, values, config_path, runtime_dir, log, prompts, out))
+            bench = Bench(args, daemon, config_path, runtime_dir, log)
+            asyncio.run(measure(bench, values, prompts, out))
         reinstall_limits()  # the loop's handlers are gone with it
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if (signum := out.get("cancelled_by")) == signal.SIGALRM:

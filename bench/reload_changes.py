@@ -16,13 +16,14 @@ from common import BIN, REPO, Server, clean_env, percentile, read_status
 from daemon_files import LogTail, config_text, lookup, tier_startups, write_atomically
 from reload_load import Load, Record, failures_by_kind, ok_latencies
 
-CLASSES = ("live", "tokenizer", "frontend", "model", "model-bg")
+CLASSES = ("live", "tokenizer", "frontend", "model", "model-bg", "context")
 DESCRIPTION = {
     "live": "live field (scheduler.max_queued_requests 1024 <-> 1000)",
     "tokenizer": "tokenizer (tokenizer.workers 1 <-> 2)",
     "frontend": "front-end (server.workers 1 <-> 2, same port)",
     "model": "model worker, drain (model.seed + 1)",
     "model-bg": "model worker, blue-green (model.seed + 1)",
+    "context": "model worker, drain (model.context_length 2048 <-> 1024)",
 }
 EXPECTED_RESTART = {
     "live": [],
@@ -30,9 +31,18 @@ EXPECTED_RESTART = {
     "frontend": ["frontend"],
     "model": ["worker"],
     "model-bg": ["worker"],
+    "context": ["worker"],
 }
-GOAL_S = {"live": 1.0, "tokenizer": 3.0, "frontend": 3.0}  # model: its load time + MODEL_GOAL_EXTRA_S
+GOAL_S = {"live": 1.0, "tokenizer": 3.0, "frontend": 3.0}  # a new model worker: its load time + MODEL_GOAL_EXTRA_S
 MODEL_GOAL_EXTRA_S = 2.0
+# The demo model's own maximum and half of it: both far above what the load needs (a prompt of at most
+# 9 words and 16 tokens out), so no request is refused by the limit either way.
+CONTEXT_LENGTHS = (2048, 1024)
+
+
+def replaces_worker(kind: str) -> bool:
+    """Whether a change of class `kind` loads a new model worker (its goal counts from that load)."""
+    return EXPECTED_RESTART.get(kind) == ["worker"]
 
 
 def changed(values: dict[str, dict], kind: str) -> tuple[dict[str, dict], str]:
@@ -55,6 +65,11 @@ def changed(values: dict[str, dict], kind: str) -> tuple[dict[str, dict], str]:
         old = new["model"]["seed"]
         new["model"]["seed"] = old + 1
         key, value = "model.seed", new["model"]["seed"]
+    elif kind == "context":
+        new["runtime"]["model_reload"] = "drain"
+        old = new["model"]["context_length"]
+        new["model"]["context_length"] = CONTEXT_LENGTHS[1] if old == CONTEXT_LENGTHS[0] else CONTEXT_LENGTHS[0]
+        key, value = "model.context_length", new["model"]["context_length"]
     else:
         raise ValueError(kind)
     return new, f"{key} {old} -> {value}"
@@ -123,7 +138,7 @@ class Trial:
         self.first_ok = min(after) if after else float("nan")
 
     def goal(self) -> float:
-        if self.kind.startswith("model"):
+        if replaces_worker(self.kind):
             return self.load_time + MODEL_GOAL_EXTRA_S
         return GOAL_S.get(self.kind, float("nan"))
 
@@ -165,36 +180,95 @@ async def reload_by_command(runtime_dir: Path, timeout: float) -> str:
 WARNING_EVENTS_IGNORED = {"config.changed"}
 
 
-async def run_trial(
-    kind: str,
-    repeat: int,
-    values: dict[str, dict],
-    new_values: dict[str, dict],
-    change: str,
-    config_path: Path,
-    log: LogTail,
-    daemon: Server,
-    runtime_dir: Path,
-    args: argparse.Namespace,
-) -> tuple[Trial, dict[str, dict]]:
+@dataclass
+class Bench:
+    """What every trial acts on and reads: the run's options, the daemon, its config file, log and runtime dir."""
+
+    args: argparse.Namespace
+    daemon: Server
+    config_path: Path
+    runtime_dir: Path
+    log: LogTail
+
+
+async def wait_for_event(bench: Bench, event: str, since: float, timeout: float, **fields: object) -> dict | None:
+    """The first `event` with `fields` the daemon logged at or after `since` (time.time()); None after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not bench.daemon.alive():
+            raise RuntimeError(f"the daemon exited ({bench.daemon.process.returncode}) while waiting for {event}")
+        bench.log.poll()
+        if found := bench.log.find(event, since, **fields):
+            return found[0]
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(0.05)
+
+
+async def settle(bench: Bench) -> None:
+    """Until every tier is up again and --settle seconds (at least the window's tail) have passed from now;
+    at most --reload-timeout."""
+    args = bench.args
+    settle_until = time.monotonic() + max(args.settle, args.window_tail)
+    up_deadline = time.monotonic() + args.reload_timeout
+    while time.monotonic() < up_deadline:
+        status = read_status(bench.runtime_dir, bench.daemon.process.pid)
+        all_up = status is not None and all(t["state"] == "up" for t in status["tiers"])
+        if all_up and time.monotonic() >= settle_until:
+            return
+        await asyncio.sleep(0.1)
+
+
+def log_warnings(log: LogTail, since: float) -> dict[str, int]:
+    """The warning and error events logged since `since`, counted by level and name."""
+    counts: dict[str, int] = {}
+    for r in log.records:
+        level, name = str(r.get("level")), r.get("event")
+        if r["ts"] >= since and level in ("warning", "error", "critical") and name not in WARNING_EVENTS_IGNORED:
+            counts[f"{level} {name}"] = counts.get(f"{level} {name}", 0) + 1
+    return counts
+
+
+async def served_disagreement(daemon: Server, generation: int | None, key: str, wanted: object) -> str:
+    """What the daemon serves after an applied change, where it disagrees with the change: /server_info's
+    generation and value of `key`, and for model.context_length the limit /tokenize reports (the tokenizer
+    follows the limit the new worker announces). '' when all agree."""
     import aiohttp
 
+    disagreements = []
+    # A fresh connection: the load's are all busy.
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.get(daemon.url + "/server_info") as response:
+                info = await response.json()
+            seen = (info["config"]["generation"], lookup(info["effective_config"], key))
+            if seen != (generation, wanted):
+                disagreements.append(
+                    f"/server_info: generation {seen[0]}, {key} = {seen[1]} (expected {(generation, wanted)})"
+                )
+            if key == "model.context_length":
+                async with session.post(daemon.url + "/tokenize", json={"prompt": "hello"}) as response:
+                    limit = (await response.json())["max_model_len"]
+                if limit != wanted:
+                    disagreements.append(f"/tokenize: max_model_len {limit} (expected {wanted})")
+    except (TimeoutError, aiohttp.ClientError, ValueError, KeyError) as exc:
+        disagreements.append(f"could not read what it serves: {exc!r}")
+    return "; ".join(disagreements)
+
+
+async def run_trial(
+    bench: Bench, kind: str, repeat: int, values: dict[str, dict], new_values: dict[str, dict], change: str
+) -> tuple[Trial, dict[str, dict]]:
+    """Write `new_values` over the config file and measure the reload that follows; the trial, and the
+    values the daemon runs afterwards (`values` again unless the change was applied)."""
+    args, log = bench.args, bench.log
     log.poll()
-    written = write_atomically(config_path, config_text(new_values))
+    written = write_atomically(bench.config_path, config_text(new_values))
     trial = Trial(kind, repeat, change, written)
-    deadline = time.monotonic() + args.reload_timeout
     command = None
     if args.trigger == "command":
-        command = asyncio.create_task(reload_by_command(runtime_dir, args.reload_timeout))
-    event = None
-    while time.monotonic() < deadline:
-        if not daemon.alive():
-            raise RuntimeError(f"the daemon exited ({daemon.process.returncode}) during: {change}")
-        log.poll()
-        if found := log.find("config.reload", written):
-            event = found[0]
-            break
-        await asyncio.sleep(0.05)
+        command = asyncio.create_task(reload_by_command(bench.runtime_dir, args.reload_timeout))
+    event = await wait_for_event(bench, "config.reload", written, args.reload_timeout)
     if command is not None:
         trial.command_report = await command
     if event is None:
@@ -210,35 +284,15 @@ async def run_trial(
         trial.detected = detected[0]["ts"]
     trial.window_end = trial.applied + args.window_tail
 
-    # Settle: every tier up again, and --settle seconds after the event.
-    settle_until = time.monotonic() + max(args.settle, args.window_tail)
-    up_deadline = time.monotonic() + args.reload_timeout
-    while time.monotonic() < up_deadline:
-        status = read_status(runtime_dir, daemon.process.pid)
-        all_up = status is not None and all(t["state"] == "up" for t in status["tiers"])
-        if all_up and time.monotonic() >= settle_until:
-            break
-        await asyncio.sleep(0.1)
+    await settle(bench)
     log.poll()
     trial.startups = tier_startups(log.records, written)
     trial.stopped = [r for r in log.find("tier.stopped", written)]
-    for r in log.records:
-        level, name = str(r.get("level")), r.get("event")
-        if r["ts"] >= written and level in ("warning", "error", "critical") and name not in WARNING_EVENTS_IGNORED:
-            trial.warnings[f"{level} {name}"] = trial.warnings.get(f"{level} {name}", 0) + 1
-
-    # What the front-end says now (a fresh connection: the load's are all busy).
-    key = change.split()[0]
-    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
-            session.get(daemon.url + "/server_info") as response,
-        ):
-            info = await response.json()
-        seen = (info["config"]["generation"], lookup(info["effective_config"], key))
-        wanted = (trial.generation, lookup(new_values, key))
-        if trial.result == "applied" and seen != wanted:
-            trial.server_info = f"/server_info: generation {seen[0]}, {key} = {seen[1]} (expected {wanted})"
+    trial.warnings = log_warnings(log, written)
     if trial.result != "applied":
-        new_values = values  # a rejected or rolled back change: the running config is still the old one
+        return trial, values  # a rejected or rolled back change: the running config is still the old one
+    key = change.split()[0]
+    with contextlib.suppress(KeyError):  # a change of several keys (back to the start) names none first
+        wanted = lookup(new_values, key)
+        trial.server_info = await served_disagreement(bench.daemon, trial.generation, key, wanted)
     return trial, new_values

@@ -9,7 +9,7 @@ import os
 import statistics
 
 from common import cpu_model, percentile
-from reload_changes import DESCRIPTION, EXPECTED_RESTART, GOAL_S, MODEL_GOAL_EXTRA_S, Trial
+from reload_changes import DESCRIPTION, EXPECTED_RESTART, GOAL_S, MODEL_GOAL_EXTRA_S, Trial, replaces_worker
 from reload_load import Load, failures_by_kind, kinds_text, ok_latencies
 
 
@@ -111,7 +111,7 @@ def print_results(
             continue
         restarted = sorted({tier for t in of_kind for tier in t.restarted}) or ["none (live)"]
         times = [t.to_generation for t in of_kind]
-        if kind.startswith("model"):
+        if replaces_worker(kind):
             goal = f"< load + {MODEL_GOAL_EXTRA_S:g} s (load {spread([t.load_time for t in of_kind])})"
         else:
             goal = f"< {GOAL_S[kind]:g}"
