@@ -8,7 +8,8 @@ every process it starts is stopped at the end, on errors and SIGTERM too, by PID
 
 1. Writes a config file into a directory of its own (configs/server.toml with a free
    port, runtime.dir and runtime.cache_dir in temp directories, JSON logs,
-   runtime.watch_config = true, model.context_length 2048) and starts `daemon -c <that file>` on the demo model.
+   runtime.watch_config = true, model.context_length 2048, runtime.hang_timeout_s
+   --hang-timeout) and starts `daemon -c <that file>` on the demo model.
    The model load time is read from the daemon's log at start: the worker's
    tier.started to its tier.ready.
 2. Warms up, then starts a closed-loop load that runs until the end: --clients
@@ -27,6 +28,11 @@ every process it starts is stopped at the end, on errors and SIGTERM too, by PID
      model-bg   model.seed +1, runtime.model_reload blue_green (the new worker loads beside the old one)
      context    model.context_length 2048 <-> 1024             (as model; the tokenizer follows the new limit)
    Then it waits until every tier is up again and --settle seconds have passed.
+   Two more classes are faults, not changes that should succeed (bench/reload_faults.py):
+     doomed     server.port to a port this script holds, model.seed +1: must be rejected in
+                its prepare phase with every process unchanged; then the file is written back
+     frozen     SIGSTOP of the model worker: the supervisor must declare it hung after
+                runtime.hang_timeout_s, kill it and start a new one; requests in flight end
    After the last round, one change back to the starting config (every class that
    differs at once: reported per change, not in the table), and --steady seconds of
    steady state again, on the same config as the first.
@@ -50,6 +56,8 @@ Definitions (also printed with the table):
   reset, error event in a stream, timeout); p99 is over the window's successes.
 - steady p99: the successful requests wholly inside the steady-state measurement
   before the first change (and, for comparison, after the last one).
+- doomed and frozen: see bench/reload_faults.py (times from the write, or from the
+  SIGSTOP; the requests in flight at the freeze are counted apart from the others).
 
 The load client runs on the same cores as the daemon (2 on the build machines),
 and other work on the machine moves the figures: read them as rough.
@@ -96,11 +104,22 @@ from common import (
     warm_up,
 )
 from daemon_files import LogTail, config_text, tier_startups, write_atomically
-from reload_changes import CLASSES, CONTEXT_LENGTHS, Bench, Trial, changed, describe_report, reload_argv, run_trial
+from reload_changes import CLASSES as CHANGE_CLASSES
+from reload_changes import CONTEXT_LENGTHS, Bench, Trial, changed, describe_report, reload_argv, run_trial
+from reload_faults import (
+    FAULT_CLASSES,
+    doomed_line,
+    freeze_line,
+    print_fault_details,
+    print_fault_results,
+    run_doomed,
+    run_frozen,
+)
 from reload_load import Load, failures_by_kind, ok_latencies
-from reload_report import fmt_ms, fmt_s, print_changes, print_results
+from reload_report import fmt_ms, fmt_s, print_changes, print_results, steady_p99
 
 STOP_LOAD_GRACE_S = 40.0  # after the last change, how long requests in flight may take to finish
+CLASSES = CHANGE_CLASSES + FAULT_CLASSES
 
 
 class Overtime(KeyboardInterrupt):
@@ -114,7 +133,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Hot reload of the daemon under a closed-loop load: time to the new generation, failed "
         "requests and p99 latency while each class of config change (live field, tokenizer, front-end, model "
-        "worker, context length) is applied by editing the watched config file.",
+        "worker, context length) is applied by editing the watched config file; and two faults: a reload that "
+        "must be rejected (doomed), a model worker frozen by SIGSTOP (frozen).",
     )
     p.add_argument("--clients", type=int, default=64, help="closed-loop clients (HTTP/1.1 keep-alive connections)")
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every completion (with ignore_eos)")
@@ -141,6 +161,12 @@ def parse_args() -> argparse.Namespace:
         "and `daemon reload --format json` is run after each write",
     )
     p.add_argument("--reload-timeout", type=float, default=120.0, help="longest wait for one reload, in seconds")
+    p.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=5.0,
+        help="runtime.hang_timeout_s of the daemon (the frozen class waits this long for tier.hung), in seconds",
+    )
     p.add_argument("--error-pause", type=float, default=0.1, help="seconds a client waits after a failed request")
     p.add_argument(
         "--max-requests", type=int, default=0, help="stop the load after this many requests (0: only by time)"
@@ -188,10 +214,12 @@ async def measure(bench: Bench, values: dict[str, dict], prompts: list[str], out
         trials: list[Trial] = out["trials"]
         initial = values
 
+        def label(kind: str, repeat: int) -> str:
+            return f"change {repeat + 1}/{args.repeats}, {kind}" if kind in CLASSES else kind
+
         async def one(kind: str, repeat: int, new_values: dict[str, dict], change: str) -> None:
             nonlocal values
-            label = f"change {repeat + 1}/{args.repeats}, {kind}" if kind in CLASSES else kind
-            print(f"\n{label}: ", end="", flush=True)
+            print(f"\n{label(kind, repeat)}: ", end="", flush=True)
             trial, values = await run_trial(bench, kind, repeat, values, new_values, change)
             trials.append(trial)
             print(
@@ -205,7 +233,18 @@ async def measure(bench: Bench, values: dict[str, dict], prompts: list[str], out
 
         for repeat in range(args.repeats):
             for kind in args.classes:
-                await one(kind, repeat, *changed(values, kind))
+                if kind not in FAULT_CLASSES:
+                    await one(kind, repeat, *changed(values, kind))
+                    continue
+                print(f"\n{label(kind, repeat)}: ", end="", flush=True)
+                if kind == "doomed":
+                    out["doomed"].append(doomed := await run_doomed(bench, repeat, values))
+                    print(doomed_line(doomed), flush=True)
+                elif freeze := await run_frozen(bench, repeat):
+                    out["freezes"].append(freeze)
+                    print(freeze_line(freeze), flush=True)
+                else:
+                    print("no model worker up to stop", flush=True)
         # Back to the starting config (one change of everything that differs), so that the steady
         # state after the changes runs the same config as the one before them.
         if differs := [
@@ -238,7 +277,7 @@ def main() -> int:
     prompts = make_prompts(1024)
     daemon: Server | None = None
     log: LogTail | None = None
-    out: dict = {"trials": []}
+    out: dict = {"trials": [], "doomed": [], "freezes": []}
     notes: list[str] = []
     stop_line = ""
     reload_command = ""
@@ -262,6 +301,7 @@ def main() -> int:
         values["scheduler"]["max_queued_requests"] = 1024
         values["model"]["seed"] = 0
         values["model"]["context_length"] = CONTEXT_LENGTHS[0]
+        values["runtime"]["hang_timeout_s"] = args.hang_timeout
         values["runtime"]["model_reload"] = "drain"
         values["logging"]["format"] = "json"
         values["runtime"].update(dir=str(runtime_dir), cache_dir=str(cache_dir))
@@ -346,10 +386,12 @@ def main() -> int:
 
     # --- report --------------------------------------------------------------------------------------
     trials: list[Trial] = out["trials"]
+    doomed, freezes = out["doomed"], out["freezes"]
+    windows = [*trials, *(d.trial for d in doomed), *freezes]  # every class's measured window
     load: Load | None = out.get("load")
     if load is not None:
-        for trial in trials:
-            trial.attach(load)
+        for window in windows:
+            window.attach(load)
 
     if load is not None and args.keep:
         with open(work / "requests.csv", "w") as stream:
@@ -375,7 +417,9 @@ def main() -> int:
             print(f"- {line}")
 
     print_changes(trials, notes)
-    print_results(args, out, trials, load, startup_load)
+    print_fault_details(doomed, freezes, notes)
+    print_results(args, out, trials, load, startup_load, [r for w in windows for r in w.in_window])
+    print_fault_results(doomed, freezes, steady_p99(load, out))
     print_notes(notes)
     print(f"\nwhole run: {time.monotonic() - t_begin:.0f} s")
     if remove_work(work, runtime_dir, keep=bool(args.keep or exit_code)):

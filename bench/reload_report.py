@@ -10,7 +10,7 @@ import statistics
 
 from common import cpu_model, percentile
 from reload_changes import DESCRIPTION, EXPECTED_RESTART, GOAL_S, MODEL_GOAL_EXTRA_S, Trial, replaces_worker
-from reload_load import Load, failures_by_kind, kinds_text, ok_latencies
+from reload_load import Load, Record, failures_by_kind, kinds_text, ok_latencies
 
 
 def fmt_s(x: float) -> str:
@@ -33,6 +33,22 @@ def spread(values: list[float], f=fmt_s) -> str:
     if len(values) == 1:
         return f(values[0])
     return f"{f(statistics.median(values))} ({f(min(values))}-{f(max(values))})"
+
+
+def failed_cell(records: list[Record]) -> str:
+    """'<failed> of <all>' requests, and the failures by kind when there are any."""
+    failed = failures_by_kind(records)
+    return f"{sum(failed.values())} of {len(records)}" + (f": {kinds_text(failed)}" if failed else "")
+
+
+def steady_records(load: Load | None, out: dict, which: str) -> list[Record]:
+    """The requests wholly inside the steady-state measurement `which` (steady_before, steady_after)."""
+    return load.inside(*out[which]) if load is not None and which in out else []
+
+
+def steady_p99(load: Load | None, out: dict) -> float:
+    """The p99 of the steady state before the first change: what every class's p99 is set against."""
+    return percentile(ok_latencies(steady_records(load, out, "steady_before")), 0.99)
 
 
 def print_changes(trials: list[Trial], notes: list[str]) -> None:
@@ -67,17 +83,23 @@ def print_changes(trials: list[Trial], notes: list[str]) -> None:
 
 
 def print_results(
-    args: argparse.Namespace, out: dict, trials: list[Trial], load: Load | None, startup_load: float
+    args: argparse.Namespace,
+    out: dict,
+    trials: list[Trial],
+    load: Load | None,
+    startup_load: float,
+    windowed: list[Record],
 ) -> None:
-    """The run in one paragraph (load, steady state before and after), then one row per class of change."""
+    """The run in one paragraph (load, steady state before and after), then one row per class of change.
+    `windowed`: the requests in the window of any class (faults too), so that the others are counted apart."""
     print("\n## results")
-    steady_before = load.inside(*out["steady_before"]) if load and "steady_before" in out else []
-    steady_after = load.inside(*out["steady_after"]) if load and "steady_after" in out else []
-    steady_p99 = percentile(ok_latencies(steady_before), 0.99)
+    steady_before = steady_records(load, out, "steady_before")
+    steady_after = steady_records(load, out, "steady_after")
+    p99_before = steady_p99(load, out)
     if load is not None:
         span = (max(r.ended for r in load.records) - min(r.started for r in load.records)) if load.records else 0.0
-        windows = [r for t in trials for r in t.in_window]
-        seen = {id(r) for r in windows}
+        seen = {id(r) for r in windowed}
+        windows = [r for r in load.records if id(r) in seen]
         outside = [r for r in load.records if id(r) not in seen]
         print(
             f"Machine: nproc {os.cpu_count()} ({cpu_model()}); the load client shares its cores with the daemon. "
@@ -87,7 +109,7 @@ def print_results(
             f"failures outside the windows: {kinds_text(failures_by_kind(outside)) or 0}. "
             f"Steady state ({args.steady:g} s before the first change): "
             f"{len(steady_before) / args.steady:.0f} req/s, p50 {fmt_ms(percentile(ok_latencies(steady_before), 0.5))}"
-            f" ms, p99 {fmt_ms(steady_p99)} ms; after the changes and the change back to it: "
+            f" ms, p99 {fmt_ms(p99_before)} ms; after the changes and the change back to it: "
             + (
                 f"{len(steady_after) / args.steady:.0f} req/s, p50 "
                 f"{fmt_ms(percentile(ok_latencies(steady_after), 0.5))} ms, p99 "
@@ -116,19 +138,13 @@ def print_results(
         else:
             goal = f"< {GOAL_S[kind]:g}"
         met = sum(1 for t in of_kind if t.result == "applied" and t.to_serving < t.goal())
-        failed: dict[str, int] = {}
-        for t in of_kind:
-            for k, n in t.failures.items():
-                failed[k] = failed.get(k, 0) + n
-        total_failed = sum(failed.values())
-        in_windows = sum(len(t.in_window) for t in of_kind)
-        failed_cell = f"{total_failed} of {in_windows}" + (f": {kinds_text(failed)}" if failed else "")
         p99s = [t.p99 for t in of_kind]
-        ratio = f" ({med(p99s) / steady_p99:.1f}x)" if steady_p99 == steady_p99 and steady_p99 else ""
+        ratio = f" ({med(p99s) / p99_before:.1f}x)" if p99_before == p99_before and p99_before else ""
         print(
             f"| {DESCRIPTION[kind]} | {', '.join(restarted)} | {spread(times)} | "
             f"{spread([t.to_serving for t in of_kind])} | {goal} | {met}/{len(of_kind)} | "
-            f"{failed_cell} | {spread(p99s, fmt_ms)} vs {fmt_ms(steady_p99)}{ratio} |"
+            f"{failed_cell([r for t in of_kind for r in t.in_window])} | {spread(p99s, fmt_ms)} vs "
+            f"{fmt_ms(p99_before)}{ratio} |"
         )
     delay = "the file watch's debounce" if args.trigger == "file" else "the start of the `daemon reload` client"
     print(
