@@ -1,7 +1,7 @@
 """Hot reload under load: how long each kind of config change takes to serve, and what it costs the clients.
 
     .venv/bin/pip install -e '.[bench]'      # aiohttp, uvloop (the load client)
-    .venv/bin/python bench/reload.py         # --help for the knobs; ~5 minutes on 2 cores
+    .venv/bin/python bench/reload.py         # --help for the knobs; ~3 minutes on 2 cores
 
 What it does, in order (every wait is bounded, the whole run by --total-time-limit;
 every process it starts is stopped at the end, on errors and SIGTERM too, by PID):
