@@ -33,8 +33,9 @@ from harness.notify import NotifySocket
 
 from daemon.config.schema import RuntimeSettings
 from daemon.frontend.probes import HEALTH_GENERATE_TIMEOUT_S
+from daemon.supervisor.arbiter import BACKOFF_MAX_S
 from daemon.supervisor.process import STARTUP_TIMEOUT_S, STOP_GRACE_S
-from daemon.supervisor.supervisor import BACKOFF_MAX_S, FIRST_GENERATION_TIMEOUT_S
+from daemon.supervisor.supervisor import FIRST_GENERATION_TIMEOUT_S
 
 CONTRIB = REPO / "contrib"
 SYSTEMD = CONTRIB / "systemd"

@@ -355,6 +355,55 @@ def test_frozen_tier_is_declared_hung_killed_and_restarted_under_load(launch, ti
     wait_serving(daemon)
 
 
+def held_while_the_worker_restarts(daemon: RunningDaemon) -> tuple[Requests, int]:
+    """kill -9 of the model worker, its successor stopped (SIGSTOP) as soon as it starts, so that it
+    is surely not back; then a burst of requests: (the burst, the successor's PID, still stopped)
+    once every request of it waits in the scheduler."""
+    os.kill(daemon.tier_pids()["worker-0"], signal.SIGKILL)
+    started = daemon.log.wait("tier.started", tier="worker", index=0, epoch=2, timeout=RECOVERY_S)
+    successor = started["child_pid"]
+    os.kill(successor, signal.SIGSTOP)
+    daemon.log.wait("scheduler.hold", reason="the model worker is restarting", timeout=10)
+    load = burst(daemon, max_tokens=8)
+    until(
+        lambda: scrape(daemon)[("daemon_queued_requests", ())] >= len(load.outcomes),
+        15,
+        interval=0.05,
+        what=f"{len(load.outcomes)} requests waiting for the worker",
+    )
+    load.assert_none_ended()
+    return load, successor
+
+
+def test_requests_sent_while_the_worker_restarts_wait_for_it(launch):
+    """A request that comes while the model worker restarts after a crash waits for it, as one does
+    during a reload, rather than being refused: it is answered once the worker is back."""
+    daemon = launch()
+    load, successor = held_while_the_worker_restarts(daemon)
+    os.kill(successor, signal.SIGCONT)
+    load.join(RECOVERY_S + READ_TIMEOUT_S)
+    assert all(o.kind == "complete" for o in load.outcomes), f"{load.report()}\n{daemon.log_tail(20)}"
+    ended = daemon.log.wait("scheduler.hold_ended", timeout=5)
+    assert ended["waited"] == len(load.outcomes), ended
+
+
+def test_requests_waiting_for_a_worker_that_does_not_come_back_end_with_a_503(launch):
+    """The wait is bounded by runtime.drain_timeout_s: then each request gets a 503 that says why."""
+    drain_timeout = 2.0
+    daemon = launch({"runtime.drain_timeout_s": drain_timeout})
+    load, successor = held_while_the_worker_restarts(daemon)
+    try:
+        outcomes = load.join(drain_timeout + KILL_BOUND_S)
+    finally:
+        os.kill(successor, signal.SIGCONT)
+    report = f"{load.report()}\n{daemon.log_tail(20)}"
+    expected = f"the model worker is restarting and was not back within {drain_timeout:g} s"
+    for outcome in outcomes:
+        assert outcome.kind in ("http-error", "sse-error") and expected in outcome.detail, report
+        assert outcome.kind == "sse-error" or outcome.status == 503, report
+    wait_serving(daemon)  # and the worker, once thawed, serves
+
+
 def test_frontend_workers_never_outlive_their_tier_process(launch):
     daemon = launch()
     os.kill(daemon.tier_pids()["frontend-0"], signal.SIGKILL)

@@ -172,6 +172,9 @@ class TierEvent(msgspec.Struct, frozen=True, tag=True):
     # A worker's, from its TierReady: with "up", the tiers that check requests against the served
     # context follow it from this news, rather than each deriving its own from the config.
     model: LoadedModel | None = None
+    # With "down": the supervisor starts it again, so requests for it may wait (a stop, or a crash
+    # loop the supervisor gives up on, says False: nothing is coming back).
+    restarting: bool = False
 
 
 class FrontendWorkerReady(msgspec.Struct, frozen=True, tag=True):

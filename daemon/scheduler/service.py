@@ -8,6 +8,10 @@ completes, so the worker never idles while there is work.
 It drives one worker, except during a blue-green model reload: then the new
 worker takes new requests while the old one finishes those it holds, each with
 its own batcher and KV-cache bookkeeping.
+
+While the worker is away (replaced by a reload, or restarting after it crashed
+or hung), new requests and those it had not started wait for the next one,
+each for at most runtime.drain_timeout_s, rather than being refused.
 """
 
 from __future__ import annotations
@@ -86,10 +90,11 @@ class SchedulerService:
         self._stats_sent = 0.0
         # A step's tokens, held until the next step is on its way: the worker computes while we route them.
         self._step_tokens: dict[int, list[SequenceUpdate]] = {}
-        # While the worker is replaced (a reload), new requests wait here for the next one.
+        # While the worker is away (a reload, a restart), new requests wait here for the next one.
         self.hold_since: float | None = None
+        self.hold_reason = ""  # said to a request that waited too long: why there was no worker
         self.held: list[tuple[float, ScheduleRequest]] = []  # (received, request), with no batcher
-        self._idle_said = False
+        self._idle_said = False  # told the supervisor the worker being replaced has finished
 
     def limits(self) -> Limits:
         scheduler = self.tier.settings.scheduler
@@ -114,7 +119,7 @@ class SchedulerService:
                         case ConfigUpdate(generation=generation):
                             self._adopt(generation)
                         case EngineHold():
-                            self._hold()
+                            self._hold("the model is reloading")
                         case EngineHoldAbandoned(reason=reason):
                             self._abandon_hold(reason)
                         case EngineBeside(epoch=epoch):
@@ -221,6 +226,9 @@ class SchedulerService:
         if event.state not in ("down", "stopped"):
             return
         if event.tier == "worker" and (engine := self._engine(event.epoch)) is not None:
+            if event.restarting and engine is self.engine and self.hold_since is None:
+                # it crashed or hung, and the supervisor starts it again
+                self._hold("the model worker is restarting", reload=False)
             self._worker_gone(engine, "the worker stopped")
         elif event.tier == "tokenizer":
             for engine in self._engines():
@@ -245,10 +253,13 @@ class SchedulerService:
         send(self.control, ConfigApplied(self.tier.role, self.tier.index, os.getpid(), generation))
         log.info("scheduler.config_applied")
 
-    def _hold(self) -> None:
+    def _hold(self, reason: str, *, reload: bool = True) -> None:
+        """New requests wait for the next worker. For a reload, the supervisor also hears when the
+        running worker has finished what it started (it may stop it then)."""
         if self.hold_since is None:
-            self.hold_since, self._idle_said = time.monotonic(), False
-            log.info("scheduler.hold")
+            self.hold_since, self._idle_said = time.monotonic(), not reload
+            log.info("scheduler.hold", reason=reason)
+        self.hold_reason = reason
         self.beside_epoch = 0
         if self.engine is not None:
             self.engine.batcher.hold = True
@@ -262,7 +273,7 @@ class SchedulerService:
         expired = [r for received, r in self.held if now - received > bound]
         if expired:
             self.held = [(t, r) for t, r in self.held if now - t <= bound]
-            error = ErrorInfo(503, f"the model is reloading and was not back within {bound:g} s", type="server_error")
+            error = ErrorInfo(503, f"{self.hold_reason} and was not back within {bound:g} s", type="server_error")
             for request in expired:
                 self._refuse(request, error)
 

@@ -22,6 +22,7 @@ from daemon.ipc.messages import (
     encode,
 )
 from daemon.ipc.sockets import Receiver
+from daemon.supervisor.arbiter import Control, ReloadAsked
 
 log = structlog.get_logger("daemon.supervisor")
 
@@ -30,31 +31,37 @@ class ControlChannel:
     """Part of the Supervisor (a mixin): reading the control socket, broadcasting events."""
 
     async def _read_control(self) -> None:
+        """Put every message on the supervisor's queue; its loop acts on them (`_on_control`)."""
         receiver = Receiver(self.control, ToSupervisor)
         while True:
             identity, frame = await self.control.recv_multipart()
-            match receiver.decode(frame):
-                case TierReady() as message:
-                    for child in self.children:
-                        if (child.tier, child.index, child.pid) == (message.tier, message.index, message.pid):
-                            child.model = message.model
-                            child.ready.set()
-                case FrontendWorkerReady(pid=pid, main_pid=main_pid):
-                    for child in self.children:
-                        if child.tier == "frontend" and child.pid == main_pid:
-                            child.serving_workers.add(pid)
-                            if len(child.serving_workers) >= child.expected_workers:
-                                child.ready.set()
-                case ConfigApplied(pid=pid, generation=generation):
-                    self._applied.setdefault(generation, set()).add(pid)
-                    self._acknowledged.set()
-                case Heartbeat(pid=pid):
-                    self.heartbeats.heard(pid)
-                case EngineIdle(epoch=epoch):
-                    self._idle_epochs.add(epoch)
-                    self._engine_idle.set()
-                case ReloadCommand():
-                    self.reloader.request("command", reply_to=identity)
+            message = receiver.decode(frame)
+            if message is not None:
+                self.inbox.put_nowait(Control(identity, message))
+
+    def _on_control(self, identity: bytes, message: ToSupervisor) -> None:
+        match message:
+            case TierReady():
+                for child in self.children:
+                    if (child.tier, child.index, child.pid) == (message.tier, message.index, message.pid):
+                        child.model = message.model
+                        self._mark_ready(child)
+            case FrontendWorkerReady(pid=pid, main_pid=main_pid):
+                for child in self.children:
+                    if child.tier == "frontend" and child.pid == main_pid:
+                        child.serving_workers.add(pid)
+                        if len(child.serving_workers) >= child.expected_workers:
+                            self._mark_ready(child)
+            case ConfigApplied(pid=pid, generation=generation):
+                self._applied.setdefault(generation, set()).add(pid)
+                self._acknowledged.set()
+            case Heartbeat(pid=pid):
+                self.heartbeats.heard(pid)
+            case EngineIdle(epoch=epoch):
+                self._idle_epochs.add(epoch)
+                self._engine_idle.set()
+            case ReloadCommand():
+                self.inbox.put_nowait(ReloadAsked("command", reply_to=identity))
 
     async def reply(self, identity: bytes, report: ReloadReport) -> None:
         """Answer a `daemon reload` client on the control socket."""

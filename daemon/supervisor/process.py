@@ -39,7 +39,9 @@ class Child:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     restarts: deque[float] = field(default_factory=deque)
     generation: int = 1  # the config generation it runs
+    supervised: bool = False  # restarted when it dies: set once it first came up in its slot
     retiring: bool = False  # stopped on purpose (a reload replaces it): not to be restarted
+    exit_handled: bool = False  # the death of its current process was handled
     deaths: int = 0
     serving_workers: set[int] = field(default_factory=set)  # a front-end's Granian workers that are up
     expected_workers: int = 1
@@ -77,12 +79,12 @@ def address(server: ServerSettings) -> tuple[str, int, int]:
     return server.host, server.port, server.backlog
 
 
-async def kill(child: Child) -> None:
+def kill(child: Child) -> None:
+    """SIGKILL `child`, retired first so that its death is not taken for a crash."""
     child.retiring = True
     if child.process is not None and child.process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.process.pid, signal.SIGKILL)  # it and whatever it started
-        await child.process.wait()
 
 
 async def first_of(timeout: float, **waits: Awaitable[object]) -> str | None:

@@ -1,8 +1,9 @@
 """Reloading the configuration as one transaction: check, diff, plan, apply, report.
 
-Triggers (SIGHUP, a change of the config file, `daemon reload`) only queue a
-request; one reload runs at a time, and requests that arrive meanwhile are
-answered together by the next one, which reads the file as it is then. The
+Triggers (SIGHUP, a change of the config file, `daemon reload`) only put a
+request on the supervisor's queue; its loop (arbiter.py) runs one reload at a
+time, and requests that arrive meanwhile are answered together by the next one,
+which reads the file as it is then. The
 file is read and checked exactly as `daemon check` does (same environment,
 env file and `--set` as at start). Nothing running is touched until the new
 config is known to be valid and applicable; a tier that fails to start with it
@@ -25,6 +26,7 @@ from daemon.config.handoff import write_config
 from daemon.config.schema import Reload
 from daemon.ipc.messages import ReloadReport
 from daemon.supervisor import notify
+from daemon.supervisor.arbiter import ReloadAsked
 from daemon.supervisor.triggers import file_changes
 
 if TYPE_CHECKING:
@@ -50,37 +52,16 @@ class Reloader:
         self.supervisor = supervisor
         self.last: ReloadReport | None = None
         self.counts: Counter[str] = Counter()
-        self._queue: asyncio.Queue[tuple[str, bytes | None] | None] = asyncio.Queue()  # None: the end
         self._watches: dict[str, tuple[tuple[Path, ...], asyncio.Event, asyncio.Task]] = {}  # by trigger
 
-    def request(self, trigger: str, reply_to: bytes | None = None) -> None:
-        self._queue.put_nowait((trigger, reply_to))
+    def request(self, trigger: str) -> None:
+        """Ask for a reload: the supervisor's loop starts one when none runs."""
+        self.supervisor.inbox.put_nowait(ReloadAsked(trigger))
 
-    async def run(self) -> None:
-        """Apply requests one at a time, for the supervisor's whole life."""
-        self._follow_settings()
-        # A change seen while the daemon starts waits for the first generation to serve, then applies.
-        await self.supervisor.serving.wait()
-        ending = False
-        while not ending:
-            batch = [await self._queue.get()]
-            while not self._queue.empty():  # requests that piled up: one reload answers them all
-                batch.append(self._queue.get_nowait())
-            ending = None in batch
-            requests = [request for request in batch if request is not None]
-            if not requests:
-                continue
-            report = await self.reload("+".join(sorted({trigger for trigger, _ in requests})))
-            for _trigger, identity in requests:
-                if identity is not None:
-                    await self.supervisor.reply(identity, report)
-
-    async def stop(self) -> None:
-        """Stop watching; `run` ends after the reload in progress and those already asked for
-        (rejected: the daemon is stopping)."""
+    def stop_watching(self) -> None:
+        """The daemon is stopping: no file change asks for a reload any more."""
         for trigger in list(self._watches):
             self._unwatch(trigger)
-        self._queue.put_nowait(None)
 
     # --- the transaction ----------------------------------------------------------------------
 
@@ -88,7 +69,7 @@ class Reloader:
         supervisor = self.supervisor
         started = time.monotonic()
         if supervisor.stopping.is_set():
-            return self._finish(trigger, started, "rejected", reason="the daemon is stopping")
+            return self.report(trigger, started, "rejected", reason="the daemon is stopping")
         notify.reloading(f"reloading generation {supervisor.generation} ({trigger})")
         try:  # in a thread, bounded: a file system that hangs (NFS) must not wedge the reloader
             report = await asyncio.wait_for(
@@ -96,21 +77,21 @@ class Reloader:
             )
         except TimeoutError:
             reason = f"reading and checking the config took longer than {CHECK_TIMEOUT_S:g} s"
-            return self._finish(trigger, started, "rejected", reason=reason)
+            return self.report(trigger, started, "rejected", reason=reason)
         if report.config is None:
             problems = report.errors or report.violations
             reason = "; ".join(
                 f"{v.rule} ({v.key or v.origin}): {v.message} at {v.origin}; fix: {v.fix}" for v in problems[:5]
             )
-            return self._finish(trigger, started, "rejected", reason=f"the new config is invalid: {reason}")
+            return self.report(trigger, started, "rejected", reason=f"the new config is invalid: {reason}")
         new = report.config
         diff = diff_configs(supervisor.config, new)
         notes = [s.message() for s in diff.shadowed]
         rotate = CERTIFICATES in trigger and new.settings.server.tls.refresh  # same config, new certificates
         if diff.empty and not rotate:
-            return self._finish(trigger, started, "unchanged", notes=notes)
+            return self.report(trigger, started, "unchanged", notes=notes)
         if refusal := _refusal(diff):
-            return self._finish(trigger, started, "rejected", reason=refusal, diff=diff, notes=notes)
+            return self.report(trigger, started, "rejected", reason=refusal, diff=diff, notes=notes)
         replaces_frontend = Reload.FRONTEND in diff.scopes or rotate
         running_frontend_workers = supervisor.settings.server.workers
         # Prepare: what can still fail without touching a serving tier, cheapest first. The config
@@ -119,7 +100,7 @@ class Reloader:
         try:
             listener = supervisor.listener_for(new.settings.server) if replaces_frontend else None
         except TierStartFailed as exc:
-            return self._finish(trigger, started, "rejected", reason=str(exc), diff=diff, notes=notes)
+            return self.report(trigger, started, "rejected", reason=str(exc), diff=diff, notes=notes)
         generation = supervisor.generation + 1
         write_config(new.settings, supervisor.socket_dir, generation)
         if rotate:
@@ -146,10 +127,10 @@ class Reloader:
                 listener.close()
             if supervisor.stopping.is_set():  # nothing is put back: every tier drains as it is
                 reason = f"the daemon is stopping: the reload was abandoned while replacing the {stage}"
-                return self._finish(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
+                return self.report(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
             await self._undo(restarted)
             reason = f"the new {stage} did not start ({exc}); the running config keeps serving"
-            return self._finish(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
+            return self.report(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
         missing = await supervisor.push_live(generation, new.settings.server.workers, LIVE_ACK_TIMEOUT_S)
         if missing:  # some tier may not run the new live values: every tier goes back to the running ones
             await supervisor.push_live(supervisor.generation, running_frontend_workers, LIVE_ACK_TIMEOUT_S)
@@ -158,9 +139,9 @@ class Reloader:
                 f"not acknowledged within {LIVE_ACK_TIMEOUT_S:g} s by: {', '.join(missing)}; "
                 "the running config was pushed again and keeps serving"
             )
-            return self._finish(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
-        supervisor.adopt(new, generation)
-        return self._finish(trigger, started, "applied", diff=diff, notes=notes, restarted=restarted)
+            return self.report(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
+        await supervisor.owned(supervisor.adopt, new, generation)
+        return self.report(trigger, started, "applied", diff=diff, notes=notes, restarted=restarted)
 
     async def _undo(self, restarted: list[str]) -> None:
         """Put back tiers of the running config where a failed reload had replaced them."""
@@ -176,10 +157,10 @@ class Reloader:
                     listener = supervisor.listener_for(running.server)
                     await supervisor.replace_frontend(supervisor.generation, running.server, listener)
         except TierStartFailed as exc:  # the running config no longer starts: nothing to fall back on
-            supervisor.fatal = f"a reload failed and the running config could not be restored: {exc}"
-            supervisor.stopping.set()
+            reason = f"a reload failed and the running config could not be restored: {exc}"
+            await supervisor.owned(supervisor.give_up, reason)
 
-    def _finish(
+    def report(
         self,
         trigger: str,
         started: float,
@@ -222,12 +203,12 @@ class Reloader:
             return report
         if supervisor.serving.is_set():
             notify.ready(supervisor.status_line())
-        self._follow_settings()
+        self.follow_settings()
         return report
 
     # --- watching the file --------------------------------------------------------------------
 
-    def _follow_settings(self) -> None:
+    def follow_settings(self) -> None:
         """Watch the config file while runtime.watch_config says so, and the TLS files while
         server.tls.refresh does (both live settings)."""
         settings = self.supervisor.settings

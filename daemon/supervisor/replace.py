@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import time
@@ -57,10 +56,7 @@ class TierReplacement:
         """Tell every tier to adopt `generation`; the tiers that did not acknowledge in time.
 
         A tier that acknowledged now belongs to `generation`: if it dies later, it restarts with it."""
-        self._acknowledged.clear()
-        self._applied.pop(generation, None)  # acknowledgements of an earlier push of that number
-        with contextlib.suppress(zmq.Again):
-            self.events.send(encode(ConfigUpdate(generation)), zmq.NOBLOCK)
+        await self.owned(self._push, generation)
         expected = {c.name: c for c in self.children if c.tier != "frontend"}
         deadline = time.monotonic() + timeout
         while True:
@@ -70,15 +66,26 @@ class TierReplacement:
             if frontends < frontend_workers:
                 missing.append(f"{frontend_workers - frontends} front-end worker(s)")
             if not missing or time.monotonic() > deadline:
-                for child in self.children:
-                    served_by = child.serving_workers if child.tier == "frontend" else {child.pid}
-                    if served_by and served_by <= acked:
-                        child.generation = generation
+                await self.owned(self._belong_to, generation, acked)
                 return missing
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     await self._acknowledged.wait()
             self._acknowledged.clear()
+
+    def _push(self, generation: int) -> None:
+        self._acknowledged.clear()
+        self._applied.pop(generation, None)  # acknowledgements of an earlier push of that number
+        with contextlib.suppress(zmq.Again):
+            self.events.send(encode(ConfigUpdate(generation)), zmq.NOBLOCK)
+
+    def _belong_to(self, generation: int, acknowledged: set[int]) -> None:
+        """The tiers whose processes all acknowledged `generation` now run it: if one dies, it
+        restarts with it."""
+        for child in self.children:
+            served_by = child.serving_workers if child.tier == "frontend" else {child.pid}
+            if served_by and served_by <= acknowledged:
+                child.generation = generation
 
     async def replace_worker(self, generation: int, *, mode: str = "drain") -> str:
         """Replace the model worker with one running `generation` in `mode` (runtime.model_reload),
@@ -91,8 +98,7 @@ class TierReplacement:
         if mode == "blue_green" and await self._replace_worker_beside(generation):
             return "blue_green"
         old = self._child("worker")
-        self._idle_epochs.discard(0)
-        self._broadcast(EngineHold())
+        await self.owned(self._hold_engine)
         await self._until_engine_idle(0)
         try:
             await self._replace(old, generation)
@@ -103,10 +109,14 @@ class TierReplacement:
             try:
                 await self._replace(self._child("worker"), self.generation)
             except TierStartFailed as exc:  # the old config no longer starts either: nothing to serve with
-                self.fatal = f"the worker failed to start with the new config, then with the old one: {exc}"
-                self.stopping.set()
+                await self.owned(self.give_up, f"the worker failed to start with the new config, then the old: {exc}")
             raise
         return "drain"
+
+    def _hold_engine(self) -> None:
+        """The scheduler holds new requests and says when the worker's are done."""
+        self._idle_epochs.discard(0)
+        self._broadcast(EngineHold())
 
     async def _replace_worker_beside(self, generation: int) -> bool:
         """Blue-green: start a worker running `generation` beside the old one; the scheduler sends
@@ -115,29 +125,41 @@ class TierReplacement:
         TierStartFailed (the old one still serving, untouched) if it fails otherwise."""
         old = self._child("worker")
         new = Child("worker", old.index, old.module, epoch=old.epoch, deaths=old.deaths, restarts=old.restarts)
-        self.children.insert(self.children.index(old) + 1, new)
-        self._idle_epochs.discard(old.epoch)
-        self._broadcast(EngineBeside(self._worker_epoch + 1))  # what _start makes the new one's epoch
         try:
-            await self._start(new, generation, beside=True)
+            await self.owned(self._start_beside, old, new, generation)
             await self._until_ready(new)
         except StartupFailed as exc:
             no_room = new.process is not None and new.process.returncode == EXIT_NO_ROOM_BESIDE
             await self._abandon(new)
-            self._broadcast(EngineBeside(0))
+            await self.owned(self._broadcast, EngineBeside(0))
             if no_room:
                 log.warning("reload.no_room_beside", detail="the model worker is replaced in drain mode")
                 return False
             raise TierStartFailed(str(exc)) from None
-        self._watch_child(new)
-        old.retiring = True  # the new one is the worker now: the old one is not to be restarted
+        await self.owned(self._take_over, old, new)
         await self._until_engine_idle(old.epoch, old)
         if old.process is not None and old.process.returncode is not None:  # it died meanwhile
-            self._publish(old, "down")  # the scheduler fails what still ran on it
+            await self.owned(self._publish, old, "down")  # the scheduler fails what still ran on it
         await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
-        self.children.remove(old)
-        self.write_status()
+        await self.owned(self._forget, old)
         return True
+
+    async def _start_beside(self, old: Child, new: Child, generation: int) -> None:
+        """Start `new` beside the worker `old`, the scheduler told first which epoch to expect."""
+        self.children.insert(self.children.index(old) + 1, new)
+        self._idle_epochs.discard(old.epoch)
+        self._broadcast(EngineBeside(self._worker_epoch + 1))  # what _start makes the new one's epoch
+        await self._start(new, generation, beside=True)
+
+    def _take_over(self, old: Child, new: Child) -> None:
+        """`new` is up in `old`'s place: supervised from now on; `old` is not to be restarted."""
+        self._supervise(new)
+        old.retiring = True
+
+    def _forget(self, child: Child) -> None:
+        """`child` is gone for good (a reload replaced it)."""
+        self.children.remove(child)
+        self.write_status()
 
     async def _until_engine_idle(self, epoch: int, child: Child | None = None) -> None:
         """Until the scheduler says nothing runs on the worker of `epoch` (0: the one held), or
@@ -159,18 +181,26 @@ class TierReplacement:
 
     async def _replace(self, old: Child, generation: int) -> None:
         """Stop `old`, then start a child like it running `generation`; TierStartFailed if it fails."""
-        old.retiring = True
+        await self.owned(self._retire_one, old)
         await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
         new = Child(old.tier, old.index, old.module, epoch=old.epoch, deaths=old.deaths, restarts=old.restarts)
-        self.children[self.children.index(old)] = new
-        await self._start(new, generation)
+        await self.owned(self._start_in_place_of, old, new, generation)
         try:
             await self._until_ready(new)
         except StartupFailed as exc:
-            await kill(new)
-            self._publish(new, "down")  # its slot stays: the caller starts another in it
+            await self.owned(kill, new)
+            await new.process.wait()  # type: ignore[union-attr]
+            await self.owned(self._publish, new, "down")  # its slot stays: the caller starts another in it
             raise TierStartFailed(str(exc)) from None
-        self._watch_child(new)
+        await self.owned(self._supervise, new)
+
+    @staticmethod
+    def _retire_one(child: Child) -> None:
+        child.retiring = True
+
+    async def _start_in_place_of(self, old: Child, new: Child, generation: int) -> None:
+        self.children[self.children.index(old)] = new
+        await self._start(new, generation)
 
     async def replace_tokenizers(self, generation: int, workers: int) -> None:
         """Start a new tokenizer pool of `workers` running `generation`, send new requests to it,
@@ -179,23 +209,30 @@ class TierReplacement:
         old = [c for c in self.children if c.tier == "tokenizer"]
         first = max(c.index for c in old) + 1  # new indices: requests name the worker that has them
         new = [Child("tokenizer", first + i, "daemon.tokenizer") for i in range(workers)]
-        position = self.children.index(old[-1]) + 1
-        self.children[position:position] = new
         try:
-            for child in new:
-                await self._start(child, generation)
+            await self.owned(self._start_after, old[-1], new, generation)
             for child in new:
                 await self._until_ready(child)  # "up": the front-ends route to it from now on
         except StartupFailed as exc:
             for child in new:
                 await self._abandon(child)
             raise TierStartFailed(str(exc)) from None
+        await self.owned(self._replace_pool, old, new)
+        await self._retire(old, self.settings.runtime.drain_timeout_s)
+
+    async def _start_after(self, last: Child, new: list[Child], generation: int) -> None:
+        """Start `new`, listed after `last`."""
+        position = self.children.index(last) + 1
+        self.children[position:position] = new
         for child in new:
-            self._watch_child(child)
+            await self._start(child, generation)
+
+    def _replace_pool(self, old: list[Child], new: list[Child]) -> None:
+        for child in new:
+            self._supervise(child)
         for child in old:
             child.retiring = True
             self._publish(child, "draining")  # it leaves the pools, finishes its requests, and exits
-        await self._retire(old, self.settings.runtime.drain_timeout_s)
 
     def listener_for(self, server: ServerSettings) -> socket.socket:
         """The listening socket a front-end with `server` serves from: the running one, or a new
@@ -225,46 +262,49 @@ class TierReplacement:
             restarts=old.restarts,
             expected_workers=server.workers,
         )
-        self.children.append(new)
         try:
-            await self._start(new, generation, listener)
+            await self.owned(self._start_frontend, new, generation, listener)
             await self._until_ready(new)
         except StartupFailed as exc:
             await self._abandon(new)
             raise TierStartFailed(str(exc)) from None
         await asyncio.sleep(HANDOVER_SETTLE_S)
-        self._watch_child(new)
+        await self.owned(self._supervise, new)
         # HTTP/1.1 has no "go away" for idle keep-alive connections, which Granian closes when it
         # stops: first let the clients of the old instance leave them after their next answer.
-        self._broadcast(FrontendRetiring(old.pid))  # type: ignore[arg-type]
+        await self.owned(self._broadcast, FrontendRetiring(old.pid))  # type: ignore[arg-type]
         await asyncio.sleep(HANDOVER_CLOSE_S)
-        old.retiring = True
         previous = self.listener
+        await self.owned(self._hand_over, old, listener, server)
         if moved:  # the new address serves from now on; the old one refuses once the old instance stops
-            self.listener, self.listener_address = listener, address(server)
             refuse = asyncio.create_task(self._refuse_new_connections(previous))
         # Granian stops accepting and finishes its requests and streams, bounded by its kill timeout.
         await self._terminate([old], signal.SIGTERM, self.settings.runtime.drain_timeout_s + STOP_GRACE_S)
-        self.children.remove(old)
+        await self.owned(self._forget, old)
         if moved:
             await refuse
             previous.close()  # type: ignore[union-attr]
-        self.write_status()
+
+    async def _start_frontend(self, new: Child, generation: int, listener: socket.socket) -> None:
+        self.children.append(new)
+        await self._start(new, generation, listener)
+
+    def _hand_over(self, old: Child, listener: socket.socket, server: ServerSettings) -> None:
+        """The new front-end serves from `listener` from now on; `old` is not to be restarted."""
+        old.retiring = True
+        self.listener, self.listener_address = listener, address(server)
 
     async def _abandon(self, child: Child) -> None:
         """Kill a child started by a reload that failed, and forget it."""
-        await kill(child)
+        await self.owned(kill, child)
+        if child.process is not None:
+            await child.process.wait()
+        await self.owned(self._forget_abandoned, child)
+
+    def _forget_abandoned(self, child: Child) -> None:
         self.remove_sockets(child)
         self._publish(child, "stopped")
-        self.children.remove(child)
-
-    @staticmethod
-    async def _kill(child: Child) -> None:
-        child.retiring = True
-        if child.process is not None and child.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.process.pid, signal.SIGKILL)  # it and whatever it started
-            await child.process.wait()
+        self._forget(child)
 
     async def _retire(self, children: list[Child], grace: float) -> None:
         """Wait for draining `children` to exit by themselves, then stop the laggards."""
@@ -274,9 +314,8 @@ class TierReplacement:
                 await asyncio.gather(*waits)
         for child in children:
             if child.process is not None and child.process.returncode is not None:
-                self._publish(child, "stopped")
+                await self.owned(self._publish, child, "stopped")
                 log.info("tier.stopped", tier=child.tier, index=child.index, status=child.process.returncode)
         await self._terminate(children, STOP_SIGNAL, STOP_GRACE_S)  # the laggards: their requests fail
         for child in children:
-            self.children.remove(child)
-        self.write_status()
+            await self.owned(self._forget, child)

@@ -1,18 +1,21 @@
 """The supervisor: owns the process tree. It starts the tiers, restarts the ones that die
 or hang, replaces them when a reload asks, and stops them all.
 
-One asyncio loop owns the tree. Signals only set events on it (no work in
-signal handlers). Each tier process reports readiness over the control socket
-(the front-end over HTTP), and every start, death and drain is published to all
+One loop owns the tree (arbiter.py): signals, deaths, control messages, timers
+and the steps of the procedures here (start, stop) and in a reload go through
+one queue, and only that loop changes the tree. Each tier process reports
+readiness over the control socket, and every start, death and drain is published to all
 tiers on the events socket, so that requests in flight on a dead tier end at
 once with an error instead of hanging. A tier that keeps dying is a crash loop:
 the daemon stops and exits non-zero, so that systemd or Kubernetes restart the
 whole.
 
-This file is the lifecycle (start, watch, restart, stop). Beside it: process.py
-(one process: Child, its socket, kill), replace.py (replacing a tier during a
-reload), control.py (the control and events sockets), status.py (status.json,
-tier events), liveness.py (heartbeats), reload.py (the reload transaction).
+This file is the lifecycle's procedures (start, stop) and the primitives the
+loop uses to start and stop a tier. Beside it: arbiter.py (the loop: deaths,
+restarts, hangs, the watchdog, reload requests), process.py (one process:
+Child, its socket, kill), replace.py (replacing a tier during a reload),
+control.py (the control and events sockets), status.py (status.json, tier
+events), liveness.py (heartbeats), reload.py (the reload transaction).
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ from daemon.config.handoff import GENERATION_VAR, write_config
 from daemon.config.schema import DaemonSettings
 from daemon.engine.demo_spec import DEMO_MODEL_REF, demo_model_dir
 from daemon.ipc.endpoints import LISTEN_FD_VAR, PARENT_PID_VAR, RUNTIME_DIR_VAR, Endpoints
-from daemon.ipc.heartbeat import HEARTBEAT_INTERVAL_S
 from daemon.ipc.sockets import configure
 from daemon.logs import configure_logging, set_generation
 from daemon.supervisor import notify, probe
+from daemon.supervisor.arbiter import Arbiter, Signalled
 from daemon.supervisor.control import ControlChannel
 from daemon.supervisor.liveness import Heartbeats
 from daemon.supervisor.process import (
@@ -59,17 +62,13 @@ from daemon.tier import BESIDE_VAR, EPOCH_VAR, SPAWNER_VAR, STOP_SIGNAL
 log = structlog.get_logger("daemon.supervisor")
 
 FIRST_GENERATION_TIMEOUT_S = 120.0
-CRASH_LOOP_RESTARTS = 5  # this many restarts of one tier process ...
-CRASH_LOOP_WINDOW_S = 60.0  # ... within this many seconds: give up
-BACKOFF_MAX_S = 8.0
-SILENT_FOR_WATCHDOG_S = 5.0  # a tier silent this long (or a watchdog interval, if longer) stops the pings
 RELOAD_END_GRACE_S = 15.0  # a reload in progress at a stop ends within runtime.drain_timeout_s plus this
 REFUSE_AFTER_S = 1.0  # how long a stopping front-end's workers may take to stop accepting
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
-class Supervisor(TierReplacement, ControlChannel, StatusReports):
+class Supervisor(Arbiter, TierReplacement, ControlChannel, StatusReports):
     def __init__(self, config: LoadedConfig, sources: dict | None = None):
         self.config = config
         # How `config` was read (env file, --set): a reload reads the file again the same way.
@@ -98,7 +97,6 @@ class Supervisor(TierReplacement, ControlChannel, StatusReports):
         self.serving = asyncio.Event()  # the first generation went through: reloads may start
         self.listener: socket.socket | None = None
         self.listener_address: tuple[str, int, int] | None = None  # (host, port, backlog) it is bound with
-        self._watchers: list[asyncio.Task] = []
         self._applied: dict[int, set[int]] = {}  # generation -> PIDs that acknowledged it
         self._acknowledged = asyncio.Event()
         self._engine_idle = asyncio.Event()
@@ -106,54 +104,50 @@ class Supervisor(TierReplacement, ControlChannel, StatusReports):
         self._worker_epoch = 0  # the last worker started
         self.heartbeats = Heartbeats()
         self.reloader = Reloader(self)
+        self._init_arbiter()
 
     # --- the whole life -----------------------------------------------------------------------
 
     async def run(self) -> int:
+        self._start_arbiter()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._request_stop, signal.Signals(signum).name)
-        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # handled by the loop, in turn
+            loop.add_signal_handler(signum, self.inbox.put_nowait, Signalled(signum))
         reader = asyncio.create_task(self._read_control())
-        reloads = asyncio.create_task(self.reloader.run())
+        ticker: asyncio.Task | None = None
+        self.reloader.follow_settings()  # a change seen while starting applies once serving
         try:
             # The port first (the likeliest failure, and the cheapest); then every tier at once: each
             # finds its peers over sockets that connect whenever the other end comes up, as it does
             # when one of them restarts.
-            self.listener = listen(self.settings.server)
-            self.listener_address = address(self.settings.server)
+            await self.owned(self._listen)
             builder = [c for c in self.children if c.tier == "worker"] if _demo_to_build(self.settings) else []
             for group in (builder, [c for c in self.children if c not in builder]):
                 for child in group:
-                    await self._start(child)
+                    await self.owned(self._start, child)
                 await self._all_ready(group)
             for child in self.children:
-                self._watch_child(child)
+                await self.owned(self._supervise, child)
             await self._first_generation()
-            self.serving.set()
-            notify.ready(self.status_line())
-            pinger = asyncio.create_task(self._watchdog())
-            hangs = asyncio.create_task(self._kill_hung_tiers())
+            await self.owned(self._now_serving)
+            ticker = asyncio.create_task(self._tick())
             await self.stopping.wait()
-            pinger.cancel()
-            hangs.cancel()
         except StartupFailed as exc:
             if not self.stopping.is_set():
-                self.fatal = str(exc)
+                await self.owned(self.give_up, str(exc))
         finally:
             notify.stopping("stopping: draining requests in flight")
-            await self.reloader.stop()
-            if self.serving.is_set():
-                # A reload in progress ends first (early: a tier it starts now is abandoned, a drain
-                # it began runs its course) and reports; reloads asked for meanwhile are rejected.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.settings.runtime.drain_timeout_s + RELOAD_END_GRACE_S):
-                        await asyncio.shield(reloads)
-            reloads.cancel()
-            await self._stop_all()  # the watchers still run: a tier dying in the drain is announced
-            for watcher in self._watchers:
-                watcher.cancel()
-            reader.cancel()
+            self.reloader.stop_watching()
+            await self.owned(self._next_reload)  # those asked for while starting: rejected now
+            # A reload in progress ends first (early: a tier it starts now is abandoned, a drain it
+            # began runs its course) and reports; reloads asked for meanwhile are rejected.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.runtime.drain_timeout_s + RELOAD_END_GRACE_S):
+                    await self._reloads_idle.wait()
+            await self._stop_all()  # the loop still runs: a tier dying in the drain is announced
+            for task in (ticker, reader, self._reload_running, self._arbiter, *self._exit_waiters):
+                if task is not None:
+                    task.cancel()
             if self.listener is not None:
                 self.listener.close()
             self.context.destroy(linger=0)
@@ -164,46 +158,15 @@ class Supervisor(TierReplacement, ControlChannel, StatusReports):
         log.info("daemon.stopped")
         return EXIT_OK
 
-    def _request_stop(self, signame: str) -> None:
-        if not self.stopping.is_set():
-            log.info("daemon.stopping", signal=signame)
-        self.stopping.set()
+    def _listen(self) -> None:
+        self.listener = listen(self.settings.server)
+        self.listener_address = address(self.settings.server)
 
-    def _on_hangup(self) -> None:
-        self.reloader.request("sighup")
-
-    async def _watchdog(self) -> None:
-        """Ping systemd's watchdog while the tiers are healthy: none has stayed down longer than
-        a ping interval (a tier being restarted by a reload or after a death is not down for long;
-        one that cannot come back ends in a crash loop, or here, with systemd restarting us)."""
-        interval = notify.watchdog_interval()
-        if interval is None:
-            return
-        while True:
-            now = time.time()
-            stuck = [c.name for c in self.children if c.state == "down" and now - c.since > interval]
-            # a tier whose main loop has not turned for a ping interval: systemd's watchdog, set
-            # longer than the longest model step, is the last resort if ours (hang_timeout_s) is off
-            # or the hung process will not die (a driver call in uninterruptible sleep)
-            stuck += [c.name for c in self.heartbeats.hung(self.children, max(interval, SILENT_FOR_WATCHDOG_S))]
-            if not stuck:
-                notify.watchdog()
-            await asyncio.sleep(interval)
-
-    async def _kill_hung_tiers(self) -> None:
-        """Kill every tier silent for longer than runtime.hang_timeout_s; its watcher then handles
-        the death like a crash (its requests end with a 503, it restarts)."""
-        while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
-            timeout = self.settings.runtime.hang_timeout_s
-            for child in self.heartbeats.hung(self.children, timeout):
-                if child.hung or child.process is None or child.process.returncode is not None:
-                    continue
-                child.hung = True
-                silent = round(self.heartbeats.silent_for(child.pid), 1)
-                log.error("tier.hung", tier=child.tier, index=child.index, child_pid=child.pid, silent_s=silent)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.process.pid, signal.SIGKILL)  # it and whatever it started
+    def _now_serving(self) -> None:
+        self.serving.set()
+        notify.ready(self.status_line())
+        self._ping_watchdog()  # from READY=1 on, not a tick later
+        self._next_reload()  # a change seen while starting
 
     # --- starting -----------------------------------------------------------------------------
 
@@ -225,6 +188,7 @@ class Supervisor(TierReplacement, ControlChannel, StatusReports):
             self._worker_epoch = child.epoch
         child.generation = generation or self.generation
         child.ready.clear()
+        child.exit_handled = False
         child.model = None  # until this process reports what it loaded
         env = {
             **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
@@ -252,6 +216,7 @@ class Supervisor(TierReplacement, ControlChannel, StatusReports):
             start_new_session=True,  # a terminal's ^C reaches only us
             pass_fds=inherited,
         )
+        self._wait_for_exit(child)
         self._publish(child, "starting")
         log.info(
             "tier.started",
@@ -273,7 +238,8 @@ class Supervisor(TierReplacement, ControlChannel, StatusReports):
                 wait.cancel()
 
     async def _until_ready(self, child: Child) -> None:
-        """Wait for `child` to be ready; StartupFailed if it dies, times out, or we are told to stop."""
+        """Wait for `child` to be ready (the loop marks it, and publishes it up); StartupFailed if it
+        dies, times out, or we are told to stop."""
         process = child.process
         assert process is not None
         first = await first_of(
@@ -288,9 +254,6 @@ class Supervisor(TierReplacement, ControlChannel, StatusReports):
             if first == "stopping":
                 raise StartupFailed("stopped while starting")
             raise StartupFailed(f"{child.name} was not ready within {STARTUP_TIMEOUT_S[child.tier]:.0f} s")
-        self.heartbeats.heard(child.pid)  # its silence is counted from now
-        self._publish(child, "up")
-        log.info("tier.ready", tier=child.tier, index=child.index, child_pid=child.pid, epoch=child.epoch)
 
     async def _first_generation(self) -> None:
         """Log the one 'ready' line once a real token has gone through every tier."""
@@ -306,8 +269,6 @@ class Supervisor(TierReplacement, ControlChannel, StatusReports):
                 return
             await asyncio.sleep(0.1)
         log.info("daemon.ready", url=probe.base_url(server), model=self.settings.model.served_model_name)
-
-    # --- watching -----------------------------------------------------------------------------
 
     # --- reload mechanics (the transaction is in reload.py) -------------------------------------
 
@@ -329,52 +290,13 @@ class Supervisor(TierReplacement, ControlChannel, StatusReports):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _watch_child(self, child: Child) -> None:
-        self._watchers.append(asyncio.create_task(self._watch(child)))
-
-    async def _watch(self, child: Child) -> None:
-        """Restart `child` whenever it dies, until we stop, it crash-loops, or a reload retires it."""
-        while True:
-            assert child.process is not None
-            status = await child.process.wait()
-            self.heartbeats.forget(child.pid)
-            child.hung = False
-            self.remove_sockets(child)
-            if child.retiring:
-                return
-            if self.stopping.is_set():
-                self._publish(child, "down")  # its requests must end now, not at the drain's deadline
-                return
-            log.error("tier.died", tier=child.tier, index=child.index, child_pid=child.pid, status=status)
-            child.deaths += 1
-            self._publish(child, "down")
-            now = time.monotonic()
-            child.restarts.append(now)
-            while child.restarts and now - child.restarts[0] > CRASH_LOOP_WINDOW_S:
-                child.restarts.popleft()
-            if len(child.restarts) > CRASH_LOOP_RESTARTS:
-                self.fatal = f"{child.name} crash-looped: {len(child.restarts)} restarts in {CRASH_LOOP_WINDOW_S:.0f} s"
-                self.stopping.set()
-                return
-            await asyncio.sleep(min(0.25 * 2 ** (len(child.restarts) - 1), BACKOFF_MAX_S))
-            if self.stopping.is_set():
-                return
-            # The generation it ran, not the supervisor's: mid-transaction the two differ.
-            await self._start(child, child.generation, child.listener)
-            try:
-                await self._until_ready(child)
-            except StartupFailed as exc:
-                log.error("tier.restart_failed", tier=child.tier, index=child.index, reason=str(exc))
-                with contextlib.suppress(ProcessLookupError):
-                    child.process.kill()
-
     # --- stopping -----------------------------------------------------------------------------
 
     async def _stop_all(self) -> None:
         """Drain the front-end (in-flight requests finish), then stop the back-end tiers."""
         frontends = [c for c in self.children if c.tier == "frontend"]
         for child in frontends:
-            self._publish(child, "draining")
+            await self.owned(self._publish, child, "draining")
         refuse = asyncio.create_task(self._refuse_new_connections(self.listener))
         await self._terminate(frontends, signal.SIGTERM, self.settings.runtime.drain_timeout_s + STOP_GRACE_S)
         refuse.cancel()
@@ -409,7 +331,7 @@ class Supervisor(TierReplacement, ControlChannel, StatusReports):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)  # the tier and whatever it started
                 await process.wait()
-            self._publish(child, "stopped")
+            await self.owned(self._publish, child, "stopped")
             log.info("tier.stopped", tier=child.tier, index=child.index, status=process.returncode)
 
 
