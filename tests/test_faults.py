@@ -982,10 +982,11 @@ def test_tier_refuses_a_tampered_config_hand_off(launch, tmp_path, tampering):
     else:
         handoff.chmod(0o666)
     os.kill(daemon.tier_pids()["tokenizer-0"], signal.SIGKILL)
-    # every restart refuses it: a crash loop, and the daemon stops with an error
-    assert daemon.process.wait(60) == 1, daemon.log_tail()
-    refused = next(e for e in daemon.log_events() if e.get("event") == "tier.handoff_refused")
-    assert "tokenizer-0 crash-looped" in daemon.log_events()[-1].get("reason", ""), daemon.log_tail()
+    # every restart refuses it (two are enough to see): none comes up
+    until(lambda: len(daemon.events("tier.handoff_refused")) >= 2, 30, what="two restarts refusing it")
+    refused = daemon.events("tier.handoff_refused")[0]
+    assert not [e for e in daemon.events("tier.ready", tier="tokenizer") if e["epoch"] > 1], daemon.log_tail()
+    assert daemon.process.poll() is None, daemon.log_tail()  # not a crash loop yet: the fixture stops it
     expected = "is a symlink" if tampering == "symlink" else "writable by others (mode 0666)"
     assert str(handoff) in refused["reason"] and expected in refused["reason"], refused
 

@@ -1104,7 +1104,7 @@ def test_requests_held_while_the_worker_is_replaced_all_run(manual):
     load = steady_load(handle)
     try:
         load.wait_completed(8)
-        for attempt in range(12):
+        for attempt in range(7):  # all 7 escaping a one-in-two race: under 1% of runs
             mark = handle.log.mark()
             handle.write({"model.seed": 100 + attempt})
             os.kill(handle.daemon.pid, signal.SIGHUP)
@@ -1200,7 +1200,7 @@ def test_request_not_started_when_the_drain_times_out_waits_for_the_new_worker(m
     limits = {"runtime.drain_timeout_s": 1, "scheduler.max_running_requests": 1}
     assert handle.apply(limits)["result"] == "applied"
     try:
-        for attempt in range(6):
+        for attempt in range(4):
             (running,) = long_streams(handle, count=1, max_tokens=20000).outcomes
             waiting = Outcome("waiting", http2=True)
 
