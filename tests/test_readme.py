@@ -68,7 +68,11 @@ def test_ci_first_runs_the_readme_run_command_on_a_fresh_install():
     """.ci/fresh-install (which CI runs whole, so it is not run here) comes before the tests, and
     runs the README's own run command: it reads the line from the README, it holds no copy."""
     steps = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
-    assert steps[:3] == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', "bash .ci/fresh-install"]
+    assert steps[:2] == ["set -euo pipefail", 'cd "$(dirname "$0")/.."']
+    # started before the tests (in the background), and its status awaited after them: both must pass
+    started = steps.index('bash .ci/fresh-install >"$fresh_log" 2>&1 &')
+    tests = next(n for n, line in enumerate(steps) if "pytest" in line)
+    assert started < tests and steps[started + 1] == "fresh=$!" and steps[tests + 1 :] == ['wait "$fresh"'], steps
     run = [line for block in _blocks("sh") for line in block.splitlines() if "daemon -c " in line]
     assert len(run) == 1 and "[test]" not in run[0]
     script = REPO / ".ci" / "fresh-install"
