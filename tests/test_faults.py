@@ -404,6 +404,27 @@ def test_requests_waiting_for_a_worker_that_does_not_come_back_end_with_a_503(la
     wait_serving(daemon)  # and the worker, once thawed, serves
 
 
+def test_model_reload_while_the_worker_restarts_does_not_wait_out_a_drain(launch):
+    """A drain-mode model reload asked while a crashed worker restarts: no worker runs anything, so
+    the scheduler says so at once and the reload goes on (it once waited out runtime.drain_timeout_s
+    for a worker that was not there); the requests held meanwhile run on the new worker."""
+    daemon = launch({"runtime.drain_timeout_s": 30})
+    load, successor = held_while_the_worker_restarts(daemon)
+    mark = daemon.log.mark()
+    text = daemon.config_path.read_text()
+    daemon.config_path.write_text(text.replace('path = "builtin:demo"', 'path = "builtin:demo"\nseed = 7'))
+    os.kill(daemon.pid, signal.SIGHUP)
+    try:
+        reload = daemon.log.wait("config.reload", since=mark, timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # stopped by the reload, or still to be thawed
+            os.kill(successor, signal.SIGCONT)
+    assert reload["result"] == "applied" and reload["plan"]["restart"] == ["worker"], reload
+    assert not daemon.log.since(mark, "reload.drain_timeout"), daemon.log_tail()
+    load.join(RECOVERY_S + READ_TIMEOUT_S)
+    assert all(o.kind == "complete" for o in load.outcomes), f"{load.report()}\n{daemon.log_tail(20)}"
+
+
 def test_frontend_workers_never_outlive_their_tier_process(launch):
     daemon = launch()
     os.kill(daemon.tier_pids()["frontend-0"], signal.SIGKILL)

@@ -257,8 +257,10 @@ class SchedulerService:
         """New requests wait for the next worker. For a reload, the supervisor also hears when the
         running worker has finished what it started (it may stop it then)."""
         if self.hold_since is None:
-            self.hold_since, self._idle_said = time.monotonic(), not reload
+            self.hold_since = time.monotonic()
             log.info("scheduler.hold", reason=reason)
+        # A reload asked while a crashed worker restarts hears at once that none is running.
+        self._idle_said = not reload
         self.hold_reason = reason
         self.beside_epoch = 0
         if self.engine is not None:
