@@ -641,34 +641,82 @@ def test_tokenizer_and_worker_change_in_one_edit(daemons, tmp_path):
     assert_all_complete(calls, daemon)
 
 
-def test_tier_killed_mid_reload_restarts_with_the_generation_it_belongs_to(daemons):
-    """kill -9 of the new worker while the same reload replaces the tokenizer pool: it restarts with
-    the config it was started with (generation 2), not the one still serving (1), and the reload
-    ends with every tier on one generation, whichever result it reports."""
-    daemon = daemons({"tokenizer.workers": 1, "model.seed": 0})
-    daemon.edit(tokenizer__workers=2, model__seed=1)
+def test_tier_killed_mid_reload_restarts_with_the_generation_it_belongs_to(daemons, tmp_path):
+    """kill -9 of the new worker after a blue-green reload switched to it, while the old worker still
+    finishes its long requests (the transaction is still open): it restarts with the config it was
+    started with (generation 2), not the one the supervisor still runs (1); the requests the old
+    worker had started finish, and the reload ends applied with every tier on generation 2."""
+    daemon = daemons({"tokenizer.workers": 1, "model.seed": 0, "runtime.model_reload": "blue_green"})
+    traffic = background(daemon, KEEPALIVE + CURL, tmp_path)
+    pinned = None
     outcome: dict = {}
     reloading = threading.Thread(target=lambda: outcome.update(report=daemon.reload()[1]))
-    reloading.start()
     try:
-        daemon.wait_for_event("tier.started", tier="tokenizer", child_generation=2, timeout=RELOAD_TIMEOUT_S)
-        new_worker = daemon.wait_for_event("tier.started", tier="worker", child_generation=2, timeout=5)
-        os.kill(new_worker["child_pid"], signal.SIGKILL)  # up: the tokenizer phase follows the worker's
+        traffic.wait_completed(8)
+        pinned = pinned_requests(daemon, tmp_path)  # they keep the old worker, and the transaction, busy
+        daemon.edit(tokenizer__workers=2, model__seed=1)
+        reloading.start()
+        new_worker = daemon.wait_for_event("tier.started", tier="worker", child_generation=2, timeout=RELOAD_TIMEOUT_S)
+        switched = daemon.wait_for_event("scheduler.worker_switched", timeout=RELOAD_TIMEOUT_S)
+        os.kill(new_worker["child_pid"], signal.SIGKILL)
     finally:
-        reloading.join(RELOAD_TIMEOUT_S)
+        if reloading.is_alive():
+            reloading.join(RELOAD_TIMEOUT_S)
+        calls = traffic.stop(STOP_S)
+        held = pinned.join(PINNED_S) if pinned else []
+    assert switched["finishing"] >= 1, switched  # the old worker was still running requests when it died
     report = outcome["report"]
     events = daemon.log_events()
     died = next(i for i, e in enumerate(events) if e.get("event") == "tier.died" and e.get("tier") == "worker")
     ended = next(i for i, e in enumerate(events) if e.get("event") == "config.reload")
     assert died < ended, "the worker died after the reload ended: the test missed its window"
     workers = [e["child_generation"] for e in daemon.events("tier.started", tier="worker")]
-    assert workers[:3] == [1, 2, 2], workers  # started, replaced by the reload, restarted after the kill
-    generation = 2 if report["result"] == "applied" else 1
-    assert report["result"] in ("applied", "rolled_back") and report["generation"] == generation, report
-    running = {f"{e['tier']}-{e['index']}": e["child_generation"] for e in daemon.events("tier.started")}
-    assert {running[name] for name in daemon.tiers() if name != "frontend-0"} == {generation}, running
+    assert workers == [1, 2, 2], workers  # started, beside it the reload's, restarted after the kill
+    assert report["result"] == "applied" and report["generation"] == 2, report
+    # Each back-end process running now says generation 2 in its last line (started with it, or adopted it).
+    last = {e["pid"]: e.get("generation") for e in daemon.log_events() if "pid" in e}
+    running = {name: last.get(pid) for name, pid in daemon.tiers().items() if name != "frontend-0"}
+    assert set(running.values()) == {2}, running
+    assert_all_complete(held, daemon)  # running on the old worker: untouched by the new one's death
+    # Those on the new worker when it died end with an explicit error; nothing else fails.
+    explicit = [c for c in calls if c.kind in ("http-error", "sse-error") and "the request was lost" in c.detail]
+    assert all(c.kind == "complete" or c in explicit for c in calls), report(calls, daemon.log_tail(30))
     answer = httpx.post(daemon.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
     assert answer.status_code == 200, answer.text
+
+
+def test_serving_worker_killed_while_a_blue_green_reload_prepares(daemons, tmp_path):
+    """kill -9 of the serving worker while the new one loads beside it: it restarts with the running
+    config (generation 1) as after any crash; then the reload switches to the new worker, once the
+    restarted one is up, and ends applied. Requests the killed worker was running end with an explicit
+    503; every other one completes."""
+    daemon = daemons({"model.seed": 0, "runtime.model_reload": "blue_green"})
+    serving = daemon.tiers()["worker-0"]
+    traffic = background(daemon, KEEPALIVE + CURL, tmp_path)
+    outcome: dict = {}
+    reloading = threading.Thread(target=lambda: outcome.update(report=daemon.reload()[1]))
+    try:
+        traffic.wait_completed(8)
+        daemon.edit(model__seed=1)
+        reloading.start()
+        beside = daemon.wait_for_event("tier.started", tier="worker", child_generation=2, timeout=RELOAD_TIMEOUT_S)
+        os.kill(serving, signal.SIGKILL)
+        reloading.join(RELOAD_TIMEOUT_S)
+        traffic.more()
+    finally:
+        if reloading.is_alive():
+            reloading.join(RELOAD_TIMEOUT_S)
+        calls = traffic.stop(STOP_S)
+    names = [e.get("event") for e in daemon.log_events()]
+    assert names.index("tier.died") < names.index("scheduler.worker_switched"), "killed after the switch"
+    report_ = outcome["report"]
+    assert report_["result"] == "applied" and report_["generation"] == 2, report_
+    workers = [e["child_generation"] for e in daemon.events("tier.started", tier="worker")]
+    assert workers == [1, 2, 1], workers  # the serving one, the reload's, the killed one restarted with its own
+    assert daemon.tiers()["worker-0"] == beside["child_pid"]
+    assert len(daemon.events("tier.stopped", tier="worker")) == 1  # the restarted one, once the switch was made
+    explicit = [c for c in calls if c.kind in ("http-error", "sse-error") and "the request was lost" in c.detail]
+    assert all(c.kind == "complete" or c in explicit for c in calls), report(calls, daemon.log_tail(30))
 
 
 # A moment in a worker reload (model.seed and tokenizer.workers change in one edit), told by the log.
@@ -724,10 +772,10 @@ def test_sigterm_during_a_worker_reload_ends_it_then_drains(daemons, tmp_path, p
     assert not daemon.events("daemon.failed"), daemon.log_tail()
 
 
-def test_later_tier_failing_rolls_back_the_replaced_worker(daemons, tmp_path):
-    """model.seed and a tokenizer that cannot load in one edit: the new worker comes up, the new
-    tokenizer pool cannot; a worker of the running config replaces the new one, and nothing fails
-    meanwhile. (A taken port can no longer play the failing tier: it is rejected while preparing.)"""
+def test_tier_failing_in_prepare_leaves_the_model_worker_untouched(daemons, tmp_path):
+    """model.seed (drain mode) and a tokenizer that cannot load in one edit: the new tokenizer pool
+    starts first, beside the serving one, and fails; the reload is rolled back before the worker is
+    held, drained or replaced: every PID unchanged, no request waited or failed."""
     broken = tmp_path / "broken-tokenizer"
     broken.mkdir()
     (broken / "tokenizer.json").write_text("{}")  # there, so `daemon check` passes; not a tokenizer
@@ -744,12 +792,11 @@ def test_later_tier_failing_rolls_back_the_replaced_worker(daemons, tmp_path):
     finally:
         calls = traffic.stop(STOP_S)
     assert_all_complete(calls, daemon)
-    after = daemon.tiers()
-    assert after["worker-0"] != before["worker-0"], after  # replaced twice: by the new config, then back
-    assert {k: v for k, v in after.items() if k != "worker-0"} == {k: v for k, v in before.items() if k != "worker-0"}
-    started = [e for e in daemon.events("tier.started", tier="worker")]
-    assert [e["child_generation"] for e in started] == [1, 2, 1], started  # the restored one runs the running config
-    assert not {e["child_pid"] for e in started[:2]} & set(descendants(daemon.pid)), "a replaced worker still runs"
+    assert daemon.tiers() == before
+    assert [e["child_generation"] for e in daemon.events("tier.started", tier="worker")] == [1]
+    assert not daemon.events("scheduler.hold"), daemon.log_tail()
+    (withdrawn,) = daemon.events("tier.started", tier="tokenizer", child_generation=2)
+    assert withdrawn["child_pid"] not in descendants(daemon.pid)
 
 
 WORKER_RELOADS = 8  # the race struck about one worker reload in three: all 8 escape it in 4% of runs

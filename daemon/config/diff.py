@@ -17,10 +17,6 @@ from daemon.config.schema import SETTINGS, Reload, flat_values
 
 OVERRIDING = (OriginKind.ENV, OriginKind.ENV_FILE, OriginKind.CLI)
 
-# The order in which tiers restart when several must: back to front, so each
-# new tier finds the ones it depends on already serving the new generation.
-RESTART_ORDER = (Reload.WORKER, Reload.SCHEDULER, Reload.TOKENIZER, Reload.FRONTEND)
-
 
 @dataclass(frozen=True)
 class Change:
@@ -55,11 +51,6 @@ class ConfigDiff:
     @property
     def scopes(self) -> set[Reload]:
         return {c.scope for c in self.changes}
-
-    @property
-    def restarts(self) -> list[Reload]:
-        """The tiers to restart, in the order to restart them."""
-        return [scope for scope in RESTART_ORDER if scope in self.scopes]
 
     @property
     def needs_full_restart(self) -> list[Change]:

@@ -168,7 +168,8 @@ class TierEvent(msgspec.Struct, frozen=True, tag=True):
     tier: str
     index: int
     epoch: int  # how many times the supervisor has started this tier
-    state: Literal["starting", "up", "down", "draining", "stopped"]
+    # "standby": ready beside the serving one, started by a reload that has not switched to it yet
+    state: Literal["starting", "standby", "up", "down", "draining", "stopped"]
     # A worker's, from its TierReady: with "up", the tiers that check requests against the served
     # context follow it from this news, rather than each deriving its own from the config.
     model: LoadedModel | None = None
@@ -229,10 +230,20 @@ class EngineHoldAbandoned(msgspec.Struct, frozen=True, tag=True):
 
 class EngineBeside(msgspec.Struct, frozen=True, tag=True):
     """Blue-green model reload: the worker of `epoch` starts beside the running one. When it
-    announces itself, new requests go to it and the running worker finishes what it holds, then
-    the scheduler says EngineIdle for it. Epoch 0: the new worker did not come up, expect none."""
+    announces itself, the scheduler connects to it and waits for EngineSwitch. Epoch 0: the
+    reload withdrew it, expect none."""
 
     epoch: int
+
+
+class EngineSwitch(msgspec.Struct, frozen=True, tag=True):
+    """A blue-green reload commits: new requests, and those not started, go to the worker of
+    `epoch`; the one it replaces (`replaced`, its epoch now: it may have restarted during the
+    reload) finishes what it started, then the scheduler says EngineIdle for it. Announcements
+    of `replaced` or older are stale from now on."""
+
+    epoch: int
+    replaced: int
 
 
 class EngineIdle(msgspec.Struct, frozen=True, tag=True):
@@ -320,7 +331,7 @@ class TierStatus(msgspec.Struct, frozen=True):
     index: int
     pid: int | None
     epoch: int
-    state: Literal["starting", "up", "draining", "down", "stopped"]
+    state: Literal["starting", "standby", "up", "draining", "down", "stopped"]
     since: float  # wall-clock time of the last state change
     restarts: int = 0  # after deaths (not reloads)
     model: LoadedModel | None = None  # a worker's, from its TierReady
@@ -393,7 +404,14 @@ ToFrontend = OutputBatch | Tokenized | Detokenized
 ToSupervisor = TierReady | FrontendWorkerReady | ConfigApplied | EngineIdle | ReloadCommand | Heartbeat
 # PUB/SUB: from the supervisor (events) and the scheduler (stats)
 Broadcast = (
-    TierEvent | SchedulerStats | ConfigUpdate | EngineHold | EngineHoldAbandoned | EngineBeside | FrontendRetiring
+    TierEvent
+    | SchedulerStats
+    | ConfigUpdate
+    | EngineHold
+    | EngineHoldAbandoned
+    | EngineBeside
+    | EngineSwitch
+    | FrontendRetiring
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -35,6 +35,7 @@ from daemon.ipc.messages import (
     EngineHold,
     EngineHoldAbandoned,
     EngineIdle,
+    EngineSwitch,
     ErrorInfo,
     ScheduleRequest,
     SchedulerHello,
@@ -84,6 +85,8 @@ class SchedulerService:
         self.engine: Engine | None = None  # new requests go to it; set when a worker announces its cache
         self.retiring: dict[int, Engine] = {}  # by epoch: replaced workers finishing their requests
         self.beside_epoch = 0  # the worker a blue-green reload is starting beside the running one
+        self.standby: Engine | None = None  # that worker, connected, until the reload commits to it
+        self._switch_to: EngineSwitch | None = None  # a switch told before we had connected to the new worker
         self._engaged_epoch = 0  # the newest worker driven: announcements of older ones are stale
         self._plan_sockets: dict[int, zmq.Socket] = {}  # by worker epoch, connected when it announces
         self._announced: WorkerReady | None = None  # a new worker we cannot reach yet
@@ -123,7 +126,9 @@ class SchedulerService:
                         case EngineHoldAbandoned(reason=reason):
                             self._abandon_hold(reason)
                         case EngineBeside(epoch=epoch):
-                            self.beside_epoch = epoch
+                            self._expect_beside(epoch)
+                        case EngineSwitch():
+                            self._commit_beside(event)
             if self.inbox.socket in ready:
                 for message in self.inbox.recv_ready():
                     self._on_message(message)
@@ -165,13 +170,20 @@ class SchedulerService:
                     send(self._tokenizer(index), SchedulerHello(os.getpid()), grace_ms=0)
 
     def _engines(self) -> list[Engine]:
+        """The workers driven: the serving one and those finishing (not one on standby)."""
         return [*([self.engine] if self.engine else []), *self.retiring.values()]
 
     def _engine(self, epoch: int) -> Engine | None:
         return next((e for e in self._engines() if e.epoch == epoch), None)
 
     def _on_worker(self, ready: WorkerReady) -> None:
-        if ready.epoch <= self._engaged_epoch:  # the running worker, or one replaced, still announcing
+        if self.standby is not None and ready.epoch == self.standby.epoch:  # on standby, still announcing
+            return
+        # The running worker, or one replaced, still announcing. (A worker restarted after a crash
+        # during a blue-green reload may come up before the one beside it, with a higher epoch.)
+        if ready.epoch <= self._engaged_epoch and ready.epoch != self.beside_epoch:
+            if self._announced is ready:
+                self._announced = None
             return
         if ready.epoch not in self._plan_sockets:
             endpoint = self.tier.endpoints.worker(ready.epoch)
@@ -182,32 +194,66 @@ class SchedulerService:
             self._announced = ready  # taken up as soon as it is connected (see run)
             return
         self._announced = None
-        self._engaged_epoch = ready.epoch
+        self._engaged_epoch = max(self._engaged_epoch, ready.epoch)
         blocks = BlockManager(ready.num_blocks, ready.block_size)
         batcher = Batcher(blocks, self.limits(), ready.context_length, (), epoch=self.tier.epoch)
-        previous = self.engine
-        switching = previous is not None and ready.epoch == self.beside_epoch
-        if previous is not None and not switching:  # a new worker without our hearing the old one go
-            self._worker_gone(previous, "the worker restarted")
-        self.engine = Engine(ready.epoch, plans, batcher)
+        engine = Engine(ready.epoch, plans, batcher)
+        if ready.epoch == self.beside_epoch:
+            # Blue-green: it waits beside the serving one until the reload commits to it (also
+            # if the serving one crashed meanwhile: the reload may still withdraw it).
+            self.standby = engine
+            log.info("scheduler.worker_standby", epoch=ready.epoch)
+            if self._switch_to is not None and self._switch_to.epoch == ready.epoch:
+                self._commit_beside(self._switch_to)
+            return
+        if self.engine is not None:  # a new worker without our hearing the old one go
+            self._worker_gone(self.engine, "the worker restarted")
+        self.engine = engine
         log.info("scheduler.worker_up", epoch=ready.epoch, cache_tokens=ready.num_blocks * ready.block_size)
-        if switching:
-            self._switch(previous, self.engine)  # type: ignore[arg-type]
-        if self.hold_since is not None:
+        self._end_hold()
+
+    def _end_hold(self) -> None:
+        if self.hold_since is not None and self.engine is not None:
+            batcher = self.engine.batcher
             log.info("scheduler.hold_ended", waited=len(self.held))
             for _received, request in self.held:
                 batcher.add(request)
             self.hold_since, self.held = None, []
 
-    def _switch(self, old: Engine, new: Engine) -> None:
-        """Blue-green: new requests, and those not started yet, go to the new worker; the old one
-        finishes the requests it has started."""
-        old.batcher.hold = True
-        for request in old.batcher.take_unstarted():
-            new.batcher.add(request)
-        self.retiring[old.epoch] = old
-        self.beside_epoch = 0
-        log.info("scheduler.worker_switched", old_epoch=old.epoch, finishing=len(old.batcher.running))
+    def _expect_beside(self, epoch: int) -> None:
+        """A blue-green reload starts the worker of `epoch` beside the serving one (0: it withdrew it)."""
+        if epoch == 0 and self.standby is not None:
+            self._plan_sockets.pop(self.standby.epoch).close(linger=0)
+            self.standby = None
+        self.beside_epoch, self._switch_to = epoch, None
+
+    def _commit_beside(self, switch: EngineSwitch) -> None:
+        """The reload committed to the worker on standby: new requests, and those not started
+        yet, go to it; the one it replaces finishes the requests it has started."""
+        new = self.standby
+        if new is None or new.epoch != switch.epoch:  # not connected yet: switched to as soon as it is
+            self._switch_to = switch
+            return
+        old = self.engine
+        self.engine, self.standby, self.beside_epoch, self._switch_to = new, None, 0, None
+        # The replaced worker may have restarted during the reload and not be ours yet: it never will be.
+        self._engaged_epoch = max(self._engaged_epoch, switch.replaced)
+        blocks = new.batcher.blocks
+        log.info("scheduler.worker_up", epoch=new.epoch, cache_tokens=blocks.num_blocks * blocks.block_size)
+        if old is not None and old.epoch == switch.replaced:
+            old.batcher.hold = True
+            for request in old.batcher.take_unstarted():
+                new.batcher.add(request)
+            self.retiring[old.epoch] = old
+            log.info("scheduler.worker_switched", old_epoch=old.epoch, finishing=len(old.batcher.running))
+        else:  # nothing of ours runs on it: it may stop now
+            if old is not None:
+                self._worker_gone(old, "the worker was replaced")
+            if (plans := self._plan_sockets.pop(switch.replaced, None)) is not None:
+                plans.close(linger=0)
+            send(self.control, EngineIdle(os.getpid(), switch.replaced))
+            log.info("scheduler.worker_switched", old_epoch=switch.replaced, finishing=0)
+        self._end_hold()
 
     def _let_idle_engines_go(self) -> None:
         """Tell the supervisor when a replaced worker has finished its requests: it may stop it."""
@@ -224,6 +270,9 @@ class SchedulerService:
 
     def _on_event(self, event: TierEvent) -> None:
         if event.state not in ("down", "stopped"):
+            return
+        if event.tier == "worker" and event.epoch == self.beside_epoch:
+            self._expect_beside(0)  # it died on standby, or the reload withdrew it
             return
         if event.tier == "worker" and (engine := self._engine(event.epoch)) is not None:
             if event.restarting and engine is self.engine and self.hold_since is None:
@@ -262,7 +311,6 @@ class SchedulerService:
         # A reload asked while a crashed worker restarts hears at once that none is running.
         self._idle_said = not reload
         self.hold_reason = reason
-        self.beside_epoch = 0
         if self.engine is not None:
             self.engine.batcher.hold = True
 

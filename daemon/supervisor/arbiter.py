@@ -261,7 +261,7 @@ class Arbiter:
             return
         child.ready.set()
         self.heartbeats.heard(child.pid)  # its silence is counted from now
-        self._publish(child, "up")
+        self._publish(child, "standby" if child.standby else "up")
         log.info("tier.ready", tier=child.tier, index=child.index, child_pid=child.pid, epoch=child.epoch)
 
     def give_up(self, reason: str) -> None:

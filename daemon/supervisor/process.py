@@ -40,6 +40,7 @@ class Child:
     restarts: deque[float] = field(default_factory=deque)
     generation: int = 1  # the config generation it runs
     supervised: bool = False  # restarted when it dies: set once it first came up in its slot
+    standby: bool = False  # started by a reload beside the serving one: ready is "standby" until it commits
     retiring: bool = False  # stopped on purpose (a reload replaces it): not to be restarted
     exit_handled: bool = False  # the death of its current process was handled
     deaths: int = 0

@@ -5,16 +5,24 @@ request on the supervisor's queue; its loop (arbiter.py) runs one reload at a
 time, and requests that arrive meanwhile are answered together by the next one,
 which reads the file as it is then. The
 file is read and checked exactly as `daemon check` does (same environment,
-env file and `--set` as at start). Nothing running is touched until the new
-config is known to be valid and applicable; a tier that fails to start with it
-is replaced by one running the old config, and the reload is rolled back.
+env file and `--set` as at start).
+
+Prepare does what can fail without touching a serving tier: check, bind a new
+address, then start the new tiers beside the serving ones (a tokenizer pool and
+a blue-green worker on standby, then the front-end, which serves from its
+start). Commit replaces a drain-mode worker, switches every prepared tier at
+once, lets the old ones drain, and pushes the live settings. A failure in
+prepare stops only what it started; one in commit puts the old config back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import Counter
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,13 +31,14 @@ import structlog
 from daemon.config.check import check_config
 from daemon.config.diff import ConfigDiff, diff_configs
 from daemon.config.handoff import write_config
-from daemon.config.schema import Reload
+from daemon.config.schema import Reload, ServerSettings
 from daemon.ipc.messages import ReloadReport
 from daemon.supervisor import notify
 from daemon.supervisor.arbiter import ReloadAsked
 from daemon.supervisor.triggers import file_changes
 
 if TYPE_CHECKING:
+    from daemon.supervisor.process import Child
     from daemon.supervisor.supervisor import Supervisor
 
 log = structlog.get_logger("daemon.supervisor")
@@ -40,6 +49,27 @@ LIVE_ACK_TIMEOUT_S = 5.0  # a tier busy with a long step, on a loaded machine, a
 
 class TierStartFailed(Exception):
     """A tier started by a reload did not come up; the message says why."""
+
+
+@dataclass
+class Beside:
+    """What a reload's prepare started beside the serving tiers: (serving, new) for each."""
+
+    listener: socket.socket | None  # newly bound for a new address, else None
+    tokenizers: tuple[list[Child], list[Child]] | None = None
+    worker: tuple[Child, Child] | None = None  # blue-green, on standby
+    frontend: tuple[Child, Child] | None = None
+
+    def started(self) -> list[Child]:
+        return [
+            *(self.tokenizers[1] if self.tokenizers else []),
+            *([self.worker[1]] if self.worker else []),
+            *([self.frontend[1]] if self.frontend else []),
+        ]
+
+    def exited(self) -> Child | None:
+        """One of the tiers started that died while it waited for the switch."""
+        return next((c for c in self.started() if c.process is not None and c.process.returncode is not None), None)
 
 
 # The scopes a reload can apply today by restarting a tier.
@@ -93,10 +123,11 @@ class Reloader:
         if refusal := _refusal(diff):
             return self.report(trigger, started, "rejected", reason=refusal, diff=diff, notes=notes)
         replaces_frontend = Reload.FRONTEND in diff.scopes or rotate
+        replaces_worker = Reload.WORKER in diff.scopes or Reload.SCHEDULER in diff.scopes
         running_frontend_workers = supervisor.settings.server.workers
         # Prepare: what can still fail without touching a serving tier, cheapest first. The config
         # was checked above (certificates and memory fit included); a new address is bound now, so
-        # a taken port rejects the reload before any tier is drained or replaced.
+        # a taken port rejects the reload before any tier is started.
         try:
             listener = supervisor.listener_for(new.settings.server) if replaces_frontend else None
         except TierStartFailed as exc:
@@ -105,32 +136,45 @@ class Reloader:
         write_config(new.settings, supervisor.socket_dir, generation)
         if rotate:
             notes.append("the TLS certificate files changed")
-        # Commit: replace the affected tiers; a tier that does not come up rolls the others back.
-        restarted: list[str] = []
-        stage = ""
+        beside = Beside(listener if listener is not supervisor.listener else None)
+        stage, drained = "", False
         try:
-            if Reload.WORKER in diff.scopes or Reload.SCHEDULER in diff.scopes:
-                stage = "worker"
-                mode = await supervisor.replace_worker(generation, mode=new.settings.runtime.model_reload)
-                notes.append(f"the model worker was replaced in {mode} mode")
-                restarted.append(stage)
+            # New tiers start beside the serving ones, which serve alone meanwhile: a tokenizer
+            # pool and a blue-green worker wait on standby; the front-end, which serves from its
+            # start, comes last, once nothing else in prepare can fail.
             if Reload.TOKENIZER in diff.scopes:
                 stage = "tokenizer"
-                await supervisor.replace_tokenizers(generation, new.settings.tokenizer.workers)
-                restarted.append(stage)
+                beside.tokenizers = await supervisor.start_tokenizers(generation, new.settings.tokenizer.workers)
+            if replaces_worker and new.settings.runtime.model_reload == "blue_green":
+                stage = "worker"
+                beside.worker = await supervisor.start_worker_beside(generation)  # None: no room beside
             if replaces_frontend:
                 stage = "frontend"
-                await supervisor.replace_frontend(generation, new.settings.server, listener)
-                restarted.append(stage)
+                beside.frontend = await supervisor.start_frontend(generation, new.settings.server, listener)
+            # Commit. A drain-mode worker cannot run beside the old one: it is replaced now (on
+            # failure the old config's worker is back before this returns).
+            if replaces_worker and beside.worker is None:
+                stage = "worker"
+                await supervisor.replace_worker_draining(generation)
+                notes.append("the model worker was replaced in drain mode")
+                drained = True
+            if (gone := beside.exited()) is not None:  # switching to it would fail its requests
+                stage = gone.tier
+                raise TierStartFailed(f"{gone.name} exited with status {gone.process.returncode} before the switch")  # type: ignore[union-attr]
         except TierStartFailed as exc:
-            if listener is not None and listener is not supervisor.listener:
-                listener.close()
+            await self._withdraw(beside)
             if supervisor.stopping.is_set():  # nothing is put back: every tier drains as it is
-                reason = f"the daemon is stopping: the reload was abandoned while replacing the {stage}"
+                reason = f"the daemon is stopping: the reload was abandoned while starting the new {stage}"
                 return self.report(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
-            await self._undo(restarted)
+            if drained:
+                await self._undo(["worker"])
             reason = f"the new {stage} did not start ({exc}); the running config keeps serving"
             return self.report(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
+        restarted = await self._switch(beside, new.settings.server)
+        if replaces_worker:
+            restarted.insert(0, "worker")
+            if beside.worker is not None:
+                notes.append("the model worker was replaced in blue_green mode")
         missing = await supervisor.push_live(generation, new.settings.server.workers, LIVE_ACK_TIMEOUT_S)
         if missing:  # some tier may not run the new live values: every tier goes back to the running ones
             await supervisor.push_live(supervisor.generation, running_frontend_workers, LIVE_ACK_TIMEOUT_S)
@@ -142,6 +186,35 @@ class Reloader:
             return self.report(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
         await supervisor.owned(supervisor.adopt, new, generation)
         return self.report(trigger, started, "applied", diff=diff, notes=notes, restarted=restarted)
+
+    async def _switch(self, beside: Beside, server: ServerSettings) -> list[str]:
+        """Commit the tiers started beside the serving ones: all switch at once (nothing here can
+        fail), then the old ones drain and stop, side by side. The tiers switched."""
+        supervisor = self.supervisor
+        switched: list[str] = []
+        retiring: list[Awaitable[None]] = []
+        if beside.worker is not None:
+            await supervisor.owned(supervisor.switch_worker, *beside.worker)
+            retiring.append(supervisor.retire_worker(beside.worker[0]))
+        if beside.tokenizers is not None:
+            await supervisor.owned(supervisor.switch_tokenizers, *beside.tokenizers)
+            retiring.append(supervisor.retire_tokenizers(beside.tokenizers[0]))
+            switched.append("tokenizer")
+        if beside.frontend is not None:
+            listener = beside.listener or supervisor.listener
+            retiring.append(supervisor.switch_frontend(*beside.frontend, server, listener))
+            switched.append("frontend")
+        await asyncio.gather(*retiring)
+        return switched
+
+    async def _withdraw(self, beside: Beside) -> None:
+        """A reload failed before switching: stop what it started beside the serving tiers."""
+        supervisor = self.supervisor
+        if beside.frontend is not None:
+            await supervisor.withdraw_frontend(beside.frontend[1])
+        await supervisor.withdraw([c for c in beside.started() if c.tier != "frontend"])
+        if beside.listener is not None:
+            beside.listener.close()
 
     async def _undo(self, restarted: list[str]) -> None:
         """Put back tiers of the running config where a failed reload had replaced them."""

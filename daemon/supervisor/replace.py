@@ -1,12 +1,15 @@
 """How a reload replaces each tier, and pushes live settings: the mechanics under the
 transaction in reload.py (which decides what to replace, in which order, and how to
-roll back).
+roll back). Each tier has a start (prepare: beside the serving one), a switch (commit)
+and a retirement of the old one, and a composite `replace_*` for a rollback.
 
-- worker: drain (the scheduler holds new requests while the old worker finishes,
-  then the new one loads) or blue-green (the new one loads beside the old one);
-- tokenizer: a new pool starts, new requests go to it, the old one drains;
-- front-end: a new Granian instance accepts on the same (or a newly bound)
-  listening socket, then the old one drains its requests and streams.
+- worker: blue-green (the new one loads beside the old one and waits on standby until
+  the switch) or drain (the scheduler holds new requests while the old worker
+  finishes, then the new one loads: no standby, it is all commit);
+- tokenizer: a new pool starts on standby; at the switch new requests go to it and
+  the old one drains;
+- front-end: a new Granian instance accepts on the same (or a newly bound) listening
+  socket from its start; at the switch the old one drains its requests and streams.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from daemon.ipc.messages import (
     EngineBeside,
     EngineHold,
     EngineHoldAbandoned,
+    EngineSwitch,
     FrontendRetiring,
     encode,
 )
@@ -57,13 +61,15 @@ class TierReplacement:
 
         A tier that acknowledged now belongs to `generation`: if it dies later, it restarts with it."""
         await self.owned(self._push, generation)
-        expected = {c.name: c for c in self.children if c.tier != "frontend"}
+        # A tier started with `generation` (a reload's new tier, or one restarted since) runs it
+        # already, and may still be loading, deaf to the push.
+        expected = {c.name: c for c in self.children if c.tier != "frontend" and c.generation != generation}
         deadline = time.monotonic() + timeout
         while True:
             acked = self._applied.get(generation, set())
             missing = [name for name, c in expected.items() if c.pid not in acked]
             frontends = len(acked - {c.pid for c in self.children})
-            if frontends < frontend_workers:
+            if frontends < frontend_workers and self._child("frontend").generation != generation:
                 missing.append(f"{frontend_workers - frontends} front-end worker(s)")
             if not missing or time.monotonic() > deadline:
                 await self.owned(self._belong_to, generation, acked)
@@ -89,14 +95,19 @@ class TierReplacement:
 
     async def replace_worker(self, generation: int, *, mode: str = "drain") -> str:
         """Replace the model worker with one running `generation` in `mode` (runtime.model_reload),
-        and say which mode it took; TierStartFailed if it does not come up, after making sure
-        that one running the current generation serves.
-
-        Drain mode: the scheduler holds new requests meanwhile and lets those running finish on
-        the old worker (bounded by runtime.drain_timeout_s), then the new one loads. Blue-green:
-        the new one loads beside the old, which keeps serving; drain mode if it does not fit."""
-        if mode == "blue_green" and await self._replace_worker_beside(generation):
+        start to end, and say which mode it took (what a rollback does; a reload prepares and
+        commits in steps)."""
+        if mode == "blue_green" and (beside := await self.start_worker_beside(generation)) is not None:
+            await self.owned(self.switch_worker, *beside)
+            await self.retire_worker(beside[0])
             return "blue_green"
+        await self.replace_worker_draining(generation)
+        return "drain"
+
+    async def replace_worker_draining(self, generation: int) -> None:
+        """Drain mode: the scheduler holds new requests while those running finish on the old
+        worker (bounded by runtime.drain_timeout_s), then the new one loads. TierStartFailed if it
+        does not come up, after making sure that one running the current generation serves."""
         old = self._child("worker")
         await self.owned(self._hold_engine)
         await self._until_engine_idle(0)
@@ -111,38 +122,31 @@ class TierReplacement:
             except TierStartFailed as exc:  # the old config no longer starts either: nothing to serve with
                 await self.owned(self.give_up, f"the worker failed to start with the new config, then the old: {exc}")
             raise
-        return "drain"
 
     def _hold_engine(self) -> None:
         """The scheduler holds new requests and says when the worker's are done."""
         self._idle_epochs.discard(0)
         self._broadcast(EngineHold())
 
-    async def _replace_worker_beside(self, generation: int) -> bool:
-        """Blue-green: start a worker running `generation` beside the old one; the scheduler sends
-        new requests to it once it is up, and the old one is stopped when it has finished its
-        own. False (nothing changed) if the new one does not fit in memory beside the old;
-        TierStartFailed (the old one still serving, untouched) if it fails otherwise."""
+    async def start_worker_beside(self, generation: int) -> tuple[Child, Child] | None:
+        """Blue-green prepare: start a worker running `generation` beside the serving one, which
+        goes on serving alone; (serving, new), or None (nothing changed) if the new one does not
+        fit in memory beside it. TierStartFailed (nothing changed) if it fails otherwise."""
         old = self._child("worker")
-        new = Child("worker", old.index, old.module, epoch=old.epoch, deaths=old.deaths, restarts=old.restarts)
+        new = Child(
+            "worker", old.index, old.module, epoch=old.epoch, deaths=old.deaths, restarts=old.restarts, standby=True
+        )
         try:
             await self.owned(self._start_beside, old, new, generation)
             await self._until_ready(new)
         except StartupFailed as exc:
             no_room = new.process is not None and new.process.returncode == EXIT_NO_ROOM_BESIDE
-            await self._abandon(new)
-            await self.owned(self._broadcast, EngineBeside(0))
+            await self.withdraw([new])
             if no_room:
                 log.warning("reload.no_room_beside", detail="the model worker is replaced in drain mode")
-                return False
+                return None
             raise TierStartFailed(str(exc)) from None
-        await self.owned(self._take_over, old, new)
-        await self._until_engine_idle(old.epoch, old)
-        if old.process is not None and old.process.returncode is not None:  # it died meanwhile
-            await self.owned(self._publish, old, "down")  # the scheduler fails what still ran on it
-        await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
-        await self.owned(self._forget, old)
-        return True
+        return old, new
 
     async def _start_beside(self, old: Child, new: Child, generation: int) -> None:
         """Start `new` beside the worker `old`, the scheduler told first which epoch to expect."""
@@ -151,10 +155,25 @@ class TierReplacement:
         self._broadcast(EngineBeside(self._worker_epoch + 1))  # what _start makes the new one's epoch
         await self._start(new, generation, beside=True)
 
-    def _take_over(self, old: Child, new: Child) -> None:
-        """`new` is up in `old`'s place: supervised from now on; `old` is not to be restarted."""
-        self._supervise(new)
+    def switch_worker(self, old: Child, new: Child) -> None:
+        """Commit a blue-green worker: `new` serves in `old`'s place (published "up"), supervised
+        from now on; `old` (perhaps restarted during the reload: the scheduler hears its epoch
+        now) is not to be restarted."""
         old.retiring = True
+        new.standby = False
+        self._idle_epochs.discard(old.epoch)
+        self._broadcast(EngineSwitch(new.epoch, old.epoch))
+        self._publish(new, "up")
+        self._supervise(new)
+
+    async def retire_worker(self, old: Child) -> None:
+        """Once the scheduler says the replaced worker `old` finished its requests (bounded by
+        runtime.drain_timeout_s), stop it."""
+        await self._until_engine_idle(old.epoch, old)
+        if old.process is not None and old.process.returncode is not None:  # it died meanwhile
+            await self.owned(self._publish, old, "down")  # the scheduler fails what still ran on it
+        await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
+        await self.owned(self._forget, old)
 
     def _forget(self, child: Child) -> None:
         """`child` is gone for good (a reload replaced it)."""
@@ -203,22 +222,25 @@ class TierReplacement:
         await self._start(new, generation)
 
     async def replace_tokenizers(self, generation: int, workers: int) -> None:
-        """Start a new tokenizer pool of `workers` running `generation`, send new requests to it,
-        and let the old pool finish what it holds; TierStartFailed (old pool untouched) if the
-        new one does not come up."""
-        old = [c for c in self.children if c.tier == "tokenizer"]
-        first = max(c.index for c in old) + 1  # new indices: requests name the worker that has them
-        new = [Child("tokenizer", first + i, "daemon.tokenizer") for i in range(workers)]
+        """Replace the tokenizer pool with `workers` running `generation`, start to end."""
+        old, new = await self.start_tokenizers(generation, workers)
+        await self.owned(self.switch_tokenizers, old, new)
+        await self.retire_tokenizers(old)
+
+    async def start_tokenizers(self, generation: int, workers: int) -> tuple[list[Child], list[Child]]:
+        """Prepare: start a new pool of `workers` running `generation` beside the serving one,
+        which no front-end sends to before it commits; (serving pool, new pool). TierStartFailed
+        (nothing changed) if the new one does not come up."""
+        old = [c for c in self.children if c.tier == "tokenizer" and not c.retiring]
+        first = max(c.index for c in self.children if c.tier == "tokenizer") + 1  # requests name their worker
+        new = [Child("tokenizer", first + i, "daemon.tokenizer", standby=True) for i in range(workers)]
         try:
             await self.owned(self._start_after, old[-1], new, generation)
-            for child in new:
-                await self._until_ready(child)  # "up": the front-ends route to it from now on
+            await self._all_ready(new)
         except StartupFailed as exc:
-            for child in new:
-                await self._abandon(child)
+            await self.withdraw(new)
             raise TierStartFailed(str(exc)) from None
-        await self.owned(self._replace_pool, old, new)
-        await self._retire(old, self.settings.runtime.drain_timeout_s)
+        return old, new
 
     async def _start_after(self, last: Child, new: list[Child], generation: int) -> None:
         """Start `new`, listed after `last`."""
@@ -227,12 +249,19 @@ class TierReplacement:
         for child in new:
             await self._start(child, generation)
 
-    def _replace_pool(self, old: list[Child], new: list[Child]) -> None:
+    def switch_tokenizers(self, old: list[Child], new: list[Child]) -> None:
+        """Commit a tokenizer pool: the front-ends send new requests to `new` ("up"), and `old`
+        leaves their pools ("draining"), finishes its requests and exits."""
         for child in new:
+            child.standby = False
+            self._publish(child, "up")
             self._supervise(child)
         for child in old:
             child.retiring = True
-            self._publish(child, "draining")  # it leaves the pools, finishes its requests, and exits
+            self._publish(child, "draining")
+
+    async def retire_tokenizers(self, old: list[Child]) -> None:
+        await self._retire(old, self.settings.runtime.drain_timeout_s)
 
     def listener_for(self, server: ServerSettings) -> socket.socket:
         """The listening socket a front-end with `server` serves from: the running one, or a new
@@ -245,14 +274,20 @@ class TierReplacement:
             raise TierStartFailed(str(exc)) from None
 
     async def replace_frontend(self, generation: int, server: ServerSettings, listener: socket.socket) -> None:
-        """Start a front-end running `generation` beside the running one, then drain the old one.
+        """Replace the front-end with one running `generation` on `listener`, start to end."""
+        old, new = await self.start_frontend(generation, server, listener)
+        await self.switch_frontend(old, new, server, listener)
 
-        Both accept from the same listening socket (`listener`, a new one if the address
-        changed), so connections queued meanwhile are served by whichever accepts them, never
-        reset. TierStartFailed (old front-end untouched) if the new one does not come up; the
-        caller then closes a new `listener`."""
+    async def start_frontend(
+        self, generation: int, server: ServerSettings, listener: socket.socket
+    ) -> tuple[Child, Child]:
+        """Prepare: start a front-end running `generation` beside the running one; (running, new).
+
+        Unlike the other tiers it serves from its start: both accept from the same listening
+        socket (`listener`, a new one if the address changed), so connections queued meanwhile
+        are served by whichever accepts them, never reset. TierStartFailed (old front-end
+        untouched) if the new one does not come up; the caller then closes a new `listener`."""
         old = self._child("frontend")
-        moved = listener is not self.listener
         new = Child(
             "frontend",
             0,
@@ -266,14 +301,16 @@ class TierReplacement:
             await self.owned(self._start_frontend, new, generation, listener)
             await self._until_ready(new)
         except StartupFailed as exc:
-            await self._abandon(new)
+            await self.withdraw([new])
             raise TierStartFailed(str(exc)) from None
+        return old, new
+
+    async def switch_frontend(self, old: Child, new: Child, server: ServerSettings, listener: socket.socket) -> None:
+        """Commit a front-end: `new` serves alone from `listener`, `old` drains and stops."""
+        moved = listener is not self.listener
         await asyncio.sleep(HANDOVER_SETTLE_S)
         await self.owned(self._supervise, new)
-        # HTTP/1.1 has no "go away" for idle keep-alive connections, which Granian closes when it
-        # stops: first let the clients of the old instance leave them after their next answer.
-        await self.owned(self._broadcast, FrontendRetiring(old.pid))  # type: ignore[arg-type]
-        await asyncio.sleep(HANDOVER_CLOSE_S)
+        await self._retire_frontend(old)
         previous = self.listener
         await self.owned(self._hand_over, old, listener, server)
         if moved:  # the new address serves from now on; the old one refuses once the old instance stops
@@ -285,6 +322,20 @@ class TierReplacement:
             await refuse
             previous.close()  # type: ignore[union-attr]
 
+    async def _retire_frontend(self, child: Child) -> None:
+        """HTTP/1.1 has no "go away" for idle keep-alive connections, which Granian closes when it
+        stops: first let the clients of `child` leave them after their next answer."""
+        await self.owned(self._broadcast, FrontendRetiring(child.pid))  # type: ignore[arg-type]
+        await asyncio.sleep(HANDOVER_CLOSE_S)
+
+    async def withdraw_frontend(self, new: Child) -> None:
+        """Roll back a front-end a reload started: it drains (it may have served) and stops; the
+        running one serves on alone."""
+        await self.owned(self._retire_one, new)
+        await self._retire_frontend(new)
+        await self._terminate([new], signal.SIGTERM, self.settings.runtime.drain_timeout_s + STOP_GRACE_S)
+        await self.owned(self._forget_abandoned, new)
+
     async def _start_frontend(self, new: Child, generation: int, listener: socket.socket) -> None:
         self.children.append(new)
         await self._start(new, generation, listener)
@@ -294,17 +345,21 @@ class TierReplacement:
         old.retiring = True
         self.listener, self.listener_address = listener, address(server)
 
-    async def _abandon(self, child: Child) -> None:
-        """Kill a child started by a reload that failed, and forget it."""
-        await self.owned(kill, child)
-        if child.process is not None:
-            await child.process.wait()
-        await self.owned(self._forget_abandoned, child)
+    async def withdraw(self, children: list[Child]) -> None:
+        """Kill children a reload started that serve nothing yet (it failed), and forget them."""
+        for child in children:
+            await self.owned(kill, child)
+        for child in children:
+            if child.process is not None:
+                await child.process.wait()
+            await self.owned(self._forget_abandoned, child)
 
     def _forget_abandoned(self, child: Child) -> None:
         self.remove_sockets(child)
         self._publish(child, "stopped")
         self._forget(child)
+        if child.tier == "worker":
+            self._broadcast(EngineBeside(0))  # the scheduler expects none beside the serving one
 
     async def _retire(self, children: list[Child], grace: float) -> None:
         """Wait for draining `children` to exit by themselves, then stop the laggards."""

@@ -33,7 +33,7 @@ class StatusReports:
     def _publish(self, child: Child, state: str, *, restarting: bool = False) -> None:
         """Tell every tier (events socket) and every reader of status.json what became of `child`."""
         self._broadcast(TierEvent(child.tier, child.index, child.epoch, state, child.model, restarting))  # type: ignore[arg-type]
-        if state in ("starting", "up", "draining", "down", "stopped"):
+        if state in ("starting", "standby", "up", "draining", "down", "stopped"):
             child.state, child.since = state, time.time()
             self.write_status()
 
