@@ -50,7 +50,6 @@ from daemon.tier import EXIT_NO_ROOM_BESIDE, STOP_SIGNAL
 log = structlog.get_logger("daemon.supervisor")
 
 HANDOVER_CLOSE_S = 1.0  # answers with Connection: close from the old front-end before it stops
-HANDOVER_SETTLE_S = 0.3  # after a new front-end's workers report, before the old one stops accepting
 
 
 class TierReplacement:
@@ -307,8 +306,9 @@ class TierReplacement:
 
     async def switch_frontend(self, old: Child, new: Child, server: ServerSettings, listener: socket.socket) -> None:
         """Commit a front-end: `new` serves alone from `listener`, `old` drains and stops."""
+        # No wait for the new instance to reach accept(): both share one listening socket, so a
+        # connection the old one no longer takes waits in the backlog for the new one, never reset.
         moved = listener is not self.listener
-        await asyncio.sleep(HANDOVER_SETTLE_S)
         await self.owned(self._supervise, new)
         await self._retire_frontend(old)
         previous = self.listener
