@@ -1,10 +1,15 @@
-"""Fault injection on the real daemon: killed tiers, a killed supervisor, SIGTERM under load,
-clients that leave, a crash loop, damaged model directories and stale socket directories.
+"""Fault injection on the real daemon: killed tiers, clients that leave, a crash loop, damaged
+model directories, stale socket directories, a killed supervisor and SIGTERM under load.
 
 Every test runs real processes and real clients. Every load is bounded in count and in
 time (a request that hangs is recorded as a hang, never waited on forever), and every
 daemon is stopped by the `launch` fixture even when the test fails; the fixture also
 checks that nothing carrying DAEMON_PARENT_PID=<supervisor pid> outlives it.
+
+A start takes seconds, most of a short fault test: the tests whose fault the daemon recovers
+from share one daemon for each set of settings (`shared`, from the module's Pool), each
+leaving it serving again for the next, and at the end the tests that kill or stop a daemon
+`take` the one the tests before them shared (so the supervisor and SIGTERM tests come last).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +112,110 @@ def tier_state(daemon: RunningDaemon) -> dict[str, dict]:
     return {f"{t['tier']}-{t['index']}": t for t in status["tiers"]}
 
 
+@dataclass
+class Pool:
+    """The daemons tests share, one for each set of settings (a start costs seconds, most of a short
+    fault test). A test that shares one leaves it as it found it: serving, every tier up, its engine
+    idle, every process accounted for; else the daemon is stopped and dropped (the next test gets a
+    new one) and the test fails in its teardown. A test that ends a daemon takes it out of the pool.
+    At the module's end each daemon left stops cleanly (exit 0) and leaves no process behind."""
+
+    base: Path
+    cache_dir: Path
+    daemons: dict[tuple, RunningDaemon] = dataclasses.field(default_factory=dict)
+    runtime_dirs: list[Path] = dataclasses.field(default_factory=list)
+
+    @staticmethod
+    def key(settings: dict[str, object]) -> tuple:
+        return tuple(sorted((k, str(v)) for k, v in settings.items()))
+
+    def get(self, settings: dict[str, object]) -> RunningDaemon:
+        key = self.key(settings)
+        if key not in self.daemons:
+            directory = self.base / f"d{len(list(self.base.iterdir()))}"
+            directory.mkdir()
+            runtime_dir = short_dir()
+            self.runtime_dirs.append(runtime_dir)
+            self.daemons[key] = start_daemon(directory, runtime_dir, self.cache_dir, settings)
+        return self.daemons[key]
+
+    def take(self, settings: dict[str, object], launcher: Launcher) -> RunningDaemon:
+        """The daemon shared so far with `settings` (else a new one), for a test that ends it: it leaves the
+        pool for `launcher`, whose fixture stops it and checks that nothing outlives it."""
+        daemon = self.get(settings)
+        del self.daemons[self.key(settings)]
+        launcher.started.append(daemon)
+        return daemon
+
+    def check_recovered(self, daemon: RunningDaemon) -> None:
+        """The daemon serves again with every tier up and its engine idle (within RECOVERY_S), else
+        it is stopped, dropped from the pool, and the test's teardown fails."""
+
+        def recovered() -> bool:
+            if daemon.process.poll() is not None:
+                raise AssertionError(f"the shared daemon exited ({daemon.process.returncode})")
+            tiers = tier_state(daemon)
+            if not all(t["state"] == "up" for t in tiers.values()):
+                return False
+            if get_completion(daemon).kind != "complete":
+                return False
+            running, free, total = engine_figures(daemon)
+            return running == 0 and free == total > 0
+
+        try:
+            until(recovered, RECOVERY_S, interval=0.2, what="the shared daemon serving again, its engine idle")
+            assert not unaccounted(daemon), describe(unaccounted(daemon))
+        except AssertionError as exc:
+            self.daemons = {k: d for k, d in self.daemons.items() if d is not daemon}
+            stopped = self._stop(daemon)
+            raise AssertionError(f"{exc}\n{daemon.log_tail(25)}\nstopped: {stopped}") from None
+
+    @staticmethod
+    def _stop(daemon: RunningDaemon) -> str | None:
+        """Stop it (SIGTERM, SIGKILL after 30 s); what went wrong, if anything: an exit status
+        other than 0, processes still there ORPHAN_BOUND_S after the supervisor exited."""
+        status = daemon.terminate(30)
+        left = describe(wait_gone(daemon.pid, ORPHAN_BOUND_S))
+        daemon.stop()
+        return None if status == 0 and not left else f"exit {status}, outlived it: {left}"
+
+    def close(self) -> None:
+        failures = {d.pid: problem for d in self.daemons.values() if (problem := self._stop(d))}
+        self.daemons.clear()
+        for runtime_dir in self.runtime_dirs:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+        assert not failures, f"shared daemons that did not stop cleanly: {failures}"
+
+
+@pytest.fixture(scope="module")
+def daemon_pool(tmp_path_factory, model_cache: Path) -> Iterator[Pool]:
+    pool = Pool(tmp_path_factory.mktemp("pool"), model_cache)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+# The settings of the daemon most recoverable faults share: the model reload test's drain, long
+# enough that a reload waiting it out would show.
+SHARED = {"runtime.drain_timeout_s": 30}
+
+
+@pytest.fixture
+def shared(daemon_pool: Pool) -> Iterator[Callable[..., RunningDaemon]]:
+    """shared(settings): the pool's daemon for `settings`, serving; after the test, it must serve again."""
+    used: dict[int, RunningDaemon] = {}
+
+    def get(settings: dict[str, object] = SHARED) -> RunningDaemon:
+        daemon = daemon_pool.get(settings)
+        used[daemon.pid] = daemon
+        return daemon
+
+    yield get
+    for daemon in used.values():
+        daemon_pool.check_recovered(daemon)
+
+
 # --- clients ---------------------------------------------------------------------------------------
 
 
@@ -190,8 +299,10 @@ def wait_serving(daemon: RunningDaemon, timeout: float = RECOVERY_S) -> float:
 
 
 @pytest.mark.parametrize("tier", ["worker-0", "scheduler-0", "tokenizer-0", "frontend-0"])
-def test_kill_one_tier_under_load(launch, tier):
-    daemon = launch()
+def test_kill_one_tier_under_load(shared, tier):
+    """One daemon for the four: each kill is recovered from before the next (checked by `shared`),
+    and the daemon, four restarts later, stops cleanly at the module's end (checked by the pool)."""
+    daemon = shared()
     name, index = tier.rsplit("-", 1)
     old_pid = daemon.tier_pids()[tier]
     old_epoch = tier_state(daemon)[tier]["epoch"]
@@ -249,9 +360,6 @@ def test_kill_one_tier_under_load(launch, tier):
         assert gone <= sockets_before and not gone & left, left
     assert requests_answered(daemon) >= answered_before, "the request counters started again from 0"
 
-    assert daemon.stop() == 0, daemon.log_tail()
-    assert not wait_gone(daemon.pid, 2.0)
-
 
 def requests_answered(daemon: RunningDaemon) -> float:
     """daemon_requests_total over every endpoint and status: it survives front-end restarts."""
@@ -278,9 +386,13 @@ def connections_by_process(port: int, pids: list[int]) -> dict[int, int]:
     return counts
 
 
-def test_kill_one_frontend_worker_process_under_load(launch):
+# Two front-end worker processes (and two tokenizers, more of a tree for the supervisor's kill to take).
+TWO_FRONTEND_WORKERS = {"server.workers": 2, "tokenizer.workers": 2}
+
+
+def test_kill_one_frontend_worker_process_under_load(shared):
     """Granian's own worker processes: one dies, its clients see the connection go, the other's finish."""
-    daemon = launch({"server.workers": 2})
+    daemon = shared(TWO_FRONTEND_WORKERS)
     tiers = set(daemon.tier_pids().values())
     workers = sorted(set(descendants(daemon.pid)) - tiers)
     assert len(workers) == 2, describe(workers)
@@ -317,26 +429,28 @@ def test_kill_one_frontend_worker_process_under_load(launch):
     assert daemon.tier_pids()["frontend-0"] in descendants(daemon.pid)
     wait_serving(daemon)
     wait_engine_idle(daemon, timeout=5.0)  # the dead worker's requests were aborted in the engine
-    assert daemon.stop() == 0, daemon.log_tail()
 
 
 HANG_TIMEOUT_S = 3.0
+FROZEN = {"runtime.hang_timeout_s": HANG_TIMEOUT_S}
 
 
 @pytest.mark.parametrize("tier", ["worker-0", "scheduler-0", "tokenizer-0"])
-def test_frozen_tier_is_declared_hung_killed_and_restarted_under_load(launch, tier):
+def test_frozen_tier_is_declared_hung_killed_and_restarted_under_load(shared, tier):
     """SIGSTOP of a back-end tier under load: once it has been silent for runtime.hang_timeout_s it
     is declared hung and killed; every request in flight ends (an answer, or an explicit 503) within
-    that plus the kill bound; then the tier is back and serves."""
-    daemon = launch({"runtime.hang_timeout_s": HANG_TIMEOUT_S})
+    that plus the kill bound; then the tier is back and serves. One daemon for the three tiers."""
+    daemon = shared(FROZEN)
     name, index = tier.rsplit("-", 1)
     frozen = daemon.tier_pids()[tier]
+    epoch = tier_state(daemon)[tier]["epoch"]
+    mark = daemon.log.mark()
     load = burst(daemon)
     wait_in_flight(daemon, load)
     frozen_at = time.monotonic()
     os.kill(frozen, signal.SIGSTOP)
     try:
-        hung = daemon.wait_for_event("tier.hung", timeout=HANG_TIMEOUT_S + 10, tier=name, index=int(index))
+        hung = daemon.log.wait("tier.hung", since=mark, timeout=HANG_TIMEOUT_S + 10, tier=name, index=int(index))
         load.join(HANG_TIMEOUT_S + KILL_BOUND_S + READ_TIMEOUT_S + 5)
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -351,7 +465,7 @@ def test_frozen_tier_is_declared_hung_killed_and_restarted_under_load(launch, ti
     assert any(o.explicit_error for o in load.outcomes), f"the freeze hit no request in flight\n{report}"
     died = daemon.events("tier.died", child_pid=frozen)
     assert died and died[0]["status"] == -signal.SIGKILL, daemon.log_tail()
-    daemon.wait_for_event("tier.ready", timeout=RECOVERY_S, tier=name, index=int(index), epoch=2)
+    daemon.wait_for_event("tier.ready", timeout=RECOVERY_S, tier=name, index=int(index), epoch=epoch + 1)
     wait_serving(daemon)
 
 
@@ -359,11 +473,12 @@ def held_while_the_worker_restarts(daemon: RunningDaemon) -> tuple[Requests, int
     """kill -9 of the model worker, its successor stopped (SIGSTOP) as soon as it starts, so that it
     is surely not back; then a burst of requests: (the burst, the successor's PID, still stopped)
     once every request of it waits in the scheduler."""
+    epoch, mark = tier_state(daemon)["worker-0"]["epoch"], daemon.log.mark()
     os.kill(daemon.tier_pids()["worker-0"], signal.SIGKILL)
-    started = daemon.log.wait("tier.started", tier="worker", index=0, epoch=2, timeout=RECOVERY_S)
+    started = daemon.log.wait("tier.started", since=mark, tier="worker", index=0, epoch=epoch + 1, timeout=RECOVERY_S)
     successor = started["child_pid"]
     os.kill(successor, signal.SIGSTOP)
-    daemon.log.wait("scheduler.hold", reason="the model worker is restarting", timeout=10)
+    daemon.log.wait("scheduler.hold", since=mark, reason="the model worker is restarting", timeout=10)
     load = burst(daemon, max_tokens=8)
     until(
         lambda: scrape(daemon)[("daemon_queued_requests", ())] >= len(load.outcomes),
@@ -375,22 +490,23 @@ def held_while_the_worker_restarts(daemon: RunningDaemon) -> tuple[Requests, int
     return load, successor
 
 
-def test_requests_sent_while_the_worker_restarts_wait_for_it(launch):
+def test_requests_sent_while_the_worker_restarts_wait_for_it(shared):
     """A request that comes while the model worker restarts after a crash waits for it, as one does
     during a reload, rather than being refused: it is answered once the worker is back."""
-    daemon = launch()
+    daemon = shared()
+    mark = daemon.log.mark()
     load, successor = held_while_the_worker_restarts(daemon)
     os.kill(successor, signal.SIGCONT)
     load.join(RECOVERY_S + READ_TIMEOUT_S)
     assert all(o.kind == "complete" for o in load.outcomes), f"{load.report()}\n{daemon.log_tail(20)}"
-    ended = daemon.log.wait("scheduler.hold_ended", timeout=5)
+    ended = daemon.log.wait("scheduler.hold_ended", since=mark, timeout=5)
     assert ended["waited"] == len(load.outcomes), ended
 
 
-def test_requests_waiting_for_a_worker_that_does_not_come_back_end_with_a_503(launch):
+def test_requests_waiting_for_a_worker_that_does_not_come_back_end_with_a_503(shared, long_context_model):
     """The wait is bounded by runtime.drain_timeout_s: then each request gets a 503 that says why."""
-    drain_timeout = 2.0
-    daemon = launch({"runtime.drain_timeout_s": drain_timeout})
+    drain_timeout = SHORT_DRAIN_S
+    daemon = shared(clients_settings(long_context_model))  # runtime.drain_timeout_s = SHORT_DRAIN_S
     load, successor = held_while_the_worker_restarts(daemon)
     try:
         outcomes = load.join(drain_timeout + KILL_BOUND_S)
@@ -404,14 +520,15 @@ def test_requests_waiting_for_a_worker_that_does_not_come_back_end_with_a_503(la
     wait_serving(daemon)  # and the worker, once thawed, serves
 
 
-def test_model_reload_while_the_worker_restarts_does_not_wait_out_a_drain(launch):
+def test_model_reload_while_the_worker_restarts_does_not_wait_out_a_drain(shared):
     """A drain-mode model reload asked while a crashed worker restarts: no worker runs anything, so
     the scheduler says so at once and the reload goes on (it once waited out runtime.drain_timeout_s
     for a worker that was not there); the requests held meanwhile run on the new worker."""
-    daemon = launch({"runtime.drain_timeout_s": 30})
+    daemon = shared(SHARED)  # runtime.drain_timeout_s = 30
     load, successor = held_while_the_worker_restarts(daemon)
     mark = daemon.log.mark()
     text = daemon.config_path.read_text()
+    assert "seed" not in text
     daemon.config_path.write_text(text.replace('path = "builtin:demo"', 'path = "builtin:demo"\nseed = 7'))
     os.kill(daemon.pid, signal.SIGHUP)
     try:
@@ -425,10 +542,11 @@ def test_model_reload_while_the_worker_restarts_does_not_wait_out_a_drain(launch
     assert all(o.kind == "complete" for o in load.outcomes), f"{load.report()}\n{daemon.log_tail(20)}"
 
 
-def test_frontend_workers_never_outlive_their_tier_process(launch):
-    daemon = launch()
+def test_frontend_workers_never_outlive_their_tier_process(shared):
+    daemon = shared()
+    epoch = tier_state(daemon)["frontend-0"]["epoch"]
     os.kill(daemon.tier_pids()["frontend-0"], signal.SIGKILL)
-    started = daemon.wait_for_event("tier.started", timeout=15, tier="frontend", epoch=2)
+    started = daemon.wait_for_event("tier.started", timeout=15, tier="frontend", epoch=epoch + 1)
     frontend = started["child_pid"]
     # catch the new front-end's first worker process as it is born, before it has run any of our code
     worker = until(lambda: children(frontend), 15, interval=0.001, what="a front-end worker process").pop()
@@ -438,7 +556,7 @@ def test_frontend_workers_never_outlive_their_tier_process(launch):
         until(lambda: parent(worker) != frontend, 5, interval=0.01, what="the worker orphaned")
     finally:
         os.kill(worker, signal.SIGCONT)
-    daemon.wait_for_event("tier.ready", timeout=20, tier="frontend", epoch=3)
+    daemon.wait_for_event("tier.ready", timeout=20, tier="frontend", epoch=epoch + 2)
     # thawed, it dies with its parent (or, the bug, starts serving): gone within 3 s
     deadline = time.monotonic() + 3.0
     until(
@@ -457,9 +575,19 @@ def test_frontend_workers_never_outlive_their_tier_process(launch):
     )
 
 
-def test_kill_one_of_two_tokenizers_fails_only_its_requests(launch):
-    daemon = launch({"tokenizer.workers": 2})
+# Two tokenizers, one front-end worker process.
+TWO_TOKENIZERS = {"tokenizer.workers": 2}
+
+
+def tokenizer_restarts(daemon: RunningDaemon) -> tuple[float, float]:
+    samples = scrape(daemon)
+    return tuple(samples[("daemon_tier_restarts_total", (("index", i), ("tier", "tokenizer")))] for i in "01")
+
+
+def test_kill_one_of_two_tokenizers_fails_only_its_requests(shared):
+    daemon = shared(TWO_TOKENIZERS)
     old_pid = daemon.tier_pids()["tokenizer-1"]
+    epoch, restarts = tier_state(daemon)["tokenizer-1"]["epoch"], tokenizer_restarts(daemon)
     load = burst(daemon)  # one front-end worker sends requests to the tokenizers in turn
     wait_in_flight(daemon, load)
     killed_at = time.monotonic()
@@ -475,185 +603,33 @@ def test_kill_one_of_two_tokenizers_fails_only_its_requests(launch):
     failed = sum(o.kind != "complete" for o in load.outcomes)
     assert failed == len(load.outcomes) // 2, f"requests on tokenizer-0 must not suffer:\n{report}"
 
-    daemon.wait_for_event("tier.ready", timeout=10, tier="tokenizer", index=1, epoch=2)
+    daemon.wait_for_event("tier.ready", timeout=10, tier="tokenizer", index=1, epoch=epoch + 1)
     assert daemon.tier_pids()["tokenizer-1"] != old_pid
     wait_serving(daemon)
     wait_engine_idle(daemon, timeout=5.0)
-    samples = scrape(daemon)
-    assert samples[("daemon_tier_restarts_total", (("index", "1"), ("tier", "tokenizer")))] == 1
-    assert samples[("daemon_tier_restarts_total", (("index", "0"), ("tier", "tokenizer")))] == 0
-    assert daemon.stop() == 0, daemon.log_tail()
+    assert tokenizer_restarts(daemon) == (restarts[0], restarts[1] + 1)  # tokenizer-1's, not tokenizer-0's
 
 
-# --- 2. kill -9 of the supervisor -----------------------------------------------------------------
+# --- 2. clients that leave ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [{}, {"server.workers": 2, "tokenizer.workers": 2}],
-    ids=["one-frontend-worker", "two-frontend-workers"],
-)
-def test_kill_supervisor_takes_every_process_with_it(launch, settings):
-    daemon = launch(settings)
-    tiers = set(daemon.tier_pids().values())
-    tree = set(descendants(daemon.pid))
-    granian_workers = tree - tiers
-    assert tiers <= tree
-    assert len(granian_workers) >= settings.get("server.workers", 1), describe(sorted(tree))
-
-    client = Requests(daemon.url, [Client("h2", stream=True)], dataclasses.replace(LOAD, max_tokens=1500))
-    client.wait_streaming(10)
-
-    killed_at = time.monotonic()
-    daemon.process.kill()
-    daemon.process.wait(5)
-    left = wait_gone(daemon.pid, ORPHAN_BOUND_S)
-    assert not left, f"still alive {ORPHAN_BOUND_S} s after the supervisor died: {describe(left)}"
-    (stream,) = client.join(KILL_BOUND_S)
-    assert stream.kind == "cut", stream  # the connection went in the middle of the answer
-    assert stream.ended_at - killed_at <= KILL_BOUND_S
+SHORT_DRAIN_S = 2.0
 
 
-@pytest.mark.parametrize("tier", ["worker", "frontend"])
-def test_kill_supervisor_while_tiers_start(launch, tier):
-    """The worker is still importing torch, or the front-end still spawning its workers: they go too."""
-    daemon = launch(wait=False)
-    started = until(
-        lambda: daemon.events("tier.started", tier=tier),
-        60,
-        interval=0.005,
-        what=f"{tier} starting",
-    )
-    if tier == "frontend":
-        until(lambda: children(started[0]["child_pid"]), 10, interval=0.002, what="a front-end worker process")
-    tree = descendants(daemon.pid)
-    daemon.process.kill()
-    daemon.process.wait(5)
-    # a tier notices only once its imports are done (torch takes a second or so): a little more than 2 s
-    left = wait_gone(daemon.pid, ORPHAN_BOUND_S + 1.0)
-    assert not left, f"of {describe(tree)}, still alive: {describe(left)}"
+def clients_settings(model: Path) -> dict[str, object]:
+    """The long-context model; one request runs at a time, a second one waits in the queue. A short
+    drain: for the requests that wait for a worker in vain, and for the SIGTERM test that cuts a
+    request at the drain timeout (it takes this daemon, last)."""
+    return {
+        **long_context_settings(model),
+        "scheduler.max_running_requests": 1,
+        "runtime.drain_timeout_s": SHORT_DRAIN_S,
+    }
 
 
-# --- 3. SIGTERM under load ------------------------------------------------------------------------
-
-
-def draining(daemon: RunningDaemon) -> bool:
-    """The front-end says it is stopping (/health_generate answers 503), or takes no connection any more."""
-    try:
-        return httpx.get(daemon.url + "/health_generate", timeout=10).status_code == 503
-    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
-        return True
-
-
-def test_sigterm_drains_requests_in_flight_then_exits_cleanly(launch, tmp_path):
-    # a drain long enough for the load even on a slow, shared machine
-    daemon = launch({"runtime.drain_timeout_s": 40})
-    # HTTP/2 by curl (nghttp2): Python's h2 treats the GOAWAY of a graceful shutdown as the end of the
-    # connection, so httpx loses its streams in flight on every drain
-    clients = [Client("h1", stream, chat) for stream in (True, False) for chat in (False, True)]
-    clients += [Client("curl", stream) for stream in (True, False)] if shutil.which("curl") else []
-    load = Requests(daemon.url, clients, dataclasses.replace(LOAD, directory=tmp_path, curl_max_time=60))
-    wait_in_flight(daemon, load)
-
-    daemon.process.send_signal(signal.SIGTERM)
-    signalled = time.monotonic()
-    daemon.wait_for_event("daemon.stopping", timeout=5)
-    until(lambda: draining(daemon), 5, interval=0.02, what="the front-end draining", retry_on=(httpx.TimeoutException,))
-    late: list[Outcome] = []
-    while daemon.process.poll() is None and len(late) < 6:  # requests started during the drain
-        stream, http2 = len(late) % 2 == 0, len(late) % 3 == 0
-        late.append(get_completion(daemon, stream=stream, http2=http2, label=f"late-{len(late)}"))
-        time.sleep(0.3)  # the late requests' pace: spread over the drain
-
-    outcomes = load.join(60)
-    report = f"{load.report()}\nlate: {late}\n{daemon.log_tail(30)}"
-    assert all(o.kind == "complete" for o in outcomes), report
-    assert late, "the daemon exited before any request could be tried during the drain"
-    for outcome in late:
-        assert outcome.kind == "http-error" or outcome.connection_lost, report
-        assert outcome.kind != "http-error" or outcome.status == 503, report
-        assert outcome.ended_at - signalled < 10, report
-
-    assert daemon.process.wait(30) == 0, daemon.log_tail()
-    assert not wait_gone(daemon.pid, 2.0), describe(descendants(daemon.pid))
-    assert not daemon.socket_dir.exists()
-    assert daemon.events("daemon.stopped"), daemon.log_tail()
-    with pytest.raises(httpx.ConnectError):  # nothing listens any more
-        httpx.get(daemon.url + "/health", timeout=2)
-
-
-def test_sigterm_cuts_requests_that_outlast_the_drain_timeout(launch, long_context_model):
-    daemon = launch({**long_context_settings(long_context_model), "runtime.drain_timeout_s": 2})
-    options = dataclasses.replace(LOAD, max_tokens=LONG["max_tokens"])
-    client = Requests(daemon.url, [Client("h1", stream=True)], options)
-    client.wait_streaming(10)
-    daemon.process.send_signal(signal.SIGTERM)
-    signalled = time.monotonic()
-    (stream,) = client.join(KILL_BOUND_S + 5)  # else: the stream outlived the drain timeout by far
-    # cut at the drain timeout: the client sees the stream end without [DONE]
-    assert stream.kind in ("cut", "incomplete", "sse-error"), stream
-    assert 1.0 < stream.ended_at - signalled < 2 + 5, stream
-    assert daemon.process.wait(15) == 0, daemon.log_tail()
-    assert time.monotonic() - signalled < 2 + 5 + 5
-    assert not wait_gone(daemon.pid, 2.0), describe(descendants(daemon.pid))
-    assert not daemon.socket_dir.exists()
-
-
-def test_tier_dying_during_the_drain_fails_its_requests_at_once(launch):
-    daemon = launch({"runtime.drain_timeout_s": 8})
-    load = burst(daemon, max_tokens=1500, http2=False)
-    wait_in_flight(daemon, load)
-    worker = daemon.tier_pids()["worker-0"]
-    daemon.process.send_signal(signal.SIGTERM)
-    daemon.wait_for_event("daemon.stopping", timeout=5)
-    killed_at = time.monotonic()
-    os.kill(worker, signal.SIGKILL)
-    load.join(30)
-
-    report = f"{load.report()}\n{daemon.log_tail(20)}"
-    assert any(o.kind != "complete" for o in load.outcomes), f"the kill hit no request in flight\n{report}"
-    for outcome in load.outcomes:
-        assert outcome.kind == "complete" or outcome.kind in ("http-error", "sse-error"), report
-        assert outcome.kind == "complete" or outcome.ended_at - killed_at <= 4.0, report
-    assert daemon.process.wait(30) == 0, daemon.log_tail()
-    assert not wait_gone(daemon.pid, ORPHAN_BOUND_S), describe(descendants(daemon.pid))
-
-
-@pytest.mark.parametrize("moment", ["starting", "restart-backoff", "restarting"])
-def test_sigterm_while_starting_or_restarting_a_tier(launch, moment):
-    daemon = launch(wait=moment != "starting")
-    if moment == "starting":
-        daemon.wait_for_event("tier.started", timeout=30, tier="worker")
-    else:
-        os.kill(daemon.tier_pids()["worker-0"], signal.SIGKILL)
-        daemon.wait_for_event("tier.died", timeout=10, tier="worker")
-        if moment == "restarting":
-            daemon.wait_for_event("tier.started", timeout=10, tier="worker", epoch=2)
-    daemon.process.send_signal(signal.SIGTERM)
-    signalled = time.monotonic()
-    assert daemon.process.wait(15) == 0, daemon.log_tail()
-    assert time.monotonic() - signalled < 10
-    assert not wait_gone(daemon.pid, ORPHAN_BOUND_S), describe(descendants(daemon.pid))
-    assert not daemon.socket_dir.exists()
-    assert not daemon.events("daemon.failed"), daemon.log_tail()
-
-
-# --- 4. clients that leave ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shared_daemon(tmp_path_factory, model_cache, long_context_model) -> Iterator[RunningDaemon]:
-    runtime_dir = short_dir()
-    # one request runs at a time: a second one waits in the queue
-    settings = {**long_context_settings(long_context_model), "scheduler.max_running_requests": 1}
-    daemon = start_daemon(tmp_path_factory.mktemp("faults"), runtime_dir, model_cache, settings)
-    try:
-        yield daemon
-    finally:
-        status = daemon.stop()
-        left = kill_leftovers(daemon.pid)
-        shutil.rmtree(runtime_dir, ignore_errors=True)
-        assert status == 0 and not left, daemon.log_tail()
+@pytest.fixture
+def shared_daemon(shared, long_context_model) -> RunningDaemon:
+    return shared(clients_settings(long_context_model))
 
 
 def test_client_closing_a_stream_aborts_its_request(shared_daemon):
@@ -766,7 +742,24 @@ def test_http2_stream_reset_aborts_its_request_and_keeps_the_connection(shared_d
         client.close()
 
 
-# --- 5. crash loop --------------------------------------------------------------------------------
+def test_http2_connection_closed_with_streams_in_flight_aborts_them_all(shared_daemon):
+    """One running and several queued requests on one HTTP/2 connection; the client drops the connection."""
+    daemon = shared_daemon
+    wait_engine_idle(daemon, 10)
+    client = RawH2(daemon.port)
+    try:
+        for i in range(4):
+            client.request("POST", "/v1/completions", json.dumps({**LONG, "stream": True, "prompt": f"n{i}"}).encode())
+        until(lambda: scrape(daemon)[("daemon_queued_requests", ())] == 3, 5, what="three queued requests")
+        wait_engine_busy(daemon)
+    finally:
+        client.close()
+    took = wait_engine_idle(daemon, 10)
+    assert took <= ABORT_BOUND_S, f"the running request was freed only {took:.1f} s after the client left"
+    assert scrape(daemon)[("daemon_queued_requests", ())] == 0
+
+
+# --- 3. crash loop --------------------------------------------------------------------------------
 
 
 def test_worker_crash_loop_stops_the_daemon_with_an_error(launch):
@@ -816,7 +809,7 @@ def test_tier_that_cannot_restart_ends_in_a_crash_loop(launch, tmp_path, model_c
     assert not daemon.socket_dir.exists()
 
 
-# --- 6. damaged model directories -----------------------------------------------------------------
+# --- 4. damaged model directories -----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -1030,8 +1023,8 @@ def test_port_held_by_another_program_fails_the_start_promptly(launch):
     assert not daemon.socket_dir.exists()
 
 
-def test_second_daemon_on_a_port_in_use_refuses_to_start(launch):
-    first = launch()
+def test_second_daemon_on_a_port_in_use_refuses_to_start(launch, shared):
+    first = shared()
     second = launch({"server.port": first.port}, wait=False)
 
     def settled() -> str | None:
@@ -1049,28 +1042,35 @@ def test_second_daemon_on_a_port_in_use_refuses_to_start(launch):
     assert served_by == {first.pid}
 
 
-# --- 7. stale socket directories ------------------------------------------------------------------
+# --- 5. stale socket directories ------------------------------------------------------------------
 
 
-def test_stale_socket_dirs_of_a_killed_supervisor_are_removed_at_next_start(launch):
-    first = launch()
-    second = launch()  # beside a live daemon on the same runtime dir: its directory is left alone
-    assert first.socket_dir.is_dir() and get_completion(first).kind == "complete"
-    first.process.kill()
-    first.process.wait(5)
-    assert not wait_gone(first.pid, ORPHAN_BOUND_S)
-    stale = first.socket_dir
-    assert stale.is_dir() and any(stale.iterdir()), "a killed supervisor cannot clean up: its directory stays"
-    unrelated = launch.runtime_dir / "daemon-notapid"
-    unrelated.mkdir()
+def test_stale_socket_dirs_of_a_killed_supervisor_are_removed_at_next_start(shared, tmp_path, model_cache):
+    second = shared()  # a live daemon on the runtime dir: the directory of each is left alone
+    launch = Launcher(tmp_path, second.runtime_dir, model_cache, [])  # the shared daemon's runtime dir
+    unrelated = second.runtime_dir / "daemon-notapid"
+    try:
+        first = launch()  # beside the live one
+        assert first.socket_dir.is_dir() and get_completion(first).kind == "complete"
+        first.process.kill()
+        first.process.wait(5)
+        assert not wait_gone(first.pid, ORPHAN_BOUND_S)
+        stale = first.socket_dir
+        assert stale.is_dir() and any(stale.iterdir()), "a killed supervisor cannot clean up: its directory stays"
+        unrelated.mkdir()
 
-    third = launch()
-    assert not stale.exists()
-    assert second.socket_dir.is_dir() and unrelated.is_dir()
-    removed = third.events("supervisor.stale_socket_dir_removed")
-    assert [e["path"] for e in removed] == [str(stale)]
-    assert get_completion(third).kind == "complete"
-    assert get_completion(second).kind == "complete"
+        third = launch()
+        assert not stale.exists()
+        assert second.socket_dir.is_dir() and unrelated.is_dir()
+        removed = third.events("supervisor.stale_socket_dir_removed")
+        assert [e["path"] for e in removed] == [str(stale)]
+        assert get_completion(third).kind == "complete"
+        assert get_completion(second).kind == "complete"
+    finally:  # the launch fixture's teardown, but the runtime dir stays: the shared daemon's
+        survivors = {d.pid: left for d in launch.started if (left := d.stop_checked(30)[1])}
+        with contextlib.suppress(OSError):
+            unrelated.rmdir()
+    assert not survivors, f"processes outlived their supervisor: {survivors}"
 
 
 def test_stale_socket_dir_whose_pid_was_reused_is_removed(tmp_path):
@@ -1090,18 +1090,155 @@ def test_stale_socket_dir_whose_pid_was_reused_is_removed(tmp_path):
         reused.wait()
 
 
-def test_http2_connection_closed_with_streams_in_flight_aborts_them_all(shared_daemon):
-    """One running and several queued requests on one HTTP/2 connection; the client drops the connection."""
-    daemon = shared_daemon
-    wait_engine_idle(daemon, 10)
-    client = RawH2(daemon.port)
+# --- 6. kill -9 of the supervisor -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings", [TWO_TOKENIZERS, TWO_FRONTEND_WORKERS], ids=["one-frontend-worker", "two-frontend-workers"]
+)
+def test_kill_supervisor_takes_every_process_with_it(launch, daemon_pool, settings):
+    daemon = daemon_pool.take(settings, launch)  # the one the tests before shared, restarted tiers and all
+    tiers = set(daemon.tier_pids().values())
+    tree = set(descendants(daemon.pid))
+    granian_workers = tree - tiers
+    assert tiers <= tree
+    assert len(granian_workers) >= settings.get("server.workers", 1), describe(sorted(tree))
+
+    client = Requests(daemon.url, [Client("h2", stream=True)], dataclasses.replace(LOAD, max_tokens=1500))
+    client.wait_streaming(10)
+
+    killed_at = time.monotonic()
+    daemon.process.kill()
+    daemon.process.wait(5)
+    left = wait_gone(daemon.pid, ORPHAN_BOUND_S)
+    assert not left, f"still alive {ORPHAN_BOUND_S} s after the supervisor died: {describe(left)}"
+    (stream,) = client.join(KILL_BOUND_S)
+    assert stream.kind == "cut", stream  # the connection went in the middle of the answer
+    assert stream.ended_at - killed_at <= KILL_BOUND_S
+
+
+@pytest.mark.parametrize("tier", ["worker", "frontend"])
+def test_kill_supervisor_while_tiers_start(launch, tier):
+    """The worker is still importing torch, or the front-end still spawning its workers: they go too."""
+    daemon = launch(wait=False)
+    started = until(
+        lambda: daemon.events("tier.started", tier=tier),
+        60,
+        interval=0.005,
+        what=f"{tier} starting",
+    )
+    if tier == "frontend":
+        until(lambda: children(started[0]["child_pid"]), 10, interval=0.002, what="a front-end worker process")
+    tree = descendants(daemon.pid)
+    daemon.process.kill()
+    daemon.process.wait(5)
+    # a tier notices only once its imports are done (torch takes a second or so): a little more than 2 s
+    left = wait_gone(daemon.pid, ORPHAN_BOUND_S + 1.0)
+    assert not left, f"of {describe(tree)}, still alive: {describe(left)}"
+
+
+# --- 7. SIGTERM under load ------------------------------------------------------------------------
+
+
+def draining(daemon: RunningDaemon) -> bool:
+    """The front-end says it is stopping (/health_generate answers 503), or takes no connection any more."""
     try:
-        for i in range(4):
-            client.request("POST", "/v1/completions", json.dumps({**LONG, "stream": True, "prompt": f"n{i}"}).encode())
-        until(lambda: scrape(daemon)[("daemon_queued_requests", ())] == 3, 5, what="three queued requests")
-        wait_engine_busy(daemon)
-    finally:
-        client.close()
-    took = wait_engine_idle(daemon, 10)
-    assert took <= ABORT_BOUND_S, f"the running request was freed only {took:.1f} s after the client left"
-    assert scrape(daemon)[("daemon_queued_requests", ())] == 0
+        return httpx.get(daemon.url + "/health_generate", timeout=10).status_code == 503
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+        return True
+
+
+def test_sigterm_drains_requests_in_flight_then_exits_cleanly(launch, tmp_path):
+    # a drain long enough for the load even on a slow, shared machine
+    daemon = launch({"runtime.drain_timeout_s": 40})
+    # HTTP/2 by curl (nghttp2): Python's h2 treats the GOAWAY of a graceful shutdown as the end of the
+    # connection, so httpx loses its streams in flight on every drain
+    clients = [Client("h1", stream, chat) for stream in (True, False) for chat in (False, True)]
+    clients += [Client("curl", stream) for stream in (True, False)] if shutil.which("curl") else []
+    load = Requests(daemon.url, clients, dataclasses.replace(LOAD, directory=tmp_path, curl_max_time=60))
+    wait_in_flight(daemon, load)
+
+    daemon.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    daemon.wait_for_event("daemon.stopping", timeout=5)
+    until(lambda: draining(daemon), 5, interval=0.02, what="the front-end draining", retry_on=(httpx.TimeoutException,))
+    late: list[Outcome] = []
+    while daemon.process.poll() is None and len(late) < 6:  # requests started during the drain
+        stream, http2 = len(late) % 2 == 0, len(late) % 3 == 0
+        late.append(get_completion(daemon, stream=stream, http2=http2, label=f"late-{len(late)}"))
+        time.sleep(0.3)  # the late requests' pace: spread over the drain
+
+    outcomes = load.join(60)
+    report = f"{load.report()}\nlate: {late}\n{daemon.log_tail(30)}"
+    assert all(o.kind == "complete" for o in outcomes), report
+    assert late, "the daemon exited before any request could be tried during the drain"
+    for outcome in late:
+        assert outcome.kind == "http-error" or outcome.connection_lost, report
+        assert outcome.kind != "http-error" or outcome.status == 503, report
+        assert outcome.ended_at - signalled < 10, report
+
+    assert daemon.process.wait(30) == 0, daemon.log_tail()
+    assert not wait_gone(daemon.pid, 2.0), describe(descendants(daemon.pid))
+    assert not daemon.socket_dir.exists()
+    assert daemon.events("daemon.stopped"), daemon.log_tail()
+    with pytest.raises(httpx.ConnectError):  # nothing listens any more
+        httpx.get(daemon.url + "/health", timeout=2)
+
+
+def test_sigterm_cuts_requests_that_outlast_the_drain_timeout(launch, daemon_pool, long_context_model):
+    daemon = daemon_pool.take(clients_settings(long_context_model), launch)  # the clients' daemon, last
+    drain_timeout = SHORT_DRAIN_S  # its runtime.drain_timeout_s
+    options = dataclasses.replace(LOAD, max_tokens=LONG["max_tokens"])
+    client = Requests(daemon.url, [Client("h1", stream=True)], options)
+    client.wait_streaming(10)
+    daemon.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    (stream,) = client.join(KILL_BOUND_S + 5)  # else: the stream outlived the drain timeout by far
+    # cut at the drain timeout: the client sees the stream end without [DONE]
+    assert stream.kind in ("cut", "incomplete", "sse-error"), stream
+    assert drain_timeout / 2 < stream.ended_at - signalled < drain_timeout + 5, stream
+    assert daemon.process.wait(15) == 0, daemon.log_tail()
+    assert time.monotonic() - signalled < drain_timeout + 5 + 5
+    assert not wait_gone(daemon.pid, 2.0), describe(descendants(daemon.pid))
+    assert not daemon.socket_dir.exists()
+
+
+def test_tier_dying_during_the_drain_fails_its_requests_at_once(launch):
+    daemon = launch({"runtime.drain_timeout_s": 8})
+    load = burst(daemon, max_tokens=1500, http2=False)
+    wait_in_flight(daemon, load)
+    worker = daemon.tier_pids()["worker-0"]
+    daemon.process.send_signal(signal.SIGTERM)
+    daemon.wait_for_event("daemon.stopping", timeout=5)
+    killed_at = time.monotonic()
+    os.kill(worker, signal.SIGKILL)
+    load.join(30)
+
+    report = f"{load.report()}\n{daemon.log_tail(20)}"
+    assert any(o.kind != "complete" for o in load.outcomes), f"the kill hit no request in flight\n{report}"
+    for outcome in load.outcomes:
+        assert outcome.kind == "complete" or outcome.kind in ("http-error", "sse-error"), report
+        assert outcome.kind == "complete" or outcome.ended_at - killed_at <= 4.0, report
+    assert daemon.process.wait(30) == 0, daemon.log_tail()
+    assert not wait_gone(daemon.pid, ORPHAN_BOUND_S), describe(descendants(daemon.pid))
+
+
+@pytest.mark.parametrize("moment", ["starting", "restart-backoff", "restarting"])
+def test_sigterm_while_starting_or_restarting_a_tier(launch, daemon_pool, moment):
+    if moment == "starting":
+        daemon = launch(wait=False)
+        daemon.wait_for_event("tier.started", timeout=30, tier="worker")
+    else:  # a daemon the tests before shared: any serving daemon will do, what is under test is its stop
+        daemon = daemon_pool.take(SHARED if moment == "restarting" else FROZEN, launch)
+        epoch, mark = tier_state(daemon)["worker-0"]["epoch"], daemon.log.mark()
+        os.kill(daemon.tier_pids()["worker-0"], signal.SIGKILL)
+        daemon.log.wait("tier.died", since=mark, timeout=10, tier="worker")
+        if moment == "restarting":
+            daemon.log.wait("tier.started", since=mark, timeout=10, tier="worker", epoch=epoch + 1)
+    daemon.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert daemon.process.wait(15) == 0, daemon.log_tail()
+    assert time.monotonic() - signalled < 10
+    assert not wait_gone(daemon.pid, ORPHAN_BOUND_S), describe(descendants(daemon.pid))
+    assert not daemon.socket_dir.exists()
+    assert not daemon.events("daemon.failed"), daemon.log_tail()
