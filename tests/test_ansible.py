@@ -5,7 +5,9 @@ runtime, log directories), with service management switched to direct start (no 
 the role installs daemon from a copy of this checkout, templates server.toml, validates it with
 `daemon check`, starts the daemon with daemonctl and reloads it with `daemon reload`. The tests
 share that one deployment and run in order: first run, idempotent second run, a live change
-(reloaded, not restarted), check mode, and invalid configs that validation stops.
+(reloaded, not restarted), check mode, and invalid configs that validation stops. The last three
+change nothing, whatever they find: their plays run at once (`quiet_plays`), and each test then
+checks its own play's output and that the deployment is as it was before the three.
 
 To keep the install fast, the prefix's virtualenv sees this environment's site-packages through
 a .pth file, so torch and the other dependencies are already satisfied there (the role's torch
@@ -27,6 +29,7 @@ import sysconfig
 import tempfile
 import tomllib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,7 +108,9 @@ class Deployment:
 
     def play(self, *options: str, extra: dict[str, object] | None = None) -> Play:
         """Run the example playbook on localhost with the deployment's variables (and `extra`)."""
-        variables = self.prefix / "vars.json"
+        descriptor, name = tempfile.mkstemp(prefix="vars-", suffix=".json", dir=self.prefix)  # one per play
+        os.close(descriptor)
+        variables = Path(name)
         variables.write_text(json.dumps({**self.variables, **(extra or {})}))
         result = subprocess.run(
             [str(ANSIBLE_PLAYBOOK), "-i", str(self.prefix / "inventory.ini"), str(PLAYBOOK), "-e", f"@{variables}"]
@@ -268,46 +273,71 @@ def test_live_change_is_reloaded_in_place(deployment: Deployment):
     assert deployment.health() == 200
 
 
-def test_check_mode_shows_the_diff_and_changes_nothing(deployment: Deployment):
-    before, pid = deployment.config.read_bytes(), deployment.pid()
-    play = deployment.play("--check", "--diff", extra={"daemon_max_queued_requests": 9})
+# The plays that change nothing: check mode, and two invalid configs (one per path validation
+# takes: server.toml, and the env file, which is checked against the current config before it
+# replaces the live one).
+QUIET_PLAYS: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
+    "check-mode": (("--check", "--diff"), {"daemon_max_queued_requests": 9}),
+    "unknown-key": ((), {"daemon_config_extra": {"server": {"prot": 8001}}}),
+    "env-file-unknown-variable": ((), {"daemon_env": {"DAEMON_SERVER__PROT": "8001"}}),
+}
+
+
+@dataclass
+class QuietPlays:
+    plays: dict[str, Play]
+    config: bytes  # the deployment before the plays
+    env_file: bytes
+    pid: int
+
+    def assert_nothing_changed(self, deployment: Deployment) -> None:
+        assert deployment.config.read_bytes() == self.config
+        assert deployment.env_file.read_bytes() == self.env_file
+        status = deployment.status()
+        assert (status["generation"], status["supervisor_pid"]) == (2, self.pid)
+        assert deployment.health() == 200
+
+
+@pytest.fixture(scope="module")
+def quiet_plays(deployment: Deployment) -> QuietPlays:
+    """The QUIET_PLAYS, run at once (ansible-playbook is one process a play, each waited on in a thread),
+    once the live change is in place; the deployment as it was before them."""
+    before = QuietPlays({}, deployment.config.read_bytes(), deployment.env_file.read_bytes(), deployment.pid())
+    with ThreadPoolExecutor(len(QUIET_PLAYS)) as threads:
+        running = {
+            name: threads.submit(deployment.play, *options, extra=extra)
+            for name, (options, extra) in QUIET_PLAYS.items()
+        }
+    before.plays = {name: future.result() for name, future in running.items()}
+    return before
+
+
+def test_check_mode_shows_the_diff_and_changes_nothing(deployment: Deployment, quiet_plays: QuietPlays):
+    play = quiet_plays.plays["check-mode"]  # --check --diff, daemon_max_queued_requests: 9
     assert play.returncode == 0, play
     assert "-max_queued_requests = 7" in play.output, play
     assert "+max_queued_requests = 9" in play.output, play
-    assert deployment.config.read_bytes() == before
-    status = deployment.status()
-    assert (status["generation"], status["supervisor_pid"]) == (2, pid)
+    quiet_plays.assert_nothing_changed(deployment)
 
 
 @pytest.mark.parametrize(
-    ("extra", "messages"),
+    ("case", "messages"),
     [
-        (
-            {"daemon_config_extra": {"server": {"prot": 8001}}},
-            ["error[schema.unknown-key] server.prot", "did you mean server.port?"],
-        ),
-        (  # the env file is checked against the current config before it replaces the live one
-            {"daemon_env": {"DAEMON_SERVER__PROT": "8001"}},
-            ["error[env.unknown-variable]", "did you mean DAEMON_SERVER__PORT?"],
-        ),
+        ("unknown-key", ["error[schema.unknown-key] server.prot", "did you mean server.port?"]),
+        ("env-file-unknown-variable", ["error[env.unknown-variable]", "did you mean DAEMON_SERVER__PORT?"]),
     ],
     ids=["unknown-key", "env-file-unknown-variable"],
 )
 def test_invalid_config_fails_validation_and_changes_nothing(
-    deployment: Deployment, extra: dict[str, object], messages: list[str]
+    deployment: Deployment, quiet_plays: QuietPlays, case: str, messages: list[str]
 ):
-    before, env_before, pid = deployment.config.read_bytes(), deployment.env_file.read_bytes(), deployment.pid()
-    play = deployment.play(extra=extra)
+    play = quiet_plays.plays[case]  # the extra variables of QUIET_PLAYS[case]
     assert play.returncode != 0, play
     assert play.failed == 1, play
     assert "failed to validate" in play.output, play
     for message in messages:
         assert message in play.output, play
-    assert deployment.config.read_bytes() == before
-    assert deployment.env_file.read_bytes() == env_before
-    status = deployment.status()
-    assert (status["generation"], status["supervisor_pid"]) == (2, pid)
-    assert deployment.health() == 200
+    quiet_plays.assert_nothing_changed(deployment)
 
 
 def test_stopped_state_stops_the_daemon_and_all_it_started(deployment: Deployment):
