@@ -11,7 +11,8 @@ checks its own play's output and that the deployment is as it was before the thr
 
 To keep the install fast, the prefix's virtualenv sees this environment's site-packages through
 a .pth file, so torch and the other dependencies are already satisfied there (the role's torch
-step runs and finds torch==2.13.0 installed) while daemon itself is installed by the role.
+step runs, with --no-deps, and finds torch==2.13.0 installed) while daemon itself is installed by
+the role.
 """
 
 from __future__ import annotations
@@ -219,6 +220,8 @@ def deployment(model_cache: Path) -> Iterator[Deployment]:
             "daemon_drain_timeout_s": 10,
             # The handler, not the file watch, applies changes: the test sees the reload it ran.
             "daemon_watch_config": False,
+            # torch is there (see above): pip need not walk its dependencies again in every play.
+            "daemon_torch_pip_args": "--no-deps",
         },
     )
     (prefix / "inventory.ini").write_text(
