@@ -28,7 +28,7 @@ import jsonschema
 import pytest
 import tomli
 import yaml
-from harness.daemons import DAEMON, REPO, RunningDaemon, run_daemon, short_dir, start_daemon
+from harness.daemons import DAEMON, REPO, RunningDaemon, run_daemon, serving, start_daemon
 from harness.notify import NotifySocket
 
 from daemon.config.schema import RuntimeSettings
@@ -545,21 +545,25 @@ class ConfigMapVolume:
             shutil.rmtree(self.root / previous)
 
 
-def test_configmap_update_reloads_the_daemon_in_place(tmp_path: Path, short_tmp: Path, model_cache: Path):
+@pytest.fixture(scope="module")
+def configmap_daemon(tmp_path_factory, model_cache: Path) -> Iterator[tuple[ConfigMapVolume, RunningDaemon]]:
+    """A daemon whose config is a ConfigMap volume, as the Deployment runs it; it must stop cleanly (exit 0)
+    at the module's end. The dashboard's test scrapes it too, rather than start a daemon of its own."""
+    volume = ConfigMapVolume(tmp_path_factory.mktemp("k8s") / "etc-daemon", {"server.toml": "# by start_daemon\n"})
+    env = {"NOTIFY_SOCKET": "", "WATCHDOG_USEC": ""}  # not the test runner's systemd, if any
+    with serving(volume.root, model_cache, env=env) as daemon:  # start_daemon writes through the symlink
+        yield volume, daemon
+
+
+def test_configmap_update_reloads_the_daemon_in_place(configmap_daemon: tuple[ConfigMapVolume, RunningDaemon]):
     # The Deployment mounts the ConfigMap as a directory: the daemon must see the ..data swap.
-    volume = ConfigMapVolume(tmp_path / "etc-daemon", {"server.toml": "# written by start_daemon\n"})
-    env = {"NOTIFY_SOCKET": "", "WATCHDOG_USEC": ""}
-    daemon = start_daemon(volume.root, short_tmp / "run", model_cache, env=env)  # writes through the symlink
-    try:
-        assert daemon.config_path.is_symlink()
-        text = daemon.config_path.read_text()
-        volume.update({"server.toml": text.replace("drain_timeout_s = 10", "drain_timeout_s = 11")})
-        event = daemon.wait_for_event("config.reload", timeout=60, result="applied")
-        assert event["trigger"] == "file" and event["diff"]["runtime.drain_timeout_s"]["new"] == 11
-        assert json.loads((daemon.socket_dir / "status.json").read_text())["generation"] == 2
-    finally:
-        status = daemon.stop()
-    assert status == 0, daemon.log_tail()
+    volume, daemon = configmap_daemon
+    assert daemon.config_path.is_symlink()
+    text = daemon.config_path.read_text()
+    volume.update({"server.toml": text.replace("drain_timeout_s = 10", "drain_timeout_s = 11")})
+    event = daemon.wait_for_event("config.reload", timeout=60, result="applied")
+    assert event["trigger"] == "file" and event["diff"]["runtime.drain_timeout_s"]["new"] == 11
+    assert json.loads((daemon.socket_dir / "status.json").read_text())["generation"] == 2
 
 
 def test_poddisruptionbudget_leaves_one_serving():
@@ -647,15 +651,9 @@ def test_dashboard_queries_parse_and_use_the_daemons_metrics():
 
 
 @pytest.fixture
-def serving_daemon(tmp_path: Path, model_cache: Path) -> Iterator[RunningDaemon]:
-    runtime_dir = short_dir()
-    env = {"NOTIFY_SOCKET": "", "WATCHDOG_USEC": ""}  # not the test runner's systemd, if any
-    daemon = start_daemon(tmp_path, runtime_dir, model_cache, env=env)
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        shutil.rmtree(runtime_dir, ignore_errors=True)
+def serving_daemon(configmap_daemon: tuple[ConfigMapVolume, RunningDaemon]) -> RunningDaemon:
+    """A serving daemon: the ConfigMap test's (a start costs seconds; every daemon exports the same metrics)."""
+    return configmap_daemon[1]
 
 
 def exported_metrics(url: str) -> dict[str, set[str]]:
