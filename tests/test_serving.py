@@ -273,26 +273,37 @@ def test_api_key_guards_v1(secured):
 
 
 def test_a_full_queue_answers_503_with_retry_after(secured):
-    """max_running_requests 1, max_queued_requests 1: with one request generating (a couple of
-    seconds: 1,500 tokens) and one waiting, the next is refused at once."""
+    """max_running_requests 1, max_queued_requests 1: with one request generating (1,500 tokens: it
+    outlasts the test) and one waiting, the next is refused at once, and the first goes on; once
+    the first leaves, the one waiting is answered."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     auth = {"Authorization": "Bearer s3cret"}
     long = {"prompt": "x", "max_tokens": 1500, "ignore_eos": True, "stream": True}
 
-    async def main() -> tuple[int, httpx.Response, int]:
+    async def queued_requests(http: httpx.AsyncClient) -> float:
+        families = text_string_to_metric_families((await http.get("/metrics")).raise_for_status().text)
+        return next(s.value for f in families for s in f.samples if s.name == "daemon_queued_requests")
+
+    async def main() -> tuple[int, list[str], httpx.Response, int]:
         async with httpx.AsyncClient(verify=False, base_url=secured.url, timeout=60, headers=auth) as http:
             async with http.stream("POST", "/v1/completions", json=long) as running:
                 lines = running.aiter_lines()
                 await anext(lines)  # generating now
-                queued = asyncio.create_task(http.post("/v1/completions", json={**long, "stream": False}))
-                await asyncio.sleep(0.3)  # the second request reaches the queue
+                queued = asyncio.create_task(http.post("/v1/completions", json={"prompt": "x", "max_tokens": 8}))
+                deadline = time.monotonic() + 10
+                while await queued_requests(http) < 1:  # until the second request is in the queue
+                    assert time.monotonic() < deadline and not queued.done(), "the second request was not queued"
+                    await asyncio.sleep(0.05)  # the polling interval
                 refused = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
-                async for _line in lines:
-                    pass
-            return running.status_code, refused, (await queued).status_code
+                after = [await anext(lines) for _ in range(4)]  # the first one goes on
+            # it left (leaving the block closed its connection): the one waiting runs now
+            return running.status_code, after, refused, (await queued).status_code
 
-    running, refused, queued = asyncio.run(main())
+    running, after, refused, queued = asyncio.run(main())
     assert (running, refused.status_code, queued) == (200, 503, 200), refused.text
     assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "server_overloaded"
+    assert any(line.startswith("data: {") for line in after), after
 
 
 def test_request_id_is_on_every_tiers_log_lines(secured):
