@@ -44,13 +44,13 @@ RELOAD_EFFECTS: dict[Reload, str] = {
     Reload.LIVE: "pushed to the running processes and acknowledged; no process restarts",
     Reload.FRONTEND: "a new Granian front-end starts on the supervisor's listening socket (a new one "
     "if the address changed), then the old one drains its requests and streams",
-    Reload.TOKENIZER: "a new tokenizer pool starts; new requests go to it, the old pool finishes "
-    "what it holds and exits",
+    Reload.TOKENIZER: "a new tokenizer pool starts beside the old one; once the reload switches, new "
+    "requests go to it, the old pool finishes what it holds and exits",
     Reload.SCHEDULER: "as worker: the scheduler adopts the new settings while the worker is replaced",
     Reload.WORKER: "the scheduler holds new requests and lets running ones finish, then the model "
     "worker is replaced; held requests run on the new one (or get a 503 after runtime.drain_timeout_s). "
     "With runtime.model_reload = blue_green, the new worker loads beside the old one and takes new "
-    "requests as soon as it is up",
+    "requests once the reload switches to it",
     Reload.SUPERVISOR: "refused: the reload is rejected and names the key; restart the daemon",
 }
 
