@@ -719,6 +719,38 @@ def test_serving_worker_killed_while_a_blue_green_reload_prepares(daemons, tmp_p
     assert all(c.kind == "complete" or c in explicit for c in calls), report(calls, daemon.log_tail(30))
 
 
+def test_new_tier_killed_on_standby_rolls_the_reload_back_untouched(daemons, tmp_path):
+    """kill -9 of a new tokenizer waiting on standby while the new worker loads beside the old one
+    (blue-green): the reload checks what it prepared before switching, is rolled back naming the dead
+    tier, stops the new worker, and no serving process changed; no request failed."""
+    daemon = daemons({"tokenizer.workers": 1, "model.seed": 0, "runtime.model_reload": "blue_green"})
+    before = daemon.tiers()
+    traffic = background(daemon, KEEPALIVE + CURL, tmp_path)
+    outcome: dict = {}
+    reloading = threading.Thread(target=lambda: outcome.update(report=daemon.reload()[1]))
+    try:
+        traffic.wait_completed(8)
+        daemon.edit(tokenizer__workers=2, model__seed=1)
+        reloading.start()
+        standby = daemon.wait_for_event("tier.ready", tier="tokenizer", index=1, timeout=RELOAD_TIMEOUT_S)
+        daemon.wait_for_event("tier.started", tier="worker", child_generation=2, timeout=RELOAD_TIMEOUT_S)
+        os.kill(standby["child_pid"], signal.SIGKILL)
+        reloading.join(RELOAD_TIMEOUT_S)
+        traffic.more()
+    finally:
+        if reloading.is_alive():
+            reloading.join(RELOAD_TIMEOUT_S)
+        calls = traffic.stop(STOP_S)
+    report_ = outcome["report"]
+    assert report_["result"] == "rolled_back" and report_["generation"] == 1, report_
+    assert "tokenizer-1 exited with status -9 before the switch" in report_["reason"], report_
+    assert daemon.tiers() == before
+    started = [e["child_pid"] for e in daemon.events("tier.started") if e["child_generation"] == 2]
+    assert len(started) == 3 and not set(started) & set(descendants(daemon.pid)), started  # 2 tokenizers, 1 worker
+    assert not daemon.events("scheduler.worker_switched") and not daemon.events("scheduler.hold")
+    assert_all_complete(calls, daemon)
+
+
 # A moment in a worker reload (model.seed and tokenizer.workers change in one edit), told by the log.
 STOP_PHASES = {
     "old worker draining": ("scheduler.hold", {}),
