@@ -641,6 +641,32 @@ def test_tokenizer_and_worker_change_in_one_edit(daemons, tmp_path):
     assert_all_complete(calls, daemon)
 
 
+def kill_during_reload(daemon: FileDaemon, directory: Path, edit: dict, victim) -> tuple[dict, list[Outcome]]:
+    """Under background load, edit the config and run `daemon reload` in a thread; kill -9 the PID
+    `victim()` returns (it waits for its moment in the reload); the reload's report and every request."""
+    traffic = background(daemon, KEEPALIVE + CURL, directory)
+    outcome: dict = {}
+    reloading = threading.Thread(target=lambda: outcome.update(report=daemon.reload()[1]))
+    try:
+        traffic.wait_completed(8)
+        daemon.edit(**edit)
+        reloading.start()
+        os.kill(victim(), signal.SIGKILL)
+        reloading.join(RELOAD_TIMEOUT_S)
+        traffic.more()
+    finally:
+        if reloading.is_alive():
+            reloading.join(RELOAD_TIMEOUT_S)
+        calls = traffic.stop(STOP_S)
+    return outcome["report"], calls
+
+
+def assert_complete_or_lost_with_the_worker(calls: list[Outcome], daemon: FileDaemon) -> None:
+    """Every request completed, or ended with the explicit error of a worker killed under it."""
+    explicit = [c for c in calls if c.kind in ("http-error", "sse-error") and "the request was lost" in c.detail]
+    assert all(c.kind == "complete" or c in explicit for c in calls), report(calls, daemon.log_tail(30))
+
+
 def test_tier_killed_mid_reload_restarts_with_the_generation_it_belongs_to(daemons, tmp_path):
     """kill -9 of the new worker after a blue-green reload switched to it, while the old worker still
     finishes its long requests (the transaction is still open): it restarts with the config it was
@@ -679,8 +705,7 @@ def test_tier_killed_mid_reload_restarts_with_the_generation_it_belongs_to(daemo
     assert set(running.values()) == {2}, running
     assert_all_complete(held, daemon)  # running on the old worker: untouched by the new one's death
     # Those on the new worker when it died end with an explicit error; nothing else fails.
-    explicit = [c for c in calls if c.kind in ("http-error", "sse-error") and "the request was lost" in c.detail]
-    assert all(c.kind == "complete" or c in explicit for c in calls), report(calls, daemon.log_tail(30))
+    assert_complete_or_lost_with_the_worker(calls, daemon)
     answer = httpx.post(daemon.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
     assert answer.status_code == 200, answer.text
 
@@ -692,31 +717,22 @@ def test_serving_worker_killed_while_a_blue_green_reload_prepares(daemons, tmp_p
     503; every other one completes."""
     daemon = daemons({"model.seed": 0, "runtime.model_reload": "blue_green"})
     serving = daemon.tiers()["worker-0"]
-    traffic = background(daemon, KEEPALIVE + CURL, tmp_path)
-    outcome: dict = {}
-    reloading = threading.Thread(target=lambda: outcome.update(report=daemon.reload()[1]))
-    try:
-        traffic.wait_completed(8)
-        daemon.edit(model__seed=1)
-        reloading.start()
-        beside = daemon.wait_for_event("tier.started", tier="worker", child_generation=2, timeout=RELOAD_TIMEOUT_S)
-        os.kill(serving, signal.SIGKILL)
-        reloading.join(RELOAD_TIMEOUT_S)
-        traffic.more()
-    finally:
-        if reloading.is_alive():
-            reloading.join(RELOAD_TIMEOUT_S)
-        calls = traffic.stop(STOP_S)
+    beside: dict = {}
+
+    def serving_worker() -> int:  # once the new worker is loading beside it
+        started = daemon.wait_for_event("tier.started", tier="worker", child_generation=2, timeout=RELOAD_TIMEOUT_S)
+        beside.update(started)
+        return serving
+
+    report_, calls = kill_during_reload(daemon, tmp_path, {"model__seed": 1}, serving_worker)
     names = [e.get("event") for e in daemon.log_events()]
     assert names.index("tier.died") < names.index("scheduler.worker_switched"), "killed after the switch"
-    report_ = outcome["report"]
     assert report_["result"] == "applied" and report_["generation"] == 2, report_
     workers = [e["child_generation"] for e in daemon.events("tier.started", tier="worker")]
     assert workers == [1, 2, 1], workers  # the serving one, the reload's, the killed one restarted with its own
     assert daemon.tiers()["worker-0"] == beside["child_pid"]
     assert len(daemon.events("tier.stopped", tier="worker")) == 1  # the restarted one, once the switch was made
-    explicit = [c for c in calls if c.kind in ("http-error", "sse-error") and "the request was lost" in c.detail]
-    assert all(c.kind == "complete" or c in explicit for c in calls), report(calls, daemon.log_tail(30))
+    assert_complete_or_lost_with_the_worker(calls, daemon)
 
 
 def test_new_tier_killed_on_standby_rolls_the_reload_back_untouched(daemons, tmp_path):
@@ -725,23 +741,14 @@ def test_new_tier_killed_on_standby_rolls_the_reload_back_untouched(daemons, tmp
     tier, stops the new worker, and no serving process changed; no request failed."""
     daemon = daemons({"tokenizer.workers": 1, "model.seed": 0, "runtime.model_reload": "blue_green"})
     before = daemon.tiers()
-    traffic = background(daemon, KEEPALIVE + CURL, tmp_path)
-    outcome: dict = {}
-    reloading = threading.Thread(target=lambda: outcome.update(report=daemon.reload()[1]))
-    try:
-        traffic.wait_completed(8)
-        daemon.edit(tokenizer__workers=2, model__seed=1)
-        reloading.start()
+
+    def standby_tokenizer() -> int:  # ready, and waiting while the new worker loads
         standby = daemon.wait_for_event("tier.ready", tier="tokenizer", index=1, timeout=RELOAD_TIMEOUT_S)
         daemon.wait_for_event("tier.started", tier="worker", child_generation=2, timeout=RELOAD_TIMEOUT_S)
-        os.kill(standby["child_pid"], signal.SIGKILL)
-        reloading.join(RELOAD_TIMEOUT_S)
-        traffic.more()
-    finally:
-        if reloading.is_alive():
-            reloading.join(RELOAD_TIMEOUT_S)
-        calls = traffic.stop(STOP_S)
-    report_ = outcome["report"]
+        return standby["child_pid"]
+
+    edit = {"tokenizer__workers": 2, "model__seed": 1}
+    report_, calls = kill_during_reload(daemon, tmp_path, edit, standby_tokenizer)
     assert report_["result"] == "rolled_back" and report_["generation"] == 1, report_
     assert "tokenizer-1 exited with status -9 before the switch" in report_["reason"], report_
     assert daemon.tiers() == before

@@ -230,8 +230,8 @@ class EngineHoldAbandoned(msgspec.Struct, frozen=True, tag=True):
 
 class EngineBeside(msgspec.Struct, frozen=True, tag=True):
     """Blue-green model reload: the worker of `epoch` starts beside the running one. When it
-    announces itself, the scheduler connects to it and waits for EngineSwitch. Epoch 0: the
-    reload withdrew it, expect none."""
+    announces itself, the scheduler connects to it and waits for EngineSwitch; its "down" or
+    "stopped" event (a crash, or the reload withdrew it) means none is coming."""
 
     epoch: int
 

@@ -221,7 +221,7 @@ class SchedulerService:
             self.hold_since, self.held = None, []
 
     def _expect_beside(self, epoch: int) -> None:
-        """A blue-green reload starts the worker of `epoch` beside the serving one (0: it withdrew it)."""
+        """A blue-green reload starts the worker of `epoch` beside the serving one (0: none, it went)."""
         if epoch == 0 and self.standby is not None:
             self._plan_sockets.pop(self.standby.epoch).close(linger=0)
             self.standby = None

@@ -357,9 +357,7 @@ class TierReplacement:
     def _forget_abandoned(self, child: Child) -> None:
         self.remove_sockets(child)
         self._publish(child, "stopped")
-        self._forget(child)
-        if child.tier == "worker":
-            self._broadcast(EngineBeside(0))  # the scheduler expects none beside the serving one
+        self._forget(child)  # a worker's "stopped" tells the scheduler to expect none beside
 
     async def _retire(self, children: list[Child], grace: float) -> None:
         """Wait for draining `children` to exit by themselves, then stop the laggards."""
