@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     api_commands.add_parser("fields", help="Markdown table of every request field and what the server does with it")
     api_commands.add_parser("openapi", help="the OpenAPI document the server serves at /openapi.json")
 
+    commands.add_parser("models", help="Markdown table of the model architectures and options the engine serves")
+
     rules = commands.add_parser("rules", help="list the rule catalogue")
     rules.add_argument("--format", choices=["text", "json", "markdown"], default="text")
 
@@ -131,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(reload_scopes_markdown(), end="")
             case "rules", _:
                 print(render_rules(args.format), end="")
+            case "models", _:
+                from daemon.engine.models.registry import models_markdown
+
+                print(models_markdown(), end="")
             case "api", "fields":
                 from daemon.frontend.api_docs import fields_markdown
 

@@ -60,6 +60,7 @@ def test_single_file_model(tmp_path: Path) -> None:
         num_key_value_heads=2,
         max_position_embeddings=1024,
         weight_files=(root / "model.safetensors",),
+        max_context=1024,
     )
 
 
@@ -397,10 +398,17 @@ def test_header_must_be_utf8(tmp_path: Path) -> None:
         check_safetensors_header(file)
 
 
-def test_sliding_window_limits_the_context_served(tmp_path: Path) -> None:
-    root = write_model_dir(tmp_path / "m", max_positions=32768)
-    config = json.loads((root / "config.json").read_text())
-    (root / "config.json").write_text(json.dumps({**config, "sliding_window": 4096}))
-    assert inspect_model_dir(root).max_context == 4096
-    (root / "config.json").write_text(json.dumps({**config, "sliding_window": 4096, "use_sliding_window": False}))
-    assert inspect_model_dir(root).max_context == 32768
+@pytest.mark.parametrize(
+    ("fields", "served"),
+    [
+        ({"sliding_window": 4096}, 32768),  # a window limits what a layer sees, not the context served
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, 65536),
+        ({"rope_scaling": {"type": "dynamic", "factor": 4.0}}, 131072),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}}, 32768),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16384}}, 65536),
+    ],
+)
+def test_rope_scaling_extends_the_context_served(tmp_path: Path, fields: dict, served: int) -> None:
+    """As vLLM derives it: linear and dynamic stretch max_position_embeddings, YaRN the original context."""
+    root = write_model_dir(tmp_path / "m", max_positions=32768, config=fields)
+    assert inspect_model_dir(root).max_context == served

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from daemon.engine.attention import LayerCache
 from daemon.engine.blocks import BLOCK_SIZE
+from daemon.engine.layers.attention import LayerCache
 
 if TYPE_CHECKING:
     from daemon.engine.runner import SequenceChunk

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+from daemon.engine.hf_config import ConfigFieldError, served_positions
+from daemon.engine.models.registry import UnsupportedModel, family_of, unsupported
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -41,13 +43,9 @@ class ModelInfo:
     num_key_value_heads: int
     max_position_embeddings: int | None
     weight_files: tuple[Path, ...] = ()
-    sliding_window: int | None = None  # attention window, when the model uses one
-
-    @property
-    def max_context(self) -> int | None:
-        """Longest context the engine serves: it implements full attention, exact within the window."""
-        limits = [n for n in (self.max_position_embeddings, self.sliding_window) if n]
-        return min(limits) if limits else None
+    # the longest context the model is made for: max_position_embeddings, or what RoPE scaling extends it to
+    max_context: int | None = None
+    unsupported: tuple[UnsupportedModel, ...] = ()  # what of its config the engine cannot run
 
 
 def model_info_from_config(config: dict[str, Any], where: str = "config.json") -> ModelInfo:
@@ -67,13 +65,22 @@ def model_info_from_config(config: dict[str, Any], where: str = "config.json") -
     heads = positive_int("num_attention_heads")
     if heads is None:
         raise ModelDirError(Problem.CONFIG, f"{where}: num_attention_heads is missing")
+    max_positions = positive_int("max_position_embeddings")
+    problems = tuple(unsupported(config))
+    family = family_of(config)
+    max_context = max_positions
+    if family is not None and not problems:
+        try:
+            max_context = served_positions(config, family.rope(config))
+        except ConfigFieldError as exc:
+            raise ModelDirError(Problem.CONFIG, f"{where}: {exc}") from None
     return ModelInfo(
         architectures=tuple(architectures),
         num_attention_heads=heads,
         num_key_value_heads=positive_int("num_key_value_heads", heads) or heads,
-        max_position_embeddings=positive_int("max_position_embeddings"),
-        # Mistral sets sliding_window when it uses one; Qwen2 sets it always and says with use_sliding_window.
-        sliding_window=positive_int("sliding_window") if config.get("use_sliding_window", True) else None,
+        max_position_embeddings=max_positions,
+        max_context=max_context,
+        unsupported=problems,
     )
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from daemon.engine.attention import AttentionBatch, attention_group
 from daemon.engine.kv_cache import KVCache
-from daemon.engine.llama import LlamaForCausalLM, LlamaShape
-from daemon.engine.model_dir import read_config
+from daemon.engine.layers.attention import AttentionBatch, attention_group
+from daemon.engine.model_dir import model_info_from_config, read_config
+from daemon.engine.models.registry import resolve
 from daemon.engine.sampler import SamplingParams, sample
 from daemon.engine.weights import load_weights
 
@@ -39,10 +39,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
+def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """model.dtype as a torch dtype. auto: float32 on CPU (most CPUs have no fast bfloat16 or float16
+    matrix products, and float32 is exact to the reference); on CUDA the checkpoint's float16 or
+    bfloat16, and bfloat16 for a float32 checkpoint."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
 
 
 class ModelRunner:
@@ -56,14 +61,15 @@ class ModelRunner:
         max_positions: int | None = None,
         seed: int = 0,
     ):
+        config = read_config(model_dir)
+        family = resolve(config)  # UnsupportedModel, as `daemon check` reports it, before anything loads
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.shape = LlamaShape.from_hf_config(read_config(model_dir))
-        positions = max_positions or self.shape.max_position_embeddings
+        self.dtype = resolve_dtype(dtype, self.device, config.get("dtype", config.get("torch_dtype")))
+        positions = max_positions or model_info_from_config(config).max_context or 2048
         with torch.device(self.device):
-            model = LlamaForCausalLM(self.shape, positions)
+            model = family.load_class()(config, family, positions)
         self.model = model.to(self.dtype).eval()
-        self.model.rope.float()  # rotary tables stay float32 whatever the weights' dtype
+        self.model.float_buffers()
         load_weights(self.model, model_dir)
         self.resize_cache(num_blocks)
         self._seeds = torch.Generator().manual_seed(seed)
@@ -74,8 +80,8 @@ class ModelRunner:
     def resize_cache(self, num_blocks: int) -> None:
         """(Re)allocate the KV cache with `num_blocks` blocks; its contents are lost."""
         self.cache = None  # free the old tensors before allocating the new ones
-        shape = self.shape
-        self.cache = KVCache(shape.num_layers, num_blocks, shape.num_kv_heads, shape.head_dim, self.dtype, self.device)
+        model = self.model
+        self.cache = KVCache(model.num_layers, num_blocks, model.num_kv_heads, model.head_dim, self.dtype, self.device)
 
     @torch.inference_mode()
     def step(self, chunks: list[SequenceChunk]) -> dict[int, int]:
@@ -103,7 +109,9 @@ class ModelRunner:
         input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=self.device)
         positions = [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
         positions = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, positions, self.cache.layers, self._attention_batch(chunks))
+        ends = [c.start + len(c.token_ids) for c in chunks for _ in c.token_ids]
+        context_ends = torch.tensor(ends, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, positions, context_ends, self.cache.layers, self._attention_batch(chunks))
         offsets = _offsets(chunks)
         last_rows = [offsets[i + 1] - 1 for i, c in enumerate(chunks) if c.sample]
         return self.model.logits(hidden[torch.tensor(last_rows, dtype=torch.long, device=self.device)])

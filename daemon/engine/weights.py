@@ -12,25 +12,21 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from daemon.engine.llama import LlamaForCausalLM
 from daemon.engine.model_dir import ModelDirError, Problem, inspect_model_dir
-
-# Buffers HF checkpoints sometimes carry that the model recomputes itself.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+from daemon.engine.models.base import CausalLM
 
 
-def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
+def load_weights(model: CausalLM, model_dir: Path) -> None:
     """Copy the checkpoint's tensors into `model` (already on its device, in its dtype)."""
     info = inspect_model_dir(model_dir)
     params = model.checkpoint_tensors()
-    tied = model.shape.tie_word_embeddings
     loaded: set[str] = set()
     unexpected: list[str] = []
     for shard in info.weight_files:
         try:
             with safe_open(shard, framework="pt", device="cpu") as tensors:
                 for name in tensors.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                    if model.is_ignored(name):
                         continue
                     if name not in params:
                         unexpected.append(name)

@@ -16,8 +16,8 @@ tier = start_tier("worker", int(sys.argv[1]) if len(sys.argv) > 1 else 0)
 import structlog  # noqa: E402
 
 from daemon.engine.demo_model import DemoModelError  # noqa: E402
-from daemon.engine.llama import UnsupportedModel  # noqa: E402
 from daemon.engine.model_dir import ModelDirError  # noqa: E402
+from daemon.engine.models.registry import UnsupportedModel  # noqa: E402
 from daemon.worker.memory import CacheAllocationFailed, NoRoomBeside  # noqa: E402
 from daemon.worker.service import WorkerService  # noqa: E402
 

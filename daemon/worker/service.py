@@ -68,8 +68,8 @@ def load_runner(settings: DaemonSettings, *, beside: bool = False) -> tuple[Mode
         max_positions=context,
         seed=settings.model.seed,
     )
-    shape = probe.shape
-    per_token = KVCache.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, probe.dtype)
+    model = probe.model
+    per_token = KVCache.bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, probe.dtype)
     blocks = cache_blocks(settings, per_token, context, probe.device.type)
     size = blocks * BLOCK_SIZE * per_token
     if beside:

@@ -33,10 +33,12 @@ def write_model_dir(
     architecture: str = "LlamaForCausalLM",
     shards: int = 1,
     tokenizer: bool = True,
+    config: dict | None = None,
 ) -> Path:
-    """A Hugging Face-format model directory with the given shape (weights are tiny zero tensors)."""
+    """A Hugging Face-format model directory with the given shape (weights are tiny zero tensors);
+    `config`: more config.json fields."""
     root.mkdir(parents=True, exist_ok=True)
-    config = {
+    config = (config or {}) | {
         "architectures": [architecture],
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,

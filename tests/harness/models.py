@@ -18,17 +18,22 @@ SMALL = dict(
     vocab_size=160,
     hidden_size=64,
     intermediate_size=96,
-    num_hidden_layers=2,
+    num_hidden_layers=3,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=512,
 )
+_LLAMA = (transformers.LlamaConfig, transformers.LlamaForCausalLM)
+_QWEN2 = (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)
+_PHI3 = (transformers.Phi3Config, transformers.Phi3ForCausalLM)
+WINDOW = 8  # sliding windows shorter than PROMPT, so every test runs past them
+# name -> (config class, model class, the family's distinctive options). Every family of the
+# registry and every RoPE kind has one; test_every_family_and_rope_kind_has_a_variant holds it so.
 VARIANTS = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
-    "llama-tied": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {"tie_word_embeddings": True}),
+    "llama": (*_LLAMA, {}),
+    "llama-tied": (*_LLAMA, {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
     "llama3-rope": (
-        transformers.LlamaConfig,
-        transformers.LlamaForCausalLM,
+        *_LLAMA,
         {
             "rope_scaling": {
                 "rope_type": "llama3",
@@ -40,17 +45,48 @@ VARIANTS = {
             "rope_theta": 500000.0,
         },
     ),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+    "linear-rope": (*_LLAMA, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    # past max_position_embeddings within PROMPT, so the base stretches as the sequence grows
+    "dynamic-rope": (*_LLAMA, {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 12}),
+    "qwen2": (*_QWEN2, {}),
+    "qwen2-yarn": (
+        *_QWEN2,
+        {
+            "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4},
+            "max_position_embeddings": 64,
+            "use_sliding_window": True,
+            "sliding_window": WINDOW,
+            "max_window_layers": 1,  # layer 0 full, layer 1 sliding
+        },
+    ),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 32}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": WINDOW}),
+    "phi3": (*_PHI3, {"pad_token_id": 0, "sliding_window": WINDOW, "partial_rotary_factor": 0.5}),
+    # longrope switches from short to long factors once a sequence passes 12 positions
+    "phi3-longrope": (
+        *_PHI3,
+        {
+            "pad_token_id": 0,
+            "rope_scaling": {
+                "rope_type": "longrope",
+                "short_factor": [1.0, 1.1, 1.2, 1.4, 1.6, 2.0, 2.5, 3.0],
+                "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+            },
+            "original_max_position_embeddings": 12,
+            "max_position_embeddings": 64,
+        },
+    ),
 }
 
 
 def build_hf_model(directory: Path, variant: str, shard: bool = True):
     config_class, model_class, extra = VARIANTS[variant]
     torch.manual_seed(1234)
-    model = model_class(config_class(**SMALL, **extra)).eval()
-    for parameter in model.parameters():  # larger weights than the init default, so errors show in the logits
-        parameter.data.normal_(0, 0.1)
+    model = model_class(config_class(**(SMALL | extra))).eval()
+    for name, parameter in model.named_parameters():  # larger weights than the init default, so errors show
+        # queries and keys larger still: sharp attention, so positions (RoPE, windows) change the logits
+        sharp = any(part in name for part in ("q_proj", "k_proj", "qkv_proj"))
+        parameter.data.normal_(0, 0.4 if sharp else 0.1)
     model.save_pretrained(directory, safe_serialization=True, max_shard_size="40KB" if shard else "1GB")
     return model
 
@@ -58,6 +94,20 @@ def build_hf_model(directory: Path, variant: str, shard: bool = True):
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
+
+
+def hf_chunked_logits(model, ids: list[int], sizes: list[int]) -> list[torch.Tensor]:
+    """transformers' logits of the last token of each chunk of `ids`, fed `sizes` tokens at a time
+    through its KV cache: the reference for a runner fed the same chunks (RoPE kinds that follow the
+    sequence's length, dynamic NTK and longrope, rotate each chunk by the length so far)."""
+    cache, out, start = transformers.DynamicCache(config=model.config), [], 0
+    with torch.no_grad():
+        for size in sizes:
+            chunk = torch.tensor([ids[start : start + size]])
+            result = model(chunk, cache=cache, use_cache=True)
+            out.append(result.logits[0, -1].float())
+            start += size
+    return out
 
 
 class Sequences:

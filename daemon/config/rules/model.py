@@ -6,7 +6,8 @@ from daemon.config.errors import Severity
 from daemon.config.facts import Facts
 from daemon.config.rules.catalogue import LOWER, Check, CheckResult, rule, schema_rule
 from daemon.config.schema import DaemonSettings
-from daemon.engine.model_dir import SUPPORTED_ARCHITECTURES, ModelDirError, ModelInfo, Problem
+from daemon.engine.model_dir import ModelDirError, ModelInfo, Problem
+from daemon.engine.models.registry import ACTIVATIONS, BY_ARCHITECTURE, DTYPES, ROPE_PARAMETERS, Capability
 
 
 def model_info(f: Facts, c: DaemonSettings) -> ModelInfo | None:
@@ -54,16 +55,47 @@ for problem, rule_id, summary, fix in [
     rule(rule_id, keys=["model.path"], fix=fix, summary=summary)(_directory_problem(problem))
 
 
-@rule(
-    "model.architecture-unsupported",
-    keys=["model.path"],
-    fix=f"serve a model of a supported architecture: {', '.join(SUPPORTED_ARCHITECTURES)}",
-)
-def _architecture(c: DaemonSettings, f: Facts) -> CheckResult:
-    """The model's architecture is one the engine implements (the Llama family)."""
-    info = model_info(f, c)
-    if info and not set(info.architectures) & set(SUPPORTED_ARCHITECTURES):
-        return f"config.json architectures {list(info.architectures)} are not supported"
+def _capability(capability: Capability) -> Check:
+    """A check reporting what of one kind the engine's capability table says it cannot run."""
+
+    def check(c: DaemonSettings, f: Facts) -> CheckResult:
+        info = model_info(f, c)
+        problems = [p.message for p in info.unsupported if p.capability is capability] if info else []
+        return "; ".join(problems) or None
+
+    return check
+
+
+# One rule per kind of thing the engine cannot run, from the capability table the worker uses too
+# (daemon/engine/models/registry.py): a model that passes these never fails to load for their reasons.
+for capability, summary, fix in [
+    (
+        Capability.ARCHITECTURE,
+        "The model's architecture is one the engine implements.",
+        f"serve a model of a supported architecture: {', '.join(BY_ARCHITECTURE)}",
+    ),
+    (
+        Capability.ACTIVATION,
+        "The model's MLP activation is one the engine implements.",
+        f"serve a model whose activation is one of {', '.join(ACTIVATIONS)}",
+    ),
+    (
+        Capability.ROPE,
+        "The model's RoPE scaling is one the engine implements, with the parameters it needs.",
+        f"serve a model whose RoPE scaling is one of {', '.join(ROPE_PARAMETERS)}, with its parameters set",
+    ),
+    (
+        Capability.QUANTIZATION,
+        "The model is not quantized (the engine runs unquantized weights only).",
+        "serve the model's unquantized (float16, bfloat16 or float32) checkpoint",
+    ),
+    (
+        Capability.DTYPE,
+        "The model's weights are in a floating-point dtype the engine loads.",
+        f"serve a checkpoint whose dtype is one of {', '.join(DTYPES)}",
+    ),
+]:
+    rule(f"model.{capability}-unsupported", keys=["model.path"], fix=fix, summary=summary)(_capability(capability))
 
 
 @rule(
@@ -153,7 +185,7 @@ def _tp_gpus(c: DaemonSettings, f: Facts) -> CheckResult:
     fix="lower model.context_length to the model's maximum, or unset it",
 )
 def _context_exceeds(c: DaemonSettings, f: Facts) -> CheckResult:
-    """context_length is within the model's maximum (max_position_embeddings, or its sliding window)."""
+    """context_length is within the model's maximum (max_position_embeddings, as RoPE scaling extends it)."""
     info = model_info(f, c)
     limit = info.max_context if info else None
     if c.model.context_length and limit and c.model.context_length > limit:

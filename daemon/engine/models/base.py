@@ -1,0 +1,76 @@
+"""What every model class offers the runner and the weight loader."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from daemon.engine.layers.attention import AttentionBatch, LayerCache
+
+
+class CausalLM(nn.Module):
+    """A decoder-only model over a paged KV cache. Subclasses build `self.model` (embedding, layers, norm)
+    and `self.head` (a LogitsHead) and set the cache layout; parameter names mirror the checkpoint's,
+    so most tensors load by name, and a layer that fuses or stacks several checkpoint tensors says
+    which through its `checkpoint_parts()` (such a layer holds no submodules)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    # checkpoint tensors a model recomputes or does not use, by name suffix
+    ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        context_ends: torch.Tensor,
+        caches: list[LayerCache],
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        """input_ids, positions, context_ends [T] -> final hidden states [T, hidden]."""
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [N, hidden] -> next-token logits [N, vocab], float32."""
+        return self.head(hidden)
+
+    def float_buffers(self) -> None:
+        """Keep rotary tables float32 whatever dtype the weights take."""
+        for name, buffer in self.named_buffers():
+            module_name, _, buffer_name = name.rpartition(".")
+            self.get_submodule(module_name).register_buffer(buffer_name, buffer.float(), persistent=False)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a checkpoint of this model holds, by its name there, mapped to what it fills."""
+        tensors: dict[str, torch.Tensor] = {}
+        for prefix, module in self.named_modules():
+            dot = f"{prefix}." if prefix else ""
+            if hasattr(module, "checkpoint_parts"):
+                parent = prefix.rpartition(".")[0]
+                parent_dot = f"{parent}." if parent else ""
+                tensors.update({f"{parent_dot}{name}": t for name, t in module.checkpoint_parts().items()})
+                continue
+            for name, param in module.named_parameters(recurse=False):
+                tensors[f"{dot}{name}"] = param
+        renamed = {self.checkpoint_name(name): tensor for name, tensor in tensors.items()}
+        if self.tie_word_embeddings:
+            renamed.pop("lm_head.weight", None)
+        return renamed
+
+    def checkpoint_name(self, name: str) -> str:
+        """A parameter's name in the checkpoint: the same, except the head's lm_head sits at the top."""
+        return name.removeprefix("head.")
+
+    def is_ignored(self, name: str) -> bool:
+        return name.endswith(self.ignored_suffixes) or (self.tie_word_embeddings and name == "lm_head.weight")
+
+
+def config_int(config: dict[str, Any], name: str, default: int | None = None) -> int:
+    value = config.get(name, default)
+    if value is None:
+        raise KeyError(f"config.json lacks {name}")
+    return int(value)
