@@ -10,7 +10,7 @@ generation_config.json and config.json.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from daemon.ipc.messages import ChatOptions
 from daemon.tokenizer.bounds import bytes_per_token
 from daemon.tokenizer.chat import ChatTemplate, TokenizerError
+from daemon.tokenizer.detokenize import IncrementalDetokenizer
 
 __all__ = ["PromptText", "TextTokenizer", "TokenizerError", "load_text_tokenizer"]
 
@@ -102,6 +103,10 @@ class TextTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def incremental_detokenizer(self, prompt_ids: Sequence[int], skip_special_tokens: bool) -> IncrementalDetokenizer:
+        """A detokenizer for one request's generated ids, the prompt's last ids as their context."""
+        return IncrementalDetokenizer(self._tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens)
 
     def token_strings(self, ids: Iterable[int]) -> list[str]:
         """Each id's string in the vocabulary, as stored (byte-level BPE shows a space as 'Ġ'):

@@ -260,7 +260,7 @@ class TokenizerService:
             return self._reject(request, ErrorInfo(503, "the scheduler is not reachable", type="server_error"))
         self.active[request.request_id] = Active(
             request,
-            IncrementalDetokenizer(self.text, prompt_ids, skip_special_tokens=request.skip_special_tokens),
+            self.text.incremental_detokenizer(prompt_ids, skip_special_tokens=request.skip_special_tokens),
             StopStrings(list(request.stop), include_stop=request.include_stop_str_in_output),
             # stop tokens end the text without being part of it, unless the client asked for them
             frozenset() if request.include_stop_str_in_output else frozenset(stop_ids),
