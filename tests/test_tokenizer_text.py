@@ -1,4 +1,5 @@
-"""daemon.tokenizer: loading a model's text tokenizer, chat templates, incremental detokenizing, stop strings.
+"""daemon.tokenizer: loading a model's text tokenizer, chat templates, stop strings (incremental
+detokenizing is tested in test_detokenize.py).
 
 Everything runs on real files: the demo model's tokenizer, and tokenizer directories
 written here for templates the demo model does not have.
@@ -7,18 +8,17 @@ written here for templates the demo model does not have.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, processors
 
 from daemon.engine.demo_model import BOS, EOS, IM_END, IM_START, ensure_demo_model
 from daemon.ipc.messages import ChatOptions
-from daemon.tokenizer.detokenize import MAX_HELD_IDS, IncrementalDetokenizer, StopStrings
+from daemon.tokenizer.detokenize import StopStrings
 from daemon.tokenizer.loading import TextTokenizer, TokenizerError, load_text_tokenizer
 
 CHATML = (
@@ -270,112 +270,6 @@ GOOD = {"role": "user", "content": "hi"}
 def test_bad_messages_name_the_message(demo: TextTokenizer, messages: Any, message: str) -> None:
     with pytest.raises(TokenizerError, match=message):
         demo.render_chat_prompt(messages)
-
-
-# --- incremental detokenizing ---------------------------------------------------------------------
-
-# Characters of one to four UTF-8 bytes, grapheme clusters of several code points, combining marks.
-TRICKY = ["é", "ß", "日本語", "한국어", "😀", "👩‍👩‍👧", "🇫🇷", "e\u0301", "a\u0308\u0323", "\u200d", " ", "\n", "Ω", "€"]
-unicode_texts = st.lists(
-    st.one_of(st.characters(exclude_categories=("Cs",), exclude_characters="\ufffd"), st.sampled_from(TRICKY)),
-    max_size=30,
-).map("".join)
-
-
-def stream(detokenizer: IncrementalDetokenizer, ids: Sequence[int], chunks: Sequence[int]) -> list[str]:
-    """Push `ids` in chunks of the given sizes (cycled), then finish: every delta, in order."""
-    deltas, start, turn = [], 0, 0
-    while start < len(ids):
-        size = chunks[turn % len(chunks)] if chunks else 1
-        deltas.append(detokenizer.push(ids[start : start + size]))
-        start, turn = start + size, turn + 1
-    deltas.append(detokenizer.finish())
-    return deltas
-
-
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(prompt=unicode_texts, text=unicode_texts, chunks=st.lists(st.integers(1, 5), max_size=8))
-@example(prompt="", text="😀👩‍👩‍👧日本", chunks=[1])
-@example(prompt="", text="000𐀀👩\u200d👩\u200d👧", chunks=[1, 3])  # no push ends on a whole character
-def test_deltas_join_to_the_decoded_text(demo: TextTokenizer, prompt: str, text: str, chunks: list[int]) -> None:
-    ids = demo.encode(text, add_special_tokens=False)
-    detokenizer = IncrementalDetokenizer(demo, demo.encode(prompt, add_special_tokens=True))
-    deltas = stream(detokenizer, ids, chunks)
-    assert "".join(deltas) == demo.decode(ids) == text
-    assert not any("\ufffd" in delta for delta in deltas)  # no character is ever sent in pieces
-
-
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    ids=st.lists(st.integers(0, 1023), max_size=MAX_HELD_IDS),
-    chunks=st.lists(st.integers(1, 4), max_size=4),
-    skip=st.booleans(),
-)
-def test_any_ids_stream_to_their_decoding(demo: TextTokenizer, ids: list[int], chunks: list[int], skip: bool) -> None:
-    # Random ids: invalid byte sequences and special tokens, not only text the tokenizer wrote.
-    detokenizer = IncrementalDetokenizer(demo, [], skip_special_tokens=skip)
-    assert "".join(stream(detokenizer, ids, chunks)) == demo.decode(ids, skip_special_tokens=skip)
-
-
-def test_partial_characters_are_held_back(demo: TextTokenizer) -> None:
-    ids = demo.encode("😀", add_special_tokens=False)
-    assert len(ids) == 4  # one byte token each: the demo vocabulary has no merges for emoji
-    detokenizer = IncrementalDetokenizer(demo, [])
-    assert [detokenizer.push([i]) for i in ids] == ["", "", "", "😀"]
-    assert detokenizer.finish() == ""
-
-
-def test_finish_flushes_an_incomplete_character(demo: TextTokenizer) -> None:
-    detokenizer = IncrementalDetokenizer(demo, [])
-    ids = demo.encode("a😀", add_special_tokens=False)[:-1]
-    assert "".join(detokenizer.push([i]) for i in ids) == "a"
-    assert detokenizer.finish() == "\ufffd"
-
-
-def test_prompt_ending_inside_a_character(demo: TextTokenizer) -> None:
-    # A prompt given as ids may stop mid-character; its context is then left out, not half-reused.
-    emoji = demo.encode("😀", add_special_tokens=False)
-    detokenizer = IncrementalDetokenizer(demo, emoji[:2])
-    generated = emoji[2:] + demo.encode(" ok", add_special_tokens=False)
-    assert "".join(stream(detokenizer, generated, [1])) == demo.decode(generated)
-
-
-class CountingDecoder:
-    """The real tokenizer, counting the ids each decode call is given."""
-
-    def __init__(self, tokenizer: TextTokenizer):
-        self.tokenizer = tokenizer
-        self.calls: list[int] = []
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        self.calls.append(len(ids))
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-@pytest.mark.parametrize("length", [1000, 5000])
-def test_work_per_token_is_bounded(demo: TextTokenizer, length: int) -> None:
-    unit = "The golden river 1850, café 日本語 😀 👩‍👩‍👧 e\u0301!\n"
-    ids: list[int] = []
-    while len(ids) < length:
-        ids += demo.encode(unit, add_special_tokens=False)
-    ids = ids[:length]
-    counter = CountingDecoder(demo)
-    detokenizer = IncrementalDetokenizer(counter, demo.encode("prompt", add_special_tokens=True))
-    text = "".join(detokenizer.push([i]) for i in ids) + detokenizer.finish()
-    assert text == demo.decode(ids)
-    # Each call decodes a window of at most a few characters' tokens, whatever came before:
-    # the work grows linearly with the length, never with its square.
-    assert max(counter.calls) <= 12
-    assert sum(counter.calls) <= 12 * length
-
-
-def test_garbage_that_never_completes_is_emitted_after_a_bound(demo: TextTokenizer) -> None:
-    lead_byte = demo.encode("😀", add_special_tokens=False)[0]  # starts a 4-byte character that never comes
-    counter = CountingDecoder(demo)
-    detokenizer = IncrementalDetokenizer(counter, [])
-    text = "".join(detokenizer.push([lead_byte]) for _ in range(200)) + detokenizer.finish()
-    assert set(text) == {"\ufffd"}
-    assert max(counter.calls) <= MAX_HELD_IDS + 2
 
 
 # --- stop strings ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ The request models and their policy are in request_models.py, the answers in res
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, get_args
 
 import structlog
 
@@ -16,7 +16,7 @@ from daemon.frontend import parsing
 from daemon.frontend.asgi import BadRequest
 from daemon.frontend.parsing import Unknown
 from daemon.frontend.request_models import TOKEN_ID, ChatRequest, CompletionRequest, RequestModel, check_policy
-from daemon.ipc.messages import ChatOptions, GenerateRequest, Sampling
+from daemon.ipc.messages import ChatOptions, GenerateRequest, ModelDefaultField, Sampling
 
 log = structlog.get_logger("daemon.frontend")
 
@@ -64,6 +64,8 @@ def to_generate_requests(
         stop_token_ids=tuple(request.stop_token_ids or ()),
         ignore_eos=_default(request.ignore_eos, False),
     )
+    # left to the model's defaults (generation_config.json), which the tokenizer tier reads
+    unset_sampling = tuple(name for name in get_args(ModelDefaultField) if getattr(request, name) is None)
     arrival = time.time()
     return [
         GenerateRequest(
@@ -77,6 +79,7 @@ def to_generate_requests(
             priority=request.priority or 0,
             arrival=arrival,
             stream=_default(request.stream, False),
+            unset_sampling=unset_sampling,
             **prompt,
         )
         for index, prompt in enumerate(prompts)

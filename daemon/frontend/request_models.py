@@ -81,22 +81,31 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ] = None
     max_tokens: Annotated[
         TokenCount | None,
-        honoured("Most tokens to generate. Unset: 16 for completions, what the context leaves for chat."),
+        honoured(
+            "Most tokens to generate. Unset: 16 for completions; for chat, the model's max_new_tokens "
+            "(generation_config.json) within what the context leaves, else what the context leaves."
+        ),
     ] = None
     temperature: Annotated[
         Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None,
-        honoured("Sampling temperature; 0, and anything below 1e-5, is greedy."),
+        honoured(
+            "Sampling temperature; 0, and anything below 1e-5, is greedy. Unset: the model's default "
+            "(generation_config.json), else 1."
+        ),
     ] = None
     top_p: Annotated[
         Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None,
         honoured(
             "Nucleus sampling: the smallest set of tokens whose probabilities add up to top_p (the likeliest "
-            "token is always in it)."
+            "token is always in it). Unset: the model's default (generation_config.json), else 1."
         ),
     ] = None
     top_k: Annotated[
         Annotated[int, msgspec.Meta(ge=-1, le=IPC_INT_MAX)] | None,
-        honoured("Sample among the k likeliest tokens; 0 or -1 (or more than the vocabulary): all."),
+        honoured(
+            "Sample among the k likeliest tokens; 0 or -1 (or more than the vocabulary): all. Unset: the "
+            "model's default (generation_config.json), else all."
+        ),
     ] = None
     seed: Annotated[
         Annotated[int, msgspec.Meta(ge=0, le=IPC_INT_MAX)] | None,

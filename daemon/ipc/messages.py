@@ -15,12 +15,17 @@ from typing import Any, Literal
 import msgspec
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+# The sampling fields whose default, when a request leaves them unset, is the model's own
+# (generation_config.json) where it has one: Sampling holds the neutral value until then.
+ModelDefaultField = Literal["temperature", "top_p", "top_k"]
 
 
 class Sampling(msgspec.Struct, frozen=True, omit_defaults=True):
     """How to choose tokens and when to stop, as the engine sees it."""
 
-    max_tokens: int | None = None  # None: whatever the context leaves after the prompt (set by the tokenizer)
+    # None: the model's default (generation_config.json) within what the context leaves, else all that it
+    # leaves after the prompt: set by the tokenizer
+    max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -66,6 +71,8 @@ class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
     priority: int = 0
     arrival: float = 0.0  # wall-clock time the front-end received it
     stream: bool = True  # False: the whole text comes in the last output, in one message
+    # What the client left unset in `sampling`: the tokenizer puts the model's defaults there.
+    unset_sampling: tuple[ModelDefaultField, ...] = ()
 
 
 class AbortRequest(msgspec.Struct, frozen=True, tag=True):

@@ -3,31 +3,35 @@
 Decoding all generated ids again at every step would cost O(n) per step and O(n^2)
 per request. Decoding a token alone is wrong too: byte-level tokens may carry part
 of a UTF-8 character, and SentencePiece drops a token's leading space at the start
-of a text. So, as vLLM and TGI do, each step decodes a short window: the ids since
-the last emitted text plus a few before them for context, and emits what that
-window adds to the text of its context.
+of a text. The tokenizers library's DecodeStream solves both, as vLLM uses it: it
+decodes a short window (the ids of the last text it gave, then the new ones) and
+gives what the new ids add once they end on a whole character.
+
+Every tokenizer the daemon loads is a `tokenizers.Tokenizer` (only tokenizer.json is
+supported), and DecodeStream decodes through the tokenizer's own decode, whatever its
+decoder: there is no tokenizer it does not apply to, so no other algorithm is kept.
+What is added around it: the prompt's context (a clean tail, not the whole prompt),
+a bound on ids held back, and recovery when the library gives up on a stream.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 # What a decoder writes for bytes that are not (yet) a whole UTF-8 character.
 REPLACEMENT_CHAR = "\ufffd"
-# How many prompt ids give the first generated ids their context (vLLM uses 5).
+# How many prompt ids give the first generated ids their context (vLLM's slow path uses 5).
 PROMPT_CONTEXT_IDS = 5
-# A character cut at the end of a push spans at most 3 of its last ids: so many earlier
-# places inside the push are tried for a clean end before holding all of it back.
-MAX_PROBES = 3
-# Ids held back over this many calls do not end in a character being completed but in
-# invalid bytes (or in a rare run of tokens that each straddle two characters); emitting
-# them as they are keeps the window, and so the cost of a call, bounded.
+# Ids held back over this many steps do not end in a character being completed but in
+# invalid bytes (or in a run of skipped special tokens): emitting them as they are keeps
+# the window, and so the cost of a step, bounded. DecodeStream alone would hold them all.
 MAX_HELD_IDS = 16
-
-
-class Decoder(Protocol):
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+# DecodeStream raises a bare Exception with this message when the text of its window no
+# longer starts with the text it already gave (invalid bytes regrouped by byte fallback).
+INVALID_PREFIX = "Invalid prefix"
 
 
 class IncrementalDetokenizer:
@@ -35,59 +39,69 @@ class IncrementalDetokenizer:
 
     The deltas concatenate to the decoding of all generated ids, except that the
     prompt's context keeps a leading space that decoding the ids alone would drop
-    (SentencePiece), and except after MAX_HELD_IDS ids that never make a character.
+    (SentencePiece, as vLLM does), and except where ids never make a valid character.
     """
 
-    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int], skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        # ids[:read] is context whose text is already out, ids[read:] is held back.
-        self._ids = self._prompt_context(prompt_ids)
-        self._read = len(self._ids)
+        self._restart(self._clean_tail(prompt_ids))
 
     def push(self, new_ids: Sequence[int]) -> str:
         """The text that `new_ids` complete; "" while they end inside a character."""
-        held = len(self._ids) - self._read
-        tried = len(self._ids)  # the ends up to here were tried by earlier pushes
-        self._ids.extend(new_ids)
-        return self._advance(tried, force=held >= MAX_HELD_IDS)
+        return "".join([self._step(token_id) for token_id in new_ids])
 
     def finish(self) -> str:
         """Whatever is still held back at the end of the stream, incomplete characters included."""
-        return self._advance(len(self._ids), force=True)
+        return self._force([]) if self._held else ""
 
-    def _advance(self, tried: int, force: bool) -> str:
-        if self._read == len(self._ids):
-            return ""
-        context_text = self._decode(self._ids[: self._read])
-        last = len(self._ids)
-        # The end of this push first, then places inside it that no earlier call tried.
-        lowest = max(tried + 1, self._read + 1, last - MAX_PROBES)
-        for end in [last, *range(last - 1, lowest - 1, -1)]:
-            text = self._decode(self._ids[:end])
-            if force or (len(text) > len(context_text) and not text.endswith(REPLACEMENT_CHAR)):
-                break
-        else:
-            return ""  # every end tried cuts a character whose last bytes are still to come
-        if force:
-            self._ids.clear()  # forced text may end inside a character: it can be no one's context
-            self._read = 0
-        else:
-            del self._ids[: self._read]  # the ids just emitted are the next window's context
-            self._read = end - self._read
-        return text[len(context_text) :]
+    def _step(self, token_id: int) -> str:
+        forced = self._force([]) if len(self._held) >= MAX_HELD_IDS else ""
+        try:
+            text = self._stream.step(self._tokenizer, token_id)
+        except Exception as exc:  # the Rust side raises a bare Exception for every kind of error
+            if not str(exc).startswith(INVALID_PREFIX):
+                raise
+            return forced + self._force([token_id])  # the stream is broken: what it held is out here
+        if text is None:
+            self._held.append(token_id)
+            return forced
+        # As the stream does: the ids of the text just given are the next window's context.
+        self._context, self._held = [*self._held, token_id], []
+        return forced + text
 
-    def _prompt_context(self, prompt_ids: Sequence[int]) -> list[int]:
-        """The last few prompt ids, cut to start and end on whole characters (or none)."""
-        for start in range(max(len(prompt_ids) - PROMPT_CONTEXT_IDS, 0), len(prompt_ids)):
-            context = list(prompt_ids[start:])
+    def _force(self, new_ids: list[int]) -> str:
+        """The text of the held ids and `new_ids` as they are, then a fresh stream."""
+        ids = [*self._held, *new_ids]
+        context_text = self._decode(self._context)
+        text = self._decode([*self._context, *ids])
+        text = text[len(context_text) :] if text.startswith(context_text) else self._decode(ids)
+        # Ids that gave no text (skipped special tokens) leave the old context as good as it was;
+        # else the forced ids' own clean tail is the context, as it may end inside a character.
+        self._restart(self._context if not text else self._clean_tail(ids))
+        return text
+
+    def _restart(self, context: list[int]) -> None:
+        self._stream = DecodeStream(ids=context, skip_special_tokens=self._skip_special_tokens)
+        # What the stream holds, mirrored to flush it: DecodeStream has no way to give it back.
+        self._context = context  # ids whose text is out, decoded before the next ones
+        self._held: list[int] = []  # ids stepped since the stream last gave text
+
+    def _clean_tail(self, ids: Sequence[int]) -> list[int]:
+        """The last few of `ids`, cut to start and end on whole characters (or none): a context.
+
+        Of a prompt, not all of it, as vLLM gives it: the stream would decode all of it at
+        the first step, and a prompt given as ids may end inside a character, whose bytes
+        the stream would then give as if they were generated text."""
+        for start in range(max(len(ids) - PROMPT_CONTEXT_IDS, 0), len(ids)):
+            context = list(ids[start:])
             text = self._decode(context)
             if text and not text.startswith(REPLACEMENT_CHAR) and not text.endswith(REPLACEMENT_CHAR):
                 return context
         return []
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+        return self._tokenizer.decode(list(ids), skip_special_tokens=self._skip_special_tokens)
 
 
 class StopStrings:

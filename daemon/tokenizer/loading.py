@@ -10,7 +10,7 @@ generation_config.json and config.json.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,9 @@ from tokenizers import Tokenizer
 from daemon.ipc.messages import ChatOptions
 from daemon.tokenizer.bounds import bytes_per_token
 from daemon.tokenizer.chat import ChatTemplate, TokenizerError
+from daemon.tokenizer.detokenize import IncrementalDetokenizer
 
-__all__ = ["PromptText", "TextTokenizer", "TokenizerError", "load_text_tokenizer"]
+__all__ = ["PromptText", "TextTokenizer", "TokenizerError", "load_text_tokenizer", "read_json_object"]
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -103,6 +104,10 @@ class TextTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def incremental_detokenizer(self, prompt_ids: Sequence[int], skip_special_tokens: bool) -> IncrementalDetokenizer:
+        """A detokenizer for one request's generated ids, the prompt's last ids as their context."""
+        return IncrementalDetokenizer(self._tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens)
+
     def token_strings(self, ids: Iterable[int]) -> list[str]:
         """Each id's string in the vocabulary, as stored (byte-level BPE shows a space as 'Ġ'):
         what transformers' convert_ids_to_tokens gives, and vLLM's /tokenize returns."""
@@ -167,7 +172,7 @@ def _cut_after_final_message(text: str, messages: Any) -> str:
 def load_text_tokenizer(model_dir: Path) -> TextTokenizer:
     model_dir = Path(model_dir)
     tokenizer, description = _read_tokenizer(model_dir / TOKENIZER_FILE)
-    config = _read_json(model_dir / TOKENIZER_CONFIG_FILE)
+    config = read_json_object(model_dir / TOKENIZER_CONFIG_FILE)
     special_tokens = {key: _token_content(config.get(key), key) for key in TEMPLATE_SPECIAL_TOKENS}
     add_bos = config.get("add_bos_token")
     template_source, origin, no_template_reason = _read_chat_template(model_dir, config)
@@ -194,7 +199,7 @@ def _read_tokenizer(path: Path) -> tuple[Tokenizer, dict[str, Any]]:
     return tokenizer, json.loads(tokenizer.to_str())
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
     """The object in the JSON file at `path`; {} when there is no such file, as all of these are optional."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -251,7 +256,7 @@ def _eos_token_ids(model_dir: Path, tokenizer: Tokenizer, eos_token: str | None)
     """Every id that ends generation: the configs may list several (end of turn, end of text)."""
     ids: set[int] = set()
     for name in (GENERATION_CONFIG_FILE, MODEL_CONFIG_FILE):
-        value = _read_json(model_dir / name).get("eos_token_id")
+        value = read_json_object(model_dir / name).get("eos_token_id")
         values = value if isinstance(value, list) else [] if value is None else [value]
         for item in values:
             if not isinstance(item, int) or isinstance(item, bool) or item < 0:

@@ -45,6 +45,7 @@ from daemon.ipc.messages import (
 from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
 from daemon.tier import Tier
 from daemon.tokenizer.detokenize import IncrementalDetokenizer, StopStrings
+from daemon.tokenizer.generation_defaults import read_sampling_defaults
 from daemon.tokenizer.loading import PromptText, TokenizerError, load_text_tokenizer
 from daemon.tokenizer.offloop import OffLoop
 from daemon.tokenizer.served import ServedContext
@@ -80,7 +81,9 @@ class TokenizerService:
         self.tier = tier
         settings, endpoints = tier.settings, tier.endpoints
         cache = settings.runtime.cache_dir
-        self.text = load_text_tokenizer(locate_model(settings.tokenizer.path, cache, build=False))
+        model_dir = locate_model(settings.tokenizer.path, cache, build=False)
+        self.text = load_text_tokenizer(model_dir)
+        self.sampling_defaults = read_sampling_defaults(model_dir)
         self.zmq = zmq.Context()
         self.inbox = Receiver(open_socket(self.zmq, zmq.PULL, bind=endpoints.tokenizer(tier.index)), ToTokenizer)
         self.events = Receiver(open_socket(self.zmq, zmq.SUB, connect=endpoints.events), Broadcast)
@@ -103,7 +106,12 @@ class TokenizerService:
         # Listening to events by now: a worker that came up since the first look is in the status file.
         self.served.refresh()
         send(self.control, TierReady(self.tier.role, self.tier.index, os.getpid()))
-        log.info("tokenizer.ready", vocab=self.text.vocab_size, context=self.served.length)
+        defaults = self.sampling_defaults
+        log.info(
+            "tokenizer.ready", vocab=self.text.vocab_size, context=self.served.length, model_defaults=defaults.values
+        )
+        if defaults.not_applied:  # generation_config.json sets them: outputs differ from what the model's makers tuned
+            log.warning("tokenizer.model_defaults_not_applied", fields=list(defaults.not_applied))
         self._handle(early)
         draining_since: float | None = None
         last_message = time.monotonic()
@@ -237,7 +245,7 @@ class TokenizerService:
                 "prompt (or set truncate_prompt_tokens)."
             )
             return self._reject(request, ErrorInfo(400, message, param=prompt_param))
-        max_tokens = request.sampling.max_tokens or context - len(prompt_ids)
+        max_tokens = request.sampling.max_tokens or self.sampling_defaults.max_tokens(context - len(prompt_ids))
         requested = len(prompt_ids) + max_tokens
         if requested > context:
             message = (
@@ -250,7 +258,9 @@ class TokenizerService:
         if not request.sampling.ignore_eos:
             stop_ids |= self.text.eos_token_ids
         sampling = msgspec.structs.replace(
-            request.sampling, max_tokens=max_tokens, stop_token_ids=tuple(sorted(stop_ids))
+            self.sampling_defaults.apply(request.sampling, request.unset_sampling),
+            max_tokens=max_tokens,
+            stop_token_ids=tuple(sorted(stop_ids)),
         )
         scheduled = ScheduleRequest(
             request.request_id, self.tier.index, prompt_ids, sampling, request.priority, request.arrival
@@ -260,7 +270,7 @@ class TokenizerService:
             return self._reject(request, ErrorInfo(503, "the scheduler is not reachable", type="server_error"))
         self.active[request.request_id] = Active(
             request,
-            IncrementalDetokenizer(self.text, prompt_ids, skip_special_tokens=request.skip_special_tokens),
+            self.text.incremental_detokenizer(prompt_ids, skip_special_tokens=request.skip_special_tokens),
             StopStrings(list(request.stop), include_stop=request.include_stop_str_in_output),
             # stop tokens end the text without being part of it, unless the client asked for them
             frozenset() if request.include_stop_str_in_output else frozenset(stop_ids),
