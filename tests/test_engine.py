@@ -7,6 +7,7 @@ options on), saved as sharded safetensors and loaded by the engine through its o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,33 @@ def test_the_demo_model_runs_through_the_same_code_and_matches(tmp_path: Path):
     runner = ModelRunner(directory, num_blocks=16, device="cpu", dtype="float32")
     ours = runner.logits([Sequences(runner).chunk(1, PROMPT, 0)])[0]
     torch.testing.assert_close(ours, hf_logits(hf, PROMPT)[-1], atol=TOLERANCE, rtol=0)
+
+
+# A bfloat16 forward is held to transformers' own: against the float32 logits, its error may be at
+# most twice what transformers' bfloat16 forward of the same weights shows (floor 1e-3, for the
+# variants where transformers happens to land very close).
+BF16_ERROR_RATIO, BF16_ERROR_FLOOR = 2.0, 1e-3
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bfloat16_is_as_close_to_float32_as_transformers_own(tmp_path: Path, variant: str):
+    hf = build_hf_model(tmp_path, variant)
+    reference = hf_logits(hf, PROMPT)[-1]
+    theirs = (hf_logits(hf.to(torch.bfloat16), PROMPT)[-1] - reference).abs().max().item()
+    runner = ModelRunner(tmp_path, num_blocks=64, device="cpu", dtype="bfloat16")
+    ours = (runner.logits([Sequences(runner).chunk(1, PROMPT, 0)])[0] - reference).abs().max().item()
+    assert ours <= max(BF16_ERROR_RATIO * theirs, BF16_ERROR_FLOOR), (ours, theirs)
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
+def test_half_precision_checkpoints_load_and_run_in_the_dtype_asked(tmp_path: Path, stored: str):
+    """A checkpoint stored in bfloat16 or float16 runs in float32 on CPU under dtype auto (exactly the
+    stored weights, upcast), or in the stored dtype when asked."""
+    hf = build_hf_model(tmp_path, "qwen3").to(getattr(torch, stored))
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == stored
+    runner = ModelRunner(tmp_path, num_blocks=64, device="cpu", dtype="auto")
+    assert runner.dtype == torch.float32
+    ours = runner.logits([Sequences(runner).chunk(1, PROMPT, 0)])[0]
+    torch.testing.assert_close(ours, hf_logits(hf.float(), PROMPT)[-1], atol=TOLERANCE, rtol=0)
+    assert ModelRunner(tmp_path, num_blocks=8, device="cpu", dtype=stored).dtype == getattr(torch, stored)

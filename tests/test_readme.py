@@ -42,6 +42,7 @@ def test_generated_sections_are_current():
         "daemon config scopes",
         "daemon rules --format markdown",
         "daemon api fields",
+        "daemon models",
     }
     for match in sections:
         assert match["body"].strip() == _generated(match["command"]).strip(), (

@@ -337,7 +337,10 @@ class ModelSettings(Section):
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = setting(
         "auto",
-        doc="Weight and activation dtype. auto: bfloat16 on CUDA, float32 on CPU.",
+        doc=(
+            "Weight and activation dtype. auto: float32 on CPU; on CUDA the checkpoint's float16 or "
+            "bfloat16 (bfloat16 for a float32 checkpoint)."
+        ),
         reload=Reload.WORKER,
     )
     device: Literal["auto", "cpu", "cuda"] = setting(

@@ -47,7 +47,7 @@ VARIANTS = {
     ),
     "linear-rope": (*_LLAMA, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     # past max_position_embeddings within PROMPT, so the base stretches as the sequence grows
-    "dynamic-rope": (*_LLAMA, {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 12}),
+    "dynamic-rope": (*_LLAMA, {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}, "max_position_embeddings": 16}),
     "qwen2": (*_QWEN2, {}),
     "qwen2-yarn": (
         *_QWEN2,
@@ -89,6 +89,16 @@ def build_hf_model(directory: Path, variant: str, shard: bool = True):
         parameter.data.normal_(0, 0.4 if sharp else 0.1)
     model.save_pretrained(directory, safe_serialization=True, max_shard_size="40KB" if shard else "1GB")
     return model
+
+
+def word_tokenizer(vocab_size: int):
+    """A tokenizer.json-style tokenizer with one word per id ("w0" ... ): any id sequence decodes to
+    distinct text, so a completion's text says exactly which tokens were generated."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tokenizer
 
 
 def hf_logits(model, ids: list[int]) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""Every family and RoPE kind of the registry served through the whole daemon, as a user would.
+
+Each variant of the harness (a tiny random checkpoint built with transformers, sharded
+safetensors, a word-level tokenizer.json) is served by a real daemon; greedy completions of
+several prompts of mixed lengths, sent in one batched request, must be the tokens transformers'
+`generate` picks on the same weights (each token decodes to its own word, "w<id>").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from harness.daemons import serving  # noqa: E402
+from harness.models import PROMPT, VARIANTS, build_hf_model, word_tokenizer  # noqa: E402
+
+NEW_TOKENS = 12
+PROMPTS = [PROMPT, PROMPT[5:9], [7, 3, 150, 42, 8, 8, 19, 1, 64, 12, 13, 99, 101, 2, 5, 6, 33, 71, 90, 11, 23, 45]]
+
+
+def expected_tokens(model, prompt: list[int]) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_completions_through_the_daemon_match_transformers(tmp_path: Path, model_cache: Path, variant: str):
+    model_dir = tmp_path / "model"
+    hf = build_hf_model(model_dir, variant)
+    hf.generation_config.eos_token_id = None  # the request ignores EOS too: both run NEW_TOKENS steps
+    tokenizer = word_tokenizer(hf.config.vocab_size)
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    expected = [[f"w{token}" for token in expected_tokens(hf, prompt)] for prompt in PROMPTS]
+    settings = {"model.path": str(model_dir), "model.served_model_name": "tiny", "model.device": "cpu"}
+    (tmp_path / "daemon").mkdir()
+    with serving(tmp_path / "daemon", model_cache, settings) as daemon:
+        body = {"model": "tiny", "prompt": PROMPTS, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+        response = httpx.post(f"{daemon.url}/v1/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+        assert [c["text"].split() for c in choices] == expected, json.dumps(choices)
