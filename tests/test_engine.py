@@ -172,3 +172,14 @@ def test_half_precision_checkpoints_load_and_run_in_the_dtype_asked(tmp_path: Pa
     ours = runner.logits([Sequences(runner).chunk(1, PROMPT, 0)])[0]
     torch.testing.assert_close(ours, hf_logits(hf.float(), PROMPT)[-1], atol=TOLERANCE, rtol=0)
     assert ModelRunner(tmp_path, num_blocks=8, device="cpu", dtype=stored).dtype == getattr(torch, stored)
+
+
+def test_every_family_and_rope_kind_has_a_variant():
+    """The parity tests above cover the whole registry: a family or RoPE kind added without a
+    variant in tests/harness/models.py fails here."""
+    from daemon.engine.models.registry import BY_ARCHITECTURE, FAMILIES, ROPE_PARAMETERS
+
+    covered = {BY_ARCHITECTURE[model_class.__name__].name for _config, model_class, _options in VARIANTS.values()}
+    assert covered == {family.name for family in FAMILIES}
+    kinds = {(options.get("rope_scaling") or {}).get("rope_type", "default") for *_, options in VARIANTS.values()}
+    assert kinds == set(ROPE_PARAMETERS)
