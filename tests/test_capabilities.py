@@ -28,6 +28,11 @@ CASES = {
         {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
         "RoPE scaling 'llama3' lacks low_freq_factor, high_freq_factor, original_max_position_embeddings",
     ),
+    "gemma-activation": (
+        "Gemma2ForCausalLM",
+        {"hidden_activation": "quick_gelu"},
+        "hidden_activation 'quick_gelu' is not supported",
+    ),
     "quantization": (
         "MistralForCausalLM",
         {"quantization_config": {"quant_method": "awq", "bits": 4}},
@@ -40,6 +45,7 @@ KIND = {
     "activation": Capability.ACTIVATION,
     "rope": Capability.ROPE,
     "rope-parameters": Capability.ROPE,
+    "gemma-activation": Capability.ACTIVATION,
     "quantization": Capability.QUANTIZATION,
     "dtype": Capability.DTYPE,
 }

@@ -62,6 +62,19 @@ VARIANTS = {
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 32}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": WINDOW}),
     "phi3": (*_PHI3, {"pad_token_id": 0, "sliding_window": WINDOW, "partial_rotary_factor": 0.5}),
+    # scores scaled by query_pre_attn_scalar, not head_dim; both soft-caps small enough to bite;
+    # layer_types by Gemma 2's default pattern: sliding, full, sliding
+    "gemma2": (
+        transformers.Gemma2Config,
+        transformers.Gemma2ForCausalLM,
+        {
+            "head_dim": 32,
+            "query_pre_attn_scalar": 20,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 3.0,
+            "sliding_window": WINDOW,
+        },
+    ),
     # longrope switches from short to long factors once a sequence passes 12 positions
     "phi3-longrope": (
         *_PHI3,

@@ -49,6 +49,15 @@ FAMILIES = (
     Family("mistral", ("MistralForCausalLM",), "MistralForCausalLM", f"{_LLAMA_LIKE}, sliding-window attention"),
     Family("qwen2", ("Qwen2ForCausalLM",), "Qwen2ForCausalLM", f"{_LLAMA_LIKE}, q/k/v biases, sliding window"),
     Family("qwen3", ("Qwen3ForCausalLM",), "Qwen3ForCausalLM", f"{_LLAMA_LIKE}, per-head q/k RMSNorm"),
+    Family(
+        "gemma2",
+        ("Gemma2ForCausalLM",),
+        "Gemma2ForCausalLM",
+        "(1+w) norms, pre/post norms, embedding scale, attention and final logit soft-capping, "
+        "alternating sliding-window and global layers",
+        activation_key="hidden_activation",
+        default_activation="gelu_pytorch_tanh",
+    ),
     Family("phi3", ("Phi3ForCausalLM",), "Phi3ForCausalLM", "fused qkv and gate_up in the checkpoint, longrope"),
 )
 BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.architectures}
