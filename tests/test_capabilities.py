@@ -33,6 +33,11 @@ CASES = {
         {"hidden_activation": "quick_gelu"},
         "hidden_activation 'quick_gelu' is not supported",
     ),
+    "rope-per-layer-type": (
+        "Gemma3ForCausalLM",
+        {"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1e6}}},
+        "RoPE scaling 'yarn' for full_attention layers lacks factor, original_max_position_embeddings",
+    ),
     "quantization": (
         "MistralForCausalLM",
         {"quantization_config": {"quant_method": "awq", "bits": 4}},
@@ -46,6 +51,7 @@ KIND = {
     "rope": Capability.ROPE,
     "rope-parameters": Capability.ROPE,
     "gemma-activation": Capability.ACTIVATION,
+    "rope-per-layer-type": Capability.ROPE,
     "quantization": Capability.QUANTIZATION,
     "dtype": Capability.DTYPE,
 }

@@ -75,6 +75,24 @@ VARIANTS = {
             "sliding_window": WINDOW,
         },
     ),
+    # a RoPE per layer type (linear scaling on the global layers only), no attention soft-cap, as
+    # Gemma 3 checkpoints have; a pattern of 2 for both layer types in 3 layers
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        transformers.Gemma3ForCausalLM,
+        {
+            "head_dim": 32,
+            "query_pre_attn_scalar": 20,
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": 3.0,
+            "sliding_window": WINDOW,
+            "sliding_window_pattern": 2,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+        },
+    ),
     # longrope switches from short to long factors once a sequence passes 12 positions
     "phi3-longrope": (
         *_PHI3,

@@ -13,7 +13,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.engine.hf_config import ConfigFieldError, RopeSettings, rope_settings
+from daemon.engine.hf_config import FULL_ATTENTION, SLIDING_ATTENTION, ConfigFieldError, RopeSettings, rope_settings
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Family:
 
 
 _LLAMA_LIKE = "RMSNorm, fused q/k/v and gate/up projections, GQA"
+_GEMMA_LAYERS = (FULL_ATTENTION, SLIDING_ATTENTION)
 FAMILIES = (
     Family("llama", ("LlamaForCausalLM",), "LlamaForCausalLM", f"Llama 1-3.x: {_LLAMA_LIKE}, optional biases"),
     Family("mistral", ("MistralForCausalLM",), "MistralForCausalLM", f"{_LLAMA_LIKE}, sliding-window attention"),
@@ -57,6 +58,16 @@ FAMILIES = (
         "alternating sliding-window and global layers",
         activation_key="hidden_activation",
         default_activation="gelu_pytorch_tanh",
+    ),
+    Family(
+        "gemma3",
+        ("Gemma3ForCausalLM",),
+        "Gemma3ForCausalLM",
+        "Gemma 3 text: as Gemma 2, plus per-head q/k norms and a RoPE base per layer type",
+        activation_key="hidden_activation",
+        default_activation="gelu_pytorch_tanh",
+        rope_layer_types=_GEMMA_LAYERS,
+        local_theta_key="rope_local_base_freq",
     ),
     Family("phi3", ("Phi3ForCausalLM",), "Phi3ForCausalLM", "fused qkv and gate_up in the checkpoint, longrope"),
 )
