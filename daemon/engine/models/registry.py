@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.engine.hf_config import FULL_ATTENTION, SLIDING_ATTENTION, ConfigFieldError, RopeSettings, rope_settings
+from daemon.engine.hf_config import served_positions as rope_served_positions
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,13 @@ class Family:
         if layer_type not in self.rope_layer_types:
             layer_type = None
         return rope_settings(config, layer_type, local_theta_key=self.local_theta_key)
+
+    def served_positions(self, config: dict[str, Any]) -> int | None:
+        """The longest context the model is made for. With a RoPE per layer type, the shortest any type
+        is made for: Gemma 3's max_position_embeddings already counts the linear scaling of its global
+        layers (vLLM reads it so too), and its sliding layers are unscaled."""
+        lengths = [rope_served_positions(config, self.rope(config, t)) for t in self.rope_layer_types]
+        return None if None in lengths else min(lengths)
 
     def load_class(self) -> type:
         return getattr(importlib.import_module(f"daemon.engine.models.{self.name}"), self.model_class)
