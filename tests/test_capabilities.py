@@ -28,6 +28,16 @@ CASES = {
         {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
         "RoPE scaling 'llama3' lacks low_freq_factor, high_freq_factor, original_max_position_embeddings",
     ),
+    "gemma-activation": (
+        "Gemma2ForCausalLM",
+        {"hidden_activation": "quick_gelu"},
+        "hidden_activation 'quick_gelu' is not supported",
+    ),
+    "rope-per-layer-type": (
+        "Gemma3ForCausalLM",
+        {"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1e6}}},
+        "RoPE scaling 'yarn' for full_attention layers lacks factor, original_max_position_embeddings",
+    ),
     "quantization": (
         "MistralForCausalLM",
         {"quantization_config": {"quant_method": "awq", "bits": 4}},
@@ -40,6 +50,8 @@ KIND = {
     "activation": Capability.ACTIVATION,
     "rope": Capability.ROPE,
     "rope-parameters": Capability.ROPE,
+    "gemma-activation": Capability.ACTIVATION,
+    "rope-per-layer-type": Capability.ROPE,
     "quantization": Capability.QUANTIZATION,
     "dtype": Capability.DTYPE,
 }

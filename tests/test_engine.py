@@ -134,6 +134,24 @@ def test_checkpoints_with_the_older_rope_config_format_match(tmp_path: Path):
     torch.testing.assert_close(ours, hf_logits(hf, PROMPT)[-1], atol=TOLERANCE, rtol=0)
 
 
+def test_gemma3_checkpoints_with_the_older_config_format_match(tmp_path: Path):
+    """Gemma 3's released checkpoints: rope_theta and rope_scaling for the global layers,
+    rope_local_base_freq for the sliding ones, and sliding_window_pattern instead of layer_types."""
+    import json
+
+    hf = build_hf_model(tmp_path, "gemma3")
+    config = json.loads((tmp_path / "config.json").read_text())
+    ropes = config.pop("rope_parameters")
+    del config["layer_types"], config["_sliding_window_pattern"]
+    config["rope_local_base_freq"] = ropes["sliding_attention"]["rope_theta"]
+    config["rope_theta"] = ropes["full_attention"].pop("rope_theta")
+    config["rope_scaling"] = ropes["full_attention"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    runner = ModelRunner(tmp_path, num_blocks=64, device="cpu", dtype="float32")
+    ours = runner.logits([Sequences(runner).chunk(1, PROMPT, 0)])[0]
+    torch.testing.assert_close(ours, hf_logits(hf, PROMPT)[-1], atol=TOLERANCE, rtol=0)
+
+
 def test_the_demo_model_runs_through_the_same_code_and_matches(tmp_path: Path):
     from daemon.engine.demo_model import ensure_demo_model
 

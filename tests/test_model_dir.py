@@ -412,3 +412,21 @@ def test_rope_scaling_extends_the_context_served(tmp_path: Path, fields: dict, s
     """As vLLM derives it: linear and dynamic stretch max_position_embeddings, YaRN the original context."""
     root = write_model_dir(tmp_path / "m", max_positions=32768, config=fields)
     assert inspect_model_dir(root).max_context == served
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"rope_theta": 1e6, "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rope_local_base_freq": 1e4},
+        {
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            }
+        },
+    ],
+)
+def test_gemma3_positions_already_count_its_global_layers_scaling(tmp_path: Path, fields: dict) -> None:
+    """Gemma 3's max_position_embeddings is the extended context (vLLM reads it so); its sliding layers are unscaled."""
+    root = write_model_dir(tmp_path / "m", architecture="Gemma3ForCausalLM", max_positions=131072, config=fields)
+    assert inspect_model_dir(root).max_context == 131072

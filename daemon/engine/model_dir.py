@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.engine.hf_config import ConfigFieldError, served_positions
+from daemon.engine.hf_config import ConfigFieldError
 from daemon.engine.models.registry import UnsupportedModel, family_of, unsupported
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -71,7 +71,7 @@ def model_info_from_config(config: dict[str, Any], where: str = "config.json") -
     max_context = max_positions
     if family is not None and not problems:
         try:
-            max_context = served_positions(config, family.rope(config))
+            max_context = family.served_positions(config)
         except ConfigFieldError as exc:
             raise ModelDirError(Problem.CONFIG, f"{where}: {exc}") from None
     return ModelInfo(

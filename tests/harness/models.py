@@ -62,6 +62,37 @@ VARIANTS = {
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 32}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": WINDOW}),
     "phi3": (*_PHI3, {"pad_token_id": 0, "sliding_window": WINDOW, "partial_rotary_factor": 0.5}),
+    # scores scaled by query_pre_attn_scalar, not head_dim; both soft-caps small enough to bite;
+    # layer_types by Gemma 2's default pattern: sliding, full, sliding
+    "gemma2": (
+        transformers.Gemma2Config,
+        transformers.Gemma2ForCausalLM,
+        {
+            "head_dim": 32,
+            "query_pre_attn_scalar": 20,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 3.0,
+            "sliding_window": WINDOW,
+        },
+    ),
+    # a RoPE per layer type (linear scaling on the global layers only), no attention soft-cap, as
+    # Gemma 3 checkpoints have; a pattern of 2 for both layer types in 3 layers
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        transformers.Gemma3ForCausalLM,
+        {
+            "head_dim": 32,
+            "query_pre_attn_scalar": 20,
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": 3.0,
+            "sliding_window": WINDOW,
+            "sliding_window_pattern": 2,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+        },
+    ),
     # longrope switches from short to long factors once a sequence passes 12 positions
     "phi3-longrope": (
         *_PHI3,

@@ -13,7 +13,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.engine.hf_config import ConfigFieldError, RopeSettings, rope_settings
+from daemon.engine.hf_config import FULL_ATTENTION, SLIDING_ATTENTION, ConfigFieldError, RopeSettings, rope_settings
+from daemon.engine.hf_config import served_positions as rope_served_positions
 
 
 @dataclass(frozen=True)
@@ -39,16 +40,43 @@ class Family:
             layer_type = None
         return rope_settings(config, layer_type, local_theta_key=self.local_theta_key)
 
+    def served_positions(self, config: dict[str, Any]) -> int | None:
+        """The longest context the model is made for. With a RoPE per layer type, the shortest any type
+        is made for: Gemma 3's max_position_embeddings already counts the linear scaling of its global
+        layers (vLLM reads it so too), and its sliding layers are unscaled."""
+        lengths = [rope_served_positions(config, self.rope(config, t)) for t in self.rope_layer_types]
+        return None if None in lengths else min(lengths)
+
     def load_class(self) -> type:
         return getattr(importlib.import_module(f"daemon.engine.models.{self.name}"), self.model_class)
 
 
 _LLAMA_LIKE = "RMSNorm, fused q/k/v and gate/up projections, GQA"
+_GEMMA_LAYERS = (FULL_ATTENTION, SLIDING_ATTENTION)
 FAMILIES = (
     Family("llama", ("LlamaForCausalLM",), "LlamaForCausalLM", f"Llama 1-3.x: {_LLAMA_LIKE}, optional biases"),
     Family("mistral", ("MistralForCausalLM",), "MistralForCausalLM", f"{_LLAMA_LIKE}, sliding-window attention"),
     Family("qwen2", ("Qwen2ForCausalLM",), "Qwen2ForCausalLM", f"{_LLAMA_LIKE}, q/k/v biases, sliding window"),
     Family("qwen3", ("Qwen3ForCausalLM",), "Qwen3ForCausalLM", f"{_LLAMA_LIKE}, per-head q/k RMSNorm"),
+    Family(
+        "gemma2",
+        ("Gemma2ForCausalLM",),
+        "Gemma2ForCausalLM",
+        "(1+w) norms, pre/post norms, embedding scale, attention and final logit soft-capping, "
+        "alternating sliding-window and global layers",
+        activation_key="hidden_activation",
+        default_activation="gelu_pytorch_tanh",
+    ),
+    Family(
+        "gemma3",
+        ("Gemma3ForCausalLM",),
+        "Gemma3ForCausalLM",
+        "Gemma 3 text: as Gemma 2, plus per-head q/k norms and a RoPE base per layer type",
+        activation_key="hidden_activation",
+        default_activation="gelu_pytorch_tanh",
+        rope_layer_types=_GEMMA_LAYERS,
+        local_theta_key="rope_local_base_freq",
+    ),
     Family("phi3", ("Phi3ForCausalLM",), "Phi3ForCausalLM", "fused qkv and gate_up in the checkpoint, longrope"),
 )
 BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.architectures}
