@@ -5,7 +5,7 @@ BPE (GPT-2, Llama 3, Qwen), where a character may be split across tokens and a s
 part of the token after it; and SentencePiece-style BPE (Llama 2, Mistral, Gemma), where
 '▁' stands for a space, decoding drops the first token's leading space, and characters
 outside the vocabulary fall back to one token per UTF-8 byte. The second kind is built
-here with the tokenizers library, in both layouts transformers converts them to.
+by the harness (harness.tokenizer_files), in both layouts transformers converts them to.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from harness.tokenizer_files import SENTENCEPIECE_LAYOUTS, sentencepiece_tokenizer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from daemon.engine.demo_model import BOS, ensure_demo_model
 from daemon.tokenizer.detokenize import MAX_HELD_IDS, IncrementalDetokenizer
@@ -29,37 +29,6 @@ unicode_texts = st.lists(
     st.one_of(st.characters(exclude_categories=("Cs",), exclude_characters="\ufffd"), st.sampled_from(TRICKY)),
     max_size=30,
 ).map("".join)
-# The SentencePiece vocabulary: these words (and their letters) are tokens, any other character is bytes.
-SENTENCEPIECE_WORDS = ("▁the", "▁river", "▁hello", "▁world", "▁walked", "▁café", "日", "▁日本")
-SENTENCEPIECE_LAYOUTS = ("llama2", "metaspace")
-
-
-def sentencepiece_tokenizer(layout: str) -> Tokenizer:
-    """A SentencePiece-style BPE with byte fallback, as transformers converts a tokenizer.model:
-    "llama2" spells spaces as '▁' in a normalizer and strips the first space in a decoder chain;
-    "metaspace" does both in Metaspace pre-tokenizer and decoder."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{byte:02X}>": 3 + byte for byte in range(256)}
-    merges = []
-    for word in SENTENCEPIECE_WORDS:  # each word merged letter by letter, left to right
-        piece = word[0]
-        vocab.setdefault(piece, len(vocab))
-        for char in word[1:]:
-            vocab.setdefault(char, len(vocab))
-            if piece + char not in vocab:
-                vocab[piece + char] = len(vocab)
-                merges.append((piece, char))
-            piece += char
-    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    if layout == "llama2":
-        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-        tokenizer.decoder = decoders.Sequence(
-            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-        )
-    else:
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
-        tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="always")])
-    tokenizer.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
-    return tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -236,6 +236,8 @@ def test_named_templates_without_default(tmp_path: Path, demo_dir: Path) -> None
         ("line one\n{% for m in messages %}{{ m.role }", "syntax error at line 2"),
         ("{{ messages.append(1) }}", "failed: .*unsafe"),
         ("{{ 'a' + messages }}", "failed: TypeError"),
+        ("{% set ns = namespace() %}{% set ns._hidden = 1 %}", "failed: .*cannot store '_hidden'"),
+        ("{{ namespace(__class__=1) }}", "failed: .*cannot store '__class__'"),
     ],
 )
 def test_template_failures(tmp_path: Path, demo_dir: Path, template: str, message: str) -> None:

@@ -2,11 +2,12 @@
 
 A model's chat template is a Jinja program shipped with its tokenizer. It is run in
 Jinja's immutable sandbox with the same environment transformers builds (trim_blocks,
-lstrip_blocks, raise_exception, tojson, strftime_now, loop controls, the {% generation %}
-tag), so a template renders here as it does there; only a template that takes content
-as a string alone is given text parts already joined, as vLLM does. Anything that goes wrong,
-from bad messages to a template that refuses them, is a TokenizerError whose message
-can go back to the client as a 400.
+lstrip_blocks, raise_exception, tojson, strftime_now, its namespace and dict, loop controls,
+the {% generation %} tag), and messages reach it as transformers hands them over (null
+fields dropped, reasoning under each of its names), so a template renders here as it does
+there; only a template that takes content as a string alone is given text parts already
+joined, as vLLM does. Anything that goes wrong, from bad messages to a template that
+refuses them, is a TokenizerError whose message can go back to the client as a 400.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class ChatTemplate:
         template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         template = self._compiled()
-        checked = check_messages(messages)
+        checked = [_as_transformers_gives_it(message) for message in check_messages(messages)]
         if not self._reads_content_parts:
             checked = [_flatten_parts(message) for message in checked]
         context = {
@@ -124,6 +125,25 @@ def _check_content(index: int, content: Any) -> None:
             raise TokenizerError(f"message {index}: content part {number} must have a string text")
 
 
+# The names a message's reasoning comes under; templates read the first (Qwen3's reasoning_content),
+# gpt-oss's the second, and clients echo back vLLM's newer third.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _as_transformers_gives_it(message: dict[str, Any]) -> dict[str, Any]:
+    """The message as transformers' apply_chat_template hands it to the template.
+
+    Null fields are dropped: clients echo back whole OpenAI message objects ("tool_calls": null,
+    "refusal": null), and a template that asks `'tool_calls' in message` must not see them.
+    Reasoning under any of its names is given as reasoning_content, and as thinking unless the
+    message has its own."""
+    message = {key: value for key, value in message.items() if value is not None}
+    reasoning = next((message[key] for key in REASONING_FIELDS if key in message), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
 def _flatten_parts(message: dict[str, Any]) -> dict[str, Any]:
     if isinstance(message["content"], list):
         return {**message, "content": "\n".join(part["text"] for part in message["content"])}
@@ -168,6 +188,37 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
+class _Namespace(jinja2.utils.Namespace):
+    """namespace(...) as transformers gives it: no attribute starting with '_' may be stored, so
+    a template cannot reach the interpreter's internals through `{% set ns.__x = ... %}`."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # Jinja's signature trick: namespace(self=...) works
+        self, args = args[0], args[1:]
+        attributes = dict(*args, **kwargs)
+        for name in attributes:
+            _Namespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attributes)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _Namespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a chat template cannot store {name!r} on a namespace")
+
+
+class _Dict:
+    """dict(...) and dict.fromkeys(...) for templates, without the dict type itself (as transformers)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict.fromkeys(*args, **kwargs)
+
+
 class _GenerationTag(Extension):
     """{% generation %}...{% endgeneration %}: marks assistant text for training masks; here it just renders."""
 
@@ -188,6 +239,8 @@ def _environment() -> ImmutableSandboxedEnvironment:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _Dict()
+    env.globals["namespace"] = _Namespace
     return env
 
 

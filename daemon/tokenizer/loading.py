@@ -30,8 +30,10 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 GENERATION_CONFIG_FILE = "generation_config.json"
 MODEL_CONFIG_FILE = "config.json"
-# The special tokens transformers passes to a chat template, by their tokenizer_config.json keys.
-TEMPLATE_SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+# The special tokens transformers names for every tokenizer, by their tokenizer_config.json keys. A config
+# may name more (Gemma 3's boi_token and image_token): by any other key ending in _token, or in an
+# extra_special_tokens object. A chat template sees each one the config sets.
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 @dataclass(frozen=True)
@@ -173,13 +175,13 @@ def load_text_tokenizer(model_dir: Path) -> TextTokenizer:
     model_dir = Path(model_dir)
     tokenizer, description = _read_tokenizer(model_dir / TOKENIZER_FILE)
     config = read_json_object(model_dir / TOKENIZER_CONFIG_FILE)
-    special_tokens = {key: _token_content(config.get(key), key) for key in TEMPLATE_SPECIAL_TOKENS}
+    special_tokens = _special_tokens(config)
     add_bos = config.get("add_bos_token")
     template_source, origin, no_template_reason = _read_chat_template(model_dir, config)
     return TextTokenizer(
         tokenizer,
         special_tokens=special_tokens,
-        eos_token_ids=_eos_token_ids(model_dir, tokenizer, special_tokens["eos_token"]),
+        eos_token_ids=_eos_token_ids(model_dir, tokenizer, special_tokens.get("eos_token")),
         adds_bos=add_bos if isinstance(add_bos, bool) else None,
         chat_template=ChatTemplate(template_source, origin, special_tokens) if template_source is not None else None,
         no_template_reason=no_template_reason,
@@ -214,6 +216,19 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TokenizerError(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
+
+
+def _special_tokens(config: dict[str, Any]) -> dict[str, str]:
+    """The special tokens tokenizer_config.json sets, by name, as transformers gives them to a chat
+    template: one the config leaves out or sets to null is not given (undefined there, not None)."""
+    tokens = {key: _token_content(config.get(key), key) for key in NAMED_SPECIAL_TOKENS}
+    more = {key: value for key, value in config.items() if key.endswith("_token") and key not in tokens}
+    if isinstance(config.get("extra_special_tokens"), dict):
+        more.update(config["extra_special_tokens"])
+    for key, value in more.items():  # only tokens: a string or {"content": ...}; other settings are no business here
+        if isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("content"), str)):
+            tokens[key] = _token_content(value, key)
+    return {key: token for key, token in tokens.items() if token is not None}
 
 
 def _token_content(value: Any, key: str) -> str | None:

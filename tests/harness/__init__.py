@@ -12,5 +12,6 @@
 - harness.raw_h2: a bare HTTP/2 client, for what well-behaved clients never send.
 - harness.notify: a stand-in for systemd's notification socket.
 - harness.files: model directories, safetensors files, certificates.
+- harness.tokenizer_files: SentencePiece-style tokenizers (Llama 2, Mistral, Gemma, Phi-3 layouts).
 - harness.models: small random transformers models, for the engine's logits tests.
 """
