@@ -2,7 +2,7 @@
 
 How a step is done, and why:
 - The router's logits come out in the model's dtype and go through softmax in float32, as
-  transformers does: the top-k choice must not flip on rounding.
+  transformers does: the same choices as the reference, and routing weights at full precision.
 - Every expert's weights are stacked: gate and up in one [E, 2I, H] tensor (one product per
   expert for both, as GatedMLP), down in one [E, H, I]. The checkpoint's per-expert tensors
   load into slices of them (`checkpoint_parts`).
@@ -12,11 +12,11 @@ How a step is done, and why:
   Where grouped_mm cannot run (its dtypes and 16-byte strides), a Python loop goes over the
   experts that have rows, never over tokens and never over all E.
 - So a step's cost follows the experts it activates: beyond the router (its product, softmax
-  and top-k over E), the only work proportional to E is a bincount of the choices and its
-  cumulative sum (the group offsets).
+  and top-k over E), the only work proportional to E is finding each expert's end among the
+  sorted choices (the group offsets), a binary search each.
 - The results go back to (token, slot) order through the sort's permutation and the k slots
-  are summed, in float32: no scatter-add with repeated indices (atomic, so unordered and not
-  reproducible on CUDA), and the routing weights apply at full precision.
+  are summed, in float32 at least: no scatter-add with repeated indices (atomic, so unordered
+  and not reproducible on CUDA), and the routing weights apply at full precision.
 """
 
 from __future__ import annotations
@@ -116,7 +116,10 @@ class StackedExperts(nn.Module):
 
     def grouped(self, rows: torch.Tensor, by_expert: torch.Tensor) -> torch.Tensor:
         """Every expert's rows through its MLP in two grouped products (rows sorted by expert)."""
-        ends = torch.bincount(by_expert, minlength=self.num_experts).cumsum(0, dtype=torch.int32)
+        # Where each expert's rows end, by binary search in the sorted choices: unlike a bincount,
+        # whose size depends on the data, it needs no device sync on CUDA
+        experts = torch.arange(self.num_experts, device=by_expert.device)
+        ends = torch.searchsorted(by_expert, experts, right=True, out_int32=True)
         # grouped_mm multiplies by [E, in, out]: the transposed views of the [E, out, in] stacks
         gate, up = F.grouped_mm(rows, self.gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
         return F.grouped_mm(self.act(gate) * up, self.down.transpose(1, 2), offs=ends)
