@@ -61,6 +61,40 @@ VARIANTS = {
     ),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 32}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": WINDOW}),
+    # 8 experts, top-2, the chosen probabilities used as they are; layer 1 a dense MLP
+    "qwen3-moe": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        {
+            "head_dim": 32,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [1],
+        },
+    ),
+    # renormalised top-2 of 8 with a shared expert; experts 34 wide, whose float32 rows (136 bytes)
+    # grouped_mm cannot take: the per-expert path; layer 0 sliding (transformers' layer_types)
+    "qwen2-moe": (
+        transformers.Qwen2MoeConfig,
+        transformers.Qwen2MoeForCausalLM,
+        {
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 34,
+            "shared_expert_intermediate_size": 48,
+            "norm_topk_prob": True,
+            "use_sliding_window": True,
+            "sliding_window": WINDOW,
+            "max_window_layers": 1,
+        },
+    ),
+    "mixtral": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW},
+    ),
     "phi3": (*_PHI3, {"pad_token_id": 0, "sliding_window": WINDOW, "partial_rotary_factor": 0.5}),
     # scores scaled by query_pre_attn_scalar, not head_dim; both soft-caps small enough to bite;
     # layer_types by Gemma 2's default pattern: sliding, full, sliding
@@ -113,11 +147,15 @@ VARIANTS = {
 def build_hf_model(directory: Path, variant: str, shard: bool = True):
     config_class, model_class, extra = VARIANTS[variant]
     torch.manual_seed(1234)
-    model = model_class(config_class(**(SMALL | extra))).eval()
+    # MoE references run transformers' plain loop over experts: its grouped_mm path is the engine's own
+    # method (no independent check), and refuses rows whose strides are not multiples of 16 bytes
+    model = model_class(config_class(**(SMALL | extra), experts_implementation="eager")).eval()
     for name, parameter in model.named_parameters():  # larger weights than the init default, so errors show
         # queries and keys larger still: sharp attention, so positions (RoPE, windows) change the logits
         sharp = any(part in name for part in ("q_proj", "k_proj", "qkv_proj"))
-        parameter.data.normal_(0, 0.4 if sharp else 0.1)
+        # MoE routers far larger: probabilities far from uniform, so each routing weight matters
+        router = name.endswith(".gate.weight")
+        parameter.data.normal_(0, 1.0 if router else 0.4 if sharp else 0.1)
     model.save_pretrained(directory, safe_serialization=True, max_shard_size="40KB" if shard else "1GB")
     return model
 

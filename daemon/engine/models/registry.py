@@ -59,6 +59,19 @@ FAMILIES = (
     Family("qwen2", ("Qwen2ForCausalLM",), "Qwen2ForCausalLM", f"{_LLAMA_LIKE}, q/k/v biases, sliding window"),
     Family("qwen3", ("Qwen3ForCausalLM",), "Qwen3ForCausalLM", f"{_LLAMA_LIKE}, per-head q/k RMSNorm"),
     Family(
+        "qwen2_moe",
+        ("Qwen2MoeForCausalLM",),
+        "Qwen2MoeForCausalLM",
+        "top-k experts (normalised or not), shared expert with its sigmoid gate, dense layers, q/k/v biases",
+    ),
+    Family(
+        "qwen3_moe",
+        ("Qwen3MoeForCausalLM",),
+        "Qwen3MoeForCausalLM",
+        "top-k experts (normalised or not), dense layers, per-head q/k RMSNorm",
+    ),
+    Family("mixtral", ("MixtralForCausalLM",), "MixtralForCausalLM", "top-k experts, sliding-window attention"),
+    Family(
         "gemma2",
         ("Gemma2ForCausalLM",),
         "Gemma2ForCausalLM",
