@@ -7,6 +7,7 @@ it reads a weight. A model of every family passes all of them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,38 @@ def test_the_table_names_what_the_layers_implement() -> None:
 def test_unsupported_is_an_error_with_its_kind() -> None:
     error = UnsupportedModel(Capability.DTYPE, "x")
     assert isinstance(error, ValueError) and error.capability is Capability.DTYPE
+
+
+@pytest.mark.parametrize(
+    ("architecture", "drop", "message"),
+    [
+        ("LlamaForCausalLM", "intermediate_size", "intermediate_size is missing (LlamaForCausalLM needs it)"),
+        ("MixtralForCausalLM", "num_local_experts", "num_local_experts is missing (MixtralForCausalLM needs it)"),
+        (
+            "Qwen3MoeForCausalLM",
+            "num_experts",
+            "num_experts or num_local_experts is missing (Qwen3MoeForCausalLM needs it)",
+        ),
+    ],
+)
+def test_a_field_the_model_needs_is_reported_by_the_check_as_by_the_worker(
+    tmp_path: Path, architecture: str, drop: str, message: str
+) -> None:
+    moe = {"num_experts_per_tok": 2, "num_experts": 4, "num_local_experts": 4, "moe_intermediate_size": 8}
+    root = write_model_dir(tmp_path / "m", architecture=architecture, config=moe)
+    config = json.loads((root / "config.json").read_text())
+    config.pop(drop)
+    if drop == "num_experts":
+        config.pop("num_local_experts")
+    (root / "config.json").write_text(json.dumps(config))
+    settings = DaemonSettings(model={"path": str(root)})
+    [reported] = [f.message for f in RULES_BY_ID["model.config-invalid"].findings(settings, Facts())]
+    assert reported.endswith(message)
+
+    pytest.importorskip("torch")
+    from daemon.engine.model_dir import ModelDirError
+    from daemon.engine.runner import ModelRunner
+
+    with pytest.raises(ModelDirError) as refused:
+        ModelRunner(root, num_blocks=1, device="cpu", dtype="float32")
+    assert refused.value.message == reported

@@ -68,6 +68,11 @@ def model_info_from_config(config: dict[str, Any], where: str = "config.json") -
     max_positions = positive_int("max_position_embeddings")
     problems = tuple(unsupported(config))
     family = family_of(config)
+    for names in family.required_fields() if family else ():
+        names = (names,) if isinstance(names, str) else names
+        if all(positive_int(name) is None for name in names):
+            fields = " or ".join(names)
+            raise ModelDirError(Problem.CONFIG, f"{where}: {fields} is missing ({family.model_class} needs it)")
     max_context = max_positions
     if family is not None and not problems:
         try:

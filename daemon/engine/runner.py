@@ -62,10 +62,13 @@ class ModelRunner:
         seed: int = 0,
     ):
         config = read_config(model_dir)
-        family = resolve(config)  # UnsupportedModel, as `daemon check` reports it, before anything loads
+        # what `daemon check` reports, before anything loads: ModelDirError for a field missing or
+        # mistyped, UnsupportedModel for what the engine cannot run
+        info = model_info_from_config(config, str(model_dir / "config.json"))
+        family = resolve(config)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, config.get("dtype", config.get("torch_dtype")))
-        positions = max_positions or model_info_from_config(config).max_context or 2048
+        positions = max_positions or info.max_context or 2048
         with torch.device(self.device):
             model = family.load_class()(config, family, positions)
         self.model = model.to(self.dtype).eval()

@@ -43,6 +43,7 @@ def write_model_dir(
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "hidden_size": 8 * heads,
+        "intermediate_size": 16 * heads,
         "num_hidden_layers": shards,
         "vocab_size": 16,
     }

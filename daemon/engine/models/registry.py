@@ -31,6 +31,12 @@ class Family:
     # older config format's field for the sliding layers' base.
     rope_layer_types: tuple[str | None, ...] = (None,)
     local_theta_key: str | None = None
+    # config.json fields the model file cannot do without (positive integers), beyond the dimensions
+    # every family reads; a tuple of names: any one of them (checkpoints spell some two ways)
+    required: tuple[str | tuple[str, ...], ...] = ()
+
+    def required_fields(self) -> tuple[str | tuple[str, ...], ...]:
+        return DIMENSIONS + self.required
 
     def activation(self, config: dict[str, Any]) -> str:
         return config.get(self.activation_key) or self.default_activation
@@ -51,6 +57,9 @@ class Family:
         return getattr(importlib.import_module(f"daemon.engine.models.{self.name}"), self.model_class)
 
 
+# What every family reads from config.json to size its layers.
+DIMENSIONS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+_MOE = ("num_experts_per_tok",)
 _LLAMA_LIKE = "RMSNorm, fused q/k/v and gate/up projections, GQA"
 _GEMMA_LAYERS = (FULL_ATTENTION, SLIDING_ATTENTION)
 FAMILIES = (
@@ -63,14 +72,22 @@ FAMILIES = (
         ("Qwen2MoeForCausalLM",),
         "Qwen2MoeForCausalLM",
         "top-k experts (normalised or not), shared expert with its sigmoid gate, dense layers, q/k/v biases",
+        required=(*_MOE, "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size"),
     ),
     Family(
         "qwen3_moe",
         ("Qwen3MoeForCausalLM",),
         "Qwen3MoeForCausalLM",
         "top-k experts (normalised or not), dense layers, per-head q/k RMSNorm",
+        required=(*_MOE, ("num_experts", "num_local_experts"), "moe_intermediate_size"),
     ),
-    Family("mixtral", ("MixtralForCausalLM",), "MixtralForCausalLM", "top-k experts, sliding-window attention"),
+    Family(
+        "mixtral",
+        ("MixtralForCausalLM",),
+        "MixtralForCausalLM",
+        "top-k experts, sliding-window attention",
+        required=(*_MOE, "num_local_experts"),
+    ),
     Family(
         "gemma2",
         ("Gemma2ForCausalLM",),
