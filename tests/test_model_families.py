@@ -41,6 +41,7 @@ def test_greedy_completions_through_the_daemon_match_transformers(tmp_path: Path
     settings = {"model.path": str(model_dir), "model.served_model_name": "tiny", "model.device": "cpu"}
     (tmp_path / "daemon").mkdir()
     with serving(tmp_path / "daemon", model_cache, settings) as daemon:
+        assert daemon.wait_for_event("worker.ready")["architecture"] == type(hf).__name__  # the family served
         body = {"model": "tiny", "prompt": PROMPTS, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
         response = httpx.post(f"{daemon.url}/v1/completions", json=body, timeout=120)
         assert response.status_code == 200, response.text

@@ -65,7 +65,7 @@ class ModelRunner:
         # what `daemon check` reports, before anything loads: ModelDirError for a field missing or
         # mistyped, UnsupportedModel for what the engine cannot run
         info = model_info_from_config(config, str(model_dir / "config.json"))
-        family = resolve(config)
+        self.family = family = resolve(config)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, config.get("dtype", config.get("torch_dtype")))
         positions = max_positions or info.max_context or 2048

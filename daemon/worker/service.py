@@ -106,6 +106,7 @@ class WorkerService:
         tier = self.tier
         log.info(
             "worker.ready",
+            architecture=self.runner.family.model_class,
             device=str(self.runner.device),
             dtype=str(self.runner.dtype),
             cache_tokens=self.num_blocks * BLOCK_SIZE,
