@@ -1,9 +1,11 @@
 """Every family and RoPE kind of the registry served through the whole daemon, as a user would.
 
-Each variant of the harness (a tiny random checkpoint built with transformers, sharded
+Each variant of SERVED (a tiny random checkpoint built with transformers by the harness, sharded
 safetensors, a word-level tokenizer.json) is served by a real daemon; greedy completions of
 several prompts of mixed lengths, sent in one batched request, must be the tokens transformers'
-`generate` picks on the same weights (each token decodes to its own word, "w<id>").
+`generate` picks on the same weights (each token decodes to its own word, "w<id>"). SERVED is
+one variant per family, chosen so that together they use every RoPE kind (a daemon per variant
+costs seconds of CI; tests/test_engine.py runs every variant of the harness at the engine).
 """
 
 from __future__ import annotations
@@ -20,6 +22,18 @@ import torch  # noqa: E402
 from harness.daemons import serving  # noqa: E402
 from harness.models import PROMPT, VARIANTS, build_hf_model, word_tokenizer  # noqa: E402
 
+SERVED = [
+    "llama3-rope",
+    "linear-rope",  # Mistral
+    "qwen2-yarn",
+    "dynamic-rope",  # Qwen3
+    "qwen2-moe",
+    "qwen3-moe",
+    "mixtral",
+    "gemma2",
+    "gemma3",
+    "phi3-longrope",
+]
 NEW_TOKENS = 12
 PROMPTS = [PROMPT, PROMPT[5:9], [7, 3, 150, 42, 8, 8, 19, 1, 64, 12, 13, 99, 101, 2, 5, 6, 33, 71, 90, 11, 23, 45]]
 
@@ -30,7 +44,16 @@ def expected_tokens(model, prompt: list[int]) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_served_variants_cover_every_family_and_rope_kind():
+    from daemon.engine.models.registry import BY_ARCHITECTURE, FAMILIES, ROPE_PARAMETERS
+
+    families = {BY_ARCHITECTURE[VARIANTS[v][1].__name__].name for v in SERVED}
+    assert families == {family.name for family in FAMILIES}
+    kinds = {(VARIANTS[v][2].get("rope_scaling") or {}).get("rope_type", "default") for v in SERVED}
+    assert kinds == set(ROPE_PARAMETERS)
+
+
+@pytest.mark.parametrize("variant", SERVED)
 def test_greedy_completions_through_the_daemon_match_transformers(tmp_path: Path, model_cache: Path, variant: str):
     model_dir = tmp_path / "model"
     hf = build_hf_model(model_dir, variant)

@@ -45,9 +45,17 @@ VARIANTS = {
             "rope_theta": 500000.0,
         },
     ),
-    "linear-rope": (*_LLAMA, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "linear-rope": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    ),
     # past max_position_embeddings within PROMPT, so the base stretches as the sequence grows
-    "dynamic-rope": (*_LLAMA, {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}, "max_position_embeddings": 16}),
+    "dynamic-rope": (
+        transformers.Qwen3Config,
+        transformers.Qwen3ForCausalLM,
+        {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}, "max_position_embeddings": 16, "head_dim": 32},
+    ),
     "qwen2": (*_QWEN2, {}),
     "qwen2-yarn": (
         *_QWEN2,
