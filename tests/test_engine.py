@@ -201,3 +201,14 @@ def test_every_family_and_rope_kind_has_a_variant():
     assert covered == {family.name for family in FAMILIES}
     kinds = {(options.get("rope_scaling") or {}).get("rope_type", "default") for *_, options in VARIANTS.values()}
     assert kinds == set(ROPE_PARAMETERS)
+
+
+def test_a_half_precision_model_keeps_its_rotary_tables_in_float32(tmp_path: Path):
+    """Weights take the dtype asked, made in it (no float32 copy first); rotary tables are the same
+    float32 numbers as in a float32 model, not rounded through bfloat16."""
+    build_hf_model(tmp_path, "gemma3")
+    exact = dict(ModelRunner(tmp_path, num_blocks=8, device="cpu", dtype="float32").model.named_buffers())
+    half = ModelRunner(tmp_path, num_blocks=8, device="cpu", dtype="bfloat16").model
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    for name, table in half.named_buffers():
+        assert table.dtype == torch.float32 and torch.equal(table, exact[name]), name

@@ -7,7 +7,9 @@ returns one token per sequence that asked to sample.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,10 +71,11 @@ class ModelRunner:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, config.get("dtype", config.get("torch_dtype")))
         positions = max_positions or info.max_context or 2048
-        with torch.device(self.device):
+        # Parameters are made in their dtype on their device: a float32 copy first would take twice
+        # a half-precision model's memory. Tables (rotary) are float32 whatever the default.
+        with torch.device(self.device), _default_dtype(self.dtype):
             model = family.load_class()(config, family, positions)
-        self.model = model.to(self.dtype).eval()
-        self.model.float_buffers()
+        self.model = model.eval()
         load_weights(self.model, model_dir)
         self.resize_cache(num_blocks)
         self._seeds = torch.Generator().manual_seed(seed)
@@ -158,6 +161,16 @@ class ModelRunner:
                     )
                 )
         return AttentionBatch(slot_mapping, groups)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _offsets(chunks: list[SequenceChunk]) -> list[int]:

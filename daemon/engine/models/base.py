@@ -38,12 +38,6 @@ class CausalLM(nn.Module):
         """Final hidden states [N, hidden] -> next-token logits [N, vocab], float32."""
         return self.head(hidden)
 
-    def float_buffers(self) -> None:
-        """Keep rotary tables float32 whatever dtype the weights take."""
-        for name, buffer in self.named_buffers():
-            module_name, _, buffer_name = name.rpartition(".")
-            self.get_submodule(module_name).register_buffer(buffer_name, buffer.float(), persistent=False)
-
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor a checkpoint of this model holds, by its name there, mapped to what it fills."""
         tensors: dict[str, torch.Tensor] = {}

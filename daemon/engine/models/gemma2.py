@@ -34,7 +34,7 @@ class ScaledEmbedding(nn.Embedding):
 
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__(vocab_size, hidden_size)
-        self.register_buffer("normalizer", torch.tensor(hidden_size**0.5), persistent=False)
+        self.register_buffer("normalizer", torch.tensor(hidden_size**0.5, dtype=torch.float32), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return super().forward(input_ids) * self.normalizer.to(self.weight.dtype)
