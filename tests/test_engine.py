@@ -72,6 +72,37 @@ def test_mixed_batch_of_prefills_and_decodes_matches(models):
         torch.testing.assert_close(ours[row], reference, atol=TOLERANCE, rtol=0)
 
 
+def test_a_prefix_taken_from_the_cache_gives_the_logits_of_one_computed_afresh(models):
+    """Two prompts share their first two blocks: the second, admitted on the first's cached blocks,
+    computes only its own tokens, and its logits are those of the whole prompt computed from scratch."""
+    hf, runner = models
+    if not runner.prefix_cacheable:
+        pytest.skip("its keys follow the sequence's length: no prefix is shared (the test below)")
+    shared = [(7 * i + 3) % 160 for i in range(32)]  # two blocks of 16
+    first, second = shared + [5, 17, 33], shared + [99, 150, 7, 42, 11]
+    seqs = Sequences(runner)
+    assert seqs.admit(1, first) == 0
+    runner.logits([seqs.chunk(1, first, 0)])
+    seqs.computed(1, len(first))
+    start = seqs.admit(2, second)
+    assert start == 32 and seqs.blocks.table(2) == seqs.blocks.table(1)[:2]
+    cached = runner.logits([seqs.chunk(2, second[start:], start)])[0]
+    fresh = runner.logits([seqs.chunk(3, second, 0)])[0]  # not admitted through the cache: its own blocks
+    assert not set(seqs.blocks.table(3)) & set(seqs.blocks.table(2))
+    torch.testing.assert_close(cached, fresh, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(cached, hf_logits(hf, second)[-1], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["dynamic-rope", "phi3-longrope"])
+def test_models_whose_keys_follow_the_sequence_length_share_no_prefix(tmp_path: Path, variant: str):
+    """Dynamic NTK and longrope rotate a key by how long its sequence was when it was computed: the
+    same prefix within a longer prompt has other keys, so a cached one would change the logits."""
+    build_hf_model(tmp_path, variant, shard=False)
+    assert not ModelRunner(tmp_path, num_blocks=8, device="cpu", dtype="float32").prefix_cacheable
+    build_hf_model(tmp_path / "plain", "llama", shard=False)
+    assert ModelRunner(tmp_path / "plain", num_blocks=8, device="cpu", dtype="float32").prefix_cacheable
+
+
 def test_greedy_generation_matches_transformers_generate(models):
     hf, runner = models
     seqs, generated = Sequences(runner), []

@@ -38,6 +38,13 @@ class RopeSettings:
     def rotary_dim(self, head_dim: int) -> int:
         return int(head_dim * self.partial_rotary_factor)
 
+    @property
+    def follows_length(self) -> bool:
+        """Whether a key's rotation depends on how long its sequence was when it was computed
+        (dynamic NTK, longrope), not on its position alone: the same prefix computed within
+        sequences of different lengths then has different keys."""
+        return self.rope_type in ("dynamic", "longrope")
+
 
 def rope_settings(
     config: dict[str, Any], layer_type: str | None = None, *, local_theta_key: str | None = None

@@ -76,6 +76,9 @@ class ModelRunner:
         with torch.device(self.device), _default_dtype(self.dtype):
             model = family.load_class()(config, family, positions)
         self.model = model.eval()
+        # Whether a token's keys and values depend only on the tokens up to it, so that a prefix
+        # computed by one sequence serves another (prefix caching) exactly as if it computed it.
+        self.prefix_cacheable = not any(family.rope(config, t).follows_length for t in family.rope_layer_types)
         load_weights(self.model, model_dir)
         self.resize_cache(num_blocks)
         self._seeds = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from daemon.engine.blocks import BlockManager
+from daemon.engine.blocks import BlockManager, extend_hashes
 from daemon.engine.runner import ModelRunner, SequenceChunk
 
 SMALL = dict(
@@ -202,10 +202,24 @@ class Sequences:
 
     def __init__(self, runner: ModelRunner):
         self.blocks = BlockManager(num_blocks=runner.cache.layers[0].keys.shape[0] // runner.cache.block_size)
+        self.hashes: dict[int, list[bytes]] = {}
 
     def chunk(self, seq_id: int, tokens: list[int], start: int, **kwargs) -> SequenceChunk:
         table = self.blocks.grow(seq_id, start + len(tokens))
         return SequenceChunk(seq_id, tokens, start, list(table), **kwargs)
+
+    def admit(self, seq_id: int, tokens: list[int]) -> int:
+        """Start `seq_id` on the cached blocks of the longest cached prefix of `tokens`, as the
+        scheduler admits a request; returns how many tokens it need not compute."""
+        self.hashes[seq_id] = extend_hashes([], tokens, self.blocks.block_size)
+        cached = self.blocks.cached_prefix(self.hashes[seq_id], len(tokens))
+        self.blocks.take(seq_id, cached)
+        return len(cached) * self.blocks.block_size
+
+    def computed(self, seq_id: int, tokens: int) -> None:
+        """A step has written the keys and values of `seq_id`'s first `tokens` tokens: its full
+        blocks among them become findable, as the scheduler registers them."""
+        self.blocks.register(seq_id, self.hashes[seq_id], tokens // self.blocks.block_size)
 
 
 PROMPT = [5, 17, 33, 2, 99, 150, 7, 7, 42, 11, 64, 3, 120, 8, 19, 77, 101, 56, 9, 31]
