@@ -5,7 +5,8 @@ messages as the tiers do, encoded and decoded as on the wire; only the sockets
 are left out. Greedy outputs of requests batched together, chunked, preempted
 or recomputed must equal those of the same requests run alone, whether steps
 run one at a time or pipelined as the scheduler runs them (the next step
-planned before the previous one's tokens are known).
+planned before the previous one's tokens are known), and whether prompts that
+share a prefix take it from the prefix cache or compute it again.
 """
 
 from __future__ import annotations
@@ -47,16 +48,26 @@ class Harness:
     """A batcher and a runner joined by encoded messages; counts what happened."""
 
     def __init__(
-        self, demo_dir: Path, *, num_blocks=64, running=8, queued=100, chunk=2048, policy="fcfs", pipelined=True
+        self,
+        demo_dir: Path,
+        *,
+        num_blocks=64,
+        running=8,
+        queued=100,
+        chunk=2048,
+        policy="fcfs",
+        pipelined=True,
+        caching=True,
     ):
         self.depth = PIPELINE_DEPTH if pipelined else 1
         self.in_flight: deque[StepPlan] = deque()
         self.runner = ModelRunner(demo_dir, num_blocks=num_blocks, device="cpu", dtype="float32")
-        limits = Limits(running, queued, chunk, policy)
+        limits = Limits(running, queued, chunk, policy, caching)
         self.batcher = Batcher(BlockManager(num_blocks), limits, DEMO_HF_CONFIG["max_position_embeddings"], [EOS])
         self.outputs: dict[str, list[int]] = {}
         self.finish: dict[str, str] = {}
         self.errors: dict[str, object] = {}
+        self.cached: dict[str, int] = {}  # prompt tokens each request found in the prefix cache
         self.plans: list[StepPlan] = []
 
     def submit(self, request_id: str, prompt: list[int], max_tokens: int = 8, **sampling) -> None:
@@ -89,6 +100,8 @@ class Harness:
 
     def _record(self, update: SequenceUpdate) -> None:
         self.outputs.setdefault(update.request_id, []).extend(update.token_ids)
+        if update.token_ids and update.request_id not in self.cached:  # said with the first token
+            self.cached[update.request_id] = update.cached_tokens
         if update.finish_reason:
             self.finish[update.request_id] = update.finish_reason
             if update.error:
@@ -99,7 +112,7 @@ PROMPTS = {f"r{i}": [(7 * i + j * 13) % 1000 + 4 for j in range(5 + 9 * i)] for 
 
 
 def solo(demo_dir: Path, prompt: list[int], max_tokens: int) -> list[int]:
-    harness = Harness(demo_dir)
+    harness = Harness(demo_dir, caching=False)
     harness.submit("solo", prompt, max_tokens, ignore_eos=True)
     harness.run()
     return harness.outputs["solo"]
@@ -156,8 +169,7 @@ def test_a_small_cache_preempts_and_recomputes_without_changing_outputs(demo_dir
         harness.submit(rid, prompt, 12, ignore_eos=True)
     harness.run()
     assert harness.outputs == expected
-    restarts = [c for p in harness.plans for c in p.chunks if c.start == 0]
-    assert len(restarts) > len(PROMPTS), "nothing was preempted"
+    assert harness.batcher.preemptions, "nothing was preempted"
     assert harness.batcher.blocks.free_blocks == 12
 
 
@@ -272,3 +284,122 @@ def test_sampled_requests_are_reproducible_under_their_seed(demo_dir):
 
     alone = run(companions=False)
     assert run(companions=True) == alone
+
+
+# --- prefix caching -------------------------------------------------------------------------------
+
+SHARED = [(11 * j + 5) % 1000 + 4 for j in range(40)]  # two whole blocks and a half
+SHARING = {f"s{i}": SHARED + [(13 * i + 7 * j) % 1000 + 4 for j in range(3 + 5 * i)] for i in range(6)}
+
+
+@pytest.fixture(scope="module")
+def expected_sharing(demo_dir: Path) -> dict[str, list[int]]:
+    return {rid: solo(demo_dir, prompt, 12) for rid, prompt in SHARING.items()}
+
+
+def first_then_the_rest(harness: Harness, prompts: dict[str, list[int]], max_tokens: int = 12) -> None:
+    """The first prompt alone until its first token (its prompt is in the cache), then the others."""
+    ids = list(prompts)
+    harness.submit(ids[0], prompts[ids[0]], max_tokens, ignore_eos=True)
+    while ids[0] not in harness.outputs:
+        harness.step()
+    for rid in ids[1:]:
+        harness.submit(rid, prompts[rid], max_tokens, ignore_eos=True)
+    harness.run()
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "serial"])
+@pytest.mark.parametrize("chunk", [2048, 16], ids=["whole", "chunked"])
+def test_prompts_sharing_a_prefix_take_it_from_the_cache_and_keep_their_outputs(
+    demo_dir, expected_sharing, pipelined, chunk
+):
+    harness = Harness(demo_dir, pipelined=pipelined, chunk=chunk)
+    first_then_the_rest(harness, SHARING)
+    assert harness.outputs == expected_sharing
+    assert harness.cached == {rid: 0 if rid == "s0" else 32 for rid in SHARING}  # the two whole blocks
+    starts = {}
+    for chunk_ in (c for p in harness.plans for c in p.chunks):
+        starts.setdefault(chunk_.seq_id, chunk_.start)
+    assert sorted(starts.values()) == [0] + [32] * (len(SHARING) - 1)  # computing starts after the prefix
+    counts = harness.batcher.counts
+    assert counts.queried == sum(map(len, SHARING.values())) and counts.hits == 32 * (len(SHARING) - 1)
+    if chunk == 16:  # the budget counts only the tokens computed
+        assert all(sum(len(c.token_ids) for c in p.chunks) <= 16 + len(SHARING) for p in harness.plans)
+    assert harness.batcher.blocks.free_blocks == 64
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "serial"])
+def test_a_small_cache_preempts_and_evicts_without_changing_the_outputs_of_shared_prefixes(
+    demo_dir, expected_sharing, pipelined
+):
+    harness = Harness(demo_dir, num_blocks=7, pipelined=pipelined, chunk=16)  # 112 slots for 6 x up to 80
+    first_then_the_rest(harness, SHARING)
+    assert harness.outputs == expected_sharing
+    assert harness.batcher.preemptions, "nothing was preempted"
+    assert harness.batcher.counts.hits > 0
+    assert harness.batcher.blocks.free_blocks == 7
+
+
+def test_cached_prefixes_are_evicted_for_new_blocks_and_computed_again_when_asked(demo_dir, expected_sharing):
+    harness = Harness(demo_dir, num_blocks=6)
+    harness.submit("s0", SHARING["s0"], 12, ignore_eos=True)
+    harness.run()
+    assert harness.batcher.blocks.cached_blocks == 3  # 43 + 11 tokens computed: three whole blocks
+    other = [(17 * j + 9) % 1000 + 4 for j in range(80)]  # needs every block: the cached ones are evicted
+    harness.submit("other", other, 4, ignore_eos=True)
+    harness.run()
+    harness.submit("s1", SHARING["s1"], 12, ignore_eos=True)
+    harness.run()
+    assert harness.cached["s1"] == 0
+    assert harness.outputs["s1"] == expected_sharing["s1"]
+
+
+def test_generated_tokens_blocks_are_cached_too(demo_dir):
+    """A conversation's next turn starts with the previous turn's prompt and answer: the blocks
+    the answer filled are found in the cache as well."""
+    harness = Harness(demo_dir)
+    prompt = PROMPTS["r2"]  # 23 tokens
+    harness.submit("turn1", prompt, 30, ignore_eos=True)
+    harness.run()
+    follow_up = prompt + harness.outputs["turn1"][:26]  # 49 tokens: three whole blocks, the last one generated
+    harness.submit("turn2", follow_up, 8, ignore_eos=True)
+    harness.run()
+    assert harness.cached["turn2"] == 48
+    assert harness.outputs["turn2"] == solo(demo_dir, follow_up, 8)
+
+
+def test_a_prompt_already_cached_whole_still_computes_its_last_token(demo_dir, expected_sharing):
+    harness = Harness(demo_dir)
+    exact = SHARED[:32]  # two whole blocks
+    harness.submit("a", exact, 4, ignore_eos=True)
+    harness.run()
+    harness.submit("b", exact, 4, ignore_eos=True)
+    harness.run()
+    assert harness.cached["b"] == 16  # the second block is computed again, for the last token's logits
+    assert harness.outputs["b"] == harness.outputs["a"]
+
+
+def test_switching_caching_off_forgets_every_prefix(demo_dir):
+    harness = Harness(demo_dir)
+    harness.submit("s0", SHARING["s0"], 4, ignore_eos=True)
+    harness.run()
+    assert harness.batcher.blocks.cached_blocks > 0
+    harness.batcher.adopt(Limits(8, 100, 2048, "fcfs", prefix_caching=False))
+    assert harness.batcher.blocks.cached_blocks == 0
+    harness.submit("s1", SHARING["s1"], 4, ignore_eos=True)
+    harness.run()
+    assert harness.cached["s1"] == 0 and harness.batcher.blocks.cached_blocks == 0
+    harness.batcher.adopt(Limits(8, 100, 2048, "fcfs", prefix_caching=True))
+    harness.submit("s2", SHARING["s2"], 4, ignore_eos=True)
+    harness.run()
+    assert harness.cached["s2"] == 0  # nothing was registered while it was off
+
+
+def test_a_model_whose_keys_follow_the_sequence_length_shares_no_prefix(demo_dir):
+    harness = Harness(demo_dir)
+    context = DEMO_HF_CONFIG["max_position_embeddings"]
+    harness.batcher = Batcher(BlockManager(64), Limits(8, 100, 2048), context, [EOS], prefix_cacheable=False)
+    first_then_the_rest(harness, {rid: SHARING[rid] for rid in ("s0", "s1")}, max_tokens=4)
+    assert harness.cached == {"s0": 0, "s1": 0} and harness.batcher.blocks.cached_blocks == 0
+    harness.batcher.adopt(Limits(8, 100, 2048, prefix_caching=True))  # a reload cannot switch it on
+    assert not harness.batcher.blocks.caching

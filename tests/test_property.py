@@ -521,6 +521,7 @@ VALID = {
     "scheduler.max_queued_requests": _same(st.integers(0, 10_000_000)),
     "scheduler.mem_fraction_static": _floats(min_value=0.0, max_value=1.0, exclude_min=True, exclude_max=True),
     "scheduler.chunked_prefill_size": _same(st.one_of(st.just(-1), st.integers(1, 2**20))),
+    "scheduler.enable_prefix_caching": _bools(),
     "model.served_model_name": _same(SERVED_NAMES),
     "model.dtype": _same(st.sampled_from(["auto", "float32", "float16", "bfloat16"])),
     "model.device": _same(st.sampled_from(["auto", "cpu"])),

@@ -50,6 +50,7 @@ def test_reload_scopes_are_decided_field_by_field():
         "tokenizer.workers": Reload.TOKENIZER,
         "scheduler.max_running_requests": Reload.LIVE,
         "scheduler.max_total_tokens": Reload.WORKER,
+        "scheduler.enable_prefix_caching": Reload.LIVE,  # the scheduler owns the cache map: it drops it in place
         "model.path": Reload.WORKER,
         "model.served_model_name": Reload.LIVE,
         "logging.level": Reload.LIVE,

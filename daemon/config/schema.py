@@ -320,6 +320,13 @@ class SchedulerSettings(Section):
         "between decode steps. -1 disables chunking.",
         reload=Reload.LIVE,
     )
+    enable_prefix_caching: bool = setting(
+        True,
+        doc="Share the KV cache of full blocks between requests whose prompts start with the same "
+        "tokens: a prompt prefix already in the cache is not computed again. Switched off by a "
+        "reload, every cached prefix is forgotten at once.",
+        reload=Reload.LIVE,
+    )
 
 
 class ModelSettings(Section):

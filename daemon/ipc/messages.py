@@ -114,11 +114,12 @@ class ScheduleRequest(msgspec.Struct, frozen=True, tag=True):
 # --- scheduler -> tokenizer ---------------------------------------------------------------------
 
 
-class SequenceUpdate(msgspec.Struct, frozen=True):
+class SequenceUpdate(msgspec.Struct, frozen=True, omit_defaults=True):
     request_id: str
     token_ids: list[int]  # new tokens since the previous update
     finish_reason: FinishReason | None = None
     error: ErrorInfo | None = None
+    cached_tokens: int = 0  # with the first token: prompt tokens whose keys and values came from the prefix cache
 
 
 class StepTokens(msgspec.Struct, frozen=True, tag=True):
@@ -304,6 +305,9 @@ class WorkerReady(msgspec.Struct, frozen=True, tag=True):
     num_blocks: int
     block_size: int
     context_length: int
+    # Its model's keys and values depend only on the tokens before them (not a RoPE that follows the
+    # sequence's length): a prefix one sequence computed may serve another.
+    prefix_cacheable: bool = True
 
 
 class SchedulerStats(msgspec.Struct, frozen=True, tag=True):

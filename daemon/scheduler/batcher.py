@@ -9,6 +9,13 @@ only when its whole prompt fits, and when decoding outgrows the cache the most
 expendable running sequence is preempted: it gives its blocks back and is
 queued again, to be recomputed later.
 
+With prefix caching, a request is admitted after the longest prefix of its
+tokens whose keys and values the cache already holds (full blocks that other
+sequences computed, or that it computed itself before it was preempted): only
+the rest counts against the step's token budget and takes new blocks. A block
+becomes findable when the step that completes it has come back without error:
+never while its keys and values may not be written yet.
+
 Steps are pipelined: the next step is planned while the previous one runs, so
 the worker goes from one to the next without waiting for the scheduler. A
 sequence whose next token the running step samples decodes it in the next step
@@ -24,7 +31,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from daemon.engine.blocks import BlockManager
+from daemon.engine.blocks import BlockManager, extend_hashes
 from daemon.ipc.messages import (
     SAMPLED_LAST_STEP,
     ErrorInfo,
@@ -47,6 +54,16 @@ class Limits:
     max_queued_requests: int
     chunked_prefill_size: int  # -1: no chunking, whole prompts in one step
     policy: Policy = "fcfs"
+    prefix_caching: bool = True
+
+
+@dataclass
+class CacheCounts:
+    """Prefix-cache lookups since the scheduler started, in tokens (one per admission, readmissions
+    after preemption included): what was looked up, and what was found."""
+
+    queried: int = 0
+    hits: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,11 +75,22 @@ class _Work:
 
 class Batcher:
     def __init__(
-        self, blocks: BlockManager, limits: Limits, context_length: int, eos_token_ids: Iterable[int], epoch: int = 1
+        self,
+        blocks: BlockManager,
+        limits: Limits,
+        context_length: int,
+        eos_token_ids: Iterable[int],
+        epoch: int = 1,
+        counts: CacheCounts | None = None,
+        prefix_cacheable: bool = True,
     ):
         self.epoch = epoch
         self.blocks = blocks
         self.limits = limits
+        self.prefix_cacheable = prefix_cacheable  # the worker's model allows it (see WorkerReady)
+        blocks.set_caching(limits.prefix_caching and prefix_cacheable)
+        self.counts = counts if counts is not None else CacheCounts()
+        self.preemptions = 0
         self.context_length = context_length
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []
@@ -131,6 +159,13 @@ class Batcher:
         seq.phase = Phase.FINISHED
         seq.finish_reason = "abort"
 
+    def adopt(self, limits: Limits) -> None:
+        """New limits from a reload: they apply from the next step (prefix caching switched off
+        forgets every cached prefix at once)."""
+        self.limits = limits
+        if (limits.prefix_caching and self.prefix_cacheable) != self.blocks.caching:
+            self.blocks.set_caching(limits.prefix_caching and self.prefix_cacheable)
+
     def take_rejections(self) -> list[tuple[int, SequenceUpdate]]:
         rejected, self._rejected = self._rejected, []
         return rejected
@@ -165,9 +200,8 @@ class Batcher:
                 continue
             if budget <= 0 or len(self.running) >= self.limits.max_running_requests:
                 break
-            if not self.blocks.can_grow(seq.seq_id, seq.length + 1):
+            if not self._admit(seq):
                 break  # the best candidate does not fit: wait for room rather than overtake it
-            self.blocks.grow(seq.seq_id, seq.length + 1)
             self.waiting.remove(seq)
             self.running.append(seq)
             seq.phase = Phase.RUNNING
@@ -215,6 +249,7 @@ class Batcher:
                 updates.setdefault(seq.tokenizer, []).append(SequenceUpdate(seq.request_id, [], "error", error))
                 continue
             seq.computed += item.tokens
+            self._register(seq)
             if not item.sample:
                 continue
             token = result.tokens[seq.seq_id]
@@ -222,7 +257,10 @@ class Batcher:
             reason = seq.finish_reason_after(token, self.context_length)
             if reason is not None:
                 self._end(seq, reason)
-            updates.setdefault(seq.tokenizer, []).append(SequenceUpdate(seq.request_id, [token], reason))
+            # The first token's update says how much of the prompt came from the cache.
+            cached = (seq.cached_tokens or 0) if len(seq.output_ids) == 1 else 0
+            update = SequenceUpdate(seq.request_id, [token], reason, cached_tokens=cached)
+            updates.setdefault(seq.tokenizer, []).append(update)
         return updates
 
     @property
@@ -254,6 +292,37 @@ class Batcher:
 
     # --- the cache ----------------------------------------------------------------------------
 
+    def _admit(self, seq: Sequence) -> bool:
+        """Give `seq` the cached blocks of its prefix and room for the rest of its tokens and one
+        more; it starts computing after the prefix. False if that does not fit."""
+        cached: list[int] = []
+        if self.blocks.caching:
+            size = self.blocks.block_size
+            if len(seq.block_hashes) < seq.length // size:
+                extend_hashes(seq.block_hashes, seq.token_ids, size)
+            cached = self.blocks.cached_prefix(seq.block_hashes, seq.length)
+        if not self.blocks.can_take(seq.seq_id, cached, seq.length + 1):
+            return False
+        self.blocks.take(seq.seq_id, cached)
+        self.blocks.grow(seq.seq_id, seq.length + 1)
+        seq.computed = len(cached) * self.blocks.block_size
+        if self.blocks.caching:
+            self.counts.queried += seq.length
+            self.counts.hits += seq.computed
+        if seq.cached_tokens is None:
+            seq.cached_tokens = seq.computed
+        return True
+
+    def _register(self, seq: Sequence) -> None:
+        """Make the blocks `seq` has completely computed findable by the sequences that follow."""
+        if not self.blocks.caching:
+            return
+        size = self.blocks.block_size
+        full = seq.computed // size
+        if len(seq.block_hashes) < full:
+            extend_hashes(seq.block_hashes, seq.tokens_until(full * size), size)
+        self.blocks.register(seq.seq_id, seq.block_hashes, full)
+
     def _make_room(self, seq: Sequence, tokens: int, scheduled: set[int]) -> bool:
         """Grow `seq` to `tokens` cache slots, preempting others if needed; False if `seq` itself yields.
 
@@ -277,8 +346,9 @@ class Batcher:
         """Give `seq`'s cache back and queue it again; it is recomputed from its tokens when readmitted."""
         assert not seq.in_flight, "a sequence with a step in flight is never preempted"
         self.running.remove(seq)
-        self.blocks.release(seq.seq_id)
+        self.blocks.release(seq.seq_id)  # its full blocks stay cached: readmitted, it may find them again
         seq.computed = 0
+        self.preemptions += 1
         seq.phase = Phase.WAITING
         self.waiting.insert(0, seq)
 

@@ -31,6 +31,8 @@ class Sequence:
     phase: Phase = Phase.WAITING
     finish_reason: FinishReason | None = None
     unsent: list[int] = field(default_factory=list)  # sampled but not yet sent to the tokenizer
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks known so far (prefix caching)
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache when it was first admitted
 
     @property
     def token_ids(self) -> list[int]:
@@ -39,6 +41,12 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def tokens_until(self, end: int) -> list[int]:
+        """Its first `end` tokens (prompt, then output), without copying the rest."""
+        if end <= len(self.prompt_ids):
+            return self.prompt_ids[:end]
+        return self.prompt_ids + self.output_ids[: end - len(self.prompt_ids)]
 
     @property
     def pending(self) -> int:

@@ -50,7 +50,7 @@ from daemon.ipc.messages import (
     WorkerReady,
 )
 from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
-from daemon.scheduler.batcher import QUEUE_FULL, Batcher, Limits
+from daemon.scheduler.batcher import QUEUE_FULL, Batcher, CacheCounts, Limits
 from daemon.tier import Tier
 
 log = structlog.get_logger("daemon.scheduler")
@@ -98,6 +98,7 @@ class SchedulerService:
         self.hold_reason = ""  # said to a request that waited too long: why there was no worker
         self.held: list[tuple[float, ScheduleRequest]] = []  # (received, request), with no batcher
         self._idle_said = False  # told the supervisor the worker being replaced has finished
+        self.cache_counts = CacheCounts()  # every batcher's prefix-cache lookups, for the metrics
 
     def limits(self) -> Limits:
         scheduler = self.tier.settings.scheduler
@@ -106,6 +107,7 @@ class SchedulerService:
             scheduler.max_queued_requests,
             scheduler.chunked_prefill_size,
             scheduler.policy,
+            scheduler.enable_prefix_caching,
         )
 
     def run(self) -> None:
@@ -196,7 +198,17 @@ class SchedulerService:
         self._announced = None
         self._engaged_epoch = max(self._engaged_epoch, ready.epoch)
         blocks = BlockManager(ready.num_blocks, ready.block_size)
-        batcher = Batcher(blocks, self.limits(), ready.context_length, (), epoch=self.tier.epoch)
+        batcher = Batcher(
+            blocks,
+            self.limits(),
+            ready.context_length,
+            (),
+            epoch=self.tier.epoch,
+            counts=self.cache_counts,
+            prefix_cacheable=ready.prefix_cacheable,
+        )
+        if not ready.prefix_cacheable:
+            log.info("scheduler.prefix_caching_unavailable", epoch=ready.epoch, reason="its RoPE follows the length")
         engine = Engine(ready.epoch, plans, batcher)
         if ready.epoch == self.beside_epoch:
             # Blue-green: it waits beside the serving one until the reload commits to it (also
@@ -298,7 +310,7 @@ class SchedulerService:
     def _adopt(self, generation: int) -> None:
         self.tier.adopt(generation)
         if self.engine is not None:
-            self.engine.batcher.limits = self.limits()
+            self.engine.batcher.adopt(self.limits())
         send(self.control, ConfigApplied(self.tier.role, self.tier.index, os.getpid(), generation))
         log.info("scheduler.config_applied")
 

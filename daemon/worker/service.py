@@ -150,6 +150,8 @@ class WorkerService:
             log.warning("worker.scheduler_gone", step=plan.step)
 
     def _announce(self) -> None:
-        ready = WorkerReady(self.tier.epoch, self.num_blocks, BLOCK_SIZE, self.context)
+        ready = WorkerReady(
+            self.tier.epoch, self.num_blocks, BLOCK_SIZE, self.context, prefix_cacheable=self.runner.prefix_cacheable
+        )
         with contextlib.suppress(PeerGone):  # no scheduler yet: it will hear the next announcement
             send(self.scheduler, ready)
