@@ -159,7 +159,7 @@ class Application:
         metrics.QUEUED.set(stats.queued)
         metrics.CACHE_FREE.set(stats.free_tokens)
         metrics.CACHE_TOTAL.set(stats.total_tokens)
-        body = metrics.render(self._status())
+        body = metrics.render(self._status(), stats)
         await send_bytes(send, 200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     async def _server_info(self, scope: Scope, receive: Receive, send: Send) -> None:

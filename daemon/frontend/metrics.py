@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from daemon.ipc.messages import DaemonStatus
+from daemon.ipc.messages import DaemonStatus, SchedulerStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
@@ -56,7 +56,31 @@ class SupervisorFigures(Collector):
         return [restarts, reloads, generation]
 
 
-def render(status: DaemonStatus | None) -> bytes:
+class SchedulerFigures(Collector):
+    """What the scheduler counts (prefix-cache lookups), from its latest stats broadcast: the
+    scheduler's own totals, so every front-end worker answers the same. They start again from zero
+    when the scheduler restarts, as a counter may."""
+
+    def __init__(self, stats: SchedulerStats):
+        self.stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        queried = CounterMetricFamily(
+            "daemon_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache at admission"
+        )
+        queried.add_metric([], self.stats.prefix_cache_queried_tokens)
+        hits = CounterMetricFamily(
+            "daemon_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache at admission (not computed)"
+        )
+        hits.add_metric([], self.stats.prefix_cache_hit_tokens)
+        blocks = GaugeMetricFamily(
+            "daemon_prefix_cache_blocks", "KV-cache blocks holding a cached prefix (in use or free)"
+        )
+        blocks.add_metric([], self.stats.prefix_cache_blocks)
+        return [queried, hits, blocks]
+
+
+def render(status: DaemonStatus | None, stats: SchedulerStats | None = None) -> bytes:
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         MultiProcessCollector(registry)
@@ -64,11 +88,15 @@ def render(status: DaemonStatus | None) -> bytes:
         from prometheus_client import REGISTRY
 
         registry = REGISTRY
-    if status is None:
-        return generate_latest(registry)
-    figures = SupervisorFigures(status)
-    registry.register(figures)
+    figures: list[Collector] = []
+    if status is not None:
+        figures.append(SupervisorFigures(status))
+    if stats is not None:
+        figures.append(SchedulerFigures(stats))
+    for collector in figures:
+        registry.register(collector)
     try:
         return generate_latest(registry)
     finally:
-        registry.unregister(figures)
+        for collector in figures:
+            registry.unregister(collector)

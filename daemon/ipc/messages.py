@@ -315,6 +315,11 @@ class SchedulerStats(msgspec.Struct, frozen=True, tag=True):
     queued: int
     free_tokens: int
     total_tokens: int
+    # Prefix caching, since the scheduler started: tokens looked up and found at admissions, and
+    # the serving worker's blocks whose hash is findable now.
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_blocks: int = 0
 
 
 # --- the supervisor's status file (status.json in the socket directory) ------------------------

@@ -412,5 +412,8 @@ class SchedulerService:
             queued=len(self.held) + sum(len(e.batcher.waiting) for e in engines),
             free_tokens=blocks.free_tokens if blocks else 0,
             total_tokens=blocks.num_blocks * blocks.block_size if blocks else 0,
+            prefix_cache_queried_tokens=self.cache_counts.queried,
+            prefix_cache_hit_tokens=self.cache_counts.hits,
+            prefix_cache_blocks=blocks.cached_blocks if blocks else 0,
         )
         send(self.stats, stats)

@@ -1,0 +1,107 @@
+"""Prefix caching through the real daemon: greedy outputs are those of a daemon without it, while
+a cache too small for every running request evicts cached prefixes and preempts, with prompts
+prefilled in small chunks; the cache's figures in /metrics.
+
+The batcher's exact behaviour (which tokens are computed, when a block is shared) is tested
+without processes in test_batching.py, the bookkeeping in test_blocks.py and the engine's
+logits in test_engine.py.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from harness.daemons import RunningDaemon, serving
+from harness.metrics import metric, scrape, wait_engine_idle
+from harness.wait import until
+
+# A cache of 16 blocks of 16 tokens, for requests of up to 150 tokens: a few running requests fill it.
+SMALL_CACHE = {
+    "model.context_length": 256,
+    "scheduler.max_total_tokens": 256,
+    "scheduler.chunked_prefill_size": 32,
+}
+PREFIX = [(37 * i + 11) % 1000 + 4 for i in range(96)]  # six whole blocks
+PROMPTS = [PREFIX + [(53 * n + 7 * j) % 1000 + 4 for j in range(5 + 3 * n)] for n in range(8)]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, model_cache) -> RunningDaemon:
+    with serving(tmp_path_factory.mktemp("cached"), model_cache, SMALL_CACHE) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def uncached(tmp_path_factory, model_cache) -> RunningDaemon:
+    settings = SMALL_CACHE | {"scheduler.enable_prefix_caching": False}
+    with serving(tmp_path_factory.mktemp("uncached"), model_cache, settings) as running:
+        yield running
+
+
+def complete(daemon: RunningDaemon, prompt: list[int], max_tokens: int = MAX_TOKENS) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    response = httpx.post(daemon.url + "/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def text(answer: dict) -> str:
+    return answer["choices"][0]["text"]
+
+
+def cache_figures(daemon: RunningDaemon) -> tuple[float, float, float]:
+    return (
+        metric(daemon, "daemon_prefix_cache_queried_tokens_total"),
+        metric(daemon, "daemon_prefix_cache_hit_tokens_total"),
+        metric(daemon, "daemon_prefix_cache_blocks"),
+    )
+
+
+def figures_after(daemon: RunningDaemon, queried: float) -> tuple[float, float, float]:
+    """The cache figures of the first stats the scheduler sent with more than `queried` tokens
+    looked up and nothing left running or queued (the front-end hears them every 0.5 s)."""
+
+    def settled() -> tuple[float, float, float] | None:
+        samples = scrape(daemon)
+        idle = samples[("daemon_running_requests", ())] == 0 and samples[("daemon_queued_requests", ())] == 0
+        figures = cache_figures(daemon)
+        return figures if idle and figures[0] > queried else None
+
+    return until(settled, 10, what="the scheduler's figures after the requests")
+
+
+@pytest.fixture(scope="module")
+def expected(uncached: RunningDaemon) -> list[str]:
+    """Each prompt alone, nothing cached."""
+    return [text(complete(uncached, prompt)) for prompt in PROMPTS]
+
+
+def test_concurrent_prompts_sharing_a_prefix_get_the_outputs_computed_without_the_cache(cached, expected):
+    """All at once, in a cache that holds two or three of them: prefixes are shared, evicted,
+    prefilled in chunks of 32, and running requests preempted, without changing a token."""
+    wait_engine_idle(cached, 30)  # the readiness probe's lookup is counted
+    queried_before, hits_before, _blocks = cache_figures(cached)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        answers = list(pool.map(lambda prompt: complete(cached, prompt), PROMPTS))
+    assert [text(a) for a in answers] == expected
+    queried, hits, blocks = figures_after(cached, queried_before + sum(map(len, PROMPTS)) - 1)
+    # Each admission looks its prompt up: more lookups than prompt tokens means some requests were
+    # admitted again, that is preempted (a readmission also counts the tokens it had generated).
+    assert queried - queried_before > sum(map(len, PROMPTS)), "nothing was preempted"  # (not waited for)
+    assert hits - hits_before >= len(PREFIX) and blocks > 0
+
+
+def test_the_same_prompt_asked_again_is_answered_the_same_from_the_cache(cached, expected):
+    queried, hits, _blocks = cache_figures(cached)
+    assert text(complete(cached, PROMPTS[3])) == expected[3]
+    assert text(complete(cached, PROMPTS[3])) == expected[3]  # the second time at least its prefix is found
+    after = figures_after(cached, queried + 2 * len(PROMPTS[3]) - 1)
+    assert after[1] - hits >= len(PREFIX)
+    assert after[2] > 0
+
+
+def test_the_uncached_daemon_counts_no_lookups(uncached, expected):
+    assert cache_figures(uncached) == (0, 0, 0)
