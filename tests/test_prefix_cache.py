@@ -1,6 +1,7 @@
 """Prefix caching through the real daemon: greedy outputs are those of a daemon without it, while
 a cache too small for every running request evicts cached prefixes and preempts, with prompts
-prefilled in small chunks; the cache's figures in /metrics.
+prefilled in small chunks; the cache's figures in /metrics, and the prompt tokens found in the
+cache in each response's usage.
 
 The batcher's exact behaviour (which tokens are computed, when a block is shared) is tested
 without processes in test_batching.py, the bookkeeping in test_blocks.py and the engine's
@@ -12,6 +13,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
 from harness.daemons import RunningDaemon, serving
 from harness.metrics import metric, scrape, wait_engine_idle
@@ -105,3 +107,40 @@ def test_the_same_prompt_asked_again_is_answered_the_same_from_the_cache(cached,
 
 def test_the_uncached_daemon_counts_no_lookups(uncached, expected):
     assert cache_figures(uncached) == (0, 0, 0)
+
+
+def test_the_second_request_of_a_shared_prefix_reports_its_cached_tokens(cached):
+    prefix = [(41 * i + 3) % 1000 + 4 for i in range(64)]  # four blocks never asked before
+    first = complete(cached, prefix + [5, 6, 7], max_tokens=2)
+    second = complete(cached, prefix + [8, 9], max_tokens=2)
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 64}
+    assert second["usage"]["prompt_tokens"] == 66  # still every prompt token
+
+
+def test_chat_and_streamed_usage_report_cached_tokens(cached):
+    client = openai.OpenAI(base_url=cached.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    messages = [
+        {"role": "system", "content": "Answer in one short sentence, and be kind. " * 3},
+        {"role": "user", "content": "hello"},
+    ]
+    first = client.chat.completions.create(model="demo", messages=messages, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.chat.completions.create(model="demo", messages=messages, max_tokens=2, temperature=0)
+    cached_tokens = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached_tokens < again.usage.prompt_tokens and cached_tokens % 16 == 0
+    stream = client.chat.completions.create(
+        model="demo",
+        messages=messages,
+        max_tokens=2,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert len(usage) == 1 and usage[0].prompt_tokens_details.cached_tokens == cached_tokens
+
+
+def test_the_uncached_daemon_reports_no_cached_tokens(uncached):
+    answer = complete(uncached, PROMPTS[0], max_tokens=2)
+    assert answer["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}

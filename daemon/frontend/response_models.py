@@ -13,12 +13,17 @@ import msgspec
 from daemon.ipc.messages import FinishReason, GenerateOutput
 
 
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int  # prompt tokens whose keys and values came from the prefix cache
+
+
 class Usage(msgspec.Struct):
     """Token counts of the whole request (all its prompts)."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionChoice(msgspec.Struct):
@@ -101,7 +106,8 @@ class ErrorResponse(msgspec.Struct):
 def _usage(lasts: list[GenerateOutput]) -> Usage:
     prompt = sum(last.prompt_tokens for last in lasts)
     completion = sum(last.completion_tokens for last in lasts)
-    return Usage(prompt, completion, prompt + completion)
+    cached = sum(last.cached_tokens for last in lasts)
+    return Usage(prompt, completion, prompt + completion, PromptTokensDetails(cached))
 
 
 class Responder:

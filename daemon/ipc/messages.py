@@ -91,6 +91,7 @@ class GenerateOutput(msgspec.Struct, frozen=True, tag=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: ErrorInfo | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (usage.prompt_tokens_details)
 
 
 class OutputBatch(msgspec.Struct, frozen=True, tag=True):

@@ -73,6 +73,7 @@ class Active:
     hidden_ids: frozenset[int]  # stop tokens: they end the text, they are not part of it
     prompt_tokens: int
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, found in the prefix cache (the scheduler says so with the first token)
     held_text: list[str] = field(default_factory=list)  # a non-streamed request's text so far
 
 
@@ -362,6 +363,7 @@ class TokenizerService:
             )
         ids = update.token_ids
         active.completion_tokens += len(ids)
+        active.cached_tokens = update.cached_tokens or active.cached_tokens
         ended_by_token = update.finish_reason == "stop" and bool(ids) and ids[-1] in active.hidden_ids
         text = active.detokenizer.push(ids[:-1] if ended_by_token else ids)
         if update.finish_reason is not None:
@@ -382,7 +384,8 @@ class TokenizerService:
                 return None
         elif active.held_text:
             shown = "".join(active.held_text) + shown
-        return GenerateOutput(request_id, shown, finish, active.prompt_tokens, active.completion_tokens)
+        counts = active.prompt_tokens, active.completion_tokens
+        return GenerateOutput(request_id, shown, finish, *counts, cached_tokens=active.cached_tokens)
 
     def _fail_all(self, reason: str) -> None:
         error = ErrorInfo(503, f"{reason}; the request was lost, retry it", type="server_error")
