@@ -23,7 +23,8 @@ time. With --bench, one server at a time (vLLM, stopped, then `daemon -c configs
 bench/serve.py starts it), each workload runs once:
 
 - W2: random dataset, 256 input / 128 output tokens, 32 concurrent, 200 prompts;
-- W3: prefix_repetition, 4 prefixes of 512 tokens, 32-token suffixes, 32 output tokens.
+- W3: prefix_repetition, 4 prefixes of 512 tokens, 32-token suffixes, 32 output tokens, 32 concurrent,
+  200 prompts.
 
 Every process it starts is stopped at the end (process group, and the daemon's marked processes).
 """
