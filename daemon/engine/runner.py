@@ -81,8 +81,9 @@ class ModelRunner:
         self.prefix_cacheable = not any(family.rope(config, t).follows_length for t in family.rope_layer_types)
         load_weights(self.model, model_dir)
         self.resize_cache(num_blocks)
-        self._seeds = torch.Generator().manual_seed(seed)
-        self._generators: dict[int, torch.Generator] = {}
+        # requests without a seed of their own draw from this one generator, together
+        self._shared_generator = torch.Generator(self.device).manual_seed(seed)
+        self._generators: dict[int, torch.Generator] = {}  # by sequence, for requests with a seed
         self.last_sampled: dict[int, int] = {}  # the previous step's tokens, by sequence
         self.failures: dict[int, str] = {}  # the previous step's sequences whose sampling failed, with why
 
@@ -104,7 +105,8 @@ class ModelRunner:
             return self.last_sampled
         samplers = [c for c in chunks if c.sample]
         logits = self.logits(chunks)
-        drawn = sample(logits, [c.sampling for c in samplers], [self._generator(c) for c in samplers])
+        generators = [self._generator(c) for c in samplers]
+        drawn = sample(logits, [c.sampling for c in samplers], generators, self._shared_generator)
         for chunk, token in zip(samplers, drawn, strict=True):
             if isinstance(token, Exception):
                 self.failures[chunk.seq_id] = f"{type(token).__name__}: {token}"
@@ -135,13 +137,11 @@ class ModelRunner:
         self.last_sampled, self.failures = {}, {}
 
     def _generator(self, chunk: SequenceChunk) -> torch.Generator | None:
-        if chunk.sampling.greedy:
+        """The sequence's own generator if its request has a seed (None: it draws from the shared one)."""
+        if chunk.sampling.greedy or chunk.sampling.seed is None:
             return None
         if chunk.seq_id not in self._generators:
-            seed = chunk.sampling.seed
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds).item())
-            self._generators[chunk.seq_id] = torch.Generator().manual_seed(seed)
+            self._generators[chunk.seq_id] = torch.Generator(self.device).manual_seed(chunk.sampling.seed)
         return self._generators[chunk.seq_id]
 
     def _attention_batch(self, chunks: list[SequenceChunk]) -> AttentionBatch:

@@ -1,12 +1,20 @@
 """Choosing the next token from logits: greedy, or sampled with temperature, top-k and top-p.
 
-Each sampled request owns a random generator seeded from its own seed, so the
-same request with the same seed gives the same tokens whatever else is in the
-batch (up to the floating-point effects of batching on the logits).
+The whole batch is sampled with a handful of tensor operations, on the logits'
+device: temperatures, top-k and top-p become per-row tensors, and the draw is
+inverse-CDF sampling (one uniform number per row, looked up in the row's
+cumulative distribution), which draws every row in one call: on CPU, torch's
+multinomial and exponential noise cost ten times as much for a batch.
 
-A row that cannot be sampled (logits holding NaN, a distribution torch refuses)
-fails alone: its entry in the result is the exception, and every other row of
-the batch still gets its token.
+A request with its own seed owns a random generator seeded from it and draws
+its row's number from it alone, so the same request with the same seed gives the
+same tokens whatever else is in the batch (up to the floating-point effects of
+batching on the logits). Requests without a seed share the engine's generator,
+seeded from model.seed, in one draw for all of them, as vLLM does.
+
+A row that cannot be sampled (logits holding NaN, a distribution that is not
+one) fails alone: its entry in the result is the exception, and every other row
+of the batch still gets its token.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 (or below GREEDY_BELOW_TEMPERATURE): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: no limit
-    seed: int | None = None  # None: drawn from the engine's own seeded generator
+    seed: int | None = None  # None: drawn from the engine's generator
 
     @property
     def greedy(self) -> bool:
@@ -34,40 +42,89 @@ class SamplingParams:
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    shared: torch.Generator | None = None,
 ) -> list[int | Exception]:
-    """logits [B, vocab] (float32) -> one token id per row, or the exception that row's sampling raised."""
+    """logits [B, vocab] (float32) -> one token id per row, or the exception that row's sampling raised.
+
+    `generators[i]` draws row i's noise when set; rows without one draw from `shared` together."""
     top = logits.max(dim=-1)  # the first maximum, like argmax, at a third of its cost on CPU
-    chosen: list[int | Exception] = top.indices.tolist()
+    chosen = top.indices
     # max propagates NaN: a row holding one (which makes argmax and softmax meaningless) shows it
     # here, without another pass over the logits
-    broken = top.values.isnan().tolist()
-    for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
-        if broken[row]:
-            chosen[row] = ValueError("the model's logits for this sequence hold NaN")
-        elif not p.greedy:
-            try:
-                chosen[row] = _draw(logits[row], p, generator)
-            except Exception as exc:  # noqa: BLE001 - one row's failure must not take the batch down
-                chosen[row] = exc
-    return chosen
+    broken = top.values.isnan()
+    drawn_rows = [row for row, p in enumerate(params) if not p.greedy]
+    if drawn_rows:
+        index = torch.tensor(drawn_rows, device=logits.device)
+        probs = _distribution(logits.index_select(0, index), top.values.index_select(0, index), params, drawn_rows)
+        uniform = _uniforms(len(drawn_rows), [generators[row] for row in drawn_rows], shared, logits.device)
+        chosen = chosen.index_copy(0, index, _inverse_cdf(probs, uniform))
+        # temperature, top-k and top-p cannot break a distribution of finite logits; anything else
+        # that does (an infinite logit, a temperature no request can carry) shows here
+        broken = broken.index_copy(0, index, ~probs.isfinite().all(dim=-1) | broken.index_select(0, index))
+    tokens: list[int | Exception] = chosen.tolist()
+    for row, is_broken in enumerate(broken.tolist()):
+        if is_broken:
+            tokens[row] = ValueError("the model's logits for this sequence hold NaN or inf")
+    return tokens
 
 
-def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    logits = logits.float().cpu()
+def _distribution(
+    logits: torch.Tensor, maxima: torch.Tensor, params: list[SamplingParams], rows: list[int]
+) -> torch.Tensor:
+    """The probabilities to draw from, after temperature, top-k and top-p: [rows, vocab]."""
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([params[r].temperature for r in rows], device=device, dtype=logits.dtype)
     # Shifted so that the top logit is 0 before scaling: a small temperature drives the others
     # towards -inf (probability 0), never the top one towards +inf (NaN after softmax).
-    scaled = (logits - logits.max()) / p.temperature
-    if p.top_k > 0 and p.top_k < scaled.shape[-1]:
-        threshold = torch.topk(scaled, p.top_k).values[-1]
+    scaled = (logits - maxima.unsqueeze(1)) / temperature.unsqueeze(1)
+    top_k = [params[r].top_k if 0 < params[r].top_k < vocab else 0 for r in rows]
+    if any(top_k):
+        widest = max(top_k)
+        kept = torch.topk(scaled, widest, dim=-1).values  # [rows, widest], descending
+        last = torch.tensor([max(k, 1) - 1 for k in top_k], device=device).unsqueeze(1)
+        threshold = kept.gather(1, last)
+        threshold = threshold.masked_fill(torch.tensor(top_k, device=device).unsqueeze(1) == 0, float("-inf"))
         scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
+    top_p = [params[r].top_p for r in rows]
+    if any(p < 1.0 for p in top_p):
         # keep the smallest prefix whose mass reaches top_p, and always the top token: a top_p
-        # that rounds to 0 in float32 would otherwise leave nothing to draw from
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-        outside[0] = False
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+        # that rounds to 0 in float32 would otherwise leave nothing to draw from. Rows without a
+        # limit get one above any sum, so rounding in the cumulative sum never cuts their tail.
+        limit = torch.tensor([p if p < 1.0 else 2.0 for p in top_p], device=device, dtype=probs.dtype)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= limit.unsqueeze(1)
+        outside[:, 0] = False
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(outside, 0.0))
+    return probs
+
+
+def _uniforms(
+    rows: int, generators: list[torch.Generator | None], shared: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """One number in [0, 1) per row (float64): from the row's own generator when it has one, the
+    others in one draw from `shared`."""
+    own = [row for row, g in enumerate(generators) if g is not None]
+    if not own:
+        return torch.rand(rows, generator=shared, device=device, dtype=torch.float64)
+    uniform = torch.empty(rows, device=device, dtype=torch.float64)
+    for row in own:
+        uniform[row] = torch.rand(1, generator=generators[row], device=device, dtype=torch.float64)[0]
+    rest = [row for row, g in enumerate(generators) if g is None]
+    if rest:
+        drawn = torch.rand(len(rest), generator=shared, device=device, dtype=torch.float64)
+        uniform.index_copy_(0, torch.tensor(rest, device=device), drawn)
+    return uniform
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The token whose cumulative-probability interval holds uniform * the row's total mass.
+    Tokens of probability 0 have empty intervals, so they are never drawn; the sums are float64
+    so that a large vocabulary's small terms still count, and the mass need not be normalised
+    (top-p leaves it below 1)."""
+    cdf = probs.double().cumsum(dim=-1)
+    target = (uniform * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max_(probs.shape[-1] - 1)
