@@ -26,14 +26,12 @@ class KVCache:
         device: torch.device,
         block_size: int = BLOCK_SIZE,
     ):
-        slots = num_blocks * block_size
         self.num_blocks = num_blocks
         self.block_size = block_size
+        # head-major: see layers/attention.py
+        shape = (kv_heads, num_blocks, block_size, head_dim)
         self.layers = [
-            LayerCache(
-                torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device),
-                torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device),
-            )
+            LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(num_layers)
         ]
 
@@ -42,7 +40,7 @@ class KVCache:
         return 2 * num_layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
     def new_token_slots(self, chunks: list[SequenceChunk]) -> list[int]:
-        """The cache slot of every new token of `chunks` (SequenceChunks), in batch order."""
+        """The cache slot (block * block_size + offset) of every new token of `chunks`, in batch order."""
         size = self.block_size
         return [
             c.block_table[p // size] * size + p % size
@@ -50,10 +48,7 @@ class KVCache:
             for p in range(c.start, c.start + len(c.token_ids))
         ]
 
-    def slots(self, tables: list[list[int]], lengths: list[int], device: torch.device) -> torch.Tensor:
-        """Cache slots of positions [0, length) of each sequence, padded with slot 0: [B, max length]."""
-        size = self.block_size
-        width = max(len(t) for t in tables)
-        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        positions = torch.arange(max(lengths), dtype=torch.long)
-        return (padded[:, positions // size] * size + positions % size).to(device)
+    def block_tables(self, chunks: list[SequenceChunk], device: torch.device) -> torch.Tensor:
+        """Every chunk's block table, padded with block 0 to the longest: one tensor [B, most blocks]."""
+        width = max(len(c.block_table) for c in chunks)
+        return torch.tensor([c.block_table + [0] * (width - len(c.block_table)) for c in chunks], device=device)

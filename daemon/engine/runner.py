@@ -145,22 +145,24 @@ class ModelRunner:
         return self._generators[chunk.seq_id]
 
     def _attention_batch(self, chunks: list[SequenceChunk]) -> AttentionBatch:
-        ends = [c.start + len(c.token_ids) for c in chunks]
-        context = self.cache.slots([c.block_table for c in chunks], ends, self.device)  # [B, max end]
+        device, size = self.device, self.cache.block_size
+        tables = self.cache.block_tables(chunks, device)
         rows = _offsets(chunks)
-        slot_mapping = torch.tensor(self.cache.new_token_slots(chunks), dtype=torch.long, device=self.device)
+        slot_mapping = torch.tensor(self.cache.new_token_slots(chunks), dtype=torch.long, device=device)
+        decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+        prefills = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
         groups = []
-        for members in (
-            [i for i, c in enumerate(chunks) if len(c.token_ids) == 1],
-            [i for i, c in enumerate(chunks) if len(c.token_ids) > 1],
-        ):
+        for members in (decodes, prefills):
             if members:
+                whole = len(members) == len(chunks)
                 groups.append(
                     attention_group(
                         [rows[i] for i in members],
                         [len(chunks[i].token_ids) for i in members],
                         [chunks[i].start for i in members],
-                        context[members],
+                        tables if whole else tables.index_select(0, torch.tensor(members, device=device)),
+                        size,
+                        whole_batch=whole,
                     )
                 )
         return AttentionBatch(slot_mapping, groups)

@@ -201,7 +201,7 @@ class Sequences:
     """Block bookkeeping for a test that drives a runner by hand, as the scheduler will."""
 
     def __init__(self, runner: ModelRunner):
-        self.blocks = BlockManager(num_blocks=runner.cache.layers[0].keys.shape[0] // runner.cache.block_size)
+        self.blocks = BlockManager(num_blocks=runner.cache.num_blocks)
         self.hashes: dict[int, list[bytes]] = {}
 
     def chunk(self, seq_id: int, tokens: list[int], start: int, **kwargs) -> SequenceChunk:

@@ -3,10 +3,21 @@
 The new tokens of every sequence in a step are packed into one flat batch of T
 tokens. Each token's K and V are written to its cache slot; then the queries of
 each sequence attend to that sequence's cached keys, causally (and, in a
-sliding-window layer, only to the last `window` positions). Sequences are
-attended in two padded groups, one call each: decodes (one query each) and
-prefill chunks (up to the longest chunk's queries), so a step costs two
-attention calls per layer however many sequences it holds.
+sliding-window layer, only to the last `window` positions).
+
+The cache of a layer is [kv_heads, blocks, block_size, head_dim]: head-major, so
+that the blocks of one sequence, taken in its block table's order, make for each
+KV head one contiguous slab of keys, which torch's CPU flash-attention kernel
+reads fastest. Torch has no CPU kernel that reads paged blocks in place, so each
+layer takes the blocks of a group's contexts with one index_select of whole
+blocks (not of token slots), then makes one attention call per group: decodes
+(one query each; a query head's group of GQA heads is folded into the query
+axis, so no key is repeated) and prefill chunks (padded to the longest chunk).
+Everything a layer needs is made once per step from the block tables (one
+tensor per step), so the forward pass has no host synchronisation. A kernel
+that reads the blocks in place (on CUDA, torch's varlen_attn with block_table;
+on CPU, vLLM's) takes the same metadata: block tables, context lengths, slot
+mapping.
 """
 
 from __future__ import annotations
@@ -19,11 +30,16 @@ import torch.nn.functional as F
 
 @dataclass
 class AttentionGroup:
-    query_index: torch.Tensor  # [G, Q] each query's row in the packed batch (padding repeats a real row)
-    query_valid: torch.Tensor  # [G, Q] False for padding queries
-    context_slots: torch.Tensor  # [G, L] cache slots of each sequence's context (padding: slot 0)
+    """Sequences attended in one call: G sequences, their queries padded to Q, their contexts to L."""
+
+    query_rows: torch.Tensor  # [G * Q] each query's row in the packed batch (padding repeats a real row)
+    blocks: torch.Tensor  # [G, L / block_size] cache blocks of each sequence's context (padding: block 0)
     mask: torch.Tensor  # [G, 1, Q, L] True where a query may see a key
     query_positions: torch.Tensor  # [G, Q, 1] each query's position in its sequence
+    query_valid: torch.Tensor  # [G, Q] False for padding queries
+    valid_queries: torch.Tensor | None  # indexes of the real queries in [G * Q] (None: all are)
+    output_rows: torch.Tensor | None  # their rows in the packed batch (None: the group is the whole batch, in order)
+    decode: bool  # one query per sequence
     _windowed: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def mask_for(self, window: int | None) -> torch.Tensor:
@@ -33,7 +49,7 @@ class AttentionGroup:
         if window not in self._windowed:
             keys = torch.arange(self.mask.shape[-1], device=self.mask.device).view(1, 1, -1)
             recent = keys > self.query_positions - window  # [G, Q, L]
-            # padding queries keep their one key (slot 0, position 0): no row is ever empty
+            # padding queries keep their one key (block 0's first slot): no row is ever empty
             recent |= ~self.query_valid.unsqueeze(2)
             self._windowed[window] = self.mask & recent.unsqueeze(1)
         return self._windowed[window]
@@ -47,7 +63,7 @@ class AttentionBatch:
 
 @dataclass
 class LayerCache:
-    keys: torch.Tensor  # [slots, kv_heads, head_dim]
+    keys: torch.Tensor  # [kv_heads, blocks, block_size, head_dim]
     values: torch.Tensor
 
 
@@ -61,24 +77,47 @@ class AttentionOptions:
 
 
 def attention_group(
-    first_rows: list[int], lengths: list[int], starts: list[int], context_slots: torch.Tensor
+    first_rows: list[int],
+    lengths: list[int],
+    starts: list[int],
+    block_tables: torch.Tensor,
+    block_size: int,
+    *,
+    whole_batch: bool = False,
 ) -> AttentionGroup:
-    """The group of sequences whose chunks begin at packed rows `first_rows`, are `lengths`
-    tokens long and start at positions `starts`; `context_slots` [G, >= max(start + length)]."""
-    device = context_slots.device
+    """The group of sequences whose chunks begin at packed rows `first_rows`, are `lengths` tokens
+    long and start at positions `starts`; `block_tables` [G, >= their blocks]. `whole_batch`: the
+    group's queries are the packed batch itself, in order (a step of decodes only)."""
+    device = block_tables.device
     width = max(lengths)
+    num_blocks = -(-max(s + n for s, n in zip(starts, lengths, strict=True)) // block_size)
     offsets = torch.arange(width, device=device)
     first = torch.tensor(first_rows, device=device)
     length = torch.tensor(lengths, device=device)
     start = torch.tensor(starts, device=device)
     valid = offsets.unsqueeze(0) < length.unsqueeze(1)  # [G, Q]
-    query_index = first.unsqueeze(1) + torch.minimum(offsets.unsqueeze(0), (length - 1).unsqueeze(1))
-    context = int((start + length).max())
-    keys = torch.arange(context, device=device)
+    query_rows = first.unsqueeze(1) + torch.minimum(offsets.unsqueeze(0), (length - 1).unsqueeze(1))
+    keys = torch.arange(num_blocks * block_size, device=device).view(1, 1, -1)
     position = (start.unsqueeze(1) + offsets.unsqueeze(0)).unsqueeze(2)  # [G, Q, 1]
-    mask = (keys.view(1, 1, -1) <= position) & valid.unsqueeze(2)
-    mask |= ~valid.unsqueeze(2) & (keys.view(1, 1, -1) == 0)  # padding queries see one key: no empty rows
-    return AttentionGroup(query_index, valid, context_slots[:, :context], mask.unsqueeze(1), position)
+    mask = (keys <= position) & valid.unsqueeze(2)
+    mask |= ~valid.unsqueeze(2) & (keys == 0)  # padding queries see one key: no empty rows
+    valid_queries = None
+    if min(lengths) < width:  # made from the plan's numbers: nothing waits on the device
+        indexes = [g * width + j for g, n in enumerate(lengths) for j in range(n)]
+        valid_queries = torch.tensor(indexes, device=device)
+    output_rows = None if whole_batch else query_rows.reshape(-1)
+    if output_rows is not None and valid_queries is not None:
+        output_rows = output_rows.index_select(0, valid_queries)
+    return AttentionGroup(
+        query_rows.reshape(-1),
+        block_tables[:, :num_blocks],
+        mask.unsqueeze(1),
+        position,
+        valid,
+        valid_queries,
+        output_rows,
+        decode=width == 1,
+    )
 
 
 def paged_attention(
@@ -90,18 +129,42 @@ def paged_attention(
     options: AttentionOptions,
 ) -> torch.Tensor:
     """q [T, heads, dim], k and v [T, kv_heads, dim] -> [T, heads, dim]."""
-    # index_select/index_copy_ rather than tensor[index]: on CPU they are several times faster
-    cache.keys.index_copy_(0, batch.slot_mapping, k)
-    cache.values.index_copy_(0, batch.slot_mapping, v)
+    kv_heads, _, _, dim = cache.keys.shape
+    # index_copy_/index_select rather than tensor[index]: on CPU they are several times faster
+    cache.keys.view(kv_heads, -1, dim).index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
+    cache.values.view(kv_heads, -1, dim).index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
+    if len(batch.groups) == 1 and batch.groups[0].output_rows is None:
+        return _attend_group(q, cache, batch.groups[0], options)
     out = torch.empty_like(q)
     for group in batch.groups:
-        queries = _gather(q, group.query_index).transpose(1, 2)  # [G, heads, Q, dim]
-        keys = _gather(cache.keys, group.context_slots).transpose(1, 2)  # [G, kv_heads, L, dim]
-        values = _gather(cache.values, group.context_slots).transpose(1, 2)
-        attended = _attend(queries, keys, values, group.mask_for(options.window), options)
-        valid = group.query_valid
-        out[group.query_index[valid]] = attended.transpose(1, 2)[valid]
+        out.index_copy_(0, group.output_rows, _attend_group(q, cache, group, options))
     return out
+
+
+def _attend_group(q: torch.Tensor, cache: LayerCache, group: AttentionGroup, options: AttentionOptions) -> torch.Tensor:
+    """The group's real queries, attended: [their number, heads, dim]."""
+    heads, dim = q.shape[1], q.shape[2]
+    sequences, queries = group.mask.shape[0], group.mask.shape[2]
+    keys, values = _context(cache.keys, group.blocks), _context(cache.values, group.blocks)  # [G, kv_heads, L, dim]
+    kv_heads = keys.shape[1]
+    mask = group.mask_for(options.window)
+    grouped = q.index_select(0, group.query_rows)
+    if group.decode:
+        # one query each: the query heads sharing a KV head are that head's queries
+        attended = _attend(grouped.view(sequences, kv_heads, heads // kv_heads, dim), keys, values, mask, options)
+        return attended.reshape(sequences, heads, dim)
+    attended = _attend(grouped.view(sequences, queries, heads, dim).transpose(1, 2), keys, values, mask, options)
+    attended = attended.transpose(1, 2).reshape(sequences * queries, heads, dim)
+    return attended if group.valid_queries is None else attended.index_select(0, group.valid_queries)
+
+
+def _context(layer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The cached rows of `blocks` [G, N] of a layer's keys or values: [G, kv_heads, N * block_size, dim],
+    one contiguous slab per sequence and head."""
+    kv_heads, _, block_size, dim = layer.shape
+    sequences, count = blocks.shape
+    taken = layer.index_select(1, blocks.reshape(-1))  # [kv_heads, G * N, block_size, dim]
+    return taken.view(kv_heads, sequences, count * block_size, dim).transpose(0, 1)
 
 
 def _attend(
@@ -121,8 +184,3 @@ def _attend(
     scores = torch.tanh(scores / options.softcap) * options.softcap
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)
-
-
-def _gather(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """rows[index] for a 2-D index: [G, L] -> [G, L, *rows.shape[1:]]."""
-    return rows.index_select(0, index.reshape(-1)).view(*index.shape, *rows.shape[1:])
