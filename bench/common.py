@@ -364,6 +364,12 @@ def _h2load_ms(text: str) -> float:
     return float("nan")
 
 
+def h2c_shape(concurrency: int, h2_connections: int) -> tuple[int, int]:
+    """(connections, streams on each) that keep `concurrency` requests in flight over h2c."""
+    connections = max(1, min(h2_connections, concurrency))
+    return connections, -(-concurrency // connections)
+
+
 def h2load_completions(
     label: str,
     url: str,
@@ -385,8 +391,8 @@ def h2load_completions(
     body_path = work / f"body-{abs(hash(label))}.json"
     body_path.write_text(json.dumps(body))
     if http2:
-        connections = max(1, min(h2_connections, concurrency))
-        shape = ["-c", str(connections), "-m", str(-(-concurrency // connections))]
+        connections, streams = h2c_shape(concurrency, h2_connections)
+        shape = ["-c", str(connections), "-m", str(streams)]
     else:
         shape = ["--h1", "-c", str(concurrency)]
     argv = [h2load, "-n", str(requests), *shape, "-t", "1", "-d", str(body_path)]
