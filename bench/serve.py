@@ -3,6 +3,10 @@
     .venv/bin/pip install -e '.[bench]'      # the peer (transformers[serving]) and the load clients
     apt-get install -y nghttp2-client        # h2load: /health load and the cross-check (optional)
     .venv/bin/python bench/serve.py          # --help for the knobs; defaults are the figures below
+    .venv/bin/python bench/serve.py --peer vllm   # vLLM's CPU build instead: bench/vllm_peer.py --bench
+
+With --peer vllm it is bench/vllm_peer.py's bench (W1 with h2load in this script's load shape, W2 and W3
+with `vllm bench serve`, one server at a time, one table of ratios); what follows is the transformers run.
 
 What it does, in order (every phase is bounded in time, the whole run by
 --total-time-limit; every process it starts is stopped at the end, on errors and
@@ -50,7 +54,7 @@ from pathlib import Path
 
 import httpx
 
-# bench/ is on sys.path as the script's directory: what both benchmarks share.
+# bench/ is on sys.path as the script's directory: what the benchmarks share.
 from common import (
     BIN,
     CONFIG,
@@ -362,8 +366,17 @@ def peer_log_findings(log_path: Path) -> list[str]:
 # --- main --------------------------------------------------------------------------------------
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="daemon vs transformers serve on the demo model")
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+    """This script's options, and what follows for bench/vllm_peer.py (with --peer vllm only)."""
+    p = argparse.ArgumentParser(description="daemon vs transformers serve on the demo model", allow_abbrev=False)
+    p.add_argument(
+        "--peer",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="transformers: this script's run (default); vllm: bench/vllm_peer.py --bench (W1, W2, W3 against "
+        "vLLM's CPU build) with --requests, --concurrency, --max-tokens, --h2-connections, --load-time-limit, "
+        "--total-time-limit and --keep passed on, and any of its own options after them (e.g. --workloads W1)",
+    )
     p.add_argument("--requests", type=int, default=500, help="completions per load run")
     p.add_argument("--concurrency", type=int, default=64, help="closed-loop clients")
     p.add_argument("--repeats", type=int, default=3, help="load runs per configuration; the table shows the median run")
@@ -398,11 +411,35 @@ def parse_args() -> argparse.Namespace:
         "Default: none, both run as shipped",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
-    return p.parse_args()
+    args, rest = p.parse_known_args()
+    if rest and args.peer != "vllm":
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args, rest
+
+
+def vllm_peer_argv(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    """bench/vllm_peer.py's command line for --peer vllm: its bench, W1 in this script's load shape."""
+    argv = ["--bench"]
+    for option, value in (
+        ("--requests", args.requests),
+        ("--concurrency", args.concurrency),
+        ("--max-tokens", args.max_tokens),
+        ("--h2-connections", args.h2_connections),
+        ("--load-time-limit", args.load_time_limit),
+        ("--total-time-limit", args.total_time_limit),
+    ):
+        argv += [option, str(value)]
+    return argv + (["--keep"] if args.keep else []) + rest
 
 
 def main() -> int:
-    args = parse_args()
+    args, rest = parse_args()
+    if args.peer == "vllm":
+        import vllm_peer  # bench/ is on sys.path as the script's directory
+
+        argv = vllm_peer_argv(args, rest)
+        print(f"--peer vllm: bench/vllm_peer.py {shlex.join(argv)}", flush=True)
+        return vllm_peer.main(argv)
     client_loop = use_uvloop()
 
     frame = RunFrame("dm-bench-", args.total_time_limit)
