@@ -1,6 +1,7 @@
-"""What the two benchmarks share (bench/serve.py, bench/reload.py): the paths, the servers they start and
-stop (the daemon's marked processes too), the completion load's client side (prompts, transports, warm-up,
-percentiles), and the run's frame (limits, header, versions, the daemon's log findings).
+"""What the benchmarks share (bench/serve.py, bench/vllm_peer.py, bench/reload.py): the paths, the servers
+they start and stop (the daemon's marked processes too), the completion load's client side (prompts,
+transports, warm-up, percentiles, h2load), and the run's frame (temp dirs, limits, header, versions, the
+daemon's log findings, the servers stopped whatever happens).
 
 bench/ is on sys.path as the scripts' directory: they import this module as `common`.
 """
@@ -14,11 +15,14 @@ import json
 import os
 import platform
 import random
+import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -316,6 +320,87 @@ async def warm_up(url: str, prompts: list[str], args: argparse.Namespace, ignore
         await transport.close()
 
 
+# --- h2load ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class H2loadResult:
+    """One h2load run, read from its summary: req/s, answered (2xx) and failed requests, mean latency."""
+
+    label: str
+    command: str
+    rps: float = 0.0
+    ok: int = 0
+    failed: int = 0  # non-2xx answers, errors and timeouts; with a request count, every request not answered 2xx
+    requests: int = 0  # asked for; 0 for a run bounded by time
+    mean_ms: float = float("nan")
+    raw: str = ""
+
+
+def parse_h2load(label: str, argv: list[str], out: str, requests: int = 0) -> H2loadResult:
+    result = H2loadResult(label, shlex.join(argv), requests=requests, raw=out)
+    if m := re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out):
+        result.rps = float(m.group(1))
+    unanswered = 0
+    if m := re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out):
+        result.ok = int(m.group(1))
+        result.failed = int(m.group(2)) + int(m.group(3)) + int(m.group(4))
+        unanswered = int(m.group(3)) + int(m.group(4))
+    if m := re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out):
+        # Only a 2xx is a success here; h2load's "failed" may or may not hold the other statuses: the larger.
+        result.ok = min(result.ok, int(m.group(1)))
+        result.failed = max(result.failed, unanswered + int(m.group(2)) + int(m.group(3)) + int(m.group(4)))
+    if m := re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out):
+        result.mean_ms = _h2load_ms(m.group(3))
+    if requests:
+        result.failed = max(result.failed, requests - result.ok)  # h2load killed or cut short: the rest failed
+    return result
+
+
+def _h2load_ms(text: str) -> float:
+    for unit, factor in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    return float("nan")
+
+
+def h2c_shape(concurrency: int, h2_connections: int) -> tuple[int, int]:
+    """(connections, streams on each) that keep `concurrency` requests in flight over h2c."""
+    connections = max(1, min(h2_connections, concurrency))
+    return connections, -(-concurrency // connections)
+
+
+def h2load_completions(
+    label: str,
+    url: str,
+    body: dict,
+    work: Path,
+    *,
+    requests: int,
+    concurrency: int,
+    http2: bool,
+    h2_connections: int,
+    time_limit: float,
+) -> H2loadResult | None:
+    """A closed loop of `requests` POSTs of one fixed completion body, `concurrency` in flight, driven by
+    h2load (C, so nearly free of client cost): HTTP/1.1 over `concurrency` connections, or h2c over
+    `h2_connections` connections sharing the streams. None without h2load."""
+    h2load = shutil.which("h2load")
+    if not h2load:
+        return None
+    body_path = work / f"body-{abs(hash(label))}.json"
+    body_path.write_text(json.dumps(body))
+    if http2:
+        connections, streams = h2c_shape(concurrency, h2_connections)
+        shape = ["-c", str(connections), "-m", str(streams)]
+    else:
+        shape = ["--h1", "-c", str(concurrency)]
+    argv = [h2load, "-n", str(requests), *shape, "-t", "1", "-d", str(body_path)]
+    # -N bounds the wait for an answer; -T would close a busy connection after that long, mid-run.
+    argv += ["-H", "content-type: application/json", "-N", str(int(REQUEST_TIMEOUT_S)), url + "/v1/completions"]
+    return parse_h2load(label, argv, run_tool(argv, time_limit), requests)
+
+
 # --- logs, machine, run ---------------------------------------------------------------------------
 
 
@@ -428,3 +513,68 @@ def remove_work(work: Path, runtime_dir: Path, *, keep: bool) -> bool:
         shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(runtime_dir, ignore_errors=True)
     return keep
+
+
+class RunFrame:
+    """What every run that starts servers needs around its measurements: a work directory (logs, the
+    demo model's cache) and a short runtime.dir, the time limit, the notes and exit code, and the servers
+    it started, each stopped whatever happens (errors, SIGTERM, the limit)."""
+
+    def __init__(self, prefix: str, total_time_limit: int):
+        self.work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))  # short: Unix socket paths
+        self.cache_dir = self.work / "cache"
+        self.total_time_limit = total_time_limit
+        self.notes: list[str] = []
+        self.stops: list[str] = []  # "<server>: <how it stopped>", in order
+        self.servers: list[Server] = []
+        self._stopped: set[int] = set()
+        self.exit_code = 0
+
+    def demo_model(self) -> Path:
+        from daemon.engine.demo_model import ensure_demo_model
+
+        model_dir = ensure_demo_model(self.cache_dir)
+        print(f"demo model: {model_dir}")
+        return model_dir
+
+    def start(self, server: Server) -> None:
+        self.servers.append(server)
+        server.start()
+
+    def stop(self, server: Server, why: str = "") -> str:
+        line = f"{server.name}: {server.stop()}{why}"
+        self._stopped.add(id(server))
+        self.stops.append(line)
+        return line
+
+    @contextlib.contextmanager
+    def guarded(self) -> Iterator[None]:
+        """Runs the block under the time limit; an error, ^C or SIGTERM ends it with a note and an exit code
+        instead of a traceback out of main, so that what was measured is still reported."""
+        limit_run(self.total_time_limit, TimeoutError)
+        try:
+            yield
+        except Exception as exc:
+            self.exit_code = 1
+            self.notes.append(f"benchmark aborted: {type(exc).__name__}: {exc}")
+            import traceback
+
+            traceback.print_exc()
+        except KeyboardInterrupt as exc:
+            self.exit_code = 130
+            self.notes.append(f"interrupted ({exc or 'SIGINT'})")
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the stops below finish
+            for server in reversed(self.servers):
+                # Also one that exited by itself: its process group (and marked processes) may live on.
+                if server.process is not None and (server.alive() or id(server) not in self._stopped):
+                    self.stop(server)
+
+    def finish(self, *, keep: bool) -> int:
+        """The notes, then the temp directories removed (the work dir kept on request or failure)."""
+        print_notes(self.notes)
+        if remove_work(self.work, self.runtime_dir, keep=keep or bool(self.exit_code)):
+            print(f"\nlogs kept in {self.work}")
+        return self.exit_code

