@@ -15,6 +15,11 @@ tier = start_tier("worker", int(sys.argv[1]) if len(sys.argv) > 1 else 0)
 
 import structlog  # noqa: E402
 
+from daemon.worker.allocator import keep_freed_memory  # noqa: E402
+
+# before the model allocates anything: see allocator.py
+tuned_allocator = keep_freed_memory()
+
 from daemon.engine.demo_model import DemoModelError  # noqa: E402
 from daemon.engine.model_dir import ModelDirError  # noqa: E402
 from daemon.engine.models.registry import UnsupportedModel  # noqa: E402
@@ -22,6 +27,8 @@ from daemon.worker.memory import CacheAllocationFailed, NoRoomBeside  # noqa: E4
 from daemon.worker.service import WorkerService  # noqa: E402
 
 log = structlog.get_logger("daemon.worker")
+if not tuned_allocator:
+    log.info("worker.allocator_untuned", detail="the C library has no mallopt: engine steps may run slower")
 try:
     service = WorkerService(tier, beside=os.environ.get(BESIDE_VAR) == "1")
 except (ModelDirError, UnsupportedModel, DemoModelError, CacheAllocationFailed) as exc:
