@@ -17,6 +17,7 @@ import torch
 
 from daemon.engine.kv_cache import KVCache
 from daemon.engine.layers.attention import AttentionBatch, attention_group
+from daemon.engine.layers.shared_prefix import find_shared_prefixes
 from daemon.engine.model_dir import model_info_from_config, read_config
 from daemon.engine.models.registry import resolve
 from daemon.engine.sampler import SamplingParams, sample
@@ -79,6 +80,7 @@ class ModelRunner:
         # Whether a token's keys and values depend only on the tokens up to it, so that a prefix
         # computed by one sequence serves another (prefix caching) exactly as if it computed it.
         self.prefix_cacheable = not any(family.rope(config, t).follows_length for t in family.rope_layer_types)
+        self.share_prefixes = True  # decodes attend to the blocks they share once (layers/shared_prefix.py)
         load_weights(self.model, model_dir)
         self.resize_cache(num_blocks)
         # requests without a seed of their own draw from this one generator, together
@@ -155,6 +157,11 @@ class ModelRunner:
         for members in (decodes, prefills):
             if members:
                 whole = len(members) == len(chunks)
+                shared = None
+                if members is decodes and self.share_prefixes:
+                    tables_of = [chunks[i].block_table for i in members]
+                    lengths = [chunks[i].start + 1 for i in members]
+                    shared = find_shared_prefixes(tables_of, lengths, size, device, self.dtype)
                 groups.append(
                     attention_group(
                         [rows[i] for i in members],
@@ -163,6 +170,7 @@ class ModelRunner:
                         tables if whole else tables.index_select(0, torch.tensor(members, device=device)),
                         size,
                         whole_batch=whole,
+                        shared=shared,
                     )
                 )
         return AttentionBatch(slot_mapping, groups)

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from daemon.engine.layers.shared_prefix import SharedPrefixes, attend_decodes
+
 
 @dataclass
 class AttentionGroup:
@@ -40,6 +42,7 @@ class AttentionGroup:
     valid_queries: torch.Tensor | None  # indexes of the real queries in [G * Q] (None: all are)
     output_rows: torch.Tensor | None  # their rows in the packed batch (None: the group is the whole batch, in order)
     decode: bool  # one query per sequence
+    shared: SharedPrefixes | None = None  # decodes whose contexts begin alike (see shared_prefix.py)
     _windowed: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def mask_for(self, window: int | None) -> torch.Tensor:
@@ -84,6 +87,7 @@ def attention_group(
     block_size: int,
     *,
     whole_batch: bool = False,
+    shared: SharedPrefixes | None = None,
 ) -> AttentionGroup:
     """The group of sequences whose chunks begin at packed rows `first_rows`, are `lengths` tokens
     long and start at positions `starts`; `block_tables` [G, >= their blocks]. `whole_batch`: the
@@ -117,6 +121,7 @@ def attention_group(
         valid_queries,
         output_rows,
         decode=width == 1,
+        shared=shared,
     )
 
 
@@ -145,14 +150,19 @@ def _attend_group(q: torch.Tensor, cache: LayerCache, group: AttentionGroup, opt
     """The group's real queries, attended: [their number, heads, dim]."""
     heads, dim = q.shape[1], q.shape[2]
     sequences, queries = group.mask.shape[0], group.mask.shape[2]
-    keys, values = _context(cache.keys, group.blocks), _context(cache.values, group.blocks)  # [G, kv_heads, L, dim]
-    kv_heads = keys.shape[1]
-    mask = group.mask_for(options.window)
+    kv_heads = cache.keys.shape[0]
     grouped = q.index_select(0, group.query_rows)
     if group.decode:
         # one query each: the query heads sharing a KV head are that head's queries
-        attended = _attend(grouped.view(sequences, kv_heads, heads // kv_heads, dim), keys, values, mask, options)
+        folded = grouped.view(sequences, kv_heads, heads // kv_heads, dim)
+        if group.shared is not None and options.window is None and options.softcap is None:
+            attended = attend_decodes(folded, group.shared, _context, cache.keys, cache.values, options.scale)
+        else:
+            keys, values = _context(cache.keys, group.blocks), _context(cache.values, group.blocks)
+            attended = _attend(folded, keys, values, group.mask_for(options.window), options)
         return attended.reshape(sequences, heads, dim)
+    keys, values = _context(cache.keys, group.blocks), _context(cache.values, group.blocks)  # [G, kv_heads, L, dim]
+    mask = group.mask_for(options.window)
     attended = _attend(grouped.view(sequences, queries, heads, dim).transpose(1, 2), keys, values, mask, options)
     attended = attended.transpose(1, 2).reshape(sequences * queries, heads, dim)
     return attended if group.valid_queries is None else attended.index_select(0, group.valid_queries)
