@@ -126,9 +126,10 @@ def attend_decodes(
     prefix_out = prefix_out.view(clusters, kv_heads, members, group, dim).transpose(1, 2)
     prefix_lse = prefix_lse.view(clusters, kv_heads, members, group).transpose(1, 2)
     # one more row, for decodes in no cluster: nothing attended (weight exp(-inf) = 0)
-    nothing = prefix_lse.new_full((1, kv_heads, group), float("-inf"))
-    prefix_out = torch.cat([prefix_out.reshape(-1, kv_heads, group, dim), prefix_out.new_zeros(1, kv_heads, group, dim)])
-    prefix_lse = torch.cat([prefix_lse.reshape(-1, kv_heads, group), nothing])
+    no_output = prefix_out.new_zeros(1, kv_heads, group, dim)
+    no_lse = prefix_lse.new_full((1, kv_heads, group), float("-inf"))
+    prefix_out = torch.cat([prefix_out.reshape(-1, kv_heads, group, dim), no_output])
+    prefix_lse = torch.cat([prefix_lse.reshape(-1, kv_heads, group), no_lse])
     prefix_out = prefix_out.index_select(0, shared.prefix_rows)
     prefix_lse = prefix_lse.index_select(0, shared.prefix_rows)
     blocks = shared.suffix_blocks
