@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from daemon.engine.blocks import BLOCK_SIZE
+from daemon.engine.host_tensors import padded_long_tensor
 from daemon.engine.layers.attention import LayerCache
 
 if TYPE_CHECKING:
@@ -50,5 +51,4 @@ class KVCache:
 
     def block_tables(self, chunks: list[SequenceChunk], device: torch.device) -> torch.Tensor:
         """Every chunk's block table, padded with block 0 to the longest: one tensor [B, most blocks]."""
-        width = max(len(c.block_table) for c in chunks)
-        return torch.tensor([c.block_table + [0] * (width - len(c.block_table)) for c in chunks], device=device)
+        return padded_long_tensor([c.block_table for c in chunks], device)

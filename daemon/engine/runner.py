@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from daemon.engine.host_tensors import long_tensor
 from daemon.engine.kv_cache import KVCache
 from daemon.engine.layers.attention import AttentionBatch, attention_group
 from daemon.engine.layers.shared_prefix import find_shared_prefixes
@@ -119,15 +120,14 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """Run one forward pass over `chunks`: next-token logits [chunks that sample, vocab], float32."""
-        input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=self.device)
+        ids = [t for c in chunks for t in c.token_ids]
         positions = [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
-        positions = torch.tensor(positions, dtype=torch.long, device=self.device)
         ends = [c.start + len(c.token_ids) for c in chunks for _ in c.token_ids]
-        context_ends = torch.tensor(ends, dtype=torch.long, device=self.device)
+        input_ids, positions, context_ends = long_tensor(ids + positions + ends, self.device).view(3, -1)
         hidden = self.model(input_ids, positions, context_ends, self.cache.layers, self._attention_batch(chunks))
         offsets = _offsets(chunks)
         last_rows = [offsets[i + 1] - 1 for i, c in enumerate(chunks) if c.sample]
-        return self.model.logits(hidden[torch.tensor(last_rows, dtype=torch.long, device=self.device)])
+        return self.model.logits(hidden.index_select(0, long_tensor(last_rows, self.device)))
 
     def release(self, seq_id: int) -> None:
         """Forget a finished sequence's random generator."""
@@ -150,7 +150,7 @@ class ModelRunner:
         device, size = self.device, self.cache.block_size
         tables = self.cache.block_tables(chunks, device)
         rows = _offsets(chunks)
-        slot_mapping = torch.tensor(self.cache.new_token_slots(chunks), dtype=torch.long, device=device)
+        slot_mapping = long_tensor(self.cache.new_token_slots(chunks), device)
         decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
         prefills = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
         groups = []
@@ -167,7 +167,7 @@ class ModelRunner:
                         [rows[i] for i in members],
                         [len(chunks[i].token_ids) for i in members],
                         [chunks[i].start for i in members],
-                        tables if whole else tables.index_select(0, torch.tensor(members, device=device)),
+                        tables if whole else tables.index_select(0, long_tensor(members, device)),
                         size,
                         whole_batch=whole,
                         shared=shared,

@@ -57,13 +57,21 @@ def sample(
     broken = top.values.isnan()
     drawn_rows = [row for row, p in enumerate(params) if not p.greedy]
     if drawn_rows:
-        index = torch.tensor(drawn_rows, device=logits.device)
-        probs = _distribution(logits.index_select(0, index), top.values.index_select(0, index), params, drawn_rows)
+        everything = len(drawn_rows) == len(params)
+        index = None if everything else torch.tensor(drawn_rows, device=logits.device)
+        rows, maxima = (logits, top.values) if everything else (logits.index_select(0, index), top.values[index])
+        probs = _distribution(rows, maxima, params, drawn_rows)
         uniform = _uniforms(len(drawn_rows), [generators[row] for row in drawn_rows], shared, logits.device)
-        chosen = chosen.index_copy(0, index, _inverse_cdf(probs, uniform))
+        drawn, mass = _inverse_cdf(probs, uniform)
         # temperature, top-k and top-p cannot break a distribution of finite logits; anything else
-        # that does (an infinite logit, a temperature no request can carry) shows here
-        broken = broken.index_copy(0, index, ~probs.isfinite().all(dim=-1) | broken.index_select(0, index))
+        # that does (an infinite logit, a temperature no request can carry) makes the row's total
+        # mass NaN or inf
+        unusable = ~mass.isfinite()
+        if everything:
+            chosen, broken = drawn, broken | unusable
+        else:
+            chosen = chosen.index_copy(0, index, drawn)
+            broken = broken.index_copy(0, index, broken[index] | unusable)
     tokens: list[int | Exception] = chosen.tolist()
     for row, is_broken in enumerate(broken.tolist()):
         if is_broken:
@@ -120,11 +128,12 @@ def _uniforms(
     return uniform
 
 
-def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """The token whose cumulative-probability interval holds uniform * the row's total mass.
-    Tokens of probability 0 have empty intervals, so they are never drawn; the sums are float64
-    so that a large vocabulary's small terms still count, and the mass need not be normalised
-    (top-p leaves it below 1)."""
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token whose cumulative-probability interval holds uniform * the row's total mass, and
+    that mass. Tokens of probability 0 have empty intervals, so they are never drawn; the sums are
+    float64 so that a large vocabulary's small terms still count, and the mass need not be
+    normalised (top-p leaves it below 1)."""
     cdf = probs.double().cumsum(dim=-1)
-    target = (uniform * cdf[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max_(probs.shape[-1] - 1)
+    mass = cdf[:, -1]
+    tokens = torch.searchsorted(cdf, (uniform * mass).unsqueeze(1), right=True).squeeze(1)
+    return tokens.clamp_max_(probs.shape[-1] - 1), mass

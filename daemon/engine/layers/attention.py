@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from daemon.engine.host_tensors import long_tensor
 from daemon.engine.layers.shared_prefix import SharedPrefixes, attend_decodes
 
 
@@ -44,6 +45,7 @@ class AttentionGroup:
     decode: bool  # one query per sequence
     shared: SharedPrefixes | None = None  # decodes whose contexts begin alike (see shared_prefix.py)
     _windowed: dict[int, torch.Tensor] = field(default_factory=dict)
+    _additive: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
 
     def mask_for(self, window: int | None) -> torch.Tensor:
         """The mask of a layer that sees only keys less than `window` positions back (None: all)."""
@@ -56,6 +58,17 @@ class AttentionGroup:
             recent |= ~self.query_valid.unsqueeze(2)
             self._windowed[window] = self.mask & recent.unsqueeze(1)
         return self._windowed[window]
+
+    def additive_mask_for(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """mask_for(window) as 0 / -inf in `dtype`: what SDPA turns a boolean mask into on every
+        call, made once a step for all layers."""
+        key = (window, dtype)
+        if key not in self._additive:
+            hidden = ~self.mask_for(window)
+            self._additive[key] = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(
+                hidden, float("-inf")
+            )
+        return self._additive[key]
 
 
 @dataclass
@@ -96,9 +109,7 @@ def attention_group(
     width = max(lengths)
     num_blocks = -(-max(s + n for s, n in zip(starts, lengths, strict=True)) // block_size)
     offsets = torch.arange(width, device=device)
-    first = torch.tensor(first_rows, device=device)
-    length = torch.tensor(lengths, device=device)
-    start = torch.tensor(starts, device=device)
+    first, length, start = long_tensor(first_rows + lengths + starts, device).view(3, -1)
     valid = offsets.unsqueeze(0) < length.unsqueeze(1)  # [G, Q]
     query_rows = first.unsqueeze(1) + torch.minimum(offsets.unsqueeze(0), (length - 1).unsqueeze(1))
     keys = torch.arange(num_blocks * block_size, device=device).view(1, 1, -1)
@@ -108,7 +119,7 @@ def attention_group(
     valid_queries = None
     if min(lengths) < width:  # made from the plan's numbers: nothing waits on the device
         indexes = [g * width + j for g, n in enumerate(lengths) for j in range(n)]
-        valid_queries = torch.tensor(indexes, device=device)
+        valid_queries = long_tensor(indexes, device)
     output_rows = None if whole_batch else query_rows.reshape(-1)
     if output_rows is not None and valid_queries is not None:
         output_rows = output_rows.index_select(0, valid_queries)
@@ -159,11 +170,10 @@ def _attend_group(q: torch.Tensor, cache: LayerCache, group: AttentionGroup, opt
             attended = attend_decodes(folded, group.shared, _context, cache.keys, cache.values, options.scale)
         else:
             keys, values = _context(cache.keys, group.blocks), _context(cache.values, group.blocks)
-            attended = _attend(folded, keys, values, group.mask_for(options.window), options)
+            attended = _attend(folded, keys, values, group, options)
         return attended.reshape(sequences, heads, dim)
     keys, values = _context(cache.keys, group.blocks), _context(cache.values, group.blocks)  # [G, kv_heads, L, dim]
-    mask = group.mask_for(options.window)
-    attended = _attend(grouped.view(sequences, queries, heads, dim).transpose(1, 2), keys, values, mask, options)
+    attended = _attend(grouped.view(sequences, queries, heads, dim).transpose(1, 2), keys, values, group, options)
     attended = attended.transpose(1, 2).reshape(sequences * queries, heads, dim)
     return attended if group.valid_queries is None else attended.index_select(0, group.valid_queries)
 
@@ -178,13 +188,15 @@ def _context(layer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 
 def _attend(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, options: AttentionOptions
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: AttentionGroup, options: AttentionOptions
 ) -> torch.Tensor:
     gqa = queries.shape[1] != keys.shape[1]
     if options.softcap is None:
+        mask = group.additive_mask_for(options.window, queries.dtype)
         return F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask, scale=options.scale, enable_gqa=gqa
         )
+    mask = group.mask_for(options.window)
     # SDPA has no soft-capping: the scores are computed, capped and masked here, in float32 as
     # transformers' eager attention does
     if gqa:

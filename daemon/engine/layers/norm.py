@@ -15,8 +15,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        # torch's fused rms_norm computes x * rsqrt(mean(x^2) + eps), as transformers does, in one pass
+        return self.weight * torch.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class OffsetRMSNorm(nn.Module):

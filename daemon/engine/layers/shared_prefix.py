@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from daemon.engine.host_tensors import long_tensor, padded_long_tensor
+
 # Fewer shared blocks than this are taken per sequence, as before: below it, the second attention
 # call and the merge cost more than the copies they save (measured on the demo model on CPU).
 MIN_SHARED_BLOCKS = 4
@@ -83,12 +85,12 @@ def find_shared_prefixes(
     suffix_width = max(len(s) for s in suffixes)
     suffix_keys = [length - skip * block_size for length, skip in zip(lengths, skipped, strict=True)]
     return SharedPrefixes(
-        prefix_blocks=torch.tensor(prefix_blocks, device=device),
+        prefix_blocks=padded_long_tensor(prefix_blocks, device),
         prefix_mask=_additive_mask(prefix_mask, longest * block_size, device, dtype),
-        member_queries=torch.tensor(member_queries, device=device),
+        member_queries=long_tensor(member_queries, device),
         members=width,
-        prefix_rows=torch.tensor(prefix_rows, device=device),
-        suffix_blocks=torch.tensor([s + [0] * (suffix_width - len(s)) for s in suffixes], device=device),
+        prefix_rows=long_tensor(prefix_rows, device),
+        suffix_blocks=padded_long_tensor(suffixes, device),
         suffix_mask=_additive_mask(suffix_keys, suffix_width * block_size, device, dtype),
     )
 
@@ -97,7 +99,7 @@ def _additive_mask(visible: list[int], width: int, device: torch.device, dtype: 
     """[N, 1, 1, width]: 0 for the first visible[i] keys of row i, -inf after (the flash kernel
     takes a mask of the queries' dtype)."""
     keys = torch.arange(width, device=device).view(1, -1)
-    hidden = keys >= torch.tensor(visible, device=device).view(-1, 1)
+    hidden = keys >= long_tensor(visible, device).view(-1, 1)
     mask = torch.zeros(hidden.shape, device=device, dtype=dtype).masked_fill_(hidden, float("-inf"))
     return mask.view(-1, 1, 1, width)
 
