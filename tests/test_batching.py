@@ -403,3 +403,18 @@ def test_a_model_whose_keys_follow_the_sequence_length_shares_no_prefix(demo_dir
     assert harness.cached == {"s0": 0, "s1": 0} and harness.batcher.blocks.cached_blocks == 0
     harness.batcher.adopt(Limits(8, 100, 2048, prefix_caching=True))  # a reload cannot switch it on
     assert not harness.batcher.blocks.caching
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "serial"])
+def test_prompts_arriving_together_compute_their_shared_prefix_once(demo_dir, expected_sharing, pipelined):
+    """All at once: the first prompt computes the shared blocks while the others wait for them, then
+    take them from the cache, with the outputs each gets alone."""
+    harness = Harness(demo_dir, pipelined=pipelined)
+    for rid, prompt in SHARING.items():
+        harness.submit(rid, prompt, 12, ignore_eos=True)
+    harness.run()
+    assert harness.outputs == expected_sharing
+    assert harness.cached == {rid: 0 if rid == "s0" else 32 for rid in SHARING}
+    assert harness.batcher.deferred > 0
+    assert harness.batcher.counts.hits == 32 * (len(SHARING) - 1)
+    assert harness.batcher.blocks.free_blocks == 64

@@ -91,6 +91,7 @@ class Batcher:
         blocks.set_caching(limits.prefix_caching and prefix_cacheable)
         self.counts = counts if counts is not None else CacheCounts()
         self.preemptions = 0
+        self.deferred = 0  # admissions put off for a prefix another sequence was computing
         self.context_length = context_length
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []
@@ -195,16 +196,24 @@ class Batcher:
             work.append(_Work(seq, tokens, tokens == pending))
             scheduled.add(seq.seq_id)
             budget -= tokens
+        computing = self._blocks_being_computed()  # grows with each admission below
         for seq in admission_order(self.waiting, self.limits.policy):
             if self.hold and not seq.output_ids:
                 continue
             if budget <= 0 or len(self.running) >= self.limits.max_running_requests:
                 break
+            if computing and self._next_block_hash(seq) in computing:
+                # a running sequence is computing this prompt's next blocks: admitted once they are
+                # cached (a step or two), it takes them instead of computing them again. Requests
+                # arriving together with one system prompt prefill it once, not once each.
+                self.deferred += 1
+                continue
             if not self._admit(seq):
                 break  # the best candidate does not fit: wait for room rather than overtake it
             self.waiting.remove(seq)
             self.running.append(seq)
             seq.phase = Phase.RUNNING
+            computing |= self._blocks_to_compute(seq)
             tokens = min(seq.pending, budget)
             work.append(_Work(seq, tokens, tokens == seq.pending))
             budget -= tokens
@@ -291,6 +300,25 @@ class Batcher:
         return updates
 
     # --- the cache ----------------------------------------------------------------------------
+
+    def _blocks_being_computed(self) -> set[bytes]:
+        """The hashes of the full prompt blocks that running sequences have yet to compute (or have
+        in flight): the cache will hold them after a step or two."""
+        return {block for seq in self.running for block in self._blocks_to_compute(seq)}
+
+    def _blocks_to_compute(self, seq: Sequence) -> set[bytes]:
+        if not self.blocks.caching or seq.computed >= seq.length:
+            return set()
+        size = self.blocks.block_size
+        return set(seq.block_hashes[seq.computed // size : seq.length // size])
+
+    def _next_block_hash(self, seq: Sequence) -> bytes | None:
+        """The hash of the first full block of `seq`'s tokens the cache does not hold (None: none)."""
+        size = self.blocks.block_size
+        if len(seq.block_hashes) < seq.length // size:
+            extend_hashes(seq.block_hashes, seq.token_ids, size)
+        cached = len(self.blocks.cached_prefix(seq.block_hashes, seq.length))
+        return seq.block_hashes[cached] if cached < len(seq.block_hashes) else None
 
     def _admit(self, seq: Sequence) -> bool:
         """Give `seq` the cached blocks of its prefix and room for the rest of its tokens and one
