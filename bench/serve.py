@@ -374,8 +374,9 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
         choices=("transformers", "vllm"),
         default="transformers",
         help="transformers: this script's run (default); vllm: bench/vllm_peer.py --bench (W1, W2, W3 against "
-        "vLLM's CPU build) with --requests, --concurrency, --max-tokens, --h2-connections, --load-time-limit, "
-        "--total-time-limit and --keep passed on, and any of its own options after them (e.g. --workloads W1)",
+        "vLLM's CPU build) with --repeats, --requests, --concurrency, --max-tokens, --h2-connections, "
+        "--load-time-limit, --total-time-limit and --keep passed on, and any of its own options after them "
+        "(e.g. --workloads W1)",
     )
     p.add_argument("--requests", type=int, default=500, help="completions per load run")
     p.add_argument("--concurrency", type=int, default=64, help="closed-loop clients")
@@ -421,6 +422,7 @@ def vllm_peer_argv(args: argparse.Namespace, rest: list[str]) -> list[str]:
     """bench/vllm_peer.py's command line for --peer vllm: its bench, W1 in this script's load shape."""
     argv = ["--bench"]
     for option, value in (
+        ("--repeats", args.repeats),
         ("--requests", args.requests),
         ("--concurrency", args.concurrency),
         ("--max-tokens", args.max_tokens),

@@ -206,8 +206,10 @@ def run_w1(server: Server, model: str, args: argparse.Namespace, work: Path, not
 # --- vllm bench serve ---------------------------------------------------------------------------
 
 
-def bench_serve(venv: Path, server: Server, model: str, model_dir: Path, workload: str, work: Path) -> dict:
-    result_name = f"{server.name.split()[0]}-{workload}.json"
+def bench_serve(
+    venv: Path, server: Server, model: str, model_dir: Path, workload: str, work: Path, seed: int = 0
+) -> dict:
+    result_name = f"{server.name.split()[0]}-{workload}-seed{seed}.json"
     argv = [
         str(venv / "bin" / "vllm"),
         "bench",
@@ -224,7 +226,7 @@ def bench_serve(venv: Path, server: Server, model: str, model_dir: Path, workloa
         str(model_dir),
         *SERVED_WORKLOADS[workload],
         "--seed",
-        "0",
+        str(seed),  # another seed, other prompts: a repeat of W3 finds none of its prefixes cached
         "--ignore-eos",
         "--save-result",
         "--result-dir",
@@ -273,6 +275,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--workloads", type=workload_list, default="W1,W2,W3", help="with --bench: which ones (default %(default)s)"
     )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="runs of each workload per server; the table shows medians (default 3)"
+    )
     p.add_argument("--requests", type=int, default=500, help="W1: completions per h2load run")
     p.add_argument("--concurrency", type=int, default=64, help="W1: requests in flight (HTTP/1.1 connections)")
     p.add_argument("--max-tokens", type=int, default=16, help="W1: tokens per completion (ignore_eos)")
@@ -312,11 +317,14 @@ def main(argv: list[str] | None = None) -> int:
             got = measured[server.name]
             got.ready_s, model = start_and_check(frame, server, time.monotonic() + 2 * START_TIMEOUT_S, event)
             for workload in workloads:
-                if workload == "W1":
-                    got.w1 = run_w1(server, model, args, frame.work, frame.notes)
-                else:
-                    got.served[workload] = bench_serve(venv, server, model, model_dir, workload, frame.work)
-                    print(f"  {workload}: {served_line(got.served[workload])}")
+                for repeat in range(args.repeats):
+                    if workload == "W1":
+                        for proto, result in run_w1(server, model, args, frame.work, frame.notes).items():
+                            got.w1.setdefault(proto, []).append(result)
+                    else:
+                        result = bench_serve(venv, server, model, model_dir, workload, frame.work, seed=repeat)
+                        got.served.setdefault(workload, []).append(result)
+                        print(f"  {workload} (seed {repeat}): {served_line(result)}")
             print(frame.stop(server))
 
     print("\n## results")
@@ -325,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             f"One server at a time on {os.cpu_count()} cores ({cpu_model()}), the demo model in {args.dtype}, "
             f"greedy, ignore_eos. W1: h2load, {args.requests} completions x {args.max_tokens} tokens, one fixed "
             f"prompt, {args.concurrency} in flight. W2, W3: `vllm bench serve` (W2 random 256 in / 128 out, W3 "
-            "4 shared prefixes of 512 + 32 tokens in / 32 out; 200 prompts, 32 concurrent). Ratios are daemon / "
+            "4 shared prefixes of 512 + 32 tokens in / 32 out; 200 prompts, 32 concurrent; seeds 0, 1, ... for the "
+            f"repeats). Each figure is the median of {args.repeats} runs (failures: the sum). Ratios are daemon / "
             "vLLM: above 1 is the daemon ahead for req/s and tok/s, behind for times.\n"
         )
         print_table(measured["daemon"], measured["vllm serve"], workloads, args)

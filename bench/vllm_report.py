@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from dataclasses import dataclass, field
 
 from common import H2loadResult, h2c_shape
@@ -20,11 +21,31 @@ GOAL_RATIO = 1.5
 
 @dataclass
 class Measured:
-    """What one server gave: its ready time, W1 by protocol, and `vllm bench serve`'s result by workload."""
+    """What one server gave: its ready time, W1's runs by protocol, and `vllm bench serve`'s results by workload."""
 
     ready_s: float | None = None
-    w1: dict[str, H2loadResult] = field(default_factory=dict)
-    served: dict[str, dict] = field(default_factory=dict)
+    w1: dict[str, list[H2loadResult]] = field(default_factory=dict)
+    served: dict[str, list[dict]] = field(default_factory=dict)
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _w1_summary(runs: list[H2loadResult] | None) -> tuple[float, int] | None:
+    """(median req/s, failures summed) over W1's runs."""
+    return (_median([r.rps for r in runs]), sum(r.failed for r in runs)) if runs else None
+
+
+def _served_summary(runs: list[dict] | None) -> dict | None:
+    """The median of each measure over the runs; failed and prompts summed."""
+    if not runs:
+        return None
+    measures = ("output_throughput", "median_ttft_ms", "median_tpot_ms")
+    summary = {key: _median([r[key] for r in runs]) for key in measures}
+    summary["failed"] = sum(_served_failed(r) for r in runs)
+    summary["num_prompts"] = sum(r.get("num_prompts", 0) for r in runs)
+    return summary
 
 
 def _number(value: float | None, digits: int) -> str:
@@ -67,30 +88,31 @@ def _w1_rows(daemon: Measured, peer: Measured, args: argparse.Namespace) -> None
     connections, streams = h2c_shape(args.concurrency, args.h2_connections)
     shapes = {H1: f"{args.concurrency} connections", H2C: f"{connections} connections x {streams} streams"}
     for proto, shape in shapes.items():
-        d, p = daemon.w1.get(proto), peer.w1.get(proto)
+        d, p = _w1_summary(daemon.w1.get(proto)), _w1_summary(peer.w1.get(proto))
         if d is None and p is None:
             continue
         # vLLM's server (uvicorn) speaks no h2c: the daemon's h2c is set against vLLM's HTTP/1.1.
-        base = p or peer.w1.get(H1)
-        ratio = _ratio(d.rps if d else None, base.rps if base else None)
+        base = p or _w1_summary(peer.w1.get(H1))
+        ratio = _ratio(d[0] if d else None, base[0] if base else None)
         against = " (vs vLLM's HTTP/1.1)" if p is None and ratio is not None else ""
-        peer_rps = f"{p.rps:.1f}" if p else "n/a (no h2c)" if proto == H2C else "-"
+        peer_rps = f"{p[0]:.1f}" if p else "n/a (no h2c)" if proto == H2C else "-"
         _row(
             "W1",
             f"req/s, {proto}, {shape}",
-            _number(d.rps if d else None, 1),
+            _number(d[0] if d else None, 1),
             peer_rps,
             _ratio_cell(ratio) + against,
             _goal_cell(ratio),
         )
-        d_failed, p_failed = (d.failed if d else None), (p.failed if p else None)
+        d_failed, p_failed = (d[1] if d else None), (p[1] if p else None)
         peer_failed = _number(p_failed, 0) if p or proto == H1 else "n/a"
         goal = _failures_goal(d_failed, p_failed) if proto == H1 else _failures_goal(d_failed)
-        _row("W1", f"failed of {args.requests}, {proto}", _number(d_failed, 0), peer_failed, "", goal)
+        runs = len(daemon.w1.get(proto) or peer.w1.get(proto) or [])
+        _row("W1", f"failed of {runs} x {args.requests}, {proto}", _number(d_failed, 0), peer_failed, "", goal)
 
 
 def _served_rows(workload: str, daemon: Measured, peer: Measured) -> None:
-    d, p = daemon.served.get(workload), peer.served.get(workload)
+    d, p = _served_summary(daemon.served.get(workload)), _served_summary(peer.served.get(workload))
     for key, measure, digits, higher_is_better in (
         ("output_throughput", "output tok/s", 0, True),
         ("median_ttft_ms", "TTFT p50 ms", 0, False),
@@ -101,7 +123,7 @@ def _served_rows(workload: str, daemon: Measured, peer: Measured) -> None:
         goal = _goal_cell(ratio) if higher_is_better else "lower is better"
         _row(workload, measure, _number(d_value, digits), _number(p_value, digits), _ratio_cell(ratio), goal)
     prompts = (d or p or {}).get("num_prompts", "?")
-    d_failed, p_failed = _served_failed(d), _served_failed(p)
+    d_failed, p_failed = (d["failed"] if d else None), (p["failed"] if p else None)
     _row(
         workload,
         f"failed of {prompts}",

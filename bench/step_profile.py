@@ -1,0 +1,133 @@
+"""Where an engine step's time goes, on the demo model, for the step shapes of W2 and W3.
+
+The worker's ModelRunner runs alone (no server): the allocator and the thread count set as
+the worker sets them on this machine, the KV cache filled as the step needs. For each shape
+it prints the median wall time of a step (no profiler attached), then one profiled series
+split by what the time is spent in:
+
+- matrix products (the projections, the MLP, the LM head);
+- the attention kernel (torch's CPU flash attention);
+- gathers: index_select, mostly the blocks of the contexts each layer attends to;
+- the other operators (norms, rotary, activations, masks, sampling's arithmetic);
+- Python: the rest of the (unprofiled) wall time, outside any operator (module calls, the step's
+  metadata made from the plan's lists, sampling's bookkeeping).
+
+Shapes:
+- decode: W2's steady state, 32 sequences of 256-384 tokens each decoding one;
+- prefill: one 256-token prompt, W2's prefill (each request's; vLLM does the same work);
+- shared decode: W3's, 32 sequences of ~560 tokens whose first 512 are 4 shared prefixes,
+  with the shared blocks attended once per cluster (the default) and without.
+
+    python bench/step_profile.py          # ~1 minute on 2 cores; --threads, --repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.profiler import profile
+
+from daemon.engine.blocks import BLOCK_SIZE
+from daemon.engine.demo_model import ensure_demo_model
+from daemon.engine.runner import ModelRunner, SequenceChunk
+from daemon.worker.allocator import keep_freed_memory
+from daemon.worker.service import cpu_threads
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"}
+ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu"}
+GATHERS = {"aten::index_select"}
+
+
+def decode_step(runner: ModelRunner, lengths: list[int], prefixes: int = 0, prefix_len: int = 0) -> list[SequenceChunk]:
+    """Decodes of sequences `lengths` long (the new token included), their caches in place. With
+    `prefixes`, the first `prefix_len` tokens of sequence i are those of prefix i % prefixes,
+    held in the same blocks (as the prefix cache shares them)."""
+    shared_blocks = prefix_len // BLOCK_SIZE
+    next_block = prefixes * shared_blocks
+    chunks = []
+    for i, length in enumerate(lengths):
+        blocks = -(-length // BLOCK_SIZE)
+        table = list(range((i % prefixes) * shared_blocks, (i % prefixes + 1) * shared_blocks)) if prefixes else []
+        own = blocks - len(table)
+        table += list(range(next_block, next_block + own))
+        next_block += own
+        chunks.append(SequenceChunk(i, [5], length - 1, table))
+    return chunks
+
+
+def timed(step: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `step`, ms."""
+    step()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
+def split(step: Callable[[], object], repeats: int, wall: float) -> dict[str, float]:
+    """ms per step by category: the operators' own times from one profiled series, and Python as
+    what the unprofiled `wall` time leaves (the profiler slows each operator call a little, so
+    Python is if anything understated)."""
+    with profile():  # the profiler's own start-up, outside the series
+        step()
+    with profile() as prof:
+        for _ in range(repeats):
+            step()
+    parts = dict.fromkeys(("matrix products", "attention kernel", "gathers", "other operators"), 0.0)
+    for event in prof.key_averages():
+        ms = event.self_cpu_time_total / 1e3 / repeats
+        if event.key in MATMULS:
+            parts["matrix products"] += ms
+        elif event.key in ATTENTION:
+            parts["attention kernel"] += ms
+        elif event.key in GATHERS:
+            parts["gathers"] += ms
+        elif event.key.startswith("aten::"):
+            parts["other operators"] += ms
+    parts["Python"] = max(0.0, wall - sum(parts.values()))
+    return parts
+
+
+def report(name: str, step: Callable[[], object], args: argparse.Namespace) -> None:
+    wall = timed(step, args.repeats)
+    parts = split(step, args.repeats, wall)
+    total = sum(parts.values())
+    shares = ", ".join(f"{part} {100 * ms / total:.0f}%" for part, ms in parts.items())
+    print(f"| {name} | {wall:.2f} ms | {shares} |", flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: as the worker sets them)")
+    p.add_argument("--repeats", type=int, default=50, help="steps timed per shape")
+    args = p.parse_args()
+    keep_freed_memory()
+    torch.set_num_threads(args.threads or cpu_threads(None))
+    with tempfile.TemporaryDirectory(prefix="dm-steps-") as cache:
+        runner = ModelRunner(ensure_demo_model(Path(cache)), num_blocks=2048, device="cpu")
+        runner.share_prefixes = True
+        decodes = decode_step(runner, [256 + (128 * i) // 31 for i in range(32)])
+        prefill = [SequenceChunk(1000, list(range(4, 260)), 0, list(range(2000, 2016)))]
+        shared = decode_step(runner, [545 + i for i in range(32)], prefixes=4, prefix_len=512)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), the demo model in float32\n")
+        print("| step | wall (median) | where the time goes (profiled) |\n|---|---|---|")
+        with torch.inference_mode():
+            report("decode, 32 x 256-384 tokens (W2)", lambda: runner.step(decodes), args)
+            report("prefill, 256 tokens (W2)", lambda: runner.step(prefill), args)
+            report("decode, 32 x ~560 tokens, 4 shared prefixes of 512 (W3)", lambda: runner.step(shared), args)
+            runner.share_prefixes = False
+            report("the same, shared blocks taken per sequence", lambda: runner.step(shared), args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
