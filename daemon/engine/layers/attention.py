@@ -104,7 +104,8 @@ def attention_group(
 ) -> AttentionGroup:
     """The group of sequences whose chunks begin at packed rows `first_rows`, are `lengths` tokens
     long and start at positions `starts`; `block_tables` [G, >= their blocks]. `whole_batch`: the
-    group's queries are the packed batch itself, in order (a step of decodes only)."""
+    group's queries are the packed batch itself, in order (a step of decodes only, or of prefill
+    chunks only)."""
     device = block_tables.device
     width = max(lengths)
     num_blocks = -(-max(s + n for s, n in zip(starts, lengths, strict=True)) // block_size)
