@@ -202,13 +202,14 @@ class Batcher:
                 continue
             if budget <= 0 or len(self.running) >= self.limits.max_running_requests:
                 break
-            if computing and self._next_block_hash(seq) in computing:
+            cached = self._cached_prefix(seq)
+            if computing and len(cached) < len(seq.block_hashes) and seq.block_hashes[len(cached)] in computing:
                 # a running sequence is computing this prompt's next blocks: admitted once they are
                 # cached (a step or two), it takes them instead of computing them again. Requests
                 # arriving together with one system prompt prefill it once, not once each.
                 self.deferred += 1
                 continue
-            if not self._admit(seq):
+            if not self._admit(seq, cached):
                 break  # the best candidate does not fit: wait for room rather than overtake it
             self.waiting.remove(seq)
             self.running.append(seq)
@@ -312,23 +313,18 @@ class Batcher:
         size = self.blocks.block_size
         return set(seq.block_hashes[seq.computed // size : seq.length // size])
 
-    def _next_block_hash(self, seq: Sequence) -> bytes | None:
-        """The hash of the first full block of `seq`'s tokens the cache does not hold (None: none)."""
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks `seq`'s tokens begin with (its block hashes made first)."""
+        if not self.blocks.caching:
+            return []
         size = self.blocks.block_size
         if len(seq.block_hashes) < seq.length // size:
             extend_hashes(seq.block_hashes, seq.token_ids, size)
-        cached = len(self.blocks.cached_prefix(seq.block_hashes, seq.length))
-        return seq.block_hashes[cached] if cached < len(seq.block_hashes) else None
+        return self.blocks.cached_prefix(seq.block_hashes, seq.length)
 
-    def _admit(self, seq: Sequence) -> bool:
-        """Give `seq` the cached blocks of its prefix and room for the rest of its tokens and one
+    def _admit(self, seq: Sequence, cached: list[int]) -> bool:
+        """Give `seq` the `cached` blocks of its prefix and room for the rest of its tokens and one
         more; it starts computing after the prefix. False if that does not fit."""
-        cached: list[int] = []
-        if self.blocks.caching:
-            size = self.blocks.block_size
-            if len(seq.block_hashes) < seq.length // size:
-                extend_hashes(seq.block_hashes, seq.token_ids, size)
-            cached = self.blocks.cached_prefix(seq.block_hashes, seq.length)
         if not self.blocks.can_take(seq.seq_id, cached, seq.length + 1):
             return False
         self.blocks.take(seq.seq_id, cached)
