@@ -45,8 +45,8 @@ ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu"}
 GATHERS = {"aten::index_select"}
 
 
-def decode_step(runner: ModelRunner, lengths: list[int], prefixes: int = 0, prefix_len: int = 0) -> list[SequenceChunk]:
-    """Decodes of sequences `lengths` long (the new token included), their caches in place. With
+def decode_step(lengths: list[int], prefixes: int = 0, prefix_len: int = 0) -> list[SequenceChunk]:
+    """Decodes of sequences `lengths` long (the new token included), each on blocks of its own. With
     `prefixes`, the first `prefix_len` tokens of sequence i are those of prefix i % prefixes,
     held in the same blocks (as the prefix cache shares them)."""
     shared_blocks = prefix_len // BLOCK_SIZE
@@ -114,10 +114,9 @@ def main() -> int:
     torch.set_num_threads(args.threads or cpu_threads(None))
     with tempfile.TemporaryDirectory(prefix="dm-steps-") as cache:
         runner = ModelRunner(ensure_demo_model(Path(cache)), num_blocks=2048, device="cpu")
-        runner.share_prefixes = True
-        decodes = decode_step(runner, [256 + (128 * i) // 31 for i in range(32)])
+        decodes = decode_step([256 + (128 * i) // 31 for i in range(32)])
         prefill = [SequenceChunk(1000, list(range(4, 260)), 0, list(range(2000, 2016)))]
-        shared = decode_step(runner, [545 + i for i in range(32)], prefixes=4, prefix_len=512)
+        shared = decode_step([545 + i for i in range(32)], prefixes=4, prefix_len=512)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), the demo model in float32\n")
         print("| step | wall (median) | where the time goes (profiled) |\n|---|---|---|")
         with torch.inference_mode():

@@ -49,7 +49,7 @@ def sample(
 ) -> list[int | Exception]:
     """logits [B, vocab] (float32) -> one token id per row, or the exception that row's sampling raised.
 
-    `generators[i]` draws row i's noise when set; rows without one draw from `shared` together."""
+    `generators[i]` draws row i's number when set; rows without one draw from `shared` together."""
     top = logits.max(dim=-1)  # the first maximum, like argmax, at a third of its cost on CPU
     chosen = top.indices
     # max propagates NaN: a row holding one (which makes argmax and softmax meaningless) shows it

@@ -18,6 +18,7 @@ scores take the plain path).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +108,7 @@ def _additive_mask(visible: list[int], width: int, device: torch.device, dtype: 
 def attend_decodes(
     queries: torch.Tensor,
     shared: SharedPrefixes,
-    context,
+    context: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     keys: torch.Tensor,
     values: torch.Tensor,
     scale: float,
@@ -116,7 +117,7 @@ def attend_decodes(
     `context(layer, blocks)` takes blocks [N, B] of a layer's `keys` or `values` as
     [N, kv_heads, B * block_size, dim]."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    decodes, kv_heads, group, dim = queries.shape
+    _, kv_heads, group, dim = queries.shape
     clusters, members = shared.prefix_blocks.shape[0], shared.members
     # each cluster's members' queries as one query axis per KV head: [C, kv_heads, M * group, dim]
     member_queries = queries.index_select(0, shared.member_queries).view(clusters, members, kv_heads, group, dim)
