@@ -6,8 +6,9 @@ it prints the median wall time of a step (no profiler attached), then one profil
 split by what the time is spent in:
 
 - matrix products (the projections, the MLP, the LM head);
-- the attention kernel (torch's CPU flash attention);
-- gathers: index_select, mostly the blocks of the contexts each layer attends to;
+- the attention kernels: the engine's paged decode kernel (kernels/paged_decode.c, reading the
+  cache in place) and torch's CPU flash attention (prefill chunks);
+- gathers: index_select, mostly the blocks of the contexts prefill chunks attend to;
 - the other operators (norms, rotary, activations, masks, sampling's arithmetic);
 - Python: the rest of the (unprofiled) wall time, outside any operator (module calls, the step's
   metadata made from the plan's lists, sampling's bookkeeping).
@@ -19,6 +20,7 @@ Shapes:
   with the shared blocks attended once per cluster (the default) and without.
 
     python bench/step_profile.py          # ~1 minute on 2 cores; --threads, --repeats
+    python bench/step_profile.py --torch-attention   # decodes as without the CPU kernel
 """
 
 from __future__ import annotations
@@ -35,14 +37,31 @@ import torch
 from torch.profiler import profile
 
 from daemon.engine.blocks import BLOCK_SIZE
+from daemon.engine import kv_cache
 from daemon.engine.demo_model import ensure_demo_model
+from daemon.engine.layers import attention, shared_prefix
 from daemon.engine.runner import ModelRunner, SequenceChunk
 from daemon.worker.allocator import keep_freed_memory
 from daemon.worker.service import cpu_threads
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"}
-ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu"}
+DECODE_KERNEL = "daemon::paged_decode"  # not a torch operator: recorded under this name (below)
+ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu", DECODE_KERNEL}
 GATHERS = {"aten::index_select"}
+
+
+def record_decode_kernel() -> None:
+    """Make the paged decode kernel (a ctypes call, invisible to the profiler) show as an event."""
+
+    def recorded(kernel: Callable) -> Callable:
+        def call(*args, **kwargs):
+            with torch.profiler.record_function(DECODE_KERNEL):
+                return kernel(*args, **kwargs)
+
+        return call
+
+    for module in (attention, shared_prefix):
+        module.paged_decode = recorded(module.paged_decode)
 
 
 def decode_step(lengths: list[int], prefixes: int = 0, prefix_len: int = 0) -> list[SequenceChunk]:
@@ -91,7 +110,7 @@ def split(step: Callable[[], object], repeats: int, wall: float) -> dict[str, fl
             parts["attention kernel"] += ms
         elif event.key in GATHERS:
             parts["gathers"] += ms
-        elif event.key.startswith("aten::"):
+        elif event.key.startswith("aten::"):  # the kernel's own allocations and conversions too
             parts["other operators"] += ms
     parts["Python"] = max(0.0, wall - sum(parts.values()))
     return parts
@@ -109,15 +128,27 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: as the worker sets them)")
     p.add_argument("--repeats", type=int, default=50, help="steps timed per shape")
+    p.add_argument(
+        "--torch-attention",
+        action="store_true",
+        help="decodes attend through torch over gathered blocks, as where the CPU kernel was not built",
+    )
     args = p.parse_args()
     keep_freed_memory()
+    record_decode_kernel()
+    if args.torch_attention:
+        kv_cache.reads_paged_cache = lambda *_: False
     torch.set_num_threads(args.threads or cpu_threads(None))
     with tempfile.TemporaryDirectory(prefix="dm-steps-") as cache:
         runner = ModelRunner(ensure_demo_model(Path(cache)), num_blocks=2048, device="cpu")
         decodes = decode_step([256 + (128 * i) // 31 for i in range(32)])
         prefill = [SequenceChunk(1000, list(range(4, 260)), 0, list(range(2000, 2016)))]
         shared = decode_step([545 + i for i in range(32)], prefixes=4, prefix_len=512)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), the demo model in float32\n")
+        attention = "torch over gathered blocks" if args.torch_attention else "the paged kernel"
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), the demo model in float32, "
+            f"decodes attended by {attention}\n"
+        )
         print("| step | wall (median) | where the time goes (profiled) |\n|---|---|---|")
         with torch.inference_mode():
             report("decode, 32 x 256-384 tokens (W2)", lambda: runner.step(decodes), args)

@@ -17,6 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 from harness.models import PROMPT, VARIANTS, Sequences, build_hf_model, hf_chunked_logits, hf_logits  # noqa: E402
 
+from daemon.engine import kv_cache  # noqa: E402
+from daemon.engine.kernels import cpu as cpu_kernels  # noqa: E402
 from daemon.engine.layers import shared_prefix  # noqa: E402
 from daemon.engine.model_dir import ModelDirError  # noqa: E402
 from daemon.engine.runner import ModelRunner  # noqa: E402
@@ -25,11 +27,27 @@ from daemon.engine.sampler import SamplingParams  # noqa: E402
 TOLERANCE = 2e-5  # observed errors are near 1e-7; a RoPE or window mistake moves logits by 1e-3 or more
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def attention(request, monkeypatch) -> str:
+    """Which decode attention runs: the CPU kernel reading the cache in place (kernels/cpu.py), or
+    torch's operators over gathered blocks (where the kernel was not built, and on CUDA)."""
+    if request.param == "torch":
+        monkeypatch.setattr(kv_cache, "reads_paged_cache", lambda *_: False)
+    return request.param
+
+
 @pytest.fixture(params=list(VARIANTS))
-def models(request, tmp_path: Path):
+def models(request, tmp_path: Path, attention: str):
     hf = build_hf_model(tmp_path, request.param)
     runner = ModelRunner(tmp_path, num_blocks=64, device="cpu", dtype="float32")
+    assert runner.cache.keys_transposed == (attention == "kernel")  # every variant's head_dim suits the kernel
     return hf, runner
+
+
+def test_the_cpu_kernels_are_built():
+    """pip install builds them (an optional extension: a failed build installs without them and
+    the engine falls back to torch); here, where a compiler exists, a failed build is a failure."""
+    assert cpu_kernels.available()
 
 
 def test_prefill_logits_match(models):
@@ -113,7 +131,10 @@ def test_decodes_sharing_cached_blocks_attend_to_them_together_with_the_logits_o
     assert seqs.blocks.table(2)[:3] == seqs.blocks.table(3)[:3] == seqs.blocks.table(1)[:3]
     decodes = [seqs.chunk(seq_id, prompt[-1:], len(prompt) - 1) for seq_id, prompt in prompts.items()]
     clusters = runner._attention_batch(decodes).groups[0].shared
-    assert clusters is not None and clusters.prefix_blocks.shape == (1, 3)  # the path under test is taken
+    if runner.cache.keys_transposed:  # the path under test is taken (the kernel's only)
+        assert clusters is not None and clusters.prefix_blocks.shape == (1, 3)
+    else:
+        assert clusters is None
     ours = runner.logits(decodes)
     for row, prompt in enumerate(prompts.values()):
         torch.testing.assert_close(ours[row], hf_logits(hf, prompt)[-1], atol=TOLERANCE, rtol=0)

@@ -8,6 +8,7 @@ import torch
 
 from daemon.engine.blocks import BLOCK_SIZE
 from daemon.engine.host_tensors import padded_long_tensor
+from daemon.engine.kernels.cpu import reads_paged_cache
 from daemon.engine.layers.attention import LayerCache
 
 if TYPE_CHECKING:
@@ -29,10 +30,17 @@ class KVCache:
     ):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # head-major: see layers/attention.py
+        # head-major, and keys transposed in their blocks where the CPU kernel reads them: see
+        # layers/attention.py
+        self.keys_transposed = reads_paged_cache(torch.device(device), dtype, head_dim, block_size)
         shape = (kv_heads, num_blocks, block_size, head_dim)
+        key_shape = (kv_heads, num_blocks, head_dim, block_size) if self.keys_transposed else shape
         self.layers = [
-            LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            LayerCache(
+                torch.zeros(key_shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+                self.keys_transposed,
+            )
             for _ in range(num_layers)
         ]
 

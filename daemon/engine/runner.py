@@ -150,7 +150,12 @@ class ModelRunner:
         device, size = self.device, self.cache.block_size
         tables = self.cache.block_tables(chunks, device)
         rows = _offsets(chunks)
-        slot_mapping = long_tensor(self.cache.new_token_slots(chunks), device)
+        slots = self.cache.new_token_slots(chunks)
+        slot_mapping = long_tensor(slots, device)
+        slot_blocks = slot_offsets = None
+        if self.cache.keys_transposed:
+            parts = [s // size for s in slots] + [s % size for s in slots]
+            slot_blocks, slot_offsets = long_tensor(parts, device).view(2, -1)
         decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
         prefills = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
         groups = []
@@ -158,10 +163,10 @@ class ModelRunner:
             if members:
                 whole = len(members) == len(chunks)
                 shared = None
-                if members is decodes and self.share_prefixes:
+                if members is decodes and self.share_prefixes and self.cache.keys_transposed:
                     tables_of = [chunks[i].block_table for i in members]
                     lengths = [chunks[i].start + 1 for i in members]
-                    shared = find_shared_prefixes(tables_of, lengths, size, device, self.dtype)
+                    shared = find_shared_prefixes(tables_of, lengths, size, device)
                 groups.append(
                     attention_group(
                         [rows[i] for i in members],
@@ -173,7 +178,7 @@ class ModelRunner:
                         shared=shared,
                     )
                 )
-        return AttentionBatch(slot_mapping, groups)
+        return AttentionBatch(slot_mapping, groups, slot_blocks, slot_offsets)
 
 
 @contextlib.contextmanager

@@ -5,19 +5,23 @@ tokens. Each token's K and V are written to its cache slot; then the queries of
 each sequence attend to that sequence's cached keys, causally (and, in a
 sliding-window layer, only to the last `window` positions).
 
-The cache of a layer is [kv_heads, blocks, block_size, head_dim]: head-major, so
-that the blocks of one sequence, taken in its block table's order, make for each
-KV head one contiguous slab of keys, which torch's CPU flash-attention kernel
-reads fastest. Torch has no CPU kernel that reads paged blocks in place, so each
-layer takes the blocks of a group's contexts with one index_select of whole
-blocks (not of token slots), then makes one attention call per group: decodes
-(one query each; a query head's group of GQA heads is folded into the query
-axis, so no key is repeated) and prefill chunks (padded to the longest chunk).
-Everything a layer needs is made once per step from the block tables (one
-tensor per step), so the forward pass has no host synchronisation. A kernel
-that reads the blocks in place (on CUDA, torch's varlen_attn with block_table;
-on CPU, vLLM's) takes the same metadata: block tables, context lengths, slot
-mapping.
+The cache of a layer is head-major, [kv_heads, blocks, block_size, head_dim] for
+values. Where the engine's CPU kernel serves the cache (kernels/cpu.py: built at
+install, float32 or bfloat16, head_dim a multiple of 16), keys are stored
+transposed within each block, [kv_heads, blocks, head_dim, block_size], and
+decodes (one query each; a KV head's group of query heads folded together) are
+attended by that kernel reading the blocks in place: nothing is copied, and the
+block tables and context ends are all it needs. Decodes whose contexts begin
+with the same cached blocks attend to them once per cluster (shared_prefix.py).
+
+Prefill chunks, and decodes where the kernel does not serve (no C compiler at
+install, CUDA, float16), use torch's attention operators, which want each
+sequence's keys as one contiguous slab: the blocks of a group's contexts are
+taken with one index_select of whole blocks, then one attention call per group
+(prefill chunks padded to the longest). Everything a layer needs is made once
+per step from the block tables (one tensor per step), so the forward pass has no
+host synchronisation. A CUDA kernel library takes the same metadata: block
+tables, context ends, slot mapping.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from daemon.engine.host_tensors import long_tensor
+from daemon.engine.kernels.cpu import paged_decode
 from daemon.engine.layers.shared_prefix import SharedPrefixes, attend_decodes
 
 
@@ -39,12 +44,14 @@ class AttentionGroup:
     blocks: torch.Tensor  # [G, L / block_size] cache blocks of each sequence's context (padding: block 0)
     mask: torch.Tensor  # [G, 1, Q, L] True where a query may see a key
     query_positions: torch.Tensor  # [G, Q, 1] each query's position in its sequence
+    context_ends: torch.Tensor  # [G] each sequence's context length, its new tokens included
     query_valid: torch.Tensor  # [G, Q] False for padding queries
     valid_queries: torch.Tensor | None  # indexes of the real queries in [G * Q] (None: all are)
     output_rows: torch.Tensor | None  # their rows in the packed batch (None: the group is the whole batch, in order)
     decode: bool  # one query per sequence
     shared: SharedPrefixes | None = None  # decodes whose contexts begin alike (see shared_prefix.py)
     _windowed: dict[int, torch.Tensor] = field(default_factory=dict)
+    _window_starts: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _additive: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
 
     def mask_for(self, window: int | None) -> torch.Tensor:
@@ -58,6 +65,13 @@ class AttentionGroup:
             recent |= ~self.query_valid.unsqueeze(2)
             self._windowed[window] = self.mask & recent.unsqueeze(1)
         return self._windowed[window]
+
+    def window_starts(self, window: int | None) -> torch.Tensor:
+        """[G] the first key each sequence's last query sees in a layer with this window (None: all)."""
+        if window not in self._window_starts:
+            ends = self.context_ends
+            self._window_starts[window] = torch.zeros_like(ends) if window is None else (ends - window).clamp_(min=0)
+        return self._window_starts[window]
 
     def additive_mask_for(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """mask_for(window) as 0 / -inf in `dtype`: what SDPA turns a boolean mask into on every
@@ -73,14 +87,18 @@ class AttentionGroup:
 
 @dataclass
 class AttentionBatch:
-    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V goes to
+    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V goes to (block * block_size + offset)
     groups: list[AttentionGroup]
+    slot_blocks: torch.Tensor | None = None  # [T] its block and offset in the block, where keys are
+    slot_offsets: torch.Tensor | None = None  # stored transposed (see LayerCache)
 
 
 @dataclass
 class LayerCache:
-    keys: torch.Tensor  # [kv_heads, blocks, block_size, head_dim]
-    values: torch.Tensor
+    keys: torch.Tensor  # [kv_heads, blocks, block_size, head_dim], or with the last two swapped (below)
+    values: torch.Tensor  # [kv_heads, blocks, block_size, head_dim]
+    # keys [kv_heads, blocks, head_dim, block_size]: the layout the CPU kernel reads (kernels/cpu.py)
+    keys_transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,6 +147,7 @@ def attention_group(
         block_tables[:, :num_blocks],
         mask.unsqueeze(1),
         position,
+        start + length,
         valid,
         valid_queries,
         output_rows,
@@ -146,9 +165,12 @@ def paged_attention(
     options: AttentionOptions,
 ) -> torch.Tensor:
     """q [T, heads, dim], k and v [T, kv_heads, dim] -> [T, heads, dim]."""
-    kv_heads, _, _, dim = cache.keys.shape
+    kv_heads, _, _, dim = cache.values.shape
     # index_copy_/index_select rather than tensor[index]: on CPU they are several times faster
-    cache.keys.view(kv_heads, -1, dim).index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
+    if cache.keys_transposed:  # a key is a column of its block; the indexed dims come first: [T, kv_heads, dim]
+        cache.keys[:, batch.slot_blocks, :, batch.slot_offsets] = k
+    else:
+        cache.keys.view(kv_heads, -1, dim).index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
     cache.values.view(kv_heads, -1, dim).index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
     if len(batch.groups) == 1 and batch.groups[0].output_rows is None:
         return _attend_group(q, cache, batch.groups[0], options)
@@ -167,24 +189,41 @@ def _attend_group(q: torch.Tensor, cache: LayerCache, group: AttentionGroup, opt
     if group.decode:
         # one query each: the query heads sharing a KV head are that head's queries
         folded = grouped.view(sequences, kv_heads, heads // kv_heads, dim)
-        if group.shared is not None and options.window is None and options.softcap is None:
-            attended = attend_decodes(folded, group.shared, _context, cache.keys, cache.values, options.scale)
+        if cache.keys_transposed:
+            attended = _decode_in_place(folded, cache, group, options)
         else:
             keys, values = _context(cache.keys, group.blocks), _context(cache.values, group.blocks)
             attended = _attend(folded, keys, values, group, options)
         return attended.reshape(sequences, heads, dim)
-    keys, values = _context(cache.keys, group.blocks), _context(cache.values, group.blocks)  # [G, kv_heads, L, dim]
+    keys = _context(cache.keys, group.blocks, transposed=cache.keys_transposed)  # [G, kv_heads, L, dim]
+    values = _context(cache.values, group.blocks)
     attended = _attend(grouped.view(sequences, queries, heads, dim).transpose(1, 2), keys, values, group, options)
     attended = attended.transpose(1, 2).reshape(sequences * queries, heads, dim)
     return attended if group.valid_queries is None else attended.index_select(0, group.valid_queries)
 
 
-def _context(layer: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+def _decode_in_place(
+    queries: torch.Tensor, cache: LayerCache, group: AttentionGroup, options: AttentionOptions
+) -> torch.Tensor:
+    """queries [G, kv_heads, group, dim], attended by the CPU kernel reading the cache's blocks."""
+    if group.shared is not None and options.window is None:
+        return attend_decodes(queries, group.shared, group.blocks, group.context_ends, cache, options)
+    starts = group.window_starts(options.window)
+    attended, _ = paged_decode(
+        queries, cache.keys, cache.values, group.blocks, starts, group.context_ends, options.scale, options.softcap
+    )
+    return attended.to(queries.dtype)
+
+
+def _context(layer: torch.Tensor, blocks: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
     """The cached rows of `blocks` [G, N] of a layer's keys or values: [G, kv_heads, N * block_size, dim],
-    one contiguous slab per sequence and head."""
-    kv_heads, _, block_size, dim = layer.shape
+    one contiguous slab per sequence and head (keys stored transposed are turned back: a copy)."""
+    kv_heads = layer.shape[0]
     sequences, count = blocks.shape
-    taken = layer.index_select(1, blocks.reshape(-1))  # [kv_heads, G * N, block_size, dim]
+    taken = layer.index_select(1, blocks.reshape(-1))  # [kv_heads, G * N, block_size, dim] (or dim, block_size)
+    if transposed:
+        taken = taken.transpose(2, 3).contiguous()
+    block_size, dim = taken.shape[2:]
     return taken.view(kv_heads, sequences, count * block_size, dim).transpose(0, 1)
 
 

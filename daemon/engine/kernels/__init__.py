@@ -1,0 +1,1 @@
+"""Compiled kernels of the engine (cpu.py: built at install, loaded through ctypes)."""

@@ -1,0 +1,178 @@
+/* Decode attention that reads a paged KV cache in place (CPU).
+ *
+ * One query per sequence; a KV head's query heads are folded together (GQA), so
+ * each key and value row is read once for all of them. Keys and values are read
+ * tile by tile (16 positions of one block) straight from the cache through each
+ * sequence's block table: no context is copied into a slab.
+ *
+ * The key cache is laid out [kv_heads, blocks, dim, block_size] (each block's keys
+ * transposed), so the scores of a tile's 16 keys are the 16 lanes of one vector,
+ * made by `dim` multiply-adds, with no horizontal sums; values stay
+ * [kv_heads, blocks, block_size, dim], and a tile's weighted values are `dim`-wide
+ * multiply-adds. Scores go through an online softmax (a running maximum and sum
+ * per query head). The log-sum-exp of each query head's scores is returned too,
+ * so that results over disjoint key ranges can be merged (cascade attention,
+ * shared_prefix.py).
+ *
+ * Vectors are GCC/Clang vector extensions of 16 floats: one AVX-512 register,
+ * two AVX2 ones, four SSE ones. The hot function is compiled for each of those
+ * (target_clones) and the loader picks what the CPU has, so a build made on one
+ * x86-64 machine runs on another. The loop over (sequence, KV head) runs on
+ * torch's OpenMP runtime (same soname, already loaded when this library is).
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TILE 16
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+/* the same vector read from or written to memory aligned only as a float is */
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CPU_CLONES
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* e^x lane by lane for x <= 0, to about 2e-7 relative: e^x = 2^n * e^r with |r| <= ln2/2 and
+ * e^r by its Taylor series to r^6. Below -87 it gives about 1e-38 instead of 0 (callers zero
+ * the lanes that must be 0). */
+INLINE v16 exp_nonpositive(v16 x)
+{
+    const v16 floor_ = (v16){0} - 87.0f;
+    x = (v16)(((v16i)x & (x > floor_)) | ((v16i)floor_ & ~(x > floor_)));
+    v16i rounded = -__builtin_convertvector(0.5f - x * 1.44269504f, v16i); /* x <= 0: round half up */
+    v16 n = __builtin_convertvector(rounded, v16);
+    v16 r = x - n * 0.693145752f - n * 1.42860677e-6f;
+    v16 p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    return (v16)((v16i)p + (rounded << 23));
+}
+
+INLINE float from_bf16(uint16_t value)
+{
+    uint32_t bits = (uint32_t)value << 16;
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+/* 16 floats from `at` (a row of the cache, float32 or bfloat16) */
+INLINE v16 load16(const char *at, int bf16)
+{
+    if (!bf16) return *(const v16u *)at;
+    v16 out;
+    const uint16_t *half = (const uint16_t *)at;
+    for (int i = 0; i < TILE; i++) out[i] = from_bf16(half[i]);
+    return out;
+}
+
+/* One sequence, one KV head: q [group, dim] already scaled; keys [start, end) of its context;
+ * keys [blocks, dim, block_size] and values [blocks, block_size, dim] of this head. Inlined once
+ * per common head size, so that each copy's loops over `dim` have a constant length and a query
+ * head's accumulator stays in registers. */
+INLINE void attend_head_of(const float *restrict q, const char *keys, const char *values, int bf16,
+                           const int64_t *table, int64_t start, int64_t end, int64_t group,
+                           int64_t dim, int64_t block_size, float softcap, float *restrict out,
+                           float *restrict lse, v16 *restrict acc, float *restrict top,
+                           float *restrict total)
+{
+    const int64_t chunks = dim / TILE, element = bf16 ? 2 : 4;
+    const v16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const v16 minus_infinity = (v16){0} - INFINITY;
+    for (int64_t i = 0; i < group * chunks; i++) acc[i] = (v16){0};
+    for (int64_t j = 0; j < group; j++) {
+        top[j] = -INFINITY;
+        total[j] = 0.0f;
+    }
+    for (int64_t tile = start - start % TILE; tile < end; tile += TILE) {
+        int64_t block = table[tile / block_size], first = tile % block_size;
+        const char *key_rows = keys + (block * dim * block_size + first) * element;
+        const char *value_rows = values + (block * block_size + first) * dim * element;
+        int64_t low = start > tile ? start - tile : 0, high = end - tile < TILE ? end - tile : TILE;
+        v16i valid = (lanes >= (float)low) & (lanes < (float)high);
+        for (int64_t j = 0; j < group; j++) {
+            const float *qj = q + j * dim;
+            v16 scores = {0};
+            for (int64_t d = 0; d < dim; d++) scores += qj[d] * load16(key_rows + d * block_size * element, bf16);
+            if (softcap > 0.0f)
+                for (int t = 0; t < TILE; t++) scores[t] = softcap * tanhf(scores[t] / softcap);
+            /* lanes outside [low, high) are -inf (even if their stale keys hold a NaN) */
+            scores = (v16)(((v16i)scores & valid) | ((v16i)minus_infinity & ~valid));
+            float best = top[j];
+            for (int t = 0; t < TILE; t++) best = scores[t] > best ? scores[t] : best;
+            if (best == -INFINITY) continue; /* no key in range yet (an empty range) */
+            float shrink = expf(top[j] - best); /* 0 on the first tile: e^-inf */
+            v16 weights = (v16)((v16i)exp_nonpositive(scores - best) & valid);
+            float sum = 0.0f;
+            for (int t = 0; t < TILE; t++) sum += weights[t];
+            v16 *restrict accj = acc + j * chunks;
+            v16 running[dim / TILE];
+            for (int64_t c = 0; c < chunks; c++) running[c] = accj[c] * shrink;
+            /* only the rows in range: a stale row out of it may hold a NaN, and 0 * NaN is NaN */
+            for (int64_t t = low; t < high; t++)
+                for (int64_t c = 0; c < chunks; c++)
+                    running[c] += weights[t] * load16(value_rows + (t * dim + c * TILE) * element, bf16);
+            for (int64_t c = 0; c < chunks; c++) accj[c] = running[c];
+            top[j] = best;
+            total[j] = total[j] * shrink + sum;
+        }
+    }
+    for (int64_t j = 0; j < group; j++) {
+        float inverse = total[j] > 0.0f ? 1.0f / total[j] : 0.0f;
+        for (int64_t c = 0; c < chunks; c++) *(v16u *)(out + j * dim + c * TILE) = acc[j * chunks + c] * inverse;
+        if (lse) lse[j] = total[j] > 0.0f ? top[j] + logf(total[j]) : -INFINITY;
+    }
+}
+
+CPU_CLONES static void attend_head(const float *q, const char *keys, const char *values, int bf16,
+                                   const int64_t *table, int64_t start, int64_t end, int64_t group,
+                                   int64_t dim, int64_t block_size, float softcap, float *out,
+                                   float *lse)
+{
+    v16 acc[group * (dim / TILE)];
+    float top[group], total[group];
+#define HEAD(DIM)                                                                                 \
+    attend_head_of(q, keys, values, bf16, table, start, end, group, DIM, block_size, softcap, out, \
+                   lse, acc, top, total)
+    switch (dim) {
+    case 32: HEAD(32); break;
+    case 64: HEAD(64); break;
+    case 128: HEAD(128); break;
+    case 256: HEAD(256); break;
+    default: HEAD(dim);
+    }
+#undef HEAD
+}
+
+/* q [G, kv_heads, group, dim] float32; key_cache [kv_heads, num_blocks, dim, block_size] and
+ * value_cache [kv_heads, num_blocks, block_size, dim], float32 or bfloat16 (bf16 != 0);
+ * block_tables [G, table_width] (row stride table_width); key_start/key_end [G]: the keys each
+ * sequence attends to, as positions in its context (an empty range gives zeros and lse -inf);
+ * out [G, kv_heads, group, dim] float32; lse [G, kv_heads, group] float32, or NULL;
+ * softcap <= 0: none. dim and block_size must be multiples of 16 (the caller checks). */
+void paged_decode(const float *q, const void *key_cache, const void *value_cache, int bf16,
+                  const int64_t *block_tables, int64_t table_width, const int64_t *key_start,
+                  const int64_t *key_end, float *out, float *lse, int64_t sequences,
+                  int64_t kv_heads, int64_t group, int64_t dim, int64_t num_blocks,
+                  int64_t block_size, float scale, float softcap, int threads)
+{
+    size_t head_bytes = (size_t)num_blocks * block_size * dim * (bf16 ? 2 : 4);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t g = 0; g < sequences; g++) {
+        for (int64_t h = 0; h < kv_heads; h++) {
+            int64_t at = (g * kv_heads + h) * group;
+            float scaled[group * dim];
+            for (int64_t i = 0; i < group * dim; i++) scaled[i] = q[at * dim + i] * scale;
+            attend_head(scaled, (const char *)key_cache + h * head_bytes,
+                        (const char *)value_cache + h * head_bytes, bf16,
+                        block_tables + g * table_width, key_start[g], key_end[g], group, dim,
+                        block_size, softcap, out + at * dim, lse ? lse + at : NULL);
+        }
+    }
+}
