@@ -50,8 +50,8 @@ def random_tables(sequences: int, width: int, blocks: int, generator) -> torch.T
     return torch.randperm(blocks, generator=generator)[: sequences * width].view(sequences, width)
 
 
-@pytest.mark.parametrize("dim", [16, 32, 64, 128, 80])
-@pytest.mark.parametrize("group", [1, 4, 7])
+@pytest.mark.parametrize("dim", [16, 32, 64, 128, 256, 80])  # the kernel has copies for 32, 64, 128 and 256
+@pytest.mark.parametrize("group", [1, 2, 4, 7, 8])  # ... and for groups of 1, 2, 4 and 8
 def test_whole_contexts_match_float64_attention(dim: int, group: int):
     generator = torch.Generator().manual_seed(dim * 10 + group)
     keys, values = paged_cache(2, 64, 16, dim, torch.float32, generator)

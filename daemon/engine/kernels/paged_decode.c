@@ -54,6 +54,25 @@ INLINE v16 exp_nonpositive(v16 x)
     return (v16)((v16i)p + (rounded << 23));
 }
 
+
+/* the largest and the sum of a vector's lanes, as a tree: four dependent steps, not sixteen */
+INLINE float lane_max(v16 x)
+{
+    float m[8];
+    for (int i = 0; i < 8; i++) m[i] = x[i] > x[i + 8] ? x[i] : x[i + 8];
+    for (int i = 0; i < 4; i++) m[i] = m[i] > m[i + 4] ? m[i] : m[i + 4];
+    for (int i = 0; i < 2; i++) m[i] = m[i] > m[i + 2] ? m[i] : m[i + 2];
+    return m[0] > m[1] ? m[0] : m[1];
+}
+
+INLINE float lane_sum(v16 x)
+{
+    float s[8];
+    for (int i = 0; i < 8; i++) s[i] = x[i] + x[i + 8];
+    for (int i = 0; i < 4; i++) s[i] += s[i + 4];
+    return (s[0] + s[2]) + (s[1] + s[3]);
+}
+
 INLINE float from_bf16(uint16_t value)
 {
     uint32_t bits = (uint32_t)value << 16;
@@ -79,12 +98,15 @@ INLINE v16 load16(const char *at, int bf16)
 INLINE void attend_head_of(const float *restrict q, const char *keys, const char *values, int bf16,
                            const int64_t *table, int64_t start, int64_t end, int64_t group,
                            int64_t dim, int64_t block_size, float softcap, float *restrict out,
-                           float *restrict lse, v16 *restrict acc, float *restrict top,
-                           float *restrict total)
+                           float *restrict lse)
 {
     const int64_t chunks = dim / TILE, element = bf16 ? 2 : 4;
-    const v16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const v16i lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const v16 minus_infinity = (v16){0} - INFINITY;
+    /* per query head: its output so far (unnormalised), the largest score so far, the sum of
+     * the weights so far */
+    v16 acc[group * chunks];
+    float top[group], total[group];
     for (int64_t i = 0; i < group * chunks; i++) acc[i] = (v16){0};
     for (int64_t j = 0; j < group; j++) {
         top[j] = -INFINITY;
@@ -94,34 +116,57 @@ INLINE void attend_head_of(const float *restrict q, const char *keys, const char
         int64_t block = table[tile / block_size], first = tile % block_size;
         const char *key_rows = keys + (block * dim * block_size + first) * element;
         const char *value_rows = values + (block * block_size + first) * dim * element;
-        int64_t low = start > tile ? start - tile : 0, high = end - tile < TILE ? end - tile : TILE;
-        v16i valid = (lanes >= (float)low) & (lanes < (float)high);
-        for (int64_t j = 0; j < group; j++) {
-            const float *qj = q + j * dim;
-            v16 scores = {0};
-            for (int64_t d = 0; d < dim; d++) scores += qj[d] * load16(key_rows + d * block_size * element, bf16);
-            if (softcap > 0.0f)
-                for (int t = 0; t < TILE; t++) scores[t] = softcap * tanhf(scores[t] / softcap);
-            /* lanes outside [low, high) are -inf (even if their stale keys hold a NaN) */
-            scores = (v16)(((v16i)scores & valid) | ((v16i)minus_infinity & ~valid));
-            float best = top[j];
-            for (int t = 0; t < TILE; t++) best = scores[t] > best ? scores[t] : best;
-            if (best == -INFINITY) continue; /* no key in range yet (an empty range) */
-            float shrink = expf(top[j] - best); /* 0 on the first tile: e^-inf */
-            v16 weights = (v16)((v16i)exp_nonpositive(scores - best) & valid);
-            float sum = 0.0f;
-            for (int t = 0; t < TILE; t++) sum += weights[t];
-            v16 *restrict accj = acc + j * chunks;
-            v16 running[dim / TILE];
-            for (int64_t c = 0; c < chunks; c++) running[c] = accj[c] * shrink;
-            /* only the rows in range: a stale row out of it may hold a NaN, and 0 * NaN is NaN */
-            for (int64_t t = low; t < high; t++)
-                for (int64_t c = 0; c < chunks; c++)
-                    running[c] += weights[t] * load16(value_rows + (t * dim + c * TILE) * element, bf16);
-            for (int64_t c = 0; c < chunks; c++) accj[c] = running[c];
-            top[j] = best;
-            total[j] = total[j] * shrink + sum;
+        if (tile + TILE < end && first + TILE == block_size) {
+            /* the next tile starts another block: unless it follows this one in memory, where the
+             * hardware's prefetcher is already reading, ask for its rows now */
+            int64_t next_block = table[(tile + TILE) / block_size];
+            if (next_block != block + 1) {
+                const char *next_keys = keys + next_block * dim * block_size * element;
+                const char *next_values = values + next_block * block_size * dim * element;
+                for (int64_t d = 0; d < dim; d++) __builtin_prefetch(next_keys + d * block_size * element);
+                for (int64_t at = 0; at < TILE * dim * element; at += 64) __builtin_prefetch(next_values + at);
+            }
         }
+        int64_t low = start > tile ? start - tile : 0, high = end - tile < TILE ? end - tile : TILE;
+        /* all ones in lanes [low, high), from sign bits (a vector comparison here crashes GCC 12
+         * at -O3 when built for AVX-512) */
+        v16i valid = ~((lanes - (int32_t)low) >> 31) & ((lanes - (int32_t)high) >> 31);
+        /* each key row is read once for all the query heads: their sums are independent chains */
+        v16 scores[group];
+        for (int64_t j = 0; j < group; j++) scores[j] = (v16){0};
+        for (int64_t d = 0; d < dim; d++) {
+            v16 row = load16(key_rows + d * block_size * element, bf16);
+            for (int64_t j = 0; j < group; j++) scores[j] += q[j * dim + d] * row;
+        }
+        v16 weights[group];
+        for (int64_t j = 0; j < group; j++) {
+            v16 s = scores[j];
+            if (softcap > 0.0f)
+                for (int t = 0; t < TILE; t++) s[t] = softcap * tanhf(s[t] / softcap);
+            /* lanes outside [low, high) are -inf (even if their stale keys hold a NaN) */
+            s = (v16)(((v16i)s & valid) | ((v16i)minus_infinity & ~valid));
+            float tile_best = lane_max(s), best = tile_best > top[j] ? tile_best : top[j];
+            if (best == -INFINITY) { /* no key in range yet (an empty range) */
+                weights[j] = (v16){0};
+                continue;
+            }
+            /* the running sums are rescaled only when the maximum grows, which after the first
+             * tiles is rare (0 on the first tile: e^-inf) */
+            if (best > top[j]) {
+                float shrink = expf(top[j] - best);
+                for (int64_t c = 0; c < chunks; c++) acc[j * chunks + c] *= shrink;
+                total[j] *= shrink;
+                top[j] = best;
+            }
+            weights[j] = (v16)((v16i)exp_nonpositive(s - best) & valid);
+            total[j] += lane_sum(weights[j]);
+        }
+        /* only the rows in range: a stale row out of it may hold a NaN, and 0 * NaN is NaN */
+        for (int64_t t = low; t < high; t++)
+            for (int64_t c = 0; c < chunks; c++) {
+                v16 row = load16(value_rows + (t * dim + c * TILE) * element, bf16);
+                for (int64_t j = 0; j < group; j++) acc[j * chunks + c] += weights[j][t] * row;
+            }
     }
     for (int64_t j = 0; j < group; j++) {
         float inverse = total[j] > 0.0f ? 1.0f / total[j] : 0.0f;
@@ -130,23 +175,31 @@ INLINE void attend_head_of(const float *restrict q, const char *keys, const char
     }
 }
 
+/* Inlined once per common head size and group size, so that the loops over them have constant
+ * lengths and the accumulators can stay in registers. */
 CPU_CLONES static void attend_head(const float *q, const char *keys, const char *values, int bf16,
                                    const int64_t *table, int64_t start, int64_t end, int64_t group,
                                    int64_t dim, int64_t block_size, float softcap, float *out,
                                    float *lse)
 {
-    v16 acc[group * (dim / TILE)];
-    float top[group], total[group];
-#define HEAD(DIM)                                                                                 \
-    attend_head_of(q, keys, values, bf16, table, start, end, group, DIM, block_size, softcap, out, \
-                   lse, acc, top, total)
-    switch (dim) {
-    case 32: HEAD(32); break;
-    case 64: HEAD(64); break;
-    case 128: HEAD(128); break;
-    case 256: HEAD(256); break;
-    default: HEAD(dim);
+#define HEAD(DIM, GROUP)                                                                          \
+    attend_head_of(q, keys, values, bf16, table, start, end, GROUP, DIM, block_size, softcap, out, lse)
+#define GROUPS(DIM)                                                                               \
+    switch (group) {                                                                              \
+    case 1: HEAD(DIM, 1); break;                                                                  \
+    case 2: HEAD(DIM, 2); break;                                                                  \
+    case 4: HEAD(DIM, 4); break;                                                                  \
+    case 8: HEAD(DIM, 8); break;                                                                  \
+    default: HEAD(DIM, group);                                                                    \
     }
+    switch (dim) {
+    case 32: GROUPS(32); break;
+    case 64: GROUPS(64); break;
+    case 128: GROUPS(128); break;
+    case 256: HEAD(256, group); break;
+    default: HEAD(dim, group);
+    }
+#undef GROUPS
 #undef HEAD
 }
 
