@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch.profiler import profile
 
-from daemon.engine.blocks import BLOCK_SIZE
 from daemon.engine import kv_cache
+from daemon.engine.blocks import BLOCK_SIZE
 from daemon.engine.demo_model import ensure_demo_model
 from daemon.engine.layers import attention, shared_prefix
 from daemon.engine.runner import ModelRunner, SequenceChunk

@@ -19,7 +19,9 @@ bench/serve.py starts it), each workload runs once (--workloads picks them):
 - W3: `vllm bench serve`, prefix_repetition, 4 prefixes of 512 tokens, 32-token suffixes, 32 output
   tokens, 32 concurrent, 200 prompts.
 
-It prints one table (bench/vllm_report.py): each measure on both servers and their ratio. Every process
+For the daemon, each served run also prints where its worker's time went, from the engine step counters
+of /metrics (busy share, decode and prefill steps, prompt tokens computed). It prints one table
+(bench/vllm_report.py): each measure on both servers and their ratio. Every process
 it starts is stopped at the end (process group, and the daemon's marked processes).
 """
 
@@ -51,6 +53,7 @@ from common import (
     h2load_completions,
     wait_http_ok,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from vllm_install import du_mb, install
 from vllm_report import H1, H2C, Measured, print_table
 
@@ -127,6 +130,8 @@ def daemon_server(work: Path, runtime_dir: Path, cache_dir: Path, args: argparse
         ("model.context_length", args.max_model_len),
     ):
         argv += ["--set", f"{key}={value}"]
+    for setting in args.daemon_set:
+        argv += ["--set", setting]
     return Server("daemon", argv, clean_env(), port, work / "daemon.log", is_daemon=True)
 
 
@@ -244,6 +249,52 @@ def bench_serve(
     return json.loads(path.read_text())
 
 
+def engine_figures(url: str) -> dict[str, float]:
+    """The daemon's engine step counters (daemon_engine_*_total) and running requests, from /metrics."""
+    text = httpx.get(url + "/metrics", timeout=10).raise_for_status().text
+    figures = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("daemon_engine_"):
+                figures[f"{sample.name}:{sample.labels['kind']}"] = sample.value
+            elif sample.name == "daemon_running_requests":
+                figures["running"] = sample.value
+    return figures
+
+
+def settled_engine_figures(url: str, timeout: float = 10.0) -> dict[str, float]:
+    """engine_figures once the scheduler's stats (sent every 0.5 s) show nothing running: then they
+    count every step of the requests that ran."""
+    deadline = time.monotonic() + timeout
+    while (figures := engine_figures(url)).get("running", 1) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return figures
+
+
+def engine_line(before: dict[str, float], after: dict[str, float], duration_s: float) -> str:
+    """Where the worker's time went during a served workload, from the step counters' growth."""
+
+    def grown(name: str, kind: str) -> float:
+        key = f"daemon_engine_{name}_total:{kind}"
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    busy = grown("step_seconds", "prefill") + grown("step_seconds", "decode")
+    parts = [f"worker busy {busy:.2f} s of {duration_s:.2f} s ({100 * busy / duration_s:.0f}%)"]
+    for kind in ("decode", "prefill"):
+        steps, seconds = grown("steps", kind), grown("step_seconds", kind)
+        if steps:
+            parts.append(f"{kind} steps {steps:.0f} x {1e3 * seconds / steps:.1f} ms = {seconds:.2f} s")
+    prompt, decoded = grown("step_tokens", "prefill"), grown("step_tokens", "decode")
+    if prompt:
+        parts.append(
+            f"{prompt:.0f} prompt tokens computed ({1e6 * grown('step_seconds', 'prefill') / prompt:.0f} us each)"
+        )
+    steps = grown("steps", "decode") + grown("steps", "prefill")
+    if steps:
+        parts.append(f"{decoded / steps:.1f} tokens decoded a step")
+    return "; ".join(parts)
+
+
 def served_line(r: dict) -> str:
     failed = r.get("failed", r.get("num_prompts", 0) - r.get("completed", 0))
     return (
@@ -289,6 +340,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vllm-args", default="", help="extra arguments for `vllm serve` (one string)")
     p.add_argument("--total-time-limit", type=int, default=3600, help="seconds for the whole run, at most")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, results)")
+    p.add_argument(
+        "--daemon-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another --set for the daemon, e.g. logging.level=debug for bench/step_timeline.py (repeatable)",
+    )
     return p.parse_args(argv)
 
 
@@ -322,9 +380,13 @@ def main(argv: list[str] | None = None) -> int:
                         for proto, result in run_w1(server, model, args, frame.work, frame.notes).items():
                             got.w1.setdefault(proto, []).append(result)
                     else:
+                        before = settled_engine_figures(server.url) if server.is_daemon else {}
                         result = bench_serve(venv, server, model, model_dir, workload, frame.work, seed=repeat)
                         got.served.setdefault(workload, []).append(result)
                         print(f"  {workload} (seed {repeat}): {served_line(result)}")
+                        if server.is_daemon:
+                            after = settled_engine_figures(server.url)
+                            print(f"    engine: {engine_line(before, after, result['duration'])}")
             print(frame.stop(server))
 
     print("\n## results")

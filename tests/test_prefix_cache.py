@@ -144,3 +144,42 @@ def test_chat_and_streamed_usage_report_cached_tokens(cached):
 def test_the_uncached_daemon_reports_no_cached_tokens(uncached):
     answer = complete(uncached, PROMPTS[0], max_tokens=2)
     assert answer["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+def step_figures(daemon: RunningDaemon) -> dict[str, tuple[float, float, float]]:
+    """(steps, seconds, tokens) of the engine's steps by kind, as /metrics reports them."""
+    samples = scrape(daemon)
+    return {
+        kind: tuple(
+            samples[(f"daemon_engine_{name}_total", (("kind", kind),))]
+            for name in ("steps", "step_seconds", "step_tokens")
+        )
+        for kind in ("prefill", "decode")
+    }
+
+
+def test_engine_step_figures_count_the_prompt_tokens_computed_and_the_tokens_decoded(tmp_path, model_cache):
+    """A 40-token prompt is prefilled in one step (the chunk size is 2,048) and samples the first
+    of 8 tokens; the 7 others take a decode step each. Asked again, its first two blocks (32
+    tokens) come from the cache: 8 prompt tokens are computed."""
+    prompt = [(29 * i + 3) % 1000 + 4 for i in range(40)]
+    with serving(tmp_path, model_cache, {"model.context_length": 256}) as daemon:
+        # the readiness probe (/health_generate: one token, one prefill step) ran before we were
+        # given the daemon: once it is counted, nothing else runs until our requests
+        before = until(lambda: (f := step_figures(daemon))["prefill"][0] >= 1 and f, 10, what="the probe's step")
+        assert before["prefill"][0] == 1 and before["decode"] == (0, 0, 0), before
+
+        def grown(decoded: int) -> dict[str, tuple[float, float, float]]:
+            """The figures since `before`, once `decoded` tokens were decoded."""
+            now = until(lambda: (f := step_figures(daemon))["decode"][2] >= decoded and f, 10, what="the steps")
+            return {kind: tuple(a - b for a, b in zip(now[kind], before[kind], strict=True)) for kind in now}
+
+        complete(daemon, prompt, max_tokens=8)
+        first = grown(7)
+        assert first["prefill"][0] == 1 and first["prefill"][2] == 40, first
+        assert first["decode"][0] == 7 and first["decode"][2] == 7, first
+        assert first["prefill"][1] > 0 and first["decode"][1] > 0, first
+        assert complete(daemon, prompt, max_tokens=8)["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
+        again = grown(14)
+        assert again["prefill"][0] == 2 and again["prefill"][2] == 40 + 8, again
+        assert again["decode"][0] == 14 and again["decode"][2] == 14, again

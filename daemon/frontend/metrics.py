@@ -77,7 +77,24 @@ class SchedulerFigures(Collector):
             "daemon_prefix_cache_blocks", "KV-cache blocks holding a cached prefix (in use or free)"
         )
         blocks.add_metric([], self.stats.prefix_cache_blocks)
-        return [queried, hits, blocks]
+        steps = CounterMetricFamily(
+            "daemon_engine_steps",
+            "Engine steps run, by kind: prefill (computes prompt tokens, decodes beside them) or decode (decodes only)",
+            labels=["kind"],
+        )
+        seconds = CounterMetricFamily(
+            "daemon_engine_step_seconds", "Time the model worker spent running steps, by kind of step", labels=["kind"]
+        )
+        tokens = CounterMetricFamily(
+            "daemon_engine_step_tokens",
+            "Tokens computed in steps: prompt tokens prefilled (prefix-cache hits excluded), tokens decoded",
+            labels=["kind"],
+        )
+        for kind in ("prefill", "decode"):
+            steps.add_metric([kind], self.stats.steps.get(kind, 0))
+            seconds.add_metric([kind], self.stats.step_seconds.get(kind, 0.0))
+            tokens.add_metric([kind], self.stats.step_tokens.get(kind, 0))
+        return [queried, hits, blocks, steps, seconds, tokens]
 
 
 def render(status: DaemonStatus | None, stats: SchedulerStats | None = None) -> bytes:

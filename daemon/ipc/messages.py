@@ -159,6 +159,7 @@ class StepResult(msgspec.Struct, frozen=True, tag=True):
     tokens: dict[int, int]  # seq_id -> sampled token, for chunks that sampled
     error: str | None = None  # the whole step failed: every sequence in it ends
     failed: dict[int, str] = {}  # seq_id -> why: these sequences alone failed, the others' tokens stand
+    seconds: float = 0.0  # how long the worker took to run it
 
 
 # --- control: every tier <-> supervisor ---------------------------------------------------------
@@ -321,6 +322,10 @@ class SchedulerStats(msgspec.Struct, frozen=True, tag=True):
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
     prefix_cache_blocks: int = 0
+    # Engine steps, as the serving workers timed them (see batcher.StepCounts)
+    steps: dict[str, int] = {}  # by kind: "prefill", "decode"
+    step_seconds: dict[str, float] = {}
+    step_tokens: dict[str, int] = {}
 
 
 # --- the supervisor's status file (status.json in the socket directory) ------------------------

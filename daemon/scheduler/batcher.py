@@ -66,6 +66,32 @@ class CacheCounts:
     hits: int = 0
 
 
+@dataclass
+class StepCounts:
+    """The engine steps run since the scheduler started, as the worker timed them, by kind: a
+    prefill step computes prompt tokens (and decodes beside them), a decode step decodes only.
+    Tokens: the prompt tokens computed (prefix-cache hits are not), and the tokens decoded."""
+
+    prefill_steps: int = 0
+    prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
+
+    def add(self, work: list[_Work], seconds: float) -> None:
+        prompt = sum(w.tokens for w in work if w.tokens > 1)  # a chunk of one prompt token counts as a decode
+        decodes = sum(1 for w in work if w.tokens == 1)
+        if prompt:
+            self.prefill_steps += 1
+            self.prefill_seconds += seconds
+            self.prefill_tokens += prompt
+        else:
+            self.decode_steps += 1
+            self.decode_seconds += seconds
+        self.decode_tokens += decodes
+
+
 @dataclass(frozen=True)
 class _Work:
     seq: Sequence
@@ -82,6 +108,7 @@ class Batcher:
         eos_token_ids: Iterable[int],
         epoch: int = 1,
         counts: CacheCounts | None = None,
+        steps: StepCounts | None = None,
         prefix_cacheable: bool = True,
     ):
         self.epoch = epoch
@@ -90,6 +117,7 @@ class Batcher:
         self.prefix_cacheable = prefix_cacheable  # the worker's model allows it (see WorkerReady)
         blocks.set_caching(limits.prefix_caching and prefix_cacheable)
         self.counts = counts if counts is not None else CacheCounts()
+        self.steps = steps if steps is not None else StepCounts()
         self.preemptions = 0
         self.deferred = 0  # admissions put off for a prefix another sequence was computing
         self.context_length = context_length
@@ -241,6 +269,8 @@ class Batcher:
         if not self._in_flight or self._in_flight[0][0] != result.step:
             return {}  # not the step we are waiting for: a lost worker's, already failed
         _step, work = self._in_flight.popleft()
+        if result.error is None:
+            self.steps.add(work, result.seconds)
         updates: dict[int, list[SequenceUpdate]] = {}
         for item in work:
             seq = item.seq

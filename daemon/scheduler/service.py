@@ -50,7 +50,7 @@ from daemon.ipc.messages import (
     WorkerReady,
 )
 from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
-from daemon.scheduler.batcher import QUEUE_FULL, Batcher, CacheCounts, Limits
+from daemon.scheduler.batcher import QUEUE_FULL, Batcher, CacheCounts, Limits, StepCounts
 from daemon.tier import Tier
 
 log = structlog.get_logger("daemon.scheduler")
@@ -99,6 +99,7 @@ class SchedulerService:
         self.held: list[tuple[float, ScheduleRequest]] = []  # (received, request), with no batcher
         self._idle_said = False  # told the supervisor the worker being replaced has finished
         self.cache_counts = CacheCounts()  # every batcher's prefix-cache lookups, for the metrics
+        self.step_counts = StepCounts()  # and every batcher's steps
 
     def limits(self) -> Limits:
         scheduler = self.tier.settings.scheduler
@@ -205,6 +206,7 @@ class SchedulerService:
             (),
             epoch=self.tier.epoch,
             counts=self.cache_counts,
+            steps=self.step_counts,
             prefix_cacheable=ready.prefix_cacheable,
         )
         if not ready.prefix_cacheable:
@@ -415,5 +417,8 @@ class SchedulerService:
             prefix_cache_queried_tokens=self.cache_counts.queried,
             prefix_cache_hit_tokens=self.cache_counts.hits,
             prefix_cache_blocks=blocks.cached_blocks if blocks else 0,
+            steps={"prefill": self.step_counts.prefill_steps, "decode": self.step_counts.decode_steps},
+            step_seconds={"prefill": self.step_counts.prefill_seconds, "decode": self.step_counts.decode_seconds},
+            step_tokens={"prefill": self.step_counts.prefill_tokens, "decode": self.step_counts.decode_tokens},
         )
         send(self.stats, stats)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from daemon.engine.runner import ModelRunner, SequenceChunk
 from daemon.engine.sampler import SamplingParams
 from daemon.ipc.messages import SAMPLED_LAST_STEP, PlannedChunk, StepPlan, StepResult
@@ -13,6 +15,7 @@ def execute(runner: ModelRunner, plan: StepPlan, worker_epoch: int = 1) -> StepR
     """Run `plan`. A failure of one sequence (its sampling) ends only that one: it is reported in
     `failed` and the step's other tokens are delivered; a failure of the whole step (the forward
     pass) becomes a StepResult error, so its requests end cleanly."""
+    started = time.perf_counter()
     for seq_id in plan.finished:
         runner.release(seq_id)
     chunks: list[SequenceChunk] = []
@@ -29,7 +32,8 @@ def execute(runner: ModelRunner, plan: StepPlan, worker_epoch: int = 1) -> StepR
     except Exception as exc:  # noqa: BLE001 - whatever broke, the scheduler must hear of it
         runner.last_sampled, runner.failures = {}, {}
         return StepResult(plan.step, worker_epoch, {}, error=f"{type(exc).__name__}: {exc}")
-    return StepResult(plan.step, worker_epoch, tokens, failed={**unsampled, **runner.failures})
+    seconds = time.perf_counter() - started
+    return StepResult(plan.step, worker_epoch, tokens, failed={**unsampled, **runner.failures}, seconds=seconds)
 
 
 def _chunk(c: PlannedChunk, last_sampled: dict[int, int]) -> SequenceChunk:
