@@ -16,8 +16,8 @@ split by what the time is spent in:
 Shapes:
 - decode: W2's steady state, 32 sequences of 256-384 tokens each decoding one;
 - prefill: one 256-token prompt, W2's prefill (each request's; vLLM does the same work);
-- shared decode: W3's, 32 sequences of ~560 tokens whose first 512 are 4 shared prefixes,
-  with the shared blocks attended once per cluster (the default) and without.
+- shared decode: W3's, 32 sequences of ~560 tokens whose first 512 are 4 shared prefixes
+  (the prefix cache's blocks, each read by the 8 decodes that share it).
 
     python bench/step_profile.py          # ~1 minute on 2 cores; --threads, --repeats
     python bench/step_profile.py --torch-attention   # decodes as without the CPU kernel
@@ -39,7 +39,7 @@ from torch.profiler import profile
 from daemon.engine import kv_cache
 from daemon.engine.blocks import BLOCK_SIZE
 from daemon.engine.demo_model import ensure_demo_model
-from daemon.engine.layers import attention, shared_prefix
+from daemon.engine.layers import attention
 from daemon.engine.runner import ModelRunner, SequenceChunk
 from daemon.worker.allocator import keep_freed_memory
 from daemon.worker.service import cpu_threads
@@ -60,8 +60,7 @@ def record_decode_kernel() -> None:
 
         return call
 
-    for module in (attention, shared_prefix):
-        module.paged_decode = recorded(module.paged_decode)
+    attention.paged_decode = recorded(attention.paged_decode)
 
 
 def decode_step(lengths: list[int], prefixes: int = 0, prefix_len: int = 0) -> list[SequenceChunk]:
@@ -154,8 +153,6 @@ def main() -> int:
             report("decode, 32 x 256-384 tokens (W2)", lambda: runner.step(decodes), args)
             report("prefill, 256 tokens (W2)", lambda: runner.step(prefill), args)
             report("decode, 32 x ~560 tokens, 4 shared prefixes of 512 (W3)", lambda: runner.step(shared), args)
-            runner.share_prefixes = False
-            report("the same, shared blocks taken per sequence", lambda: runner.step(shared), args)
     return 0
 
 

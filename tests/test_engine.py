@@ -19,7 +19,6 @@ from harness.models import PROMPT, VARIANTS, Sequences, build_hf_model, hf_chunk
 
 from daemon.engine import kv_cache  # noqa: E402
 from daemon.engine.kernels import cpu as cpu_kernels  # noqa: E402
-from daemon.engine.layers import shared_prefix  # noqa: E402
 from daemon.engine.model_dir import ModelDirError  # noqa: E402
 from daemon.engine.runner import ModelRunner  # noqa: E402
 from daemon.engine.sampler import SamplingParams  # noqa: E402
@@ -112,15 +111,13 @@ def test_a_prefix_taken_from_the_cache_gives_the_logits_of_one_computed_afresh(m
     torch.testing.assert_close(cached, hf_logits(hf, second)[-1], atol=TOLERANCE, rtol=0)
 
 
-def test_decodes_sharing_cached_blocks_attend_to_them_together_with_the_logits_of_transformers(models, monkeypatch):
+def test_decodes_sharing_cached_blocks_read_them_with_the_logits_of_transformers(models):
     """Three prompts share three blocks through the prefix cache and a fourth shares none: their
-    decodes in one step take the shared blocks once for the three (layers/shared_prefix.py), and
-    every row's logits are transformers' for that whole sequence."""
+    decodes in one step each read the shared blocks where they are, and every row's logits are
+    transformers' for that whole sequence."""
     hf, runner = models
     if not runner.prefix_cacheable:
         pytest.skip("its keys follow the sequence's length: no prefix is shared")
-    # three blocks: the test models' contexts are 64 tokens, too short for the default minimum
-    monkeypatch.setattr(shared_prefix, "MIN_SHARED_BLOCKS", 3)
     shared = [(11 * i + 5) % 160 for i in range(48)]
     prompts = {1: shared + [3, 9], 2: shared + [150, 7, 42], 3: shared + [1] * 12, 4: [(3 * i) % 97 for i in range(50)]}
     seqs = Sequences(runner)
@@ -130,11 +127,6 @@ def test_decodes_sharing_cached_blocks_attend_to_them_together_with_the_logits_o
         seqs.computed(seq_id, len(prompt) - 1)
     assert seqs.blocks.table(2)[:3] == seqs.blocks.table(3)[:3] == seqs.blocks.table(1)[:3]
     decodes = [seqs.chunk(seq_id, prompt[-1:], len(prompt) - 1) for seq_id, prompt in prompts.items()]
-    clusters = runner._attention_batch(decodes).groups[0].shared
-    if runner.cache.keys_transposed:  # the path under test is taken (the kernel's only)
-        assert clusters is not None and clusters.prefix_blocks.shape == (1, 3)
-    else:
-        assert clusters is None
     ours = runner.logits(decodes)
     for row, prompt in enumerate(prompts.values()):
         torch.testing.assert_close(ours[row], hf_logits(hf, prompt)[-1], atol=TOLERANCE, rtol=0)

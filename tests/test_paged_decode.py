@@ -51,7 +51,7 @@ def random_tables(sequences: int, width: int, blocks: int, generator) -> torch.T
 
 
 @pytest.mark.parametrize("dim", [16, 32, 64, 128, 256, 80])  # the kernel has copies for 32, 64, 128 and 256
-@pytest.mark.parametrize("group", [1, 2, 4, 7, 8])  # ... and for groups of 1, 2, 4 and 8
+@pytest.mark.parametrize("group", [1, 2, 4, 7, 8])  # ... taking query heads in pairs (and an odd one)
 def test_whole_contexts_match_float64_attention(dim: int, group: int):
     generator = torch.Generator().manual_seed(dim * 10 + group)
     keys, values = paged_cache(2, 64, 16, dim, torch.float32, generator)
@@ -65,7 +65,7 @@ def test_whole_contexts_match_float64_attention(dim: int, group: int):
 
 
 def test_key_ranges_starting_inside_a_block_windows_and_softcapping():
-    """Ranges starting mid-tile (a sliding window), at a block boundary (a cascade's suffix), an
+    """Ranges starting mid-tile (a sliding window), at a block boundary (a split context's second part), an
     empty range (zeros, log-sum-exp -inf), and soft-capped scores."""
     generator = torch.Generator().manual_seed(1)
     keys, values = paged_cache(2, 64, 16, 32, torch.float32, generator)

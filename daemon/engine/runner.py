@@ -18,7 +18,6 @@ import torch
 from daemon.engine.host_tensors import long_tensor
 from daemon.engine.kv_cache import KVCache
 from daemon.engine.layers.attention import AttentionBatch, attention_group
-from daemon.engine.layers.shared_prefix import find_shared_prefixes
 from daemon.engine.model_dir import model_info_from_config, read_config
 from daemon.engine.models.registry import resolve
 from daemon.engine.sampler import SamplingParams, sample
@@ -81,7 +80,6 @@ class ModelRunner:
         # Whether a token's keys and values depend only on the tokens up to it, so that a prefix
         # computed by one sequence serves another (prefix caching) exactly as if it computed it.
         self.prefix_cacheable = not any(family.rope(config, t).follows_length for t in family.rope_layer_types)
-        self.share_prefixes = True  # decodes attend to the blocks they share once (layers/shared_prefix.py)
         load_weights(self.model, model_dir)
         self.resize_cache(num_blocks)
         # requests without a seed of their own draw from this one generator, together
@@ -162,11 +160,6 @@ class ModelRunner:
         for members in (decodes, prefills):
             if members:
                 whole = len(members) == len(chunks)
-                shared = None
-                if members is decodes and self.share_prefixes and self.cache.keys_transposed:
-                    tables_of = [chunks[i].block_table for i in members]
-                    lengths = [chunks[i].start + 1 for i in members]
-                    shared = find_shared_prefixes(tables_of, lengths, size, device)
                 groups.append(
                     attention_group(
                         [rows[i] for i in members],
@@ -175,7 +168,6 @@ class ModelRunner:
                         tables if whole else tables.index_select(0, long_tensor(members, device)),
                         size,
                         whole_batch=whole,
-                        shared=shared,
                     )
                 )
         return AttentionBatch(slot_mapping, groups, slot_blocks, slot_offsets)

@@ -11,8 +11,7 @@
  * [kv_heads, blocks, block_size, dim], and a tile's weighted values are `dim`-wide
  * multiply-adds. Scores go through an online softmax (a running maximum and sum
  * per query head). The log-sum-exp of each query head's scores is returned too,
- * so that results over disjoint key ranges can be merged (cascade attention,
- * shared_prefix.py).
+ * so that results over disjoint key ranges can be merged (split contexts).
  *
  * Vectors are GCC/Clang vector extensions of 16 floats: one AVX-512 register,
  * two AVX2 ones, four SSE ones. The hot function is compiled for each of those
@@ -175,32 +174,36 @@ INLINE void attend_head_of(const float *restrict q, const char *keys, const char
     }
 }
 
-/* Inlined once per common head size and group size, so that the loops over them have constant
- * lengths and the accumulators can stay in registers. */
+/* The query heads of a KV head are taken two at a time: each copy of attend_head_of (one per
+ * common head size, for one or two heads) then has loops of constant length and accumulators
+ * that stay in registers, and a group of any size is served by a few copies (each further pair
+ * reads the keys and values again, from the CPU's caches). */
 CPU_CLONES static void attend_head(const float *q, const char *keys, const char *values, int bf16,
                                    const int64_t *table, int64_t start, int64_t end, int64_t group,
                                    int64_t dim, int64_t block_size, float softcap, float *out,
                                    float *lse)
 {
-#define HEAD(DIM, GROUP)                                                                          \
-    attend_head_of(q, keys, values, bf16, table, start, end, GROUP, DIM, block_size, softcap, out, lse)
-#define GROUPS(DIM)                                                                               \
-    switch (group) {                                                                              \
-    case 1: HEAD(DIM, 1); break;                                                                  \
-    case 2: HEAD(DIM, 2); break;                                                                  \
-    case 4: HEAD(DIM, 4); break;                                                                  \
-    case 8: HEAD(DIM, 8); break;                                                                  \
-    default: HEAD(DIM, group);                                                                    \
+    for (int64_t j = 0; j < group; j += 2) {
+        const float *qj = q + j * dim;
+        float *outj = out + j * dim, *lsej = lse ? lse + j : NULL;
+        int pair = group - j >= 2;
+#define HEADS(DIM, N)                                                                               \
+    attend_head_of(qj, keys, values, bf16, table, start, end, N, DIM, block_size, softcap, outj, lsej)
+#define PAIR(DIM)                                                                                   \
+    if (pair)                                                                                       \
+        HEADS(DIM, 2);                                                                              \
+    else                                                                                            \
+        HEADS(DIM, 1)
+        switch (dim) {
+        case 32: PAIR(32); break;
+        case 64: PAIR(64); break;
+        case 128: PAIR(128); break;
+        case 256: PAIR(256); break;
+        default: HEADS(dim, pair ? 2 : 1);
+        }
+#undef PAIR
+#undef HEADS
     }
-    switch (dim) {
-    case 32: GROUPS(32); break;
-    case 64: GROUPS(64); break;
-    case 128: GROUPS(128); break;
-    case 256: HEAD(256, group); break;
-    default: HEAD(dim, group);
-    }
-#undef GROUPS
-#undef HEAD
 }
 
 /* q [G, kv_heads, group, dim] float32; key_cache [kv_heads, num_blocks, dim, block_size] and

@@ -12,7 +12,10 @@ transposed within each block, [kv_heads, blocks, head_dim, block_size], and
 decodes (one query each; a KV head's group of query heads folded together) are
 attended by that kernel reading the blocks in place: nothing is copied, and the
 block tables and context ends are all it needs. Decodes whose contexts begin
-with the same cached blocks attend to them once per cluster (shared_prefix.py).
+with the same cached blocks (a prefix-cache hit) each read those blocks: the
+kernel reads a block once for all the query heads of its KV head, and blocks
+read by many decodes stay in the CPU's caches, so attending to a shared prefix
+once for all its decodes (cascade attention) measured slower here.
 
 Prefill chunks, and decodes where the kernel does not serve (no C compiler at
 install, CUDA, float16), use torch's attention operators, which want each
@@ -33,7 +36,6 @@ import torch.nn.functional as F
 
 from daemon.engine.host_tensors import long_tensor
 from daemon.engine.kernels.cpu import paged_decode
-from daemon.engine.layers.shared_prefix import SharedPrefixes, attend_decodes
 
 
 @dataclass
@@ -49,7 +51,6 @@ class AttentionGroup:
     valid_queries: torch.Tensor | None  # indexes of the real queries in [G * Q] (None: all are)
     output_rows: torch.Tensor | None  # their rows in the packed batch (None: the group is the whole batch, in order)
     decode: bool  # one query per sequence
-    shared: SharedPrefixes | None = None  # decodes whose contexts begin alike (see shared_prefix.py)
     _windowed: dict[int, torch.Tensor] = field(default_factory=dict)
     _window_starts: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _additive: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
@@ -118,7 +119,6 @@ def attention_group(
     block_size: int,
     *,
     whole_batch: bool = False,
-    shared: SharedPrefixes | None = None,
 ) -> AttentionGroup:
     """The group of sequences whose chunks begin at packed rows `first_rows`, are `lengths` tokens
     long and start at positions `starts`; `block_tables` [G, >= their blocks]. `whole_batch`: the
@@ -152,7 +152,6 @@ def attention_group(
         valid_queries,
         output_rows,
         decode=width == 1,
-        shared=shared,
     )
 
 
@@ -206,8 +205,6 @@ def _decode_in_place(
     queries: torch.Tensor, cache: LayerCache, group: AttentionGroup, options: AttentionOptions
 ) -> torch.Tensor:
     """queries [G, kv_heads, group, dim], attended by the CPU kernel reading the cache's blocks."""
-    if group.shared is not None and options.window is None:
-        return attend_decodes(queries, group.shared, group.blocks, group.context_ends, cache, options)
     starts = group.window_starts(options.window)
     attended, _ = paged_decode(
         queries, cache.keys, cache.values, group.blocks, starts, group.context_ends, options.scale, options.softcap
