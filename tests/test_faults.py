@@ -39,7 +39,9 @@ from harness.wait import never, until
 
 KILL_BOUND_S = 10.0  # every request in flight ends within this long of a kill
 READ_TIMEOUT_S = 20.0  # a client read that waits this long is a hang (longer than KILL_BOUND_S on purpose)
-LOAD_MAX_TOKENS = 400
+# long enough that a burst is surely all running at once, in the 0.5 s stats /metrics shows, however fast the
+# engine: 400 tokens, which once lasted seconds, ended before CI saw all 8 of a burst running together
+LOAD_MAX_TOKENS = 1200
 RECOVERY_S = 20.0  # how long a restarted tier may take until new requests succeed
 ORPHAN_BOUND_S = 2.0  # children die this soon after the supervisor
 
