@@ -1,7 +1,7 @@
 /* Decode attention that reads a paged KV cache in place (CPU).
  *
- * One query per sequence; a KV head's query heads are folded together (GQA), so
- * each key and value row is read once for all of them. Keys and values are read
+ * One query per sequence; a KV head's query heads are folded together (GQA), two
+ * at a time, so each key and value row is read once for every two of them. Keys and values are read
  * tile by tile (16 positions of one block) straight from the cache through each
  * sequence's block table: no context is copied into a slab.
  *
@@ -130,7 +130,8 @@ INLINE void attend_head_of(const float *restrict q, const char *keys, const char
         /* all ones in lanes [low, high), from sign bits (a vector comparison here crashes GCC 12
          * at -O3 when built for AVX-512) */
         v16i valid = ~((lanes - (int32_t)low) >> 31) & ((lanes - (int32_t)high) >> 31);
-        /* each key row is read once for all the query heads: their sums are independent chains */
+        /* each key row is read once for this call's query heads (one or two): their sums are
+         * independent chains */
         v16 scores[group];
         for (int64_t j = 0; j < group; j++) scores[j] = (v16){0};
         for (int64_t d = 0; d < dim; d++) {

@@ -13,7 +13,7 @@ decodes (one query each; a KV head's group of query heads folded together) are
 attended by that kernel reading the blocks in place: nothing is copied, and the
 block tables and context ends are all it needs. Decodes whose contexts begin
 with the same cached blocks (a prefix-cache hit) each read those blocks: the
-kernel reads a block once for all the query heads of its KV head, and blocks
+kernel reads a block once for every two query heads of its KV head, and blocks
 read by many decodes stay in the CPU's caches, so attending to a shared prefix
 once for all its decodes (cascade attention) measured slower here.
 
