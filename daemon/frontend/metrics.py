@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from daemon.ipc.messages import DaemonStatus, SchedulerStats
+from daemon.ipc.messages import STEP_KINDS, DaemonStatus, SchedulerStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
@@ -90,7 +90,7 @@ class SchedulerFigures(Collector):
             "Tokens computed in steps: prompt tokens prefilled (prefix-cache hits excluded), tokens decoded",
             labels=["kind"],
         )
-        for kind in ("prefill", "decode"):
+        for kind in STEP_KINDS:
             steps.add_metric([kind], self.stats.steps.get(kind, 0))
             seconds.add_metric([kind], self.stats.step_seconds.get(kind, 0.0))
             tokens.add_metric([kind], self.stats.step_tokens.get(kind, 0))

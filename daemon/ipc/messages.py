@@ -312,6 +312,9 @@ class WorkerReady(msgspec.Struct, frozen=True, tag=True):
     prefix_cacheable: bool = True
 
 
+STEP_KINDS = ("prefill", "decode")  # engine steps that compute prompt tokens, and those that only decode
+
+
 class SchedulerStats(msgspec.Struct, frozen=True, tag=True):
     running: int
     queued: int
@@ -323,7 +326,7 @@ class SchedulerStats(msgspec.Struct, frozen=True, tag=True):
     prefix_cache_hit_tokens: int = 0
     prefix_cache_blocks: int = 0
     # Engine steps, as the serving workers timed them (see batcher.StepCounts)
-    steps: dict[str, int] = {}  # by kind: "prefill", "decode"
+    steps: dict[str, int] = {}  # by kind (STEP_KINDS)
     step_seconds: dict[str, float] = {}
     step_tokens: dict[str, int] = {}
 

@@ -29,11 +29,12 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from daemon.engine.blocks import BlockManager, extend_hashes
 from daemon.ipc.messages import (
     SAMPLED_LAST_STEP,
+    STEP_KINDS,
     ErrorInfo,
     PlannedChunk,
     ScheduleRequest,
@@ -70,26 +71,20 @@ class CacheCounts:
 class StepCounts:
     """The engine steps run since the scheduler started, as the worker timed them, by kind: a
     prefill step computes prompt tokens (and decodes beside them), a decode step decodes only.
-    Tokens: the prompt tokens computed (prefix-cache hits are not), and the tokens decoded."""
+    Tokens: the prompt tokens computed (prefix-cache hits are not), and the tokens decoded. Kept
+    by kind as SchedulerStats sends them."""
 
-    prefill_steps: int = 0
-    prefill_seconds: float = 0.0
-    prefill_tokens: int = 0
-    decode_steps: int = 0
-    decode_seconds: float = 0.0
-    decode_tokens: int = 0
+    steps: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STEP_KINDS, 0))
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STEP_KINDS, 0.0))
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STEP_KINDS, 0))
 
     def add(self, work: list[_Work], seconds: float) -> None:
         prompt = sum(w.tokens for w in work if w.tokens > 1)  # a chunk of one prompt token counts as a decode
-        decodes = sum(1 for w in work if w.tokens == 1)
-        if prompt:
-            self.prefill_steps += 1
-            self.prefill_seconds += seconds
-            self.prefill_tokens += prompt
-        else:
-            self.decode_steps += 1
-            self.decode_seconds += seconds
-        self.decode_tokens += decodes
+        kind = "prefill" if prompt else "decode"
+        self.steps[kind] += 1
+        self.seconds[kind] += seconds
+        self.tokens["prefill"] += prompt
+        self.tokens["decode"] += sum(1 for w in work if w.tokens == 1)
 
 
 @dataclass(frozen=True)

@@ -417,8 +417,8 @@ class SchedulerService:
             prefix_cache_queried_tokens=self.cache_counts.queried,
             prefix_cache_hit_tokens=self.cache_counts.hits,
             prefix_cache_blocks=blocks.cached_blocks if blocks else 0,
-            steps={"prefill": self.step_counts.prefill_steps, "decode": self.step_counts.decode_steps},
-            step_seconds={"prefill": self.step_counts.prefill_seconds, "decode": self.step_counts.decode_seconds},
-            step_tokens={"prefill": self.step_counts.prefill_tokens, "decode": self.step_counts.decode_tokens},
+            steps=self.step_counts.steps,
+            step_seconds=self.step_counts.seconds,
+            step_tokens=self.step_counts.tokens,
         )
         send(self.stats, stats)
