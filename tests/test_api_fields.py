@@ -447,6 +447,113 @@ def _documents(demo, probe, tokenizers, endpoint):
     assert answer["usage"]["prompt_tokens"] == expected > chat(probe, max_tokens=1)["usage"]["prompt_tokens"]
 
 
+# --- honoured sampling options: on the probe, whose logits are all 0 before they change them ----------
+
+OPENAI_FIELDS = {"model", "max_tokens", "temperature", "presence_penalty", "frequency_penalty", "logit_bias", "seed"}
+
+
+def openai_generate(daemon: RunningDaemon, endpoint: str, **fields: Any) -> tuple[str, Any]:
+    """The text and finish reason of one answer, asked through the official openai client (the
+    fields it does not know go in extra_body, as a vLLM client sends them)."""
+    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    known = {k: v for k, v in fields.items() if k in OPENAI_FIELDS}
+    extra = {k: v for k, v in fields.items() if k not in OPENAI_FIELDS}
+    if endpoint == "completions":
+        answer = client.completions.create(model=model, prompt=extra.pop("prompt", "hi"), extra_body=extra, **known)
+        return answer.choices[0].text, answer
+    answer = client.chat.completions.create(model=model, messages=CHAT, extra_body=extra, **known)
+    return answer.choices[0].message.content or "", answer
+
+
+def _probe_ids(tokenizers, endpoint: str, count: int) -> list[int]:
+    """`count` ordinary token ids the probe's prompt for `endpoint` does not hold."""
+    if endpoint == "completions":
+        prompt = tokenizers["probe"].encode("hi", add_special_tokens=True)
+    else:
+        prompt = tokenizers["probe"].render_chat_prompt(CHAT, ChatOptions())
+    return [i for i in range(4, 200) if i not in prompt][:count]
+
+
+def _probe_text(tokenizers, endpoint: str, ids: list[int], **fields: Any) -> tuple[str, dict[str, Any]]:
+    """The text of `ids`, and the request that makes the probe say it: greedy, past its
+    end-of-sequence token, with every token shown."""
+    body = {"max_tokens": len(ids), "temperature": 0, "ignore_eos": True, "skip_special_tokens": False, **fields}
+    return tokenizers["probe"].decode(ids, skip_special_tokens=False), body
+
+
+def _presence_penalty(demo, probe, tokenizers, endpoint):
+    (a,) = _probe_ids(tokenizers, endpoint, 1)
+    # token a starts 1.5 above the rest; each token generated loses the penalty once, however often
+    for penalty, ids in ((2.0, [a, 0, 1, 2]), (1.0, [a, a, a, a]), (0.0, [a, a, a, a])):
+        expected, body = _probe_text(tokenizers, endpoint, ids, logit_bias={str(a): 1.5}, presence_penalty=penalty)
+        assert openai_generate(probe, endpoint, **body)[0] == expected, penalty
+
+
+def _frequency_penalty(demo, probe, tokenizers, endpoint):
+    (a,) = _probe_ids(tokenizers, endpoint, 1)
+    # token a: 1.5, then 0.5, then -0.5 (once per time generated): the zeros of 0, 1, ... win from there
+    for penalty, ids in ((1.0, [a, a, 0, 1]), (0.0, [a, a, a, a])):
+        expected, body = _probe_text(tokenizers, endpoint, ids, logit_bias={str(a): 1.5}, frequency_penalty=penalty)
+        assert openai_generate(probe, endpoint, **body)[0] == expected, penalty
+
+
+def _repetition_penalty(demo, probe, tokenizers, endpoint):
+    a, b = _probe_ids(tokenizers, endpoint, 2)
+    bias = {str(a): 1.0, str(b): 0.8}
+    # halved once seen: a 1.0 -> 0.5 loses to b 0.8, which halved (0.4) loses to a again
+    for penalty, ids in ((2.0, [a, b, a, a]), (1.0, [a, a, a, a])):
+        expected, body = _probe_text(tokenizers, endpoint, ids, logit_bias=bias, repetition_penalty=penalty)
+        assert openai_generate(probe, endpoint, **body)[0] == expected, penalty
+    if endpoint == "completions":  # the prompt's tokens count as seen: a in the prompt starts at 0.5
+        expected, body = _probe_text(tokenizers, endpoint, [b, a, a, a], logit_bias=bias, repetition_penalty=2.0)
+        assert openai_generate(probe, endpoint, **body, prompt=[a])[0] == expected
+    for wrong in (0, -1):
+        error = refusal(post(probe, ENDPOINTS[endpoint][0], {**_required(endpoint), "repetition_penalty": wrong}))
+        assert error["param"] == "repetition_penalty"
+
+
+def _logit_bias(demo, probe, tokenizers, endpoint):
+    expected, body = _probe_text(tokenizers, endpoint, [7, 7, 7], logit_bias={"7": 5.0})
+    assert openai_generate(probe, endpoint, **body)[0] == expected
+    # -100 bans the greedy token, the probe's end-of-sequence: it runs to max_tokens
+    text, answer = openai_generate(probe, endpoint, max_tokens=3, temperature=0, logit_bias={"0": -100})
+    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 3
+    path = ENDPOINTS[endpoint][0]
+    for wrong in ({"x": 1.0}, {"-1": 1.0}, {"0": 101.0}, {"99999": 1.0}):
+        assert refusal(post(probe, path, {**_required(endpoint), "logit_bias": wrong}))["param"] == "logit_bias"
+
+
+def _min_p(demo, probe, tokenizers, endpoint):
+    greedy = text_of(generate(demo, endpoint, max_tokens=12, temperature=0, ignore_eos=True))
+    for seed in (1, 2):  # only the likeliest token is as likely as itself
+        sampled = generate(demo, endpoint, max_tokens=12, temperature=1.0, min_p=1.0, seed=seed, ignore_eos=True)
+        assert text_of(sampled) == greedy
+    free = {text_of(generate(demo, endpoint, max_tokens=12, temperature=1.0, seed=s, ignore_eos=True)) for s in (1, 2)}
+    assert free - {greedy}, "temperature 1 alone never left the greedy path: min_p 1 proved nothing"
+    zero = generate(demo, endpoint, max_tokens=12, temperature=1.0, min_p=0.0, seed=1, ignore_eos=True)
+    assert text_of(zero) == text_of(generate(demo, endpoint, max_tokens=12, temperature=1.0, seed=1, ignore_eos=True))
+
+
+def _min_tokens(demo, probe, tokenizers, endpoint):
+    path = ENDPOINTS[endpoint][0]
+    # the probe says its end-of-sequence token first, unless min_tokens holds it back (and a stop token id)
+    for extra in ({}, {"stop_token_ids": [1]}):
+        held = ok(probe, path, {**_probing(endpoint), "max_tokens": 8, "min_tokens": 3, **extra})
+        assert held["usage"]["completion_tokens"] == 4 and held["choices"][0]["finish_reason"] == "stop", extra
+    error = refusal(post(probe, path, {**_probing(endpoint), "max_tokens": 2, "min_tokens": 3}))
+    assert error["param"] == "min_tokens"
+
+
+def _allowed_token_ids(demo, probe, tokenizers, endpoint):
+    expected, body = _probe_text(tokenizers, endpoint, [9, 9, 9], allowed_token_ids=[12, 9])
+    assert openai_generate(probe, endpoint, **body)[0] == expected
+    path = ENDPOINTS[endpoint][0]
+    for wrong in ([], [99999]):
+        error = refusal(post(probe, path, {**_required(endpoint), "allowed_token_ids": wrong}))
+        assert error["param"] == "allowed_token_ids"
+
+
 HONOURED: dict[str, Callable[..., None]] = {
     "model": _model,
     "max_tokens": _max_tokens,
@@ -455,6 +562,13 @@ HONOURED: dict[str, Callable[..., None]] = {
     "top_p": _top_p,
     "top_k": _top_k,
     "seed": _seed,
+    "presence_penalty": _presence_penalty,
+    "frequency_penalty": _frequency_penalty,
+    "repetition_penalty": _repetition_penalty,
+    "logit_bias": _logit_bias,
+    "min_p": _min_p,
+    "min_tokens": _min_tokens,
+    "allowed_token_ids": _allowed_token_ids,
     "stop": _stop,
     "include_stop_str_in_output": _include_stop_str_in_output,
     "stop_token_ids": _stop_token_ids,

@@ -24,15 +24,16 @@ from daemon.tokenizer.generation_defaults import SamplingDefaults, read_sampling
 from daemon.tokenizer.loading import TokenizerError
 
 # The served model's defaults: top_k 1 makes any temperature greedy; do_sample false is not read,
-# as vLLM does not; repetition_penalty is not implemented, so only reported.
-TEMPERATURE, TOP_P, MAX_NEW_TOKENS = 0.3, 0.5, 5
+# as vLLM does not.
+TEMPERATURE, TOP_P, MIN_P, REPETITION_PENALTY, MAX_NEW_TOKENS = 0.3, 0.5, 0.3, 1.5, 5
 MODEL_DEFAULTS = {
     "temperature": TEMPERATURE,
     "top_p": TOP_P,
     "top_k": 1,
+    "min_p": MIN_P,
+    "repetition_penalty": REPETITION_PENALTY,
     "max_new_tokens": MAX_NEW_TOKENS,
     "do_sample": False,
-    "repetition_penalty": 1.1,
 }
 SEEDS = range(4)
 
@@ -48,14 +49,20 @@ def write_generation_config(directory: Path, **fields: Any) -> Path:
 
 def test_the_files_sampling_fields_become_defaults(tmp_path: Path) -> None:
     defaults = read_sampling_defaults(write_generation_config(tmp_path, **MODEL_DEFAULTS, eos_token_id=[1, 3]))
-    assert defaults.values == {"temperature": 0.3, "top_p": 0.5, "top_k": 1, "max_tokens": 5}
-    assert defaults.not_applied == ("repetition_penalty",)
+    assert defaults.values == {
+        "temperature": 0.3,
+        "top_p": 0.5,
+        "top_k": 1,
+        "min_p": 0.3,
+        "repetition_penalty": 1.5,
+        "max_tokens": 5,
+    }
 
 
 def test_no_file_no_nulls_no_defaults(tmp_path: Path) -> None:
     assert read_sampling_defaults(tmp_path) == SamplingDefaults()
-    nulls = write_generation_config(tmp_path / "nulls", temperature=None, top_k=None, repetition_penalty=1.0)
-    assert read_sampling_defaults(nulls) == SamplingDefaults()  # and a neutral penalty is nothing to report
+    nulls = write_generation_config(tmp_path / "nulls", temperature=None, top_k=None, repetition_penalty=None)
+    assert read_sampling_defaults(nulls) == SamplingDefaults()
 
 
 def test_top_k_of_minus_one_means_all_tokens(tmp_path: Path) -> None:
@@ -76,6 +83,8 @@ def test_top_k_of_minus_one_means_all_tokens(tmp_path: Path) -> None:
         ("top_k", 2.5),
         ("top_k", -2),
         ("max_new_tokens", 0),
+        ("min_p", 1.5),
+        ("repetition_penalty", 0),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_file_and_key(tmp_path: Path, key: str, value: Any) -> None:
@@ -120,8 +129,14 @@ def completion_tokens(daemon: RunningDaemon, path: str, body: dict[str, Any]) ->
 
 def test_the_tokenizer_reports_the_defaults_it_read(daemon: RunningDaemon) -> None:
     ready = daemon.wait_for_event("tokenizer.ready")
-    assert ready["model_defaults"] == {"temperature": TEMPERATURE, "top_p": TOP_P, "top_k": 1, "max_tokens": 5}
-    assert daemon.wait_for_event("tokenizer.model_defaults_not_applied")["fields"] == ["repetition_penalty"]
+    assert ready["model_defaults"] == {
+        "temperature": TEMPERATURE,
+        "top_p": TOP_P,
+        "top_k": 1,
+        "min_p": MIN_P,
+        "repetition_penalty": REPETITION_PENALTY,
+        "max_tokens": 5,
+    }
 
 
 def test_unset_top_k_takes_the_models(daemon: RunningDaemon) -> None:
@@ -144,6 +159,19 @@ def test_unset_top_p_takes_the_models(daemon: RunningDaemon) -> None:
     unset = [completion(daemon, **everything, seed=seed) for seed in SEEDS]
     assert unset == [completion(daemon, **everything, top_p=TOP_P, seed=seed) for seed in SEEDS]
     assert unset != [completion(daemon, **everything, top_p=1, seed=seed) for seed in SEEDS]
+
+
+def test_unset_repetition_penalty_takes_the_models(daemon: RunningDaemon) -> None:
+    unset = completion(daemon, temperature=0)
+    assert unset == completion(daemon, temperature=0, repetition_penalty=REPETITION_PENALTY)
+    assert unset != completion(daemon, temperature=0, repetition_penalty=1.0)
+
+
+def test_unset_min_p_takes_the_models(daemon: RunningDaemon) -> None:
+    everything = {"top_k": 0, "temperature": 1}
+    unset = [completion(daemon, **everything, seed=seed) for seed in SEEDS]
+    assert unset == [completion(daemon, **everything, min_p=MIN_P, seed=seed) for seed in SEEDS]
+    assert unset != [completion(daemon, **everything, min_p=0, seed=seed) for seed in SEEDS]
 
 
 def test_unset_chat_max_tokens_takes_the_models_max_new_tokens(daemon: RunningDaemon) -> None:

@@ -43,8 +43,8 @@ def uncached(tmp_path_factory, model_cache) -> RunningDaemon:
         yield running
 
 
-def complete(daemon: RunningDaemon, prompt: list[int], max_tokens: int = MAX_TOKENS) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+def complete(daemon: RunningDaemon, prompt: list[int], max_tokens: int = MAX_TOKENS, **fields) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **fields}
     response = httpx.post(daemon.url + "/v1/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
@@ -94,6 +94,24 @@ def test_concurrent_prompts_sharing_a_prefix_get_the_outputs_computed_without_th
     # admitted again, that is preempted (a readmission also counts the tokens it had generated).
     assert queried - queried_before > sum(map(len, PROMPTS)), "nothing was preempted"  # (not waited for)
     assert hits - hits_before >= len(PREFIX) and blocks > 0
+
+
+# Penalties that weigh the prompt's tokens (repetition) and the output's (frequency, presence)
+PENALTIES = {"repetition_penalty": 1.3, "frequency_penalty": 0.4, "presence_penalty": 0.3}
+
+
+def test_penalised_outputs_are_the_same_when_the_prompt_came_from_the_cache_and_after_preemption(cached, uncached):
+    """The worker counts what each sequence has seen from its whole prompt, cached part included,
+    and recomputation after a preemption counts nothing twice."""
+    alone = [text(complete(uncached, prompt, **PENALTIES)) for prompt in PROMPTS]
+    assert alone != [text(complete(uncached, prompt)) for prompt in PROMPTS], "the penalties changed nothing"
+    wait_engine_idle(cached, 30)
+    queried_before = cache_figures(cached)[0]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        answers = list(pool.map(lambda prompt: complete(cached, prompt, **PENALTIES), PROMPTS))
+    assert [text(a) for a in answers] == alone
+    queried, _hits, _blocks = figures_after(cached, queried_before + sum(map(len, PROMPTS)) - 1)
+    assert queried - queried_before > sum(map(len, PROMPTS)), "nothing was preempted"
 
 
 def test_the_same_prompt_asked_again_is_answered_the_same_from_the_cache(cached, expected):

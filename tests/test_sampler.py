@@ -1,4 +1,5 @@
-"""The batched sampler against the distributions it must draw from (no daemon, no model)."""
+"""The batched sampler against the distributions it must draw from, and the logits processors
+against their definitions (no daemon, no model)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from daemon.engine.logits_processors import apply_processors  # noqa: E402
 from daemon.engine.sampler import SamplingParams, sample  # noqa: E402
+from daemon.engine.token_counts import TokenCounts  # noqa: E402
 
 DRAWS = 6000  # rows of one batch: frequencies within 0.03 of their probabilities at ~5 sigma
 
@@ -78,3 +81,87 @@ def test_an_infinite_logit_fails_a_sampled_row_alone():
     drawn = sample(logits, params, [None] * 3, torch.Generator().manual_seed(7))
     assert isinstance(drawn[1], ValueError) and "NaN or inf" in str(drawn[1])
     assert isinstance(drawn[0], int) and isinstance(drawn[2], int)
+
+
+# --- what the options do to the logits (logits_processors.py) and the counts they read ------------------
+
+
+def counts_of(sequences: dict[int, tuple[list[int], list[int]]], vocab: int) -> TokenCounts:
+    """Token counts of sequences given as {seq_id: (prompt, output)}, fed as a worker feeds them:
+    the prompt in a chunk, then each output token in a step of its own."""
+    counts = TokenCounts(vocab, torch.device("cpu"))
+    for seq_id, (prompt, output) in sequences.items():
+        counts.start(seq_id, prompt)
+        counts.feed([(seq_id, 0, prompt)])  # a prefill feeds the prompt again: nothing to count
+        for i, token in enumerate(output):
+            counts.feed([(seq_id, len(prompt) + i, [token])])
+    return counts
+
+
+def test_penalties_follow_vllms_definitions_row_by_row():
+    vocab = 12
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(8)) * 3
+    sequences = {5: ([1, 2, 2], [3, 3, 3, 4]), 9: ([7], [8, 1]), 11: ([0], [0])}
+    counts = counts_of(sequences, vocab)
+    params = [
+        SamplingParams(repetition_penalty=1.7, frequency_penalty=0.5, presence_penalty=0.25),
+        SamplingParams(frequency_penalty=-0.3),
+        SamplingParams(),  # not penalised: its row is left alone
+    ]
+    got = apply_processors(logits.clone(), params, [5, 9, 11], counts)
+    for row, (seq_id, p) in enumerate(zip([5, 9, 11], params, strict=True)):
+        prompt, output = sequences[seq_id]
+        want = logits[row].clone()
+        for token in set(prompt) | set(output):
+            value = want[token]
+            want[token] = value / p.repetition_penalty if value > 0 else value * p.repetition_penalty
+        for token in set(output):
+            want[token] -= p.frequency_penalty * output.count(token) + p.presence_penalty
+        if not p.penalised:
+            want = logits[row]
+        torch.testing.assert_close(got[row], want)
+
+
+def test_recomputing_after_a_preemption_counts_nothing_twice():
+    counts = counts_of({3: ([4, 5], [6, 6])}, vocab=10)
+    assert counts.generated(3) == 2
+    counts.feed([(3, 0, [4, 5, 6, 6])])  # readmitted: its tokens are computed again, then it decodes on
+    counts.feed([(3, 4, [7])])
+    assert counts.generated(3) == 3
+    assert counts.output[counts.rows_of([3])[0]].tolist() == [0, 0, 0, 0, 0, 0, 2, 1, 0, 0]
+    assert counts.prompt[counts.rows_of([3])[0]].nonzero().flatten().tolist() == [4, 5]
+
+
+def test_released_rows_are_reused_clean_and_the_table_grows():
+    counts = counts_of({i: ([i], [i + 1]) for i in range(9)}, vocab=16)  # past the first 8 rows
+    counts.release(2)
+    counts.start(20, [15])
+    row = counts.rows_of([20])[0]
+    assert counts.output[row].sum() == 0 and counts.prompt[row].nonzero().flatten().tolist() == [15]
+    assert counts.generated(8) == 1 and counts.output[counts.rows_of([8])[0], 9] == 1
+
+
+def test_min_tokens_bias_and_allowed_ids_shape_the_greedy_choice():
+    vocab = 6
+    logits = torch.zeros(4, vocab)
+    logits[:, 2] = 5.0  # the stop token, likeliest
+    counts = counts_of({0: ([1], [3]), 1: ([1], [3, 3]), 2: ([1], []), 3: ([1], [])}, vocab)
+    params = [
+        SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(2, 99)),  # 1 generated: held back
+        SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(2,)),  # 2 generated: free
+        SamplingParams(temperature=0, logit_bias=((4, 10.0), (2, -100.0))),
+        SamplingParams(temperature=0, allowed_token_ids=(5, 1)),
+    ]
+    processed = apply_processors(logits, params, [0, 1, 2, 3], counts)
+    assert sample(processed, params, [None] * 4) == [0, 2, 4, 1]
+
+
+def test_min_p_keeps_only_tokens_near_the_likeliest():
+    logits = torch.tensor([2.0, 1.9, 1.0, 0.0, -1.0])
+    probs = torch.softmax(logits.double(), dim=-1)
+    params = [SamplingParams(min_p=0.5)] * DRAWS  # keeps p >= 0.5 p_max: tokens 0 and 1 only
+    drawn = sample(logits.repeat(DRAWS, 1), params, [None] * DRAWS, torch.Generator().manual_seed(9))
+    kept = probs[:2] / probs[:2].sum()
+    assert (frequencies(drawn, 5)[:2] - kept).abs().max() < 0.03 and frequencies(drawn, 5)[2:].sum() == 0
+    everything = sample(logits.repeat(DRAWS, 1), [SamplingParams(min_p=0.0)] * DRAWS, [None] * DRAWS)
+    assert (frequencies(everything, 5) - probs).abs().max() < 0.03

@@ -18,9 +18,11 @@ import torch
 from daemon.engine.host_tensors import long_tensor
 from daemon.engine.kv_cache import KVCache
 from daemon.engine.layers.attention import AttentionBatch, attention_group
+from daemon.engine.logits_processors import apply_processors, needs_processing
 from daemon.engine.model_dir import model_info_from_config, read_config
 from daemon.engine.models.registry import resolve
 from daemon.engine.sampler import SamplingParams, sample
+from daemon.engine.token_counts import TokenCounts
 from daemon.engine.weights import load_weights
 
 
@@ -34,6 +36,9 @@ class SequenceChunk:
     block_table: list[int]  # cache blocks holding positions [0, start + len(token_ids))
     sample: bool = True  # sample the next token after this chunk (False for all but a prompt's last chunk)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # the whole prompt, with the first chunk after the sequence is admitted, where its sampling
+    # needs the tokens it has seen (penalties, min_tokens: token_counts.py)
+    prompt_ids: list[int] | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -85,6 +90,7 @@ class ModelRunner:
         # requests without a seed of their own draw from this one generator, together
         self._shared_generator = torch.Generator(self.device).manual_seed(seed)
         self._generators: dict[int, torch.Generator] = {}  # by sequence, for requests with a seed
+        self._counts: TokenCounts | None = None  # made when a sequence first needs them
         self.last_sampled: dict[int, int] = {}  # the previous step's tokens, by sequence
         self.failures: dict[int, str] = {}  # the previous step's sequences whose sampling failed, with why
 
@@ -106,8 +112,12 @@ class ModelRunner:
             return self.last_sampled
         samplers = [c for c in chunks if c.sample]
         logits = self.logits(chunks)
+        self._count(chunks, logits.shape[1])
+        params = [c.sampling for c in samplers]
+        if any(needs_processing(p) for p in params):
+            logits = apply_processors(logits, params, [c.seq_id for c in samplers], self._counts)
         generators = [self._generator(c) for c in samplers]
-        drawn = sample(logits, [c.sampling for c in samplers], generators, self._shared_generator)
+        drawn = sample(logits, params, generators, self._shared_generator)
         for chunk, token in zip(samplers, drawn, strict=True):
             if isinstance(token, Exception):
                 self.failures[chunk.seq_id] = f"{type(token).__name__}: {token}"
@@ -128,13 +138,31 @@ class ModelRunner:
         return self.model.logits(hidden.index_select(0, long_tensor(last_rows, self.device)))
 
     def release(self, seq_id: int) -> None:
-        """Forget a finished sequence's random generator."""
+        """Forget a finished sequence's random generator and token counts."""
         self._generators.pop(seq_id, None)
+        if self._counts is not None:
+            self._counts.release(seq_id)
 
     def forget_all(self) -> None:
         """Forget every sequence (a new scheduler numbers them afresh)."""
         self._generators.clear()
+        if self._counts is not None:
+            self._counts.clear()
         self.last_sampled, self.failures = {}, {}
+
+    def _count(self, chunks: list[SequenceChunk], vocab: int) -> None:
+        """Bring the token counts of the step's sequences that need them up to date."""
+        counted = [c for c in chunks if c.sampling.needs_counts]
+        if not counted:
+            return
+        if self._counts is None:
+            self._counts = TokenCounts(vocab, self.device)
+        for c in counted:
+            # a sequence known already is one readmitted after a preemption: its counts stand (its
+            # recomputation feeds in only tokens they hold)
+            if c.seq_id not in self._counts:
+                self._counts.start(c.seq_id, c.prompt_ids or [])  # sent with its first chunk
+        self._counts.feed([(c.seq_id, c.start, c.token_ids) for c in counted])
 
     def _generator(self, chunk: SequenceChunk) -> torch.Generator | None:
         """The sequence's own generator if its request has a seed (None: it draws from the shared one)."""

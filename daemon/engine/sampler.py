@@ -1,4 +1,6 @@
-"""Choosing the next token from logits: greedy, or sampled with temperature, top-k and top-p.
+"""Choosing the next token from logits: greedy, or sampled with temperature, min-p, top-k and top-p.
+
+(The options that change the logits first, penalties and biases, are logits_processors.py.)
 
 The whole batch is sampled with a handful of tensor operations, on the logits'
 device: temperatures, top-k and top-p become per-row tensors, and the draw is
@@ -34,11 +36,29 @@ class SamplingParams:
     temperature: float = 1.0  # 0 (or below GREEDY_BELOW_TEMPERATURE): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: no limit
+    min_p: float = 0.0  # keep tokens at least this likely relative to the likeliest (0: all)
     seed: int | None = None  # None: drawn from the engine's generator
+    # applied to the logits before the above (logits_processors.py)
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_tokens: int = 0  # stop_token_ids are held back until this many tokens were generated
+    stop_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    allowed_token_ids: tuple[int, ...] = ()  # empty: all
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def needs_counts(self) -> bool:
+        """Whether sampling needs the sequence's token counts (token_counts.py)."""
+        return self.penalised or self.min_tokens > 0
 
 
 def sample(
@@ -82,12 +102,18 @@ def sample(
 def _distribution(
     logits: torch.Tensor, maxima: torch.Tensor, params: list[SamplingParams], rows: list[int]
 ) -> torch.Tensor:
-    """The probabilities to draw from, after temperature, top-k and top-p: [rows, vocab]."""
+    """The probabilities to draw from, after temperature, min-p, top-k and top-p: [rows, vocab]."""
     device, vocab = logits.device, logits.shape[-1]
     temperature = torch.tensor([params[r].temperature for r in rows], device=device, dtype=logits.dtype)
     # Shifted so that the top logit is 0 before scaling: a small temperature drives the others
     # towards -inf (probability 0), never the top one towards +inf (NaN after softmax).
     scaled = (logits - maxima.unsqueeze(1)) / temperature.unsqueeze(1)
+    min_p = [params[r].min_p for r in rows]
+    if any(min_p):
+        # p / p_max = e^scaled (the top is 0): min-p keeps the tokens with scaled >= log(min_p),
+        # which no renormalisation (top-k, top-p) changes; min_p 0 is log 0 = -inf, keeping all
+        floor = torch.tensor(min_p, device=device, dtype=torch.float64).log().to(logits.dtype)
+        scaled = scaled.masked_fill(scaled < floor.unsqueeze(1), float("-inf"))
     top_k = [params[r].top_k if 0 < params[r].top_k < vocab else 0 for r in rows]
     if any(top_k):
         widest = max(top_k)

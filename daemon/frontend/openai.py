@@ -15,7 +15,14 @@ from daemon.config.schema import DaemonSettings
 from daemon.frontend import parsing
 from daemon.frontend.asgi import BadRequest
 from daemon.frontend.parsing import Unknown
-from daemon.frontend.request_models import TOKEN_ID, ChatRequest, CompletionRequest, RequestModel, check_policy
+from daemon.frontend.request_models import (
+    IPC_INT_MAX,
+    TOKEN_ID,
+    ChatRequest,
+    CompletionRequest,
+    RequestModel,
+    check_policy,
+)
 from daemon.ipc.messages import ChatOptions, GenerateRequest, ModelDefaultField, Sampling
 
 log = structlog.get_logger("daemon.frontend")
@@ -60,9 +67,16 @@ def to_generate_requests(
         temperature=_default(request.temperature, 1.0),
         top_p=_default(request.top_p, 1.0),
         top_k=max(request.top_k or 0, 0),
+        min_p=_default(request.min_p, 0.0),
         seed=request.seed,
         stop_token_ids=tuple(request.stop_token_ids or ()),
         ignore_eos=_default(request.ignore_eos, False),
+        repetition_penalty=_default(request.repetition_penalty, 1.0),
+        frequency_penalty=_default(request.frequency_penalty, 0.0),
+        presence_penalty=_default(request.presence_penalty, 0.0),
+        min_tokens=request.min_tokens or 0,
+        logit_bias=_logit_bias(request.logit_bias),
+        allowed_token_ids=tuple(request.allowed_token_ids or ()),
     )
     # left to the model's defaults (generation_config.json), which the tokenizer tier reads
     unset_sampling = tuple(name for name in get_args(ModelDefaultField) if getattr(request, name) is None)
@@ -88,6 +102,17 @@ def to_generate_requests(
 
 def _default(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (id, bias) pairs (the tokenizer checks the ids are in the vocabulary)."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or int(key) > IPC_INT_MAX:
+            raise BadRequest(f"logit_bias keys must be token ids (integers as strings), not {key!r}", "logit_bias")
+        if value:
+            pairs.append((int(key), value))
+    return tuple(sorted(pairs))
 
 
 def _chat_options(request: ChatRequest) -> ChatOptions:

@@ -139,25 +139,36 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Not implemented yet: refused unless they ask for nothing.
     n: Annotated[Int, refused("Choices per prompt.", neutral=(None, 1), planned=SAMPLING_ISSUE)] = None
     presence_penalty: Annotated[
-        Float, refused("Penalty on tokens already present.", neutral=(None, 0.0), planned=SAMPLING_ISSUE)
+        Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] | None,
+        honoured("Subtracted once from the logit of every token generated so far (-2 to 2)."),
     ] = None
     frequency_penalty: Annotated[
-        Float, refused("Penalty by token frequency.", neutral=(None, 0.0), planned=SAMPLING_ISSUE)
+        Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] | None,
+        honoured("Subtracted from a token's logit once per time it was generated so far (-2 to 2)."),
     ] = None
     repetition_penalty: Annotated[
-        Float, refused("vLLM's repetition penalty.", neutral=(None, 1.0), planned=SAMPLING_ISSUE)
+        Annotated[float, msgspec.Meta(gt=0.0)] | None,
+        honoured(
+            "vLLM's: the logit of a token in the prompt or generated so far is divided by it if positive, "
+            "multiplied if not (1: none). Unset: the model's default (generation_config.json), else 1."
+        ),
     ] = None
     logit_bias: Annotated[
-        dict[str, float] | None, refused("Bias added to token logits.", neutral=(None, {}), planned=SAMPLING_ISSUE)
+        Annotated[dict[str, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]], msgspec.Meta(max_length=1024)] | None,
+        honoured("Added to the logits of the token ids given as keys (-100 to 100; -100 bans, 100 forces)."),
     ] = None
     min_p: Annotated[
-        Float,
-        refused("Minimum probability relative to the likeliest token.", neutral=(None, 0.0), planned=SAMPLING_ISSUE),
+        Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None,
+        honoured(
+            "Sample only among tokens at least min_p times as likely as the likeliest (after temperature). "
+            "Unset: the model's default (generation_config.json), else 0."
+        ),
     ] = None
     min_tokens: Annotated[
-        Int,
-        refused(
-            "Tokens to generate before end-of-sequence may end the text.", neutral=(None, 0), planned=SAMPLING_ISSUE
+        Annotated[int, msgspec.Meta(ge=0, le=IPC_INT_MAX)] | None,
+        honoured(
+            "Tokens to generate before the end-of-sequence token or a stop_token_ids token may end the text "
+            "(at most max_tokens)."
         ),
     ] = None
     prompt_logprobs: Annotated[Int, refused("Log-probabilities of the prompt's tokens.", planned=SAMPLING_ISSUE)] = None
@@ -166,7 +177,8 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ] = None
     length_penalty: Annotated[Float, refused("Beam search's length penalty.", neutral=(None, 1.0), planned=None)] = None
     allowed_token_ids: Annotated[
-        list[int] | None, refused("Only these tokens may be generated.", planned=SAMPLING_ISSUE)
+        Annotated[list[TokenId], msgspec.Meta(min_length=1)] | None,
+        honoured("Only these token ids may be generated."),
     ] = None
     bad_words: Annotated[
         list[str] | None, refused("Words that may not be generated.", neutral=(None, []), planned=SAMPLING_ISSUE)

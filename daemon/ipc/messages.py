@@ -17,7 +17,7 @@ import msgspec
 FinishReason = Literal["stop", "length", "abort", "error"]
 # The sampling fields whose default, when a request leaves them unset, is the model's own
 # (generation_config.json) where it has one: Sampling holds the neutral value until then.
-ModelDefaultField = Literal["temperature", "top_p", "top_k"]
+ModelDefaultField = Literal["temperature", "top_p", "top_k", "min_p", "repetition_penalty"]
 
 
 class Sampling(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -29,9 +29,22 @@ class Sampling(msgspec.Struct, frozen=True, omit_defaults=True):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_tokens: int = 0  # the stop token ids (end-of-sequence included) are held back until then
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    allowed_token_ids: tuple[int, ...] = ()  # empty: all
+
+    @property
+    def needs_token_counts(self) -> bool:
+        """Whether the worker needs the tokens the sequence has seen (its prompt among them)."""
+        penalised = self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+        return penalised or self.min_tokens > 0
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):
@@ -144,6 +157,8 @@ class PlannedChunk(msgspec.Struct, frozen=True, array_like=True):
     block_table: list[int]
     sample: bool
     sampling: Sampling
+    # the whole prompt, with the first chunk after admission when sampling.needs_token_counts
+    prompt_ids: list[int] | None = None
 
 
 class StepPlan(msgspec.Struct, frozen=True, tag=True):

@@ -257,7 +257,10 @@ class Batcher:
         # past the known tokens: the one the step in flight samples
         token_ids = seq.token_ids[start : start + work.tokens] if start < seq.length else [SAMPLED_LAST_STEP]
         table = list(self.blocks.table(seq.seq_id))
-        return PlannedChunk(seq.seq_id, token_ids, start, table, work.sample, seq.sampling)
+        prompt_ids = None
+        if seq.prompt_unsent:  # the worker counts what the sequence has seen from its prompt on
+            prompt_ids, seq.prompt_unsent = seq.prompt_ids, False
+        return PlannedChunk(seq.seq_id, token_ids, start, table, work.sample, seq.sampling, prompt_ids)
 
     def complete(self, result: StepResult) -> dict[int, list[SequenceUpdate]]:
         """Apply a finished step; returns the updates to send, by tokenizer worker."""
@@ -355,6 +358,7 @@ class Batcher:
         self.blocks.take(seq.seq_id, cached)
         self.blocks.grow(seq.seq_id, seq.length + 1)
         seq.computed = len(cached) * self.blocks.block_size
+        seq.prompt_unsent = seq.sampling.needs_token_counts
         if self.blocks.caching:
             self.counts.queried += seq.length
             self.counts.hits += seq.computed

@@ -33,6 +33,7 @@ class Sequence:
     unsent: list[int] = field(default_factory=list)  # sampled but not yet sent to the tokenizer
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks known so far (prefix caching)
     cached_tokens: int | None = None  # prompt tokens found in the prefix cache when it was first admitted
+    prompt_unsent: bool = False  # its sampling needs its prompt in the worker, which has not had it yet
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,10 +1,9 @@
 """The sampling defaults a model ships in its generation_config.json, for what requests leave unset.
 
-As vLLM does by default (--generation-config auto): temperature, top_p, top_k, and
-max_new_tokens as the default max_tokens, each where the file sets it; a field the request
-sets wins. Like vLLM, do_sample is not read: a file with do_sample false and a temperature
-samples at that temperature (transformers would be greedy). vLLM also reads min_p and
-repetition_penalty, which the daemon does not implement yet: they are reported, not applied.
+As vLLM does by default (--generation-config auto): temperature, top_p, top_k, min_p,
+repetition_penalty, and max_new_tokens as the default max_tokens, each where the file sets
+it; a field the request sets wins. Like vLLM, do_sample is not read: a file with do_sample
+false and a temperature samples at that temperature (transformers would be greedy).
 """
 
 from __future__ import annotations
@@ -44,10 +43,10 @@ RULES: dict[str, DefaultRule] = {
     "top_p": DefaultRule("top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", float),
     # 0 and -1 both mean all tokens, as in requests; Sampling spells it 0
     "top_k": DefaultRule("top_k", lambda v: _is_integer(v) and v >= -1, "an integer >= -1", lambda v: max(v, 0)),
+    "min_p": DefaultRule("min_p", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]", float),
+    "repetition_penalty": DefaultRule("repetition_penalty", lambda v: _is_number(v) and v > 0, "a number > 0", float),
     "max_new_tokens": DefaultRule("max_tokens", lambda v: _is_integer(v) and v >= 1, "an integer >= 1"),
 }
-# Read by vLLM, not implemented here: a model that sets them is served without them, and says so.
-NOT_APPLIED = {"repetition_penalty": 1.0, "min_p": 0.0}  # with the value that changes nothing
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,6 @@ class SamplingDefaults:
     """The model's defaults, by Sampling field; empty when it has none."""
 
     values: Mapping[str, Any] = field(default_factory=dict)
-    not_applied: tuple[str, ...] = ()  # keys the file sets that the daemon cannot honour
 
     def apply(self, sampling: Sampling, unset: Iterable[str]) -> Sampling:
         """`sampling` with the model's default in each of the `unset` fields that has one."""
@@ -78,5 +76,4 @@ def read_sampling_defaults(model_dir: Path) -> SamplingDefaults:
         if not rule.valid(value):
             raise TokenizerError(f"{path}: {key} must be {rule.expected}, not {value!r}")
         values[rule.sampling_field] = rule.convert(value)
-    not_applied = tuple(key for key, neutral in NOT_APPLIED.items() if config.get(key) not in (None, neutral))
-    return SamplingDefaults(values, not_applied)
+    return SamplingDefaults(values)

@@ -31,6 +31,7 @@ from daemon.ipc.messages import (
     GenerateOutput,
     GenerateRequest,
     OutputBatch,
+    Sampling,
     ScheduleRequest,
     SchedulerHello,
     SequenceUpdate,
@@ -111,8 +112,6 @@ class TokenizerService:
         log.info(
             "tokenizer.ready", vocab=self.text.vocab_size, context=self.served.length, model_defaults=defaults.values
         )
-        if defaults.not_applied:  # generation_config.json sets them: outputs differ from what the model's makers tuned
-            log.warning("tokenizer.model_defaults_not_applied", fields=list(defaults.not_applied))
         self._handle(early)
         draining_since: float | None = None
         last_message = time.monotonic()
@@ -255,6 +254,8 @@ class TokenizerService:
                 "completion). Please reduce the prompt or max_tokens."
             )
             return self._reject(request, ErrorInfo(400, message, param="max_tokens"))
+        if (problem := self._sampling_problem(request.sampling, max_tokens)) is not None:
+            return self._reject(request, problem)
         stop_ids = set(request.sampling.stop_token_ids)
         if not request.sampling.ignore_eos:
             stop_ids |= self.text.eos_token_ids
@@ -277,6 +278,21 @@ class TokenizerService:
             frozenset() if request.include_stop_str_in_output else frozenset(stop_ids),
             len(prompt_ids),
         )
+
+    def _sampling_problem(self, sampling: Sampling, max_tokens: int) -> ErrorInfo | None:
+        """What in the sampling options the model cannot take: token ids beyond its vocabulary,
+        min_tokens beyond max_tokens."""
+        vocab = self.text.vocab_size
+        for param, ids in (
+            ("logit_bias", [token for token, _bias in sampling.logit_bias]),
+            ("allowed_token_ids", sampling.allowed_token_ids),
+        ):
+            if any(token >= vocab for token in ids):
+                return ErrorInfo(400, f"{param}: token ids must be in 0..{vocab - 1}", param=param)
+        if sampling.min_tokens > max_tokens:
+            message = f"min_tokens ({sampling.min_tokens}) must be at most max_tokens ({max_tokens})"
+            return ErrorInfo(400, message, param="min_tokens")
+        return None
 
     def _prompt_text(self, request: GenerateRequest | Tokenize) -> PromptText:
         """What to tokenize: the prompt, or the conversation rendered (cheap, unlike tokenizing)."""

@@ -6,7 +6,7 @@ import time
 
 from daemon.engine.runner import ModelRunner, SequenceChunk
 from daemon.engine.sampler import SamplingParams
-from daemon.ipc.messages import SAMPLED_LAST_STEP, PlannedChunk, StepPlan, StepResult
+from daemon.ipc.messages import SAMPLED_LAST_STEP, PlannedChunk, Sampling, StepPlan, StepResult
 
 NOT_SAMPLED = "its previous token was never sampled (that step failed for it)"
 
@@ -44,5 +44,23 @@ def _chunk(c: PlannedChunk, last_sampled: dict[int, int]) -> SequenceChunk:
         start=c.start,
         block_table=c.block_table,
         sample=c.sample,
-        sampling=SamplingParams(c.sampling.temperature, c.sampling.top_p, c.sampling.top_k, c.sampling.seed),
+        sampling=engine_sampling(c.sampling),
+        prompt_ids=c.prompt_ids,
+    )
+
+
+def engine_sampling(sampling: Sampling) -> SamplingParams:
+    return SamplingParams(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        min_p=sampling.min_p,
+        seed=sampling.seed,
+        repetition_penalty=sampling.repetition_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        presence_penalty=sampling.presence_penalty,
+        min_tokens=sampling.min_tokens,
+        stop_token_ids=sampling.stop_token_ids,
+        logit_bias=sampling.logit_bias,
+        allowed_token_ids=sampling.allowed_token_ids,
     )
