@@ -554,6 +554,47 @@ def _allowed_token_ids(demo, probe, tokenizers, endpoint):
         assert error["param"] == "allowed_token_ids"
 
 
+def _n(demo, probe, tokenizers, endpoint):
+    client = openai.OpenAI(base_url=demo.url + "/v1", api_key="unused", max_retries=0)
+    sampled = {"max_tokens": 8, "temperature": 1.5, "seed": 5, "extra_body": {"ignore_eos": True}}
+
+    def ask(n: int, seed: int, prompt: Any = "Once upon a time", **fields: Any) -> Any:
+        if endpoint == "completions":
+            return client.completions.create(model="demo", prompt=prompt, n=n, **{**sampled, "seed": seed}, **fields)
+        return client.chat.completions.create(model="demo", messages=CHAT, n=n, **{**sampled, "seed": seed}, **fields)
+
+    def texts(answer: Any) -> list[str]:
+        ordered = sorted(answer.choices, key=lambda c: c.index)
+        return [c.text if endpoint == "completions" else c.message.content for c in ordered]
+
+    three = ask(3, seed=5)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    singles = [ask(1, seed=5 + j) for j in range(3)]  # choice j draws from seed + j
+    assert texts(three) == [texts(single)[0] for single in singles] and len(set(texts(three))) > 1
+    # the prompt counts once, every choice's tokens count
+    assert three.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert three.usage.completion_tokens == sum(single.usage.completion_tokens for single in singles)
+    if endpoint == "completions":  # choices prompt by prompt, n each
+        two_by_two = ask(2, seed=5, prompt=["Once upon a time", "The river"])
+        by_prompt = [texts(ask(2, seed=5, prompt=p)) for p in ("Once upon a time", "The river")]
+        assert texts(two_by_two) == by_prompt[0] + by_prompt[1]
+        parts = ask(3, seed=5, stream=True)
+        streamed = ["", "", ""]
+        for chunk in parts:
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.text
+    else:
+        parts = ask(3, seed=5, stream=True)
+        streamed = ["", "", ""]
+        for chunk in parts:
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.delta.content or ""
+    assert streamed == texts(three)
+    path = ENDPOINTS[endpoint][0]
+    for wrong in (0, 17):  # past server.max_choices_per_prompt (16)
+        assert refusal(post(demo, path, {**_required(endpoint), "n": wrong}))["param"] == "n"
+
+
 HONOURED: dict[str, Callable[..., None]] = {
     "model": _model,
     "max_tokens": _max_tokens,
@@ -562,6 +603,7 @@ HONOURED: dict[str, Callable[..., None]] = {
     "top_p": _top_p,
     "top_k": _top_k,
     "seed": _seed,
+    "n": _n,
     "presence_penalty": _presence_penalty,
     "frequency_penalty": _frequency_penalty,
     "repetition_penalty": _repetition_penalty,

@@ -114,6 +114,19 @@ def test_penalised_outputs_are_the_same_when_the_prompt_came_from_the_cache_and_
     assert queried - queried_before > sum(map(len, PROMPTS)), "nothing was preempted"
 
 
+def test_the_choices_of_one_prompt_prefill_it_once(cached):
+    """n = 4: the first choice computes the prompt's full blocks, the other three find them cached."""
+    prompt = [(29 * i + 17) % 1000 + 4 for i in range(100)]  # six full blocks no other test asks for
+    wait_engine_idle(cached, 30)
+    queried, hits, _blocks = cache_figures(cached)
+    body = {"prompt": prompt, "max_tokens": 8, "n": 4, "temperature": 1.0, "seed": 1, "ignore_eos": True}
+    response = httpx.post(cached.url + "/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 4
+    after = figures_after(cached, queried + 4 * len(prompt) - 1)
+    assert after[1] - hits >= 3 * 96
+
+
 def test_the_same_prompt_asked_again_is_answered_the_same_from_the_cache(cached, expected):
     queried, hits, _blocks = cache_figures(cached)
     assert text(complete(cached, PROMPTS[3])) == expected[3]

@@ -160,7 +160,7 @@ def test_request_id_is_kept_and_returned(daemon):
         (json.dumps({"prompt": "x", "max_tokens": "many"}).encode(), 400, "max_tokens"),
         (json.dumps({"prompt": "x", "temperature": 7}).encode(), 400, "temperature"),
         (json.dumps({"max_tokens": 3}).encode(), 400, None),
-        (json.dumps({"prompt": "x", "n": 2}).encode(), 400, "n"),
+        (json.dumps({"prompt": "x", "n": 999}).encode(), 400, "n"),
         (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model"),
         (json.dumps({"prompt": "x", "max_tokens": 100000}).encode(), 400, "max_tokens"),
         (json.dumps({"prompt": [1.5]}).encode(), 400, "prompt"),

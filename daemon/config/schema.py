@@ -251,6 +251,14 @@ class ServerSettings(Section):
         ge=1,
         le=65536,
     )
+    max_choices_per_prompt: int = setting(
+        16,
+        doc="Largest `n` a request may ask for: choices sampled from each prompt, each scheduled as its own "
+        "request (they share the prompt's cached blocks). More: 400.",
+        reload=Reload.LIVE,
+        ge=1,
+        le=1024,
+    )
     unknown_request_fields: Literal["reject", "ignore"] = setting(
         "reject",
         doc="What a request field the API does not know gets. reject: a 400 naming it, with the closest "

@@ -217,7 +217,8 @@ class Application:
                 return await send_error(send, exc.error, headers)
             except ClientGone:
                 return
-            generation = Generation(self.gateway, requests, Responder(chat, echoed, served), headers)
+            responder = Responder(chat, echoed, served, len(requests), parsed.n or 1)
+            generation = Generation(self.gateway, requests, responder, headers)
             if parsed.stream:
                 include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
                 await until_disconnected(receive, generation.stream(send, include_usage))

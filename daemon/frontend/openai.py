@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, get_args
 
+import msgspec
 import structlog
 
 from daemon.config.schema import DaemonSettings
@@ -78,14 +79,31 @@ def to_generate_requests(
         logit_bias=_logit_bias(request.logit_bias),
         allowed_token_ids=tuple(request.allowed_token_ids or ()),
     )
+    choices = request.n or 1
+    if choices > settings.server.max_choices_per_prompt:
+        limit = settings.server.max_choices_per_prompt
+        raise BadRequest(f"n must be at most {limit} (server.max_choices_per_prompt)", "n")
     # left to the model's defaults (generation_config.json), which the tokenizer tier reads
     unset_sampling = tuple(name for name in get_args(ModelDefaultField) if getattr(request, name) is None)
     arrival = time.time()
+    # choice index = prompt index * n + j, as vLLM numbers them; choice j of a seeded request draws
+    # from seed + j, as vLLM's do (the same seed for all would give n copies of one answer)
+    seeded = [
+        (
+            index * choices + j,
+            prompt,
+            sampling
+            if sampling.seed is None
+            else msgspec.structs.replace(sampling, seed=(sampling.seed + j) % (IPC_INT_MAX + 1)),
+        )
+        for index, prompt in enumerate(prompts)
+        for j in range(choices)
+    ]
     return [
         GenerateRequest(
-            request_id=request_id if len(prompts) == 1 else f"{request_id}-{index}",
+            request_id=request_id if len(seeded) == 1 else f"{request_id}-{index}",
             reply_to=reply_to,
-            sampling=sampling,
+            sampling=choice_sampling,
             truncate_prompt_tokens=request.truncate_prompt_tokens,
             skip_special_tokens=_default(request.skip_special_tokens, True),
             include_stop_str_in_output=_default(request.include_stop_str_in_output, False),
@@ -96,7 +114,7 @@ def to_generate_requests(
             unset_sampling=unset_sampling,
             **prompt,
         )
-        for index, prompt in enumerate(prompts)
+        for index, prompt, choice_sampling in seeded
     ]
 
 

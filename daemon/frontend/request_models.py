@@ -136,8 +136,14 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         ),
     ] = None
     user: Annotated[str | None, logged("An end-user id, for the client's records.")] = None
+    n: Annotated[
+        Annotated[int, msgspec.Meta(ge=1, le=IPC_INT_MAX)] | None,
+        honoured(
+            "Choices sampled from each prompt (at most server.max_choices_per_prompt), indexed prompt by prompt; "
+            "with a seed, choice j draws from seed + j."
+        ),
+    ] = None
     # Not implemented yet: refused unless they ask for nothing.
-    n: Annotated[Int, refused("Choices per prompt.", neutral=(None, 1), planned=SAMPLING_ISSUE)] = None
     presence_penalty: Annotated[
         Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] | None,
         honoured("Subtracted once from the logit of every token generated so far (-2 to 2)."),

@@ -103,24 +103,29 @@ class ErrorResponse(msgspec.Struct):
     error: ErrorObject
 
 
-def _usage(lasts: list[GenerateOutput]) -> Usage:
-    prompt = sum(last.prompt_tokens for last in lasts)
-    completion = sum(last.completion_tokens for last in lasts)
-    cached = sum(last.cached_tokens for last in lasts)
-    return Usage(prompt, completion, prompt + completion, PromptTokensDetails(cached))
-
-
 class Responder:
-    """Shapes one request's outputs as OpenAI completion or chat-completion bodies, a choice per prompt."""
+    """Shapes one request's outputs as OpenAI completion or chat-completion bodies: `choices` in all,
+    `per_prompt` (n) of them for each prompt, one after another."""
 
-    def __init__(self, chat: bool, response_id: str, model: str):
+    def __init__(self, chat: bool, response_id: str, model: str, choices: int = 1, per_prompt: int = 1):
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + response_id
         self.model = model
         self.created = int(time.time())
+        self.choices, self.per_prompt = choices, per_prompt
+
+    def _usage(self, lasts: list[GenerateOutput]) -> Usage:
+        """Every choice's completion tokens; each prompt's tokens once, as OpenAI and vLLM count
+        them (the first choice of each prompt stands for it, and reports what the cache held of it
+        before its siblings could find it there)."""
+        firsts = lasts[:: self.per_prompt]
+        prompt = sum(last.prompt_tokens for last in firsts)
+        completion = sum(last.completion_tokens for last in lasts)
+        cached = sum(last.cached_tokens for last in firsts)
+        return Usage(prompt, completion, prompt + completion, PromptTokensDetails(cached))
 
     def full(self, results: list[tuple[str, GenerateOutput]]) -> Completion | ChatCompletion:
-        usage = _usage([last for _text, last in results])
+        usage = self._usage([last for _text, last in results])
         if self.chat:
             choices = [
                 ChatChoice(index, ChatMessage("assistant", text), last.finish_reason)
@@ -133,8 +138,8 @@ class Responder:
     def first_chunk(self) -> ChatCompletionChunk | None:
         if not self.chat:
             return None
-        opening = ChatChunkChoice(0, ChatDelta(role="assistant", content=""), None)
-        return ChatCompletionChunk(self.id, self.created, self.model, [opening])
+        openings = [ChatChunkChoice(i, ChatDelta(role="assistant", content=""), None) for i in range(self.choices)]
+        return ChatCompletionChunk(self.id, self.created, self.model, openings)
 
     def chunk(self, index: int, output: GenerateOutput) -> Completion | ChatCompletionChunk:
         if self.chat:
@@ -147,5 +152,5 @@ class Responder:
 
     def usage_chunk(self, lasts: list[GenerateOutput]) -> Completion | ChatCompletionChunk:
         if self.chat:
-            return ChatCompletionChunk(self.id, self.created, self.model, [], usage=_usage(lasts))
-        return Completion(self.id, self.created, self.model, [], usage=_usage(lasts))
+            return ChatCompletionChunk(self.id, self.created, self.model, [], usage=self._usage(lasts))
+        return Completion(self.id, self.created, self.model, [], usage=self._usage(lasts))
