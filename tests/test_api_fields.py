@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -184,8 +185,10 @@ def test_refused_field_is_refused_naming_it_and_its_neutral_values_pass(demo, ro
 def test_the_openai_client_sees_a_refusal_as_bad_request(demo):
     client = openai.OpenAI(base_url=demo.url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError) as raised:
-        client.chat.completions.create(model="demo", messages=CHAT, logprobs=True, top_logprobs=2)
-    assert raised.value.body["param"] == "logprobs"
+        client.chat.completions.create(
+            model="demo", messages=CHAT, tools=[{"type": "function", "function": {"name": "f"}}]
+        )
+    assert raised.value.body["param"] == "tools"
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(model="demo", messages=CHAT, top_logprobs=2)
     assert raised.value.body["param"] == "top_logprobs"
@@ -449,7 +452,16 @@ def _documents(demo, probe, tokenizers, endpoint):
 
 # --- honoured sampling options: on the probe, whose logits are all 0 before they change them ----------
 
-OPENAI_FIELDS = {"model", "max_tokens", "temperature", "presence_penalty", "frequency_penalty", "logit_bias", "seed"}
+OPENAI_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "seed",
+    "logprobs",
+}
 
 
 def openai_generate(daemon: RunningDaemon, endpoint: str, **fields: Any) -> tuple[str, Any]:
@@ -595,6 +607,65 @@ def _n(demo, probe, tokenizers, endpoint):
         assert refusal(post(demo, path, {**_required(endpoint), "n": wrong}))["param"] == "n"
 
 
+def _completions_logprobs(demo, probe, tokenizers, endpoint):
+    client = openai.OpenAI(base_url=demo.url + "/v1", api_key="unused", max_retries=0)
+    ask = {"model": "demo", "prompt": "Once upon a time", "max_tokens": 6, "extra_body": {"ignore_eos": True}}
+    greedy = client.completions.create(**ask, temperature=0, logprobs=3)
+    found = greedy.choices[0].logprobs
+    assert len(found.tokens) == len(found.token_logprobs) == greedy.usage.completion_tokens == 6
+    assert "".join(found.tokens) == greedy.choices[0].text
+    for token, logprob, top in zip(found.tokens, found.token_logprobs, found.top_logprobs, strict=True):
+        assert len(top) in (3, 4) and top[token] == logprob  # the 3 likeliest and the token itself
+        assert logprob == pytest.approx(max(top.values()), abs=1e-6) and logprob < 0  # greedy: the likeliest
+    assert found.text_offset == [sum(map(len, found.tokens[:i])) for i in range(6)]
+    only = client.completions.create(**ask, temperature=0, logprobs=0).choices[0].logprobs
+    assert [list(top) for top in only.top_logprobs] == [[token] for token in only.tokens]
+    assert client.completions.create(**ask, temperature=0).choices[0].logprobs is None
+    streamed = client.completions.create(**ask, temperature=0, logprobs=3, stream=True)
+    tokens, offsets = [], []
+    for chunk in streamed:
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            tokens += chunk.choices[0].logprobs.tokens
+            offsets += chunk.choices[0].logprobs.text_offset
+    assert (tokens, offsets) == (found.tokens, found.text_offset)
+    # the model's own log-probabilities, whatever the options that chose the token: the probe's
+    # logits are all 0 (each token 1/vocab), here with one token forced by a bias
+    expected, body = _probe_text(tokenizers, endpoint, [7, 7], logit_bias={"7": 50.0}, logprobs=1)
+    text, answer = openai_generate(probe, endpoint, **body)
+    uniform = -math.log(tokenizers["probe"].vocab_size)
+    assert text == expected and answer.choices[0].logprobs.token_logprobs == pytest.approx([uniform] * 2, abs=1e-5)
+    error = refusal(post(demo, "/v1/completions", {"prompt": "x", "logprobs": 21}))
+    assert error["param"] == "logprobs" and "server.max_logprobs" in error["message"]
+
+
+def _chat_logprobs(demo, probe, tokenizers, endpoint):
+    client = openai.OpenAI(base_url=demo.url + "/v1", api_key="unused", max_retries=0)
+    ask = {"model": "demo", "messages": CHAT, "max_tokens": 5, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    answer = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens == 5
+    assert "".join(entry.token for entry in content) == answer.choices[0].message.content
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 2
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-6)  # greedy: the likeliest
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    assert client.chat.completions.create(**ask, logprobs=False).choices[0].logprobs is None
+    streamed = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2, stream=True)
+    tokens = [e.token for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert tokens == [entry.token for entry in content]
+
+
+def _chat_top_logprobs(demo, probe, tokenizers, endpoint):
+    client = openai.OpenAI(base_url=demo.url + "/v1", api_key="unused", max_retries=0)
+    ask = {"model": "demo", "messages": CHAT, "max_tokens": 3, "logprobs": True}
+    for k in (0, 1, 5):
+        content = client.chat.completions.create(**ask, top_logprobs=k).choices[0].logprobs.content
+        assert [len(entry.top_logprobs) for entry in content] == [k] * len(content)
+    for k in (21, -1):
+        error = refusal(post(demo, "/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": k}))
+        assert error["param"] == "top_logprobs"
+
+
 HONOURED: dict[str, Callable[..., None]] = {
     "model": _model,
     "max_tokens": _max_tokens,
@@ -604,6 +675,9 @@ HONOURED: dict[str, Callable[..., None]] = {
     "top_k": _top_k,
     "seed": _seed,
     "n": _n,
+    "completions.logprobs": _completions_logprobs,
+    "chat.logprobs": _chat_logprobs,
+    "chat.top_logprobs": _chat_top_logprobs,
     "presence_penalty": _presence_penalty,
     "frequency_penalty": _frequency_penalty,
     "repetition_penalty": _repetition_penalty,

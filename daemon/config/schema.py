@@ -259,6 +259,14 @@ class ServerSettings(Section):
         ge=1,
         le=1024,
     )
+    max_logprobs: int = setting(
+        20,
+        doc="Most alternatives a request may ask log-probabilities of at each position (completions' "
+        "`logprobs`, chat's `top_logprobs`), as vLLM's --max-logprobs. More: 400.",
+        reload=Reload.LIVE,
+        ge=0,
+        le=1024,
+    )
     unknown_request_fields: Literal["reject", "ignore"] = setting(
         "reject",
         doc="What a request field the API does not know gets. reject: a 400 naming it, with the closest "

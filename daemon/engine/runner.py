@@ -19,6 +19,7 @@ from daemon.engine.host_tensors import long_tensor
 from daemon.engine.kv_cache import KVCache
 from daemon.engine.layers.attention import AttentionBatch, attention_group
 from daemon.engine.logits_processors import apply_processors, needs_processing
+from daemon.engine.logprobs import RawLogprobs, TokenLogprob
 from daemon.engine.model_dir import model_info_from_config, read_config
 from daemon.engine.models.registry import resolve
 from daemon.engine.sampler import SamplingParams, sample
@@ -92,6 +93,7 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}  # by sequence, for requests with a seed
         self._counts: TokenCounts | None = None  # made when a sequence first needs them
         self.last_sampled: dict[int, int] = {}  # the previous step's tokens, by sequence
+        self.last_logprobs: dict[int, TokenLogprob] = {}  # and their log-probabilities, where asked
         self.failures: dict[int, str] = {}  # the previous step's sequences whose sampling failed, with why
 
     def resize_cache(self, num_blocks: int) -> None:
@@ -107,13 +109,14 @@ class ModelRunner:
         A chunk whose sampling fails gets no token: it is in `failures` instead, and the others
         of the step are unaffected.
         """
-        self.last_sampled, self.failures = {}, {}
+        self.last_sampled, self.failures, self.last_logprobs = {}, {}, {}
         if not chunks:
             return self.last_sampled
         samplers = [c for c in chunks if c.sample]
         logits = self.logits(chunks)
         self._count(chunks, logits.shape[1])
         params = [c.sampling for c in samplers]
+        raw = RawLogprobs(logits, params)  # before the processors change the logits
         if any(needs_processing(p) for p in params):
             logits = apply_processors(logits, params, [c.seq_id for c in samplers], self._counts)
         generators = [self._generator(c) for c in samplers]
@@ -123,6 +126,7 @@ class ModelRunner:
                 self.failures[chunk.seq_id] = f"{type(token).__name__}: {token}"
             else:
                 self.last_sampled[chunk.seq_id] = token
+        self.last_logprobs = {samplers[row].seq_id: found for row, found in raw.of(drawn).items()}
         return self.last_sampled
 
     @torch.inference_mode()

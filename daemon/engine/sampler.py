@@ -46,6 +46,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     allowed_token_ids: tuple[int, ...] = ()  # empty: all
+    logprobs: int | None = None  # report the token's log-probability and the N likeliest (None: no)
 
     @property
     def greedy(self) -> bool:

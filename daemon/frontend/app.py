@@ -217,7 +217,8 @@ class Application:
                 return await send_error(send, exc.error, headers)
             except ClientGone:
                 return
-            responder = Responder(chat, echoed, served, len(requests), parsed.n or 1)
+            asks_logprobs = requests[0].sampling.logprobs is not None
+            responder = Responder(chat, echoed, served, len(requests), parsed.n or 1, asks_logprobs)
             generation = Generation(self.gateway, requests, responder, headers)
             if parsed.stream:
                 include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)

@@ -16,7 +16,7 @@ from daemon.frontend import metrics
 from daemon.frontend.asgi import Headers, Send, end_events, error_body, send_error, send_event, send_json, start_events
 from daemon.frontend.gateway import Gateway
 from daemon.frontend.response_models import Responder
-from daemon.ipc.messages import ErrorInfo, GenerateOutput, GenerateRequest
+from daemon.ipc.messages import ErrorInfo, GenerateOutput, GenerateRequest, OutputLogprob
 
 
 class _Failed(Exception):
@@ -45,7 +45,7 @@ class Generation:
         if failure is not None:
             return await send_error(send, failure, self.headers)
         results = [task.result() for task in tasks]
-        self._observe([last for _text, last in results])
+        self._observe([last for _text, last, _logprobs in results])
         await send_json(send, 200, self.responder.full(results), self.headers)
 
     async def stream(self, send: Send, include_usage: bool) -> None:
@@ -70,7 +70,7 @@ class Generation:
                     lasts[index] = output
                     if output.error is not None:
                         return await send_event(send, error_body(output.error), final=True)
-                    if output.text or output.finish_reason:
+                    if output.text or output.finish_reason or output.logprobs:
                         await send_event(send, self.responder.chunk(index, output))
             if include_usage:
                 await send_event(send, self.responder.usage_chunk(lasts))
@@ -80,16 +80,17 @@ class Generation:
             for stream in streams:  # an unfinished stream aborts its request when closed
                 await stream.aclose()
 
-    async def _collect(self, request: GenerateRequest) -> tuple[str, GenerateOutput]:
-        text, last = [], None
+    async def _collect(self, request: GenerateRequest) -> tuple[str, GenerateOutput, list[OutputLogprob]]:
+        text, last, logprobs = [], None, []
         async for output in self.gateway.generate(request):
             self.first = self.first or time.monotonic()
             text.append(output.text)
+            logprobs += output.logprobs
             last = output
         assert last is not None
         if last.error is not None:
             raise _Failed(last.error)
-        return "".join(text), last
+        return "".join(text), last, logprobs
 
     def _observe(self, lasts: list[GenerateOutput]) -> None:
         endpoint = "/v1/chat/completions" if self.responder.chat else "/v1/completions"

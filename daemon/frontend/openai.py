@@ -79,6 +79,9 @@ def to_generate_requests(
         logit_bias=_logit_bias(request.logit_bias),
         allowed_token_ids=tuple(request.allowed_token_ids or ()),
     )
+    logprobs = _logprobs(request, settings.server.max_logprobs)
+    if logprobs is not None:
+        sampling = msgspec.structs.replace(sampling, logprobs=logprobs)
     choices = request.n or 1
     if choices > settings.server.max_choices_per_prompt:
         limit = settings.server.max_choices_per_prompt
@@ -120,6 +123,17 @@ def to_generate_requests(
 
 def _default(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+def _logprobs(request: CompletionRequest | ChatRequest, most: int) -> int | None:
+    """How many likeliest tokens' log-probabilities to report with each token's (None: no logprobs)."""
+    if isinstance(request, ChatRequest):
+        asked, param = (request.top_logprobs or 0) if request.logprobs else None, "top_logprobs"
+    else:
+        asked, param = request.logprobs, "logprobs"
+    if asked is not None and asked > most:
+        raise BadRequest(f"{param} must be at most {most} (server.max_logprobs)", param)
+    return asked
 
 
 def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:

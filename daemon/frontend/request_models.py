@@ -237,7 +237,11 @@ class CompletionRequest(_Common, kw_only=True):
         Bool, honoured("Add the tokenizer's special tokens (BOS) to a text prompt (default true).")
     ] = None
     logprobs: Annotated[
-        Int, refused("Log-probabilities of the chosen and the N likeliest tokens.", planned=SAMPLING_ISSUE)
+        Annotated[int, msgspec.Meta(ge=0, le=IPC_INT_MAX)] | None,
+        honoured(
+            "Log-probabilities of each generated token and of the N likeliest at its place (at most "
+            "server.max_logprobs), from the model's logits before any sampling option changes them."
+        ),
     ] = None
     echo: Annotated[
         Bool, refused("Put the prompt before the completion.", neutral=(None, False), planned=SAMPLING_ISSUE)
@@ -282,14 +286,16 @@ class ChatRequest(_Common, kw_only=True):
     safety_identifier: Annotated[str | None, logged("An end-user id, for the client's records.")] = None
     prompt_cache_key: Annotated[str | None, logged("A client's cache routing hint.")] = None
     logprobs: Annotated[
-        Bool, refused("Log-probabilities of the chosen tokens.", neutral=(None, False), planned=SAMPLING_ISSUE)
+        Bool,
+        honoured(
+            "Log-probabilities of each generated token, from the model's logits before any sampling option "
+            "changes them."
+        ),
     ] = None
     top_logprobs: Annotated[
-        Int,
-        refused(
-            "How many likeliest tokens' log-probabilities to return per position.",
-            neutral=(None, 0),
-            planned=SAMPLING_ISSUE,
+        Annotated[int, msgspec.Meta(ge=0, le=20)] | None,
+        honoured(
+            "How many likeliest tokens' log-probabilities to return at each position (at most server.max_logprobs).",
             requires="logprobs",
         ),
     ] = None

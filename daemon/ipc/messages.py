@@ -39,12 +39,30 @@ class Sampling(msgspec.Struct, frozen=True, omit_defaults=True):
     min_tokens: int = 0  # the stop token ids (end-of-sequence included) are held back until then
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     allowed_token_ids: tuple[int, ...] = ()  # empty: all
+    logprobs: int | None = None  # each token's log-probability and those of the N likeliest (None: none)
 
     @property
     def needs_token_counts(self) -> bool:
         """Whether the worker needs the tokens the sequence has seen (its prompt among them)."""
         penalised = self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
         return penalised or self.min_tokens > 0
+
+
+class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
+    """A generated token's log-probability under the model (its raw logits: before penalties,
+    temperature and the rest, as vLLM reports them by default), and the likeliest tokens'."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class OutputLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """TokenLogprobs with each token as its text."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):
@@ -105,6 +123,7 @@ class GenerateOutput(msgspec.Struct, frozen=True, tag=True):
     completion_tokens: int = 0
     error: ErrorInfo | None = None
     cached_tokens: int = 0  # prompt tokens found in the prefix cache (usage.prompt_tokens_details)
+    logprobs: list[OutputLogprob] = []  # one per token generated since the previous output, when asked
 
 
 class OutputBatch(msgspec.Struct, frozen=True, tag=True):
@@ -134,6 +153,7 @@ class SequenceUpdate(msgspec.Struct, frozen=True, omit_defaults=True):
     finish_reason: FinishReason | None = None
     error: ErrorInfo | None = None
     cached_tokens: int = 0  # with the first token: prompt tokens whose keys and values came from the prefix cache
+    logprobs: list[TokenLogprobs] = []  # one per token of token_ids, when the request asked for them
 
 
 class StepTokens(msgspec.Struct, frozen=True, tag=True):
@@ -175,6 +195,7 @@ class StepResult(msgspec.Struct, frozen=True, tag=True):
     error: str | None = None  # the whole step failed: every sequence in it ends
     failed: dict[int, str] = {}  # seq_id -> why: these sequences alone failed, the others' tokens stand
     seconds: float = 0.0  # how long the worker took to run it
+    logprobs: dict[int, TokenLogprobs] = {}  # seq_id -> its token's, for sequences that asked
 
 
 # --- control: every tier <-> supervisor ---------------------------------------------------------

@@ -297,7 +297,8 @@ class Batcher:
                 self._end(seq, reason)
             # The first token's update says how much of the prompt came from the cache.
             cached = (seq.cached_tokens or 0) if len(seq.output_ids) == 1 else 0
-            update = SequenceUpdate(seq.request_id, [token], reason, cached_tokens=cached)
+            logprobs = [found] if (found := result.logprobs.get(seq.seq_id)) is not None else []
+            update = SequenceUpdate(seq.request_id, [token], reason, cached_tokens=cached, logprobs=logprobs)
             updates.setdefault(seq.tokenizer, []).append(update)
         return updates
 

@@ -30,6 +30,7 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 GENERATION_CONFIG_FILE = "generation_config.json"
 MODEL_CONFIG_FILE = "config.json"
+SENTENCEPIECE_SPACE = "\u2581"  # how a SentencePiece piece marks the space before a word
 # The special tokens transformers names for every tokenizer, by their tokenizer_config.json keys. A config
 # may name more (Gemma 3's boi_token and image_token): by any other key ending in _token, or in an
 # extra_special_tokens object. A chat template sees each one the config sets.
@@ -114,6 +115,19 @@ class TextTokenizer:
         """Each id's string in the vocabulary, as stored (byte-level BPE shows a space as 'Ġ'):
         what transformers' convert_ids_to_tokens gives, and vLLM's /tokenize returns."""
         return [self._tokenizer.id_to_token(i) or "" for i in ids]
+
+    def token_texts(self, ids: Iterable[int]) -> list[str]:
+        """Each id decoded alone, special tokens included: what vLLM shows as a logprob's token.
+        A SentencePiece piece that begins a word keeps its leading space, which decoding it
+        alone drops."""
+        texts = []
+        for i in ids:
+            text = self._tokenizer.decode([i], skip_special_tokens=False)
+            piece = self._tokenizer.id_to_token(i) or ""
+            if piece.startswith(SENTENCEPIECE_SPACE) and not text.startswith(" "):
+                text = " " + text
+            texts.append(text)
+        return texts
 
     def apply_chat_template(
         self,

@@ -31,6 +31,7 @@ from daemon.ipc.messages import (
     GenerateOutput,
     GenerateRequest,
     OutputBatch,
+    OutputLogprob,
     Sampling,
     ScheduleRequest,
     SchedulerHello,
@@ -41,6 +42,7 @@ from daemon.ipc.messages import (
     Tokenize,
     Tokenized,
     TokenizerHello,
+    TokenLogprobs,
     ToTokenizer,
 )
 from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
@@ -76,6 +78,7 @@ class Active:
     completion_tokens: int = 0
     cached_tokens: int = 0  # of the prompt, found in the prefix cache (the scheduler says so with the first token)
     held_text: list[str] = field(default_factory=list)  # a non-streamed request's text so far
+    held_logprobs: list[OutputLogprob] = field(default_factory=list)  # of tokens not yet in an output
 
 
 class TokenizerService:
@@ -378,6 +381,8 @@ class TokenizerService:
                 completion_tokens=active.completion_tokens,
             )
         ids = update.token_ids
+        if update.logprobs:
+            active.held_logprobs += self._logprobs(update.logprobs, ids)
         active.completion_tokens += len(ids)
         active.cached_tokens = update.cached_tokens or active.cached_tokens
         ended_by_token = update.finish_reason == "stop" and bool(ids) and ids[-1] in active.hidden_ids
@@ -401,7 +406,19 @@ class TokenizerService:
         elif active.held_text:
             shown = "".join(active.held_text) + shown
         counts = active.prompt_tokens, active.completion_tokens
-        return GenerateOutput(request_id, shown, finish, *counts, cached_tokens=active.cached_tokens)
+        logprobs, active.held_logprobs = active.held_logprobs, []
+        return GenerateOutput(request_id, shown, finish, *counts, cached_tokens=active.cached_tokens, logprobs=logprobs)
+
+    def _logprobs(self, found: list[TokenLogprobs], ids: list[int]) -> list[OutputLogprob]:
+        """The engine's log-probabilities of `ids` (and of the likeliest tokens), with tokens as text."""
+        used = sorted({*ids, *(t for f in found for t in f.top_ids)})
+        texts = dict(zip(used, self.text.token_texts(used), strict=True))
+        return [
+            OutputLogprob(
+                texts[token], f.logprob, [(texts[t], lp) for t, lp in zip(f.top_ids, f.top_logprobs, strict=True)]
+            )
+            for token, f in zip(ids, found, strict=True)
+        ]
 
     def _fail_all(self, reason: str) -> None:
         error = ErrorInfo(503, f"{reason}; the request was lost, retry it", type="server_error")

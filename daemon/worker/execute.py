@@ -6,7 +6,7 @@ import time
 
 from daemon.engine.runner import ModelRunner, SequenceChunk
 from daemon.engine.sampler import SamplingParams
-from daemon.ipc.messages import SAMPLED_LAST_STEP, PlannedChunk, Sampling, StepPlan, StepResult
+from daemon.ipc.messages import SAMPLED_LAST_STEP, PlannedChunk, Sampling, StepPlan, StepResult, TokenLogprobs
 
 NOT_SAMPLED = "its previous token was never sampled (that step failed for it)"
 
@@ -33,7 +33,12 @@ def execute(runner: ModelRunner, plan: StepPlan, worker_epoch: int = 1) -> StepR
         runner.last_sampled, runner.failures = {}, {}
         return StepResult(plan.step, worker_epoch, {}, error=f"{type(exc).__name__}: {exc}")
     seconds = time.perf_counter() - started
-    return StepResult(plan.step, worker_epoch, tokens, failed={**unsampled, **runner.failures}, seconds=seconds)
+    logprobs = {
+        seq_id: TokenLogprobs(found.logprob, found.top_ids, found.top_logprobs)
+        for seq_id, found in runner.last_logprobs.items()
+    }
+    failed = {**unsampled, **runner.failures}
+    return StepResult(plan.step, worker_epoch, tokens, failed=failed, seconds=seconds, logprobs=logprobs)
 
 
 def _chunk(c: PlannedChunk, last_sampled: dict[int, int]) -> SequenceChunk:
@@ -63,4 +68,5 @@ def engine_sampling(sampling: Sampling) -> SamplingParams:
         stop_token_ids=sampling.stop_token_ids,
         logit_bias=sampling.logit_bias,
         allowed_token_ids=sampling.allowed_token_ids,
+        logprobs=sampling.logprobs,
     )
