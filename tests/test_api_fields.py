@@ -666,6 +666,54 @@ def _chat_top_logprobs(demo, probe, tokenizers, endpoint):
         assert error["param"] == "top_logprobs"
 
 
+def _echo(demo, probe, tokenizers, endpoint):
+    client = openai.OpenAI(base_url=demo.url + "/v1", api_key="unused", max_retries=0)
+    ask = {"model": "demo", "temperature": 0, "extra_body": {"ignore_eos": True}}
+    prompt = "Once upon a time"
+    free = client.completions.create(**ask, prompt=prompt, max_tokens=4).choices[0].text
+    assert client.completions.create(**ask, prompt=prompt, max_tokens=4, echo=True).choices[0].text == prompt + free
+    ids = tokenizers["demo"].encode(prompt, add_special_tokens=True)
+    by_ids = client.completions.create(**ask, prompt=ids, max_tokens=4, echo=True).choices[0].text
+    assert by_ids == tokenizers["demo"].decode(ids, skip_special_tokens=False) + free
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(**ask, prompt=prompt, max_tokens=4, echo=True, stream=True)
+        if c.choices
+    )
+    assert streamed == prompt + free
+    # scoring a prompt (lm-eval's loglikelihood): echo, logprobs, nothing generated
+    scored = client.completions.create(**ask, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    choice = scored.choices[0]
+    assert choice.text == prompt and scored.usage.completion_tokens == 0 and choice.finish_reason == "length"
+    assert choice.logprobs.tokens == tokenizers["demo"].token_texts(ids)
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert all(lp < 0 for lp in choice.logprobs.token_logprobs[1:]) and len(choice.logprobs.top_logprobs[1]) in (1, 2)
+    assert choice.logprobs.text_offset == [sum(map(len, choice.logprobs.tokens[:i])) for i in range(len(ids))]
+    # with generated tokens after the prompt's
+    both = client.completions.create(**ask, prompt=prompt, max_tokens=3, echo=True, logprobs=1).choices[0].logprobs
+    assert both.tokens[: len(ids)] == choice.logprobs.tokens and len(both.tokens) == len(ids) + 3
+    assert both.token_logprobs[0] is None
+    assert both.token_logprobs[1 : len(ids)] == pytest.approx(choice.logprobs.token_logprobs[1:], abs=1e-5)
+    error = refusal(post(demo, "/v1/completions", {"prompt": prompt, "max_tokens": 0}))
+    assert error["param"] == "max_tokens"
+
+
+def _prompt_logprobs(demo, probe, tokenizers, endpoint):
+    path = ENDPOINTS[endpoint][0]
+    answer = generate(demo, endpoint, max_tokens=1, prompt_logprobs=2)
+    found = answer["choices"][0]["prompt_logprobs"] if endpoint == "completions" else answer["prompt_logprobs"]
+    assert len(found) == answer["usage"]["prompt_tokens"] and found[0] is None
+    for entry in found[1:]:
+        ranked = sorted(entry.values(), key=lambda e: e["rank"])
+        assert 2 <= len(entry) <= 3 and [e["rank"] for e in ranked][:2] == [1, 2]  # the token and the two likeliest
+        assert all(e["logprob"] <= 0 and isinstance(e["decoded_token"], str) for e in entry.values())
+        assert ranked[0]["logprob"] >= ranked[1]["logprob"]
+    plain = generate(demo, endpoint, max_tokens=1)
+    assert "prompt_logprobs" not in plain and "prompt_logprobs" not in plain["choices"][0]
+    error = refusal(post(demo, path, {**_required(endpoint), "prompt_logprobs": 21}))
+    assert error["param"] == "prompt_logprobs"
+
+
 HONOURED: dict[str, Callable[..., None]] = {
     "model": _model,
     "max_tokens": _max_tokens,
@@ -678,6 +726,8 @@ HONOURED: dict[str, Callable[..., None]] = {
     "completions.logprobs": _completions_logprobs,
     "chat.logprobs": _chat_logprobs,
     "chat.top_logprobs": _chat_top_logprobs,
+    "completions.echo": _echo,
+    "prompt_logprobs": _prompt_logprobs,
     "presence_penalty": _presence_penalty,
     "frequency_penalty": _frequency_penalty,
     "repetition_penalty": _repetition_penalty,

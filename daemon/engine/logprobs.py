@@ -1,10 +1,15 @@
-"""Log-probabilities of the sampled tokens and of the likeliest ones, for requests that ask.
+"""Log-probabilities of the sampled tokens, of the prompt's tokens, and of the likeliest ones,
+for requests that ask.
 
 As vLLM reports them by default (its raw_logprobs mode): from the model's own logits,
 before penalties, biases, temperature and truncation change them, so they say what the
-model thinks of a token whatever options chose it. The rows that ask are taken out of
-the batch's logits before the logits processors run (they change logits in place), and
-one log_softmax and one topk serve them all.
+model thinks of a token whatever options chose it. The sampled rows that ask are taken out
+of the batch's logits before the logits processors run (they change logits in place); one
+log_softmax, one gather and one topk serve all of them.
+
+A prompt's token i is scored by the logits at position i - 1: a chunk of positions [s, e)
+scores its tokens s + 1 .. e - 1 itself, and token s with the last row of the sequence's
+previous chunk, which the runner keeps until then (`PromptScores`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,24 @@ from daemon.engine.sampler import SamplingParams
 @dataclass(frozen=True)
 class TokenLogprob:
     logprob: float
+    rank: int  # 1: the likeliest token
     top_ids: list[int]
     top_logprobs: list[float]
+
+
+def token_logprobs(values: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """values [R, vocab] log-probabilities; row r's token tokens[r] and its tops[r] likeliest."""
+    device = values.device
+    chosen = values.gather(1, long_tensor(tokens, device).unsqueeze(1))  # [R, 1]
+    ranks = ((values > chosen).sum(dim=1) + 1).tolist()
+    widest = max(tops, default=0)
+    top_values, top_ids = values.topk(widest, dim=-1) if widest else (values[:, :0], values[:, :0].long())
+    return [
+        TokenLogprob(logprob, rank, ids[:top], lps[:top])
+        for logprob, rank, ids, lps, top in zip(
+            chosen.squeeze(1).tolist(), ranks, top_ids.tolist(), top_values.tolist(), tops, strict=True
+        )
+    ]
 
 
 class RawLogprobs:
@@ -43,13 +64,33 @@ class RawLogprobs:
         wanted = [i for i, row in enumerate(self.rows) if isinstance(tokens[row], int)]
         if not wanted:
             return {}
-        chosen = long_tensor([tokens[self.rows[i]] for i in wanted], self.values.device)
         values = self.values.index_select(0, long_tensor(wanted, self.values.device))
-        chosen_logprobs = values.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-        widest = max(self.top[i] for i in wanted)
-        top_values, top_ids = values.topk(widest, dim=-1) if widest else (values[:, :0], values[:, :0].long())
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        return {
-            self.rows[i]: TokenLogprob(logprob, ids[: self.top[i]], lps[: self.top[i]])
-            for i, logprob, ids, lps in zip(wanted, chosen_logprobs, top_ids, top_values, strict=True)
-        }
+        found = token_logprobs(values, [tokens[self.rows[i]] for i in wanted], [self.top[i] for i in wanted])  # type: ignore[misc]
+        return {self.rows[i]: entry for i, entry in zip(wanted, found, strict=True)}
+
+
+class PromptScores:
+    """Each scored sequence's last log-probability row, kept from one prompt chunk to the next."""
+
+    def __init__(self) -> None:
+        self._last_rows: dict[int, torch.Tensor] = {}
+
+    def score(
+        self, seq_id: int, start: int, token_ids: list[int], logits: torch.Tensor, top: int, final: bool
+    ) -> list[TokenLogprob]:
+        """The logprobs of the chunk's prompt tokens from position max(start, 1) on, given the
+        raw logits [len(token_ids), vocab] of the chunk's rows."""
+        values = torch.log_softmax(logits.float(), dim=-1)
+        rows, tokens = values[:-1], token_ids[1:]
+        earlier = self._last_rows.pop(seq_id, None)
+        if start > 0 and earlier is not None:  # token `start` is scored by the previous chunk's last row
+            rows, tokens = torch.cat([earlier.unsqueeze(0), rows]), [token_ids[0], *tokens]
+        if not final:
+            self._last_rows[seq_id] = values[-1]
+        return token_logprobs(rows, tokens, [top] * len(tokens)) if tokens else []
+
+    def forget(self, seq_id: int) -> None:
+        self._last_rows.pop(seq_id, None)
+
+    def clear(self) -> None:
+        self._last_rows.clear()

@@ -19,7 +19,7 @@ from daemon.engine.host_tensors import long_tensor
 from daemon.engine.kv_cache import KVCache
 from daemon.engine.layers.attention import AttentionBatch, attention_group
 from daemon.engine.logits_processors import apply_processors, needs_processing
-from daemon.engine.logprobs import RawLogprobs, TokenLogprob
+from daemon.engine.logprobs import PromptScores, RawLogprobs, TokenLogprob
 from daemon.engine.model_dir import model_info_from_config, read_config
 from daemon.engine.models.registry import resolve
 from daemon.engine.sampler import SamplingParams, sample
@@ -40,6 +40,7 @@ class SequenceChunk:
     # the whole prompt, with the first chunk after the sequence is admitted, where its sampling
     # needs the tokens it has seen (penalties, min_tokens: token_counts.py)
     prompt_ids: list[int] | None = None
+    score_prompt: bool = False  # report the logprobs of its prompt tokens (sampling.prompt_logprobs)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -94,6 +95,8 @@ class ModelRunner:
         self._counts: TokenCounts | None = None  # made when a sequence first needs them
         self.last_sampled: dict[int, int] = {}  # the previous step's tokens, by sequence
         self.last_logprobs: dict[int, TokenLogprob] = {}  # and their log-probabilities, where asked
+        self.last_prompt_logprobs: dict[int, list[TokenLogprob]] = {}  # of the prompt tokens scored
+        self._prompt_scores = PromptScores()
         self.failures: dict[int, str] = {}  # the previous step's sequences whose sampling failed, with why
 
     def resize_cache(self, num_blocks: int) -> None:
@@ -109,11 +112,14 @@ class ModelRunner:
         A chunk whose sampling fails gets no token: it is in `failures` instead, and the others
         of the step are unaffected.
         """
-        self.last_sampled, self.failures, self.last_logprobs = {}, {}, {}
+        self.last_sampled, self.failures, self.last_logprobs, self.last_prompt_logprobs = {}, {}, {}, {}
         if not chunks:
             return self.last_sampled
         samplers = [c for c in chunks if c.sample]
-        logits = self.logits(chunks)
+        hidden = self._forward(chunks)
+        logits = self._logits_at(hidden, chunks, [c.sample for c in chunks], last_only=True)
+        if any(c.score_prompt for c in chunks):
+            self._score_prompts(hidden, chunks)
         self._count(chunks, logits.shape[1])
         params = [c.sampling for c in samplers]
         raw = RawLogprobs(logits, params)  # before the processors change the logits
@@ -132,24 +138,53 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """Run one forward pass over `chunks`: next-token logits [chunks that sample, vocab], float32."""
+        return self._logits_at(self._forward(chunks), chunks, [c.sample for c in chunks], last_only=True)
+
+    def _forward(self, chunks: list[SequenceChunk]) -> torch.Tensor:
+        """The final hidden states of every token of `chunks`, packed: [tokens, hidden]."""
         ids = [t for c in chunks for t in c.token_ids]
         positions = [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
         ends = [c.start + len(c.token_ids) for c in chunks for _ in c.token_ids]
         input_ids, positions, context_ends = long_tensor(ids + positions + ends, self.device).view(3, -1)
-        hidden = self.model(input_ids, positions, context_ends, self.cache.layers, self._attention_batch(chunks))
+        return self.model(input_ids, positions, context_ends, self.cache.layers, self._attention_batch(chunks))
+
+    def _logits_at(
+        self, hidden: torch.Tensor, chunks: list[SequenceChunk], chosen: list[bool], *, last_only: bool
+    ) -> torch.Tensor:
+        """Logits of the chosen chunks' last rows (last_only) or of all their rows, in order."""
         offsets = _offsets(chunks)
-        last_rows = [offsets[i + 1] - 1 for i, c in enumerate(chunks) if c.sample]
-        return self.model.logits(hidden.index_select(0, long_tensor(last_rows, self.device)))
+        rows = [
+            row
+            for i in range(len(chunks))
+            if chosen[i]
+            for row in (range(offsets[i + 1] - 1, offsets[i + 1]) if last_only else range(offsets[i], offsets[i + 1]))
+        ]
+        return self.model.logits(hidden.index_select(0, long_tensor(rows, self.device)))
+
+    def _score_prompts(self, hidden: torch.Tensor, chunks: list[SequenceChunk]) -> None:
+        """The logprobs of the prompt tokens of the chunks that score their prompt (one head call
+        for the rows of all of them)."""
+        scored = [c.score_prompt for c in chunks]
+        logits = self._logits_at(hidden, chunks, scored, last_only=False)
+        at = 0
+        for c in (c for c in chunks if c.score_prompt):
+            rows = logits[at : at + len(c.token_ids)]
+            at += len(c.token_ids)
+            top = c.sampling.prompt_logprobs or 0
+            found = self._prompt_scores.score(c.seq_id, c.start, c.token_ids, rows, top, final=c.sample)
+            self.last_prompt_logprobs[c.seq_id] = found
 
     def release(self, seq_id: int) -> None:
         """Forget a finished sequence's random generator and token counts."""
         self._generators.pop(seq_id, None)
+        self._prompt_scores.forget(seq_id)
         if self._counts is not None:
             self._counts.release(seq_id)
 
     def forget_all(self) -> None:
         """Forget every sequence (a new scheduler numbers them afresh)."""
         self._generators.clear()
+        self._prompt_scores.clear()
         if self._counts is not None:
             self._counts.clear()
         self.last_sampled, self.failures = {}, {}

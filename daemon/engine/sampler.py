@@ -47,6 +47,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     allowed_token_ids: tuple[int, ...] = ()  # empty: all
     logprobs: int | None = None  # report the token's log-probability and the N likeliest (None: no)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (SequenceChunk.score_prompt)
 
     @property
     def greedy(self) -> bool:

@@ -217,8 +217,16 @@ class Application:
                 return await send_error(send, exc.error, headers)
             except ClientGone:
                 return
-            asks_logprobs = requests[0].sampling.logprobs is not None
-            responder = Responder(chat, echoed, served, len(requests), parsed.n or 1, asks_logprobs)
+            responder = Responder(
+                chat,
+                echoed,
+                served,
+                choices=len(requests),
+                per_prompt=parsed.n or 1,
+                logprobs=requests[0].sampling.logprobs,
+                prompt_logprobs=parsed.prompt_logprobs,
+                echo=requests[0].echo,
+            )
             generation = Generation(self.gateway, requests, responder, headers)
             if parsed.stream:
                 include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)

@@ -12,6 +12,8 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import msgspec
+
 from daemon.frontend import metrics
 from daemon.frontend.asgi import Headers, Send, end_events, error_body, send_error, send_event, send_json, start_events
 from daemon.frontend.gateway import Gateway
@@ -81,15 +83,18 @@ class Generation:
                 await stream.aclose()
 
     async def _collect(self, request: GenerateRequest) -> tuple[str, GenerateOutput, list[OutputLogprob]]:
-        text, last, logprobs = [], None, []
+        text, last, logprobs, opening = [], None, [], None
         async for output in self.gateway.generate(request):
             self.first = self.first or time.monotonic()
+            opening = opening or output
             text.append(output.text)
             logprobs += output.logprobs
             last = output
-        assert last is not None
+        assert last is not None and opening is not None
         if last.error is not None:
             raise _Failed(last.error)
+        # the prompt's text and logprobs (echo, prompt_logprobs) come with the first output
+        last = msgspec.structs.replace(last, prompt_text=opening.prompt_text, prompt_logprobs=opening.prompt_logprobs)
         return "".join(text), last, logprobs
 
     def _observe(self, lasts: list[GenerateOutput]) -> None:

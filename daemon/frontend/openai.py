@@ -54,11 +54,14 @@ def to_generate_requests(
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if any(not s for s in stop):
         raise BadRequest("stop strings must not be empty", "stop")
+    echo = isinstance(request, CompletionRequest) and bool(request.echo)
+    if request.max_tokens == 0 and not echo:
+        raise BadRequest("max_tokens must be at least 1 (0 only with echo)", "max_tokens")
     if isinstance(request, ChatRequest):
         max_tokens = request.max_completion_tokens or request.max_tokens
         prompts: list[dict[str, Any]] = [{"messages": request.messages, "chat": _chat_options(request)}]
     else:
-        max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
+        max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
         prompts = [
             {**prompt, "add_special_tokens": _default(request.add_special_tokens, True)}
             for prompt in _prompts(request.prompt, max_prompts)
@@ -80,8 +83,12 @@ def to_generate_requests(
         allowed_token_ids=tuple(request.allowed_token_ids or ()),
     )
     logprobs = _logprobs(request, settings.server.max_logprobs)
-    if logprobs is not None:
-        sampling = msgspec.structs.replace(sampling, logprobs=logprobs)
+    if request.prompt_logprobs is not None and request.prompt_logprobs > settings.server.max_logprobs:
+        most = settings.server.max_logprobs
+        raise BadRequest(f"prompt_logprobs must be at most {most} (server.max_logprobs)", "prompt_logprobs")
+    # echo with logprobs shows the prompt's tokens' too, with as many alternatives
+    asked = [k for k in (request.prompt_logprobs, logprobs if echo else None) if k is not None]
+    sampling = msgspec.structs.replace(sampling, logprobs=logprobs, prompt_logprobs=max(asked, default=None))
     choices = request.n or 1
     if choices > settings.server.max_choices_per_prompt:
         limit = settings.server.max_choices_per_prompt
@@ -114,6 +121,7 @@ def to_generate_requests(
             priority=request.priority or 0,
             arrival=arrival,
             stream=_default(request.stream, False),
+            echo=echo,
             unset_sampling=unset_sampling,
             **prompt,
         )

@@ -80,10 +80,11 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         str | None, honoured("The served model's name (model.served_model_name); another name is a 404.")
     ] = None
     max_tokens: Annotated[
-        TokenCount | None,
+        Annotated[int, msgspec.Meta(ge=0, le=IPC_INT_MAX)] | None,
         honoured(
-            "Most tokens to generate. Unset: 16 for completions; for chat, the model's max_new_tokens "
-            "(generation_config.json) within what the context leaves, else what the context leaves."
+            "Most tokens to generate (0 only with completions' echo: the prompt scored, nothing generated). "
+            "Unset: 16 for completions; for chat, the model's max_new_tokens (generation_config.json) "
+            "within what the context leaves, else what the context leaves."
         ),
     ] = None
     temperature: Annotated[
@@ -177,7 +178,14 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             "(at most max_tokens)."
         ),
     ] = None
-    prompt_logprobs: Annotated[Int, refused("Log-probabilities of the prompt's tokens.", planned=SAMPLING_ISSUE)] = None
+    prompt_logprobs: Annotated[
+        Annotated[int, msgspec.Meta(ge=0, le=IPC_INT_MAX)] | None,
+        honoured(
+            "vLLM's: log-probabilities of each prompt token after the first and of the N likeliest at its "
+            "place (at most server.max_logprobs), by token id. The prompt is then computed in full, "
+            "not read from the prefix cache."
+        ),
+    ] = None
     use_beam_search: Annotated[
         Bool, refused("Beam search instead of sampling.", neutral=(None, False), planned=None)
     ] = None
@@ -244,7 +252,11 @@ class CompletionRequest(_Common, kw_only=True):
         ),
     ] = None
     echo: Annotated[
-        Bool, refused("Put the prompt before the completion.", neutral=(None, False), planned=SAMPLING_ISSUE)
+        Bool,
+        honoured(
+            "Put the prompt before the completion; with logprobs, the prompt's tokens come first in them "
+            "(the first token's logprob is null)."
+        ),
     ] = None
     best_of: Annotated[
         Int, refused("Generate several and return the best.", neutral=(None, 1), planned=SAMPLING_ISSUE)

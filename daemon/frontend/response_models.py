@@ -36,11 +36,25 @@ class CompletionLogprobs(msgspec.Struct):
     text_offset: list[int]
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's: one token's log-probability, its rank (1: the likeliest) and its text."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token, {token id: PromptLogprob} for the token and the likeliest
+# (the first token: null)
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(msgspec.Struct):
     index: int  # prompt index * n + choice
     text: str
     finish_reason: FinishReason | None
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | msgspec.UnsetType = msgspec.UNSET  # only when asked
 
 
 class Completion(msgspec.Struct):
@@ -92,6 +106,7 @@ class ChatCompletion(msgspec.Struct):
     choices: list[ChatChoice]
     usage: Usage
     object: Literal["chat.completion"] = "chat.completion"
+    prompt_logprobs: PromptLogprobs | msgspec.UnsetType = msgspec.UNSET  # vLLM's, only when asked
 
 
 class ChatDelta(msgspec.Struct, omit_defaults=True):
@@ -132,17 +147,28 @@ class ErrorResponse(msgspec.Struct):
 
 class Responder:
     """Shapes one request's outputs as OpenAI completion or chat-completion bodies: `choices` in all,
-    `per_prompt` (n) of them for each prompt, one after another."""
+    `per_prompt` (n) of them for each prompt, one after another. `logprobs`: the N likeliest
+    asked for with each token (None: no logprobs); `prompt_logprobs`: vLLM's field, asked with N;
+    `echo`: completions' text and logprobs begin with the prompt's."""
 
     def __init__(
-        self, chat: bool, response_id: str, model: str, choices: int = 1, per_prompt: int = 1, logprobs: bool = False
+        self,
+        chat: bool,
+        response_id: str,
+        model: str,
+        *,
+        choices: int = 1,
+        per_prompt: int = 1,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        echo: bool = False,
     ):
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + response_id
         self.model = model
         self.created = int(time.time())
         self.choices, self.per_prompt = choices, per_prompt
-        self.logprobs = logprobs  # the request asked for them: every choice and chunk has its own
+        self.logprobs, self.prompt_logprobs, self.echo = logprobs, prompt_logprobs, echo
         self._offsets = [0] * choices  # text offsets so far, by choice (completions' logprobs)
 
     def _usage(self, lasts: list[GenerateOutput]) -> Usage:
@@ -156,15 +182,20 @@ class Responder:
         return Usage(prompt, completion, prompt + completion, PromptTokensDetails(cached))
 
     def full(self, results: list[tuple[str, GenerateOutput, list[OutputLogprob]]]) -> Completion | ChatCompletion:
+        """`results`: per choice, its whole text, its last output (with the prompt's text and
+        logprobs, where asked) and all its tokens' logprobs."""
         usage = self._usage([last for _text, last, _logprobs in results])
         if self.chat:
             choices = [
                 ChatChoice(index, ChatMessage("assistant", text), last.finish_reason, self._chat_logprobs(logprobs))
                 for index, (text, last, logprobs) in enumerate(results)
             ]
-            return ChatCompletion(self.id, self.created, self.model, choices, usage)
+            answer = ChatCompletion(self.id, self.created, self.model, choices, usage)
+            if self.prompt_logprobs is not None and results:
+                answer.prompt_logprobs = self._prompt_logprobs(results[0][1].prompt_logprobs)
+            return answer
         completions = [
-            CompletionChoice(index, text, last.finish_reason, self._completion_logprobs(index, logprobs))
+            self._completion_choice(index, text, last.finish_reason, last.prompt_text, last.prompt_logprobs, logprobs)
             for index, (text, last, logprobs) in enumerate(results)
         ]
         return Completion(self.id, self.created, self.model, completions, usage=usage)
@@ -180,44 +211,80 @@ class Responder:
             delta = ChatDelta(content=output.text or None)
             choice = ChatChunkChoice(index, delta, output.finish_reason, self._chat_logprobs(output.logprobs))
             return ChatCompletionChunk(self.id, self.created, self.model, [choice])
-        logprobs = self._completion_logprobs(index, output.logprobs)
-        return Completion(
-            self.id, self.created, self.model, [CompletionChoice(index, output.text, output.finish_reason, logprobs)]
+        choice = self._completion_choice(
+            index, output.text, output.finish_reason, output.prompt_text, output.prompt_logprobs, output.logprobs
         )
+        return Completion(self.id, self.created, self.model, [choice])
 
     def usage_chunk(self, lasts: list[GenerateOutput]) -> Completion | ChatCompletionChunk:
         if self.chat:
             return ChatCompletionChunk(self.id, self.created, self.model, [], usage=self._usage(lasts))
         return Completion(self.id, self.created, self.model, [], usage=self._usage(lasts))
 
+    def _completion_choice(
+        self,
+        index: int,
+        text: str,
+        finish: FinishReason | None,
+        prompt_text: str | None,
+        prompt_logprobs: list[OutputLogprob],
+        logprobs: list[OutputLogprob],
+    ) -> CompletionChoice:
+        """A choice, or a streamed chunk of one: the one with the prompt's text and logprobs (the
+        first) begins with them where echo asks."""
+        if self.echo and prompt_text is not None:
+            text = prompt_text + text
+        shown = [*prompt_logprobs, *logprobs] if self.echo else logprobs
+        choice = CompletionChoice(index, text, finish, self._completion_logprobs(index, shown))
+        if self.prompt_logprobs is not None and prompt_logprobs:
+            choice.prompt_logprobs = self._prompt_logprobs(prompt_logprobs)
+        return choice
+
     def _completion_logprobs(self, index: int, logprobs: list[OutputLogprob]) -> CompletionLogprobs | None:
-        """As vLLM: each token's top entries are the N likeliest and the token itself; a token's
-        text offset is the sum of the lengths of the token texts before it (a streamed choice's
-        offsets go on from chunk to chunk)."""
-        if not self.logprobs:
+        """As vLLM: each token's top entries are the N likeliest and the token itself (none for a
+        prompt's first token, which has no logprob); a token's text offset is the sum of the
+        lengths of the token texts before it (a streamed choice's go on from chunk to chunk)."""
+        if self.logprobs is None:
             return None
         offsets = []
         for entry in logprobs:
             offsets.append(self._offsets[index])
             self._offsets[index] += len(entry.token)
+        top = [
+            None
+            if entry.logprob is None
+            else {**{text: lp for _id, text, lp in entry.top[: self.logprobs]}, entry.token: entry.logprob}
+            for entry in logprobs
+        ]
         return CompletionLogprobs(
-            [entry.token for entry in logprobs],
-            [entry.logprob for entry in logprobs],
-            [{**dict(entry.top), entry.token: entry.logprob} for entry in logprobs],
-            offsets,
+            [entry.token for entry in logprobs], [entry.logprob for entry in logprobs], top, offsets
         )
 
     def _chat_logprobs(self, logprobs: list[OutputLogprob]) -> ChatLogprobs | None:
-        if not self.logprobs:
+        if self.logprobs is None:
             return None
         return ChatLogprobs(
             [
                 TokenLogprob(
                     entry.token,
-                    entry.logprob,
+                    entry.logprob if entry.logprob is not None else float("-inf"),
                     list(entry.token.encode()),
-                    [TopLogprob(token, logprob, list(token.encode())) for token, logprob in entry.top],
+                    [TopLogprob(text, logprob, list(text.encode())) for _id, text, logprob in entry.top],
                 )
                 for entry in logprobs
             ]
         )
+
+    def _prompt_logprobs(self, entries: list[OutputLogprob]) -> PromptLogprobs:
+        """vLLM's prompt_logprobs: per prompt token, its own entry and the N likeliest, by token id."""
+        shown: PromptLogprobs = []
+        for entry in entries:
+            if entry.logprob is None:
+                shown.append(None)
+                continue
+            top = {
+                str(token_id): PromptLogprob(lp, rank, text)
+                for rank, (token_id, text, lp) in enumerate(entry.top[: self.prompt_logprobs], start=1)
+            }
+            shown.append({str(entry.token_id): PromptLogprob(entry.logprob, entry.rank, entry.token), **top})
+        return shown

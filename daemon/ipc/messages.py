@@ -40,6 +40,7 @@ class Sampling(msgspec.Struct, frozen=True, omit_defaults=True):
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     allowed_token_ids: tuple[int, ...] = ()  # empty: all
     logprobs: int | None = None  # each token's log-probability and those of the N likeliest (None: none)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (None: none)
 
     @property
     def needs_token_counts(self) -> bool:
@@ -53,16 +54,19 @@ class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
     temperature and the rest, as vLLM reports them by default), and the likeliest tokens'."""
 
     logprob: float
+    rank: int  # 1 for the likeliest token
     top_ids: list[int]
     top_logprobs: list[float]
 
 
 class OutputLogprob(msgspec.Struct, frozen=True, array_like=True):
-    """TokenLogprobs with each token as its text."""
+    """TokenLogprobs with each token's text beside its id (a prompt's first token: no logprob)."""
 
+    token_id: int
     token: str
-    logprob: float
-    top: list[tuple[str, float]]
+    logprob: float | None
+    rank: int | None
+    top: list[tuple[int, str, float]]  # (id, text, logprob) of the likeliest tokens
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):
@@ -102,6 +106,7 @@ class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
     priority: int = 0
     arrival: float = 0.0  # wall-clock time the front-end received it
     stream: bool = True  # False: the whole text comes in the last output, in one message
+    echo: bool = False  # the first output carries the prompt as text
     # What the client left unset in `sampling`: the tokenizer puts the model's defaults there.
     unset_sampling: tuple[ModelDefaultField, ...] = ()
 
@@ -124,6 +129,9 @@ class GenerateOutput(msgspec.Struct, frozen=True, tag=True):
     error: ErrorInfo | None = None
     cached_tokens: int = 0  # prompt tokens found in the prefix cache (usage.prompt_tokens_details)
     logprobs: list[OutputLogprob] = []  # one per token generated since the previous output, when asked
+    # with the first output: the prompt as text (echo), and its tokens' logprobs (the first has none)
+    prompt_text: str | None = None
+    prompt_logprobs: list[OutputLogprob] = []
 
 
 class OutputBatch(msgspec.Struct, frozen=True, tag=True):
@@ -154,6 +162,7 @@ class SequenceUpdate(msgspec.Struct, frozen=True, omit_defaults=True):
     error: ErrorInfo | None = None
     cached_tokens: int = 0  # with the first token: prompt tokens whose keys and values came from the prefix cache
     logprobs: list[TokenLogprobs] = []  # one per token of token_ids, when the request asked for them
+    prompt_logprobs: list[TokenLogprobs] = []  # with the first token: the prompt's tokens' from the second on
 
 
 class StepTokens(msgspec.Struct, frozen=True, tag=True):
@@ -179,6 +188,8 @@ class PlannedChunk(msgspec.Struct, frozen=True, array_like=True):
     sampling: Sampling
     # the whole prompt, with the first chunk after admission when sampling.needs_token_counts
     prompt_ids: list[int] | None = None
+    # report the logprobs of the chunk's prompt tokens (sampling.prompt_logprobs, first computation)
+    score_prompt: bool = False
 
 
 class StepPlan(msgspec.Struct, frozen=True, tag=True):
@@ -196,6 +207,8 @@ class StepResult(msgspec.Struct, frozen=True, tag=True):
     failed: dict[int, str] = {}  # seq_id -> why: these sequences alone failed, the others' tokens stand
     seconds: float = 0.0  # how long the worker took to run it
     logprobs: dict[int, TokenLogprobs] = {}  # seq_id -> its token's, for sequences that asked
+    # seq_id -> the logprobs of the prompt tokens its scored chunk covers (see ModelRunner.step)
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = {}
 
 
 # --- control: every tier <-> supervisor ---------------------------------------------------------

@@ -87,11 +87,12 @@ class StepCounts:
         self.tokens["decode"] += sum(1 for w in work if w.tokens == 1)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Work:
     seq: Sequence
     tokens: int
     sample: bool
+    scores_from: int | None = None  # the first prompt token whose logprob this chunk reports (score_prompt)
 
 
 class Batcher:
@@ -260,7 +261,11 @@ class Batcher:
         prompt_ids = None
         if seq.prompt_unsent:  # the worker counts what the sequence has seen from its prompt on
             prompt_ids, seq.prompt_unsent = seq.prompt_ids, False
-        return PlannedChunk(seq.seq_id, token_ids, start, table, work.sample, seq.sampling, prompt_ids)
+        # prompt logprobs: reported by the prompt's first computation (a preemption before its
+        # first token starts it again from position 0: complete() keeps what was reported once)
+        score = seq.sampling.prompt_logprobs is not None and not seq.output_ids and start < len(seq.prompt_ids)
+        work.scores_from = max(start, 1) if score else None
+        return PlannedChunk(seq.seq_id, token_ids, start, table, work.sample, seq.sampling, prompt_ids, score)
 
     def complete(self, result: StepResult) -> dict[int, list[SequenceUpdate]]:
         """Apply a finished step; returns the updates to send, by tokenizer worker."""
@@ -288,6 +293,11 @@ class Batcher:
                 continue
             seq.computed += item.tokens
             self._register(seq)
+            if item.scores_from is not None:
+                # entries for prompt tokens scores_from.. : keep those not already reported
+                known = 1 + len(seq.prompt_logprobs)  # the next token index to report
+                found = result.prompt_logprobs.get(seq.seq_id, [])
+                seq.prompt_logprobs += found[max(known - item.scores_from, 0) :]
             if not item.sample:
                 continue
             token = result.tokens[seq.seq_id]
@@ -298,7 +308,10 @@ class Batcher:
             # The first token's update says how much of the prompt came from the cache.
             cached = (seq.cached_tokens or 0) if len(seq.output_ids) == 1 else 0
             logprobs = [found] if (found := result.logprobs.get(seq.seq_id)) is not None else []
-            update = SequenceUpdate(seq.request_id, [token], reason, cached_tokens=cached, logprobs=logprobs)
+            scored = seq.prompt_logprobs if len(seq.output_ids) == 1 else []
+            update = SequenceUpdate(
+                seq.request_id, [token], reason, cached_tokens=cached, logprobs=logprobs, prompt_logprobs=scored
+            )
             updates.setdefault(seq.tokenizer, []).append(update)
         return updates
 
@@ -343,8 +356,9 @@ class Batcher:
         return set(seq.block_hashes[seq.computed // size : seq.length // size])
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """The cached blocks `seq`'s tokens begin with (its block hashes made first)."""
-        if not self.blocks.caching:
+        """The cached blocks `seq`'s tokens begin with (its block hashes made first). None for a
+        request that wants its prompt's logprobs: every prompt token must be computed (as in vLLM)."""
+        if not self.blocks.caching or seq.sampling.prompt_logprobs is not None:
             return []
         size = self.blocks.block_size
         if len(seq.block_hashes) < seq.length // size:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from daemon.ipc.messages import FinishReason, Sampling
+from daemon.ipc.messages import FinishReason, Sampling, TokenLogprobs
 
 
 class Phase(enum.Enum):
@@ -34,6 +34,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks known so far (prefix caching)
     cached_tokens: int | None = None  # prompt tokens found in the prefix cache when it was first admitted
     prompt_unsent: bool = False  # its sampling needs its prompt in the worker, which has not had it yet
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # of prompt tokens 1.. reported so far
 
     @property
     def token_ids(self) -> list[int]:

@@ -79,6 +79,10 @@ class Active:
     cached_tokens: int = 0  # of the prompt, found in the prefix cache (the scheduler says so with the first token)
     held_text: list[str] = field(default_factory=list)  # a non-streamed request's text so far
     held_logprobs: list[OutputLogprob] = field(default_factory=list)  # of tokens not yet in an output
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_text: str | None = None  # echo: goes with the first output
+    held_prompt_logprobs: list[OutputLogprob] = field(default_factory=list)  # go with the first output
+    scoring_only: bool = False  # max_tokens 0: the one token generated is dropped
 
 
 class TokenizerService:
@@ -248,7 +252,12 @@ class TokenizerService:
                 "prompt (or set truncate_prompt_tokens)."
             )
             return self._reject(request, ErrorInfo(400, message, param=prompt_param))
-        max_tokens = request.sampling.max_tokens or self.sampling_defaults.max_tokens(context - len(prompt_ids))
+        max_tokens = request.sampling.max_tokens
+        if max_tokens is None:
+            max_tokens = self.sampling_defaults.max_tokens(context - len(prompt_ids))
+        # echo with max_tokens 0 (scoring a prompt): the engine samples one token, which is dropped
+        scoring_only = max_tokens == 0
+        max_tokens = max(max_tokens, 1)
         requested = len(prompt_ids) + max_tokens
         if requested > context:
             message = (
@@ -280,7 +289,16 @@ class TokenizerService:
             # stop tokens end the text without being part of it, unless the client asked for them
             frozenset() if request.include_stop_str_in_output else frozenset(stop_ids),
             len(prompt_ids),
+            prompt_ids=prompt_ids,
+            prompt_text=self._echoed(request, prompt_ids) if request.echo else None,
+            scoring_only=scoring_only,
         )
+
+    def _echoed(self, request: GenerateRequest, prompt_ids: list[int]) -> str:
+        """The prompt as echo shows it: as sent, or its token ids (or what truncation kept) decoded."""
+        if request.prompt is not None and request.truncate_prompt_tokens is None:
+            return request.prompt
+        return self.text.decode(prompt_ids, skip_special_tokens=False)
 
     def _sampling_problem(self, sampling: Sampling, max_tokens: int) -> ErrorInfo | None:
         """What in the sampling options the model cannot take: token ids beyond its vocabulary,
@@ -381,6 +399,12 @@ class TokenizerService:
                 completion_tokens=active.completion_tokens,
             )
         ids = update.token_ids
+        if update.prompt_logprobs:  # the first token has none: it is shown with its text alone
+            first = active.prompt_ids[0]
+            opening = OutputLogprob(first, self.text.token_texts([first])[0], None, None, [])
+            active.held_prompt_logprobs = [opening, *self._logprobs(update.prompt_logprobs, active.prompt_ids[1:])]
+        if active.scoring_only:
+            ids, update = [], msgspec.structs.replace(update, finish_reason="length", logprobs=[])
         if update.logprobs:
             active.held_logprobs += self._logprobs(update.logprobs, ids)
         active.completion_tokens += len(ids)
@@ -407,7 +431,18 @@ class TokenizerService:
             shown = "".join(active.held_text) + shown
         counts = active.prompt_tokens, active.completion_tokens
         logprobs, active.held_logprobs = active.held_logprobs, []
-        return GenerateOutput(request_id, shown, finish, *counts, cached_tokens=active.cached_tokens, logprobs=logprobs)
+        prompt_text, active.prompt_text = active.prompt_text, None
+        prompt_logprobs, active.held_prompt_logprobs = active.held_prompt_logprobs, []
+        return GenerateOutput(
+            request_id,
+            shown,
+            finish,
+            *counts,
+            cached_tokens=active.cached_tokens,
+            logprobs=logprobs,
+            prompt_text=prompt_text,
+            prompt_logprobs=prompt_logprobs,
+        )
 
     def _logprobs(self, found: list[TokenLogprobs], ids: list[int]) -> list[OutputLogprob]:
         """The engine's log-probabilities of `ids` (and of the likeliest tokens), with tokens as text."""
@@ -415,7 +450,11 @@ class TokenizerService:
         texts = dict(zip(used, self.text.token_texts(used), strict=True))
         return [
             OutputLogprob(
-                texts[token], f.logprob, [(texts[t], lp) for t, lp in zip(f.top_ids, f.top_logprobs, strict=True)]
+                token,
+                texts[token],
+                f.logprob,
+                f.rank,
+                [(t, texts[t], lp) for t, lp in zip(f.top_ids, f.top_logprobs, strict=True)],
             )
             for token, f in zip(ids, found, strict=True)
         ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from daemon.engine.logprobs import TokenLogprob
 from daemon.engine.runner import ModelRunner, SequenceChunk
 from daemon.engine.sampler import SamplingParams
 from daemon.ipc.messages import SAMPLED_LAST_STEP, PlannedChunk, Sampling, StepPlan, StepResult, TokenLogprobs
@@ -33,12 +34,16 @@ def execute(runner: ModelRunner, plan: StepPlan, worker_epoch: int = 1) -> StepR
         runner.last_sampled, runner.failures = {}, {}
         return StepResult(plan.step, worker_epoch, {}, error=f"{type(exc).__name__}: {exc}")
     seconds = time.perf_counter() - started
-    logprobs = {
-        seq_id: TokenLogprobs(found.logprob, found.top_ids, found.top_logprobs)
-        for seq_id, found in runner.last_logprobs.items()
-    }
+    logprobs = {seq_id: _message(found) for seq_id, found in runner.last_logprobs.items()}
+    scored = {seq_id: [_message(f) for f in found] for seq_id, found in runner.last_prompt_logprobs.items()}
     failed = {**unsampled, **runner.failures}
-    return StepResult(plan.step, worker_epoch, tokens, failed=failed, seconds=seconds, logprobs=logprobs)
+    return StepResult(
+        plan.step, worker_epoch, tokens, failed=failed, seconds=seconds, logprobs=logprobs, prompt_logprobs=scored
+    )
+
+
+def _message(found: TokenLogprob) -> TokenLogprobs:
+    return TokenLogprobs(found.logprob, found.rank, found.top_ids, found.top_logprobs)
 
 
 def _chunk(c: PlannedChunk, last_sampled: dict[int, int]) -> SequenceChunk:
@@ -51,6 +56,7 @@ def _chunk(c: PlannedChunk, last_sampled: dict[int, int]) -> SequenceChunk:
         sample=c.sample,
         sampling=engine_sampling(c.sampling),
         prompt_ids=c.prompt_ids,
+        score_prompt=c.score_prompt,
     )
 
 
@@ -69,4 +75,5 @@ def engine_sampling(sampling: Sampling) -> SamplingParams:
         logit_bias=sampling.logit_bias,
         allowed_token_ids=sampling.allowed_token_ids,
         logprobs=sampling.logprobs,
+        prompt_logprobs=sampling.prompt_logprobs,
     )
