@@ -714,6 +714,22 @@ def _prompt_logprobs(demo, probe, tokenizers, endpoint):
     assert error["param"] == "prompt_logprobs"
 
 
+def _bad_words(demo, probe, tokenizers, endpoint):
+    probe_tokens = tokenizers["probe"]
+    # b: a token whose text twice is two tokens b (no merge), so "bb" is a two-token bad word
+    a, b = next(
+        (a, b)
+        for a, b in zip(_probe_ids(tokenizers, endpoint, 40), _probe_ids(tokenizers, endpoint, 40)[1:], strict=False)
+        if probe_tokens.encode(probe_tokens.decode([b]) * 2, add_special_tokens=False) == [b, b]
+        and probe_tokens.encode(probe_tokens.decode([b]), add_special_tokens=False) == [b]
+    )
+    bias = {str(a): 4.0, str(b): 5.0}  # b is the likeliest, then a
+    word = probe_tokens.decode([b])
+    for words, ids in (([], [b, b, b, b]), ([word], [a, a, a, a]), ([word * 2], [b, a, b, a])):
+        expected, body = _probe_text(tokenizers, endpoint, ids, logit_bias=bias, bad_words=words)
+        assert openai_generate(probe, endpoint, **body)[0] == expected, words
+
+
 HONOURED: dict[str, Callable[..., None]] = {
     "model": _model,
     "max_tokens": _max_tokens,
@@ -735,6 +751,7 @@ HONOURED: dict[str, Callable[..., None]] = {
     "min_p": _min_p,
     "min_tokens": _min_tokens,
     "allowed_token_ids": _allowed_token_ids,
+    "bad_words": _bad_words,
     "stop": _stop,
     "include_stop_str_in_output": _include_stop_str_in_output,
     "stop_token_ids": _stop_token_ids,

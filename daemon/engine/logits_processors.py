@@ -1,7 +1,8 @@
 """What a request's sampling options do to its row of logits before a token is chosen.
 
-In vLLM's order: the allowed tokens (all others to -inf), min_tokens (the stop tokens to -inf
-while the sequence is shorter), logit_bias (added), then the repetition, frequency and
+In vLLM's order: the allowed tokens (all others to -inf), bad words (a word's last token to
+-inf where the output ends with the rest of it), min_tokens (the stop tokens to -inf while the
+sequence is shorter), logit_bias (added), then the repetition, frequency and
 presence penalties. Temperature, min_p, top-k and top-p come after, in the sampler; greedy
 rows take the argmax of what this leaves, as in vLLM.
 
@@ -20,7 +21,9 @@ from daemon.engine.token_counts import TokenCounts
 
 
 def needs_processing(params: SamplingParams) -> bool:
-    return bool(params.allowed_token_ids or params.min_tokens or params.logit_bias or params.penalised)
+    return bool(
+        params.allowed_token_ids or params.bad_words or params.min_tokens or params.logit_bias or params.penalised
+    )
 
 
 def apply_processors(
@@ -38,6 +41,16 @@ def apply_processors(
         rows = long_tensor([row for row, _ids in allowed], device)
         logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(hidden, float("-inf")))
     vocab = logits.shape[1]
+    # bad words (vLLM's): a word's last token is banned where the output ends with the rest of it
+    banned = [
+        (row, word[-1])
+        for row, p in enumerate(params)
+        if counts is not None
+        for word in p.bad_words
+        if word[-1] < vocab and counts.ends_with(seq_ids[row], word[:-1])
+    ]
+    if banned:
+        logits[_pairs(banned, device)] = float("-inf")
     too_short = [
         (row, t)
         for row, p in enumerate(params)

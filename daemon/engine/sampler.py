@@ -46,6 +46,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     allowed_token_ids: tuple[int, ...] = ()  # empty: all
+    bad_words: tuple[tuple[int, ...], ...] = ()  # a sequence's last token is banned after the rest
     logprobs: int | None = None  # report the token's log-probability and the N likeliest (None: no)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (SequenceChunk.score_prompt)
 
@@ -60,7 +61,7 @@ class SamplingParams:
     @property
     def needs_counts(self) -> bool:
         """Whether sampling needs the sequence's token counts (token_counts.py)."""
-        return self.penalised or self.min_tokens > 0
+        return self.penalised or self.min_tokens > 0 or bool(self.bad_words)
 
 
 def sample(

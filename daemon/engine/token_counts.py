@@ -1,7 +1,8 @@
 """What each sequence has seen so far, for the samplers that depend on it: which tokens its
-prompt holds, how often it has generated each token, and how many it has generated.
+prompt holds, how often it has generated each token, how many it has generated, and (for bad
+words) its output in order.
 
-Repetition, presence and frequency penalties and min_tokens need these. They live on the
+Repetition, presence and frequency penalties, min_tokens and bad words need these. They live on the
 model's device as one row per sequence of two [rows, vocab] tensors (a bit mask of the
 prompt, float counts of the output), as vLLM's persistent batch keeps them: a step gathers
 its sequences' rows with one index_select and adds its new tokens with one index_put_, so the
@@ -31,6 +32,7 @@ class TokenCounts:
         self._free: list[int] = []
         self._prompt_len: dict[int, int] = {}
         self._counted: dict[int, int] = {}  # seq_id -> positions counted (prompt and output)
+        self._outputs: dict[int, list[int]] = {}  # seq_id -> its output tokens in order (bad words)
 
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._rows
@@ -45,6 +47,7 @@ class TokenCounts:
         if prompt_ids:
             self.prompt[row].index_fill_(0, long_tensor(prompt_ids, self.device), True)
         self._prompt_len[seq_id] = self._counted[seq_id] = len(prompt_ids)
+        self._outputs[seq_id] = []
 
     def feed(self, fed: list[tuple[int, int, list[int]]]) -> None:
         """A step's input, as (seq_id, start position, token ids): the tokens past what each
@@ -59,6 +62,7 @@ class TokenCounts:
             if new:
                 rows += [self._rows[seq_id]] * len(new)
                 tokens += new
+                self._outputs[seq_id] += new
                 self._counted[seq_id] = max(counted, start + len(token_ids))
         if tokens:
             index = long_tensor(rows + tokens, self.device).view(2, -1)
@@ -69,6 +73,11 @@ class TokenCounts:
         """Output tokens counted so far (every one sampled before this step)."""
         return self._counted[seq_id] - self._prompt_len[seq_id]
 
+    def ends_with(self, seq_id: int, tokens: tuple[int, ...]) -> bool:
+        """Whether the sequence's output so far ends with `tokens` (empty: always)."""
+        output = self._outputs[seq_id]
+        return not tokens or tuple(output[-len(tokens) :]) == tokens
+
     def rows_of(self, seq_ids: list[int]) -> torch.Tensor:
         return long_tensor([self._rows[s] for s in seq_ids], self.device)
 
@@ -76,13 +85,14 @@ class TokenCounts:
         row = self._rows.pop(seq_id, None)
         if row is not None:
             self._free.append(row)
-            del self._prompt_len[seq_id], self._counted[seq_id]
+            del self._prompt_len[seq_id], self._counted[seq_id], self._outputs[seq_id]
 
     def clear(self) -> None:
         self._free += self._rows.values()
         self._rows.clear()
         self._prompt_len.clear()
         self._counted.clear()
+        self._outputs.clear()
 
     def _grow(self) -> int:
         """A new row: the tensors double (a copy now and then, not one per sequence)."""

@@ -122,6 +122,7 @@ def to_generate_requests(
             arrival=arrival,
             stream=_default(request.stream, False),
             echo=echo,
+            bad_words=tuple(request.bad_words or ()),
             unset_sampling=unset_sampling,
             **prompt,
         )

@@ -195,7 +195,11 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         honoured("Only these token ids may be generated."),
     ] = None
     bad_words: Annotated[
-        list[str] | None, refused("Words that may not be generated.", neutral=(None, []), planned=SAMPLING_ISSUE)
+        Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=256)] | None,
+        honoured(
+            "Words that may not be generated, as vLLM bans them: each word's tokens (with and without a "
+            "leading space); a one-token word is never generated, a longer one's last token not after the rest."
+        ),
     ] = None
     spaces_between_special_tokens: Annotated[
         Bool, refused("vLLM's detokenizer option.", neutral=(None, True), planned=None)

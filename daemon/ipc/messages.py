@@ -39,6 +39,7 @@ class Sampling(msgspec.Struct, frozen=True, omit_defaults=True):
     min_tokens: int = 0  # the stop token ids (end-of-sequence included) are held back until then
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     allowed_token_ids: tuple[int, ...] = ()  # empty: all
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never to complete (the tokenizer makes them)
     logprobs: int | None = None  # each token's log-probability and those of the N likeliest (None: none)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (None: none)
 
@@ -46,7 +47,7 @@ class Sampling(msgspec.Struct, frozen=True, omit_defaults=True):
     def needs_token_counts(self) -> bool:
         """Whether the worker needs the tokens the sequence has seen (its prompt among them)."""
         penalised = self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-        return penalised or self.min_tokens > 0
+        return penalised or self.min_tokens > 0 or bool(self.bad_words)
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
@@ -107,6 +108,7 @@ class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
     arrival: float = 0.0  # wall-clock time the front-end received it
     stream: bool = True  # False: the whole text comes in the last output, in one message
     echo: bool = False  # the first output carries the prompt as text
+    bad_words: tuple[str, ...] = ()  # the tokenizer turns them into Sampling.bad_words
     # What the client left unset in `sampling`: the tokenizer puts the model's defaults there.
     unset_sampling: tuple[ModelDefaultField, ...] = ()
 

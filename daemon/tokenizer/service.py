@@ -275,6 +275,7 @@ class TokenizerService:
             self.sampling_defaults.apply(request.sampling, request.unset_sampling),
             max_tokens=max_tokens,
             stop_token_ids=tuple(sorted(stop_ids)),
+            bad_words=self._bad_word_ids(request.bad_words),
         )
         scheduled = ScheduleRequest(
             request.request_id, self.tier.index, prompt_ids, sampling, request.priority, request.arrival
@@ -293,6 +294,16 @@ class TokenizerService:
             prompt_text=self._echoed(request, prompt_ids) if request.echo else None,
             scoring_only=scoring_only,
         )
+
+    def _bad_word_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Each word's token ids as vLLM bans them: the word as given and with one leading space (a
+        word inside a text usually follows one), without the tokenizer's specials, each once."""
+        found: dict[tuple[int, ...], None] = {}
+        for word in words:
+            for variant in (word.lstrip(), " " + word.lstrip()):
+                if ids := tuple(self.text.encode(variant, add_special_tokens=False)):
+                    found[ids] = None
+        return tuple(found)
 
     def _echoed(self, request: GenerateRequest, prompt_ids: list[int]) -> str:
         """The prompt as echo shows it: as sent, or its token ids (or what truncation kept) decoded."""

@@ -74,6 +74,7 @@ def engine_sampling(sampling: Sampling) -> SamplingParams:
         stop_token_ids=sampling.stop_token_ids,
         logit_bias=sampling.logit_bias,
         allowed_token_ids=sampling.allowed_token_ids,
+        bad_words=sampling.bad_words,
         logprobs=sampling.logprobs,
         prompt_logprobs=sampling.prompt_logprobs,
     )
