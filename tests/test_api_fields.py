@@ -324,20 +324,34 @@ def _stream_options(demo, probe, tokenizers, endpoint):
     path = ENDPOINTS[endpoint][0]
     body = {**_required(endpoint), "max_tokens": 3, "stream": True}
 
-    def usage_events(extra: dict) -> list:
+    def events(extra: dict) -> list:
         with (
             httpx.Client(base_url=demo.url, timeout=60) as http,
             http.stream("POST", path, json={**body, **extra}) as response,
         ):
-            events = [
+            return [
                 json.loads(line[6:])
                 for line in response.iter_lines()
                 if line.startswith("data: ") and line != "data: [DONE]"
             ]
-        return [e for e in events if e.get("usage")]
+
+    def usage_events(extra: dict) -> list:
+        return [e for e in events(extra) if e.get("usage")]
 
     assert usage_events({}) == [] and usage_events({"stream_options": {"include_usage": False}}) == []
     assert len(usage_events({"stream_options": {"include_usage": True}})) == 1
+    # vLLM's continuous_usage_stats: every chunk with text carries the usage so far, then the last one
+    every = events({"stream_options": {"include_usage": True, "continuous_usage_stats": True}, "ignore_eos": True})
+    texts = [
+        e
+        for e in every
+        if e["choices"] and (e["choices"][0].get("text") or e["choices"][0].get("delta", {}).get("content"))
+    ]
+    assert texts and all(e.get("usage") for e in texts)
+    counts = [e["usage"]["completion_tokens"] for e in every if e.get("usage")]
+    assert counts == sorted(counts) and counts[-1] == 3 and every[-1]["choices"] == []
+    error = refusal(post(demo, path, {**body, "stream_options": {"continuous_usage_stats": True}}))
+    assert error["param"] == "stream_options" and "include_usage" in error["message"]
     error = refusal(post(demo, path, {**_required(endpoint), "stream_options": {"include_usage": True}}))
     assert error["param"] == "stream_options"
 
@@ -698,6 +712,29 @@ def _echo(demo, probe, tokenizers, endpoint):
     assert error["param"] == "max_tokens"
 
 
+def _chat_echo(demo, probe, tokenizers, endpoint):
+    client = openai.OpenAI(base_url=demo.url + "/v1", api_key="unused", max_retries=0)
+    opened = [*CHAT, {"role": "assistant", "content": "Once upon"}]
+    ask = {
+        "model": "demo",
+        "max_tokens": 4,
+        "temperature": 0,
+        "extra_body": {"continue_final_message": True, "add_generation_prompt": False},
+    }
+    free = client.chat.completions.create(messages=opened, **ask).choices[0].message.content
+    echoed = {**ask, "extra_body": {**ask["extra_body"], "echo": True}}
+    assert client.chat.completions.create(messages=opened, **echoed).choices[0].message.content == "Once upon" + free
+    streamed = client.chat.completions.create(messages=opened, **echoed, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "Once upon" + free
+    # the last message is the user's: nothing to begin with
+    plain = {"model": "demo", "max_tokens": 4, "temperature": 0}
+    alone = client.chat.completions.create(messages=CHAT, **plain).choices[0].message.content
+    assert (
+        client.chat.completions.create(messages=CHAT, **plain, extra_body={"echo": True}).choices[0].message.content
+        == alone
+    )
+
+
 def _prompt_logprobs(demo, probe, tokenizers, endpoint):
     path = ENDPOINTS[endpoint][0]
     answer = generate(demo, endpoint, max_tokens=1, prompt_logprobs=2)
@@ -743,6 +780,7 @@ HONOURED: dict[str, Callable[..., None]] = {
     "chat.logprobs": _chat_logprobs,
     "chat.top_logprobs": _chat_top_logprobs,
     "completions.echo": _echo,
+    "chat.echo": _chat_echo,
     "prompt_logprobs": _prompt_logprobs,
     "presence_penalty": _presence_penalty,
     "frequency_penalty": _frequency_penalty,

@@ -226,11 +226,14 @@ class Application:
                 logprobs=requests[0].sampling.logprobs,
                 prompt_logprobs=parsed.prompt_logprobs,
                 echo=requests[0].echo,
+                chat_echo=openai.chat_echo(parsed),
             )
             generation = Generation(self.gateway, requests, responder, headers)
             if parsed.stream:
-                include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-                await until_disconnected(receive, generation.stream(send, include_usage))
+                options = parsed.stream_options
+                include_usage = bool(options and options.include_usage)
+                continuous = bool(options and options.continuous_usage_stats)
+                await until_disconnected(receive, generation.stream(send, include_usage, continuous))
             else:
                 await until_disconnected(receive, generation.respond(send))
 

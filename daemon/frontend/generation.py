@@ -50,7 +50,7 @@ class Generation:
         self._observe([last for _text, last, _logprobs in results])
         await send_json(send, 200, self.responder.full(results), self.headers)
 
-    async def stream(self, send: Send, include_usage: bool) -> None:
+    async def stream(self, send: Send, include_usage: bool, continuous_usage: bool = False) -> None:
         """Server-sent events: each prompt's text deltas as they come, tagged with its choice index.
 
         The stream opens once every prompt has its first output, so a request refused before
@@ -73,7 +73,8 @@ class Generation:
                     if output.error is not None:
                         return await send_event(send, error_body(output.error), final=True)
                     if output.text or output.finish_reason or output.logprobs:
-                        await send_event(send, self.responder.chunk(index, output))
+                        usage = self.responder.usage(lasts) if continuous_usage else None
+                        await send_event(send, self.responder.chunk(index, output, usage))
             if include_usage:
                 await send_event(send, self.responder.usage_chunk(lasts))
             await end_events(send)

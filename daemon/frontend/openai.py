@@ -134,6 +134,20 @@ def _default(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+def chat_echo(request: CompletionRequest | ChatRequest) -> str:
+    """What a chat answer begins with under vLLM's echo: the last message's content where the
+    last message is the assistant's (its text parts joined by newlines), else nothing."""
+    if not isinstance(request, ChatRequest) or not request.echo or not request.messages:
+        return ""
+    last = request.messages[-1]
+    if last.get("role") != "assistant":
+        return ""
+    content = last.get("content") or ""
+    if isinstance(content, list):
+        return "\n".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
 def _logprobs(request: CompletionRequest | ChatRequest, most: int) -> int | None:
     """How many likeliest tokens' log-probabilities to report with each token's (None: no logprobs)."""
     if isinstance(request, ChatRequest):

@@ -27,7 +27,6 @@ import msgspec
 from daemon.frontend.asgi import BadRequest
 
 UNSET = (None,)
-SAMPLING_ISSUE = "sampling and scoring"
 STRUCTURED_ISSUE = "structured outputs and tools"
 
 
@@ -69,7 +68,8 @@ Stop = str | Annotated[list[str], msgspec.Meta(max_length=16)] | None
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     include_usage: Annotated[Bool, honoured("Send a last chunk with the usage of the whole request.")] = None
     continuous_usage_stats: Annotated[
-        Bool, refused("vLLM: usage in every chunk.", neutral=(None, False), planned=SAMPLING_ISSUE)
+        Bool,
+        honoured("vLLM's: every chunk also carries the usage so far (with include_usage).", requires="include_usage"),
     ] = None
 
 
@@ -263,7 +263,12 @@ class CompletionRequest(_Common, kw_only=True):
         ),
     ] = None
     best_of: Annotated[
-        Int, refused("Generate several and return the best.", neutral=(None, 1), planned=SAMPLING_ISSUE)
+        Int,
+        refused(
+            "Generate several and return the best (vLLM removed it: ask for n choices and pick).",
+            neutral=(None, 1),
+            planned=None,
+        ),
     ] = None
     suffix: Annotated[
         str | None, refused("Text after the completion (insertion).", neutral=(None, ""), planned=None)
@@ -344,8 +349,9 @@ class ChatRequest(_Common, kw_only=True):
     chat_template: Annotated[str | None, refused("A chat template sent with the request.", planned=None)] = None
     echo: Annotated[
         Bool,
-        refused(
-            "vLLM: begin the answer with the last message's content.", neutral=(None, False), planned=SAMPLING_ISSUE
+        honoured(
+            "vLLM's: begin the answer with the last message's content when that message is the assistant's "
+            "(one being continued)."
         ),
     ] = None
     modalities: Annotated[
@@ -402,11 +408,11 @@ def check_policy(request: CompletionRequest | ChatRequest) -> None:
         if info.policy.status == "refused" and not _neutral(value, info.policy.neutral):
             shown = ", ".join("null" if v is None else msgspec.json.encode(v).decode() for v in info.policy.neutral)
             raise BadRequest(f"`{info.name}` is not supported by this server yet (accepted values: {shown})", info.name)
-    if request.stream_options is not None and not _neutral(
-        request.stream_options.continuous_usage_stats, (None, False)
-    ):
+    options = request.stream_options
+    if options is not None and options.continuous_usage_stats and not options.include_usage:
         raise BadRequest(
-            "`stream_options.continuous_usage_stats` is not supported by this server yet", "stream_options"
+            "`stream_options.continuous_usage_stats` is only allowed when `stream_options.include_usage` is set",
+            "stream_options",
         )
 
 

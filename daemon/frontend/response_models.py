@@ -162,6 +162,7 @@ class Responder:
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
         echo: bool = False,
+        chat_echo: str = "",
     ):
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + response_id
@@ -169,9 +170,10 @@ class Responder:
         self.created = int(time.time())
         self.choices, self.per_prompt = choices, per_prompt
         self.logprobs, self.prompt_logprobs, self.echo = logprobs, prompt_logprobs, echo
+        self.chat_echo = chat_echo  # what every chat choice begins with (vLLM's echo)
         self._offsets = [0] * choices  # text offsets so far, by choice (completions' logprobs)
 
-    def _usage(self, lasts: list[GenerateOutput]) -> Usage:
+    def usage(self, lasts: list[GenerateOutput]) -> Usage:
         """Every choice's completion tokens; each prompt's tokens once, as OpenAI and vLLM count
         them (the first choice of each prompt stands for it, and reports what the cache held of it
         before its siblings could find it there)."""
@@ -184,10 +186,15 @@ class Responder:
     def full(self, results: list[tuple[str, GenerateOutput, list[OutputLogprob]]]) -> Completion | ChatCompletion:
         """`results`: per choice, its whole text, its last output (with the prompt's text and
         logprobs, where asked) and all its tokens' logprobs."""
-        usage = self._usage([last for _text, last, _logprobs in results])
+        usage = self.usage([last for _text, last, _logprobs in results])
         if self.chat:
             choices = [
-                ChatChoice(index, ChatMessage("assistant", text), last.finish_reason, self._chat_logprobs(logprobs))
+                ChatChoice(
+                    index,
+                    ChatMessage("assistant", self.chat_echo + text),
+                    last.finish_reason,
+                    self._chat_logprobs(logprobs),
+                )
                 for index, (text, last, logprobs) in enumerate(results)
             ]
             answer = ChatCompletion(self.id, self.created, self.model, choices, usage)
@@ -203,23 +210,26 @@ class Responder:
     def first_chunk(self) -> ChatCompletionChunk | None:
         if not self.chat:
             return None
-        openings = [ChatChunkChoice(i, ChatDelta(role="assistant", content=""), None) for i in range(self.choices)]
+        openings = [
+            ChatChunkChoice(i, ChatDelta(role="assistant", content=self.chat_echo), None) for i in range(self.choices)
+        ]
         return ChatCompletionChunk(self.id, self.created, self.model, openings)
 
-    def chunk(self, index: int, output: GenerateOutput) -> Completion | ChatCompletionChunk:
+    def chunk(self, index: int, output: GenerateOutput, usage: Usage | None = None) -> Completion | ChatCompletionChunk:
+        """A streamed chunk of choice `index` (with `usage`: the whole request's so far)."""
         if self.chat:
             delta = ChatDelta(content=output.text or None)
             choice = ChatChunkChoice(index, delta, output.finish_reason, self._chat_logprobs(output.logprobs))
-            return ChatCompletionChunk(self.id, self.created, self.model, [choice])
+            return ChatCompletionChunk(self.id, self.created, self.model, [choice], usage=usage)
         choice = self._completion_choice(
             index, output.text, output.finish_reason, output.prompt_text, output.prompt_logprobs, output.logprobs
         )
-        return Completion(self.id, self.created, self.model, [choice])
+        return Completion(self.id, self.created, self.model, [choice], usage=usage)
 
     def usage_chunk(self, lasts: list[GenerateOutput]) -> Completion | ChatCompletionChunk:
         if self.chat:
-            return ChatCompletionChunk(self.id, self.created, self.model, [], usage=self._usage(lasts))
-        return Completion(self.id, self.created, self.model, [], usage=self._usage(lasts))
+            return ChatCompletionChunk(self.id, self.created, self.model, [], usage=self.usage(lasts))
+        return Completion(self.id, self.created, self.model, [], usage=self.usage(lasts))
 
     def _completion_choice(
         self,
