@@ -18,6 +18,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,15 @@ def _seed(demo, probe, tokenizers, endpoint):
         text_of(generate(demo, endpoint, max_tokens=12, temperature=1.5, seed=s, ignore_eos=True)) for s in (7, 7, 8, 9)
     ]
     assert runs[0] == runs[1] and len(set(runs[1:])) > 1
+    # the same seeded request inside a busy batch: eight others (unseeded, sampled) decode beside it
+    with ThreadPoolExecutor(9) as pool:
+        others = [
+            pool.submit(generate, demo, endpoint, max_tokens=48, temperature=1.0, top_p=0.9, ignore_eos=True)
+            for _ in range(8)
+        ]
+        busy = pool.submit(generate, demo, endpoint, max_tokens=12, temperature=1.5, seed=7, ignore_eos=True)
+        assert text_of(busy.result()) == runs[0]
+        assert all(len(other.result()["choices"]) == 1 for other in others)
 
 
 def _stop(demo, probe, tokenizers, endpoint):
