@@ -6,9 +6,9 @@ it prints the median wall time of a step (no profiler attached), then one profil
 split by what the time is spent in:
 
 - matrix products (the projections, the MLP, the LM head);
-- the attention kernels: the engine's paged decode kernel (kernels/paged_decode.c, reading the
-  cache in place) and torch's CPU flash attention (prefill chunks);
-- gathers: index_select, mostly the blocks of the contexts prefill chunks attend to;
+- the attention kernels: the engine's paged kernel (kernels/paged_decode.c, reading the cache in
+  place, decodes and prefill chunks alike), or with --torch-attention torch's CPU flash attention;
+- gathers: index_select, mostly (with --torch-attention) the blocks of the contexts attended to;
 - the other operators (norms, rotary, activations, masks, sampling's arithmetic);
 - Python: the rest of the (unprofiled) wall time, outside any operator (module calls, the step's
   metadata made from the plan's lists, sampling's bookkeeping).
@@ -17,10 +17,12 @@ Shapes:
 - decode: W2's steady state, 32 sequences of 256-384 tokens each decoding one;
 - prefill: one 256-token prompt, W2's prefill (each request's; vLLM does the same work);
 - shared decode: W3's, 32 sequences of ~560 tokens whose first 512 are 4 shared prefixes
-  (the prefix cache's blocks, each read by the 8 decodes that share it).
+  (the prefix cache's blocks, each read by the 8 decodes that share it);
+- suffix prefill: W3's, 3 prompts whose first 512 tokens are cached (a prefix-cache hit), each
+  computing its 32-token suffix over the 544-token context.
 
     python bench/step_profile.py          # ~1 minute on 2 cores; --threads, --repeats
-    python bench/step_profile.py --torch-attention   # decodes as without the CPU kernel
+    python bench/step_profile.py --torch-attention   # attention as without the CPU kernel
 """
 
 from __future__ import annotations
@@ -80,6 +82,20 @@ def decode_step(lengths: list[int], prefixes: int = 0, prefix_len: int = 0) -> l
     return chunks
 
 
+def suffix_prefill_step(prompts: int, prefix_len: int, suffix_len: int) -> list[SequenceChunk]:
+    """Prefill chunks of `suffix_len` tokens after `prefix_len` cached ones, prompt i on prefix
+    i's blocks (as a prefix-cache hit finds them), its suffix on blocks of its own."""
+    shared_blocks = prefix_len // BLOCK_SIZE
+    own_blocks = -(-suffix_len // BLOCK_SIZE)
+    next_block = prompts * shared_blocks
+    chunks = []
+    for i in range(prompts):
+        table = list(range(i * shared_blocks, (i + 1) * shared_blocks))
+        table += list(range(next_block + i * own_blocks, next_block + (i + 1) * own_blocks))
+        chunks.append(SequenceChunk(2000 + i, list(range(7, 7 + suffix_len)), prefix_len, table))
+    return chunks
+
+
 def timed(step: Callable[[], object], repeats: int) -> float:
     """Median wall time of `step`, ms."""
     step()
@@ -130,7 +146,7 @@ def main() -> int:
     p.add_argument(
         "--torch-attention",
         action="store_true",
-        help="decodes attend through torch over gathered blocks, as where the CPU kernel was not built",
+        help="attention through torch over gathered blocks, as where the CPU kernel was not built",
     )
     args = p.parse_args()
     keep_freed_memory()
@@ -143,16 +159,18 @@ def main() -> int:
         decodes = decode_step([256 + (128 * i) // 31 for i in range(32)])
         prefill = [SequenceChunk(1000, list(range(4, 260)), 0, list(range(2000, 2016)))]
         shared = decode_step([545 + i for i in range(32)], prefixes=4, prefix_len=512)
+        suffixes = suffix_prefill_step(3, 512, 32)
         attention = "torch over gathered blocks" if args.torch_attention else "the paged kernel"
         print(
             f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), the demo model in float32, "
-            f"decodes attended by {attention}\n"
+            f"attention by {attention}\n"
         )
         print("| step | wall (median) | where the time goes (profiled) |\n|---|---|---|")
         with torch.inference_mode():
             report("decode, 32 x 256-384 tokens (W2)", lambda: runner.step(decodes), args)
             report("prefill, 256 tokens (W2)", lambda: runner.step(prefill), args)
             report("decode, 32 x ~560 tokens, 4 shared prefixes of 512 (W3)", lambda: runner.step(shared), args)
+            report("prefill, 3 x 32 tokens after 512 cached (W3)", lambda: runner.step(suffixes), args)
     return 0
 
 

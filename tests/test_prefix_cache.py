@@ -96,22 +96,28 @@ def test_concurrent_prompts_sharing_a_prefix_get_the_outputs_computed_without_th
     assert hits - hits_before >= len(PREFIX) and blocks > 0
 
 
-# Penalties that weigh the prompt's tokens (repetition) and the output's (frequency, presence)
+# Penalties that weigh the prompt's tokens (repetition) and the output's (frequency, presence), on
+# prompts of a prefix of their own (as PROMPTS: fresh, it is computed once and found by the others)
 PENALTIES = {"repetition_penalty": 1.3, "frequency_penalty": 0.4, "presence_penalty": 0.3}
+PENALISED_PREFIX = [(31 * i + 7) % 1000 + 4 for i in range(96)]
+PENALISED_PROMPTS = [PENALISED_PREFIX + prompt[len(PREFIX) :] for prompt in PROMPTS]
 
 
 def test_penalised_outputs_are_the_same_when_the_prompt_came_from_the_cache_and_after_preemption(cached, uncached):
     """The worker counts what each sequence has seen from its whole prompt, cached part included,
     and recomputation after a preemption counts nothing twice."""
-    alone = [text(complete(uncached, prompt, **PENALTIES)) for prompt in PROMPTS]
-    assert alone != [text(complete(uncached, prompt)) for prompt in PROMPTS], "the penalties changed nothing"
+    alone = [text(complete(uncached, prompt, **PENALTIES)) for prompt in PENALISED_PROMPTS]
+    plain = [text(complete(uncached, prompt)) for prompt in PENALISED_PROMPTS]
+    assert alone != plain, "the penalties changed nothing"
     wait_engine_idle(cached, 30)
-    queried_before = cache_figures(cached)[0]
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        answers = list(pool.map(lambda prompt: complete(cached, prompt, **PENALTIES), PROMPTS))
+    queried_before, hits_before, _blocks = cache_figures(cached)
+    with ThreadPoolExecutor(len(PENALISED_PROMPTS)) as pool:
+        answers = list(pool.map(lambda prompt: complete(cached, prompt, **PENALTIES), PENALISED_PROMPTS))
     assert [text(a) for a in answers] == alone
-    queried, _hits, _blocks = figures_after(cached, queried_before + sum(map(len, PROMPTS)) - 1)
-    assert queried - queried_before > sum(map(len, PROMPTS)), "nothing was preempted"
+    prompt_tokens = sum(map(len, PENALISED_PROMPTS))
+    queried, hits, _blocks = figures_after(cached, queried_before + prompt_tokens - 1)
+    assert hits - hits_before >= len(PENALISED_PREFIX), "no prompt found its prefix in the cache"
+    assert queried - queried_before > prompt_tokens, "nothing was preempted"
 
 
 def test_the_choices_of_one_prompt_prefill_it_once(cached):

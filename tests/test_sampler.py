@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from daemon.engine.kernels import cpu as kernels  # noqa: E402
 from daemon.engine.logits_processors import apply_processors  # noqa: E402
 from daemon.engine.sampler import SamplingParams, sample  # noqa: E402
 from daemon.engine.token_counts import TokenCounts  # noqa: E402
@@ -165,3 +166,87 @@ def test_min_p_keeps_only_tokens_near_the_likeliest():
     assert (frequencies(drawn, 5)[:2] - kept).abs().max() < 0.03 and frequencies(drawn, 5)[2:].sum() == 0
     everything = sample(logits.repeat(DRAWS, 1), [SamplingParams(min_p=0.0)] * DRAWS, [None] * DRAWS)
     assert (frequencies(everything, 5) - probs).abs().max() < 0.03
+
+
+# --- the CPU kernel's draw (kernels/sample.c) ------------------------------------------------------
+
+
+def kernel_draws(row: torch.Tensor, draws: int, **options: float) -> list[int]:
+    """`row` drawn `draws` times with evenly spread uniform numbers: every interval of the
+    cumulative distribution wider than 1/draws gets at least one."""
+    rows = row.repeat(draws, 1)
+    temperature = torch.full((draws,), options.get("temperature", 1.0))
+    top_k = torch.full((draws,), int(options.get("top_k", 0)), dtype=torch.long)
+    top_p = torch.full((draws,), options.get("top_p", 1.0))
+    min_p = torch.full((draws,), options.get("min_p", 0.0))
+    uniform = (torch.arange(draws, dtype=torch.float64) + 0.5) / draws
+    return kernels.sample_rows(rows, temperature, top_k, top_p, min_p, uniform).tolist()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the CPU kernels were not built")
+@pytest.mark.parametrize("vocab", [7, 1024, 20_000])
+def test_the_kernel_draws_the_whole_nucleus_and_nothing_else(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    draws = 400
+    for scale in (0.1, 1.0, 8.0):
+        logits = torch.randn(vocab, generator=generator) * scale
+        probs = torch.softmax(logits.double(), dim=-1)
+        ordered, order = probs.sort(descending=True)
+        for p in (1e-7, 0.3, 0.9):
+            share = torch.tensor(p, dtype=torch.float32).item()  # as the kernel sees it
+            kept = int(((ordered.cumsum(0) - ordered) < share).sum())  # the smallest prefix reaching p
+            nucleus = set(order[:kept].tolist())
+            drawn = kernel_draws(logits, draws, top_p=p)
+            assert set(drawn) <= nucleus, (scale, p)
+            weights = probs[order[:kept]] / probs[order[:kept]].sum()
+            assert {t for t, w in zip(order[:kept].tolist(), weights.tolist(), strict=True) if w > 2 / draws} <= set(
+                drawn
+            ), (scale, p)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the CPU kernels were not built")
+def test_the_kernel_keeps_ties_at_a_threshold_and_never_draws_a_minus_infinity():
+    logits = torch.tensor([0.1, 0.25, 0.25, 0.25, 0.15]).log()
+    assert set(kernel_draws(logits, 300, top_p=0.3)) == {1, 2, 3}  # every 0.25 kept, as a sort would not
+    assert set(kernel_draws(logits, 300, top_k=2)) == {1, 2, 3}
+    assert set(kernel_draws(logits, 300, min_p=0.9)) == {1, 2, 3}
+    banned = torch.tensor([0.0, float("-inf"), 0.0, float("-inf")] * 5)
+    assert set(kernel_draws(banned, 500, temperature=2.0)) <= {i for i in range(20) if i % 2 == 0}
+
+
+def test_the_torch_path_draws_from_the_same_distribution(monkeypatch):
+    """Where the kernels are not built (or not on the CPU) torch's operators draw: the same
+    distribution, checked as the kernel's is above."""
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    test_draws_follow_the_tempered_distribution()
+    test_top_k_and_top_p_keep_only_their_tokens_row_by_row()
+    test_tokens_of_probability_zero_are_never_drawn()
+    test_min_p_keeps_only_tokens_near_the_likeliest()
+    test_an_infinite_logit_fails_a_sampled_row_alone()
+
+
+def test_the_torch_path_applies_the_same_penalties(monkeypatch):
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    test_penalties_follow_vllms_definitions_row_by_row()
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+@pytest.mark.parametrize("top", [0, 3, 40])
+def test_token_logprobs_are_the_log_softmax_its_rank_and_top(monkeypatch, kernel, top):
+    from daemon.engine.logprobs import token_logprobs
+
+    if not kernel:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    elif not kernels.available():
+        pytest.skip("the CPU kernels were not built")
+    logits = torch.randn(5, 3000, generator=torch.Generator().manual_seed(top)) * 4
+    logits[4, 100:] = float("-inf")  # a row where few tokens are possible at all
+    tokens = [7, 2999, 0, 1500, 50]
+    found = token_logprobs(logits, tokens, [top] * 5)
+    reference = torch.log_softmax(logits.double(), dim=-1)
+    for row, (token, entry) in enumerate(zip(tokens, found, strict=True)):
+        assert entry.logprob == pytest.approx(reference[row, token].item(), abs=1e-5)
+        assert entry.rank == 1 + int((logits[row] > logits[row, token]).sum())
+        values, ids = reference[row].topk(top)
+        assert entry.top_ids == ids.tolist()
+        assert entry.top_logprobs == pytest.approx(values.tolist(), abs=1e-5)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from daemon.engine.host_tensors import long_tensor
+from daemon.engine.kernels import cpu as kernels
 from daemon.engine.sampler import SamplingParams
 from daemon.engine.token_counts import TokenCounts
 
@@ -74,7 +75,11 @@ def apply_processors(
             dtype=logits.dtype,
             device=device,
         )
-        logits.index_copy_(0, rows, _penalise(logits.index_select(0, rows), counts, which, penalties))
+        if device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous() and kernels.available():
+            # one pass over each row (kernels/sample.c), not a dozen operators over them all
+            kernels.apply_penalties(logits, rows, counts.output, counts.prompt, which, penalties)
+        else:
+            logits.index_copy_(0, rows, _penalise(logits.index_select(0, rows), counts, which, penalties))
     return logits
 
 

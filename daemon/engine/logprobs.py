@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from daemon.engine.host_tensors import long_tensor
+from daemon.engine.kernels import cpu as kernels
 from daemon.engine.sampler import SamplingParams
 
 
@@ -30,12 +31,22 @@ class TokenLogprob:
     top_logprobs: list[float]
 
 
-def token_logprobs(values: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
-    """values [R, vocab] log-probabilities; row r's token tokens[r] and its tops[r] likeliest."""
+def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """logits [R, vocab] (raw); row r's token tokens[r] and its tops[r] likeliest, as
+    log-probabilities. On the CPU one kernel pass a row (kernels/sample.c), else torch."""
+    widest = max(tops, default=0)
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.available():
+        chosen, ranks, top_ids, top_values = kernels.token_logprobs(logits, torch.tensor(tokens), widest)
+        return [
+            TokenLogprob(logprob, rank, ids[:top], lps[:top])
+            for logprob, rank, ids, lps, top in zip(
+                chosen.tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist(), tops, strict=True
+            )
+        ]
+    values = torch.log_softmax(logits.float(), dim=-1)
     device = values.device
     chosen = values.gather(1, long_tensor(tokens, device).unsqueeze(1))  # [R, 1]
     ranks = ((values > chosen).sum(dim=1) + 1).tolist()
-    widest = max(tops, default=0)
     top_values, top_ids = values.topk(widest, dim=-1) if widest else (values[:, :0], values[:, :0].long())
     return [
         TokenLogprob(logprob, rank, ids[:top], lps[:top])
@@ -51,10 +62,10 @@ class RawLogprobs:
     def __init__(self, logits: torch.Tensor, params: list[SamplingParams]):
         self.rows = [row for row, p in enumerate(params) if p.logprobs is not None]
         self.top = [params[row].logprobs or 0 for row in self.rows]
+        # the raw logits of those rows, copied: the processors change the batch's in place
         self.values: torch.Tensor | None = None
         if self.rows:
-            taken = logits.index_select(0, long_tensor(self.rows, logits.device))
-            self.values = torch.log_softmax(taken.float(), dim=-1)
+            self.values = logits.index_select(0, long_tensor(self.rows, logits.device)).float()
 
     def of(self, tokens: list[int | Exception]) -> dict[int, TokenLogprob]:
         """By row: the log-probability of the row's token and of its params' N likeliest (rows
@@ -70,7 +81,7 @@ class RawLogprobs:
 
 
 class PromptScores:
-    """Each scored sequence's last log-probability row, kept from one prompt chunk to the next."""
+    """Each scored sequence's last row of logits, kept from one prompt chunk to the next."""
 
     def __init__(self) -> None:
         self._last_rows: dict[int, torch.Tensor] = {}
@@ -80,13 +91,13 @@ class PromptScores:
     ) -> list[TokenLogprob]:
         """The logprobs of the chunk's prompt tokens from position max(start, 1) on, given the
         raw logits [len(token_ids), vocab] of the chunk's rows."""
-        values = torch.log_softmax(logits.float(), dim=-1)
+        values = logits.float()
         rows, tokens = values[:-1], token_ids[1:]
         earlier = self._last_rows.pop(seq_id, None)
         if start > 0 and earlier is not None:  # token `start` is scored by the previous chunk's last row
             rows, tokens = torch.cat([earlier.unsqueeze(0), rows]), [token_ids[0], *tokens]
         if not final:
-            self._last_rows[seq_id] = values[-1]
+            self._last_rows[seq_id] = values[-1].clone()
         return token_logprobs(rows, tokens, [top] * len(tokens)) if tokens else []
 
     def forget(self, seq_id: int) -> None:

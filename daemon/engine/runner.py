@@ -222,9 +222,12 @@ class ModelRunner:
             parts = [s // size for s in slots] + [s % size for s in slots]
             slot_blocks, slot_offsets = long_tensor(parts, device).view(2, -1)
         decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
-        prefills = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+        # prefill chunks that start their sequence apart from those that continue one (after a
+        # cached prefix or a chunk): attended differently (layers/attention.py)
+        fresh = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1 and c.start == 0]
+        continued = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1 and c.start > 0]
         groups = []
-        for members in (decodes, prefills):
+        for members in (decodes, fresh, continued):
             if members:
                 whole = len(members) == len(chunks)
                 groups.append(

@@ -1,5 +1,9 @@
 """Choosing the next token from logits: greedy, or sampled with temperature, min-p, top-k and top-p.
 
+On the CPU (float32, the kernels built) the sampled rows are drawn by kernels/sample.c, which
+makes the same distribution in a few passes over each row without sorting the vocabulary;
+elsewhere by the torch operators below.
+
 (The options that change the logits first, penalties and biases, are logits_processors.py.)
 
 The whole batch is sampled with a handful of tensor operations, on the logits'
@@ -24,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from daemon.engine.kernels import cpu as kernels
 
 # Below this temperature sampling is greedy (as in vLLM): the scaled distribution puts all its
 # mass on the likeliest token anyway, and dividing by a near-zero temperature would only risk
@@ -83,13 +89,18 @@ def sample(
         everything = len(drawn_rows) == len(params)
         index = None if everything else torch.tensor(drawn_rows, device=logits.device)
         rows, maxima = (logits, top.values) if everything else (logits.index_select(0, index), top.values[index])
-        probs = _distribution(rows, maxima, params, drawn_rows)
         uniform = _uniforms(len(drawn_rows), [generators[row] for row in drawn_rows], shared, logits.device)
-        drawn, mass = _inverse_cdf(probs, uniform)
-        # temperature, top-k and top-p cannot break a distribution of finite logits; anything else
-        # that does (an infinite logit, a temperature no request can carry) makes the row's total
-        # mass NaN or inf
-        unusable = ~mass.isfinite()
+        if rows.device.type == "cpu" and rows.dtype == torch.float32 and kernels.available():
+            drawn = _drawn_by_kernel(rows, [params[row] for row in drawn_rows], uniform)
+            unusable = drawn < 0  # a row holding NaN or an infinite logit
+            drawn = drawn.clamp_(min=0)
+        else:
+            probs = _distribution(rows, maxima, params, drawn_rows)
+            drawn, mass = _inverse_cdf(probs, uniform)
+            # temperature, top-k and top-p cannot break a distribution of finite logits; anything
+            # else that does (an infinite logit, a temperature no request can carry) makes the
+            # row's total mass NaN or inf
+            unusable = ~mass.isfinite()
         if everything:
             chosen, broken = drawn, broken | unusable
         else:
@@ -100,6 +111,17 @@ def sample(
         if is_broken:
             tokens[row] = ValueError("the model's logits for this sequence hold NaN or inf")
     return tokens
+
+
+def _drawn_by_kernel(logits: torch.Tensor, params: list[SamplingParams], uniform: torch.Tensor) -> torch.Tensor:
+    """The CPU kernel's draw (kernels/sample.c): the same distribution as _distribution's, made
+    in a few passes over each row, top-k and top-p by selection rather than sorting."""
+    vocab = logits.shape[-1]
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else 0 for p in params], dtype=torch.long)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
+    return kernels.sample_rows(logits, temperature, top_k, top_p, min_p, uniform)
 
 
 def _distribution(
@@ -128,9 +150,9 @@ def _distribution(
     probs = torch.softmax(scaled, dim=-1)
     top_p = [params[r].top_p for r in rows]
     if any(p < 1.0 for p in top_p):
-        # keep the smallest prefix whose mass reaches top_p, and always the top token: a top_p
-        # that rounds to 0 in float32 would otherwise leave nothing to draw from. Rows without a
-        # limit get one above any sum, so rounding in the cumulative sum never cuts their tail.
+        # keep the smallest set of likeliest tokens whose mass reaches top_p, and always the top
+        # token: a top_p that rounds to 0 in float32 would otherwise leave nothing to draw from.
+        # Rows without a limit get one above any sum, so rounding never cuts their tail.
         limit = torch.tensor([p if p < 1.0 else 2.0 for p in top_p], device=device, dtype=probs.dtype)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= limit.unsqueeze(1)

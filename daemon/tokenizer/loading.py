@@ -64,6 +64,7 @@ class TextTokenizer:
         bytes_per_token: int | None = None,
     ):
         self._tokenizer = tokenizer
+        self._token_texts: dict[int, str] = {}  # token_texts, by id (at most the vocabulary)
         self.bos_token = special_tokens.get("bos_token")
         self.bos_token_id = tokenizer.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -122,10 +123,13 @@ class TextTokenizer:
         alone drops."""
         texts = []
         for i in ids:
-            text = self._tokenizer.decode([i], skip_special_tokens=False)
-            piece = self._tokenizer.id_to_token(i) or ""
-            if piece.startswith(SENTENCEPIECE_SPACE) and not text.startswith(" "):
-                text = " " + text
+            text = self._token_texts.get(i)
+            if text is None:  # each id decoded once: logprobs show the same ids step after step
+                text = self._tokenizer.decode([i], skip_special_tokens=False)
+                piece = self._tokenizer.id_to_token(i) or ""
+                if piece.startswith(SENTENCEPIECE_SPACE) and not text.startswith(" "):
+                    text = " " + text
+                self._token_texts[i] = text
             texts.append(text)
         return texts
 

@@ -111,7 +111,7 @@ class WorkerService:
             dtype=str(self.runner.dtype),
             # where the engine's CPU kernel was not built (no C compiler at install), decodes
             # attend through torch over copied blocks: slower, and said here
-            decode_attention="paged kernel" if self.runner.cache.keys_transposed else "torch over gathered blocks",
+            attention="paged kernel" if self.runner.cache.keys_transposed else "torch over gathered blocks",
             cache_tokens=self.num_blocks * BLOCK_SIZE,
             context=self.context,
         )

@@ -2,7 +2,10 @@
 
 Torch has no CPU operator that reads a paged KV cache in place: its attention
 operators want each sequence's keys as one contiguous slab. paged_decode.c is
-decode attention that reads the blocks where they are. It is built by
+decode attention that reads the blocks where they are. sample.c samples rows of
+logits (temperature, min-p, top-k, top-p, the draw) in a few passes each, with
+top-k and top-p found by selection: torch's CPU sort of a vocabulary costs more
+than the forward pass. It is built by
 `pip install` (pyproject.toml, an optional extension): where the build could
 not be made (no C compiler), `available()` is False and the engine keeps torch's
 operators over gathered blocks.
@@ -37,6 +40,22 @@ def _library() -> ctypes.CDLL | None:
         pointer, pointer,  # out, lse
         size, size, size, size, size, size,  # sequences, kv heads, group, dim, blocks, block size
         ctypes.c_float, ctypes.c_float, ctypes.c_int,  # scale, softcap, threads
+    ]  # fmt: skip
+    library.sample_rows.restype = None
+    library.sample_rows.argtypes = [
+        pointer, size, size,  # logits, rows, vocab
+        pointer, pointer, pointer, pointer, pointer,  # temperature, top_k, top_p, min_p, uniform
+        pointer, ctypes.c_int,  # tokens, threads
+    ]  # fmt: skip
+    library.apply_penalties.restype = None
+    library.apply_penalties.argtypes = [
+        pointer, size, size, pointer,  # logits, rows, vocab, logit rows
+        pointer, pointer, pointer, pointer, ctypes.c_int,  # output counts, prompt mask, their rows, penalties, threads
+    ]  # fmt: skip
+    library.token_logprobs.restype = None
+    library.token_logprobs.argtypes = [
+        pointer, size, size, pointer, size,  # logits, rows, vocab, tokens, top
+        pointer, pointer, pointer, pointer, ctypes.c_int,  # chosen, rank, top ids, top logprobs, threads
     ]  # fmt: skip
     return library
 
@@ -104,3 +123,92 @@ def paged_decode(
         torch.get_num_threads(),
     )
     return out, lse
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    uniform: torch.Tensor,
+) -> torch.Tensor:
+    """logits [rows, vocab] float32 on the CPU; per row temperature (> 0) float32, top_k (0: none)
+    int64, top_p (1: none) and min_p (0: none) float32, and a uniform number in [0, 1) float64.
+    The token drawn from each row's distribution, -1 where the row cannot be sampled (NaN or an
+    infinite logit)."""
+    library = _library()
+    assert library is not None, "sample_rows called without the kernels built (check available())"
+    assert logits.dtype == torch.float32 and logits.device.type == "cpu"
+    logits = logits.contiguous()
+    rows, vocab = logits.shape
+    tokens = torch.empty(rows, dtype=torch.long)
+    library.sample_rows(
+        logits.data_ptr(),
+        rows,
+        vocab,
+        temperature.contiguous().data_ptr(),
+        top_k.contiguous().data_ptr(),
+        top_p.contiguous().data_ptr(),
+        min_p.contiguous().data_ptr(),
+        uniform.contiguous().data_ptr(),
+        tokens.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return tokens
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    logit_rows: torch.Tensor,
+    output_counts: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    counts_rows: torch.Tensor,
+    penalties: torch.Tensor,
+) -> None:
+    """vLLM's repetition, frequency and presence penalties, in place, on rows logit_rows of logits
+    [*, vocab] float32 (CPU), from rows counts_rows of output_counts [*, vocab] float32 and
+    prompt_mask [*, vocab] bool; penalties [rows, 3] float32: repetition, frequency, presence."""
+    library = _library()
+    assert library is not None, "apply_penalties called without the kernels built (check available())"
+    assert logits.is_contiguous() and output_counts.is_contiguous() and prompt_mask.is_contiguous()
+    logit_rows, counts_rows, penalties = logit_rows.contiguous(), counts_rows.contiguous(), penalties.contiguous()
+    library.apply_penalties(
+        logits.data_ptr(),
+        logit_rows.shape[0],
+        logits.shape[1],
+        logit_rows.data_ptr(),
+        output_counts.data_ptr(),
+        prompt_mask.data_ptr(),
+        counts_rows.data_ptr(),
+        penalties.data_ptr(),
+        torch.get_num_threads(),
+    )
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of each row of logits [rows, vocab] float32 (CPU): the log-probability and rank (1: the
+    likeliest) of tokens[r], and the `top` likeliest tokens' ids and log-probabilities."""
+    library = _library()
+    assert library is not None, "token_logprobs called without the kernels built (check available())"
+    logits, tokens = logits.contiguous(), tokens.contiguous()
+    rows, vocab = logits.shape
+    chosen = torch.empty(rows, dtype=torch.float32)
+    rank = torch.empty(rows, dtype=torch.long)
+    top_ids = torch.empty(rows, top, dtype=torch.long)
+    top_logprobs = torch.empty(rows, top, dtype=torch.float32)
+    library.token_logprobs(
+        logits.data_ptr(),
+        rows,
+        vocab,
+        tokens.data_ptr(),
+        top,
+        chosen.data_ptr(),
+        rank.data_ptr(),
+        top_ids.data_ptr(),
+        top_logprobs.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return chosen, rank, top_ids, top_logprobs

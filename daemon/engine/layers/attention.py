@@ -9,22 +9,28 @@ The cache of a layer is head-major, [kv_heads, blocks, block_size, head_dim] for
 values. Where the engine's CPU kernel serves the cache (kernels/cpu.py: built at
 install, float32 or bfloat16, head_dim a multiple of 16), keys are stored
 transposed within each block, [kv_heads, blocks, head_dim, block_size], and
-decodes (one query each; a KV head's group of query heads folded together) are
-attended by that kernel reading the blocks in place: nothing is copied, and the
-block tables and context ends are all it needs. Decodes whose contexts begin
-with the same cached blocks (a prefix-cache hit) each read those blocks: the
-kernel reads a block once for every two query heads of its KV head, and blocks
-read by many decodes stay in the CPU's caches, so attending to a shared prefix
-once for all its decodes (cascade attention) measured slower here.
+queries are attended by that kernel reading the blocks in place: a decode's one
+query (a KV head's group of query heads folded together), and each query of a
+prefill chunk that continues a sequence (after a cached prefix, or an earlier
+chunk) as a decode of its own that sees the keys up to its position. Nothing is
+copied; the block tables and key ranges are all it needs. (For such a chunk
+this measured as fast as torch's flash attention over a copied context, whose
+arithmetic is the same; a chunk that starts its sequence has no context but its
+own keys, and torch's flash attention over them was 10% faster, so it keeps
+that.) Queries whose contexts begin with the
+same cached blocks (a prefix-cache hit) each read those blocks: the kernel reads
+a block once for every two query heads of its KV head, and blocks read by many
+queries stay in the CPU's caches, so attending to a shared prefix once for all
+its decodes (cascade attention) measured slower here.
 
-Prefill chunks, and decodes where the kernel does not serve (no C compiler at
-install, CUDA, float16), use torch's attention operators, which want each
-sequence's keys as one contiguous slab: the blocks of a group's contexts are
-taken with one index_select of whole blocks, then one attention call per group
-(prefill chunks padded to the longest). Everything a layer needs is made once
-per step from the block tables (one tensor per step), so the forward pass has no
-host synchronisation. A CUDA kernel library takes the same metadata: block
-tables, context ends, slot mapping.
+Elsewhere (those chunks, and no C compiler at install, CUDA, float16), torch's
+attention operators serve, and they want each sequence's keys as one
+contiguous slab: the blocks of a group's contexts are taken with one
+index_select of whole blocks, then one attention call per group (prefill chunks
+padded to the longest). Everything a layer needs is made once per step from the
+block tables (one tensor per step), so the forward pass has no host
+synchronisation. A CUDA kernel library takes the same metadata: block tables,
+key ranges, slot mapping.
 """
 
 from __future__ import annotations
@@ -51,9 +57,11 @@ class AttentionGroup:
     valid_queries: torch.Tensor | None  # indexes of the real queries in [G * Q] (None: all are)
     output_rows: torch.Tensor | None  # their rows in the packed batch (None: the group is the whole batch, in order)
     decode: bool  # one query per sequence
+    fresh: bool  # prefill chunks that start their sequences: nothing cached before them
     _windowed: dict[int, torch.Tensor] = field(default_factory=dict)
     _window_starts: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _additive: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
+    _per_query: dict[int | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def mask_for(self, window: int | None) -> torch.Tensor:
         """The mask of a layer that sees only keys less than `window` positions back (None: all)."""
@@ -73,6 +81,20 @@ class AttentionGroup:
             ends = self.context_ends
             self._window_starts[window] = torch.zeros_like(ends) if window is None else (ends - window).clamp_(min=0)
         return self._window_starts[window]
+
+    def per_query(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each real query as a decode of its own, for the paged kernel: its sequence's block
+        table, and the keys it sees, [start, its position + 1) (start: 0, or where the layer's
+        window begins). Made once a step for all layers."""
+        if window not in self._per_query:
+            queries = self.query_valid.shape[1]
+            tables = self.blocks.repeat_interleave(queries, dim=0)
+            ends = self.query_positions.reshape(-1) + 1
+            if self.valid_queries is not None:
+                tables, ends = tables.index_select(0, self.valid_queries), ends.index_select(0, self.valid_queries)
+            starts = torch.zeros_like(ends) if window is None else (ends - window).clamp_(min=0)
+            self._per_query[window] = (tables, starts, ends)
+        return self._per_query[window]
 
     def additive_mask_for(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """mask_for(window) as 0 / -inf in `dtype`: what SDPA turns a boolean mask into on every
@@ -152,6 +174,7 @@ def attention_group(
         valid_queries,
         output_rows,
         decode=width == 1,
+        fresh=width > 1 and not any(starts),
     )
 
 
@@ -194,6 +217,15 @@ def _attend_group(q: torch.Tensor, cache: LayerCache, group: AttentionGroup, opt
             keys, values = _context(cache.keys, group.blocks), _context(cache.values, group.blocks)
             attended = _attend(folded, keys, values, group, options)
         return attended.reshape(sequences, heads, dim)
+    if cache.keys_transposed and not group.fresh:
+        # each query a decode of its own, reading the blocks in place: no context is copied
+        real = grouped if group.valid_queries is None else grouped.index_select(0, group.valid_queries)
+        tables, starts, ends = group.per_query(options.window)
+        folded = real.view(real.shape[0], kv_heads, heads // kv_heads, dim)
+        attended, _ = paged_decode(
+            folded, cache.keys, cache.values, tables, starts, ends, options.scale, options.softcap
+        )
+        return attended.to(q.dtype).view(real.shape[0], heads, dim)
     keys = _context(cache.keys, group.blocks, transposed=cache.keys_transposed)  # [G, kv_heads, L, dim]
     values = _context(cache.values, group.blocks)
     attended = _attend(grouped.view(sequences, queries, heads, dim).transpose(1, 2), keys, values, group, options)
