@@ -195,6 +195,8 @@ def token_logprobs(
     assert library is not None, "token_logprobs called without the kernels built (check available())"
     logits, tokens = logits.contiguous(), tokens.contiguous()
     rows, vocab = logits.shape
+    if rows and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab:  # the kernel reads logits[token]
+        raise ValueError(f"token ids must be in 0..{vocab - 1} (the model's vocabulary) to have a logprob")
     chosen = torch.empty(rows, dtype=torch.float32)
     rank = torch.empty(rows, dtype=torch.long)
     top_ids = torch.empty(rows, top, dtype=torch.long)
