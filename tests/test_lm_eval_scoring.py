@@ -27,8 +27,8 @@ LM_EVAL_TIMEOUT_S = 240
 TOLERANCE = 2e-4  # float32 sums of a few log-probabilities, computed two ways
 
 
-def run_lm_eval(model: str, model_args: str, output: Path, *extra: str) -> dict[str, list[dict]]:
-    """lm_eval on TASKS with `model`: each task's samples, by task."""
+def start_lm_eval(model: str, model_args: str, output: Path, *extra: str) -> subprocess.Popen:
+    """lm_eval on TASKS with `model`, started (its output under `output`)."""
     argv = [
         str(LM_EVAL),
         "--model",
@@ -47,8 +47,18 @@ def run_lm_eval(model: str, model_args: str, output: Path, *extra: str) -> dict[
         *extra,
     ]
     env = clean_environ(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(output / "hf"))
-    run = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=LM_EVAL_TIMEOUT_S)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def samples_of(run: subprocess.Popen, output: Path) -> dict[str, list[dict]]:
+    """Each task's samples, by task, once `run` has ended well."""
+    try:
+        log, _ = run.communicate(timeout=LM_EVAL_TIMEOUT_S)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, log[-4000:]
     samples = {}
     for task in TASKS:
         (found,) = output.rglob(f"samples_{task}_*.jsonl")
@@ -61,18 +71,23 @@ def scores(tmp_path_factory, model_cache) -> tuple[dict, dict]:
     assert LM_EVAL.exists(), f"{LM_EVAL} is missing: lm-eval is in the test extra (pip install -e '.[test]')"
     model_dir = ensure_demo_model(model_cache)
     output = tmp_path_factory.mktemp("lm-eval")
-    with serving(tmp_path_factory.mktemp("daemon"), model_cache) as daemon:
-        served = run_lm_eval(
-            "local-completions",
-            f"model=demo,base_url={daemon.url}/v1/completions,tokenizer={model_dir},tokenizer_backend=huggingface,"
-            "add_bos_token=True",
-            output / "daemon",
-        )
-    # the same prompts both ways: each backend has its own default for the BOS token, so both are told
-    reference = run_lm_eval(
+    # the same prompts both ways: each backend has its own default for the BOS token, so both are told;
+    # the two runs go side by side (most of each is starting lm_eval, and waiting for answers)
+    reference = start_lm_eval(
         "hf", f"pretrained={model_dir},dtype=float32,add_bos_token=True", output / "hf", "--device", "cpu"
     )
-    return served, reference
+    try:
+        with serving(tmp_path_factory.mktemp("daemon"), model_cache) as daemon:
+            model_args = (
+                f"model=demo,base_url={daemon.url}/v1/completions,tokenizer={model_dir},"
+                "tokenizer_backend=huggingface,add_bos_token=True"
+            )
+            served = samples_of(start_lm_eval("local-completions", model_args, output / "daemon"), output / "daemon")
+        return served, samples_of(reference, output / "hf")
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+            reference.wait()
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -26,11 +26,19 @@ GENERATED = 8
 TOP = 5
 
 
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, model_cache):
+    """One daemon for both tests, prefilling 7 tokens a step: a chunk's first token is scored by
+    the previous chunk's last row."""
+    with serving(tmp_path_factory.mktemp("daemon"), model_cache, {"scheduler.chunked_prefill_size": 7}) as running:
+        yield running
+
+
 def reference_model(model_cache):
     return transformers.AutoModelForCausalLM.from_pretrained(ensure_demo_model(model_cache), dtype=torch.float32).eval()
 
 
-def test_greedy_logprobs_are_transformers_log_softmax(tmp_path, model_cache):
+def test_greedy_logprobs_are_transformers_log_softmax(daemon, model_cache):
     model_dir = ensure_demo_model(model_cache)
     model = reference_model(model_cache)
     with torch.inference_mode():
@@ -40,16 +48,15 @@ def test_greedy_logprobs_are_transformers_log_softmax(tmp_path, model_cache):
         reference = torch.log_softmax(model(ids.unsqueeze(0)).logits[0].double(), dim=-1)
     generated = ids[len(PROMPT) :].tolist()
     texts = load_text_tokenizer(model_dir).token_texts(generated)
-    with serving(tmp_path, model_cache) as daemon:
-        client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0)
-        answer = client.completions.create(
-            model="demo",
-            prompt=PROMPT,
-            max_tokens=GENERATED,
-            temperature=0,
-            logprobs=TOP,
-            extra_body={"ignore_eos": True},
-        )
+    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0)
+    answer = client.completions.create(
+        model="demo",
+        prompt=PROMPT,
+        max_tokens=GENERATED,
+        temperature=0,
+        logprobs=TOP,
+        extra_body={"ignore_eos": True},
+    )
     found = answer.choices[0].logprobs
     assert found.tokens == texts
     for i, token in enumerate(generated):
@@ -62,24 +69,22 @@ def test_greedy_logprobs_are_transformers_log_softmax(tmp_path, model_cache):
 LONG_PROMPT = [(13 * i + 5) % 1000 + 4 for i in range(40)]  # two full blocks and a part
 
 
-def test_prompt_logprobs_are_transformers_log_softmax_across_chunks_and_cached_blocks(tmp_path, model_cache):
+def test_prompt_logprobs_are_transformers_log_softmax_across_chunks_and_cached_blocks(daemon, model_cache):
     model = reference_model(model_cache)
     with torch.inference_mode():
         reference = torch.log_softmax(model(torch.tensor([LONG_PROMPT])).logits[0].double(), dim=-1)
     expected = [reference[i - 1, token].item() for i, token in enumerate(LONG_PROMPT) if i > 0]
-    # prefilled 7 tokens a step: a chunk's first token is scored by the previous chunk's last row
-    with serving(tmp_path, model_cache, {"scheduler.chunked_prefill_size": 7}) as daemon:
-        client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0)
-        for _ in range(2):  # the second time its full blocks are cached: it is computed again anyway
-            answer = client.completions.create(
-                model="demo", prompt=LONG_PROMPT, max_tokens=0, echo=True, logprobs=2, temperature=0
-            )
-            found = answer.choices[0].logprobs.token_logprobs
-            assert found[0] is None and found[1:] == pytest.approx(expected, abs=2e-5)
-        raw = client.completions.with_raw_response.create(
-            model="demo", prompt=LONG_PROMPT, max_tokens=1, extra_body={"prompt_logprobs": 3}
+    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0)
+    for _ in range(2):  # the second time its full blocks are cached: it is computed again anyway
+        answer = client.completions.create(
+            model="demo", prompt=LONG_PROMPT, max_tokens=0, echo=True, logprobs=2, temperature=0
         )
-        entries = raw.http_response.json()["choices"][0]["prompt_logprobs"]
+        found = answer.choices[0].logprobs.token_logprobs
+        assert found[0] is None and found[1:] == pytest.approx(expected, abs=2e-5)
+    raw = client.completions.with_raw_response.create(
+        model="demo", prompt=LONG_PROMPT, max_tokens=1, extra_body={"prompt_logprobs": 3}
+    )
+    entries = raw.http_response.json()["choices"][0]["prompt_logprobs"]
     assert entries[0] is None
     for i, entry in enumerate(entries[1:], start=1):
         own = entry[str(LONG_PROMPT[i])]
