@@ -399,7 +399,7 @@ def test_kill_one_frontend_worker_process_under_load(shared):
     workers = sorted(set(descendants(daemon.pid)) - tiers)
     assert len(workers) == 2, describe(workers)
 
-    load = burst(daemon, copies=2, max_tokens=600)  # in flight at the kill; the survivors are waited for
+    load = burst(daemon, copies=2)  # in flight at the kill (LOAD_MAX_TOKENS); the survivors are waited for
     wait_in_flight(daemon, load)
 
     # every client's connection accepted by one of the two workers (the last ones may still be connecting)
