@@ -57,26 +57,28 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> 
 
 
 class RawLogprobs:
-    """The log-softmax of the raw logits of the rows whose params ask for logprobs."""
+    """The raw logits of the rows whose params ask for logprobs, kept for their log-softmax."""
 
     def __init__(self, logits: torch.Tensor, params: list[SamplingParams]):
         self.rows = [row for row, p in enumerate(params) if p.logprobs is not None]
         self.top = [params[row].logprobs or 0 for row in self.rows]
         # the raw logits of those rows, copied: the processors change the batch's in place
-        self.values: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
         if self.rows:
-            self.values = logits.index_select(0, long_tensor(self.rows, logits.device)).float()
+            self.logits = logits.index_select(0, long_tensor(self.rows, logits.device)).float()
 
     def of(self, tokens: list[int | Exception]) -> dict[int, TokenLogprob]:
         """By row: the log-probability of the row's token and of its params' N likeliest (rows
         whose sampling failed get nothing)."""
-        if self.values is None:
+        if self.logits is None:
             return {}
         wanted = [i for i, row in enumerate(self.rows) if isinstance(tokens[row], int)]
         if not wanted:
             return {}
-        values = self.values.index_select(0, long_tensor(wanted, self.values.device))
-        found = token_logprobs(values, [tokens[self.rows[i]] for i in wanted], [self.top[i] for i in wanted])  # type: ignore[misc]
+        rows = self.logits  # all of them, unless some rows' sampling failed
+        if len(wanted) < len(self.rows):
+            rows = rows.index_select(0, long_tensor(wanted, rows.device))
+        found = token_logprobs(rows, [tokens[self.rows[i]] for i in wanted], [self.top[i] for i in wanted])  # type: ignore[misc]
         return {self.rows[i]: entry for i, entry in zip(wanted, found, strict=True)}
 
 
