@@ -84,6 +84,17 @@ def test_an_infinite_logit_fails_a_sampled_row_alone():
     assert isinstance(drawn[0], int) and isinstance(drawn[2], int)
 
 
+def test_a_nan_fails_a_greedy_row_alone_and_an_infinite_logit_is_its_choice():
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(8))
+    logits[0, 33] = float("nan")
+    logits[1, 17] = logits[1, 30] = float("inf")
+    logits[2] = float("-inf")  # nothing possible: argmax's answer, the first
+    params = [SamplingParams(temperature=0.0)] * 3 + [SamplingParams(temperature=1.0)]
+    drawn = sample(logits, params, [None] * 4, torch.Generator().manual_seed(9))
+    assert isinstance(drawn[0], ValueError) and "NaN or inf" in str(drawn[0])
+    assert drawn[1] == 17 and drawn[2] == 0 and isinstance(drawn[3], int)
+
+
 # --- what the options do to the logits (logits_processors.py) and the counts they read ------------------
 
 
@@ -175,12 +186,14 @@ def kernel_draws(row: torch.Tensor, draws: int, **options: float) -> list[int]:
     """`row` drawn `draws` times with evenly spread uniform numbers: every interval of the
     cumulative distribution wider than 1/draws gets at least one."""
     rows = row.repeat(draws, 1)
-    temperature = torch.full((draws,), options.get("temperature", 1.0))
-    top_k = torch.full((draws,), int(options.get("top_k", 0)), dtype=torch.long)
-    top_p = torch.full((draws,), options.get("top_p", 1.0))
-    min_p = torch.full((draws,), options.get("min_p", 0.0))
+    params = SamplingParams(
+        temperature=options.get("temperature", 1.0),
+        top_k=int(options.get("top_k", 0)),
+        top_p=options.get("top_p", 1.0),
+        min_p=options.get("min_p", 0.0),
+    )
     uniform = (torch.arange(draws, dtype=torch.float64) + 0.5) / draws
-    return kernels.sample_rows(rows, temperature, top_k, top_p, min_p, uniform).tolist()
+    return kernels.sample_rows(rows, params.kernel_row * draws, uniform)
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the CPU kernels were not built")
@@ -223,6 +236,9 @@ def test_the_torch_path_draws_from_the_same_distribution(monkeypatch):
     test_tokens_of_probability_zero_are_never_drawn()
     test_min_p_keeps_only_tokens_near_the_likeliest()
     test_an_infinite_logit_fails_a_sampled_row_alone()
+    test_greedy_rows_beside_sampled_rows_take_the_first_maximum()
+    test_a_nan_fails_a_greedy_row_alone_and_an_infinite_logit_is_its_choice()
+    test_a_seeded_row_draws_the_same_whatever_the_batch_around_it()
 
 
 def test_the_torch_path_applies_the_same_penalties(monkeypatch):

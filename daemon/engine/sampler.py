@@ -1,8 +1,9 @@
 """Choosing the next token from logits: greedy, or sampled with temperature, min-p, top-k and top-p.
 
-On the CPU (float32, the kernels built) the sampled rows are drawn by kernels/sample.c, which
-makes the same distribution in a few passes over each row without sorting the vocabulary;
-elsewhere by the torch operators below.
+On the CPU (float32, the kernels built) kernels/sample.c chooses the whole batch's tokens,
+greedy and sampled, in one call: the same distribution in a few passes over each row, without
+sorting the vocabulary, and without the dozen operators (a few microseconds each to call) that
+torch takes. Elsewhere the torch operators below do it.
 
 (The options that change the logits first, penalties and biases, are logits_processors.py.)
 
@@ -25,6 +26,8 @@ of the batch still gets its token.
 
 from __future__ import annotations
 
+import functools
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -56,18 +59,36 @@ class SamplingParams:
     logprobs: int | None = None  # report the token's log-probability and the N likeliest (None: no)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (SequenceChunk.score_prompt)
 
-    @property
+    # What the engine derives from the params, once per params object (the worker keeps one per
+    # request, so a step reads these, not recomputes them for each of its sequences).
+
+    @functools.cached_property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
 
-    @property
+    @functools.cached_property
     def penalised(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
-    @property
+    @functools.cached_property
     def needs_counts(self) -> bool:
         """Whether sampling needs the sequence's token counts (token_counts.py)."""
         return self.penalised or self.min_tokens > 0 or bool(self.bad_words)
+
+    @functools.cached_property
+    def processed(self) -> bool:
+        """Whether any logits processor applies to the row (logits_processors.py)."""
+        return bool(self.allowed_token_ids or self.bad_words or self.min_tokens or self.logit_bias or self.penalised)
+
+    @property
+    def penalties(self) -> tuple[float, float, float]:
+        return (self.repetition_penalty, self.frequency_penalty, self.presence_penalty)
+
+    @functools.cached_property
+    def kernel_row(self) -> bytes:
+        """The row's options as kernels/sample.c reads them: four native float64 (temperature, 0
+        when greedy; top_k; top_p; min_p)."""
+        return struct.pack("=4d", 0.0 if self.greedy else self.temperature, self.top_k, self.top_p, self.min_p)
 
 
 def sample(
@@ -79,28 +100,29 @@ def sample(
     """logits [B, vocab] (float32) -> one token id per row, or the exception that row's sampling raised.
 
     `generators[i]` draws row i's number when set; rows without one draw from `shared` together."""
+    drawn_rows = [row for row, p in enumerate(params) if not p.greedy]
+    uniform = None
+    if drawn_rows:
+        uniform = _uniforms(len(drawn_rows), [generators[row] for row in drawn_rows], shared, logits.device)
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.available():
+        # the whole batch in one call (kernels/sample.c): a few passes over each row, greedy or not
+        found = kernels.sample_rows(logits, b"".join(p.kernel_row for p in params), uniform)
+        return [token if token >= 0 else _unusable() for token in found]
     top = logits.max(dim=-1)  # the first maximum, like argmax, at a third of its cost on CPU
     chosen = top.indices
     # max propagates NaN: a row holding one (which makes argmax and softmax meaningless) shows it
     # here, without another pass over the logits
     broken = top.values.isnan()
-    drawn_rows = [row for row, p in enumerate(params) if not p.greedy]
-    if drawn_rows:
+    if uniform is not None:
         everything = len(drawn_rows) == len(params)
         index = None if everything else torch.tensor(drawn_rows, device=logits.device)
         rows, maxima = (logits, top.values) if everything else (logits.index_select(0, index), top.values[index])
-        uniform = _uniforms(len(drawn_rows), [generators[row] for row in drawn_rows], shared, logits.device)
-        if rows.device.type == "cpu" and rows.dtype == torch.float32 and kernels.available():
-            drawn = _drawn_by_kernel(rows, [params[row] for row in drawn_rows], uniform)
-            unusable = drawn < 0  # a row holding NaN or an infinite logit
-            drawn = drawn.clamp_(min=0)
-        else:
-            probs = _distribution(rows, maxima, params, drawn_rows)
-            drawn, mass = _inverse_cdf(probs, uniform)
-            # temperature, top-k and top-p cannot break a distribution of finite logits; anything
-            # else that does (an infinite logit, a temperature no request can carry) makes the
-            # row's total mass NaN or inf
-            unusable = ~mass.isfinite()
+        probs = _distribution(rows, maxima, params, drawn_rows)
+        drawn, mass = _inverse_cdf(probs, uniform)
+        # temperature, top-k and top-p cannot break a distribution of finite logits; anything
+        # else that does (an infinite logit, a temperature no request can carry) makes the
+        # row's total mass NaN or inf
+        unusable = ~mass.isfinite()
         if everything:
             chosen, broken = drawn, broken | unusable
         else:
@@ -109,19 +131,12 @@ def sample(
     tokens: list[int | Exception] = chosen.tolist()
     for row, is_broken in enumerate(broken.tolist()):
         if is_broken:
-            tokens[row] = ValueError("the model's logits for this sequence hold NaN or inf")
+            tokens[row] = _unusable()
     return tokens
 
 
-def _drawn_by_kernel(logits: torch.Tensor, params: list[SamplingParams], uniform: torch.Tensor) -> torch.Tensor:
-    """The CPU kernel's draw (kernels/sample.c): the same distribution as _distribution's, made
-    in a few passes over each row, top-k and top-p by selection rather than sorting."""
-    vocab = logits.shape[-1]
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else 0 for p in params], dtype=torch.long)
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
-    return kernels.sample_rows(logits, temperature, top_k, top_p, min_p, uniform)
+def _unusable() -> ValueError:
+    return ValueError("the model's logits for this sequence hold NaN or inf")
 
 
 def _distribution(

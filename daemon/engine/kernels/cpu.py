@@ -44,7 +44,7 @@ def _library() -> ctypes.CDLL | None:
     library.sample_rows.restype = None
     library.sample_rows.argtypes = [
         pointer, size, size,  # logits, rows, vocab
-        pointer, pointer, pointer, pointer, pointer,  # temperature, top_k, top_p, min_p, uniform
+        ctypes.c_char_p, pointer, size,  # params (bytes: no copy), uniform, its length
         pointer, ctypes.c_int,  # tokens, threads
     ]  # fmt: skip
     library.apply_penalties.restype = None
@@ -125,37 +125,34 @@ def paged_decode(
     return out, lse
 
 
-def sample_rows(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    min_p: torch.Tensor,
-    uniform: torch.Tensor,
-) -> torch.Tensor:
-    """logits [rows, vocab] float32 on the CPU; per row temperature (> 0) float32, top_k (0: none)
-    int64, top_p (1: none) and min_p (0: none) float32, and a uniform number in [0, 1) float64.
-    The token drawn from each row's distribution, -1 where the row cannot be sampled (NaN or an
-    infinite logit)."""
+def sample_rows(logits: torch.Tensor, params: bytes, uniform: torch.Tensor | None) -> list[int]:
+    """The token of each row of logits [rows, vocab] (float32, CPU): greedy rows their first
+    largest logit, sampled rows one drawn from their distribution. `params`: per row, four
+    native float64 (SamplingParams.kernel_row): temperature (0: greedy), top_k (0: none),
+    top_p (1: none), min_p (0: none); `uniform` (float64): a number in [0, 1) for each sampled
+    row, in row order. -1 for a row that cannot be chosen from (NaN; sampled, +inf too; or
+    a sampled row `uniform` has no number for)."""
     library = _library()
     assert library is not None, "sample_rows called without the kernels built (check available())"
     assert logits.dtype == torch.float32 and logits.device.type == "cpu"
-    logits = logits.contiguous()
     rows, vocab = logits.shape
+    assert len(params) == 32 * rows, "four float64 a row"
+    if uniform is not None:
+        uniform = uniform.contiguous()
+        assert uniform.dtype == torch.float64
+    logits = logits.contiguous()
     tokens = torch.empty(rows, dtype=torch.long)
     library.sample_rows(
         logits.data_ptr(),
         rows,
         vocab,
-        temperature.contiguous().data_ptr(),
-        top_k.contiguous().data_ptr(),
-        top_p.contiguous().data_ptr(),
-        min_p.contiguous().data_ptr(),
-        uniform.contiguous().data_ptr(),
+        params,
+        None if uniform is None else uniform.data_ptr(),
+        0 if uniform is None else uniform.numel(),
         tokens.data_ptr(),
         torch.get_num_threads(),
     )
-    return tokens
+    return tokens.tolist()
 
 
 def apply_penalties(

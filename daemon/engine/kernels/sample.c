@@ -13,6 +13,7 @@
  * Rows are independent: OpenMP over rows, on torch's runtime (see paged_decode.c).
  */
 
+#include <float.h>
 #include <stdlib.h>
 
 #include "vectors.h"
@@ -20,7 +21,7 @@
 /* Selection: the value at or above which `values` [n] hold `mass` (sum >= mass) with as few
  * values as possible (top-p); or, with mass < 0, the -mass-th largest value (top-k). `scratch`
  * holds n floats. Expected time linear in n. */
-static float select_threshold(const float *values, int64_t n, double mass, float *scratch)
+INLINE float select_threshold(const float *values, int64_t n, double mass, float *scratch)
 {
     memmove(scratch, values, (size_t)n * sizeof(float));
     float *candidates = scratch;
@@ -76,56 +77,95 @@ static float select_threshold(const float *values, int64_t n, double mass, float
 #define BUCKET_SHIFT 20 /* a weight's bucket: its top bits (exponent and 3 mantissa bits) */
 #define BUCKETS (1 << (31 - BUCKET_SHIFT))
 
-static inline uint32_t bucket_of(float weight)
+INLINE uint32_t bucket_of(float weight)
 {
     uint32_t bits;
     memcpy(&bits, &weight, sizeof bits);
     return bits >> BUCKET_SHIFT; /* weights are >= 0: the sign bit is 0, and the order is kept */
 }
 
+#define HISTOGRAMS 4 /* weight i counts in histogram i % 4 (below) */
+
 /* The threshold of `weights` [n] (>= 0), as select_threshold's (mass >= 0: top-p; < 0: top-k),
  * narrowed first by one pass of a histogram over buckets of the weights' top bits (branch-free,
  * unlike a partition), so that selection runs on the one bucket the threshold falls in.
  * `scratch` holds n floats. */
-static float threshold_of(const float *weights, int64_t n, double mass, float *scratch)
+INLINE float threshold_of(const float *weights, int64_t n, double mass, float *scratch)
 {
-    /* weights are e^x for x <= 0: at most 1, so only the buckets up to 1's are ever used */
-    static _Thread_local double bucket_mass[BUCKETS];
-    static _Thread_local int64_t bucket_count[BUCKETS];
+    /* Weights are e^x for x <= 0: at most 1, so the buckets above 1's are never used, and those
+     * below the smallest positive weight's neither (weights of 0 all go to the one below it).
+     * Four histograms, not one: in a flat row most weights fall in a few buckets, and adding
+     * each to the bucket the one before it just changed waits for that change. */
+    static _Thread_local double bucket_mass[HISTOGRAMS][BUCKETS];
+    static _Thread_local int32_t bucket_count[HISTOGRAMS][BUCKETS];
     const uint32_t highest = bucket_of(1.0f);
-    memset(bucket_mass, 0, (highest + 1) * sizeof(double));
-    memset(bucket_count, 0, (highest + 1) * sizeof(int64_t));
-    int64_t i;
-    for (i = 0; i < n; i++) {
-        uint32_t b = bucket_of(weights[i]);
-        bucket_mass[b] += weights[i];
-        bucket_count[b]++;
+    const v16 zero = (v16){0}; /* compared with a vector: GCC splits a compare with a scalar */
+    v16 smallest16 = zero + 1.0f;
+    int64_t i = 0;
+    for (; i + TILE <= n; i += TILE) {
+        v16 w = *(const v16u *)(weights + i);
+        v16i positive = w > zero; /* (and of two compares GCC splits into scalar ones too) */
+        v16 candidate = (v16)((positive & (v16i)w) | (~positive & (v16i)(zero + 1.0f)));
+        v16i lower = candidate < smallest16;
+        smallest16 = (v16)((lower & (v16i)candidate) | (~lower & (v16i)smallest16));
     }
+    float smallest = -lane_max(-smallest16);
+    for (; i < n; i++) smallest = weights[i] > 0.0f && weights[i] < smallest ? weights[i] : smallest;
+    const uint32_t base = bucket_of(smallest) - 1; /* bucket_of(1e-38) >= 1: no wrap */
+    const size_t used = highest - base + 1;
+    const int top_k = mass < 0;
+    for (int h = 0; h < HISTOGRAMS; h++) {
+        if (top_k)
+            memset(bucket_count[h], 0, used * sizeof(int32_t));
+        else
+            memset(bucket_mass[h], 0, used * sizeof(double));
+    }
+#define SLOT(w) (bucket_of(w) > base ? bucket_of(w) - base : 0)
+    if (top_k) {
+        for (i = 0; i + HISTOGRAMS <= n; i += HISTOGRAMS)
+            for (int h = 0; h < HISTOGRAMS; h++) bucket_count[h][SLOT(weights[i + h])]++;
+        for (; i < n; i++) bucket_count[0][SLOT(weights[i])]++;
+    } else {
+        for (i = 0; i + HISTOGRAMS <= n; i += HISTOGRAMS)
+            for (int h = 0; h < HISTOGRAMS; h++) bucket_mass[h][SLOT(weights[i + h])] += weights[i + h];
+        for (; i < n; i++) bucket_mass[0][SLOT(weights[i])] += weights[i];
+    }
+#undef SLOT
     double needed = mass;
-    int64_t wanted = mass < 0 ? (int64_t)-mass : 0;
-    int64_t b = highest;
-    for (; b > 0; b--) { /* from the heaviest bucket down, to the one where the set is complete */
-        if (wanted ? bucket_count[b] >= wanted : bucket_mass[b] >= needed) break;
-        wanted -= wanted ? bucket_count[b] : 0;
-        needed -= bucket_mass[b];
+    int64_t wanted = top_k ? (int64_t)-mass : 0;
+    int64_t slot = (int64_t)used - 1;
+    for (; slot > 0; slot--) { /* from the heaviest bucket down, to the one where the set is complete */
+        double slot_mass = 0.0;
+        int64_t slot_count = 0;
+        for (int h = 0; h < HISTOGRAMS; h++) {
+            if (top_k)
+                slot_count += bucket_count[h][slot];
+            else
+                slot_mass += bucket_mass[h][slot];
+        }
+        if (top_k ? slot_count >= wanted : slot_mass >= needed) break;
+        wanted -= slot_count;
+        needed -= slot_mass;
     }
+    if (slot == 0) return 0.0f; /* every positive weight is needed (rounding, p near 1) */
+    const uint32_t b = base + (uint32_t)slot;
     int64_t m = 0;
     for (i = 0; i < n; i++) {
         scratch[m] = weights[i];
-        m += bucket_of(weights[i]) == (uint32_t)b;
+        m += bucket_of(weights[i]) == b;
     }
     /* the bucket's values, selected exactly (in place in scratch: select_threshold copies) */
-    return select_threshold(scratch, m, wanted ? -(double)wanted : needed, scratch + m);
+    return select_threshold(scratch, m, top_k ? -(double)wanted : needed, scratch + m);
 }
 
 /* weights below `threshold` to 0 (a blend the compiler vectorises) */
-static void cut_below(float *weights, int64_t vocab, float threshold)
+INLINE void cut_below(float *weights, int64_t vocab, float threshold)
 {
     for (int64_t i = 0; i < vocab; i++) weights[i] = weights[i] < threshold ? 0.0f : weights[i];
 }
 
 /* The sum of each tile of TILE weights (tiles [vocab / TILE], the last maybe short), and of all. */
-static double tile_sums(const float *weights, int64_t vocab, double *tiles)
+INLINE double tile_sums(const float *weights, int64_t vocab, double *tiles)
 {
     double total = 0.0;
     int64_t t = 0, i = 0;
@@ -142,30 +182,42 @@ static double tile_sums(const float *weights, int64_t vocab, double *tiles)
     return total;
 }
 
+/* The largest of row [n]; *bad set when it holds NaN or a value above `ceiling` (FLT_MAX: +inf
+ * is bad too; INFINITY: NaN alone). */
+INLINE float row_maximum(const float *row, int64_t n, float ceiling, int *bad)
+{
+    const v16 largest = (v16){0} + ceiling;
+    v16 best16 = (v16){0} - INFINITY;
+    v16i bad16 = (v16i){0};
+    int64_t i = 0;
+    for (; i + TILE <= n; i += TILE) {
+        v16 x = *(const v16u *)(row + i);
+        /* NaN or above the ceiling: not <= it (written so, GCC keeps it one vector compare; x != x
+         * or integer compares on the bits it splits into 16 scalar ones) */
+        bad16 |= ~(x <= largest);
+        v16i larger = x > best16;
+        best16 = (v16)((larger & (v16i)x) | (~larger & (v16i)best16));
+    }
+    float best = lane_max(best16);
+    for (int t = 0; t < TILE; t++) *bad |= bad16[t] != 0;
+    for (; i < n; i++) {
+        float value = row[i];
+        *bad |= !(value <= ceiling);
+        best = value > best ? value : best;
+    }
+    return best;
+}
+
 /* One row; -1 when it cannot be sampled (NaN or an infinite logit). `scratch` holds 2 * vocab
  * floats, `tiles` vocab / TILE + 1 doubles. */
 CPU_CLONES static int64_t sample_row(const float *logits, int64_t vocab, float temperature, int64_t top_k,
                                      float top_p, float min_p, double uniform, float *weights, float *scratch,
                                      double *tiles)
 {
-    const v16 infinity = (v16){0} + INFINITY;
-    v16 best16 = (v16){0} - INFINITY;
-    v16i bad = (v16i){0};
-    int64_t i = 0;
-    for (; i + TILE <= vocab; i += TILE) {
-        v16 x = *(const v16u *)(logits + i);
-        bad |= (x != x) | (x == infinity);
-        v16i larger = x > best16;
-        best16 = (v16)((larger & (v16i)x) | (~larger & (v16i)best16));
-    }
-    float best = lane_max(best16);
-    for (int t = 0; t < TILE; t++)
-        if (bad[t]) return -1;
-    for (; i < vocab; i++) {
-        float value = logits[i];
-        if (value != value || value == INFINITY) return -1;
-        best = value > best ? value : best;
-    }
+    int bad = 0;
+    float best = row_maximum(logits, vocab, FLT_MAX, &bad);
+    if (bad) return -1;
+    int64_t i;
     if (best == -INFINITY) return -1; /* nothing can be drawn */
     const float scale = 1.0f / temperature;
     const v16 floor_ = (v16){0} - 87.0f;
@@ -205,25 +257,51 @@ CPU_CLONES static int64_t sample_row(const float *logits, int64_t vocab, float t
     return chosen;
 }
 
-/* logits [rows, vocab] float32; per row: temperature (> 0), top_k (0: none), top_p (1: none),
- * min_p (0: none) and a uniform number in [0, 1); tokens [rows]: the drawn token, or -1 for a
- * row that cannot be sampled. */
-void sample_rows(const float *logits, int64_t rows, int64_t vocab, const float *temperature, const int64_t *top_k,
-                 const float *top_p, const float *min_p, const double *uniform, int64_t *tokens, int threads)
+/* A greedy row's token: the first of its largest logits (as torch's argmax), -1 if it holds NaN. */
+CPU_CLONES static int64_t greedy_row(const float *logits, int64_t vocab)
 {
+    int bad = 0;
+    const float best = row_maximum(logits, vocab, INFINITY, &bad);
+    if (bad) return -1;
+    int64_t i = 0;
+    while (i < vocab - 1 && logits[i] != best) i++;
+    return i;
+}
+
+/* A whole batch's tokens, greedy rows and sampled ones, in one call. logits [rows, vocab]
+ * float32; params [rows, 4] float64: temperature (0: greedy), top_k (0: none), top_p (1: none),
+ * min_p (0: none); uniform [uniforms]: a number in [0, 1) for each sampled row, in row order (a
+ * sampled row without one gets -1); tokens
+ * [rows]: the token, or -1 for a row that cannot be chosen from (NaN; for a sampled row, +inf
+ * too). */
+void sample_rows(const float *logits, int64_t rows, int64_t vocab, const double *params, const double *uniform,
+                 int64_t uniforms, int64_t *tokens, int threads)
+{
+    int64_t *uniform_of = malloc((size_t)(rows > 0 ? rows : 1) * sizeof(int64_t)); /* row -> its number */
+    if (uniform_of == NULL) {
+        for (int64_t r = 0; r < rows; r++) tokens[r] = -1;
+        return;
+    }
+    for (int64_t r = 0, drawn = 0; r < rows; r++) uniform_of[r] = params[4 * r] > 0.0 ? drawn++ : -1;
 #pragma omp parallel num_threads(threads) if (threads > 1 && rows > 1)
     {
         float *buffers = malloc(3 * (size_t)vocab * sizeof(float));
         double *tiles = malloc(((size_t)vocab / TILE + 1) * sizeof(double));
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++)
-            tokens[r] = buffers == NULL || tiles == NULL
-                            ? -1
-                            : sample_row(logits + r * vocab, vocab, temperature[r], top_k[r], top_p[r], min_p[r],
-                                         uniform[r], buffers, buffers + vocab, tiles);
+        for (int64_t r = 0; r < rows; r++) {
+            const double *row = params + 4 * r;
+            if (uniform_of[r] < 0)
+                tokens[r] = greedy_row(logits + r * vocab, vocab);
+            else if (buffers == NULL || tiles == NULL || uniform_of[r] >= uniforms)
+                tokens[r] = -1;
+            else
+                tokens[r] = sample_row(logits + r * vocab, vocab, (float)row[0], (int64_t)row[1], (float)row[2],
+                                       (float)row[3], uniform[uniform_of[r]], buffers, buffers + vocab, tiles);
+        }
         free(buffers);
         free(tiles);
     }
+    free(uniform_of);
 }
 
 /* --- penalties and log-probabilities: the other passes over a row the sampler needs ----------- */
@@ -233,24 +311,28 @@ void sample_rows(const float *logits, int64_t rows, int64_t vocab, const float *
  * the output has its logit divided by the repetition penalty if positive, multiplied if not;
  * then it loses the frequency penalty per time generated and the presence penalty once.
  * penalties [rows, 3]: repetition, frequency, presence. */
+/* One row of apply_penalties (below), compiled for each vector width like the sampler. */
+CPU_CLONES static void penalise_row(float *row, int64_t vocab, const float *counts, const uint8_t *prompt,
+                                    float repetition, float frequency, float presence)
+{
+    for (int64_t i = 0; i < vocab; i++) {
+        float value = row[i], count = counts[i];
+        int generated = count > 0.0f;
+        float repeated = value > 0.0f ? value / repetition : value * repetition;
+        value = prompt[i] | generated ? repeated : value;
+        row[i] = value - frequency * count - (generated ? presence : 0.0f);
+    }
+}
+
 void apply_penalties(float *logits, int64_t rows, int64_t vocab, const int64_t *logit_rows,
                      const float *output_counts, const uint8_t *prompt_mask, const int64_t *counts_rows,
                      const float *penalties, int threads)
 {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows > 1)
-    for (int64_t r = 0; r < rows; r++) {
-        float *row = logits + logit_rows[r] * vocab;
-        const float *counts = output_counts + counts_rows[r] * vocab;
-        const uint8_t *prompt = prompt_mask + counts_rows[r] * vocab;
-        const float repetition = penalties[3 * r], frequency = penalties[3 * r + 1], presence = penalties[3 * r + 2];
-        for (int64_t i = 0; i < vocab; i++) {
-            float value = row[i], count = counts[i];
-            int generated = count > 0.0f;
-            float repeated = value > 0.0f ? value / repetition : value * repetition;
-            value = prompt[i] | generated ? repeated : value;
-            row[i] = value - frequency * count - (generated ? presence : 0.0f);
-        }
-    }
+    for (int64_t r = 0; r < rows; r++)
+        penalise_row(logits + logit_rows[r] * vocab, vocab, output_counts + counts_rows[r] * vocab,
+                     prompt_mask + counts_rows[r] * vocab, penalties[3 * r], penalties[3 * r + 1],
+                     penalties[3 * r + 2]);
 }
 
 typedef struct {
@@ -284,17 +366,23 @@ CPU_CLONES void token_logprobs(const float *logits, int64_t rows, int64_t vocab,
                 chosen[r] = NAN;
                 continue;
             }
-            float most = -INFINITY;
-            for (int64_t i = 0; i < vocab; i++) most = row[i] > most ? row[i] : most;
+            int bad = 0;
+            const float most = row_maximum(row, vocab, INFINITY, &bad); /* a NaN makes the logprobs NaN anyway */
             const v16 floor_ = (v16){0} - 87.0f;
             double total = 0.0;
+            v16 partial = (v16){0};
             int64_t i = 0;
             for (; i + TILE <= vocab; i += TILE) {
                 v16 x = *(const v16u *)(row + i) - most;
                 v16 w = (v16)((v16i)exp_nonpositive(x) & (x >= floor_));
                 *(v16u *)(weights + i) = w;
-                total += lane_sum(w);
+                partial += w;
+                if ((i / TILE) % 8 == 7) { /* into the double sum every 128 weights: few lane sums */
+                    total += lane_sum(partial);
+                    partial = (v16){0};
+                }
             }
+            total += lane_sum(partial);
             for (; i < vocab; i++) {
                 float x = row[i] - most;
                 weights[i] = x >= -87.0f ? expf(x) : 0.0f;
@@ -302,16 +390,24 @@ CPU_CLONES void token_logprobs(const float *logits, int64_t rows, int64_t vocab,
             }
             const float log_total = most + (float)log(total);
             const float mine = row[tokens[r]];
+            v16i above16 = (v16i){0};
+            for (i = 0; i + TILE <= vocab; i += TILE) above16 -= *(const v16u *)(row + i) > mine;
             int64_t above = 0;
-            for (i = 0; i < vocab; i++) above += row[i] > mine;
+            for (int t = 0; t < TILE; t++) above += above16[t];
+            for (; i < vocab; i++) above += row[i] > mine;
             chosen[r] = mine - log_total;
             rank[r] = above + 1;
             if (top <= 0) continue;
             int64_t found = 0;
             if (top <= SMALL_TOP || top >= vocab) {
-                /* a few: one pass keeps the best so far in order (after the first few, a logit
-                 * rarely beats the last of them, so the pass is mostly one comparison a token) */
+                /* a few: one pass keeps the best so far in order; once there are `top` of them, a
+                 * tile whose largest logit does not beat the last is skipped whole (most are) */
                 for (i = 0; i < vocab; i++) {
+                    if (found == top && i % TILE == 0 && i + TILE <= vocab &&
+                        !(lane_max(*(const v16u *)(row + i)) > best[top - 1].value)) {
+                        i += TILE - 1;
+                        continue;
+                    }
                     if (found == top && !(row[i] > best[top - 1].value)) continue;
                     int64_t at = found < top ? found++ : top - 1;
                     while (at > 0 && row[i] > best[at - 1].value) {
