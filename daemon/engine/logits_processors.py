@@ -13,6 +13,8 @@ operations over the batch. A step where no row sets any of them costs nothing he
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from daemon.engine.host_tensors import long_tensor
@@ -21,31 +23,26 @@ from daemon.engine.sampler import SamplingParams
 from daemon.engine.token_counts import TokenCounts
 
 
-def needs_processing(params: SamplingParams) -> bool:
-    return bool(
-        params.allowed_token_ids or params.bad_words or params.min_tokens or params.logit_bias or params.penalised
-    )
-
-
 def apply_processors(
     logits: torch.Tensor, params: list[SamplingParams], seq_ids: list[int], counts: TokenCounts | None
 ) -> torch.Tensor:
     """logits [B, vocab] float32, row i that of sequence seq_ids[i] sampling with params[i]:
     changed in place and returned. `counts` holds every sequence whose params need them
     (SamplingParams.needs_counts; None: none does)."""
-    device = logits.device
-    allowed = [(row, p.allowed_token_ids) for row, p in enumerate(params) if p.allowed_token_ids]
+    device, vocab = logits.device, logits.shape[1]
+    # the rows some processor applies to (SamplingParams.processed); the others are left alone
+    active = [(row, p) for row, p in enumerate(params) if p.processed]
+    allowed = [(row, p.allowed_token_ids) for row, p in active if p.allowed_token_ids]
     if allowed:
-        hidden = torch.ones(len(allowed), logits.shape[1], dtype=torch.bool, device=device)
+        hidden = torch.ones(len(allowed), vocab, dtype=torch.bool, device=device)
         pairs = [(i, t) for i, (_row, ids) in enumerate(allowed) for t in ids]
         hidden[_pairs(pairs, device)] = False
         rows = long_tensor([row for row, _ids in allowed], device)
         logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(hidden, float("-inf")))
-    vocab = logits.shape[1]
     # bad words (vLLM's): a word's last token is banned where the output ends with the rest of it
     banned = [
         (row, word[-1])
-        for row, p in enumerate(params)
+        for row, p in active
         if counts is not None
         for word in p.bad_words
         if word[-1] < vocab and counts.ends_with(seq_ids[row], word[:-1])
@@ -54,27 +51,25 @@ def apply_processors(
         logits[_pairs(banned, device)] = float("-inf")
     too_short = [
         (row, t)
-        for row, p in enumerate(params)
+        for row, p in active
         if p.min_tokens and counts is not None and counts.generated(seq_ids[row]) < p.min_tokens
         for t in p.stop_token_ids
         if t < vocab  # a stop id beyond the vocabulary is never generated anyway
     ]
     if too_short:
         logits[_pairs(too_short, device)] = float("-inf")
-    biased = [(row, t) for row, p in enumerate(params) for t, _bias in p.logit_bias]
+    biased = [(row, t, bias) for row, p in active for t, bias in p.logit_bias]
     if biased:
-        bias = torch.tensor([b for p in params for _t, b in p.logit_bias], dtype=logits.dtype, device=device)
-        logits.index_put_(_pairs(biased, device), bias, accumulate=True)
-    penalised = [row for row, p in enumerate(params) if p.penalised]
+        bias = torch.tensor([b for _row, _t, b in biased], dtype=logits.dtype, device=device)
+        logits.index_put_(_pairs([(row, t) for row, t, _b in biased], device), bias, accumulate=True)
+    penalised = [row for row, p in active if p.penalised]
     if penalised and counts is not None:
         rows = long_tensor(penalised, device)
         which = counts.rows_of([seq_ids[row] for row in penalised])
-        chosen = [params[row] for row in penalised]
-        penalties = torch.tensor(
-            [[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in chosen],
-            dtype=logits.dtype,
-            device=device,
-        )
+        # [rows, 3]: repetition, frequency, presence (packed as an array: torch.tensor walks a list
+        # of lists at a fifth of the speed)
+        flat = array("f", [x for row in penalised for x in params[row].penalties])
+        penalties = torch.frombuffer(flat, dtype=torch.float32).view(-1, 3).to(device=device, dtype=logits.dtype)
         if device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous() and kernels.available():
             # one pass over each row (kernels/sample.c), not a dozen operators over them all
             kernels.apply_penalties(logits, rows, counts.output, counts.prompt, which, penalties)

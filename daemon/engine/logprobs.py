@@ -36,7 +36,7 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> 
     log-probabilities. On the CPU one kernel pass a row (kernels/sample.c), else torch."""
     widest = max(tops, default=0)
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.available():
-        chosen, ranks, top_ids, top_values = kernels.token_logprobs(logits, torch.tensor(tokens), widest)
+        chosen, ranks, top_ids, top_values = kernels.token_logprobs(logits, long_tensor(tokens, logits.device), widest)
         return [
             TokenLogprob(logprob, rank, ids[:top], lps[:top])
             for logprob, rank, ids, lps, top in zip(

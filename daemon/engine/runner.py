@@ -18,7 +18,7 @@ import torch
 from daemon.engine.host_tensors import long_tensor
 from daemon.engine.kv_cache import KVCache
 from daemon.engine.layers.attention import AttentionBatch, attention_group
-from daemon.engine.logits_processors import apply_processors, needs_processing
+from daemon.engine.logits_processors import apply_processors
 from daemon.engine.logprobs import PromptScores, RawLogprobs, TokenLogprob
 from daemon.engine.model_dir import model_info_from_config, read_config
 from daemon.engine.models.registry import resolve
@@ -123,7 +123,7 @@ class ModelRunner:
         self._count(chunks, logits.shape[1])
         params = [c.sampling for c in samplers]
         raw = RawLogprobs(logits, params)  # before the processors change the logits
-        if any(needs_processing(p) for p in params):
+        if any(p.processed for p in params):
             logits = apply_processors(logits, params, [c.seq_id for c in samplers], self._counts)
         generators = [self._generator(c) for c in samplers]
         drawn = sample(logits, params, generators, self._shared_generator)

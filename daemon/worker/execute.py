@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 from daemon.engine.logprobs import TokenLogprob
@@ -60,7 +61,11 @@ def _chunk(c: PlannedChunk, last_sampled: dict[int, int]) -> SequenceChunk:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def engine_sampling(sampling: Sampling) -> SamplingParams:
+    """The engine's params for a request's sampling. Cached: a sequence's chunk carries the same
+    Sampling every step, and one params object per request lets the sampler keep what it
+    derives from them (SamplingParams.kernel_row) instead of making it anew each step."""
     return SamplingParams(
         temperature=sampling.temperature,
         top_p=sampling.top_p,
