@@ -7,9 +7,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from daemon.engine import token_choice  # noqa: E402
 from daemon.engine.kernels import cpu as kernels  # noqa: E402
 from daemon.engine.logits_processors import apply_processors  # noqa: E402
 from daemon.engine.sampler import SamplingParams, sample  # noqa: E402
+from daemon.engine.token_choice import choose_tokens  # noqa: E402
 from daemon.engine.token_counts import TokenCounts  # noqa: E402
 
 DRAWS = 6000  # rows of one batch: frequencies within 0.03 of their probabilities at ~5 sigma
@@ -193,7 +195,8 @@ def kernel_draws(row: torch.Tensor, draws: int, **options: float) -> list[int]:
         min_p=options.get("min_p", 0.0),
     )
     uniform = (torch.arange(draws, dtype=torch.float64) + 0.5) / draws
-    return kernels.sample_rows(rows, params.kernel_row * draws, uniform)
+    tokens, _scores = kernels.sample_rows(rows, params.kernel_row * draws, uniform)
+    return tokens
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the CPU kernels were not built")
@@ -266,3 +269,60 @@ def test_token_logprobs_are_the_log_softmax_its_rank_and_top(monkeypatch, kernel
         values, ids = reference[row].topk(top)
         assert entry.top_ids == ids.tolist()
         assert entry.top_logprobs == pytest.approx(values.tolist(), abs=1e-5)
+
+
+# --- a step's whole choice (token_choice.py): one kernel call, or stage by stage ----------------------
+
+
+def penalised_by_definition(row: torch.Tensor, prompt: list[int], output: list[int], p: SamplingParams) -> torch.Tensor:
+    want = row.clone()
+    for token in set(prompt) | set(output):
+        want[token] = want[token] / p.repetition_penalty if want[token] > 0 else want[token] * p.repetition_penalty
+    for token in set(output):
+        want[token] -= p.frequency_penalty * output.count(token) + p.presence_penalty
+    return want
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_a_steps_choice_penalises_then_chooses_and_scores_the_raw_logits(monkeypatch, kernel):
+    """Every kind of row in one step: greedy and drawn, penalised or not, with logprobs or not,
+    biased (the torch processors before the kernel), and a biased row that asks for logprobs
+    (which sends the step stage by stage). Greedy rows take the argmax of the logits as vLLM's
+    definitions leave them; every logprob is of the raw logits."""
+    if not kernel:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    elif not kernels.available():
+        pytest.skip("the CPU kernels were not built")
+    vocab = 300
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(12)) * 3
+    penalties = {"repetition_penalty": 1.4, "frequency_penalty": 0.6, "presence_penalty": 0.3}
+    params = [
+        SamplingParams(temperature=0.0, logprobs=3, **penalties),
+        SamplingParams(temperature=0.0, logprobs=0),
+        SamplingParams(temperature=1.0, top_p=0.9, logprobs=40, **penalties),
+        SamplingParams(temperature=0.0, logit_bias=((7, 100.0),), presence_penalty=0.5),
+        SamplingParams(temperature=0.7, min_p=0.1),
+        SamplingParams(temperature=0.0, **penalties),
+    ]
+    seq_ids = [20, 21, 22, 23, 24, 25]
+    history = {s: (list(range(s, s + 5)), [int(logits[i].argmax()), 9, 9]) for i, s in enumerate(seq_ids)}
+    raw = torch.log_softmax(logits.double(), dim=-1)
+    for biased_row_asks in (False, True):
+        if biased_row_asks:  # a biased row that asks for logprobs: its raw logits must be kept first
+            params[3] = SamplingParams(temperature=0.0, logit_bias=((7, 100.0),), logprobs=2)
+        counts = counts_of({s: history[s] for s, p in zip(seq_ids, params, strict=True) if p.needs_counts}, vocab)
+        assert token_choice._in_one_call(logits, params) == (kernel and not biased_row_asks)
+        shared = torch.Generator().manual_seed(3)
+        drawn, found = choose_tokens(logits.clone(), params, seq_ids, [None] * len(params), shared, counts)
+        for row in (0, 5):
+            want = penalised_by_definition(logits[row], *history[seq_ids[row]], params[row])
+            assert drawn[row] == int(want.argmax()), row
+        assert drawn[1] == int(logits[1].argmax()) and drawn[3] == 7
+        assert all(isinstance(token, int) for token in drawn)
+        assert sorted(found) == [row for row, p in enumerate(params) if p.logprobs is not None]
+        for row, entry in found.items():
+            assert entry.logprob == pytest.approx(raw[row, drawn[row]].item(), abs=1e-5), row
+            assert entry.rank == 1 + int((logits[row] > logits[row, drawn[row]]).sum())
+            values, ids = raw[row].topk(params[row].logprobs)
+            assert entry.top_ids == ids.tolist()
+            assert entry.top_logprobs == pytest.approx(values.tolist(), abs=1e-5)

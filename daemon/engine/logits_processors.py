@@ -24,11 +24,17 @@ from daemon.engine.token_counts import TokenCounts
 
 
 def apply_processors(
-    logits: torch.Tensor, params: list[SamplingParams], seq_ids: list[int], counts: TokenCounts | None
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seq_ids: list[int],
+    counts: TokenCounts | None,
+    *,
+    penalties: bool = True,
 ) -> torch.Tensor:
     """logits [B, vocab] float32, row i that of sequence seq_ids[i] sampling with params[i]:
     changed in place and returned. `counts` holds every sequence whose params need them
-    (SamplingParams.needs_counts; None: none does)."""
+    (SamplingParams.needs_counts; None: none does). Without `penalties`, all but the penalties
+    (the sampling kernel applies them itself: token_choice.py)."""
     device, vocab = logits.device, logits.shape[1]
     # the rows some processor applies to (SamplingParams.processed); the others are left alone
     active = [(row, p) for row, p in enumerate(params) if p.processed]
@@ -62,19 +68,19 @@ def apply_processors(
     if biased:
         bias = torch.tensor([b for _row, _t, b in biased], dtype=logits.dtype, device=device)
         logits.index_put_(_pairs([(row, t) for row, t, _b in biased], device), bias, accumulate=True)
-    penalised = [row for row, p in active if p.penalised]
+    penalised = [row for row, p in active if p.penalised] if penalties else []
     if penalised and counts is not None:
         rows = long_tensor(penalised, device)
         which = counts.rows_of([seq_ids[row] for row in penalised])
         # [rows, 3]: repetition, frequency, presence (packed as an array: torch.tensor walks a list
         # of lists at a fifth of the speed)
         flat = array("f", [x for row in penalised for x in params[row].penalties])
-        penalties = torch.frombuffer(flat, dtype=torch.float32).view(-1, 3).to(device=device, dtype=logits.dtype)
+        values = torch.frombuffer(flat, dtype=torch.float32).view(-1, 3).to(device=device, dtype=logits.dtype)
         if device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous() and kernels.available():
             # one pass over each row (kernels/sample.c), not a dozen operators over them all
-            kernels.apply_penalties(logits, rows, counts.output, counts.prompt, which, penalties)
+            kernels.apply_penalties(logits, rows, counts.output, counts.prompt, which, values)
         else:
-            logits.index_copy_(0, rows, _penalise(logits.index_select(0, rows), counts, which, penalties))
+            logits.index_copy_(0, rows, _penalise(logits.index_select(0, rows), counts, which, values))
     return logits
 
 

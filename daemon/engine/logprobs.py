@@ -14,7 +14,7 @@ previous chunk, which the runner keeps until then (`PromptScores`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -23,8 +23,7 @@ from daemon.engine.kernels import cpu as kernels
 from daemon.engine.sampler import SamplingParams
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
+class TokenLogprob(NamedTuple):  # a tuple, not a dataclass: a step makes one per row that asks
     logprob: float
     rank: int  # 1: the likeliest token
     top_ids: list[int]

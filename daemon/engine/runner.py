@@ -18,11 +18,11 @@ import torch
 from daemon.engine.host_tensors import long_tensor
 from daemon.engine.kv_cache import KVCache
 from daemon.engine.layers.attention import AttentionBatch, attention_group
-from daemon.engine.logits_processors import apply_processors
-from daemon.engine.logprobs import PromptScores, RawLogprobs, TokenLogprob
+from daemon.engine.logprobs import PromptScores, TokenLogprob
 from daemon.engine.model_dir import model_info_from_config, read_config
 from daemon.engine.models.registry import resolve
-from daemon.engine.sampler import SamplingParams, sample
+from daemon.engine.sampler import SamplingParams
+from daemon.engine.token_choice import choose_tokens
 from daemon.engine.token_counts import TokenCounts
 from daemon.engine.weights import load_weights
 
@@ -122,17 +122,15 @@ class ModelRunner:
             self._score_prompts(hidden, chunks)
         self._count(chunks, logits.shape[1])
         params = [c.sampling for c in samplers]
-        raw = RawLogprobs(logits, params)  # before the processors change the logits
-        if any(p.processed for p in params):
-            logits = apply_processors(logits, params, [c.seq_id for c in samplers], self._counts)
+        seq_ids = [c.seq_id for c in samplers]
         generators = [self._generator(c) for c in samplers]
-        drawn = sample(logits, params, generators, self._shared_generator)
-        for chunk, token in zip(samplers, drawn, strict=True):
+        drawn, found = choose_tokens(logits, params, seq_ids, generators, self._shared_generator, self._counts)
+        for seq_id, token in zip(seq_ids, drawn, strict=True):
             if isinstance(token, Exception):
-                self.failures[chunk.seq_id] = f"{type(token).__name__}: {token}"
+                self.failures[seq_id] = f"{type(token).__name__}: {token}"
             else:
-                self.last_sampled[chunk.seq_id] = token
-        self.last_logprobs = {samplers[row].seq_id: found for row, found in raw.of(drawn).items()}
+                self.last_sampled[seq_id] = token
+        self.last_logprobs = {seq_ids[row]: entry for row, entry in found.items()}
         return self.last_sampled
 
     @torch.inference_mode()

@@ -76,9 +76,14 @@ class SamplingParams:
         return self.penalised or self.min_tokens > 0 or bool(self.bad_words)
 
     @functools.cached_property
+    def masked_or_biased(self) -> bool:
+        """Whether a logits processor other than the penalties applies to the row."""
+        return bool(self.allowed_token_ids or self.bad_words or self.min_tokens or self.logit_bias)
+
+    @functools.cached_property
     def processed(self) -> bool:
         """Whether any logits processor applies to the row (logits_processors.py)."""
-        return bool(self.allowed_token_ids or self.bad_words or self.min_tokens or self.logit_bias or self.penalised)
+        return self.masked_or_biased or self.penalised
 
     @property
     def penalties(self) -> tuple[float, float, float]:
@@ -86,9 +91,11 @@ class SamplingParams:
 
     @functools.cached_property
     def kernel_row(self) -> bytes:
-        """The row's options as kernels/sample.c reads them: four native float64 (temperature, 0
-        when greedy; top_k; top_p; min_p)."""
-        return struct.pack("=4d", 0.0 if self.greedy else self.temperature, self.top_k, self.top_p, self.min_p)
+        """The row's options as kernels/sample.c reads them: eight native float64 (temperature, 0
+        when greedy; top_k; top_p; min_p; logprobs, -1 for none; the three penalties)."""
+        logprobs = -1 if self.logprobs is None else self.logprobs
+        temperature = 0.0 if self.greedy else self.temperature
+        return struct.pack("=8d", temperature, self.top_k, self.top_p, self.min_p, logprobs, *self.penalties)
 
 
 def sample(
@@ -103,11 +110,11 @@ def sample(
     drawn_rows = [row for row, p in enumerate(params) if not p.greedy]
     uniform = None
     if drawn_rows:
-        uniform = _uniforms(len(drawn_rows), [generators[row] for row in drawn_rows], shared, logits.device)
+        uniform = uniforms(len(drawn_rows), [generators[row] for row in drawn_rows], shared, logits.device)
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.available():
         # the whole batch in one call (kernels/sample.c): a few passes over each row, greedy or not
-        found = kernels.sample_rows(logits, b"".join(p.kernel_row for p in params), uniform)
-        return [token if token >= 0 else _unusable() for token in found]
+        found, _ = kernels.sample_rows(logits.contiguous(), b"".join(p.kernel_row for p in params), uniform)
+        return [token if token >= 0 else unusable_row() for token in found]
     top = logits.max(dim=-1)  # the first maximum, like argmax, at a third of its cost on CPU
     chosen = top.indices
     # max propagates NaN: a row holding one (which makes argmax and softmax meaningless) shows it
@@ -131,11 +138,12 @@ def sample(
     tokens: list[int | Exception] = chosen.tolist()
     for row, is_broken in enumerate(broken.tolist()):
         if is_broken:
-            tokens[row] = _unusable()
+            tokens[row] = unusable_row()
     return tokens
 
 
-def _unusable() -> ValueError:
+def unusable_row() -> ValueError:
+    """What a row whose logits cannot be chosen from gets instead of a token."""
     return ValueError("the model's logits for this sequence hold NaN or inf")
 
 
@@ -176,7 +184,7 @@ def _distribution(
     return probs
 
 
-def _uniforms(
+def uniforms(
     rows: int, generators: list[torch.Generator | None], shared: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
     """One number in [0, 1) per row (float64): from the row's own generator when it has one, the

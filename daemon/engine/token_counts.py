@@ -78,6 +78,9 @@ class TokenCounts:
         output = self._outputs[seq_id]
         return not tokens or tuple(output[-len(tokens) :]) == tokens
 
+    def row_of(self, seq_id: int) -> int:
+        return self._rows[seq_id]
+
     def rows_of(self, seq_ids: list[int]) -> torch.Tensor:
         return long_tensor([self._rows[s] for s in seq_ids], self.device)
 

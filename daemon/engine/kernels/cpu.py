@@ -19,6 +19,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+from array import array
+from typing import NamedTuple
 
 import torch
 
@@ -44,8 +46,10 @@ def _library() -> ctypes.CDLL | None:
     library.sample_rows.restype = None
     library.sample_rows.argtypes = [
         pointer, size, size,  # logits, rows, vocab
-        ctypes.c_char_p, pointer, size,  # params (bytes: no copy), uniform, its length
-        pointer, ctypes.c_int,  # tokens, threads
+        ctypes.c_char_p, pointer, pointer, pointer,  # params (bytes: no copy), counts rows, output counts, prompt mask
+        pointer, size, pointer,  # uniform, its length, tokens
+        pointer, pointer, pointer, pointer, size,  # chosen, rank, top ids, top logprobs, their width
+        ctypes.c_int,  # threads
     ]  # fmt: skip
     library.apply_penalties.restype = None
     library.apply_penalties.argtypes = [
@@ -125,34 +129,82 @@ def paged_decode(
     return out, lse
 
 
-def sample_rows(logits: torch.Tensor, params: bytes, uniform: torch.Tensor | None) -> list[int]:
-    """The token of each row of logits [rows, vocab] (float32, CPU): greedy rows their first
-    largest logit, sampled rows one drawn from their distribution. `params`: per row, four
-    native float64 (SamplingParams.kernel_row): temperature (0: greedy), top_k (0: none),
-    top_p (1: none), min_p (0: none); `uniform` (float64): a number in [0, 1) for each sampled
-    row, in row order. -1 for a row that cannot be chosen from (NaN; sampled, +inf too; or
-    a sampled row `uniform` has no number for)."""
+class RowScores(NamedTuple):
+    """sample_rows' log-probabilities, for each row that asked for them, in row order: its token's
+    and its rank (1: the likeliest), and its likeliest tokens' ids and log-probabilities (the
+    first as many as the row asked for are its; -inf past what exists)."""
+
+    chosen: list[float]
+    rank: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: bytes,
+    uniform: torch.Tensor | None,
+    counts: tuple[list[int], torch.Tensor, torch.Tensor] | None = None,
+    scores_width: int | None = None,
+    scored: int = 0,
+) -> tuple[list[int], RowScores | None]:
+    """A step's tokens, one for each row of logits [rows, vocab] (float32, CPU; changed in place
+    where penalised): greedy rows their first largest logit, sampled rows one drawn from their
+    distribution, after each row's penalties, with the log-probabilities of its raw logits.
+
+    `params`: per row, eight native float64 (SamplingParams.kernel_row): temperature (0:
+    greedy), top_k (0: none), top_p (1: none), min_p (0: none), logprobs (< 0: none), and the
+    repetition, frequency and presence penalties. `uniform` (float64): a number in [0, 1) for
+    each sampled row, in row order. `counts` (None: nothing penalised): each row's row in the
+    output counts [*, vocab] float32 and prompt mask [*, vocab] bool that follow (-1: not
+    penalised). `scores_width` (None: no log-probabilities): the most any row asks for; then
+    `scored` rows ask.
+
+    Tokens are -1 for a row that cannot be chosen from (NaN; sampled, +inf too; or a sampled row
+    `uniform` has no number for)."""
     library = _library()
     assert library is not None, "sample_rows called without the kernels built (check available())"
-    assert logits.dtype == torch.float32 and logits.device.type == "cpu"
+    assert logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.is_contiguous()
     rows, vocab = logits.shape
-    assert len(params) == 32 * rows, "four float64 a row"
+    assert len(params) == 64 * rows, "eight float64 a row"
     if uniform is not None:
         uniform = uniform.contiguous()
         assert uniform.dtype == torch.float64
-    logits = logits.contiguous()
+    counts_rows = output = prompt = None
+    if counts is not None:
+        counts_rows, output, prompt = array("q", counts[0]), counts[1], counts[2]
+        assert len(counts_rows) == rows and output.is_contiguous() and prompt.is_contiguous()
+        assert output.dtype == torch.float32 and prompt.dtype == torch.bool
+        assert output.shape[1] == prompt.shape[1] == vocab
+        assert max(counts_rows) < output.shape[0], "a counts row past the counts"
     tokens = torch.empty(rows, dtype=torch.long)
+    width = scores_width or 0
+    scores = None
+    if scores_width is not None:  # chosen, rank, top ids, top logprobs
+        scores = (
+            torch.empty(scored, dtype=torch.float32),
+            torch.empty(scored, dtype=torch.long),
+            torch.empty(scored, width, dtype=torch.long),
+            torch.empty(scored, width, dtype=torch.float32),
+        )
     library.sample_rows(
         logits.data_ptr(),
         rows,
         vocab,
         params,
+        None if counts_rows is None else counts_rows.buffer_info()[0],
+        None if output is None else output.data_ptr(),
+        None if prompt is None else prompt.data_ptr(),
         None if uniform is None else uniform.data_ptr(),
         0 if uniform is None else uniform.numel(),
         tokens.data_ptr(),
+        *((None,) * 4 if scores is None else (t.data_ptr() for t in scores)),
+        width,
         torch.get_num_threads(),
     )
-    return tokens.tolist()
+    if scores is None:
+        return tokens.tolist(), None
+    return tokens.tolist(), RowScores(*(t.tolist() for t in scores))
 
 
 def apply_penalties(

@@ -268,42 +268,6 @@ CPU_CLONES static int64_t greedy_row(const float *logits, int64_t vocab)
     return i;
 }
 
-/* A whole batch's tokens, greedy rows and sampled ones, in one call. logits [rows, vocab]
- * float32; params [rows, 4] float64: temperature (0: greedy), top_k (0: none), top_p (1: none),
- * min_p (0: none); uniform [uniforms]: a number in [0, 1) for each sampled row, in row order (a
- * sampled row without one gets -1); tokens
- * [rows]: the token, or -1 for a row that cannot be chosen from (NaN; for a sampled row, +inf
- * too). */
-void sample_rows(const float *logits, int64_t rows, int64_t vocab, const double *params, const double *uniform,
-                 int64_t uniforms, int64_t *tokens, int threads)
-{
-    int64_t *uniform_of = malloc((size_t)(rows > 0 ? rows : 1) * sizeof(int64_t)); /* row -> its number */
-    if (uniform_of == NULL) {
-        for (int64_t r = 0; r < rows; r++) tokens[r] = -1;
-        return;
-    }
-    for (int64_t r = 0, drawn = 0; r < rows; r++) uniform_of[r] = params[4 * r] > 0.0 ? drawn++ : -1;
-#pragma omp parallel num_threads(threads) if (threads > 1 && rows > 1)
-    {
-        float *buffers = malloc(3 * (size_t)vocab * sizeof(float));
-        double *tiles = malloc(((size_t)vocab / TILE + 1) * sizeof(double));
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            const double *row = params + 4 * r;
-            if (uniform_of[r] < 0)
-                tokens[r] = greedy_row(logits + r * vocab, vocab);
-            else if (buffers == NULL || tiles == NULL || uniform_of[r] >= uniforms)
-                tokens[r] = -1;
-            else
-                tokens[r] = sample_row(logits + r * vocab, vocab, (float)row[0], (int64_t)row[1], (float)row[2],
-                                       (float)row[3], uniform[uniform_of[r]], buffers, buffers + vocab, tiles);
-        }
-        free(buffers);
-        free(tiles);
-    }
-    free(uniform_of);
-}
-
 /* --- penalties and log-probabilities: the other passes over a row the sampler needs ----------- */
 
 /* vLLM's penalties, in place, on rows[r] of logits [*, vocab], from row counts_rows[r] of
@@ -349,6 +313,97 @@ static int by_value_descending(const void *a, const void *b)
     return x > y ? -1 : x < y ? 1 : (i > j) - (i < j); /* ties: the lower id first, as topk */
 }
 
+/* log(sum(e^row)), the log-softmax's normaliser, with the weights e^(row - max) in `weights`
+ * [vocab] (row_top reads them). */
+INLINE float row_log_total(const float *row, int64_t vocab, float *weights)
+{
+    int bad = 0;
+    const float most = row_maximum(row, vocab, INFINITY, &bad); /* a NaN makes the logprobs NaN anyway */
+    const v16 floor_ = (v16){0} - 87.0f;
+    double total = 0.0;
+    v16 partial = (v16){0};
+    int64_t i = 0;
+    for (; i + TILE <= vocab; i += TILE) {
+        v16 x = *(const v16u *)(row + i) - most;
+        v16 w = (v16)((v16i)exp_nonpositive(x) & (x >= floor_));
+        *(v16u *)(weights + i) = w;
+        partial += w;
+        if ((i / TILE) % 8 == 7) { /* into the double sum every 128 weights: few lane sums */
+            total += lane_sum(partial);
+            partial = (v16){0};
+        }
+    }
+    total += lane_sum(partial);
+    for (; i < vocab; i++) {
+        float x = row[i] - most;
+        weights[i] = x >= -87.0f ? expf(x) : 0.0f;
+        total += weights[i];
+    }
+    return most + (float)log(total);
+}
+
+/* The row's `top` likeliest tokens, best first, into best[0, top) (ties: the lower id first);
+ * their count (fewer than top only where fewer tokens are possible at all). `weights` as
+ * row_log_total left them; `scratch` holds 2 * vocab floats; best holds vocab entries when top >
+ * SMALL_TOP, else top. */
+INLINE int64_t row_top(const float *row, int64_t vocab, int64_t top, const float *weights, float *scratch,
+                       ranked *best)
+{
+    int64_t found = 0, i;
+    if (top <= 0) return 0;
+    if (top <= SMALL_TOP || top >= vocab) {
+        /* a few: one pass keeps the best so far in order; once there are `top` of them, a tile
+         * whose largest logit does not beat the last is skipped whole (most are) */
+        for (i = 0; i < vocab; i++) {
+            if (found == top && i % TILE == 0 && i + TILE <= vocab &&
+                !(lane_max(*(const v16u *)(row + i)) > best[top - 1].value)) {
+                i += TILE - 1;
+                continue;
+            }
+            if (found == top && !(row[i] > best[top - 1].value)) continue;
+            int64_t at = found < top ? found++ : top - 1;
+            while (at > 0 && row[i] > best[at - 1].value) {
+                best[at] = best[at - 1];
+                at--;
+            }
+            best[at] = (ranked){row[i], i};
+        }
+        return found;
+    }
+    /* many: the top-th largest weight by selection (0 if fewer are above e^-87: then all of
+     * them), the tokens at or above it sorted by logit */
+    float threshold = threshold_of(weights, vocab, -(double)top, scratch);
+    for (i = 0; i < vocab; i++)
+        if (weights[i] >= threshold) best[found++] = (ranked){row[i], i};
+    qsort(best, (size_t)found, sizeof(ranked), by_value_descending);
+    return found < top ? found : top;
+}
+
+/* Row r's top list into top_ids, top_logprobs [*, width] (-inf past what was found). */
+INLINE void write_top(const ranked *best, int64_t found, float log_total, int64_t width, int64_t r,
+                      int64_t *top_ids, float *top_logprobs)
+{
+    for (int64_t k = 0; k < width; k++) {
+        top_ids[r * width + k] = k < found ? best[k].index : 0;
+        top_logprobs[r * width + k] = k < found ? best[k].value - log_total : -INFINITY;
+    }
+}
+
+/* The log-probability and rank (1: the likeliest) of `token` in the row. */
+INLINE void token_score(const float *row, int64_t vocab, int64_t token, float log_total, float *logprob,
+                        int64_t *rank)
+{
+    const float mine = row[token];
+    v16i above16 = (v16i){0};
+    int64_t i = 0;
+    for (; i + TILE <= vocab; i += TILE) above16 -= *(const v16u *)(row + i) > mine;
+    int64_t above = 0;
+    for (int t = 0; t < TILE; t++) above += above16[t];
+    for (; i < vocab; i++) above += row[i] > mine;
+    *logprob = mine - log_total;
+    *rank = above + 1;
+}
+
 /* Log-probabilities of rows of logits [rows, vocab] (log-softmax), without writing them out:
  * for row r, the log-probability and rank (1: the likeliest) of tokens[r], and its `top`
  * likeliest tokens with theirs (top_ids, top_logprobs [rows, top]), found by selection. */
@@ -366,70 +421,99 @@ CPU_CLONES void token_logprobs(const float *logits, int64_t rows, int64_t vocab,
                 chosen[r] = NAN;
                 continue;
             }
-            int bad = 0;
-            const float most = row_maximum(row, vocab, INFINITY, &bad); /* a NaN makes the logprobs NaN anyway */
-            const v16 floor_ = (v16){0} - 87.0f;
-            double total = 0.0;
-            v16 partial = (v16){0};
-            int64_t i = 0;
-            for (; i + TILE <= vocab; i += TILE) {
-                v16 x = *(const v16u *)(row + i) - most;
-                v16 w = (v16)((v16i)exp_nonpositive(x) & (x >= floor_));
-                *(v16u *)(weights + i) = w;
-                partial += w;
-                if ((i / TILE) % 8 == 7) { /* into the double sum every 128 weights: few lane sums */
-                    total += lane_sum(partial);
-                    partial = (v16){0};
-                }
-            }
-            total += lane_sum(partial);
-            for (; i < vocab; i++) {
-                float x = row[i] - most;
-                weights[i] = x >= -87.0f ? expf(x) : 0.0f;
-                total += weights[i];
-            }
-            const float log_total = most + (float)log(total);
-            const float mine = row[tokens[r]];
-            v16i above16 = (v16i){0};
-            for (i = 0; i + TILE <= vocab; i += TILE) above16 -= *(const v16u *)(row + i) > mine;
-            int64_t above = 0;
-            for (int t = 0; t < TILE; t++) above += above16[t];
-            for (; i < vocab; i++) above += row[i] > mine;
-            chosen[r] = mine - log_total;
-            rank[r] = above + 1;
-            if (top <= 0) continue;
-            int64_t found = 0;
-            if (top <= SMALL_TOP || top >= vocab) {
-                /* a few: one pass keeps the best so far in order; once there are `top` of them, a
-                 * tile whose largest logit does not beat the last is skipped whole (most are) */
-                for (i = 0; i < vocab; i++) {
-                    if (found == top && i % TILE == 0 && i + TILE <= vocab &&
-                        !(lane_max(*(const v16u *)(row + i)) > best[top - 1].value)) {
-                        i += TILE - 1;
-                        continue;
-                    }
-                    if (found == top && !(row[i] > best[top - 1].value)) continue;
-                    int64_t at = found < top ? found++ : top - 1;
-                    while (at > 0 && row[i] > best[at - 1].value) {
-                        best[at] = best[at - 1];
-                        at--;
-                    }
-                    best[at] = (ranked){row[i], i};
-                }
-            } else {
-                /* many: the top-th largest weight by selection (0 if fewer are above e^-87: then
-                 * all of them), the tokens at or above it sorted by logit */
-                float threshold = threshold_of(weights, vocab, -(double)top, weights + vocab);
-                for (i = 0; i < vocab; i++)
-                    if (weights[i] >= threshold) best[found++] = (ranked){row[i], i};
-                qsort(best, (size_t)found, sizeof(ranked), by_value_descending);
-            }
-            for (int64_t k = 0; k < top; k++) {
-                top_ids[r * top + k] = k < found ? best[k].index : 0;
-                top_logprobs[r * top + k] = k < found ? best[k].value - log_total : -INFINITY;
-            }
+            const float log_total = row_log_total(row, vocab, weights);
+            token_score(row, vocab, tokens[r], log_total, chosen + r, rank + r);
+            int64_t found = row_top(row, vocab, top, weights, weights + vocab, best);
+            write_top(best, found, log_total, top, r, top_ids, top_logprobs);
         }
         free(weights);
         free(best);
     }
+}
+
+/* --- a step's rows, all that a row's sampling does in one call --------------------------------- */
+
+#define PARAMS 8 /* float64 a row in sample_rows' params */
+
+/* One row of sample_rows, scored (logprob non-NULL) into row `scored` of top_ids and
+ * top_logprobs; `buffers` holds 4 * vocab floats, `best` vocab entries, `tiles` vocab / TILE + 1
+ * doubles. */
+CPU_CLONES static void choose_row(float *row, int64_t vocab, const double *p, double uniform, int has_uniform,
+                                  const float *counts, const uint8_t *prompt, int64_t *token, float *logprob,
+                                  int64_t *rank, int64_t *top_ids, float *top_logprobs, int64_t width,
+                                  int64_t scored, float *buffers, ranked *best, double *tiles)
+{
+    const int64_t top = logprob == NULL ? -1 : (int64_t)p[4];
+    const float *raw = row;
+    float log_total = 0.0f;
+    if (top >= 0) { /* from the raw logits, before the penalties change them */
+        log_total = row_log_total(row, vocab, buffers);
+        write_top(best, row_top(row, vocab, top, buffers, buffers + vocab, best), log_total, width, scored,
+                  top_ids, top_logprobs);
+        if (counts != NULL) { /* the raw row, kept for the token's score */
+            memcpy(buffers + 3 * vocab, row, (size_t)vocab * sizeof(float));
+            raw = buffers + 3 * vocab;
+        }
+    }
+    if (counts != NULL) penalise_row(row, vocab, counts, prompt, (float)p[5], (float)p[6], (float)p[7]);
+    if (p[0] <= 0.0)
+        *token = greedy_row(row, vocab);
+    else if (!has_uniform)
+        *token = -1;
+    else
+        *token = sample_row(row, vocab, (float)p[0], (int64_t)p[1], (float)p[2], (float)p[3], uniform, buffers,
+                            buffers + vocab, tiles);
+    if (top >= 0 && *token >= 0) token_score(raw, vocab, *token, log_total, logprob, rank);
+}
+
+/* A whole step's tokens in one call: for each row of logits [rows, vocab] (float32, changed in
+ * place), its penalties, the log-probabilities of its raw logits, and its token, greedy or drawn.
+ * params [rows, PARAMS] float64: temperature (0: greedy), top_k (0: none), top_p (1: none),
+ * min_p (0: none), logprobs (the likeliest to report; < 0: none), repetition, frequency and
+ * presence penalties. counts_rows [rows] (NULL: none penalised): the row of output_counts [*,
+ * vocab] (float) and prompt_mask [*, vocab] (bool) holding the row's counts, < 0 for a row not
+ * penalised. uniform [uniforms]: a number in [0, 1) for each sampled row, in row order.
+ * tokens [rows]: the token, or -1 for a row that cannot be chosen from (NaN; for a sampled row
+ * +inf too, or no number left for it). With chosen non-NULL, the k-th row that asks for logprobs
+ * gets its token's (chosen, rank [k]) and its likeliest (top_ids, top_logprobs [k, width]). */
+void sample_rows(float *logits, int64_t rows, int64_t vocab, const double *params, const int64_t *counts_rows,
+                 const float *output_counts, const uint8_t *prompt_mask, const double *uniform, int64_t uniforms,
+                 int64_t *tokens, float *chosen, int64_t *rank, int64_t *top_ids, float *top_logprobs,
+                 int64_t width, int threads)
+{
+    /* row -> its uniform number, and its place among the rows scored (-1: none) */
+    int64_t *uniform_of = malloc(2 * (size_t)(rows > 0 ? rows : 1) * sizeof(int64_t));
+    if (uniform_of == NULL) {
+        for (int64_t r = 0; r < rows; r++) tokens[r] = -1;
+        return;
+    }
+    int64_t *scored_of = uniform_of + rows;
+    for (int64_t r = 0, drawn = 0, scored = 0; r < rows; r++) {
+        uniform_of[r] = params[PARAMS * r] > 0.0 ? drawn++ : -1;
+        scored_of[r] = chosen != NULL && params[PARAMS * r + 4] >= 0.0 ? scored++ : -1;
+    }
+#pragma omp parallel num_threads(threads) if (threads > 1 && rows > 1)
+    {
+        float *buffers = malloc(4 * (size_t)vocab * sizeof(float));
+        ranked *best = malloc((size_t)(width > SMALL_TOP ? vocab : SMALL_TOP) * sizeof(ranked));
+        double *tiles = malloc(((size_t)vocab / TILE + 1) * sizeof(double));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t counted = counts_rows == NULL ? -1 : counts_rows[r];
+            if (buffers == NULL || best == NULL || tiles == NULL) {
+                tokens[r] = -1;
+                continue;
+            }
+            const int has_uniform = uniform_of[r] >= 0 && uniform_of[r] < uniforms;
+            choose_row(logits + r * vocab, vocab, params + PARAMS * r, has_uniform ? uniform[uniform_of[r]] : 0.0,
+                       has_uniform, counted < 0 ? NULL : output_counts + counted * vocab,
+counted < 0 ? NULL : prompt_mask + counted * vocab, tokens + r,
+                       scored_of[r] < 0 ? NULL : chosen + scored_of[r], scored_of[r] < 0 ? NULL : rank + scored_of[r],
+                       top_ids, top_logprobs, width, scored_of[r], buffers, best, tiles);
+        }
+        free(buffers);
+        free(best);
+        free(tiles);
+    }
+    free(uniform_of);
 }
