@@ -121,17 +121,18 @@ class TextTokenizer:
         """Each id decoded alone, special tokens included: what vLLM shows as a logprob's token.
         A SentencePiece piece that begins a word keeps its leading space, which decoding it
         alone drops."""
-        texts = []
-        for i in ids:
-            text = self._token_texts.get(i)
-            if text is None:  # each id decoded once: logprobs show the same ids step after step
-                text = self._tokenizer.decode([i], skip_special_tokens=False)
-                piece = self._tokenizer.id_to_token(i) or ""
-                if piece.startswith(SENTENCEPIECE_SPACE) and not text.startswith(" "):
-                    text = " " + text
-                self._token_texts[i] = text
-            texts.append(text)
-        return texts
+        return [self.token_text(i) for i in ids]
+
+    def token_text(self, token_id: int) -> str:
+        """token_texts of one id."""
+        text = self._token_texts.get(token_id)
+        if text is None:  # each id decoded once: logprobs show the same ids step after step
+            text = self._tokenizer.decode([token_id], skip_special_tokens=False)
+            piece = self._tokenizer.id_to_token(token_id) or ""
+            if piece.startswith(SENTENCEPIECE_SPACE) and not text.startswith(" "):
+                text = " " + text
+            self._token_texts[token_id] = text
+        return text
 
     def apply_chat_template(
         self,

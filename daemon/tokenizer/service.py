@@ -457,15 +457,14 @@ class TokenizerService:
 
     def _logprobs(self, found: list[TokenLogprobs], ids: list[int]) -> list[OutputLogprob]:
         """The engine's log-probabilities of `ids` (and of the likeliest tokens), with tokens as text."""
-        used = sorted({*ids, *(t for f in found for t in f.top_ids)})
-        texts = dict(zip(used, self.text.token_texts(used), strict=True))
+        text = self.text.token_text
         return [
             OutputLogprob(
                 token,
-                texts[token],
+                text(token),
                 f.logprob,
                 f.rank,
-                [(t, texts[t], lp) for t, lp in zip(f.top_ids, f.top_logprobs, strict=True)],
+                [(t, text(t), lp) for t, lp in zip(f.top_ids, f.top_logprobs, strict=True)],
             )
             for token, f in zip(ids, found, strict=True)
         ]
