@@ -27,7 +27,7 @@ SMALL_CACHE = {
 }
 PREFIX = [(37 * i + 11) % 1000 + 4 for i in range(96)]  # six whole blocks
 PROMPTS = [PREFIX + [(53 * n + 7 * j) % 1000 + 4 for j in range(5 + 3 * n)] for n in range(8)]
-MAX_TOKENS = 24
+MAX_TOKENS = 40  # long enough that requests running together outgrow the cache (preemption)
 
 
 @pytest.fixture(scope="module")
