@@ -757,6 +757,16 @@ def _prompt_logprobs(demo, probe, tokenizers, endpoint):
         assert ranked[0]["logprob"] >= ranked[1]["logprob"]
     plain = generate(demo, endpoint, max_tokens=1)
     assert "prompt_logprobs" not in plain and "prompt_logprobs" not in plain["choices"][0]
+    # streamed: in one chunk, the choice's (completions) or the answer's (chat), as in the whole answer
+    body = {**_required(endpoint), "max_tokens": 3, "prompt_logprobs": 2, "stream": True}
+    with httpx.Client(base_url=demo.url, timeout=60) as http, http.stream("POST", path, json=body) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    carried = [
+        e["choices"][0]["prompt_logprobs"] if endpoint == "completions" else e["prompt_logprobs"]
+        for e in events
+        if "prompt_logprobs" in e or (e["choices"] and "prompt_logprobs" in e["choices"][0])
+    ]
+    assert carried == [found]
     error = refusal(post(demo, path, {**_required(endpoint), "prompt_logprobs": 21}))
     assert error["param"] == "prompt_logprobs"
 

@@ -182,8 +182,9 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         Annotated[int, msgspec.Meta(ge=0, le=IPC_INT_MAX)] | None,
         honoured(
             "vLLM's: log-probabilities of each prompt token after the first and of the N likeliest at its "
-            "place (at most server.max_logprobs), by token id. The prompt is then computed in full, "
-            "not read from the prefix cache."
+            "place (at most server.max_logprobs), by token id; streamed, in the first chunk that carries "
+            "text (vLLM refuses it with stream). The prompt is then computed in full, not read from the "
+            "prefix cache."
         ),
     ] = None
     use_beam_search: Annotated[

@@ -130,6 +130,7 @@ class ChatCompletionChunk(msgspec.Struct):
     choices: list[ChatChunkChoice]
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | msgspec.UnsetType = msgspec.UNSET  # vLLM's, with the first output
 
 
 class ErrorObject(msgspec.Struct):
@@ -220,7 +221,11 @@ class Responder:
         if self.chat:
             delta = ChatDelta(content=output.text or None)
             choice = ChatChunkChoice(index, delta, output.finish_reason, self._chat_logprobs(output.logprobs))
-            return ChatCompletionChunk(self.id, self.created, self.model, [choice], usage=usage)
+            answer = ChatCompletionChunk(self.id, self.created, self.model, [choice], usage=usage)
+            # the prompt's, once (as the whole answer's): with the first output of the first choice
+            if self.prompt_logprobs is not None and index == 0 and output.prompt_logprobs:
+                answer.prompt_logprobs = self._prompt_logprobs(output.prompt_logprobs)
+            return answer
         choice = self._completion_choice(
             index, output.text, output.finish_reason, output.prompt_text, output.prompt_logprobs, output.logprobs
         )
