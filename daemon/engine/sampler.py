@@ -3,7 +3,9 @@
 On the CPU (float32, the kernels built) kernels/sample.c chooses the whole batch's tokens,
 greedy and sampled, in one call: the same distribution in a few passes over each row, without
 sorting the vocabulary, and without the dozen operators (a few microseconds each to call) that
-torch takes. Elsewhere the torch operators below do it.
+torch takes. Elsewhere the torch operators below do it. (A step's usual way there is
+token_choice.py, whose one kernel call also applies the penalties and scores the logprobs;
+sample() serves the steps it takes stage by stage.)
 
 (The options that change the logits first, penalties and biases, are logits_processors.py.)
 
@@ -107,10 +109,7 @@ def sample(
     """logits [B, vocab] (float32) -> one token id per row, or the exception that row's sampling raised.
 
     `generators[i]` draws row i's number when set; rows without one draw from `shared` together."""
-    drawn_rows = [row for row, p in enumerate(params) if not p.greedy]
-    uniform = None
-    if drawn_rows:
-        uniform = uniforms(len(drawn_rows), [generators[row] for row in drawn_rows], shared, logits.device)
+    drawn_rows, uniform = drawn_uniforms(params, generators, shared, logits.device)
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.available():
         # the whole batch in one call (kernels/sample.c): a few passes over each row, greedy or not
         found, _ = kernels.sample_rows(logits.contiguous(), b"".join(p.kernel_row for p in params), uniform)
@@ -184,7 +183,20 @@ def _distribution(
     return probs
 
 
-def uniforms(
+def drawn_uniforms(
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    shared: torch.Generator | None,
+    device: torch.device,
+) -> tuple[list[int], torch.Tensor | None]:
+    """The rows that draw (not greedy), and their numbers in row order (None: no row draws)."""
+    drawn_rows = [row for row, p in enumerate(params) if not p.greedy]
+    if not drawn_rows:
+        return drawn_rows, None
+    return drawn_rows, _uniforms(len(drawn_rows), [generators[row] for row in drawn_rows], shared, device)
+
+
+def _uniforms(
     rows: int, generators: list[torch.Generator | None], shared: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
     """One number in [0, 1) per row (float64): from the row's own generator when it has one, the

@@ -22,7 +22,7 @@ import torch
 from daemon.engine.kernels import cpu as kernels
 from daemon.engine.logits_processors import apply_processors
 from daemon.engine.logprobs import RawLogprobs, TokenLogprob
-from daemon.engine.sampler import SamplingParams, sample, uniforms, unusable_row
+from daemon.engine.sampler import SamplingParams, drawn_uniforms, sample, unusable_row
 from daemon.engine.token_counts import TokenCounts
 
 
@@ -39,39 +39,16 @@ def choose_tokens(
 
     One token per row, or the exception that row's sampling raised; and by row, the logprobs of
     the rows that asked for them and got a token."""
-    if _in_one_call(logits, params):
-        return _by_kernel(logits, params, seq_ids, generators, shared, counts)
-    raw = RawLogprobs(logits, params)  # before the processors change the logits
-    if any(p.processed for p in params):
-        logits = apply_processors(logits, params, seq_ids, counts)
-    drawn = sample(logits, params, generators, shared)
-    return drawn, raw.of(drawn)
-
-
-def _in_one_call(logits: torch.Tensor, params: list[SamplingParams]) -> bool:
-    return (
-        logits.device.type == "cpu"
-        and logits.dtype == torch.float32
-        and logits.is_contiguous()
-        and kernels.available()
-        and not any(p.logprobs is not None and p.masked_or_biased for p in params)
-    )
-
-
-def _by_kernel(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    seq_ids: list[int],
-    generators: list[torch.Generator | None],
-    shared: torch.Generator | None,
-    counts: TokenCounts | None,
-) -> tuple[list[int | Exception], dict[int, TokenLogprob]]:
+    if not _in_one_call(logits, params):  # stage by stage
+        raw = RawLogprobs(logits, params)  # before the processors change the logits
+        if any(p.processed for p in params):
+            logits = apply_processors(logits, params, seq_ids, counts)
+        drawn = sample(logits, params, generators, shared)
+        return drawn, raw.of(drawn)
+    # one kernel call, after the processors other than the penalties
     if any(p.masked_or_biased for p in params):
         apply_processors(logits, params, seq_ids, counts, penalties=False)
-    drawn_rows = [row for row, p in enumerate(params) if not p.greedy]
-    uniform = None
-    if drawn_rows:
-        uniform = uniforms(len(drawn_rows), [generators[row] for row in drawn_rows], shared, logits.device)
+    _drawn_rows, uniform = drawn_uniforms(params, generators, shared, logits.device)
     penalised = None
     if counts is not None and any(p.penalised for p in params):
         rows = [counts.row_of(seq_ids[row]) if p.penalised else -1 for row, p in enumerate(params)]
@@ -88,3 +65,13 @@ def _by_kernel(
                     scores.chosen[k], scores.rank[k], scores.top_ids[k][:top], scores.top_logprobs[k][:top]
                 )
     return [token if token >= 0 else unusable_row() for token in tokens], found
+
+
+def _in_one_call(logits: torch.Tensor, params: list[SamplingParams]) -> bool:
+    return (
+        logits.device.type == "cpu"
+        and logits.dtype == torch.float32
+        and logits.is_contiguous()
+        and kernels.available()
+        and not any(p.logprobs is not None and p.masked_or_biased for p in params)
+    )
