@@ -2,10 +2,10 @@
 
 Torch has no CPU operator that reads a paged KV cache in place: its attention
 operators want each sequence's keys as one contiguous slab. paged_decode.c is
-decode attention that reads the blocks where they are. sample.c samples rows of
-logits (temperature, min-p, top-k, top-p, the draw) in a few passes each, with
-top-k and top-p found by selection: torch's CPU sort of a vocabulary costs more
-than the forward pass. It is built by
+decode attention that reads the blocks where they are. sample.c does a step's
+sampling in one call (penalties, raw logprobs, temperature, min-p, top-k, top-p,
+the draw) in a few passes a row, with top-k and top-p found by selection:
+torch's CPU sort of a vocabulary costs more than the forward pass. It is built by
 `pip install` (pyproject.toml, an optional extension): where the build could
 not be made (no C compiler), `available()` is False and the engine keeps torch's
 operators over gathered blocks.
