@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -489,7 +490,7 @@ OPENAI_FIELDS = {
 
 
 def openai_generate(daemon: RunningDaemon, endpoint: str, **fields: Any) -> tuple[str, Any]:
-    """The text and finish reason of one answer, asked through the official openai client (the
+    """The text of one answer and the answer, asked through the official openai client (the
     fields it does not know go in extra_body, as a vLLM client sends them)."""
     client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
@@ -787,6 +788,52 @@ def _bad_words(demo, probe, tokenizers, endpoint):
         assert openai_generate(probe, endpoint, **body)[0] == expected, words
 
 
+# Constraints: the demo model is random, so an answer that matches is the grammar's doing
+# (tests/test_structured_outputs.py goes further: more seeds, schemas, streams, errors).
+CODE = r"[A-Z]{2}-\d{3}"
+ITEM = {
+    "type": "object",
+    "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 9}, "ok": {"type": "boolean"}},
+    "required": ["id", "ok"],
+    "additionalProperties": False,
+}
+EXPR = 'root ::= "<" [a-c] [0-9] ">"'
+
+
+def _constrained(field: str, value: Any, matches: Callable[[str], Any]) -> Callable[..., None]:
+    def check(demo, probe, tokenizers, endpoint):
+        for seed in range(3):
+            text, answer = openai_generate(demo, endpoint, **{field: value}, temperature=1.0, seed=seed, max_tokens=120)
+            assert answer.choices[0].finish_reason == "stop" and matches(text), (field, seed, text)
+        free = [openai_generate(demo, endpoint, temperature=1.0, seed=seed, max_tokens=8)[0] for seed in range(3)]
+        assert not all(matches(text) for text in free)  # without it, the model writes something else
+
+    return check
+
+
+def _is_item(text: str) -> bool:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    if not isinstance(value, dict) or set(value) != {"id", "ok"}:
+        return False
+    return 1 <= value["id"] <= 9 and isinstance(value["ok"], bool)
+
+
+_response_format = _constrained(
+    "response_format", {"type": "json_schema", "json_schema": {"name": "item", "schema": ITEM}}, _is_item
+)
+_structured_outputs = _constrained("structured_outputs", {"choice": ["left", "right"]}, {"left", "right"}.__contains__)
+_guided_json = _constrained("guided_json", ITEM, _is_item)
+_guided_regex = _constrained("guided_regex", CODE, lambda text: re.fullmatch(CODE, text))
+_guided_choice = _constrained("guided_choice", ["up", "down"], {"up", "down"}.__contains__)
+_guided_grammar = _constrained("guided_grammar", EXPR, lambda text: re.fullmatch(r"<[a-c]\d>", text))
+_regex = _constrained("regex", CODE, lambda text: re.fullmatch(CODE, text))
+_json_schema = _constrained("json_schema", json.dumps(ITEM), _is_item)
+_ebnf = _constrained("ebnf", EXPR, lambda text: re.fullmatch(r"<[a-c]\d>", text))
+
+
 HONOURED: dict[str, Callable[..., None]] = {
     "model": _model,
     "max_tokens": _max_tokens,
@@ -827,6 +874,15 @@ HONOURED: dict[str, Callable[..., None]] = {
     "chat.add_special_tokens": _chat_add_special_tokens,
     "chat.chat_template_kwargs": _chat_template_kwargs,
     "chat.documents": _documents,
+    "response_format": _response_format,
+    "structured_outputs": _structured_outputs,
+    "guided_json": _guided_json,
+    "guided_regex": _guided_regex,
+    "guided_choice": _guided_choice,
+    "guided_grammar": _guided_grammar,
+    "regex": _regex,
+    "json_schema": _json_schema,
+    "ebnf": _ebnf,
 }
 
 

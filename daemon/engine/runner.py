@@ -8,6 +8,7 @@ returns one token per sequence that asked to sample.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from daemon.engine.grammar import Constraint, GrammarError, LazyCompiler, Matchers
 from daemon.engine.host_tensors import long_tensor
 from daemon.engine.kv_cache import KVCache
 from daemon.engine.layers.attention import AttentionBatch, attention_group
@@ -41,6 +43,8 @@ class SequenceChunk:
     # needs the tokens it has seen (penalties, min_tokens: token_counts.py)
     prompt_ids: list[int] | None = None
     score_prompt: bool = False  # report the logprobs of its prompt tokens (sampling.prompt_logprobs)
+    # what its output must match, with the first chunk after the sequence is admitted (grammar.py)
+    constraint: Constraint | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -98,6 +102,18 @@ class ModelRunner:
         self.last_prompt_logprobs: dict[int, list[TokenLogprob]] = {}  # of the prompt tokens scored
         self._prompt_scores = PromptScores()
         self.failures: dict[int, str] = {}  # the previous step's sequences whose sampling failed, with why
+        # constrained sequences: their matchers, and those the previous step's token completed
+        self._matchers: Matchers | None = None  # see enable_grammars
+        self.last_completed: list[int] = []
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the logits (the vocabulary, padded as the checkpoint has it)."""
+        return self.model.head.lm_head.out_features
+
+    def enable_grammars(self, compiler: LazyCompiler) -> None:
+        """Serve constrained sequences (grammar.py), with grammars compiled by `compiler`."""
+        self._matchers = Matchers(compiler)
 
     def resize_cache(self, num_blocks: int) -> None:
         """(Re)allocate the KV cache with `num_blocks` blocks; its contents are lost."""
@@ -113,8 +129,10 @@ class ModelRunner:
         of the step are unaffected.
         """
         self.last_sampled, self.failures, self.last_logprobs, self.last_prompt_logprobs = {}, {}, {}, {}
+        self.last_completed = []
         if not chunks:
             return self.last_sampled
+        self._start_matchers(chunks)
         samplers = [c for c in chunks if c.sample]
         hidden = self._forward(chunks)
         logits = self._logits_at(hidden, chunks, [c.sample for c in chunks], last_only=True)
@@ -124,14 +142,50 @@ class ModelRunner:
         params = [c.sampling for c in samplers]
         seq_ids = [c.seq_id for c in samplers]
         generators = [self._generator(c) for c in samplers]
-        drawn, found = choose_tokens(logits, params, seq_ids, generators, self._shared_generator, self._counts)
+        matchers = self._matchers
+        constrained = [row for row, s in enumerate(seq_ids) if matchers is not None and s in matchers]
+        mask = None
+        if constrained:
+            assert matchers is not None
+            mask = functools.partial(matchers.mask, rows=constrained, seq_ids=[seq_ids[r] for r in constrained])
+        drawn, found = choose_tokens(
+            logits, params, seq_ids, generators, self._shared_generator, self._counts, constrained, mask
+        )
         for seq_id, token in zip(seq_ids, drawn, strict=True):
+            if seq_id in self.failures:  # its constraint did not compile: the token stands for nothing
+                continue
             if isinstance(token, Exception):
                 self.failures[seq_id] = f"{type(token).__name__}: {token}"
             else:
                 self.last_sampled[seq_id] = token
-        self.last_logprobs = {seq_ids[row]: entry for row, entry in found.items()}
+        for row in constrained:
+            seq_id = seq_ids[row]
+            if seq_id in self.last_sampled:
+                self._advance_matcher(seq_id, self.last_sampled[seq_id])
+        self.last_logprobs = {seq_ids[row]: entry for row, entry in found.items() if seq_ids[row] in self.last_sampled}
         return self.last_sampled
+
+    def _start_matchers(self, chunks: list[SequenceChunk]) -> None:
+        """Matchers for the sequences whose constraint comes with this step; one that cannot be
+        compiled fails its sequence alone."""
+        for c in chunks:
+            if c.constraint is None:
+                continue
+            try:
+                if self._matchers is None:
+                    raise GrammarError("this engine was started without constrained decoding")
+                self._matchers.start(c.seq_id, c.constraint, c.sampling.stop_token_ids)
+            except GrammarError as exc:
+                self.failures[c.seq_id] = f"its constraint cannot be used: {exc}"
+
+    def _advance_matcher(self, seq_id: int, token: int) -> None:
+        assert self._matchers is not None
+        try:
+            if self._matchers.accept(seq_id, token):
+                self.last_completed.append(seq_id)
+        except GrammarError as exc:
+            del self.last_sampled[seq_id]
+            self.failures[seq_id] = str(exc)
 
     @torch.inference_mode()
     def logits(self, chunks: list[SequenceChunk]) -> torch.Tensor:
@@ -173,8 +227,10 @@ class ModelRunner:
             self.last_prompt_logprobs[c.seq_id] = found
 
     def release(self, seq_id: int) -> None:
-        """Forget a finished sequence's random generator and token counts."""
+        """Forget a finished sequence's random generator, token counts and matcher."""
         self._generators.pop(seq_id, None)
+        if self._matchers is not None:
+            self._matchers.release(seq_id)
         self._prompt_scores.forget(seq_id)
         if self._counts is not None:
             self._counts.release(seq_id)
@@ -183,6 +239,8 @@ class ModelRunner:
         """Forget every sequence (a new scheduler numbers them afresh)."""
         self._generators.clear()
         self._prompt_scores.clear()
+        if self._matchers is not None:
+            self._matchers.clear()
         if self._counts is not None:
             self._counts.clear()
         self.last_sampled, self.failures = {}, {}

@@ -15,6 +15,7 @@ import structlog
 from daemon.config.schema import DaemonSettings
 from daemon.frontend import parsing
 from daemon.frontend.asgi import BadRequest
+from daemon.frontend.constraints import constraint_of
 from daemon.frontend.parsing import Unknown
 from daemon.frontend.request_models import (
     IPC_INT_MAX,
@@ -45,6 +46,7 @@ def to_generate_requests(
 ) -> list[GenerateRequest]:
     """The tokenizer-bound requests, one per prompt, with every unset field at its default."""
     check_policy(request)
+    constraint = constraint_of(request)
     if request.priority and settings.scheduler.policy != "priority":  # it would change nothing: say so
         raise BadRequest(
             f"`priority` needs scheduler.policy = priority (this server schedules by {settings.scheduler.policy})",
@@ -124,6 +126,7 @@ def to_generate_requests(
             echo=echo,
             bad_words=tuple(request.bad_words or ()),
             unset_sampling=unset_sampling,
+            constraint=constraint,
             **prompt,
         )
         for index, prompt, choice_sampling in seeded

@@ -207,33 +207,39 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ] = None
     response_format: Annotated[
         dict[str, Any] | None,
-        refused(
-            "The shape of the answer: text, json_object or json_schema.",
-            neutral=(None, {"type": "text"}),
-            planned=STRUCTURED_ISSUE,
+        honoured(
+            "The shape of the answer: {type: text}, {type: json_object} (a JSON object), or {type: json_schema, "
+            "json_schema: {name, schema, strict}} (JSON valid for the schema, always enforced as strict: true "
+            "asks). Enforced token by token with a grammar (xgrammar)."
         ),
     ] = None
     structured_outputs: Annotated[
         dict[str, Any] | None,
-        refused("vLLM's constrained decoding (json, regex, choice, grammar).", planned=STRUCTURED_ISSUE),
+        honoured(
+            "vLLM's constrained decoding: exactly one of json (a schema), regex, choice (a list of strings), "
+            "grammar (EBNF) or json_object: true."
+        ),
     ] = None
-    guided_json: Annotated[Any, refused("vLLM's older JSON-schema constraint.", planned=STRUCTURED_ISSUE)] = None
-    guided_regex: Annotated[str | None, refused("vLLM's older regex constraint.", planned=STRUCTURED_ISSUE)] = None
-    guided_choice: Annotated[list[str] | None, refused("vLLM's older choice constraint.", planned=STRUCTURED_ISSUE)] = (
+    guided_json: Annotated[Any, honoured("vLLM's older JSON-schema constraint (an object, or its JSON text).")] = None
+    guided_regex: Annotated[str | None, honoured("vLLM's older regex constraint.")] = None
+    guided_choice: Annotated[list[str] | None, honoured("vLLM's older choice constraint.")] = None
+    guided_grammar: Annotated[str | None, honoured("vLLM's older grammar constraint (EBNF).")] = None
+    guided_decoding_backend: Annotated[
+        str | None,
+        refused(
+            "vLLM's older constraint backend choice: xgrammar is the one.",
+            neutral=(None, "xgrammar", "auto"),
+            planned=None,
+        ),
+    ] = None
+    guided_whitespace_pattern: Annotated[str | None, refused("vLLM's older JSON whitespace pattern.", planned=None)] = (
         None
     )
-    guided_grammar: Annotated[str | None, refused("vLLM's older grammar constraint.", planned=STRUCTURED_ISSUE)] = None
-    guided_decoding_backend: Annotated[
-        str | None, refused("vLLM's older constraint backend choice.", planned=STRUCTURED_ISSUE)
-    ] = None
-    guided_whitespace_pattern: Annotated[
-        str | None, refused("vLLM's older JSON whitespace pattern.", planned=STRUCTURED_ISSUE)
-    ] = None
-    regex: Annotated[str | None, refused("SGLang's regex constraint.", planned=STRUCTURED_ISSUE)] = None
+    regex: Annotated[str | None, honoured("SGLang's regex constraint.")] = None
     json_schema: Annotated[
-        str | dict[str, Any] | None, refused("SGLang's JSON-schema constraint.", planned=STRUCTURED_ISSUE)
+        str | dict[str, Any] | None, honoured("SGLang's JSON-schema constraint (an object, or its JSON text).")
     ] = None
-    ebnf: Annotated[str | None, refused("SGLang's grammar constraint.", planned=STRUCTURED_ISSUE)] = None
+    ebnf: Annotated[str | None, honoured("SGLang's grammar constraint (EBNF).")] = None
 
 
 class CompletionRequest(_Common, kw_only=True):

@@ -50,6 +50,15 @@ class Sampling(msgspec.Struct, frozen=True, omit_defaults=True):
         return penalised or self.min_tokens > 0 or bool(self.bad_words)
 
 
+class Constraint(msgspec.Struct, frozen=True, array_like=True):
+    """What a constrained request's output must match (engine/grammar.py compiles it): a JSON schema
+    (as JSON text), any JSON object, a regex, one of some strings (a JSON array), or an EBNF grammar."""
+
+    kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+    spec: str = ""
+    param: str = "response_format"  # the request field it came from, for the 400 when it does not compile
+
+
 class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
     """A generated token's log-probability under the model (its raw logits: before penalties,
     temperature and the rest, as vLLM reports them by default), and the likeliest tokens'."""
@@ -111,6 +120,7 @@ class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
     bad_words: tuple[str, ...] = ()  # the tokenizer turns them into Sampling.bad_words
     # What the client left unset in `sampling`: the tokenizer puts the model's defaults there.
     unset_sampling: tuple[ModelDefaultField, ...] = ()
+    constraint: Constraint | None = None  # the output must match it (compiled before the request is queued)
 
 
 class AbortRequest(msgspec.Struct, frozen=True, tag=True):
@@ -152,6 +162,14 @@ class ScheduleRequest(msgspec.Struct, frozen=True, tag=True):
     sampling: Sampling
     priority: int = 0
     arrival: float = 0.0
+    constraint: Constraint | None = None
+
+
+class PrepareConstraint(msgspec.Struct, frozen=True, tag=True):
+    """A constrained request is coming (its tokenizer compiles the constraint to check it): the
+    scheduler passes this on to the worker, which compiles it too, on a thread, meanwhile."""
+
+    constraint: Constraint
 
 
 # --- scheduler -> tokenizer ---------------------------------------------------------------------
@@ -192,6 +210,7 @@ class PlannedChunk(msgspec.Struct, frozen=True, array_like=True):
     prompt_ids: list[int] | None = None
     # report the logprobs of the chunk's prompt tokens (sampling.prompt_logprobs, first computation)
     score_prompt: bool = False
+    constraint: Constraint | None = None  # with the first chunk after admission: the worker starts its matcher
 
 
 class StepPlan(msgspec.Struct, frozen=True, tag=True):
@@ -211,6 +230,7 @@ class StepResult(msgspec.Struct, frozen=True, tag=True):
     logprobs: dict[int, TokenLogprobs] = {}  # seq_id -> its token's, for sequences that asked
     # seq_id -> the logprobs of the prompt tokens its scored chunk covers (see ModelRunner.step)
     prompt_logprobs: dict[int, list[TokenLogprobs]] = {}
+    completed: list[int] = []  # constrained sequences whose grammar this step's token completed: they end
 
 
 # --- control: every tier <-> supervisor ---------------------------------------------------------
@@ -474,8 +494,8 @@ class Detokenized(msgspec.Struct, frozen=True, tag=True):
 
 
 ToTokenizer = GenerateRequest | AbortRequest | StepTokens | SchedulerHello | Tokenize | Detokenize
-ToScheduler = ScheduleRequest | AbortRequest | StepResult | WorkerReady | TokenizerHello
-ToWorker = StepPlan
+ToScheduler = ScheduleRequest | AbortRequest | StepResult | WorkerReady | TokenizerHello | PrepareConstraint
+ToWorker = StepPlan | PrepareConstraint
 ToFrontend = OutputBatch | Tokenized | Detokenized
 ToSupervisor = TierReady | FrontendWorkerReady | ConfigApplied | EngineIdle | ReloadCommand | Heartbeat
 # PUB/SUB: from the supervisor (events) and the scheduler (stats)

@@ -145,6 +145,7 @@ class Batcher:
             eos_token_ids=self.eos_token_ids,
             priority=request.priority,
             arrival=request.arrival,
+            constraint=request.constraint,
         )
         self._by_request[request.request_id] = seq
         self.waiting.append(seq)
@@ -261,11 +262,16 @@ class Batcher:
         prompt_ids = None
         if seq.prompt_unsent:  # the worker counts what the sequence has seen from its prompt on
             prompt_ids, seq.prompt_unsent = seq.prompt_ids, False
+        constraint = None
+        if seq.constraint_unsent:  # sent with each admission: a worker that has the matcher keeps it
+            constraint, seq.constraint_unsent = seq.constraint, False
         # prompt logprobs: reported by the prompt's first computation (a preemption before its
         # first token starts it again from position 0: complete() keeps what was reported once)
         score = seq.sampling.prompt_logprobs is not None and not seq.output_ids and start < len(seq.prompt_ids)
         work.scores_from = max(start, 1) if score else None
-        return PlannedChunk(seq.seq_id, token_ids, start, table, work.sample, seq.sampling, prompt_ids, score)
+        return PlannedChunk(
+            seq.seq_id, token_ids, start, table, work.sample, seq.sampling, prompt_ids, score, constraint
+        )
 
     def complete(self, result: StepResult) -> dict[int, list[SequenceUpdate]]:
         """Apply a finished step; returns the updates to send, by tokenizer worker."""
@@ -275,6 +281,7 @@ class Batcher:
         if result.error is None:
             self.steps.add(work, result.seconds)
         updates: dict[int, list[SequenceUpdate]] = {}
+        completed = set(result.completed)
         for item in work:
             seq = item.seq
             seq.in_flight -= item.tokens
@@ -302,7 +309,8 @@ class Batcher:
                 continue
             token = result.tokens[seq.seq_id]
             seq.output_ids.append(token)
-            reason = seq.finish_reason_after(token, self.context_length)
+            # a grammar that is complete ends the sequence, whatever else it asked (ignore_eos)
+            reason = "stop" if seq.seq_id in completed else seq.finish_reason_after(token, self.context_length)
             if reason is not None:
                 self._end(seq, reason)
             # The first token's update says how much of the prompt came from the cache.
@@ -328,7 +336,7 @@ class Batcher:
             self._by_request.pop(seq.request_id, None)
             seq.phase = Phase.FINISHED
         return [
-            ScheduleRequest(s.request_id, s.tokenizer, s.prompt_ids, s.sampling, s.priority, s.arrival)
+            ScheduleRequest(s.request_id, s.tokenizer, s.prompt_ids, s.sampling, s.priority, s.arrival, s.constraint)
             for s in unstarted
         ]
 
@@ -374,6 +382,7 @@ class Batcher:
         self.blocks.grow(seq.seq_id, seq.length + 1)
         seq.computed = len(cached) * self.blocks.block_size
         seq.prompt_unsent = seq.sampling.needs_token_counts
+        seq.constraint_unsent = seq.constraint is not None
         if self.blocks.caching:
             self.counts.queried += seq.length
             self.counts.hits += seq.computed

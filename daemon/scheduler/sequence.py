@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from daemon.ipc.messages import FinishReason, Sampling, TokenLogprobs
+from daemon.ipc.messages import Constraint, FinishReason, Sampling, TokenLogprobs
 
 
 class Phase(enum.Enum):
@@ -35,6 +35,8 @@ class Sequence:
     cached_tokens: int | None = None  # prompt tokens found in the prefix cache when it was first admitted
     prompt_unsent: bool = False  # its sampling needs its prompt in the worker, which has not had it yet
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # of prompt tokens 1.. reported so far
+    constraint: Constraint | None = None  # what its output must match (the worker's matcher enforces it)
+    constraint_unsent: bool = False  # admitted, and the worker has not had its constraint with a chunk yet
 
     @property
     def token_ids(self) -> list[int]:

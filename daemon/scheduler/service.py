@@ -37,6 +37,7 @@ from daemon.ipc.messages import (
     EngineIdle,
     EngineSwitch,
     ErrorInfo,
+    PrepareConstraint,
     ScheduleRequest,
     SchedulerHello,
     SchedulerStats,
@@ -168,6 +169,10 @@ class SchedulerService:
                         self._step_tokens.setdefault(tokenizer, []).extend(updates)
             case WorkerReady():
                 self._on_worker(message)
+            case PrepareConstraint():
+                for engine in [*([self.engine] if self.engine else []), *([self.standby] if self.standby else [])]:
+                    with contextlib.suppress(PeerGone):  # only a head start: the request's chunk carries it too
+                        send(engine.plans, message, grace_ms=0)
             case TokenizerHello(index=index) if index >= 0:
                 with contextlib.suppress(PeerGone):  # not connected yet: it asks again
                     send(self._tokenizer(index), SchedulerHello(os.getpid()), grace_ms=0)

@@ -9,6 +9,7 @@ worker named in the request, one batch per front-end per step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ import msgspec
 import structlog
 import zmq
 
+from daemon.engine import grammar
+from daemon.engine.grammar import GrammarError, LazyCompiler, compiler_for_dir
 from daemon.engine.locate import locate_model
 from daemon.engine.model_dir import ModelDirError
 from daemon.ipc.heartbeat import Pulse
@@ -25,6 +28,7 @@ from daemon.ipc.messages import (
     Broadcast,
     ConfigApplied,
     ConfigUpdate,
+    Constraint,
     Detokenize,
     Detokenized,
     ErrorInfo,
@@ -32,6 +36,7 @@ from daemon.ipc.messages import (
     GenerateRequest,
     OutputBatch,
     OutputLogprob,
+    PrepareConstraint,
     Sampling,
     ScheduleRequest,
     SchedulerHello,
@@ -105,6 +110,10 @@ class TokenizerService:
         self.active: dict[str, Active] = {}
         self._pending: dict[str, list[GenerateOutput]] = {}  # outputs of this round, by front-end
         self.off_loop = OffLoop()  # long prompts: tokenized there while the loop serves the rest
+        # constraints are compiled here to check them (a 400 names what is wrong): made on first use
+        self.grammars = LazyCompiler(
+            functools.partial(compiler_for_dir, model_dir, self.text.vocab_size, sorted(self.text.eos_token_ids))
+        )
         self.poller = zmq.Poller()
         self.poller.register(self.inbox.socket, zmq.POLLIN)
         self.poller.register(self.events.socket, zmq.POLLIN)
@@ -187,7 +196,27 @@ class TokenizerService:
     def _admit(self, request: GenerateRequest) -> None:
         self._frontend(request.reply_to)  # connect now: by the first output the path is there
         with structlog.contextvars.bound_contextvars(request_id=request.request_id):
+            if request.constraint is not None:
+                return self._check_constraint(request, request.constraint)
             self._tokenize(request)
+
+    def _check_constraint(self, request: GenerateRequest, constraint: Constraint) -> None:
+        """Compile the request's constraint off the loop (a large schema takes a while, the first one
+        seconds more to import xgrammar), then go on with it, or answer 400 naming its field."""
+        self._to_scheduler(PrepareConstraint(constraint))  # the worker compiles it too, meanwhile
+        compiled = grammar.Constraint(constraint.kind, constraint.spec)
+
+        def then(_grammar: object, error: BaseException | None) -> None:
+            with structlog.contextvars.bound_contextvars(request_id=request.request_id):
+                if isinstance(error, GrammarError):
+                    log.info("tokenizer.rejected", reason="constraint", error=str(error))
+                    message = f"`{constraint.param}` cannot be used: {error}"
+                    return self._reject(request, ErrorInfo(400, message, param=constraint.param))
+                if error is not None:
+                    raise error
+                self._tokenize(request)
+
+        self.off_loop.submit(request.request_id, lambda: self.grammars.get().compile(compiled), then)
 
     def _tokenize(self, request: GenerateRequest) -> None:
         """Check the prompt, tokenize it (off the loop when it is long), then schedule it."""
@@ -278,7 +307,13 @@ class TokenizerService:
             bad_words=self._bad_word_ids(request.bad_words),
         )
         scheduled = ScheduleRequest(
-            request.request_id, self.tier.index, prompt_ids, sampling, request.priority, request.arrival
+            request.request_id,
+            self.tier.index,
+            prompt_ids,
+            sampling,
+            request.priority,
+            request.arrival,
+            request.constraint,
         )
         log.debug("request.tokenized", prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
         if not self._to_scheduler(scheduled):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import time
 
+from daemon.engine.grammar import Constraint
 from daemon.engine.logprobs import TokenLogprob
 from daemon.engine.runner import ModelRunner, SequenceChunk
 from daemon.engine.sampler import SamplingParams
@@ -39,7 +40,14 @@ def execute(runner: ModelRunner, plan: StepPlan, worker_epoch: int = 1) -> StepR
     scored = {seq_id: [_message(f) for f in found] for seq_id, found in runner.last_prompt_logprobs.items()}
     failed = {**unsampled, **runner.failures}
     return StepResult(
-        plan.step, worker_epoch, tokens, failed=failed, seconds=seconds, logprobs=logprobs, prompt_logprobs=scored
+        plan.step,
+        worker_epoch,
+        tokens,
+        failed=failed,
+        seconds=seconds,
+        logprobs=logprobs,
+        prompt_logprobs=scored,
+        completed=runner.last_completed,
     )
 
 
@@ -58,6 +66,7 @@ def _chunk(c: PlannedChunk, last_sampled: dict[int, int]) -> SequenceChunk:
         sampling=engine_sampling(c.sampling),
         prompt_ids=c.prompt_ids,
         score_prompt=c.score_prompt,
+        constraint=Constraint(c.constraint.kind, c.constraint.spec) if c.constraint is not None else None,
     )
 
 

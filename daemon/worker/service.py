@@ -10,14 +10,17 @@ checks that it fits in the memory left (see memory.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
+from pathlib import Path
 
 import structlog
 import zmq
 
 from daemon.config.schema import DaemonSettings
 from daemon.engine.blocks import BLOCK_SIZE
+from daemon.engine.grammar import Constraint, LazyCompiler, compiler_for_dir, eos_token_ids
 from daemon.engine.locate import locate_model, served_context
 from daemon.engine.model_dir import inspect_model_dir
 from daemon.engine.runner import ModelRunner, resolve_device
@@ -27,6 +30,7 @@ from daemon.ipc.messages import (
     ConfigApplied,
     ConfigUpdate,
     LoadedModel,
+    PrepareConstraint,
     StepPlan,
     TierReady,
     ToWorker,
@@ -88,6 +92,16 @@ class WorkerService:
     def __init__(self, tier: Tier, *, beside: bool = False):
         self.tier = tier
         self.runner, self.model = load_runner(tier.settings, beside=beside)
+        settings = tier.settings
+        tokenizer_ref = settings.tokenizer.path or settings.model.path
+        tokenizer_dir = locate_model(tokenizer_ref, settings.runtime.cache_dir, build=False)
+        model_dir = Path(self.model.directory)
+        # Made on a thread when the first constrained request is announced (PrepareConstraint), not
+        # at start: importing xgrammar takes seconds of CPU that unconstrained serving never needs.
+        self.grammars = LazyCompiler(
+            functools.partial(compiler_for_dir, tokenizer_dir, self.runner.vocab_size, eos_token_ids(model_dir))
+        )
+        self.runner.enable_grammars(self.grammars)
         self.context = self.model.max_model_len
         self.num_blocks = self.runner.cache.num_blocks
         context = zmq.Context()
@@ -135,6 +149,8 @@ class WorkerService:
                 for plan in self.plans.recv_ready():
                     if isinstance(plan, StepPlan):
                         self._run(plan)
+                    elif isinstance(plan, PrepareConstraint):
+                        self.grammars.prepare(Constraint(plan.constraint.kind, plan.constraint.spec))
 
     def _run(self, plan: StepPlan) -> None:
         if plan.scheduler_epoch != self.scheduler_epoch:

@@ -1,0 +1,229 @@
+"""Constrained decoding: a grammar decides which tokens may come next (xgrammar does the work).
+
+A constraint (a JSON schema, any JSON object, a regex, a choice among strings, an EBNF
+grammar) is compiled once against the vocabulary into a CompiledGrammar; compiled grammars
+are cached by their spec, so the many requests of one application that share a schema
+compile it once. Each constrained sequence then owns a matcher, which walks the grammar
+token by token: before a step samples, it fills the sequence's row of a token bitmask (one
+bit per vocabulary entry, 0.8 us a row), the bitmask sets every token the grammar forbids
+to -inf in the logits, and after the step the matcher accepts the token sampled. When the
+grammar is complete, only the sequence's stop tokens are allowed (or, without any, the
+matcher ends there), and the runner reports the sequence as completed.
+
+xgrammar is imported on first use: it pulls in transformers, about 2 s, which no process
+serving only unconstrained requests should pay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+    import xgrammar
+
+ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+# Longest run of whitespace a JSON answer may hold between tokens: a model that would fill its
+# answer with blank lines (a weak or random one can) must move on; pretty-printed JSON never
+# needs more.
+MAX_JSON_WHITESPACE = 16
+COMPILER_CACHE_BYTES = 256 * 1024 * 1024  # compiled grammars kept, by their spec
+_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
+_LOCATION = re.compile(r"^\[[\d:]+\] \S+\.cc:\d+: (Check failed: \(.*?\) is false: )?")
+
+
+class GrammarError(ValueError):
+    """The constraint cannot be compiled: its text says why, for the client."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match. `spec`: the JSON schema as JSON text, the regex, the EBNF
+    grammar, or the choices as a JSON array of strings; empty for json_object."""
+
+    kind: ConstraintKind
+    spec: str = ""
+
+
+class GrammarCompiler:
+    """Compiles constraints for one vocabulary, caching them by spec; thread-safe, as xgrammar's is."""
+
+    def __init__(self, vocabulary: list[str], tokenizer_json: str, vocab_size: int, stop_token_ids: list[int]):
+        import xgrammar as xgr
+
+        # xgrammar reads from the tokenizer's description how its vocabulary spells bytes (byte-level
+        # BPE, byte fallback, raw); it has no public way to do so without a transformers tokenizer.
+        metadata = xgr.TokenizerInfo._detect_metadata_from_hf(tokenizer_json)
+        padded = vocabulary + [""] * (vocab_size - len(vocabulary))  # the logits may be wider than the vocabulary
+        self.info = xgr.TokenizerInfo(
+            padded,
+            vocab_type=metadata["vocab_type"],
+            vocab_size=vocab_size,
+            stop_token_ids=stop_token_ids,
+            add_prefix_space=metadata["add_prefix_space"],
+        )
+        self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_limit_bytes=COMPILER_CACHE_BYTES)
+
+    def compile(self, constraint: Constraint) -> xgrammar.CompiledGrammar:
+        compiler = self._compiler
+        try:
+            match constraint.kind:
+                case "json_schema":
+                    return compiler.compile_grammar(json_grammar(constraint.spec, strict=True))
+                case "json_object":  # any object (xgrammar's built-in JSON grammar allows any value)
+                    return compiler.compile_grammar(json_grammar('{"type": "object"}', strict=False))
+                case "regex":
+                    return compiler.compile_regex(constraint.spec)
+                case "choice":
+                    return compiler.compile_grammar(choice_grammar(json.loads(constraint.spec)))
+                case "grammar":
+                    return compiler.compile_grammar(constraint.spec)
+        except RuntimeError as exc:  # xgrammar's C++ errors, with the file and line they came from
+            raise GrammarError(_LOCATION.sub("", str(exc).strip())) from None
+        raise GrammarError(f"unknown constraint kind {constraint.kind!r}")
+
+
+@functools.lru_cache(maxsize=256)
+def json_grammar(schema: str, *, strict: bool) -> str:
+    """EBNF for JSON valid against `schema`. `strict`: no properties or items beyond those it
+    names (as OpenAI's strict: true). Raises RuntimeError as compiling does."""
+    import xgrammar as xgr
+
+    grammar = str(xgr.Grammar.from_json_schema(schema, strict_mode=strict, max_whitespace_cnt=MAX_JSON_WHITESPACE))
+    # xgrammar lets the characters of a string with a length bound be control characters, which
+    # JSON forbids unescaped (json.loads and pydantic refuse such an answer): not these.
+    return grammar.replace(_STRING_CHAR, _JSON_STRING_CHAR)
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """EBNF for exactly one of `choices` (each a literal: JSON string escapes are EBNF's)."""
+    return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
+
+
+def compiler_for_tokenizer(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> GrammarCompiler:
+    """A compiler for a `tokenizers.Tokenizer` whose model has `vocab_size` logits."""
+    by_id = {i: token for token, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+    vocabulary = [by_id.get(i, "") for i in range(max(by_id, default=-1) + 1)]
+    return GrammarCompiler(vocabulary, tokenizer.to_str(), max(vocab_size, len(vocabulary)), stop_token_ids)
+
+
+def compiler_for_dir(tokenizer_dir: Path, vocab_size: int, stop_token_ids: list[int]) -> GrammarCompiler:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    return compiler_for_tokenizer(tokenizer, vocab_size, stop_token_ids)
+
+
+def eos_token_ids(model_dir: Path) -> list[int]:
+    """The end-of-sequence ids the model's configs name (xgrammar's default stop tokens)."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        try:
+            value = json.loads((model_dir / name).read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        ids.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
+    return sorted(ids)
+
+
+class LazyCompiler:
+    """A GrammarCompiler made on a thread of its own, with constraints compiled there ahead of
+    use (`prepare`): the import of xgrammar, the vocabulary's preprocessing and a new grammar's
+    compilation are done while the request is still on its way, not in the step that needs them."""
+
+    def __init__(self, make: Callable[[], GrammarCompiler]):
+        self._make = make
+        self._built: Future[GrammarCompiler] | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-compiler")
+        self._lock = threading.Lock()
+
+    def warm(self) -> Future[GrammarCompiler]:
+        with self._lock:
+            if self._built is None:
+                self._built = self._thread.submit(self._make)
+            return self._built
+
+    def prepare(self, constraint: Constraint) -> None:
+        """Compile `constraint` on the thread (into the compiler's cache); its errors wait for `compile`."""
+        built = self.warm()
+
+        def compile_ahead() -> None:
+            with contextlib.suppress(Exception):  # the step that starts its matcher reports it
+                built.result().compile(constraint)
+
+        self._thread.submit(compile_ahead)
+
+    def get(self) -> GrammarCompiler:
+        try:
+            return self.warm().result()
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the request says it
+            raise GrammarError(f"constrained decoding is unavailable: {type(exc).__name__}: {exc}") from exc
+
+
+class Matchers:
+    """The matchers of the constrained sequences of a runner, by sequence id."""
+
+    def __init__(self, compiler: LazyCompiler):
+        self._compiler = compiler
+        self._matchers: dict[int, Any] = {}
+        self._bitmask: torch.Tensor | None = None
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._matchers
+
+    def start(self, seq_id: int, constraint: Constraint, stop_token_ids: tuple[int, ...]) -> None:
+        """A matcher for a sequence at its start (a sequence readmitted after a preemption keeps its own)."""
+        if seq_id in self._matchers:
+            return
+        import xgrammar as xgr
+
+        compiled = self._compiler.get().compile(constraint)
+        # The request's stop tokens (end-of-sequence among them) end the grammar; with none (ignore_eos),
+        # the grammar ends the sequence itself when it is complete.
+        self._matchers[seq_id] = xgr.GrammarMatcher(
+            compiled,
+            override_stop_tokens=list(stop_token_ids) or None,
+            terminate_without_stop_token=not stop_token_ids,
+        )
+
+    def mask(self, logits: torch.Tensor, rows: list[int], seq_ids: list[int]) -> None:
+        """Set to -inf, in `logits` [B, vocab], each token the grammar of seq_ids[i] forbids in row rows[i]."""
+        import xgrammar as xgr
+
+        live = [(row, self._matchers[s]) for row, s in zip(rows, seq_ids, strict=True)]
+        live = [(row, m) for row, m in live if not m.is_terminated()]  # ended: the scheduler drops its row
+        if not live:
+            return
+        vocab = logits.shape[1]
+        if self._bitmask is None or self._bitmask.shape[0] < logits.shape[0]:
+            self._bitmask = xgr.allocate_token_bitmask(max(logits.shape[0], 8), vocab)
+        for row, matcher in live:
+            matcher.fill_next_token_bitmask(self._bitmask, row)
+        bitmask = self._bitmask.to(logits.device, non_blocking=True) if logits.device.type != "cpu" else self._bitmask
+        xgr.apply_token_bitmask_inplace(logits, bitmask[: logits.shape[0]], indices=[row for row, _m in live])
+
+    def accept(self, seq_id: int, token: int) -> bool:
+        """Advance the sequence's matcher by `token`; True when the grammar is then complete.
+        A token the grammar does not allow (a bug: the mask forbade it) raises GrammarError."""
+        matcher = self._matchers[seq_id]
+        if matcher.is_terminated():
+            return True
+        if not matcher.accept_token(token):
+            raise GrammarError(f"the grammar does not allow token {token} here")
+        return matcher.is_terminated()
+
+    def release(self, seq_id: int) -> None:
+        self._matchers.pop(seq_id, None)
+
+    def clear(self) -> None:
+        self._matchers.clear()

@@ -1,0 +1,128 @@
+"""What a request's output must match, from whichever field asked: OpenAI's response_format,
+vLLM's structured_outputs and its older guided_* fields, or SGLang's regex / json_schema / ebnf.
+
+Only the shape of each field is checked here (the front-end imports no engine code): whether a
+schema, regex or grammar compiles is the tokenizer tier's check, where a 400 names the field
+too. A request may ask for one constraint only.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from daemon.frontend.asgi import BadRequest
+from daemon.frontend.request_models import ChatRequest, CompletionRequest
+from daemon.ipc.messages import Constraint
+
+# A schema or grammar longer than this is refused before anything compiles it: compiling takes
+# time that grows with it, on a thread every constrained request of the tokenizer worker shares.
+MAX_CONSTRAINT_CHARS = 128 * 1024
+_STRUCTURED_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+# structured_outputs options that would change what is allowed, which the engine does not do
+_STRUCTURED_REFUSED = (
+    "disable_any_whitespace",
+    "disable_additional_properties",
+    "whitespace_pattern",
+    "structural_tag",
+)
+_STRUCTURED_NEUTRAL = ("disable_fallback",)  # there is one backend, which never falls back
+
+
+def constraint_of(request: CompletionRequest | ChatRequest) -> Constraint | None:
+    """The request's constraint, or None; a BadRequest naming the field whose value is not one."""
+    found: list[Constraint] = []
+    if request.response_format is not None:
+        found += _response_format(request.response_format)
+    if request.structured_outputs is not None:
+        found.append(_structured_outputs(request.structured_outputs))
+    for field, kind in (
+        ("guided_json", "json_schema"),
+        ("guided_regex", "regex"),
+        ("guided_choice", "choice"),
+        ("guided_grammar", "grammar"),
+        ("json_schema", "json_schema"),
+        ("regex", "regex"),
+        ("ebnf", "grammar"),
+    ):
+        value = getattr(request, field)
+        if value is not None:
+            found.append(_constraint(kind, value, field))
+    if len(found) > 1:
+        raise BadRequest(
+            f"`{found[1].param}` cannot be combined with `{found[0].param}`: a request may ask for one constraint",
+            found[1].param,
+        )
+    if found and request.min_tokens:
+        # the grammar may allow nothing but the end-of-sequence token that min_tokens holds back
+        raise BadRequest(f"`min_tokens` cannot be combined with `{found[0].param}`", "min_tokens")
+    return found[0] if found else None
+
+
+def _response_format(value: dict[str, Any]) -> list[Constraint]:
+    kind = value.get("type")
+    if kind == "text":
+        return []
+    if kind == "json_object":
+        return [Constraint("json_object", "", "response_format")]
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise BadRequest(
+                "`response_format` of type json_schema needs `json_schema: {name, schema: {...}}`", "response_format"
+            )
+        return [_constraint("json_schema", spec["schema"], "response_format")]
+    if kind == "structural_tag":
+        raise BadRequest("`response_format` type structural_tag is not supported yet", "response_format")
+    raise BadRequest(
+        f"`response_format.type` must be text, json_object or json_schema, not {kind!r}", "response_format"
+    )
+
+
+def _structured_outputs(value: dict[str, Any]) -> Constraint:
+    param = "structured_outputs"
+    for option in _STRUCTURED_REFUSED:
+        if value.get(option) not in (None, False):
+            raise BadRequest(f"`{param}.{option}` is not supported", param)
+    unknown = sorted(set(value) - set(_STRUCTURED_KINDS) - {"json_object"} - set(_STRUCTURED_REFUSED))
+    unknown = [key for key in unknown if key not in _STRUCTURED_NEUTRAL]
+    if unknown:
+        raise BadRequest(f"`{param}` has no option {unknown[0]!r}", param)
+    asked = [key for key in _STRUCTURED_KINDS if value.get(key) is not None]
+    if value.get("json_object"):
+        asked.append("json_object")
+    if len(asked) != 1:
+        kinds = ", ".join([*_STRUCTURED_KINDS, "json_object"])
+        raise BadRequest(f"`{param}` must set exactly one of {kinds} (it sets {len(asked)})", param)
+    if asked[0] == "json_object":
+        return Constraint("json_object", "", param)
+    return _constraint(_STRUCTURED_KINDS[asked[0]], value[asked[0]], param)
+
+
+def _constraint(kind: str, value: Any, param: str) -> Constraint:
+    """The constraint of `kind` that `value` (as the client sent it) describes."""
+    match kind:
+        case "json_schema":
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError as exc:
+                    raise BadRequest(f"`{param}`: the schema is not valid JSON: {exc}", param) from None
+            if not isinstance(value, dict):
+                raise BadRequest(f"`{param}`: a JSON schema must be an object", param)
+            spec = json.dumps(value, ensure_ascii=False)
+        case "choice":
+            if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+                raise BadRequest(f"`{param}`: the choices must be a non-empty list of non-empty strings", param)
+            spec = json.dumps(value, ensure_ascii=False)
+        case _:  # regex, grammar
+            if not isinstance(value, str) or not value:
+                raise BadRequest(f"`{param}`: the {kind} must be a non-empty string", param)
+            spec = value
+    if len(spec) > MAX_CONSTRAINT_CHARS:
+        raise BadRequest(
+            f"`{param}`: the {kind.replace('_', ' ')} is {len(spec)} characters long, more than this server "
+            f"compiles ({MAX_CONSTRAINT_CHARS})",
+            param,
+        )
+    return Constraint(kind, spec, param)  # type: ignore[arg-type]
