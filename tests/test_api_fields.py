@@ -187,10 +187,8 @@ def test_refused_field_is_refused_naming_it_and_its_neutral_values_pass(demo, ro
 def test_the_openai_client_sees_a_refusal_as_bad_request(demo):
     client = openai.OpenAI(base_url=demo.url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError) as raised:
-        client.chat.completions.create(
-            model="demo", messages=CHAT, tools=[{"type": "function", "function": {"name": "f"}}]
-        )
-    assert raised.value.body["param"] == "tools"
+        client.chat.completions.create(model="demo", messages=CHAT, reasoning_effort="high")
+    assert raised.value.body["param"] == "reasoning_effort"
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(model="demo", messages=CHAT, top_logprobs=2)
     assert raised.value.body["param"] == "top_logprobs"
@@ -834,6 +832,40 @@ _json_schema = _constrained("json_schema", json.dumps(ITEM), _is_item)
 _ebnf = _constrained("ebnf", EXPR, lambda text: re.fullmatch(r"<[a-c]\d>", text))
 
 
+TOOL_ARGS = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
+TOOL_SET = [{"type": "function", "function": {"name": name, "parameters": TOOL_ARGS}} for name in ("ping", "pong")]
+
+
+def _calls(demo, **fields: Any) -> list[list[tuple[str, dict]]]:
+    """The tool calls of the demo's chat answers, per seed (tests/test_tools.py goes further)."""
+    answers = [
+        openai_generate(demo, "chat", temperature=1.0, seed=seed, max_tokens=400, **fields)[1] for seed in range(3)
+    ]
+    return [
+        [(c.function.name, json.loads(c.function.arguments)) for c in answer.choices[0].message.tool_calls or []]
+        for answer in answers
+    ]
+
+
+def _tools(demo, probe, tokenizers, endpoint):
+    # a forced call is to one of the tools given, with arguments they define
+    for tools in (TOOL_SET, TOOL_SET[1:]):
+        for calls in _calls(demo, tools=tools, tool_choice="required"):
+            assert calls and all(name in {t["function"]["name"] for t in tools} for name, _args in calls), calls
+            assert all(0 <= args["n"] <= 9 for _name, args in calls)
+
+
+def _tool_choice(demo, probe, tokenizers, endpoint):
+    named = {"type": "function", "function": {"name": "pong"}}
+    assert all([name for name, _args in calls] == ["pong"] for calls in _calls(demo, tools=TOOL_SET, tool_choice=named))
+    assert _calls(demo, tools=TOOL_SET, tool_choice="none") == [[], [], []]
+
+
+def _parallel_tool_calls(demo, probe, tokenizers, endpoint):
+    one = _calls(demo, tools=TOOL_SET, tool_choice="required", parallel_tool_calls=False)
+    assert all(len(calls) == 1 for calls in one), one
+
+
 HONOURED: dict[str, Callable[..., None]] = {
     "model": _model,
     "max_tokens": _max_tokens,
@@ -883,6 +915,9 @@ HONOURED: dict[str, Callable[..., None]] = {
     "regex": _regex,
     "json_schema": _json_schema,
     "ebnf": _ebnf,
+    "chat.tools": _tools,
+    "chat.tool_choice": _tool_choice,
+    "chat.parallel_tool_calls": _parallel_tool_calls,
 }
 
 

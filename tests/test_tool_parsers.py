@@ -20,9 +20,9 @@ from daemon.frontend.tool_parsers import (
     Parsed,
     StreamDelta,
     ToolParser,
-    detect_parser,
     parser_named,
 )
+from daemon.tokenizer.chat import ChatTemplate
 
 TOOLS = ("get_weather", "search", "now")
 ID = re.compile(r"call_[0-9a-zA-Z]{24}")
@@ -374,8 +374,7 @@ def test_parser_named():
         ("{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}", None),  # Llama 3.0: no tools
         ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{% endfor %}", None),
         ("", None),
-        (None, None),
     ],
 )
-def test_detect_parser(template, expected):
-    assert detect_parser(template) == expected
+def test_model_tool_parser_auto_reads_the_chat_templates_markers(template, expected):
+    assert ChatTemplate(template, "tokenizer_config.json", {}).tool_call_format == expected

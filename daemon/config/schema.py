@@ -399,6 +399,20 @@ class ModelSettings(Section):
         ge=0,
         le=2**63 - 1,
     )
+    tool_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral"] = setting(
+        "auto",
+        doc="The format in which the model writes tool calls, parsed out of answers to requests with tools and "
+        "tool_choice auto: hermes (<tool_call> JSON: Hermes, Qwen), llama3_json (Llama 3.1+ JSON), mistral "
+        "([TOOL_CALLS]). auto: from the markers its chat template writes. none: such requests are a 400.",
+        reload=Reload.LIVE,
+    )
+    reasoning_parser: Literal["none", "qwen3", "deepseek_r1"] = setting(
+        "none",
+        doc="Move the model's thinking (<think>...</think>) out of chat answers' content into "
+        "reasoning_content, as vLLM does: qwen3 (the answer opens <think> itself) or deepseek_r1 (the "
+        "prompt opened it). none: the thinking stays in the content.",
+        reload=Reload.LIVE,
+    )
 
 
 class DistributedSettings(Section):

@@ -37,8 +37,9 @@ ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "gramm
 # needs more.
 MAX_JSON_WHITESPACE = 16
 COMPILER_CACHE_BYTES = 256 * 1024 * 1024  # compiled grammars kept, by their spec
-_STRING_CHAR = r"[^\"\\\r\n]"
-_JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
+# the character classes xgrammar writes for a JSON string's characters (with a length bound, without)
+_STRING_CHARS = (r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]")
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\\uD800-\uDFFF]"
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+\.cc:\d+: (Check failed: \(.*?\) is false: )?")
 
 
@@ -53,6 +54,7 @@ class Constraint:
 
     kind: ConstraintKind
     spec: str = ""
+    compact: bool = False  # JSON: no whitespace but the single spaces of ", " and ": "
 
 
 class GrammarCompiler:
@@ -79,9 +81,12 @@ class GrammarCompiler:
         try:
             match constraint.kind:
                 case "json_schema":
-                    return compiler.compile_grammar(json_grammar(constraint.spec, strict=True))
+                    return compiler.compile_grammar(
+                        json_grammar(constraint.spec, strict=True, compact=constraint.compact)
+                    )
                 case "json_object":  # any object (xgrammar's built-in JSON grammar allows any value)
-                    return compiler.compile_grammar(json_grammar('{"type": "object"}', strict=False))
+                    grammar = json_grammar('{"type": "object"}', strict=False, compact=constraint.compact)
+                    return compiler.compile_grammar(grammar)
                 case "regex":
                     return compiler.compile_regex(constraint.spec)
                 case "choice":
@@ -94,15 +99,19 @@ class GrammarCompiler:
 
 
 @functools.lru_cache(maxsize=256)
-def json_grammar(schema: str, *, strict: bool) -> str:
+def json_grammar(schema: str, *, strict: bool, compact: bool = False) -> str:
     """EBNF for JSON valid against `schema`. `strict`: no properties or items beyond those it
     names (as OpenAI's strict: true). Raises RuntimeError as compiling does."""
     import xgrammar as xgr
 
-    grammar = str(xgr.Grammar.from_json_schema(schema, strict_mode=strict, max_whitespace_cnt=MAX_JSON_WHITESPACE))
-    # xgrammar lets the characters of a string with a length bound be control characters, which
-    # JSON forbids unescaped (json.loads and pydantic refuse such an answer): not these.
-    return grammar.replace(_STRING_CHAR, _JSON_STRING_CHAR)
+    spacing: dict[str, Any] = {"any_whitespace": False} if compact else {"max_whitespace_cnt": MAX_JSON_WHITESPACE}
+    grammar = str(xgr.Grammar.from_json_schema(schema, strict_mode=strict, **spacing))
+    # xgrammar lets a string's characters be control characters (where it bounds its length), which
+    # JSON forbids unescaped, and UTF-16 surrogates, which UTF-8 cannot hold: a model that picks
+    # byte tokens at random writes both, and json.loads and pydantic refuse such an answer.
+    for chars in _STRING_CHARS:
+        grammar = grammar.replace(chars, _JSON_STRING_CHAR)
+    return grammar
 
 
 def choice_grammar(choices: list[str]) -> str:

@@ -31,10 +31,12 @@ from daemon.frontend.asgi import (
     send_json,
     until_disconnected,
 )
+from daemon.frontend.chat_answer import AnswerShape
 from daemon.frontend.gateway import Gateway
 from daemon.frontend.generation import Generation
-from daemon.frontend.request_models import ChatRequest, CompletionRequest, logged_fields
+from daemon.frontend.request_models import ChatRequest, CompletionRequest, check_policy, logged_fields
 from daemon.frontend.response_models import Responder
+from daemon.frontend.tools import plan_tools
 from daemon.ipc.messages import DaemonStatus, ErrorInfo, read_status_file
 from daemon.tier import Tier, start_tier
 
@@ -205,7 +207,11 @@ class Application:
                 if parsed.model is not None and parsed.model != served:
                     message = f"The model `{parsed.model}` does not exist; this server serves `{served}`"
                     raise BadRequest(message, "model", status=404)
-                requests = openai.to_generate_requests(parsed, request_id, self.gateway.address, self.tier.settings)
+                check_policy(parsed)
+                tools = plan_tools(parsed) if isinstance(parsed, ChatRequest) else None
+                requests = openai.to_generate_requests(
+                    parsed, request_id, self.gateway.address, self.tier.settings, tools
+                )
             except BadRequest as exc:
                 # (not over HTTP/1.1: there the 413 goes out at once and the connection closes,
                 # and a client waiting on `Expect: 100-continue` never uploads the body)
@@ -227,6 +233,7 @@ class Application:
                 prompt_logprobs=parsed.prompt_logprobs,
                 echo=requests[0].echo,
                 chat_echo=openai.chat_echo(parsed),
+                shape=AnswerShape(tools, None, self.tier.settings.model.reasoning_parser) if chat else None,
             )
             generation = Generation(self.gateway, requests, responder, headers)
             if parsed.stream:

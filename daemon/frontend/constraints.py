@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
+
 from daemon.frontend.asgi import BadRequest
 from daemon.frontend.request_models import ChatRequest, CompletionRequest
 from daemon.ipc.messages import Constraint
@@ -21,7 +23,6 @@ MAX_CONSTRAINT_CHARS = 128 * 1024
 _STRUCTURED_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 # structured_outputs options that would change what is allowed, which the engine does not do
 _STRUCTURED_REFUSED = (
-    "disable_any_whitespace",
     "disable_additional_properties",
     "whitespace_pattern",
     "structural_tag",
@@ -84,7 +85,9 @@ def _structured_outputs(value: dict[str, Any]) -> Constraint:
     for option in _STRUCTURED_REFUSED:
         if value.get(option) not in (None, False):
             raise BadRequest(f"`{param}.{option}` is not supported", param)
-    unknown = sorted(set(value) - set(_STRUCTURED_KINDS) - {"json_object"} - set(_STRUCTURED_REFUSED))
+    unknown = sorted(
+        set(value) - set(_STRUCTURED_KINDS) - {"json_object", "disable_any_whitespace"} - set(_STRUCTURED_REFUSED)
+    )
     unknown = [key for key in unknown if key not in _STRUCTURED_NEUTRAL]
     if unknown:
         raise BadRequest(f"`{param}` has no option {unknown[0]!r}", param)
@@ -94,9 +97,10 @@ def _structured_outputs(value: dict[str, Any]) -> Constraint:
     if len(asked) != 1:
         kinds = ", ".join([*_STRUCTURED_KINDS, "json_object"])
         raise BadRequest(f"`{param}` must set exactly one of {kinds} (it sets {len(asked)})", param)
+    compact = bool(value.get("disable_any_whitespace"))  # vLLM's: JSON without free whitespace
     if asked[0] == "json_object":
-        return Constraint("json_object", "", param)
-    return _constraint(_STRUCTURED_KINDS[asked[0]], value[asked[0]], param)
+        return Constraint("json_object", "", param, compact=compact)
+    return msgspec.structs.replace(_constraint(_STRUCTURED_KINDS[asked[0]], value[asked[0]], param), compact=compact)
 
 
 def _constraint(kind: str, value: Any, param: str) -> Constraint:

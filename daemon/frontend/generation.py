@@ -74,7 +74,8 @@ class Generation:
                         return await send_event(send, error_body(output.error), final=True)
                     if output.text or output.finish_reason or output.logprobs:
                         usage = self.responder.usage(lasts) if continuous_usage else None
-                        await send_event(send, self.responder.chunk(index, output, usage))
+                        if (chunk := self.responder.chunk(index, output, usage)) is not None:
+                            await send_event(send, chunk)
             if include_usage:
                 await send_event(send, self.responder.usage_chunk(lasts))
             await end_events(send)
@@ -94,8 +95,13 @@ class Generation:
         assert last is not None and opening is not None
         if last.error is not None:
             raise _Failed(last.error)
-        # the prompt's text and logprobs (echo, prompt_logprobs) come with the first output
-        last = msgspec.structs.replace(last, prompt_text=opening.prompt_text, prompt_logprobs=opening.prompt_logprobs)
+        # the prompt's text and logprobs (echo, prompt_logprobs) and the tool-call format come with the first output
+        last = msgspec.structs.replace(
+            last,
+            prompt_text=opening.prompt_text,
+            prompt_logprobs=opening.prompt_logprobs,
+            tool_parser=opening.tool_parser,
+        )
         return "".join(text), last, logprobs
 
     def _observe(self, lasts: list[GenerateOutput]) -> None:

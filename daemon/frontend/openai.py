@@ -23,8 +23,8 @@ from daemon.frontend.request_models import (
     ChatRequest,
     CompletionRequest,
     RequestModel,
-    check_policy,
 )
+from daemon.frontend.tools import ToolPlan
 from daemon.ipc.messages import ChatOptions, GenerateRequest, ModelDefaultField, Sampling
 
 log = structlog.get_logger("daemon.frontend")
@@ -42,11 +42,21 @@ def parse(body: bytes, model: RequestModel, unknown_fields: Unknown = "reject") 
 
 
 def to_generate_requests(
-    request: CompletionRequest | ChatRequest, request_id: str, reply_to: str, settings: DaemonSettings
+    request: CompletionRequest | ChatRequest,
+    request_id: str,
+    reply_to: str,
+    settings: DaemonSettings,
+    tools: ToolPlan | None = None,
 ) -> list[GenerateRequest]:
-    """The tokenizer-bound requests, one per prompt, with every unset field at its default."""
-    check_policy(request)
+    """The tokenizer-bound requests, one per prompt, with every unset field at its default.
+    `tools`: the chat request's (plan_tools), after check_policy."""
     constraint = constraint_of(request)
+    if tools is not None and tools.constraint is not None:
+        if constraint is not None:
+            raise BadRequest(
+                f"`tool_choice` {tools.choice} cannot be combined with `{constraint.param}`", "tool_choice"
+            )
+        constraint = tools.constraint
     if request.priority and settings.scheduler.policy != "priority":  # it would change nothing: say so
         raise BadRequest(
             f"`priority` needs scheduler.policy = priority (this server schedules by {settings.scheduler.policy})",
@@ -61,7 +71,7 @@ def to_generate_requests(
         raise BadRequest("max_tokens must be at least 1 (0 only with echo)", "max_tokens")
     if isinstance(request, ChatRequest):
         max_tokens = request.max_completion_tokens or request.max_tokens
-        prompts: list[dict[str, Any]] = [{"messages": request.messages, "chat": _chat_options(request)}]
+        prompts: list[dict[str, Any]] = [{"messages": request.messages, "chat": _chat_options(request, tools)}]
     else:
         max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
         prompts = [
@@ -127,6 +137,7 @@ def to_generate_requests(
             bad_words=tuple(request.bad_words or ()),
             unset_sampling=unset_sampling,
             constraint=constraint,
+            parse_tool_calls=tools is not None and tools.choice == "auto",
             **prompt,
         )
         for index, prompt, choice_sampling in seeded
@@ -173,7 +184,7 @@ def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(pairs))
 
 
-def _chat_options(request: ChatRequest) -> ChatOptions:
+def _chat_options(request: ChatRequest, tools: ToolPlan | None) -> ChatOptions:
     continue_final = _default(request.continue_final_message, False)
     template_kwargs = dict(request.chat_template_kwargs or {})
     if request.documents is not None:
@@ -184,6 +195,7 @@ def _chat_options(request: ChatRequest) -> ChatOptions:
         continue_final_message=continue_final,
         template_kwargs=template_kwargs,
         add_special_tokens=_default(request.add_special_tokens, False),
+        tools=tools.template_tools if tools is not None else None,
     )
 
 

@@ -27,7 +27,6 @@ import msgspec
 from daemon.frontend.asgi import BadRequest
 
 UNSET = (None,)
-STRUCTURED_ISSUE = "structured outputs and tools"
 
 
 @dataclass(frozen=True)
@@ -329,22 +328,23 @@ class ChatRequest(_Common, kw_only=True):
     ] = None
     tools: Annotated[
         list[dict[str, Any]] | None,
-        refused("Functions the model may call.", neutral=(None, []), planned=STRUCTURED_ISSUE),
+        honoured(
+            "Functions the model may call ({type: function, function: {name, description, parameters}}), "
+            "given to the chat template."
+        ),
     ] = None
     tool_choice: Annotated[
         str | dict[str, Any] | None,
-        refused(
-            "Whether and which tool must be called.", neutral=(None, "none"), planned=STRUCTURED_ISSUE, requires="tools"
+        honoured(
+            "none; auto (the default with tools: the answer is parsed for calls, in model.tool_parser's "
+            "format); required (at least one call, enforced by a grammar); or {type: function, function: "
+            "{name}} (that call, enforced by a grammar over its parameters).",
+            requires="tools",
         ),
     ] = None
     parallel_tool_calls: Annotated[
         Bool,
-        refused(
-            "Allow several tool calls in one answer.",
-            neutral=(None, True, False),
-            planned=STRUCTURED_ISSUE,
-            requires="tools",
-        ),
+        honoured("false: at most one call (enforced with tool_choice required).", requires="tools"),
     ] = None
     functions: Annotated[
         list[dict[str, Any]] | None, refused("Deprecated form of tools.", neutral=(None, []), planned=None)

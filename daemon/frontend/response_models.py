@@ -10,6 +10,7 @@ from typing import Literal
 
 import msgspec
 
+from daemon.frontend.chat_answer import AnswerShape, AnswerStream, Shaped
 from daemon.ipc.messages import FinishReason, GenerateOutput, OutputLogprob
 
 
@@ -68,9 +69,38 @@ class Completion(msgspec.Struct):
     usage: Usage | None = None
 
 
-class ChatMessage(msgspec.Struct):
+ChatFinishReason = FinishReason | Literal["tool_calls"]
+
+
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallObject(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class FunctionCallDelta(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDeltaObject(msgspec.Struct, omit_defaults=True):
+    index: int
+    function: FunctionCallDelta
+    id: str | None = None
+    type: Literal["function"] | None = None  # with the id, on a call's first delta
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # null when the answer is tool calls only
+    # vLLM's: the model's thinking, with model.reasoning_parser
+    reasoning_content: str | None | msgspec.UnsetType = msgspec.UNSET
+    tool_calls: list[ToolCallObject] | msgspec.UnsetType = msgspec.UNSET  # only when there are some
 
 
 class TopLogprob(msgspec.Struct):
@@ -93,7 +123,7 @@ class ChatLogprobs(msgspec.Struct):
 class ChatChoice(msgspec.Struct):
     index: int
     message: ChatMessage
-    finish_reason: FinishReason | None
+    finish_reason: ChatFinishReason | None
     logprobs: ChatLogprobs | None = None
 
 
@@ -112,12 +142,14 @@ class ChatCompletion(msgspec.Struct):
 class ChatDelta(msgspec.Struct, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDeltaObject] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):
     index: int
     delta: ChatDelta
-    finish_reason: FinishReason | None
+    finish_reason: ChatFinishReason | None
     logprobs: ChatLogprobs | None = None
 
 
@@ -164,6 +196,7 @@ class Responder:
         prompt_logprobs: int | None = None,
         echo: bool = False,
         chat_echo: str = "",
+        shape: AnswerShape | None = None,
     ):
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + response_id
@@ -173,6 +206,10 @@ class Responder:
         self.logprobs, self.prompt_logprobs, self.echo = logprobs, prompt_logprobs, echo
         self.chat_echo = chat_echo  # what every chat choice begins with (vLLM's echo)
         self._offsets = [0] * choices  # text offsets so far, by choice (completions' logprobs)
+        # a chat answer's reasoning and tool calls apart from its content (chat_answer.py)
+        self.shape = shape if shape is not None else AnswerShape(None, None, None)
+        self._streams: dict[int, AnswerStream] = {}
+        self._called: set[int] = set()  # streamed choices that made tool calls
 
     def usage(self, lasts: list[GenerateOutput]) -> Usage:
         """Every choice's completion tokens; each prompt's tokens once, as OpenAI and vLLM count
@@ -190,13 +227,7 @@ class Responder:
         usage = self.usage([last for _text, last, _logprobs in results])
         if self.chat:
             choices = [
-                ChatChoice(
-                    index,
-                    ChatMessage("assistant", self.chat_echo + text),
-                    last.finish_reason,
-                    self._chat_logprobs(logprobs),
-                )
-                for index, (text, last, logprobs) in enumerate(results)
+                self._chat_choice(index, text, last, logprobs) for index, (text, last, logprobs) in enumerate(results)
             ]
             answer = ChatCompletion(self.id, self.created, self.model, choices, usage)
             if self.prompt_logprobs is not None and results:
@@ -208,6 +239,19 @@ class Responder:
         ]
         return Completion(self.id, self.created, self.model, completions, usage=usage)
 
+    def _chat_choice(self, index: int, text: str, last: GenerateOutput, logprobs: list[OutputLogprob]) -> ChatChoice:
+        self.shape.tool_parser = self.shape.tool_parser or last.tool_parser
+        content, reasoning, calls = self.shape.whole(text)
+        if self.chat_echo or not (calls or reasoning):  # null only beside calls or thinking, as in vLLM
+            content = self.chat_echo + (content or "")
+        message = ChatMessage("assistant", content)
+        if self.shape.reasoning is not None:
+            message.reasoning_content = reasoning
+        if calls:
+            message.tool_calls = [ToolCallObject(c.id, FunctionCall(c.name, c.arguments)) for c in calls]
+        finish = "tool_calls" if calls and last.finish_reason == "stop" else last.finish_reason
+        return ChatChoice(index, message, finish, self._chat_logprobs(logprobs))
+
     def first_chunk(self) -> ChatCompletionChunk | None:
         if not self.chat:
             return None
@@ -216,11 +260,19 @@ class Responder:
         ]
         return ChatCompletionChunk(self.id, self.created, self.model, openings)
 
-    def chunk(self, index: int, output: GenerateOutput, usage: Usage | None = None) -> Completion | ChatCompletionChunk:
-        """A streamed chunk of choice `index` (with `usage`: the whole request's so far)."""
+    def chunk(
+        self, index: int, output: GenerateOutput, usage: Usage | None = None
+    ) -> Completion | ChatCompletionChunk | None:
+        """A streamed chunk of choice `index` (with `usage`: the whole request's so far); None when
+        it has nothing to send yet (text held back, that may turn out to be a tool call)."""
         if self.chat:
-            delta = ChatDelta(content=output.text or None)
-            choice = ChatChunkChoice(index, delta, output.finish_reason, self._chat_logprobs(output.logprobs))
+            delta = self._chat_delta(index, output)
+            if delta is None and output.finish_reason is None and not output.logprobs and usage is None:
+                return None
+            finish = output.finish_reason
+            if finish == "stop" and index in self._called:
+                finish = "tool_calls"
+            choice = ChatChunkChoice(index, delta or ChatDelta(), finish, self._chat_logprobs(output.logprobs))
             answer = ChatCompletionChunk(self.id, self.created, self.model, [choice], usage=usage)
             # the prompt's, once (as the whole answer's): with the first output of the first choice
             if self.prompt_logprobs is not None and index == 0 and output.prompt_logprobs:
@@ -230,6 +282,32 @@ class Responder:
             index, output.text, output.finish_reason, output.prompt_text, output.prompt_logprobs, output.logprobs
         )
         return Completion(self.id, self.created, self.model, [choice], usage=usage)
+
+    def _chat_delta(self, index: int, output: GenerateOutput) -> ChatDelta | None:
+        stream = self._streams.get(index)
+        if stream is None:  # the first output: the tokenizer says which tool-call format the model writes
+            self.shape.tool_parser = self.shape.tool_parser or output.tool_parser
+            stream = self._streams[index] = self.shape.stream()
+        shaped = stream.feed(output.text) if output.text else None
+        if output.finish_reason is not None:
+            tail = stream.finish()
+            shaped = tail if shaped is None else _joined(shaped, tail)
+        if not shaped:
+            return None
+        if shaped.tool_calls:
+            self._called.add(index)
+        calls = [
+            ToolCallDeltaObject(
+                d.index,
+                FunctionCallDelta(d.name, d.arguments),
+                d.id,
+                "function" if d.id is not None else None,
+            )
+            for d in shaped.tool_calls
+        ]
+        return ChatDelta(
+            content=shaped.content or None, reasoning_content=shaped.reasoning or None, tool_calls=calls or None
+        )
 
     def usage_chunk(self, lasts: list[GenerateOutput]) -> Completion | ChatCompletionChunk:
         if self.chat:
@@ -303,3 +381,9 @@ class Responder:
             }
             shown.append({str(entry.token_id): PromptLogprob(entry.logprob, entry.rank, entry.token), **top})
         return shown
+
+
+def _joined(first: Shaped, second: Shaped) -> Shaped:
+    return Shaped(
+        first.content + second.content, first.reasoning + second.reasoning, first.tool_calls + second.tool_calls
+    )

@@ -34,6 +34,7 @@ from daemon.frontend.asgi import (
 )
 from daemon.frontend.parsing import Unknown, convert, json_object, parse
 from daemon.frontend.response_models import ErrorResponse
+from daemon.frontend.tools import checked_tool
 from daemon.ipc.messages import (
     ChatOptions,
     DaemonStatus,
@@ -126,6 +127,9 @@ class TokenizeChatRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     ] = False
     chat_template_kwargs: Annotated[
         dict[str, Any] | None, _doc("Extra variables for the chat template (e.g. enable_thinking).")
+    ] = None
+    tools: Annotated[
+        list[dict[str, Any]] | None, _doc("Functions the model may call, given to the chat template as chat's are.")
     ] = None
     return_token_strs: Annotated[bool, _doc("Also return each token's string in the vocabulary.")] = False
 
@@ -261,6 +265,7 @@ class Routes:
                 continue_final_message=request.continue_final_message,
                 template_kwargs=request.chat_template_kwargs or {},
                 add_special_tokens=request.add_special_tokens,
+                tools=[checked_tool(i, tool) for i, tool in enumerate(request.tools)] if request.tools else None,
             )
             job = Tokenize(
                 call.request_id,

@@ -57,6 +57,7 @@ class Constraint(msgspec.Struct, frozen=True, array_like=True):
     kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
     spec: str = ""
     param: str = "response_format"  # the request field it came from, for the 400 when it does not compile
+    compact: bool = False  # JSON without whitespace between tokens (but ", " and ": ")
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
@@ -98,6 +99,7 @@ class ChatOptions(msgspec.Struct, frozen=True, omit_defaults=True):
     continue_final_message: bool = False  # leave the last (assistant) message open, to be continued
     template_kwargs: dict[str, Any] = {}  # extra variables for the template (e.g. enable_thinking)
     add_special_tokens: bool = False  # also add the tokenizer's own specials (BOS) to the rendered text
+    tools: list[dict] | None = None  # the functions the model may call, as chat templates take them
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
@@ -121,6 +123,8 @@ class GenerateRequest(msgspec.Struct, frozen=True, tag=True):
     # What the client left unset in `sampling`: the tokenizer puts the model's defaults there.
     unset_sampling: tuple[ModelDefaultField, ...] = ()
     constraint: Constraint | None = None  # the output must match it (compiled before the request is queued)
+    # tool_choice auto: the answer is parsed for tool calls, in the format the tokenizer names (GenerateOutput)
+    parse_tool_calls: bool = False
 
 
 class AbortRequest(msgspec.Struct, frozen=True, tag=True):
@@ -144,6 +148,7 @@ class GenerateOutput(msgspec.Struct, frozen=True, tag=True):
     # with the first output: the prompt as text (echo), and its tokens' logprobs (the first has none)
     prompt_text: str | None = None
     prompt_logprobs: list[OutputLogprob] = []
+    tool_parser: str | None = None  # with the first output, when the request parses tool calls: their format
 
 
 class OutputBatch(msgspec.Struct, frozen=True, tag=True):

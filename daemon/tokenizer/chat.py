@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -81,6 +82,19 @@ class ChatTemplate:
             ) from None
 
     @functools.cached_property
+    def tool_call_format(self) -> str | None:
+        """The format in which the template teaches its model to call tools (model.tool_parser
+        auto), from the markers it writes; None when it shows none."""
+        source = self.source
+        if "[TOOL_CALLS]" in source:
+            return "mistral"
+        if "<tool_call>" in source:
+            return "hermes"
+        if "<|python_tag|>" in source or ("<|start_header_id|>" in source and re.search(r"\btools\b", source)):
+            return "llama3_json"
+        return None
+
+    @functools.cached_property
     def _reads_content_parts(self) -> bool:
         """Whether the template loops over a message's content, i.e. understands a list of parts.
 
@@ -102,10 +116,41 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise TokenizerError(f"message {index}: role must be a non-empty string, not {role!r}")
+        message = dict(message)
+        if message.get("tool_calls") is not None:
+            if role != "assistant":
+                raise TokenizerError(f"message {index}: only an assistant message may have tool_calls")
+            message["tool_calls"] = _checked_tool_calls(index, message["tool_calls"])
+            if message.get("content") is None:  # an answer of calls alone: no text
+                message["content"] = None
+                checked.append(message)
+                continue
         if "content" not in message:
             raise TokenizerError(f"message {index}: content is missing")
         _check_content(index, message["content"])
-        checked.append(dict(message))
+        checked.append(message)
+    return checked
+
+
+def _checked_tool_calls(index: int, calls: Any) -> list[dict[str, Any]]:
+    """An assistant message's tool calls as templates read them: arguments as an object, as vLLM
+    gives them (OpenAI sends them as JSON text; templates write them with tojson)."""
+    if not isinstance(calls, list):
+        raise TokenizerError(f"message {index}: tool_calls must be a list, not {_kind(calls)}")
+    checked = []
+    for number, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise TokenizerError(f"message {index}: tool call {number} must be {{function: {{name, arguments}}}}")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise TokenizerError(f"message {index}: tool call {number}'s arguments are not valid JSON") from None
+        if not isinstance(arguments, Mapping):
+            raise TokenizerError(f"message {index}: tool call {number}'s arguments must be a JSON object")
+        checked.append({**call, "function": {**function, "arguments": dict(arguments)}})
     return checked
 
 
@@ -145,7 +190,7 @@ def _as_transformers_gives_it(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flatten_parts(message: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(message["content"], list):
+    if isinstance(message.get("content"), list):
         return {**message, "content": "\n".join(part["text"] for part in message["content"])}
     return message
 

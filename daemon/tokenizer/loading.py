@@ -166,8 +166,11 @@ class TextTokenizer:
                 "continue_final_message and add_generation_prompt cannot both be true: "
                 "set add_generation_prompt to false to continue the final message"
             )
+        template_kwargs = options.template_kwargs
+        if options.tools is not None:  # as transformers passes them: a `tools` variable
+            template_kwargs = {**template_kwargs, "tools": options.tools}
         text = self.apply_chat_template(
-            messages, add_generation_prompt=options.add_generation_prompt, template_kwargs=options.template_kwargs
+            messages, add_generation_prompt=options.add_generation_prompt, template_kwargs=template_kwargs
         )
         if options.continue_final_message:
             text = _cut_after_final_message(text, messages)

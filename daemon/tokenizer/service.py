@@ -88,6 +88,7 @@ class Active:
     prompt_text: str | None = None  # echo: goes with the first output
     held_prompt_logprobs: list[OutputLogprob] = field(default_factory=list)  # go with the first output
     scoring_only: bool = False  # max_tokens 0: the one token generated is dropped
+    tool_parser: str | None = None  # the format of its tool calls (tool_choice auto): goes with the first output
 
 
 class TokenizerService:
@@ -196,15 +197,30 @@ class TokenizerService:
     def _admit(self, request: GenerateRequest) -> None:
         self._frontend(request.reply_to)  # connect now: by the first output the path is there
         with structlog.contextvars.bound_contextvars(request_id=request.request_id):
+            if request.parse_tool_calls and self._tool_parser() is None:
+                message = (
+                    "`tool_choice` auto needs the format in which the model writes tool calls, and its chat template "
+                    "shows none: set model.tool_parser (hermes, llama3_json or mistral), or ask for tool_choice "
+                    "required or a named function"
+                )
+                return self._reject(request, ErrorInfo(400, message, param="tool_choice"))
             if request.constraint is not None:
                 return self._check_constraint(request, request.constraint)
             self._tokenize(request)
+
+    def _tool_parser(self) -> str | None:
+        """The format tool calls are parsed in (model.tool_parser; auto: the chat template's)."""
+        setting = self.tier.settings.model.tool_parser
+        if setting == "auto":
+            template = self.text.chat_template
+            return template.tool_call_format if template is not None else None
+        return None if setting == "none" else setting
 
     def _check_constraint(self, request: GenerateRequest, constraint: Constraint) -> None:
         """Compile the request's constraint off the loop (a large schema takes a while, the first one
         seconds more to import xgrammar), then go on with it, or answer 400 naming its field."""
         self._to_scheduler(PrepareConstraint(constraint))  # the worker compiles it too, meanwhile
-        compiled = grammar.Constraint(constraint.kind, constraint.spec)
+        compiled = grammar.Constraint(constraint.kind, constraint.spec, constraint.compact)
 
         def then(_grammar: object, error: BaseException | None) -> None:
             with structlog.contextvars.bound_contextvars(request_id=request.request_id):
@@ -328,6 +344,7 @@ class TokenizerService:
             prompt_ids=prompt_ids,
             prompt_text=self._echoed(request, prompt_ids) if request.echo else None,
             scoring_only=scoring_only,
+            tool_parser=self._tool_parser() if request.parse_tool_calls else None,
         )
 
     def _bad_word_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
@@ -479,6 +496,7 @@ class TokenizerService:
         logprobs, active.held_logprobs = active.held_logprobs, []
         prompt_text, active.prompt_text = active.prompt_text, None
         prompt_logprobs, active.held_prompt_logprobs = active.held_prompt_logprobs, []
+        tool_parser, active.tool_parser = active.tool_parser, None
         return GenerateOutput(
             request_id,
             shown,
@@ -488,6 +506,7 @@ class TokenizerService:
             logprobs=logprobs,
             prompt_text=prompt_text,
             prompt_logprobs=prompt_logprobs,
+            tool_parser=tool_parser,
         )
 
     def _logprobs(self, found: list[TokenLogprobs], ids: list[int]) -> list[OutputLogprob]:

@@ -66,7 +66,9 @@ def _chunk(c: PlannedChunk, last_sampled: dict[int, int]) -> SequenceChunk:
         sampling=engine_sampling(c.sampling),
         prompt_ids=c.prompt_ids,
         score_prompt=c.score_prompt,
-        constraint=Constraint(c.constraint.kind, c.constraint.spec) if c.constraint is not None else None,
+        constraint=Constraint(c.constraint.kind, c.constraint.spec, c.constraint.compact)
+        if c.constraint is not None
+        else None,
     )
 
 

@@ -150,7 +150,9 @@ class WorkerService:
                     if isinstance(plan, StepPlan):
                         self._run(plan)
                     elif isinstance(plan, PrepareConstraint):
-                        self.grammars.prepare(Constraint(plan.constraint.kind, plan.constraint.spec))
+                        self.grammars.prepare(
+                            Constraint(plan.constraint.kind, plan.constraint.spec, plan.constraint.compact)
+                        )
 
     def _run(self, plan: StepPlan) -> None:
         if plan.scheduler_epoch != self.scheduler_epoch:

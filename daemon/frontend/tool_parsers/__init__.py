@@ -283,24 +283,6 @@ def parser_named(name: str) -> type[ToolParser]:
         raise ValueError(f"unknown tool-call parser {name!r}; known: {', '.join(sorted(PARSERS))}") from None
 
 
-_LLAMA3_TOOLS = re.compile(r"\btools\b")
-
-
-def detect_parser(chat_template: str | None) -> str | None:
-    """The format a chat template teaches its model, from the markers it writes; None when it shows none."""
-    if not chat_template:
-        return None
-    if "[TOOL_CALLS]" in chat_template:
-        return "mistral"
-    if "<tool_call>" in chat_template:
-        return "hermes"
-    if "<|python_tag|>" in chat_template:
-        return "llama3_json"
-    if "<|start_header_id|>" in chat_template and _LLAMA3_TOOLS.search(chat_template):
-        return "llama3_json"
-    return None
-
-
 # the formats import the shared parts above
 from daemon.frontend.tool_parsers.hermes import HermesParser  # noqa: E402
 from daemon.frontend.tool_parsers.llama3 import Llama3JsonParser  # noqa: E402
