@@ -11,17 +11,22 @@ share a prefix take it from the prefix cache or compute it again.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections import deque
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
 
+from daemon.engine import grammar
 from daemon.engine.blocks import BlockManager
 from daemon.engine.demo_model import ensure_demo_model
 from daemon.engine.demo_spec import DEMO_HF_CONFIG
 from daemon.engine.runner import ModelRunner
 from daemon.ipc.messages import (
     SAMPLED_LAST_STEP,
+    Constraint,
     Sampling,
     ScheduleRequest,
     SequenceUpdate,
@@ -418,3 +423,31 @@ def test_prompts_arriving_together_compute_their_shared_prefix_once(demo_dir, ex
     assert harness.batcher.deferred > 0
     assert harness.batcher.counts.hits == 32 * (len(SHARING) - 1)
     assert harness.batcher.blocks.free_blocks == 64
+
+
+def test_a_constrained_request_waits_for_its_grammar_then_follows_it(demo_dir):
+    """Admission waits for the worker's word that the grammar is compiled (a step never waits for
+    a compilation); the other requests go on meanwhile. Then the answer is one of the choices,
+    and the completed grammar ends it."""
+    harness = Harness(demo_dir)
+    compiler = grammar.LazyCompiler(
+        functools.partial(grammar.compiler_for_dir, demo_dir, harness.runner.vocab_size, [EOS])
+    )
+    harness.runner.enable_grammars(compiler)
+    choices = ["alpha", "beta", "gamma"]
+    constraint = Constraint("choice", json.dumps(choices), "guided_choice")
+    request = ScheduleRequest(
+        "c", 0, PROMPTS["r1"], Sampling(max_tokens=30, stop_token_ids=(EOS,)), constraint=constraint
+    )
+    harness.batcher.add(to_scheduler.decode(encode(request)))
+    harness.submit("f", PROMPTS["r2"], 4, ignore_eos=True)
+    assert harness.batcher.take_preparations() == [constraint]
+    while harness.step():  # the free request runs to its end; the constrained one waits
+        pass
+    assert harness.finish == {"f": "length"} and harness.batcher.waiting[0].request_id == "c"
+    assert harness.batcher.take_preparations() == []  # asked once
+    compiler.get().compile(grammar.Constraint(constraint.kind, constraint.spec))  # as the worker's thread does
+    harness.batcher.constraint_ready(to_scheduler.decode(encode(request)).constraint)
+    harness.run()
+    text = Tokenizer.from_file(str(demo_dir / "tokenizer.json")).decode(harness.outputs["c"])
+    assert harness.finish["c"] == "stop" and text in choices, text

@@ -10,6 +10,11 @@ to -inf in the logits, and after the step the matcher accepts the token sampled.
 grammar is complete, only the sequence's stop tokens are allowed (or, without any, the
 matcher ends there), and the runner reports the sequence as completed.
 
+Compiling takes milliseconds to seconds (a large schema, a large vocabulary, the first
+import), so it is done ahead, on a thread (LazyCompiler.prepare): the worker compiles each
+constraint as soon as it is announced, and the scheduler admits the request only once the
+worker says it is ready, so no step ever waits for a compilation.
+
 xgrammar is imported on first use: it pulls in transformers, about 2 s, which no process
 serving only unconstrained requests should pay.
 """
@@ -162,13 +167,15 @@ class LazyCompiler:
                 self._built = self._thread.submit(self._make)
             return self._built
 
-    def prepare(self, constraint: Constraint) -> None:
-        """Compile `constraint` on the thread (into the compiler's cache); its errors wait for `compile`."""
+    def prepare(self, constraint: Constraint, then: Callable[[], None] = lambda: None) -> None:
+        """Compile `constraint` on the thread (into the compiler's cache), then call `then` there,
+        whether it compiled or not: its errors wait for the step that starts its matcher."""
         built = self.warm()
 
         def compile_ahead() -> None:
-            with contextlib.suppress(Exception):  # the step that starts its matcher reports it
+            with contextlib.suppress(Exception):
                 built.result().compile(constraint)
+            then()
 
         self._thread.submit(compile_ahead)
 

@@ -171,9 +171,17 @@ class ScheduleRequest(msgspec.Struct, frozen=True, tag=True):
 
 
 class PrepareConstraint(msgspec.Struct, frozen=True, tag=True):
-    """A constrained request is coming (its tokenizer compiles the constraint to check it): the
-    scheduler passes this on to the worker, which compiles it too, on a thread, meanwhile."""
+    """Compile this constraint ahead, on a thread (to the worker, from the scheduler). The
+    tokenizer sends it to the scheduler as soon as a constrained request comes, for a head start:
+    the scheduler admits the request only once the worker has said ConstraintReady."""
 
+    constraint: Constraint
+
+
+class ConstraintReady(msgspec.Struct, frozen=True, tag=True):
+    """The worker has compiled `constraint` (or failed to: the request then fails when it starts)."""
+
+    worker_epoch: int
     constraint: Constraint
 
 
@@ -499,7 +507,9 @@ class Detokenized(msgspec.Struct, frozen=True, tag=True):
 
 
 ToTokenizer = GenerateRequest | AbortRequest | StepTokens | SchedulerHello | Tokenize | Detokenize
-ToScheduler = ScheduleRequest | AbortRequest | StepResult | WorkerReady | TokenizerHello | PrepareConstraint
+ToScheduler = (
+    ScheduleRequest | AbortRequest | StepResult | WorkerReady | TokenizerHello | PrepareConstraint | ConstraintReady
+)
 ToWorker = StepPlan | PrepareConstraint
 ToFrontend = OutputBatch | Tokenized | Detokenized
 ToSupervisor = TierReady | FrontendWorkerReady | ConfigApplied | EngineIdle | ReloadCommand | Heartbeat

@@ -35,6 +35,7 @@ from daemon.engine.blocks import BlockManager, extend_hashes
 from daemon.ipc.messages import (
     SAMPLED_LAST_STEP,
     STEP_KINDS,
+    Constraint,
     ErrorInfo,
     PlannedChunk,
     ScheduleRequest,
@@ -47,6 +48,9 @@ from daemon.scheduler.sequence import Phase, Sequence
 
 QUEUE_FULL = ErrorInfo(503, "the server is at capacity: the request queue is full", type="server_overloaded")
 PIPELINE_DEPTH = 2  # steps in flight at once: the one running and the next, waiting for the worker
+# Constraints remembered as compiled by the worker: beyond, all are forgotten, and the requests
+# waiting on one ask for it again (the worker's cache answers at once).
+MAX_CONSTRAINTS_KNOWN = 4096
 
 
 @dataclass
@@ -127,6 +131,11 @@ class Batcher:
         self._finished_ids: list[int] = []
         self._rejected: list[tuple[int, SequenceUpdate]] = []
         self.hold = False  # admit only requests that have started (preempted ones): the worker is leaving
+        # Constrained requests are admitted once the worker has compiled their constraint (a step
+        # never waits for a compilation): those it has, those asked of it, those to ask.
+        self._constraints_ready: set[Constraint] = set()
+        self._constraints_asked: set[Constraint] = set()
+        self._to_prepare: list[Constraint] = []
 
     # --- requests in --------------------------------------------------------------------------
 
@@ -149,6 +158,27 @@ class Batcher:
         )
         self._by_request[request.request_id] = seq
         self.waiting.append(seq)
+        if request.constraint is not None:
+            self.want_constraint(request.constraint)
+
+    def want_constraint(self, constraint: Constraint) -> None:
+        """Have the worker compile `constraint`, unless it was asked already (see take_preparations)."""
+        if constraint in self._constraints_asked:
+            return
+        if len(self._constraints_asked) >= MAX_CONSTRAINTS_KNOWN:
+            self._constraints_asked.clear()
+            self._constraints_ready.clear()
+        self._constraints_asked.add(constraint)
+        self._to_prepare.append(constraint)
+
+    def constraint_ready(self, constraint: Constraint) -> None:
+        if constraint in self._constraints_asked:
+            self._constraints_ready.add(constraint)
+
+    def take_preparations(self) -> list[Constraint]:
+        """The constraints to send the worker to compile (PrepareConstraint)."""
+        taken, self._to_prepare = self._to_prepare, []
+        return taken
 
     def _refusal(self, request: ScheduleRequest) -> ErrorInfo | None:
         if request.request_id in self._by_request:
@@ -224,6 +254,9 @@ class Batcher:
         computing = self._blocks_being_computed()  # grows with each admission below
         for seq in admission_order(self.waiting, self.limits.policy):
             if self.hold and not seq.output_ids:
+                continue
+            if seq.constraint is not None and seq.constraint not in self._constraints_ready:
+                self.want_constraint(seq.constraint)  # asked already, unless forgotten since
                 continue
             if budget <= 0 or len(self.running) >= self.limits.max_running_requests:
                 break

@@ -31,6 +31,7 @@ from daemon.ipc.messages import (
     Broadcast,
     ConfigApplied,
     ConfigUpdate,
+    ConstraintReady,
     EngineBeside,
     EngineHold,
     EngineHoldAbandoned,
@@ -169,10 +170,12 @@ class SchedulerService:
                         self._step_tokens.setdefault(tokenizer, []).extend(updates)
             case WorkerReady():
                 self._on_worker(message)
-            case PrepareConstraint():
-                for engine in [*([self.engine] if self.engine else []), *([self.standby] if self.standby else [])]:
-                    with contextlib.suppress(PeerGone):  # only a head start: the request's chunk carries it too
-                        send(engine.plans, message, grace_ms=0)
+            case PrepareConstraint(constraint=constraint):  # a head start: the request follows
+                if self.engine is not None:
+                    self.engine.batcher.want_constraint(constraint)
+            case ConstraintReady(worker_epoch=epoch, constraint=constraint):
+                if (engine := self._engine(epoch)) is not None:
+                    engine.batcher.constraint_ready(constraint)
             case TokenizerHello(index=index) if index >= 0:
                 with contextlib.suppress(PeerGone):  # not connected yet: it asks again
                     send(self._tokenizer(index), SchedulerHello(os.getpid()), grace_ms=0)
@@ -369,6 +372,11 @@ class SchedulerService:
         batcher = engine.batcher
         for tokenizer, update in batcher.take_rejections():
             self._send(tokenizer, [update])
+        for constraint in batcher.take_preparations():
+            try:
+                send(engine.plans, PrepareConstraint(constraint))
+            except PeerGone:
+                return self._worker_gone(engine, "the worker is not reachable")
         if batcher.busy:
             return
         plan = batcher.plan()

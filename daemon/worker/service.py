@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import queue
 import time
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import structlog
 import zmq
 
 from daemon.config.schema import DaemonSettings
+from daemon.engine import grammar
 from daemon.engine.blocks import BLOCK_SIZE
-from daemon.engine.grammar import Constraint, LazyCompiler, compiler_for_dir, eos_token_ids
+from daemon.engine.grammar import LazyCompiler, compiler_for_dir, eos_token_ids
 from daemon.engine.locate import locate_model, served_context
 from daemon.engine.model_dir import inspect_model_dir
 from daemon.engine.runner import ModelRunner, resolve_device
@@ -29,6 +31,8 @@ from daemon.ipc.messages import (
     Broadcast,
     ConfigApplied,
     ConfigUpdate,
+    Constraint,
+    ConstraintReady,
     LoadedModel,
     PrepareConstraint,
     StepPlan,
@@ -115,6 +119,12 @@ class WorkerService:
         self.poller.register(self.plans.socket, zmq.POLLIN)
         self.poller.register(self.events.socket, zmq.POLLIN)
         self.scheduler_epoch: int | None = None
+        # constraints compiled on the grammar thread, to announce from this one (sockets are not
+        # for two threads): a pipe wakes the loop
+        self._compiled: queue.SimpleQueue[Constraint] = queue.SimpleQueue()
+        self._compiled_read, self._compiled_write = os.pipe()
+        os.set_blocking(self._compiled_read, False)
+        self.poller.register(self._compiled_read, zmq.POLLIN)
 
     def run(self) -> None:
         tier = self.tier
@@ -150,9 +160,9 @@ class WorkerService:
                     if isinstance(plan, StepPlan):
                         self._run(plan)
                     elif isinstance(plan, PrepareConstraint):
-                        self.grammars.prepare(
-                            Constraint(plan.constraint.kind, plan.constraint.spec, plan.constraint.compact)
-                        )
+                        self._prepare(plan.constraint)
+            if self._compiled_read in ready:
+                self._announce_compiled()
 
     def _run(self, plan: StepPlan) -> None:
         if plan.scheduler_epoch != self.scheduler_epoch:
@@ -169,6 +179,21 @@ class WorkerService:
             send(self.scheduler, result)
         except PeerGone:
             log.warning("worker.scheduler_gone", step=plan.step)
+
+    def _prepare(self, constraint: Constraint) -> None:
+        def then() -> None:  # on the grammar thread
+            self._compiled.put(constraint)
+            os.write(self._compiled_write, b"\0")
+
+        self.grammars.prepare(grammar.Constraint(constraint.kind, constraint.spec, constraint.compact), then)
+
+    def _announce_compiled(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._compiled_read, 4096):
+                pass
+        while not self._compiled.empty():
+            with contextlib.suppress(PeerGone):  # a scheduler that left asks again when it is back
+                send(self.scheduler, ConstraintReady(self.tier.epoch, self._compiled.get_nowait()))
 
     def _announce(self) -> None:
         ready = WorkerReady(
