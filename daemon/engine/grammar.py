@@ -60,6 +60,8 @@ class Constraint:
     kind: ConstraintKind
     spec: str = ""
     compact: bool = False  # JSON: no whitespace but the single spaces of ", " and ": "
+    # a reasoning model's style (model.reasoning_parser): the constraint starts after its thinking
+    thinking: Literal["qwen3", "deepseek_r1"] | None = None
 
 
 class GrammarCompiler:
@@ -82,25 +84,50 @@ class GrammarCompiler:
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_limit_bytes=COMPILER_CACHE_BYTES)
 
     def compile(self, constraint: Constraint) -> xgrammar.CompiledGrammar:
-        compiler = self._compiler
+        import xgrammar as xgr
+
         try:
-            match constraint.kind:
-                case "json_schema":
-                    return compiler.compile_grammar(
-                        json_grammar(constraint.spec, strict=True, compact=constraint.compact)
-                    )
-                case "json_object":  # any object (xgrammar's built-in JSON grammar allows any value)
-                    grammar = json_grammar('{"type": "object"}', strict=False, compact=constraint.compact)
-                    return compiler.compile_grammar(grammar)
-                case "regex":
-                    return compiler.compile_regex(constraint.spec)
-                case "choice":
-                    return compiler.compile_grammar(choice_grammar(json.loads(constraint.spec)))
-                case "grammar":
-                    return compiler.compile_grammar(constraint.spec)
+            grammar = constraint_grammar(constraint)
+            if constraint.thinking is not None:
+                return self._compiler.compile_grammar(
+                    xgr.Grammar.from_structural_tag(after_thinking(constraint, grammar))
+                )
+            return self._compiler.compile_grammar(grammar)
         except RuntimeError as exc:  # xgrammar's C++ errors, with the file and line they came from
             raise GrammarError(_LOCATION.sub("", str(exc).strip())) from None
-        raise GrammarError(f"unknown constraint kind {constraint.kind!r}")
+
+
+def constraint_grammar(constraint: Constraint) -> str:
+    """The constraint as EBNF (raises RuntimeError as xgrammar's compiling does)."""
+    import xgrammar as xgr
+
+    match constraint.kind:
+        case "json_schema":
+            return json_grammar(constraint.spec, strict=True, compact=constraint.compact)
+        case "json_object":  # any object (xgrammar's built-in JSON grammar allows any value)
+            return json_grammar('{"type": "object"}', strict=False, compact=constraint.compact)
+        case "regex":
+            return str(xgr.Grammar.from_regex(constraint.spec))
+        case "choice":
+            return choice_grammar(json.loads(constraint.spec))
+        case "grammar":
+            return constraint.spec
+    raise GrammarError(f"unknown constraint kind {constraint.kind!r}")
+
+
+def after_thinking(constraint: Constraint, grammar: str) -> str:
+    """An xgrammar structural tag: the model's thinking, free text up to its end marker, then
+    `grammar`. qwen3: the answer may open <think> itself, or not think at all; deepseek_r1:
+    the prompt opened it, so the answer thinks first."""
+    think = {"type": "tag", "content": {"type": "any_text"}, "end": "</think>"}
+    body = {"type": "grammar", "grammar": grammar}
+    spacing = {"type": "regex", "pattern": "[ \\n]*"}  # "</think>\n\n" is how they go on
+    if constraint.thinking == "deepseek_r1":
+        shape: dict[str, Any] = {"type": "sequence", "elements": [{**think, "begin": ""}, spacing, body]}
+    else:
+        thought = {"type": "sequence", "elements": [{**think, "begin": "<think>"}, spacing, body]}
+        shape = {"type": "or", "elements": [thought, body]}
+    return json.dumps({"type": "structural_tag", "format": shape})
 
 
 @functools.lru_cache(maxsize=256)

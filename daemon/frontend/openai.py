@@ -57,6 +57,9 @@ def to_generate_requests(
                 f"`tool_choice` {tools.choice} cannot be combined with `{constraint.param}`", "tool_choice"
             )
         constraint = tools.constraint
+    thinking = settings.model.reasoning_parser
+    if constraint is not None and isinstance(request, ChatRequest) and thinking != "none":
+        constraint = msgspec.structs.replace(constraint, thinking=thinking)  # free text until the thinking ends
     if request.priority and settings.scheduler.policy != "priority":  # it would change nothing: say so
         raise BadRequest(
             f"`priority` needs scheduler.policy = priority (this server schedules by {settings.scheduler.policy})",

@@ -58,6 +58,7 @@ class Constraint(msgspec.Struct, frozen=True, array_like=True):
     spec: str = ""
     param: str = "response_format"  # the request field it came from, for the 400 when it does not compile
     compact: bool = False  # JSON without whitespace between tokens (but ", " and ": ")
+    thinking: Literal["qwen3", "deepseek_r1"] | None = None  # it starts after a reasoning model's thinking
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):

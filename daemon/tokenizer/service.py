@@ -220,7 +220,7 @@ class TokenizerService:
         """Compile the request's constraint off the loop (a large schema takes a while, the first one
         seconds more to import xgrammar), then go on with it, or answer 400 naming its field."""
         self._to_scheduler(PrepareConstraint(constraint))  # the worker compiles it too, meanwhile
-        compiled = grammar.Constraint(constraint.kind, constraint.spec, constraint.compact)
+        compiled = grammar.Constraint(constraint.kind, constraint.spec, constraint.compact, constraint.thinking)
 
         def then(_grammar: object, error: BaseException | None) -> None:
             with structlog.contextvars.bound_contextvars(request_id=request.request_id):

@@ -5,11 +5,19 @@ from __future__ import annotations
 import functools
 import time
 
-from daemon.engine.grammar import Constraint
+from daemon.engine import grammar
 from daemon.engine.logprobs import TokenLogprob
 from daemon.engine.runner import ModelRunner, SequenceChunk
 from daemon.engine.sampler import SamplingParams
-from daemon.ipc.messages import SAMPLED_LAST_STEP, PlannedChunk, Sampling, StepPlan, StepResult, TokenLogprobs
+from daemon.ipc.messages import (
+    SAMPLED_LAST_STEP,
+    Constraint,
+    PlannedChunk,
+    Sampling,
+    StepPlan,
+    StepResult,
+    TokenLogprobs,
+)
 
 NOT_SAMPLED = "its previous token was never sampled (that step failed for it)"
 
@@ -66,10 +74,12 @@ def _chunk(c: PlannedChunk, last_sampled: dict[int, int]) -> SequenceChunk:
         sampling=engine_sampling(c.sampling),
         prompt_ids=c.prompt_ids,
         score_prompt=c.score_prompt,
-        constraint=Constraint(c.constraint.kind, c.constraint.spec, c.constraint.compact)
-        if c.constraint is not None
-        else None,
+        constraint=engine_constraint(c.constraint) if c.constraint is not None else None,
     )
+
+
+def engine_constraint(constraint: Constraint) -> grammar.Constraint:
+    return grammar.Constraint(constraint.kind, constraint.spec, constraint.compact, constraint.thinking)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -20,7 +20,6 @@ import structlog
 import zmq
 
 from daemon.config.schema import DaemonSettings
-from daemon.engine import grammar
 from daemon.engine.blocks import BLOCK_SIZE
 from daemon.engine.grammar import LazyCompiler, compiler_for_dir, eos_token_ids
 from daemon.engine.locate import locate_model, served_context
@@ -42,7 +41,7 @@ from daemon.ipc.messages import (
 )
 from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
 from daemon.tier import Tier
-from daemon.worker.execute import NOT_SAMPLED, execute
+from daemon.worker.execute import NOT_SAMPLED, engine_constraint, execute
 from daemon.worker.memory import CacheAllocationFailed, cache_blocks, check_room_beside, gib, weights_size
 
 log = structlog.get_logger("daemon.worker")
@@ -185,7 +184,7 @@ class WorkerService:
             self._compiled.put(constraint)
             os.write(self._compiled_write, b"\0")
 
-        self.grammars.prepare(grammar.Constraint(constraint.kind, constraint.spec, constraint.compact), then)
+        self.grammars.prepare(engine_constraint(constraint), then)
 
     def _announce_compiled(self) -> None:
         with contextlib.suppress(BlockingIOError):
