@@ -561,7 +561,8 @@ def test_worker_settings_replace_only_the_worker_under_load(manual):
     assert metric(handle, "daemon_config_generation") == generation
     counts = reload_counts(handle)
     assert counts == {**before_counts, "applied": before_counts["applied"] + 1}, counts
-    assert metric(handle, "daemon_kv_cache_tokens") == LONG_CONTEXT + 8192  # the new worker's KV cache
+    # the new worker's KV cache, once the scheduler's stats (every 0.5 s) have reported it
+    until(lambda: metric(handle, "daemon_kv_cache_tokens") == LONG_CONTEXT + 8192, 10, what="the new cache size")
     handle.reset()
 
 
