@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from daemon.engine import token_choice  # noqa: E402
+from daemon.engine.grammar import TokenMasks  # noqa: E402
 from daemon.engine.kernels import cpu as kernels  # noqa: E402
 from daemon.engine.logits_processors import apply_processors  # noqa: E402
 from daemon.engine.sampler import SamplingParams, sample  # noqa: E402
@@ -326,3 +327,39 @@ def test_a_steps_choice_penalises_then_chooses_and_scores_the_raw_logits(monkeyp
             values, ids = raw[row].topk(params[row].logprobs)
             assert entry.top_ids == ids.tolist()
             assert entry.top_logprobs == pytest.approx(values.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_grammar_masks_allow_only_their_tokens_and_logprobs_stay_raw(monkeypatch, kernel):
+    """Rows that follow a grammar draw only tokens their bitmask allows (xgrammar's layout: bit i %
+    32 of word i // 32), greedy or drawn, penalised or not, beside rows without one; a masked row's
+    logprobs are of its raw logits, as any row's."""
+    if not kernel:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    elif not kernels.available():
+        pytest.skip("the CPU kernels were not built")
+    vocab = 300
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(5)) * 3
+    allowed = {0: {3, 40, 299}, 2: {64, 65}, 3: {1, 2, 250}}  # row 1 follows no grammar
+    bitmask = torch.zeros(4, (vocab + 31) // 32, dtype=torch.int32)
+    for row, tokens in allowed.items():
+        for token in tokens:
+            bitmask[row, token // 32] |= torch.tensor(1 << (token % 32)).to(torch.int32)
+    params = [
+        SamplingParams(temperature=0.0, logprobs=2),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, repetition_penalty=1.3),
+        SamplingParams(temperature=0.9, top_p=0.95),
+    ]
+    seq_ids = [1, 2, 3, 4]
+    counts = counts_of({3: ([64], [65])}, vocab)
+    raw = torch.log_softmax(logits.double(), dim=-1)
+    for seed in range(20):
+        masks = TokenMasks(bitmask, sorted(allowed))
+        drawn, found = choose_tokens(
+            logits.clone(), params, seq_ids, [None] * 4, torch.Generator().manual_seed(seed), counts, masks
+        )
+        assert all(drawn[row] in tokens for row, tokens in allowed.items()), drawn
+        assert drawn[0] == max(allowed[0], key=lambda t: logits[0, t]) and drawn[1] == int(logits[1].argmax())
+        assert found[0].logprob == pytest.approx(raw[0, drawn[0]].item(), abs=1e-5)
+        assert found[0].top_ids == raw[0].topk(2).indices.tolist()  # the raw likeliest, allowed or not

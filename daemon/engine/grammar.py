@@ -213,6 +213,24 @@ class LazyCompiler:
             raise GrammarError(f"constrained decoding is unavailable: {type(exc).__name__}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class TokenMasks:
+    """A step's grammar bitmasks (xgrammar's layout: one bit a token, set where allowed), by batch
+    row; only the `rows` listed are filled."""
+
+    bitmask: torch.Tensor  # [batch, vocab / 32 rounded up] int32
+    rows: list[int]
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set to -inf in `logits` [batch, vocab] what the masks do not allow (the sampler's own
+        kernel does this itself, faster: kernels.sample_rows)."""
+        import xgrammar as xgr
+
+        if self.rows:
+            bitmask = self.bitmask.to(logits.device, non_blocking=True)
+            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=self.rows)
+
+
 class Matchers:
     """The matchers of the constrained sequences of a runner, by sequence id."""
 
@@ -239,21 +257,19 @@ class Matchers:
             terminate_without_stop_token=not stop_token_ids,
         )
 
-    def mask(self, logits: torch.Tensor, rows: list[int], seq_ids: list[int]) -> None:
-        """Set to -inf, in `logits` [B, vocab], each token the grammar of seq_ids[i] forbids in row rows[i]."""
+    def bitmasks(self, batch: int, vocab: int, rows: list[int], seq_ids: list[int]) -> TokenMasks:
+        """The token bitmasks of a step of `batch` rows: row rows[i] that of seq_ids[i]'s grammar."""
         import xgrammar as xgr
 
-        live = [(row, self._matchers[s]) for row, s in zip(rows, seq_ids, strict=True)]
-        live = [(row, m) for row, m in live if not m.is_terminated()]  # ended: the scheduler drops its row
-        if not live:
-            return
-        vocab = logits.shape[1]
-        if self._bitmask is None or self._bitmask.shape[0] < logits.shape[0]:
-            self._bitmask = xgr.allocate_token_bitmask(max(logits.shape[0], 8), vocab)
-        for row, matcher in live:
-            matcher.fill_next_token_bitmask(self._bitmask, row)
-        bitmask = self._bitmask.to(logits.device, non_blocking=True) if logits.device.type != "cpu" else self._bitmask
-        xgr.apply_token_bitmask_inplace(logits, bitmask[: logits.shape[0]], indices=[row for row, _m in live])
+        if self._bitmask is None or self._bitmask.shape[0] < batch or self._bitmask.shape[1] != (vocab + 31) // 32:
+            self._bitmask = xgr.allocate_token_bitmask(max(batch, 8), vocab)
+        live = []
+        for row, seq_id in zip(rows, seq_ids, strict=True):
+            matcher = self._matchers[seq_id]
+            if not matcher.is_terminated():  # ended: the scheduler drops this row's token
+                matcher.fill_next_token_bitmask(self._bitmask, row)
+                live.append(row)
+        return TokenMasks(self._bitmask[:batch], live)
 
     def accept(self, seq_id: int, token: int) -> bool:
         """Advance the sequence's matcher by `token`; True when the grammar is then complete.

@@ -8,7 +8,6 @@ returns one token per sequence that asked to sample.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -144,13 +143,11 @@ class ModelRunner:
         generators = [self._generator(c) for c in samplers]
         matchers = self._matchers
         constrained = [row for row, s in enumerate(seq_ids) if matchers is not None and s in matchers]
-        mask = None
+        masks = None
         if constrained:
             assert matchers is not None
-            mask = functools.partial(matchers.mask, rows=constrained, seq_ids=[seq_ids[r] for r in constrained])
-        drawn, found = choose_tokens(
-            logits, params, seq_ids, generators, self._shared_generator, self._counts, constrained, mask
-        )
+            masks = matchers.bitmasks(len(seq_ids), logits.shape[1], constrained, [seq_ids[r] for r in constrained])
+        drawn, found = choose_tokens(logits, params, seq_ids, generators, self._shared_generator, self._counts, masks)
         for seq_id, token in zip(seq_ids, drawn, strict=True):
             if seq_id in self.failures:  # its constraint did not compile: the token stands for nothing
                 continue

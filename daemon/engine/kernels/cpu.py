@@ -47,6 +47,7 @@ def _library() -> ctypes.CDLL | None:
     library.sample_rows.argtypes = [
         pointer, size, size,  # logits, rows, vocab
         ctypes.c_char_p, pointer, pointer, pointer,  # params (bytes: no copy), counts rows, output counts, prompt mask
+        pointer, pointer,  # mask rows, masks
         pointer, size, pointer,  # uniform, its length, tokens
         pointer, pointer, pointer, pointer, size,  # chosen, rank, top ids, top logprobs, their width
         ctypes.c_int,  # threads
@@ -147,6 +148,7 @@ def sample_rows(
     counts: tuple[list[int], torch.Tensor, torch.Tensor] | None = None,
     scores_width: int | None = None,
     scored: int = 0,
+    masks: tuple[list[int], torch.Tensor] | None = None,
 ) -> tuple[list[int], RowScores | None]:
     """A step's tokens, one for each row of logits [rows, vocab] (float32, CPU; changed in place
     where penalised): greedy rows their first largest logit, sampled rows one drawn from their
@@ -158,7 +160,9 @@ def sample_rows(
     each sampled row, in row order. `counts` (None: nothing penalised): each row's row in the
     output counts [*, vocab] float32 and prompt mask [*, vocab] bool that follow (-1: not
     penalised). `scores_width` (None: no log-probabilities): the most any row asks for; then
-    `scored` rows ask.
+    `scored` rows ask. `masks` (None: no grammar): each row's row in the token bitmasks [*,
+    vocab / 32 rounded up] int32 that follow (xgrammar's layout; -1: none); a row's tokens its
+    mask does not allow get -inf after its raw logits are scored.
 
     Tokens are -1 for a row that cannot be chosen from (NaN; sampled, +inf too; or a sampled row
     `uniform` has no number for)."""
@@ -177,6 +181,11 @@ def sample_rows(
         assert output.dtype == torch.float32 and prompt.dtype == torch.bool
         assert output.shape[1] == prompt.shape[1] == vocab
         assert max(counts_rows) < output.shape[0], "a counts row past the counts"
+    mask_rows = bitmasks = None
+    if masks is not None:
+        mask_rows, bitmasks = array("q", masks[0]), masks[1]
+        assert len(mask_rows) == rows and bitmasks.is_contiguous() and bitmasks.dtype == torch.int32
+        assert bitmasks.shape[1] == (vocab + 31) // 32 and max(mask_rows) < bitmasks.shape[0]
     tokens = torch.empty(rows, dtype=torch.long)
     width = scores_width or 0
     scores = None
@@ -195,6 +204,8 @@ def sample_rows(
         None if counts_rows is None else counts_rows.buffer_info()[0],
         None if output is None else output.data_ptr(),
         None if prompt is None else prompt.data_ptr(),
+        None if mask_rows is None else mask_rows.buffer_info()[0],
+        None if bitmasks is None else bitmasks.data_ptr(),
         None if uniform is None else uniform.data_ptr(),
         0 if uniform is None else uniform.numel(),
         tokens.data_ptr(),

@@ -288,6 +288,19 @@ CPU_CLONES static void penalise_row(float *row, int64_t vocab, const float *coun
     }
 }
 
+/* A grammar's token bitmask (xgrammar's layout: bit i % 32 of word i / 32 set for an allowed
+ * token), in place: every token it does not allow gets -inf. */
+CPU_CLONES static void mask_row(float *row, int64_t vocab, const int32_t *mask)
+{
+    for (int64_t word = 0; word * 32 < vocab; word++) {
+        const uint32_t bits = (uint32_t)mask[word];
+        if (bits == 0xFFFFFFFFu) continue;
+        const int64_t end = vocab - word * 32 < 32 ? vocab - word * 32 : 32;
+        float *at = row + word * 32;
+        for (int64_t b = 0; b < end; b++) at[b] = (bits >> b) & 1u ? at[b] : -INFINITY;
+    }
+}
+
 void apply_penalties(float *logits, int64_t rows, int64_t vocab, const int64_t *logit_rows,
                      const float *output_counts, const uint8_t *prompt_mask, const int64_t *counts_rows,
                      const float *penalties, int threads)
@@ -439,7 +452,8 @@ CPU_CLONES void token_logprobs(const float *logits, int64_t rows, int64_t vocab,
  * top_logprobs; `buffers` holds 4 * vocab floats, `best` vocab entries, `tiles` vocab / TILE + 1
  * doubles. */
 CPU_CLONES static void choose_row(float *row, int64_t vocab, const double *p, double uniform, int has_uniform,
-                                  const float *counts, const uint8_t *prompt, int64_t *token, float *logprob,
+                                  const float *counts, const uint8_t *prompt, const int32_t *mask, int64_t *token,
+                                  float *logprob,
                                   int64_t *rank, int64_t *top_ids, float *top_logprobs, int64_t width,
                                   int64_t scored, float *buffers, ranked *best, double *tiles)
 {
@@ -450,11 +464,12 @@ CPU_CLONES static void choose_row(float *row, int64_t vocab, const double *p, do
         log_total = row_log_total(row, vocab, buffers);
         write_top(best, row_top(row, vocab, top, buffers, buffers + vocab, best), log_total, width, scored,
                   top_ids, top_logprobs);
-        if (counts != NULL) { /* the raw row, kept for the token's score */
+        if (counts != NULL || mask != NULL) { /* the raw row, kept for the token's score */
             memcpy(buffers + 3 * vocab, row, (size_t)vocab * sizeof(float));
             raw = buffers + 3 * vocab;
         }
     }
+    if (mask != NULL) mask_row(row, vocab, mask);
     if (counts != NULL) penalise_row(row, vocab, counts, prompt, (float)p[5], (float)p[6], (float)p[7]);
     if (p[0] <= 0.0)
         *token = greedy_row(row, vocab);
@@ -467,17 +482,21 @@ CPU_CLONES static void choose_row(float *row, int64_t vocab, const double *p, do
 }
 
 /* A whole step's tokens in one call: for each row of logits [rows, vocab] (float32, changed in
- * place), its penalties, the log-probabilities of its raw logits, and its token, greedy or drawn.
+ * place), the log-probabilities of its raw logits, its grammar's mask, its penalties, and its
+ * token, greedy or drawn.
  * params [rows, PARAMS] float64: temperature (0: greedy), top_k (0: none), top_p (1: none),
  * min_p (0: none), logprobs (the likeliest to report; < 0: none), repetition, frequency and
  * presence penalties. counts_rows [rows] (NULL: none penalised): the row of output_counts [*,
  * vocab] (float) and prompt_mask [*, vocab] (bool) holding the row's counts, < 0 for a row not
- * penalised. uniform [uniforms]: a number in [0, 1) for each sampled row, in row order.
+ * penalised. mask_rows [rows] (NULL: no grammar): the row of masks [*, words] (int32, words =
+ * vocab / 32 rounded up; see mask_row) of the row's grammar, < 0 for a row without one.
+ * uniform [uniforms]: a number in [0, 1) for each sampled row, in row order.
  * tokens [rows]: the token, or -1 for a row that cannot be chosen from (NaN; for a sampled row
  * +inf too, or no number left for it). With chosen non-NULL, the k-th row that asks for logprobs
  * gets its token's (chosen, rank [k]) and its likeliest (top_ids, top_logprobs [k, width]). */
 void sample_rows(float *logits, int64_t rows, int64_t vocab, const double *params, const int64_t *counts_rows,
-                 const float *output_counts, const uint8_t *prompt_mask, const double *uniform, int64_t uniforms,
+                 const float *output_counts, const uint8_t *prompt_mask, const int64_t *mask_rows,
+                 const int32_t *masks, const double *uniform, int64_t uniforms,
                  int64_t *tokens, float *chosen, int64_t *rank, int64_t *top_ids, float *top_logprobs,
                  int64_t width, int threads)
 {
@@ -500,6 +519,7 @@ void sample_rows(float *logits, int64_t rows, int64_t vocab, const double *param
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             const int64_t counted = counts_rows == NULL ? -1 : counts_rows[r];
+            const int64_t masked = mask_rows == NULL ? -1 : mask_rows[r];
             if (buffers == NULL || best == NULL || tiles == NULL) {
                 tokens[r] = -1;
                 continue;
@@ -507,7 +527,8 @@ void sample_rows(float *logits, int64_t rows, int64_t vocab, const double *param
             const int has_uniform = uniform_of[r] >= 0 && uniform_of[r] < uniforms;
             choose_row(logits + r * vocab, vocab, params + PARAMS * r, has_uniform ? uniform[uniform_of[r]] : 0.0,
                        has_uniform, counted < 0 ? NULL : output_counts + counted * vocab,
-counted < 0 ? NULL : prompt_mask + counted * vocab, tokens + r,
+                       counted < 0 ? NULL : prompt_mask + counted * vocab,
+                       masked < 0 ? NULL : masks + masked * ((vocab + 31) / 32), tokens + r,
                        scored_of[r] < 0 ? NULL : chosen + scored_of[r], scored_of[r] < 0 ? NULL : rank + scored_of[r],
                        top_ids, top_logprobs, width, scored_of[r], buffers, best, tiles);
         }
