@@ -542,6 +542,27 @@ class RunFrame:
         self.servers.append(server)
         server.start()
 
+    def start_demo_daemon(self) -> Server:
+        """`daemon -c configs/server.toml` (the demo model) on a free port, in this run's runtime and
+        cache dirs, logging JSON; returned once it logs daemon.ready."""
+        port = free_port()
+        argv = [str(BIN / "daemon"), "-c", str(CONFIG)]
+        for key, value in (
+            ("server.port", port),
+            ("runtime.dir", self.runtime_dir),
+            ("runtime.cache_dir", self.cache_dir),
+            ("logging.format", "json"),
+        ):
+            argv += ["--set", f"{key}={value}"]
+        daemon = Server("daemon", argv, clean_env(), port, self.work / "daemon.log", is_daemon=True)
+        self.start(daemon)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and "daemon.ready" not in daemon.log_path.read_text(errors="replace"):
+            if not daemon.alive():
+                raise RuntimeError(f"the daemon exited:\n{daemon.log_tail()}")
+            time.sleep(0.2)
+        return daemon
+
     def stop(self, server: Server, why: str = "") -> str:
         line = f"{server.name}: {server.stop()}{why}"
         self._stopped.add(id(server))

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from common import BIN, CONFIG, RunFrame, Server, clean_env, free_port, h2load_completions, print_header, versions
+from common import RunFrame, Server, h2load_completions, print_header, versions
 from vllm_peer import engine_figures, engine_line, settled_engine_figures
 
 CONCURRENCY = 64
@@ -108,22 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     frame = RunFrame("dm-structured-", total_time_limit=int(args.time_limit * 2 * args.rounds + 600))
     print_header("structured outputs", frame.work, frame.runtime_dir, versions())
     with frame.guarded():
-        port = free_port()
-        argv_ = [str(BIN / "daemon"), "-c", str(CONFIG)]
-        for key, value in (
-            ("server.port", port),
-            ("runtime.dir", frame.runtime_dir),
-            ("runtime.cache_dir", frame.cache_dir),
-            ("logging.format", "json"),
-        ):
-            argv_ += ["--set", f"{key}={value}"]
-        daemon = Server("daemon", argv_, clean_env(), port, frame.work / "daemon.log", is_daemon=True)
-        frame.start(daemon)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and "daemon.ready" not in daemon.log_path.read_text(errors="replace"):
-            if not daemon.alive():
-                raise RuntimeError(f"the daemon exited:\n{daemon.log_tail()}")
-            time.sleep(0.2)
+        daemon = frame.start_demo_daemon()
         engine_figures(daemon.url)  # the front-end answers
         with httpx.Client(base_url=daemon.url, timeout=120) as http:
             first = latency(http, schema_body("first"))  # xgrammar's import, in the tokenizer and the worker

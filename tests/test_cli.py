@@ -122,6 +122,8 @@ def test_config_show_masks_secrets_and_round_trips(tmp_path: Path):
         "device": "auto",
         "tp_size": 1,
         "seed": 0,
+        "tool_parser": "auto",
+        "reasoning_parser": "none",
     }
     assert shown["tokenizer"]["path"] == "builtin:demo"
 

@@ -149,59 +149,37 @@ def test_tools_reach_the_chat_template(hermes):
     assert '"name": "get_weather"' in text and '"maxLength": 3' in text and len(plain) < len(ids)
 
 
+def answers(daemon: RunningDaemon, **fields) -> list:
+    """The first choice of a chat answer with TOOLS, at temperature 1, per seed (the openai client)."""
+    with client_of(daemon) as client:
+        return [
+            client.chat.completions.create(
+                model="hermes", messages=ASK, tools=TOOLS, temperature=1.0, seed=seed, max_tokens=300, **fields
+            ).choices[0]
+            for seed in SEEDS
+        ]
+
+
 def test_tool_choice_required_gives_valid_calls(hermes):
-    with client_of(hermes) as client:
-        for seed in SEEDS:
-            answer = client.chat.completions.create(
-                model="hermes",
-                messages=ASK,
-                tools=TOOLS,
-                tool_choice="required",
-                temperature=1.0,
-                seed=seed,
-                max_tokens=300,
-            )
-            choice = answer.choices[0]
-            assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
-            assert choice.message.tool_calls and len({c.id for c in choice.message.tool_calls}) == len(
-                choice.message.tool_calls
-            )
-            for call in choice.message.tool_calls:
-                _valid(call.function.name, call.function.arguments)
+    for choice in answers(hermes, tool_choice="required"):
+        calls = choice.message.tool_calls
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        assert calls and len({c.id for c in calls}) == len(calls)
+        for call in calls:
+            _valid(call.function.name, call.function.arguments)
 
 
 def test_parallel_tool_calls_false_gives_one_call(hermes):
-    with client_of(hermes) as client:
-        for seed in SEEDS:
-            answer = client.chat.completions.create(
-                model="hermes",
-                messages=ASK,
-                tools=TOOLS,
-                tool_choice="required",
-                parallel_tool_calls=False,
-                temperature=1.0,
-                seed=seed,
-                max_tokens=300,
-            )
-            assert len(answer.choices[0].message.tool_calls) == 1
+    assert all(
+        len(c.message.tool_calls) == 1 for c in answers(hermes, tool_choice="required", parallel_tool_calls=False)
+    )
 
 
 def test_a_named_tool_choice_calls_that_function(hermes):
-    named = {"type": "function", "function": {"name": "get_time"}}
-    with client_of(hermes) as client:
-        for seed in SEEDS:
-            answer = client.chat.completions.create(
-                model="hermes",
-                messages=ASK,
-                tools=TOOLS,
-                tool_choice=named,
-                temperature=1.0,
-                seed=seed,
-                max_tokens=300,
-            )
-            (call,) = answer.choices[0].message.tool_calls
-            assert call.function.name == "get_time" and answer.choices[0].finish_reason == "tool_calls"
-            _valid("get_time", call.function.arguments)
+    for choice in answers(hermes, tool_choice={"type": "function", "function": {"name": "get_time"}}):
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_time" and choice.finish_reason == "tool_calls"
+        _valid("get_time", call.function.arguments)
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])

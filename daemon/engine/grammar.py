@@ -5,8 +5,9 @@ grammar) is compiled once against the vocabulary into a CompiledGrammar; compile
 are cached by their spec, so the many requests of one application that share a schema
 compile it once. Each constrained sequence then owns a matcher, which walks the grammar
 token by token: before a step samples, it fills the sequence's row of a token bitmask (one
-bit per vocabulary entry, 0.8 us a row), the bitmask sets every token the grammar forbids
-to -inf in the logits, and after the step the matcher accepts the token sampled. When the
+bit per vocabulary entry, about 1 us a row), the sampler sets every token the bitmask
+forbids to -inf (in its kernel, kernels/sample.c, on the CPU; TokenMasks.apply elsewhere),
+and after the step the matcher accepts the token sampled. When the
 grammar is complete, only the sequence's stop tokens are allowed (or, without any, the
 matcher ends there), and the runner reports the sequence as completed.
 
