@@ -37,6 +37,7 @@ from daemon.ipc.messages import (
     decoder,
     encode,
 )
+from daemon.scheduler import batcher as batcher_module
 from daemon.scheduler.batcher import PIPELINE_DEPTH, Batcher, Limits
 from daemon.worker.execute import execute
 
@@ -451,3 +452,21 @@ def test_a_constrained_request_waits_for_its_grammar_then_follows_it(demo_dir):
     harness.run()
     text = Tokenizer.from_file(str(demo_dir / "tokenizer.json")).decode(harness.outputs["c"])
     assert harness.finish["c"] == "stop" and text in choices, text
+
+
+def test_constraints_forgotten_beyond_the_bound_are_asked_for_again(demo_dir, monkeypatch):
+    """The batcher remembers a bounded number of constraints (asked of the worker, compiled by it),
+    the oldest forgotten first; a request whose constraint was forgotten asks again, and runs."""
+    monkeypatch.setattr(batcher_module, "MAX_CONSTRAINTS_KNOWN", 1)
+    batcher = Harness(demo_dir).batcher
+    first, second = Constraint("regex", "a+"), Constraint("regex", "b+")
+    for request_id, constraint in (("r1", first), ("r2", second)):
+        batcher.add(ScheduleRequest(request_id, 0, PROMPTS["r1"], Sampling(max_tokens=4), constraint=constraint))
+    assert batcher.take_preparations() == [first, second]
+    batcher.constraint_ready(first)
+    batcher.constraint_ready(second)  # the first is forgotten: one is remembered
+    plan = batcher.plan()
+    assert [c.seq_id for c in plan.chunks] == [2]  # r2 runs; r1 asks again
+    assert batcher.take_preparations() == [first]
+    batcher.constraint_ready(first)
+    assert 1 in [c.seq_id for c in batcher.plan().chunks] and not batcher.waiting

@@ -48,9 +48,11 @@ from daemon.scheduler.sequence import Phase, Sequence
 
 QUEUE_FULL = ErrorInfo(503, "the server is at capacity: the request queue is full", type="server_overloaded")
 PIPELINE_DEPTH = 2  # steps in flight at once: the one running and the next, waiting for the worker
-# Constraints remembered as compiled by the worker: beyond, all are forgotten, and the requests
-# waiting on one ask for it again (the worker's cache answers at once).
+# Constraints remembered as asked of the worker, and as compiled by it: at most this many and
+# this much text each (a schema may be 128 Ki characters), the oldest forgotten first. A request
+# waiting on one forgotten asks for it again (the worker's cache answers at once).
 MAX_CONSTRAINTS_KNOWN = 4096
+MAX_CONSTRAINT_CHARS_KNOWN = 32 * 1024 * 1024
 
 
 @dataclass
@@ -89,6 +91,27 @@ class StepCounts:
         self.seconds[kind] += seconds
         self.tokens["prefill"] += prompt
         self.tokens["decode"] += sum(1 for w in work if w.tokens == 1)
+
+
+class _Remembered:
+    """Constraints, oldest first, within MAX_CONSTRAINTS_KNOWN and MAX_CONSTRAINT_CHARS_KNOWN."""
+
+    def __init__(self) -> None:
+        self._items: dict[Constraint, None] = {}
+        self._chars = 0
+
+    def __contains__(self, constraint: Constraint) -> bool:
+        return constraint in self._items
+
+    def add(self, constraint: Constraint) -> None:
+        if constraint in self._items:
+            return
+        self._items[constraint] = None
+        self._chars += len(constraint.spec)
+        while len(self._items) > MAX_CONSTRAINTS_KNOWN or self._chars > MAX_CONSTRAINT_CHARS_KNOWN:
+            oldest = next(iter(self._items))
+            del self._items[oldest]
+            self._chars -= len(oldest.spec)
 
 
 @dataclass
@@ -133,8 +156,8 @@ class Batcher:
         self.hold = False  # admit only requests that have started (preempted ones): the worker is leaving
         # Constrained requests are admitted once the worker has compiled their constraint (a step
         # never waits for a compilation): those it has, those asked of it, those to ask.
-        self._constraints_ready: set[Constraint] = set()
-        self._constraints_asked: set[Constraint] = set()
+        self._constraints_ready = _Remembered()
+        self._constraints_asked = _Remembered()
         self._to_prepare: list[Constraint] = []
 
     # --- requests in --------------------------------------------------------------------------
@@ -163,17 +186,12 @@ class Batcher:
 
     def want_constraint(self, constraint: Constraint) -> None:
         """Have the worker compile `constraint`, unless it was asked already (see take_preparations)."""
-        if constraint in self._constraints_asked:
-            return
-        if len(self._constraints_asked) >= MAX_CONSTRAINTS_KNOWN:
-            self._constraints_asked.clear()
-            self._constraints_ready.clear()
-        self._constraints_asked.add(constraint)
-        self._to_prepare.append(constraint)
+        if constraint not in self._constraints_asked:
+            self._constraints_asked.add(constraint)
+            self._to_prepare.append(constraint)
 
     def constraint_ready(self, constraint: Constraint) -> None:
-        if constraint in self._constraints_asked:
-            self._constraints_ready.add(constraint)
+        self._constraints_ready.add(constraint)
 
     def take_preparations(self) -> list[Constraint]:
         """The constraints to send the worker to compile (PrepareConstraint)."""
