@@ -300,3 +300,19 @@ def test_thinking_goes_to_reasoning_content_and_a_constraint_starts_after_it(thi
         content, reasoning, calls, _finish = _streamed(thinking, **body, seed=seed)
         assert (content, reasoning or None, calls) == (message["content"], message["reasoning_content"], [])
     assert thoughts, "the model never thought: nothing was shown"
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_auto_parses_several_calls_or_keeps_the_first_without_parallel_calls(hermes, parallel):
+    regex = HERMES_CALL + "\\n" + HERMES_CALL
+    body = {"messages": ASK, "tools": TOOLS, "regex": regex, "temperature": 1.0, "max_tokens": 200}
+    body["parallel_tool_calls"] = parallel
+    for seed in SEEDS:
+        answer = httpx.post(f"{hermes.url}/v1/chat/completions", json={**body, "seed": seed}, timeout=120).json()
+        calls = answer["choices"][0]["message"]["tool_calls"]
+        assert len(calls) == (2 if parallel else 1) and answer["choices"][0]["message"]["content"] is None
+        _content, _reasoning, streamed, finish = _streamed(hermes, **body, seed=seed)
+        assert [(c["name"], c["arguments"]) for c in streamed] == [
+            (c["function"]["name"], c["function"]["arguments"]) for c in calls
+        ]
+        assert finish == "tool_calls"

@@ -69,7 +69,8 @@ class AnswerStream:
     @property
     def calls(self) -> list[ToolCall]:
         if self._tools is not None:
-            return self._tools.calls
+            assert self._plan is not None
+            return self._tools.calls[:1] if self._plan.one_call else self._tools.calls
         if self._plan is not None and self._plan.choice == "named" and self._named_id is not None:
             return [ToolCall(self._named_id, self._plan.named or "", "".join(self._named_arguments))]
         return self._named_calls
@@ -102,7 +103,8 @@ class AnswerStream:
             for part in (delta, tail):
                 if part is not None:
                     shaped.content += part.content
-                    shaped.tool_calls += part.tool_calls
+                    # parallel_tool_calls false: the first call alone
+                    shaped.tool_calls += [d for d in part.tool_calls if d.index == 0 or not plan.one_call]
         elif plan.choice == "named":
             if text and self._named_id is None:
                 self._named_id = new_call_id()

@@ -344,7 +344,11 @@ class ChatRequest(_Common, kw_only=True):
     ] = None
     parallel_tool_calls: Annotated[
         Bool,
-        honoured("false: at most one call (enforced with tool_choice required).", requires="tools"),
+        honoured(
+            "false: at most one call (enforced by the grammar with tool_choice required; with auto, calls after "
+            "the first are dropped).",
+            requires="tools",
+        ),
     ] = None
     functions: Annotated[
         list[dict[str, Any]] | None, refused("Deprecated form of tools.", neutral=(None, []), planned=None)

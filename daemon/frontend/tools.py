@@ -3,7 +3,8 @@ tool_choice turned into what the engine enforces and what the answer's text beco
 
 - `none`: the model may not call; its text is content.
 - `auto` (the default with tools): the model decides; its text is parsed for calls in its
-  family's format (tool_parsers/, chosen by model.tool_parser).
+  family's format (tool_parsers/, chosen by model.tool_parser). With parallel_tool_calls
+  false, calls after the first are dropped.
 - `required`: the answer is a JSON array of calls, `[{"name": ..., "parameters": {...}}]`, as
   vLLM has it, enforced by a grammar over every tool's parameters: even a random model
   returns valid calls. One call only with parallel_tool_calls false.
@@ -35,6 +36,7 @@ class ToolPlan:
     named: str | None  # the function tool_choice names
     template_tools: list[dict[str, Any]]  # as Hugging Face chat templates take them
     constraint: Constraint | None  # what the engine enforces (required, named)
+    one_call: bool = False  # parallel_tool_calls false
 
 
 def plan_tools(request: ChatRequest) -> ToolPlan | None:
@@ -61,14 +63,16 @@ def plan_tools(request: ChatRequest) -> ToolPlan | None:
         if name not in parameters:
             raise BadRequest(f"`tool_choice` names the function {name!r}, which `tools` does not define", "tool_choice")
         schema = json.dumps(parameters[name], ensure_ascii=False)
-        return ToolPlan("named", names, name, tools, Constraint("json_schema", schema, "tool_choice", compact=True))
+        constraint = Constraint("json_schema", schema, "tool_choice", compact=True)
+        return ToolPlan("named", names, name, tools, constraint, one_call=True)
     if choice not in ("none", "auto", "required"):
         raise BadRequest(f"`tool_choice` must be none, auto, required or a function, not {choice!r}", "tool_choice")
     constraint = None
+    one_call = request.parallel_tool_calls is False
     if choice == "required":
-        schema = _calls_schema(parameters, one=request.parallel_tool_calls is False)
+        schema = _calls_schema(parameters, one=one_call)
         constraint = Constraint("json_schema", json.dumps(schema, ensure_ascii=False), "tool_choice", compact=True)
-    return ToolPlan(choice, names, None, tools, constraint)  # type: ignore[arg-type]
+    return ToolPlan(choice, names, None, tools, constraint, one_call)  # type: ignore[arg-type]
 
 
 def checked_tool(index: int, tool: Any) -> dict[str, Any]:
