@@ -34,6 +34,23 @@ SCHEMA = json.dumps(
 )
 
 
+TAGGED = {  # as the front-end makes it of vLLM's {structures, triggers}
+    "type": "structural_tag",
+    "format": {
+        "type": "triggered_tags",
+        "triggers": ["<f="],
+        "tags": [
+            {
+                "type": "tag",
+                "begin": "<f=item>",
+                "content": {"type": "json_schema", "json_schema": json.loads(SCHEMA)},
+                "end": "</f>",
+            }
+        ],
+    },
+}
+
+
 @pytest.mark.parametrize(
     ("constraint", "text", "allowed"),
     [
@@ -53,6 +70,10 @@ SCHEMA = json.dumps(
         (Constraint("choice", json.dumps(["yes", 'say "no"'])), 'say "no"', True),
         (Constraint("choice", json.dumps(["yes", 'say "no"'])), "no", False),
         (Constraint("grammar", 'root ::= "a" root | "b"'), "aaab", True),
+        # a structural tag: free text, and after a trigger, a tag whose content follows its schema
+        (Constraint("structural_tag", json.dumps(TAGGED)), 'Sure. <f=item>{"name": "ab", "n": 1}</f> done', True),
+        (Constraint("structural_tag", json.dumps(TAGGED)), "No call at all.", True),
+        (Constraint("structural_tag", json.dumps(TAGGED)), 'Sure. <f=item>{"n": 1}</f>', False),
         # a reasoning model thinks first, freely, and the constraint holds after its thinking
         (Constraint("regex", "[0-9]+", thinking="qwen3"), "<think>\nwell, 4 > 3</think>\n\n42", True),
         (Constraint("regex", "[0-9]+", thinking="qwen3"), "42", True),  # thinking is optional for qwen3

@@ -115,6 +115,29 @@ def test_each_constraint_field_holds_on_completions_and_chat(daemon, field, valu
                 assert choice["finish_reason"] == "stop" and check(text), (path, seed, text)
 
 
+def test_a_structural_tag_holds_its_tags_content_to_its_schema(daemon):
+    """xgrammar's format (the answer is one tag), and vLLM's structures and triggers (free text,
+    in which a tag, once triggered, holds JSON valid for its schema)."""
+    tag = {
+        "type": "tag",
+        "begin": "<item>",
+        "content": {"type": "json_schema", "json_schema": PERSON},
+        "end": "</item>",
+    }
+    triggered = {"structures": [{"begin": "<item>", "schema": PERSON, "end": "</item>"}], "triggers": ["<item>"]}
+    with httpx.Client(base_url=daemon.url, timeout=120) as http:
+        for seed in SEEDS:
+            body = {"messages": CHAT, "temperature": 1.0, "seed": seed, "max_tokens": MAX_TOKENS}
+            format_ = {"type": "structural_tag", "format": tag}
+            choice = http.post("/v1/chat/completions", json={**body, "response_format": format_}).json()["choices"][0]
+            text = choice["message"]["content"]
+            assert choice["finish_reason"] == "stop" and text.startswith("<item>") and text.endswith("</item>"), text
+            jsonschema.validate(json.loads(text[len("<item>") : -len("</item>")]), PERSON)
+            legacy = {"type": "structural_tag", **triggered}
+            answer = http.post("/v1/chat/completions", json={**body, "max_tokens": 20, "response_format": legacy})
+            assert answer.status_code == 200, answer.text
+
+
 def test_constrained_and_free_requests_share_a_batch(daemon):
     """Constrained and unconstrained requests at once, over HTTP/2, streamed: each holds its own."""
     with httpx.Client(base_url=daemon.url, http2=True, http1=False, timeout=120) as http:
@@ -177,6 +200,8 @@ def test_openai_parse_with_a_pydantic_model(client):
         ({"guided_choice": []}, "guided_choice", "non-empty"),
         ({"guided_regex": "a", "regex": "b"}, "regex", "one constraint"),
         ({"response_format": {"type": "yaml"}}, "response_format", "yaml"),
+        ({"response_format": {"type": "structural_tag", "structures": []}}, "response_format", "triggers"),
+        ({"structured_outputs": {"structural_tag": "{nope"}}, "structured_outputs", "not valid JSON"),
         ({"guided_regex": "a", "min_tokens": 2}, "min_tokens", "min_tokens"),
         ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "structured_outputs", "whitespace"),
     ],

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import torch
     import xgrammar
 
-ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar", "structural_tag"]
 # Longest run of whitespace a JSON answer may hold between tokens: a model that would fill its
 # answer with blank lines (a weak or random one can) must move on; pretty-printed JSON never
 # needs more.
@@ -94,7 +94,7 @@ class GrammarCompiler:
                     xgr.Grammar.from_structural_tag(after_thinking(constraint, grammar))
                 )
             return self._compiler.compile_grammar(grammar)
-        except RuntimeError as exc:  # xgrammar's C++ errors, with the file and line they came from
+        except (RuntimeError, ValueError) as exc:  # xgrammar's C++ errors, with the file and line they came from
             raise GrammarError(_LOCATION.sub("", str(exc).strip())) from None
 
 
@@ -113,6 +113,8 @@ def constraint_grammar(constraint: Constraint) -> str:
             return choice_grammar(json.loads(constraint.spec))
         case "grammar":
             return constraint.spec
+        case "structural_tag":  # xgrammar's own format, as JSON text
+            return _json_strings(str(xgr.Grammar.from_structural_tag(constraint.spec)))
     raise GrammarError(f"unknown constraint kind {constraint.kind!r}")
 
 
@@ -139,9 +141,14 @@ def json_grammar(schema: str, *, strict: bool, compact: bool = False) -> str:
 
     spacing: dict[str, Any] = {"any_whitespace": False} if compact else {"max_whitespace_cnt": MAX_JSON_WHITESPACE}
     grammar = str(xgr.Grammar.from_json_schema(schema, strict_mode=strict, **spacing))
-    # xgrammar lets a string's characters be control characters (where it bounds its length), which
-    # JSON forbids unescaped, and UTF-16 surrogates, which UTF-8 cannot hold: a model that picks
-    # byte tokens at random writes both, and json.loads and pydantic refuse such an answer.
+    return _json_strings(grammar)
+
+
+def _json_strings(grammar: str) -> str:
+    """`grammar` with its JSON strings' characters as JSON has them. xgrammar lets a string's
+    characters be control characters (where it bounds its length), which JSON forbids unescaped,
+    and UTF-16 surrogates, which UTF-8 cannot hold: a model that picks byte tokens at random
+    writes both, and json.loads and pydantic refuse such an answer."""
     for chars in _STRING_CHARS:
         grammar = grammar.replace(chars, _JSON_STRING_CHAR)
     return grammar

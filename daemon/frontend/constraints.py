@@ -22,11 +22,7 @@ from daemon.ipc.messages import Constraint
 MAX_CONSTRAINT_CHARS = 128 * 1024
 _STRUCTURED_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 # structured_outputs options that would change what is allowed, which the engine does not do
-_STRUCTURED_REFUSED = (
-    "disable_additional_properties",
-    "whitespace_pattern",
-    "structural_tag",
-)
+_STRUCTURED_REFUSED = ("disable_additional_properties", "whitespace_pattern")
 _STRUCTURED_NEUTRAL = ("disable_fallback",)  # there is one backend, which never falls back
 
 
@@ -74,7 +70,7 @@ def _response_format(value: dict[str, Any]) -> list[Constraint]:
             )
         return [_constraint("json_schema", spec["schema"], "response_format")]
     if kind == "structural_tag":
-        raise BadRequest("`response_format` type structural_tag is not supported yet", "response_format")
+        return [_structural_tag(value, "response_format")]
     raise BadRequest(
         f"`response_format.type` must be text, json_object or json_schema, not {kind!r}", "response_format"
     )
@@ -85,22 +81,58 @@ def _structured_outputs(value: dict[str, Any]) -> Constraint:
     for option in _STRUCTURED_REFUSED:
         if value.get(option) not in (None, False):
             raise BadRequest(f"`{param}.{option}` is not supported", param)
-    unknown = sorted(
-        set(value) - set(_STRUCTURED_KINDS) - {"json_object", "disable_any_whitespace"} - set(_STRUCTURED_REFUSED)
-    )
-    unknown = [key for key in unknown if key not in _STRUCTURED_NEUTRAL]
+    known = {*_STRUCTURED_KINDS, "json_object", "structural_tag", "disable_any_whitespace"}
+    unknown = sorted(set(value) - known - set(_STRUCTURED_REFUSED) - set(_STRUCTURED_NEUTRAL))
     if unknown:
         raise BadRequest(f"`{param}` has no option {unknown[0]!r}", param)
     asked = [key for key in _STRUCTURED_KINDS if value.get(key) is not None]
-    if value.get("json_object"):
-        asked.append("json_object")
+    asked += [key for key in ("json_object", "structural_tag") if value.get(key)]
     if len(asked) != 1:
-        kinds = ", ".join([*_STRUCTURED_KINDS, "json_object"])
+        kinds = ", ".join([*_STRUCTURED_KINDS, "json_object", "structural_tag"])
         raise BadRequest(f"`{param}` must set exactly one of {kinds} (it sets {len(asked)})", param)
     compact = bool(value.get("disable_any_whitespace"))  # vLLM's: JSON without free whitespace
     if asked[0] == "json_object":
         return Constraint("json_object", "", param, compact=compact)
+    if asked[0] == "structural_tag":  # vLLM's: the tag as JSON text
+        try:
+            tag = json.loads(value["structural_tag"]) if isinstance(value["structural_tag"], str) else None
+        except ValueError as exc:
+            raise BadRequest(f"`{param}.structural_tag` is not valid JSON: {exc}", param) from None
+        if not isinstance(tag, dict):
+            raise BadRequest(f"`{param}.structural_tag` must be a JSON object, as text", param)
+        return _structural_tag(tag, param)
     return msgspec.structs.replace(_constraint(_STRUCTURED_KINDS[asked[0]], value[asked[0]], param), compact=compact)
+
+
+def _structural_tag(value: dict[str, Any], param: str) -> Constraint:
+    """A structural tag: text in which, after one of `triggers`, a tag's begin string, content
+    valid for its schema and end string follow (vLLM's `structures` and `triggers`), or xgrammar's
+    own format under `format`."""
+    if "format" in value:
+        tag = {"type": "structural_tag", "format": value["format"]}
+    else:
+        structures, triggers = value.get("structures"), value.get("triggers")
+        if not isinstance(structures, list) or not structures or not isinstance(triggers, list) or not triggers:
+            raise BadRequest(
+                f"`{param}`: a structural tag needs `structures` ([{{begin, schema, end}}]) and `triggers`, "
+                "or `format`",
+                param,
+            )
+        for item in structures:
+            if not (isinstance(item, dict) and isinstance(item.get("begin"), str) and isinstance(item.get("end"), str)):
+                raise BadRequest(f"`{param}`: each structure needs a `begin` and an `end` string", param)
+        tags = [
+            {
+                "type": "tag",
+                "begin": item["begin"],
+                "content": {"type": "json_schema", "json_schema": item.get("schema", {})},
+                "end": item["end"],
+            }
+            for item in structures
+        ]
+        tag = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": triggers, "tags": tags}}
+    spec = json.dumps(tag, ensure_ascii=False)
+    return Constraint("structural_tag", _within_bound(spec, "structural tag", param), param)
 
 
 def _constraint(kind: str, value: Any, param: str) -> Constraint:
@@ -123,10 +155,14 @@ def _constraint(kind: str, value: Any, param: str) -> Constraint:
             if not isinstance(value, str) or not value:
                 raise BadRequest(f"`{param}`: the {kind} must be a non-empty string", param)
             spec = value
+    return Constraint(kind, _within_bound(spec, kind.replace("_", " "), param), param)  # type: ignore[arg-type]
+
+
+def _within_bound(spec: str, what: str, param: str) -> str:
     if len(spec) > MAX_CONSTRAINT_CHARS:
         raise BadRequest(
-            f"`{param}`: the {kind.replace('_', ' ')} is {len(spec)} characters long, more than this server "
-            f"compiles ({MAX_CONSTRAINT_CHARS})",
+            f"`{param}`: the {what} is {len(spec)} characters long, more than this server compiles "
+            f"({MAX_CONSTRAINT_CHARS})",
             param,
         )
-    return Constraint(kind, spec, param)  # type: ignore[arg-type]
+    return spec

@@ -207,16 +207,17 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     response_format: Annotated[
         dict[str, Any] | None,
         honoured(
-            "The shape of the answer: {type: text}, {type: json_object} (a JSON object), or {type: json_schema, "
+            "The shape of the answer: {type: text}, {type: json_object} (a JSON object), {type: json_schema, "
             "json_schema: {name, schema, strict}} (JSON valid for the schema, always enforced as strict: true "
-            "asks). Enforced token by token with a grammar (xgrammar)."
+            "asks), or vLLM's {type: structural_tag} (structures and triggers, or xgrammar's format). Enforced "
+            "token by token with a grammar (xgrammar)."
         ),
     ] = None
     structured_outputs: Annotated[
         dict[str, Any] | None,
         honoured(
             "vLLM's constrained decoding: exactly one of json (a schema), regex, choice (a list of strings), "
-            "grammar (EBNF) or json_object: true."
+            "grammar (EBNF), structural_tag (its JSON text) or json_object: true; disable_any_whitespace: compact JSON."
         ),
     ] = None
     guided_json: Annotated[Any, honoured("vLLM's older JSON-schema constraint (an object, or its JSON text).")] = None

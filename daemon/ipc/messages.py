@@ -54,7 +54,7 @@ class Constraint(msgspec.Struct, frozen=True, array_like=True):
     """What a constrained request's output must match (engine/grammar.py compiles it): a JSON schema
     (as JSON text), any JSON object, a regex, one of some strings (a JSON array), or an EBNF grammar."""
 
-    kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+    kind: Literal["json_schema", "json_object", "regex", "choice", "grammar", "structural_tag"]
     spec: str = ""
     param: str = "response_format"  # the request field it came from, for the 400 when it does not compile
     compact: bool = False  # JSON without whitespace between tokens (but ", " and ": ")
