@@ -22,6 +22,7 @@ from daemon.frontend.tool_parsers import (
     ToolParser,
     parser_named,
 )
+from daemon.frontend.tool_parsers.required import RequiredParser
 from daemon.tokenizer.chat import ChatTemplate
 
 TOOLS = ("get_weather", "search", "now")
@@ -378,3 +379,23 @@ def test_parser_named():
 )
 def test_model_tool_parser_auto_reads_the_chat_templates_markers(template, expected):
     assert ChatTemplate(template, "tokenizer_config.json", {}).tool_call_format == expected
+
+
+# --- tool_choice required: the JSON array the grammar writes ------------------------------------------
+
+
+def required_call(name: str, arguments: str) -> str:
+    return f'{{"name": "{name}", "parameters": {arguments}}}'
+
+
+@pytest.mark.parametrize("separator", [", ", ","])
+def test_required_array_of_calls(separator):
+    text = "[" + separator.join([required_call("get_weather", WEATHER), required_call("search", SEARCH)]) + "]"
+    parsed = check_streams(RequiredParser(TOOLS), text)
+    assert parsed.content is None and calls(parsed) == [("get_weather", WEATHER), ("search", SEARCH)]
+
+
+def test_required_array_cut_short_keeps_the_whole_calls_and_shows_the_rest():
+    text = "[" + required_call("now", NOW) + ', {"name": "search", "param'
+    parsed = check_streams(RequiredParser(TOOLS), text)
+    assert calls(parsed) == [("now", NOW)] and parsed.content == ', {"name": "search", "param'

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from daemon.frontend.reasoning import ReasoningParser
 from daemon.frontend.tool_parsers import ToolCall, ToolCallDelta, ToolStream, parser_named
-from daemon.frontend.tools import ToolPlan, required_calls
+from daemon.frontend.tool_parsers.required import RequiredParser
+from daemon.frontend.tools import ToolPlan
 
 
 @dataclass
@@ -57,13 +58,13 @@ class AnswerStream:
     def __init__(self, shape: AnswerShape):
         self._plan = shape.plan
         self._reasoning = shape.reasoning.stream() if shape.reasoning is not None else None
-        self._tools: ToolStream | None = None
+        self._tools: ToolStream | None = None  # auto and required: calls parsed out of the text
         if self._plan is not None and self._plan.choice == "auto":
             assert shape.tool_parser is not None, "the tokenizer refuses auto without a parser"
             self._tools = parser_named(shape.tool_parser)(self._plan.names).stream()
-        self._held: list[str] = []  # a required answer: parsed whole at its end
+        elif self._plan is not None and self._plan.choice == "required":
+            self._tools = RequiredParser(self._plan.names).stream()
         self._named_id: str | None = None
-        self._named_calls: list[ToolCall] = []
         self._named_arguments: list[str] = []
 
     @property
@@ -73,7 +74,7 @@ class AnswerStream:
             return self._tools.calls[:1] if self._plan.one_call else self._tools.calls
         if self._plan is not None and self._plan.choice == "named" and self._named_id is not None:
             return [ToolCall(self._named_id, self._plan.named or "", "".join(self._named_arguments))]
-        return self._named_calls
+        return []
 
     def feed(self, text: str) -> Shaped:
         shaped = Shaped()
@@ -112,18 +113,3 @@ class AnswerStream:
             if text:
                 self._named_arguments.append(text)
                 shaped.tool_calls.append(ToolCallDelta(0, arguments=text))
-        else:  # required: one JSON array, parsed once whole
-            self._held.append(text)
-            if final:
-                whole = "".join(self._held)
-                calls = required_calls(whole)
-                if calls is None:  # cut short (max_tokens): shown as it is
-                    shaped.content = whole
-                    return
-                for index, (name, arguments) in enumerate(calls):
-                    call = ToolCall(new_call_id(), name, arguments)
-                    self._named_calls.append(call)
-                    shaped.tool_calls += [
-                        ToolCallDelta(index, call.id, name),
-                        ToolCallDelta(index, arguments=arguments),
-                    ]

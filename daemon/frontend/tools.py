@@ -107,15 +107,3 @@ def _calls_schema(parameters: dict[str, dict[str, Any]], *, one: bool) -> dict[s
     ]
     items = call[0] if len(call) == 1 else {"anyOf": call}
     return {"type": "array", "items": items, "minItems": 1, **({"maxItems": 1} if one else {})}
-
-
-def required_calls(text: str) -> list[tuple[str, str]] | None:
-    """(name, arguments JSON) of each call of a `required` answer; None when it is not whole
-    (cut by max_tokens)."""
-    try:
-        calls = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
-        return None
-    return [(c["name"], json.dumps(c.get("parameters", {}), ensure_ascii=False)) for c in calls]
