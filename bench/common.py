@@ -20,6 +20,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -399,6 +400,36 @@ def h2load_completions(
     # -N bounds the wait for an answer; -T would close a busy connection after that long, mid-run.
     argv += ["-H", "content-type: application/json", "-N", str(int(REQUEST_TIMEOUT_S)), url + "/v1/completions"]
     return parse_h2load(label, argv, run_tool(argv, time_limit), requests)
+
+
+def abba_rounds(
+    rounds: int, loads: list[str], run: Callable[[str], tuple[float, int, str]]
+) -> tuple[dict[str, list[float]], int]:
+    """Each load run once a round, two loads in ABBA order (the one that ran second runs first the
+    next round, so that a drift of the shared machine's speed weighs on both alike), each run
+    printed: `run(load)` gives its rate (generated tok/s), failed requests and the engine's line.
+    Returns the rates by load, round by round, and the failed requests."""
+    measured: dict[str, list[float]] = {name: [] for name in loads}
+    failures = 0
+    for round_ in range(rounds):
+        for name in loads if round_ % 2 == 0 else loads[::-1]:
+            rate, failed, line = run(name)
+            measured[name].append(rate)
+            failures += failed
+            print(f"round {round_ + 1}, {name}: {rate:,.0f} generated tok/s ({failed} failed)", flush=True)
+            print(f"  engine: {line}", flush=True)
+    return measured, failures
+
+
+def ratio_line(what: str, baseline: list[float], measured: list[float]) -> str:
+    """`what`, round by round and the median: each round's two runs are neighbours in time, so their
+    ratio is the figure the noise of a shared machine disturbs least."""
+    ratios = [m / b for b, m in zip(baseline, measured, strict=True)]
+    return (
+        f"{what}, round by round: "
+        + ", ".join(f"{100 * (r - 1):+.0f}%" for r in ratios)
+        + f"; median {100 * (statistics.median(ratios) - 1):+.0f}%"
+    )
 
 
 # --- logs, machine, run ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from common import RunFrame, Server, h2load_completions, print_header, versions
+from common import RunFrame, Server, abba_rounds, h2load_completions, print_header, ratio_line, versions
 from vllm_peer import engine_figures, engine_line, settled_engine_figures
 
 CONCURRENCY = 64
@@ -113,35 +113,21 @@ def main(argv: list[str] | None = None) -> int:
         daemon = frame.start_demo_daemon()
         engine_figures(daemon.url)  # the front-end answers
         throughput(daemon, LOADS["all greedy"], argparse.Namespace(**{**vars(args), "requests": 64}), frame.work)
-        measured: dict[str, list[float]] = {name: [] for name in LOADS}
-        failures = 0
-        for round_ in range(args.rounds):
-            # ABBA: the load that ran second runs first next round, so that a drift of the machine's
-            # speed (other work on shared cores) weighs on both alike
-            order = list(LOADS.items()) if round_ % 2 == 0 else list(LOADS.items())[::-1]
-            for name, bodies in order:
-                before, started = settled_engine_figures(daemon.url), time.monotonic()
-                rate, failed = throughput(daemon, [body(b, args) for b in bodies], args, frame.work)
-                elapsed = time.monotonic() - started
-                measured[name].append(rate)
-                failures += failed
-                print(f"round {round_ + 1}, {name}: {rate:,.0f} generated tok/s ({failed} failed)", flush=True)
-                print(f"  engine: {engine_line(before, settled_engine_figures(daemon.url), elapsed)}", flush=True)
+
+        def run(name: str) -> tuple[float, int, str]:
+            before, started = settled_engine_figures(daemon.url), time.monotonic()
+            rate, failed = throughput(daemon, [body(b, args) for b in LOADS[name]], args, frame.work)
+            return rate, failed, engine_line(before, settled_engine_figures(daemon.url), time.monotonic() - started)
+
+        measured, failures = abba_rounds(args.rounds, list(LOADS), run)
         greedy, mixed = (statistics.median(measured[name]) for name in LOADS)
-        # each round's two runs are neighbours in time: their ratio is the figure the noise of a
-        # shared machine disturbs least
-        ratios = [m / g for g, m in zip(measured["all greedy"], measured["mixed"], strict=True)]
         print(f"\n| load ({CONCURRENCY} in flight, {args.max_tokens} tokens each) | generated tok/s (median) |")
         print("|---|---|")
         print(
             f"| all greedy | {greedy:,.0f} |\n| mixed (1/3 greedy, 1/3 top_p, 1/3 penalties + min_p + logprobs 5) "
             f"| {mixed:,.0f} |"
         )
-        print(
-            "mixed against all greedy, round by round: "
-            + ", ".join(f"{100 * (r - 1):+.0f}%" for r in ratios)
-            + f"; median {100 * (statistics.median(ratios) - 1):+.0f}%"
-        )
+        print(ratio_line("mixed against all greedy", measured["all greedy"], measured["mixed"]))
         print(f"failed requests: {failures}")
         costs = {}
         for choices in (1, 4):

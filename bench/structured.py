@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from common import RunFrame, Server, h2load_completions, print_header, versions
+from common import RunFrame, Server, abba_rounds, h2load_completions, print_header, ratio_line, versions
 from vllm_peer import engine_figures, engine_line, settled_engine_figures
 
 CONCURRENCY = 64
@@ -128,26 +128,16 @@ def main(argv: list[str] | None = None) -> int:
             argparse.Namespace(**{**vars(args), "requests": 64}),
             frame.work,
         )
-        measured: dict[str, list[float]] = {name: [] for name in LOADS}
-        failures = 0
-        for round_ in range(args.rounds):
-            order = list(LOADS.items()) if round_ % 2 == 0 else list(LOADS.items())[::-1]  # ABBA
-            for name, bodies in order:
-                rate, failed, line = throughput(daemon, [body(b, args) for b in bodies], args, frame.work)
-                measured[name].append(rate)
-                failures += failed
-                print(f"round {round_ + 1}, {name}: {rate:,.0f} generated tok/s ({failed} failed)", flush=True)
-                print(f"  engine: {line}", flush=True)
-        ratios = [c / u for u, c in zip(measured["unconstrained"], measured["half constrained"], strict=True)]
+        measured, failures = abba_rounds(
+            args.rounds,
+            list(LOADS),
+            lambda name: throughput(daemon, [body(b, args) for b in LOADS[name]], args, frame.work),
+        )
         print(f"\n| load ({CONCURRENCY} in flight, at most {args.max_tokens} tokens each) | generated tok/s (median) |")
         print("|---|---|")
         for name in LOADS:
             print(f"| {name} | {statistics.median(measured[name]):,.0f} |")
-        print(
-            "half constrained against unconstrained, round by round: "
-            + ", ".join(f"{100 * (r - 1):+.0f}%" for r in ratios)
-            + f"; median {100 * (statistics.median(ratios) - 1):+.0f}%"
-        )
+        print(ratio_line("half constrained against unconstrained", *measured.values()))
         print(f"failed requests: {failures}")
         print(frame.stop(daemon))
     return frame.finish(keep=False)
