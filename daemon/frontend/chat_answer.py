@@ -6,11 +6,10 @@ The two ways agree: a stream's deltas add up to what the whole answer gives.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 
 from daemon.frontend.reasoning import ReasoningParser
-from daemon.frontend.tool_parsers import ToolCall, ToolCallDelta, ToolStream, parser_named
+from daemon.frontend.tool_parsers import ToolCall, ToolCallDelta, ToolStream, new_call_id, parser_named
 from daemon.frontend.tool_parsers.required import RequiredParser
 from daemon.frontend.tools import ToolPlan
 
@@ -25,10 +24,6 @@ class Shaped:
 
     def __bool__(self) -> bool:
         return bool(self.content or self.reasoning or self.tool_calls)
-
-
-def new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
 
 
 class AnswerShape:

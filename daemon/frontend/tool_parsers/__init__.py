@@ -26,6 +26,11 @@ from json.decoder import scanstring
 from typing import Any, ClassVar
 
 
+def new_call_id() -> str:
+    """A tool call's id, as OpenAI's look: "call_" and 24 random hex digits."""
+    return "call_" + secrets.token_hex(12)
+
+
 @dataclass(frozen=True)
 class ToolCall:
     id: str  # "call_" and 24 random hex digits
@@ -238,7 +243,7 @@ class ToolStream:
             if step.kind is Kind.CONTENT:
                 self._content(delta, self._pending + piece)
             elif step.kind is Kind.CALL:
-                call = ToolCall("call_" + secrets.token_hex(12), step.name, step.arguments)
+                call = ToolCall(new_call_id(), step.name, step.arguments)
                 index = len(self.calls)
                 self.calls.append(call)
                 delta.tool_calls.append(ToolCallDelta(index, call.id, call.name))
