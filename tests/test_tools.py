@@ -255,6 +255,7 @@ def test_a_history_with_calls_and_their_results_is_accepted(hermes):
         ({"tools": [*TOOLS, TOOLS[0]]}, "tools", "twice"),
         ({"tool_choice": "sometimes"}, "tool_choice", "sometimes"),
         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice", "combined"),
+        ({"tool_choice": "required", "min_tokens": 3}, "min_tokens", "tool_choice"),
         (
             {
                 "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],

@@ -50,10 +50,14 @@ def constraint_of(request: CompletionRequest | ChatRequest) -> Constraint | None
             f"`{found[1].param}` cannot be combined with `{found[0].param}`: a request may ask for one constraint",
             found[1].param,
         )
-    if found and request.min_tokens:
-        # the grammar may allow nothing but the end-of-sequence token that min_tokens holds back
-        raise BadRequest(f"`min_tokens` cannot be combined with `{found[0].param}`", "min_tokens")
     return found[0] if found else None
+
+
+def check_beside_min_tokens(constraint: Constraint, min_tokens: int | None) -> None:
+    """A constraint refuses min_tokens: its grammar may allow nothing but the end-of-sequence token
+    that min_tokens holds back."""
+    if min_tokens:
+        raise BadRequest(f"`min_tokens` cannot be combined with `{constraint.param}`", "min_tokens")
 
 
 def _response_format(value: dict[str, Any]) -> list[Constraint]:
@@ -72,7 +76,8 @@ def _response_format(value: dict[str, Any]) -> list[Constraint]:
     if kind == "structural_tag":
         return [_structural_tag(value, "response_format")]
     raise BadRequest(
-        f"`response_format.type` must be text, json_object or json_schema, not {kind!r}", "response_format"
+        f"`response_format.type` must be text, json_object, json_schema or structural_tag, not {kind!r}",
+        "response_format",
     )
 
 

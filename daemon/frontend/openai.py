@@ -15,7 +15,7 @@ import structlog
 from daemon.config.schema import DaemonSettings
 from daemon.frontend import parsing
 from daemon.frontend.asgi import BadRequest
-from daemon.frontend.constraints import constraint_of
+from daemon.frontend.constraints import check_beside_min_tokens, constraint_of
 from daemon.frontend.parsing import Unknown
 from daemon.frontend.request_models import (
     IPC_INT_MAX,
@@ -57,6 +57,8 @@ def to_generate_requests(
                 f"`tool_choice` {tools.choice} cannot be combined with `{constraint.param}`", "tool_choice"
             )
         constraint = tools.constraint
+    if constraint is not None:
+        check_beside_min_tokens(constraint, request.min_tokens)
     thinking = settings.model.reasoning_parser
     if constraint is not None and isinstance(request, ChatRequest) and thinking != "none":
         constraint = msgspec.structs.replace(constraint, thinking=thinking)  # free text until the thinking ends
