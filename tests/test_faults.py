@@ -37,6 +37,8 @@ from harness.procs import children, descendants, describe, free_port, kill_lefto
 from harness.raw_h2 import RawH2
 from harness.wait import never, until
 
+from daemon.pids import pid_alive
+
 KILL_BOUND_S = 10.0  # every request in flight ends within this long of a kill
 READ_TIMEOUT_S = 20.0  # a client read that waits this long is a hang (longer than KILL_BOUND_S on purpose)
 # long enough that a burst is surely all running at once, in the 0.5 s stats /metrics shows, however fast the
@@ -75,10 +77,17 @@ def long_context_settings(model: Path) -> dict[str, object]:
 
 
 def unaccounted(daemon: RunningDaemon) -> list[int]:
-    """Processes of the daemon's tree that are neither a tier in status.json nor a child of the front-end tier."""
-    tiers = set(daemon.tier_pids().values())
+    """Processes of the daemon's tree that are neither a tier in status.json (a tensor-parallel
+    worker's ranks included) nor a child of the front-end tier."""
+    tiers = set(daemon.tier_pids().values()) | {r["pid"] for r in worker_ranks(daemon)}
     frontend = daemon.tier_pids()["frontend-0"]
     return [p for p in descendants(daemon.pid) if p not in tiers and parent(p) != frontend]
+
+
+def worker_ranks(daemon: RunningDaemon) -> list[dict]:
+    """The ranks of the worker's tensor-parallel group, as status.json shows them ([] at tp_size 1)."""
+    model = tier_state(daemon)["worker-0"].get("model") or {}
+    return model.get("ranks", [])
 
 
 @dataclass
@@ -361,6 +370,40 @@ def test_kill_one_tier_under_load(shared, tier):
         gone = {f"frontend-{pid}" for pid in granian_workers}
         assert gone <= sockets_before and not gone & left, left
     assert requests_answered(daemon) >= answered_before, "the request counters started again from 0"
+
+
+TENSOR_PARALLEL = {**SHARED, "model.tp_size": 2}
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_kill_one_tensor_parallel_rank_under_load(shared, rank):
+    """tp_size 2: a kill -9 of either rank ends the whole group, which the supervisor starts again
+    (a new worker epoch, new processes for both ranks); requests in flight end with a 503 (or an
+    error event), and the service comes back."""
+    daemon = shared(TENSOR_PARALLEL)
+    ranks = worker_ranks(daemon)
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["pid"] == daemon.tier_pids()["worker-0"], ranks
+    assert parent(ranks[1]["pid"]) == ranks[0]["pid"], "rank 1 is not rank 0's child"
+    old_epoch = tier_state(daemon)["worker-0"]["epoch"]
+    load = burst(daemon)
+    wait_in_flight(daemon, load)
+    killed_at = time.monotonic()
+    os.kill(ranks[rank]["pid"], signal.SIGKILL)
+    load.join(KILL_BOUND_S + READ_TIMEOUT_S + 5)
+
+    report = f"after kill -9 of rank {rank}:\n{load.report()}\n{daemon.log_tail(25)}"
+    assert any(o.explicit_error for o in load.outcomes), f"the kill hit no request in flight\n{report}"
+    for outcome in load.outcomes:
+        assert outcome.kind == "complete" or outcome.explicit_error, report
+        if outcome.explicit_error:
+            assert outcome.ended_at - killed_at <= KILL_BOUND_S, f"{outcome.label} took too long\n{report}"
+        if outcome.kind == "http-error":
+            assert outcome.status == 503, report
+    daemon.wait_for_event("tier.ready", timeout=RECOVERY_S, tier="worker", index=0, epoch=old_epoch + 1)
+    wait_serving(daemon)
+    new_ranks = worker_ranks(daemon)
+    assert len(new_ranks) == 2 and not {r["pid"] for r in new_ranks} & {r["pid"] for r in ranks}, new_ranks
+    assert not [r["pid"] for r in ranks if pid_alive(r["pid"])], "a rank of the old group outlived it"
 
 
 def requests_answered(daemon: RunningDaemon) -> float:

@@ -747,7 +747,7 @@ CASES: list[Case] = [
         "model.served_model_name",
         line=3,
     ),
-    case("tp-does-not-divide-kv-heads", M + "tp_size = 4\n", "model.tp-divides-heads", "model.tp_size", line=3),
+    case("tp-does-not-divide-heads", M + "tp_size = 8\n", "model.tp-divides-heads", "model.tp_size", line=3),
     case(
         "tp-does-not-divide-demo-heads",
         '[model]\npath = "builtin:demo"\ntp_size = 3\n',
@@ -755,7 +755,13 @@ CASES: list[Case] = [
         "model.tp_size",
         line=3,
     ),
-    case("tensor-parallel-unimplemented", M + "tp_size = 2\n", "model.tp-unimplemented", "model.tp_size", line=3),
+    case(
+        "multi-node-unimplemented",
+        M + 'tp_size = 2\n[distributed]\nnnodes = 2\ndist_init_addr = "10.0.0.1:25000"\n',
+        "model.multi-node-unimplemented",
+        "distributed.nnodes",
+        line=5,
+    ),
     case("cuda-unavailable", M + 'device = "cuda"\n', "model.cuda-unavailable", "model.device", line=3),
     case(
         "context-exceeds-model",
@@ -1057,11 +1063,27 @@ def test_tp_exceeds_gpus_rule() -> None:
     assert rule.findings(_settings(device="cpu", tp_size=2), facts) == []
 
 
+def test_tp_and_kv_heads_rule(tmp_path: Path) -> None:
+    """tp_size must divide the attention heads; the KV heads it may divide or be a multiple of (each
+    is then replicated, as vLLM does)."""
+    rule = RULES_BY_ID["model.tp-divides-heads"]
+
+    def findings(heads: int, kv_heads: int, tp: int) -> list[str]:
+        model = write_model_dir(tmp_path / f"m-{heads}-{kv_heads}", heads=heads, kv_heads=kv_heads)
+        settings = DaemonSettings(model={"path": str(model), "tp_size": tp})
+        return [f.message for f in rule.findings(settings, Facts())]
+
+    assert findings(4, 2, 4) == []  # each KV head on two ranks
+    assert findings(4, 4, 2) == []
+    assert findings(6, 3, 2) == ["tp_size 2 neither divides nor is a multiple of the model's 3 KV heads"]
+    assert findings(4, 2, 8) == ["tp_size 8 does not divide the model's 4 attention heads"]
+
+
 def test_tp_exceeds_gpus_through_the_pipeline(tmp_path: Path) -> None:
     path = tmp_path / "server.toml"
     path.write_text('[model]\npath = "builtin:demo"\ndevice = "cuda"\ntp_size = 2\n')
     report = check_config(path, environ={}, facts=OneGpuFacts())
-    found = [(v.rule, v.key, v.origin.line) for v in report.errors if v.rule != "model.tp-unimplemented"]
+    found = [(v.rule, v.key, v.origin.line) for v in report.errors]
     assert found == [("model.tp-exceeds-gpus", "model.tp_size", 4)]
 
 

@@ -37,7 +37,7 @@ from harness.load import Client, Options, Outcome, Requests, Traffic, request, r
 from harness.logs import logged_at
 from harness.metrics import metric, scrape
 from harness.notify import NotifySocket
-from harness.procs import children, free_port, watches
+from harness.procs import children, free_port, parent, watches
 from harness.reloadable import (
     API_KEY,
     AUTH,
@@ -51,6 +51,8 @@ from harness.reloadable import (
     toml_text,
 )
 from harness.wait import never, until
+
+from daemon.pids import pid_alive
 
 QUIET_S = 2.0  # after a reload, how long to watch for another one that should not come
 
@@ -586,6 +588,49 @@ def test_request_longer_than_the_drain_timeout_ends_with_an_error(manual):
         assert stream.chunks >= 1 and stream.ended_wall < report["at"] + 1, stream
     finally:
         handle.reset()
+
+
+def test_tp_size_reloads_from_one_to_two_and_back_under_load(manual):
+    """model.tp_size is a worker setting: 1 -> 2 -> 1 under load, with no failed request, the model
+    split over two processes in between (rank 1 a child of rank 0, shown in the status), and greedy
+    output the same at either size."""
+    handle = manual
+    handle.reset()
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
+
+    def greedy() -> list[str]:
+        with httpx.Client(base_url=handle.url, headers=AUTH, timeout=READ_TIMEOUT_S) as http:
+            bodies = [{"prompt": p, "max_tokens": 16, "temperature": 0, "ignore_eos": True} for p in prompts]
+            answers = [http.post("/v1/completions", json=b).raise_for_status().json() for b in bodies]
+            return [answer["choices"][0]["text"] for answer in answers]
+
+    def ranks() -> list[dict]:
+        worker = next(t for t in handle.status()["tiers"] if t["tier"] == "worker")
+        return (worker.get("model") or {}).get("ranks", [])
+
+    expected = greedy()
+    split_pids: list[int] = []
+    for tp_size in (2, 1):
+        load = steady_load(handle)
+        try:
+            load.wait_completed(8)
+            run = reload_with(handle, load, {"model.tp_size": tp_size} if tp_size > 1 else {})
+        finally:
+            load.stop(STOP_S)
+        assert run.status == 0 and run.report is not None, run.output
+        assert run.report["result"] == "applied" and run.report["restarted"] == ["worker"], run.report
+        assert_no_failures(load, handle, window=run.window)
+        if tp_size == 2:
+            split = ranks()
+            split_pids[:] = [r["pid"] for r in split]
+            worker = handle.processes()["worker-0"]
+            assert [r["rank"] for r in split] == [0, 1] and split[0]["pid"] == worker, split
+            assert parent(split[1]["pid"]) == worker, "rank 1 is not the worker's child"
+            assert handle.server_info()["effective_config"]["model"]["tp_size"] == 2
+        else:
+            assert ranks() == []
+            until(lambda: not any(map(pid_alive, split_pids)), 10, what="the ranks of tp_size 2 gone")
+        assert greedy() == expected, f"tp_size {tp_size} answers otherwise"
 
 
 # --- 2b. a worker setting, blue-green ------------------------------------------------------------------------

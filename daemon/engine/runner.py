@@ -3,6 +3,11 @@
 The scheduler decides what runs (which sequences, how many tokens, which cache
 blocks); the runner turns that plan into tensors, runs one forward pass and
 returns one token per sequence that asked to sample.
+
+Split across tensor-parallel ranks (parallel.py), every rank runs the same steps over the same
+chunks, each with its share of the model and of the KV cache (its KV heads): rank 0 calls step()
+and the others follow(), which makes the same collectives and samples nothing; the others then
+adopt rank 0's tokens (adopt_sampled) for the next step's placeholders.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from daemon.engine.layers.attention import AttentionBatch, attention_group
 from daemon.engine.logprobs import PromptScores, TokenLogprob
 from daemon.engine.model_dir import model_info_from_config, read_config
 from daemon.engine.models.registry import resolve
+from daemon.engine.parallel import SINGLE, Parallel
 from daemon.engine.sampler import SamplingParams
 from daemon.engine.token_choice import choose_tokens
 from daemon.engine.token_counts import TokenCounts
@@ -73,19 +79,25 @@ class ModelRunner:
         dtype: str = "auto",
         max_positions: int | None = None,
         seed: int = 0,
+        parallel: Parallel = SINGLE,
     ):
+        """`parallel`: this process's rank of a tensor-parallel group (parallel.join_group); it
+        builds and loads its share of the model only."""
         config = read_config(model_dir)
         # what `daemon check` reports, before anything loads: ModelDirError for a field missing or
         # mistyped, UnsupportedModel for what the engine cannot run
         info = model_info_from_config(config, str(model_dir / "config.json"))
         self.family = family = resolve(config)
         self.device = resolve_device(device)
+        if self.device.type == "cuda" and self.device.index is None and parallel.size > 1:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # the rank's (join_group's)
+        self.parallel = parallel
         self.dtype = resolve_dtype(dtype, self.device, config.get("dtype", config.get("torch_dtype")))
         positions = max_positions or info.max_context or 2048
         # Parameters are made in their dtype on their device: a float32 copy first would take twice
         # a half-precision model's memory. Tables (rotary) are float32 whatever the default.
         with torch.device(self.device), _default_dtype(self.dtype):
-            model = family.load_class()(config, family, positions)
+            model = family.load_class()(config, family, positions, parallel)
         self.model = model.eval()
         # Whether a token's keys and values depend only on the tokens up to it, so that a prefix
         # computed by one sequence serves another (prefix caching) exactly as if it computed it.
@@ -107,8 +119,8 @@ class ModelRunner:
 
     @property
     def vocab_size(self) -> int:
-        """The width of the logits (the vocabulary, padded as the checkpoint has it)."""
-        return self.model.head.lm_head.out_features
+        """The width of the logits (the vocabulary, padded as the checkpoint has it), on every rank."""
+        return self.model.head.vocab_size
 
     def enable_grammars(self, compiler: LazyCompiler) -> None:
         """Serve constrained sequences (grammar.py), with grammars compiled by `compiler`."""
@@ -133,10 +145,9 @@ class ModelRunner:
             return self.last_sampled
         self._start_matchers(chunks)
         samplers = [c for c in chunks if c.sample]
-        hidden = self._forward(chunks)
-        logits = self._logits_at(hidden, chunks, [c.sample for c in chunks], last_only=True)
-        if any(c.score_prompt for c in chunks):
-            self._score_prompts(hidden, chunks)
+        logits, prompt_logits = self._forward_and_logits(chunks)
+        if prompt_logits is not None:
+            self._score_prompts(prompt_logits, chunks)
         self._count(chunks, logits.shape[1])
         params = [c.sampling for c in samplers]
         seq_ids = [c.seq_id for c in samplers]
@@ -161,6 +172,31 @@ class ModelRunner:
                 self._advance_matcher(seq_id, self.last_sampled[seq_id])
         self.last_logprobs = {seq_ids[row]: entry for row, entry in found.items() if seq_ids[row] in self.last_sampled}
         return self.last_sampled
+
+    @torch.inference_mode()
+    def follow(self, chunks: list[SequenceChunk]) -> None:
+        """What a rank other than 0 runs while rank 0 runs step(chunks): the same forward pass and
+        head calls, so the same collectives in the same order, and no sampling. Its last_sampled is
+        then empty until adopt_sampled() gives it rank 0's tokens."""
+        self.last_sampled, self.failures, self.last_logprobs, self.last_prompt_logprobs = {}, {}, {}, {}
+        self.last_completed = []
+        if chunks:
+            self._forward_and_logits(chunks)
+
+    def adopt_sampled(self, tokens: dict[int, int]) -> None:
+        """Take rank 0's step() result as this rank's last_sampled: the tokens the next step's
+        chunks carry for the sequences that sampled (a sequence absent from it failed there)."""
+        self.last_sampled = dict(tokens)
+
+    def _forward_and_logits(self, chunks: list[SequenceChunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward pass: the logits of the sampling chunks' last rows, and of every row of the
+        chunks that score their prompt (None when none does). step() and follow() both run it, so
+        every rank makes the same collectives."""
+        hidden = self._forward(chunks)
+        logits = self._logits_at(hidden, chunks, [c.sample for c in chunks], last_only=True)
+        if not any(c.score_prompt for c in chunks):
+            return logits, None
+        return logits, self._logits_at(hidden, chunks, [c.score_prompt for c in chunks], last_only=False)
 
     def _start_matchers(self, chunks: list[SequenceChunk]) -> None:
         """Matchers for the sequences whose constraint comes with this step; one that cannot be
@@ -210,11 +246,9 @@ class ModelRunner:
         ]
         return self.model.logits(hidden.index_select(0, long_tensor(rows, self.device)))
 
-    def _score_prompts(self, hidden: torch.Tensor, chunks: list[SequenceChunk]) -> None:
-        """The logprobs of the prompt tokens of the chunks that score their prompt (one head call
-        for the rows of all of them)."""
-        scored = [c.score_prompt for c in chunks]
-        logits = self._logits_at(hidden, chunks, scored, last_only=False)
+    def _score_prompts(self, logits: torch.Tensor, chunks: list[SequenceChunk]) -> None:
+        """The logprobs of the prompt tokens of the chunks that score their prompt, from `logits`:
+        those of every row of them, in order (one head call for all)."""
         at = 0
         for c in (c for c in chunks if c.score_prompt):
             rows = logits[at : at + len(c.token_ids)]

@@ -3,6 +3,9 @@
 Every tensor the model needs must be in the checkpoint with the right shape,
 and every tensor in the checkpoint must be used: a partial or mismatched load
 is an error that names the tensors, never a model with random weights.
+
+A model split across tensor-parallel ranks says which slices of each tensor it holds
+(layers/linear.py's Pieces); a rank reads only those from the files, not whole tensors.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from daemon.engine.layers.linear import CheckpointTensor
 from daemon.engine.model_dir import ModelDirError, Problem, inspect_model_dir
 from daemon.engine.models.base import CausalLM
 
@@ -31,7 +35,7 @@ def load_weights(model: CausalLM, model_dir: Path) -> None:
                     if name not in params:
                         unexpected.append(name)
                         continue
-                    _copy_into(params[name], tensors.get_tensor(name), name, shard)
+                    _copy_into(params[name], tensors.get_slice(name), name, shard)
                     loaded.add(name)
         except (SafetensorError, OSError) as exc:
             raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"cannot read {shard}: {exc}") from None
@@ -45,14 +49,21 @@ def load_weights(model: CausalLM, model_dir: Path) -> None:
         raise ModelDirError(Problem.WEIGHTS_CORRUPT, f"{model_dir} does not match its config: {'; '.join(problems)}")
 
 
-def _copy_into(param: torch.Tensor, tensor: torch.Tensor, name: str, shard: Path) -> None:
-    if tuple(tensor.shape) != tuple(param.shape):
+def _copy_into(wanted: CheckpointTensor, stored, name: str, shard: Path) -> None:
+    """Copy each Piece of `wanted` from `stored` (a safetensors slice: nothing is read until indexed)."""
+    shape = tuple(stored.get_shape())
+    if shape != wanted.shape:
         raise ModelDirError(
             Problem.WEIGHTS_CORRUPT,
-            f"{shard}: tensor {name} has shape {list(tensor.shape)}, the config implies {list(param.shape)}",
+            f"{shard}: tensor {name} has shape {list(shape)}, the config implies {list(wanted.shape)}",
         )
     with torch.no_grad():
-        param.copy_(tensor.to(dtype=param.dtype))
+        for piece in wanted.pieces:
+            index: tuple = (...,)
+            if piece.dim is not None:
+                index = (slice(None),) * piece.dim + (slice(piece.start, piece.start + piece.length),)
+            part = stored[index]
+            piece.target.copy_(part.to(dtype=piece.target.dtype))
 
 
 def _names(names: list[str]) -> str:

@@ -467,6 +467,16 @@ class LoadedModel(msgspec.Struct, frozen=True):
 
     directory: str  # absolute: the built-in model's directory in the cache, or model.path resolved
     max_model_len: int  # the context it serves: model.context_length, else the model's maximum
+    ranks: list[ModelRank] = []  # with model.tp_size > 1, the processes holding its shares, rank 0 first
+
+
+class ModelRank(msgspec.Struct, frozen=True):
+    """One process of a tensor-parallel worker group."""
+
+    rank: int
+    pid: int
+    device: str
+    node: int = 0  # distributed.node_rank of the machine it runs on
 
 
 # --- front-end <-> tokenizer: /tokenize and /detokenize ------------------------------------------

@@ -23,18 +23,24 @@ tuned_allocator = keep_freed_memory()
 from daemon.engine.demo_model import DemoModelError  # noqa: E402
 from daemon.engine.model_dir import ModelDirError  # noqa: E402
 from daemon.engine.models.registry import UnsupportedModel  # noqa: E402
+from daemon.engine.parallel import ParallelError  # noqa: E402
 from daemon.worker.memory import CacheAllocationFailed, NoRoomBeside  # noqa: E402
 from daemon.worker.service import WorkerService  # noqa: E402
+from daemon.worker.tensor_group import EXIT_RANK_LOST, GroupBroken  # noqa: E402
 
 log = structlog.get_logger("daemon.worker")
 if not tuned_allocator:
     log.info("worker.allocator_untuned", detail="the C library has no mallopt: engine steps may run slower")
 try:
     service = WorkerService(tier, beside=os.environ.get(BESIDE_VAR) == "1")
-except (ModelDirError, UnsupportedModel, DemoModelError, CacheAllocationFailed) as exc:
+except (ModelDirError, UnsupportedModel, DemoModelError, CacheAllocationFailed, ParallelError) as exc:
     log.error("worker.load_failed", error=str(exc))
     raise SystemExit(2) from None
 except NoRoomBeside as exc:
     log.warning("worker.no_room_beside", detail=str(exc))
     raise SystemExit(EXIT_NO_ROOM_BESIDE) from None
-service.run()
+try:
+    service.run()
+except GroupBroken as exc:  # the supervisor restarts the worker, and with it the whole group
+    log.error("worker.group_broken", error=str(exc))
+    raise SystemExit(EXIT_RANK_LOST) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 from daemon.engine import grammar
 from daemon.engine.logprobs import TokenLogprob
@@ -22,10 +23,16 @@ from daemon.ipc.messages import (
 NOT_SAMPLED = "its previous token was never sampled (that step failed for it)"
 
 
-def execute(runner: ModelRunner, plan: StepPlan, worker_epoch: int = 1) -> StepResult:
+def execute(
+    runner: ModelRunner,
+    plan: StepPlan,
+    worker_epoch: int = 1,
+    share: Callable[[list[int], list[SequenceChunk]], None] | None = None,
+) -> StepResult:
     """Run `plan`. A failure of one sequence (its sampling) ends only that one: it is reported in
     `failed` and the step's other tokens are delivered; a failure of the whole step (the forward
-    pass) becomes a StepResult error, so its requests end cleanly."""
+    pass) becomes a StepResult error, so its requests end cleanly. `share(released, chunks)`:
+    hands the step, resolved, to the other ranks of a tensor-parallel group before it runs."""
     started = time.perf_counter()
     for seq_id in plan.finished:
         runner.release(seq_id)
@@ -38,6 +45,8 @@ def execute(runner: ModelRunner, plan: StepPlan, worker_epoch: int = 1) -> StepR
             unsampled[c.seq_id] = NOT_SAMPLED
             continue
         chunks.append(_chunk(c, runner.last_sampled))
+    if share is not None:
+        share(plan.finished, chunks)
     try:
         tokens = runner.step(chunks)
     except Exception as exc:  # noqa: BLE001 - whatever broke, the scheduler must hear of it

@@ -1,10 +1,11 @@
 """The worker process: load the model, size the KV cache, run the scheduler's steps.
 
-One worker per model replica (tensor parallelism over several ranks comes
-later). It binds the `worker` endpoint of its epoch, announces itself to the
-scheduler with its cache size, and then executes step plans as they come, one
-at a time. Started beside a running worker (a blue-green reload), it first
-checks that it fits in the memory left (see memory.py).
+One worker per model replica; with model.tp_size > 1 it is rank 0 of a
+tensor-parallel group and starts the other ranks itself (tensor_group.py). It
+binds the `worker` endpoint of its epoch, announces itself to the scheduler
+with its cache size, and then executes step plans as they come, one at a time.
+Started beside a running worker (a blue-green reload), it first checks that it
+fits in the memory left (see memory.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import queue
 import time
 from pathlib import Path
 
+import msgspec
 import structlog
 import zmq
 
@@ -24,7 +26,8 @@ from daemon.engine.blocks import BLOCK_SIZE
 from daemon.engine.grammar import LazyCompiler, compiler_for_dir, eos_token_ids
 from daemon.engine.locate import locate_model, served_context
 from daemon.engine.model_dir import inspect_model_dir
-from daemon.engine.runner import ModelRunner, resolve_device
+from daemon.engine.parallel import SINGLE, Parallel, join_group
+from daemon.engine.runner import ModelRunner, SequenceChunk, resolve_device
 from daemon.ipc.heartbeat import Pulse
 from daemon.ipc.messages import (
     Broadcast,
@@ -43,6 +46,18 @@ from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
 from daemon.tier import Tier
 from daemon.worker.execute import NOT_SAMPLED, engine_constraint, execute
 from daemon.worker.memory import CacheAllocationFailed, cache_blocks, check_room_beside, gib, weights_size
+from daemon.worker.tensor_group import (
+    COLLECTIVE_TIMEOUT_S,
+    KEEPALIVE_S,
+    Followers,
+    GroupBroken,
+    Order,
+    agree_on_blocks,
+    device_type,
+    group_ranks,
+    init_method,
+    lead,
+)
 
 log = structlog.get_logger("daemon.worker")
 ANNOUNCE_INTERVAL_S = 1.0  # how often an idle worker tells the scheduler it is there
@@ -54,14 +69,18 @@ def cpu_threads(configured: int | None) -> int:
     return configured or max(1, len(os.sched_getaffinity(0)) - 2)
 
 
-def load_runner(settings: DaemonSettings, *, beside: bool = False) -> tuple[ModelRunner, LoadedModel]:
+def load_runner(
+    settings: DaemonSettings, *, beside: bool = False, parallel: Parallel = SINGLE
+) -> tuple[ModelRunner, LoadedModel]:
     """The model with its KV cache, and where it came from and the context it serves. `beside`:
-    another worker runs (NoRoomBeside if this one would not fit beside it)."""
+    another worker runs (NoRoomBeside if this one would not fit beside it). `parallel`: this
+    process's rank of a tensor-parallel group (every rank of it calls this at once)."""
     import torch
 
     from daemon.engine.kv_cache import KVCache
 
-    torch.set_num_threads(cpu_threads(settings.model.cpu_threads))  # CUDA runs ignore it
+    # CUDA runs ignore it; the ranks of a group on one machine share its CPUs
+    torch.set_num_threads(max(1, cpu_threads(settings.model.cpu_threads) // parallel.size))
 
     model_dir = locate_model(settings.model.path, settings.runtime.cache_dir, build=True)
     context = served_context(inspect_model_dir(model_dir), settings.model.context_length)
@@ -74,10 +93,11 @@ def load_runner(settings: DaemonSettings, *, beside: bool = False) -> tuple[Mode
         dtype=settings.model.dtype,
         max_positions=context,
         seed=settings.model.seed,
+        parallel=parallel,
     )
     model = probe.model
     per_token = KVCache.bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, probe.dtype)
-    blocks = cache_blocks(settings, per_token, context, probe.device.type)
+    blocks = agree_on_blocks(parallel, cache_blocks(settings, per_token, context, probe.device.type))
     size = blocks * BLOCK_SIZE * per_token
     if beside:
         check_room_beside(settings, size, probe.device.type, what="the KV cache")
@@ -94,8 +114,21 @@ def load_runner(settings: DaemonSettings, *, beside: bool = False) -> tuple[Mode
 class WorkerService:
     def __init__(self, tier: Tier, *, beside: bool = False):
         self.tier = tier
-        self.runner, self.model = load_runner(tier.settings, beside=beside)
         settings = tier.settings
+        self.followers: Followers | None = None
+        self.parallel = SINGLE
+        self._last_order = time.monotonic()  # when the other ranks last heard from this one
+        try:
+            if settings.model.tp_size > 1:
+                self._start_group(settings)
+            self.runner, self.model = load_runner(settings, beside=beside, parallel=self.parallel)
+            if self.followers is not None:
+                ranks = group_ranks(settings, self.runner.device, [os.getpid(), *self.followers.pids])
+                self.model = msgspec.structs.replace(self.model, ranks=ranks)
+        except BaseException:
+            if self.followers is not None:
+                self.followers.stop()
+            raise
         tokenizer_ref = settings.tokenizer.path or settings.model.path
         tokenizer_dir = locate_model(tokenizer_ref, settings.runtime.cache_dir, build=False)
         model_dir = Path(self.model.directory)
@@ -125,7 +158,26 @@ class WorkerService:
         os.set_blocking(self._compiled_read, False)
         self.poller.register(self._compiled_read, zmq.POLLIN)
 
+    def _start_group(self, settings: DaemonSettings) -> None:
+        """Start ranks 1..tp_size-1 and join them; the model is found (the demo model built) first,
+        so that they find it there."""
+        locate_model(settings.model.path, settings.runtime.cache_dir, build=True)
+        group = init_method(settings, self.tier.endpoints.directory, self.tier.epoch)
+        with contextlib.suppress(FileNotFoundError):  # a file store left by a group that died
+            os.unlink(group.removeprefix("file://"))
+        self.followers = Followers(settings.model.tp_size, group)
+        self.parallel = join_group(
+            0, settings.model.tp_size, group, device_type=device_type(settings), timeout_s=COLLECTIVE_TIMEOUT_S
+        )
+
     def run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self.followers is not None:
+                self.followers.stop()
+
+    def _serve(self) -> None:
         tier = self.tier
         log.info(
             "worker.ready",
@@ -137,6 +189,7 @@ class WorkerService:
             attention="paged kernel" if self.runner.cache.keys_transposed else "torch over gathered blocks",
             cache_tokens=self.num_blocks * BLOCK_SIZE,
             context=self.context,
+            ranks=[(r.rank, r.pid, r.device) for r in self.model.ranks] or None,
         )
         send(self.control, TierReady(tier.role, tier.index, os.getpid(), self.model))
         # The first announcement must not be lost to a connection still being made: the
@@ -149,6 +202,8 @@ class WorkerService:
                 announced = time.monotonic()
             self.pulse.beat()
             ready = dict(self.poller.poll(int(ANNOUNCE_INTERVAL_S * 1000)))
+            if self.followers is not None and time.monotonic() - self._last_order >= KEEPALIVE_S:
+                self._order(Order(keepalive=True))
             if self.events.socket in ready:
                 for event in self.events.recv_ready():
                     if isinstance(event, ConfigUpdate):  # nothing of the worker's is live but its logging
@@ -164,10 +219,17 @@ class WorkerService:
                 self._announce_compiled()
 
     def _run(self, plan: StepPlan) -> None:
-        if plan.scheduler_epoch != self.scheduler_epoch:
+        forget = plan.scheduler_epoch != self.scheduler_epoch
+        if forget:
             self.runner.forget_all()  # a new scheduler: sequence ids start again
             self.scheduler_epoch = plan.scheduler_epoch
-        result = execute(self.runner, plan, self.tier.epoch)
+        share = None
+        if self.followers is not None:  # the other ranks run the same step, on the same chunks
+
+            def share(released: list[int], chunks: list[SequenceChunk]) -> None:
+                self._order(Order(chunks, released, forget_all=forget))
+
+        result = execute(self.runner, plan, self.tier.epoch, share=share)
         if result.error:
             log.error("worker.step_failed", step=plan.step, error=result.error)
         for seq_id, why in result.failed.items():  # a sequence skipped after its failure is no news
@@ -178,6 +240,13 @@ class WorkerService:
             send(self.scheduler, result)
         except PeerGone:
             log.warning("worker.scheduler_gone", step=plan.step)
+        if result.error and self.followers is not None:
+            # the ranks may have stopped at different collectives: the group cannot go on in step
+            raise GroupBroken(f"step {plan.step} failed: {result.error}")
+
+    def _order(self, order: Order) -> None:
+        lead(self.parallel, order)
+        self._last_order = time.monotonic()
 
     def _prepare(self, constraint: Constraint) -> None:
         def then() -> None:  # on the grammar thread
@@ -196,7 +265,11 @@ class WorkerService:
 
     def _announce(self) -> None:
         ready = WorkerReady(
-            self.tier.epoch, self.num_blocks, BLOCK_SIZE, self.context, prefix_cacheable=self.runner.prefix_cacheable
+            self.tier.epoch,
+            self.num_blocks,
+            BLOCK_SIZE,
+            self.context,
+            prefix_cacheable=self.runner.prefix_cacheable,
         )
         with contextlib.suppress(PeerGone):  # no scheduler yet: it will hear the next announcement
             send(self.scheduler, ready)

@@ -127,31 +127,32 @@ schema_rule(
 
 
 @rule(
-    "model.tp-unimplemented",
-    keys=["model.tp_size", "distributed.nnodes"],
-    fix="use tp_size = 1 and nnodes = 1: this release runs the model on one device",
+    "model.multi-node-unimplemented",
+    keys=["distributed.nnodes"],
+    fix="use nnodes = 1: this release spreads a model over the devices of one machine",
 )
-def _tp_unimplemented(c: DaemonSettings, f: Facts) -> CheckResult:
-    """The engine runs a model on one device; tensor parallelism and several nodes are not implemented yet."""
-    if c.model.tp_size > 1 or c.distributed.nnodes > 1:
-        parallel = f"tp_size {c.model.tp_size} over nnodes {c.distributed.nnodes}"
-        return f"{parallel}: tensor parallelism is not implemented yet"
+def _multi_node_unimplemented(c: DaemonSettings, f: Facts) -> CheckResult:
+    """A model runs on one machine; several nodes are not implemented yet."""
+    if c.distributed.nnodes > 1:
+        return f"nnodes {c.distributed.nnodes}: serving over several machines is not implemented yet"
 
 
 @rule(
     "model.tp-divides-heads",
     keys=["model.tp_size", "model.path"],
-    fix="use a tp_size that divides both the model's attention heads and its KV heads",
+    fix="use a tp_size that divides the model's attention heads, and divides or is a multiple of its KV heads",
 )
 def _tp_heads(c: DaemonSettings, f: Facts) -> CheckResult:
-    """tp_size divides the model's attention heads and KV heads, so each GPU holds whole heads."""
+    """tp_size divides the attention heads, and divides or is a multiple of the KV heads (each held by some ranks)."""
     info = model_info(f, c)
     tp = c.model.tp_size
-    if info and (info.num_attention_heads % tp or info.num_key_value_heads % tp):
-        return (
-            f"tp_size {tp} does not divide the model's {info.num_attention_heads} attention heads "
-            f"and {info.num_key_value_heads} KV heads"
-        )
+    if info is None or tp == 1:
+        return None
+    heads, kv_heads = info.num_attention_heads, info.num_key_value_heads
+    if heads % tp:
+        return f"tp_size {tp} does not divide the model's {heads} attention heads"
+    if kv_heads % tp and tp % kv_heads:
+        return f"tp_size {tp} neither divides nor is a multiple of the model's {kv_heads} KV heads"
 
 
 @rule(

@@ -17,6 +17,10 @@ How a step is done, and why:
 - The results go back to (token, slot) order through the sort's permutation and the k slots
   are summed, in float32 at least: no scatter-add with repeated indices (atomic, so unordered
   and not reproducible on CUDA), and the routing weights apply at full precision.
+- Split across tensor-parallel ranks (as vLLM's TP MoE is), every rank holds every expert's
+  share of the intermediate size: gate/up [E, 2I/size, H], down [E, H, I/size], so each rank
+  runs the same routing (the router is whole everywhere) over its slices, and the block's
+  partial sums, the shared expert's among them, meet in one all-reduce.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from daemon.engine.layers.activation import activation
+from daemon.engine.layers.linear import CheckpointTensor, Piece
 from daemon.engine.layers.mlp import GatedMLP
+from daemon.engine.parallel import SINGLE, Parallel
 
 
 @dataclass(frozen=True)
@@ -50,21 +56,32 @@ class MoEShape:
 class SparseMoE(nn.Module):
     """The block that replaces a decoder layer's MLP; its parts are named as the checkpoints name them."""
 
-    def __init__(self, shape: MoEShape):
+    def __init__(self, shape: MoEShape, parallel: Parallel = SINGLE):
         super().__init__()
         self.shape = shape
+        self.parallel = parallel
         self.gate = nn.Linear(shape.hidden_size, shape.num_experts, bias=False)  # the router
-        self.experts = StackedExperts(shape)
+        self.experts = StackedExperts(shape, parallel)
         self.shared_expert = self.shared_expert_gate = None
         if shape.shared_intermediate_size:
-            self.shared_expert = GatedMLP(shape.hidden_size, shape.shared_intermediate_size, shape.activation)
+            self.shared_expert = GatedMLP(
+                shape.hidden_size,
+                shape.shared_intermediate_size,
+                shape.activation,
+                parallel=parallel,
+                reduce=False,  # reduced with the experts' sum, below
+                what="shared_expert_intermediate_size",
+            )
             self.shared_expert_gate = nn.Linear(shape.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
         out = self.experts(x, experts, weights)
         if self.shared_expert is not None:
+            # the gate is per token, whole on every rank: scaling each rank's partial sum scales the total
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.parallel.size > 1:
+            self.parallel.all_reduce(out)
         return out
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +96,12 @@ class SparseMoE(nn.Module):
 class StackedExperts(nn.Module):
     """All experts' gated MLPs as two stacked weights; holds no submodules (it maps its own tensors)."""
 
-    def __init__(self, shape: MoEShape):
+    def __init__(self, shape: MoEShape, parallel: Parallel = SINGLE):
         super().__init__()
-        experts, hidden, inner = shape.num_experts, shape.hidden_size, shape.intermediate_size
-        self.num_experts, self.hidden_size, self.intermediate_size = experts, hidden, inner
+        experts, hidden = shape.num_experts, shape.hidden_size
+        self.inner_start, inner = parallel.shard(shape.intermediate_size, "each expert's intermediate size")
+        self.num_experts, self.hidden_size, self.intermediate_size = experts, hidden, inner  # this rank's share
+        self.total_intermediate_size = shape.intermediate_size
         self.names = shape.expert_names
         self.gate_up = nn.Parameter(torch.empty(experts, 2 * inner, hidden))
         self.down = nn.Parameter(torch.empty(experts, hidden, inner))
@@ -91,14 +110,18 @@ class StackedExperts(nn.Module):
         nn.init.uniform_(self.gate_up, -(hidden**-0.5), hidden**-0.5)
         nn.init.uniform_(self.down, -(inner**-0.5), inner**-0.5)
 
-    def checkpoint_parts(self) -> dict[str, torch.Tensor]:
-        """experts.{e}.{gate,up,down}.weight (relative to the MoE block) -> their slices of the stacks."""
+    def checkpoint_parts(self, name: str) -> dict[str, CheckpointTensor]:
+        """{name}.{e}.{gate,up,down}.weight (relative to the MoE block) -> this rank's rows of gate and up,
+        columns of down, in their slices of the stacks."""
         gate, up, down = self.names
-        inner, parts = self.intermediate_size, {}
+        start, inner, total = self.inner_start, self.intermediate_size, self.total_intermediate_size
+        projection, down_shape = (total, self.hidden_size), (self.hidden_size, total)
+        parts = {}
         for e in range(self.num_experts):
-            parts[f"experts.{e}.{gate}.weight"] = self.gate_up[e, :inner]
-            parts[f"experts.{e}.{up}.weight"] = self.gate_up[e, inner:]
-            parts[f"experts.{e}.{down}.weight"] = self.down[e]
+            gate_rows, up_rows = self.gate_up[e, :inner], self.gate_up[e, inner:]
+            parts[f"{name}.{e}.{gate}.weight"] = CheckpointTensor(projection, (Piece(gate_rows, 0, start, inner),))
+            parts[f"{name}.{e}.{up}.weight"] = CheckpointTensor(projection, (Piece(up_rows, 0, start, inner),))
+            parts[f"{name}.{e}.{down}.weight"] = CheckpointTensor(down_shape, (Piece(self.down[e], 1, start, inner),))
         return parts
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -22,18 +22,20 @@ from daemon.engine.layers.mlp import GatedMLP
 from daemon.engine.layers.norm import OffsetRMSNorm
 from daemon.engine.layers.rotary import RotaryEmbedding, Rotation
 from daemon.engine.layers.self_attention import SelfAttention
+from daemon.engine.layers.vocab import VocabParallelEmbedding
 from daemon.engine.models.base import CausalLM, config_int
 from daemon.engine.models.llama import LlamaShape
 from daemon.engine.models.registry import Family
+from daemon.engine.parallel import SINGLE, Parallel
 
 
-class ScaledEmbedding(nn.Embedding):
+class ScaledEmbedding(VocabParallelEmbedding):
     """Token embeddings times sqrt(hidden_size), the factor rounded to the weights' dtype first as
     transformers rounds it (in bfloat16, sqrt(3072) is 55.5, not 55.43): the checkpoints were
     trained with the rounded one."""
 
-    def __init__(self, vocab_size: int, hidden_size: int):
-        super().__init__(vocab_size, hidden_size)
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: Parallel = SINGLE):
+        super().__init__(vocab_size, hidden_size, parallel)
         self.register_buffer("normalizer", torch.tensor(hidden_size**0.5, dtype=torch.float32), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,8 @@ class Gemma2ForCausalLM(CausalLM):
         "tie_word_embeddings": True,
     }
 
-    def __init__(self, config: dict[str, Any], family: Family, max_positions: int):
+    def __init__(self, config: dict[str, Any], family: Family, max_positions: int, parallel: Parallel = SINGLE):
+        """`parallel`: the tensor-parallel share this model holds (all of it by default)."""
         super().__init__()
         self.config = config = self.defaults | config
         num_layers = config_int(config, "num_hidden_layers")
@@ -77,22 +80,24 @@ class Gemma2ForCausalLM(CausalLM):
         tied = bool(config["tie_word_embeddings"])
         self.shape = shape = LlamaShape.read(config, family, tie_word_embeddings=tied, windows=windows)
         attention = shape.attention
-        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, attention.num_kv_heads, attention.head_dim
+        self.num_layers, self.head_dim = num_layers, attention.head_dim
         self.tie_word_embeddings = tied
 
         self.model = nn.Module()
-        self.model.embed_tokens = ScaledEmbedding(shape.vocab_size, shape.hidden_size)
+        self.model.embed_tokens = ScaledEmbedding(shape.vocab_size, shape.hidden_size, parallel)
         self.model.layers = nn.ModuleList(
             GemmaDecoderLayer(
-                SelfAttention(attention, self.attention_options(config, windows[i]), self.qk_norm()),
-                GatedMLP(shape.hidden_size, shape.intermediate_size, shape.activation),
+                SelfAttention(attention, self.attention_options(config, windows[i]), self.qk_norm(), parallel),
+                GatedMLP(shape.hidden_size, shape.intermediate_size, shape.activation, parallel=parallel),
                 shape.hidden_size,
                 shape.rms_norm_eps,
             )
             for i in range(num_layers)
         )
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads
         self.model.norm = OffsetRMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.head = LogitsHead(shape.hidden_size, shape.vocab_size, softcap=config["final_logit_softcapping"])
+        softcap = config["final_logit_softcapping"]
+        self.head = LogitsHead(shape.hidden_size, shape.vocab_size, softcap=softcap, parallel=parallel)
         if tied:
             self.head.lm_head.weight = self.model.embed_tokens.weight
 

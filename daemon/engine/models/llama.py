@@ -20,8 +20,10 @@ from daemon.engine.layers.mlp import GatedMLP
 from daemon.engine.layers.norm import RMSNorm
 from daemon.engine.layers.rotary import RotaryEmbedding, Rotation
 from daemon.engine.layers.self_attention import AttentionShape, SelfAttention
+from daemon.engine.layers.vocab import VocabParallelEmbedding
 from daemon.engine.models.base import CausalLM, config_int
 from daemon.engine.models.registry import Family
+from daemon.engine.parallel import SINGLE, Parallel
 
 
 @dataclass(frozen=True)
@@ -96,26 +98,29 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    def __init__(self, config: dict[str, Any], family: Family, max_positions: int):
+    def __init__(self, config: dict[str, Any], family: Family, max_positions: int, parallel: Parallel = SINGLE):
+        """`parallel`: the tensor-parallel share this model holds (all of it by default)."""
         super().__init__()
         self.config = config
+        self.parallel = parallel
         self.shape = shape = self.read_shape(config, family)
         attention = shape.attention
-        self.num_layers, self.num_kv_heads, self.head_dim = shape.num_layers, attention.num_kv_heads, attention.head_dim
+        self.num_layers, self.head_dim = shape.num_layers, attention.head_dim
         self.tie_word_embeddings = shape.tie_word_embeddings
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.model.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, parallel)
         self.model.layers = nn.ModuleList(
             DecoderLayer(
-                SelfAttention(attention, self.attention_options(i), self.qk_norm()),
+                SelfAttention(attention, self.attention_options(i), self.qk_norm(), parallel),
                 self.make_mlp(i),
                 shape.hidden_size,
                 shape.rms_norm_eps,
             )
             for i in range(shape.num_layers)
         )
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads
         self.model.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.head = LogitsHead(shape.hidden_size, shape.vocab_size)
+        self.head = LogitsHead(shape.hidden_size, shape.vocab_size, parallel=parallel)
         if shape.tie_word_embeddings:
             self.head.lm_head.weight = self.model.embed_tokens.weight
         self.rotary_emb = RotaryEmbedding(
@@ -135,7 +140,9 @@ class LlamaForCausalLM(CausalLM):
 
     def make_mlp(self, layer: int) -> nn.Module:
         shape = self.shape
-        return GatedMLP(shape.hidden_size, shape.intermediate_size, shape.activation, bias=shape.mlp_bias)
+        return GatedMLP(
+            shape.hidden_size, shape.intermediate_size, shape.activation, bias=shape.mlp_bias, parallel=self.parallel
+        )
 
     def forward(
         self,

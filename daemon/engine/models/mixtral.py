@@ -21,7 +21,7 @@ class MixtralForCausalLM(MistralForCausalLM):
             normalise_top_k=True,
             expert_names=("w1", "w3", "w2"),  # gate, up, down
         )
-        return SparseMoE(shape)
+        return SparseMoE(shape, self.parallel)
 
     def checkpoint_name(self, name: str) -> str:
         # Mixtral's checkpoints call each layer's MoE block block_sparse_moe; the decoder layer calls it mlp

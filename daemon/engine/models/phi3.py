@@ -22,4 +22,10 @@ class Phi3ForCausalLM(LlamaForCausalLM):
 
     def make_mlp(self, layer: int) -> nn.Module:
         shape = self.shape
-        return GatedMLP(shape.hidden_size, shape.intermediate_size, shape.activation, stored_as="gate_up_proj")
+        return GatedMLP(
+            shape.hidden_size,
+            shape.intermediate_size,
+            shape.activation,
+            stored_as="gate_up_proj",
+            parallel=self.parallel,
+        )

@@ -42,5 +42,5 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     def make_mlp(self, layer: int) -> nn.Module:
         moe = self.moe_shape()
         if layer in sparse_layers(self.config, self.shape.num_layers, moe.num_experts):
-            return SparseMoE(moe)
+            return SparseMoE(moe, self.parallel)
         return super().make_mlp(layer)

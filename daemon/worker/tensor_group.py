@@ -1,0 +1,168 @@
+"""A tensor-parallel worker group: the worker the supervisor starts is rank 0, and it starts the others.
+
+With model.tp_size N, the model is split over N processes (engine/parallel.py). Rank 0 is the
+worker tier's process as before: it alone speaks ZeroMQ, to the scheduler and the supervisor.
+It starts ranks 1..N-1 as its own children (`python -m daemon.worker.follower RANK`), in its
+process group, so whatever stops or kills it stops them too. Each step, rank 0 sends the
+step's resolved chunks (last step's tokens filled in) to the others by a torch.distributed
+broadcast, and all ranks run the forward pass together; only rank 0 samples.
+
+The group lives and dies as one. A rank that exits ends rank 0 (a thread watches their
+processes), which the supervisor restarts with a new
+group; rank 0's exit ends the others (tier.guard watches the spawner). When nothing runs, rank 0
+broadcasts a keep-alive now and then, so that the others' wait never reaches the collective
+timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from daemon.tier import SPAWNER_VAR
+
+if TYPE_CHECKING:
+    import torch
+
+    from daemon.config.schema import DaemonSettings
+    from daemon.engine.parallel import Parallel
+    from daemon.engine.runner import ModelRunner, SequenceChunk
+    from daemon.ipc.messages import ModelRank
+
+log = structlog.get_logger("daemon.worker")
+
+RANK_VAR = "DAEMON_TP_RANK"  # a follower's rank in its group
+GROUP_VAR = "DAEMON_TP_INIT"  # where its group meets (torch.distributed init_method)
+# A collective that waits longer fails (and the group restarts) rather than hang: longer than
+# any one step can take, and the followers' idle wait is cut short by keep-alives well before.
+COLLECTIVE_TIMEOUT_S = 600.0
+KEEPALIVE_S = 60.0
+EXIT_RANK_LOST = 1
+
+
+class GroupBroken(RuntimeError):
+    """A rank of the group is gone, or a step failed part-way through its collectives."""
+
+
+@dataclass(frozen=True)
+class Order:
+    """What rank 0 tells the others before each step (or to stay awake, or to stop)."""
+
+    chunks: list[SequenceChunk] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)  # sequences finished: forget them
+    forget_all: bool = False  # a new scheduler numbers sequences afresh
+    keepalive: bool = False
+    stop: bool = False
+
+
+def init_method(settings: DaemonSettings, socket_dir: Path, epoch: int) -> str:
+    """Where a group meets: a file in the daemon's private socket directory, one per worker epoch
+    (two groups may run at once, in a blue-green reload)."""
+    return f"file://{socket_dir / f'tp-group-{epoch}'}"
+
+
+def device_type(settings: DaemonSettings) -> str:
+    from daemon.engine.runner import resolve_device
+
+    return resolve_device(settings.model.device).type
+
+
+def group_ranks(settings: DaemonSettings, device: torch.device, pids: list[int]) -> list[ModelRank]:
+    """What the status shows of each rank: its PID and device (rank r uses CUDA device r of its node)."""
+    from daemon.ipc.messages import ModelRank
+
+    node = settings.distributed.node_rank
+    devices = [f"cuda:{rank}" if device.type == "cuda" else device.type for rank in range(len(pids))]
+    return [ModelRank(rank, pid, dev, node) for rank, (pid, dev) in enumerate(zip(pids, devices, strict=True))]
+
+
+class Followers:
+    """Rank 0's handle on ranks 1..N-1: started together, watched, stopped together."""
+
+    def __init__(self, size: int, group_init: str):
+        self.processes: list[subprocess.Popen] = []
+        env = {**os.environ, SPAWNER_VAR: str(os.getpid()), GROUP_VAR: group_init}
+        for rank in range(1, size):
+            self.processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "daemon.worker.follower", str(rank)],
+                    env={**env, RANK_VAR: str(rank)},
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+        self._stopping = threading.Event()
+        # Watched from a thread, not the worker's loop: a rank may die while rank 0 waits in a
+        # collective for it (loading, or mid-step), and rank 0 must not wait out the timeout.
+        threading.Thread(target=self._watch, name="tp-ranks", daemon=True).start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def _watch(self) -> None:
+        exits = {os.pidfd_open(p.pid): (rank, p) for rank, p in enumerate(self.processes, start=1)}
+        ready, _, _ = select.select(list(exits), [], [])
+        if self._stopping.is_set():
+            return
+        rank, process = exits[ready[0]]
+        process.poll()
+        log.error("worker.rank_lost", rank=rank, rank_pid=process.pid, exit_status=process.returncode)
+        os._exit(EXIT_RANK_LOST)  # the supervisor restarts the group
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for process in self.processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGKILL)
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+
+
+def agree_on_blocks(parallel: Parallel, blocks: int) -> int:
+    """The KV-cache blocks every rank can hold: the fewest any rank can."""
+    if parallel.size == 1:
+        return blocks
+    import torch
+    import torch.distributed as dist
+
+    count = torch.tensor([blocks], dtype=torch.int64, device=_collective_device(parallel))
+    dist.all_reduce(count, op=dist.ReduceOp.MIN, group=parallel.group)
+    return int(count.item())
+
+
+def _collective_device(parallel: Parallel) -> str:
+    import torch.distributed as dist
+
+    return "cuda" if dist.get_backend(parallel.group) == "nccl" else "cpu"
+
+
+def lead(parallel: Parallel, order: Order) -> None:
+    """Rank 0: send `order` to the other ranks."""
+    parallel.broadcast_object(order)
+
+
+def follow(parallel: Parallel, runner: ModelRunner) -> None:
+    """Ranks 1..N-1: run what rank 0 orders until it says stop (or the group breaks)."""
+    while True:
+        order: Order = parallel.broadcast_object(None)
+        if order.stop:
+            return
+        if order.keepalive:
+            continue
+        if order.forget_all:
+            runner.forget_all()
+        for seq_id in order.released:
+            runner.release(seq_id)
+        runner.follow(order.chunks)
