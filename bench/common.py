@@ -573,9 +573,9 @@ class RunFrame:
         self.servers.append(server)
         server.start()
 
-    def start_demo_daemon(self) -> Server:
+    def start_demo_daemon(self, settings: dict[str, object] | None = None, name: str = "daemon") -> Server:
         """`daemon -c configs/server.toml` (the demo model) on a free port, in this run's runtime and
-        cache dirs, logging JSON; returned once it logs daemon.ready."""
+        cache dirs, logging JSON, with `settings` (--set); returned once it logs daemon.ready."""
         port = free_port()
         argv = [str(BIN / "daemon"), "-c", str(CONFIG)]
         for key, value in (
@@ -583,9 +583,10 @@ class RunFrame:
             ("runtime.dir", self.runtime_dir),
             ("runtime.cache_dir", self.cache_dir),
             ("logging.format", "json"),
+            *(settings or {}).items(),
         ):
             argv += ["--set", f"{key}={value}"]
-        daemon = Server("daemon", argv, clean_env(), port, self.work / "daemon.log", is_daemon=True)
+        daemon = Server(name, argv, clean_env(), port, self.work / f"{name}.log", is_daemon=True)
         self.start(daemon)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and "daemon.ready" not in daemon.log_path.read_text(errors="replace"):

@@ -626,7 +626,11 @@ def test_tp_size_reloads_from_one_to_two_and_back_under_load(manual):
             worker = handle.processes()["worker-0"]
             assert [r["rank"] for r in split] == [0, 1] and split[0]["pid"] == worker, split
             assert parent(split[1]["pid"]) == worker, "rank 1 is not the worker's child"
-            assert handle.server_info()["effective_config"]["model"]["tp_size"] == 2
+            info = handle.server_info()
+            assert info["effective_config"]["model"]["tp_size"] == 2
+            assert [(r["rank"], r["pid"]) for r in info["model"]["ranks"]] == [(r["rank"], r["pid"]) for r in split]
+            shown = run_daemon("status", "--runtime-dir", str(handle.daemon.runtime_dir)).stdout
+            assert f"rank 1     {split[1]['pid']:>8}  cpu (node 0)" in shown, shown
         else:
             assert ranks() == []
             until(lambda: not any(map(pid_alive, split_pids)), 10, what="the ranks of tp_size 2 gone")

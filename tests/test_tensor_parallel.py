@@ -4,7 +4,8 @@ Two ranks are spawned processes joined over gloo (NCCL where two CUDA devices ex
 file:// rendezvous in a temporary directory. A pair of ranks is spawned once per device and
 runs every variant (each spawn costs seconds of importing torch): a mixed batch of a prefill,
 a prompt in two chunks that scores its prompt, and decodes through the paged cache, rank 0
-by step() and rank 1 by follow() and adopt_sampled(), as the serving layer drives them. Every
+by step() and rank 1 by follow(), each step's chunks carrying the tokens rank 0 sampled before, as
+the serving layer drives them. Every
 logits row the head gives, on both ranks, must be the one-process row, and rank 0's greedy
 tokens its tokens. Loading is checked in-process too: a rank's model built without a group
 holds exactly its slices of the checkpoint's tensors.
@@ -85,17 +86,16 @@ def drive(runner: ModelRunner, parallel: Parallel) -> dict:
     ]
     fed: dict[int, int] = {}  # each sequence's tokens so far
     tokens: list[dict[int, int]] = []
+    sampled: dict[int, int] = {}  # rank 0's tokens of the step before, on every rank
     for i in range(len(steps) + DECODES):
         chunks = list(steps[i]) if i < len(steps) else []
-        chunks += [chunk(s, [token], fed[s], sampling=greedy) for s, token in sorted(runner.last_sampled.items())]
+        chunks += [chunk(s, [token], fed[s], sampling=greedy) for s, token in sorted(sampled.items())]
         fed.update({c.seq_id: c.start + len(c.token_ids) for c in chunks})
         if parallel.rank == 0:
             runner.step(chunks)
         else:
             runner.follow(chunks)
         sampled = parallel.broadcast_object(runner.last_sampled if parallel.rank == 0 else None)
-        if parallel.rank != 0:
-            runner.adopt_sampled(sampled)
         tokens.append(sampled)
     return {"heads": heads, "tokens": tokens}
 

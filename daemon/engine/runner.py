@@ -6,8 +6,8 @@ returns one token per sequence that asked to sample.
 
 Split across tensor-parallel ranks (parallel.py), every rank runs the same steps over the same
 chunks, each with its share of the model and of the KV cache (its KV heads): rank 0 calls step()
-and the others follow(), which makes the same collectives and samples nothing; the others then
-adopt rank 0's tokens (adopt_sampled) for the next step's placeholders.
+and the others follow(), which makes the same collectives and samples nothing. The chunks every
+rank gets carry rank 0's tokens of the step before (resolved by worker/execute.py).
 """
 
 from __future__ import annotations
@@ -176,17 +176,12 @@ class ModelRunner:
     @torch.inference_mode()
     def follow(self, chunks: list[SequenceChunk]) -> None:
         """What a rank other than 0 runs while rank 0 runs step(chunks): the same forward pass and
-        head calls, so the same collectives in the same order, and no sampling. Its last_sampled is
-        then empty until adopt_sampled() gives it rank 0's tokens."""
+        head calls, so the same collectives in the same order, and no sampling (its last_sampled
+        stays empty: the chunks it gets carry rank 0's tokens)."""
         self.last_sampled, self.failures, self.last_logprobs, self.last_prompt_logprobs = {}, {}, {}, {}
         self.last_completed = []
         if chunks:
             self._forward_and_logits(chunks)
-
-    def adopt_sampled(self, tokens: dict[int, int]) -> None:
-        """Take rank 0's step() result as this rank's last_sampled: the tokens the next step's
-        chunks carry for the sequences that sampled (a sequence absent from it failed there)."""
-        self.last_sampled = dict(tokens)
 
     def _forward_and_logits(self, chunks: list[SequenceChunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward pass: the logits of the sampling chunks' last rows, and of every row of the
