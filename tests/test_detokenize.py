@@ -173,6 +173,7 @@ def test_sentencepiece_tokenizers_split_characters_into_bytes(sentencepiece: Tex
 @given(prompt=unicode_texts, text=unicode_texts, chunks=st.lists(st.integers(1, 5), max_size=8))
 @example(prompt="the river", text="hello 😀 world 日本語", chunks=[1])
 @example(prompt="語", text="語😀", chunks=[2, 3])
+@example(prompt=" ", text="0", chunks=[])  # the prompt's only text is a '▁' that decodes to nothing
 def test_sentencepiece_deltas_join_to_the_decoded_text(
     sentencepiece: TextTokenizer, prompt: str, text: str, chunks: list[int]
 ) -> None:

@@ -92,11 +92,13 @@ class IncrementalDetokenizer:
 
         Of a prompt, not all of it, as vLLM gives it: the stream would decode all of it at
         the first step, and a prompt given as ids may end inside a character, whose bytes
-        the stream would then give as if they were generated text."""
+        the stream would then give as if they were generated text. A tail whose text is
+        empty is a context too, as it is to vLLM: a SentencePiece '▁' the decoder drops at
+        the start of a text still makes the '▁' after it a space."""
         for start in range(max(len(ids) - PROMPT_CONTEXT_IDS, 0), len(ids)):
             context = list(ids[start:])
             text = self._decode(context)
-            if text and not text.startswith(REPLACEMENT_CHAR) and not text.endswith(REPLACEMENT_CHAR):
+            if not text.startswith(REPLACEMENT_CHAR) and not text.endswith(REPLACEMENT_CHAR):
                 return context
         return []
 
