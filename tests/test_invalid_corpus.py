@@ -1235,3 +1235,15 @@ def test_runtime_dir_unwritable_rule(tmp_path: Path, short_tmp: Path) -> None:
     report = check_config(path, environ={}, facts=ReadOnlyRuntimeFacts())
     assert [(v.rule, v.key) for v in report.warnings] == [("runtime.dir-unwritable", "runtime.dir")]
     assert report.errors == [] and report.config is not None
+
+
+def test_data_parallel_replicas_count_against_the_gpus() -> None:
+    """model.dp_size replicas each take tp_size GPUs of their own: the product must fit."""
+    rule = RULES_BY_ID["model.tp-exceeds-gpus"]
+    facts = OneGpuFacts()
+    findings = rule.findings(_settings(device="cuda", dp_size=2), facts)
+    assert [f.message for f in findings] == [
+        "dp_size 2 replicas of tp_size 1 need 2 GPUs on this node but 1 are visible"
+    ]
+    assert rule.findings(_settings(device="cuda", dp_size=1), facts) == []
+    assert rule.findings(_settings(device="cpu", dp_size=4), facts) == []  # on CPU they share the cores

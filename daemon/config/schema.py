@@ -50,7 +50,8 @@ RELOAD_EFFECTS: dict[Reload, str] = {
     Reload.WORKER: "the scheduler holds new requests and lets running ones finish, then the model "
     "worker is replaced; held requests run on the new one (or get a 503 after runtime.drain_timeout_s). "
     "With runtime.model_reload = blue_green, the new worker loads beside the old one and takes new "
-    "requests once the reload switches to it",
+    "requests once the reload switches to it. With model.dp_size > 1 (rolling), one replica at a time "
+    "is drained and replaced while the others serve",
     Reload.SUPERVISOR: "refused: the reload is rejected and names the key; restart the daemon",
 }
 
@@ -376,10 +377,20 @@ class ModelSettings(Section):
         ge=1,
         le=1024,
     )
+    dp_size: int = setting(
+        1,
+        doc="Data-parallel degree: independent replicas of the model, each tp_size processes (replica i on "
+        "CUDA takes the i-th run of tp_size visible GPUs). The scheduler places each new request on one "
+        "replica, by load and by the prompt prefix its cache holds; each replica steps on its own, and "
+        "one that dies restarts alone while the others serve.",
+        reload=Reload.WORKER,
+        ge=1,
+        le=64,
+    )
     cpu_threads: int | None = setting(
         None,
-        doc="Threads the engine uses on CPU. Unset: the machine's CPUs but two (left to the other "
-        "tiers), at least one.",
+        doc="Threads the engine uses on CPU, shared by its processes (tp_size ranks times dp_size "
+        "replicas). Unset: the machine's CPUs but two (left to the other tiers), at least one each.",
         reload=Reload.WORKER,
         ge=1,
         le=4096,
@@ -489,12 +500,16 @@ class RuntimeSettings(Section):
     watch_config: bool = setting(
         True, doc="Reload when the config file changes (SIGHUP and daemon reload always work).", reload=Reload.LIVE
     )
-    model_reload: Literal["drain", "blue_green"] = setting(
-        "drain",
-        doc="How a reload replaces the model worker (the new config's value applies). drain: new "
-        "requests wait while the running ones finish, then the new worker loads. blue_green: the "
-        "new worker loads beside the running one, then takes new requests at once while the old "
-        "one finishes its own; needs memory for both, else that reload falls back to drain.",
+    model_reload: Literal["rolling", "drain", "blue_green"] = setting(
+        "rolling",
+        doc="How a reload replaces the model worker (the new config's value applies). rolling: one "
+        "replica (model.dp_size) at a time is drained (no new requests, its running ones finish), "
+        "stopped, and replaced, the next once the new one serves, while the others serve; with one "
+        "replica this is drain. drain: new requests wait while the running ones finish on every "
+        "replica, then the new workers load. blue_green: the new worker loads beside the running "
+        "one, then takes new requests at once while the old one finishes its own (with several "
+        "replicas, one replica at a time); needs memory for both, else that replacement falls back "
+        "to drain.",
         reload=Reload.LIVE,
     )
 

@@ -168,7 +168,9 @@ class Application:
         assert self.tier is not None
         status = self._status()
         full = self._key_given(scope)
-        await send_json(send, 200, probes.server_info(self.tier, status, utility.loaded_model(status), full=full))
+        replicas = self.gateway.stats.replicas if self.gateway is not None else []
+        info = probes.server_info(self.tier, status, utility.loaded_model(status), full=full, replicas=replicas)
+        await send_json(send, 200, info)
 
     def _status(self) -> DaemonStatus | None:
         """The supervisor's status file: tier PIDs, epochs and states."""

@@ -94,7 +94,30 @@ class SchedulerFigures(Collector):
             steps.add_metric([kind], self.stats.steps.get(kind, 0))
             seconds.add_metric([kind], self.stats.step_seconds.get(kind, 0.0))
             tokens.add_metric([kind], self.stats.step_tokens.get(kind, 0))
-        return [queried, hits, blocks, steps, seconds, tokens]
+        return [queried, hits, blocks, steps, seconds, tokens, *self._replicas()]
+
+    def _replicas(self) -> list[Metric]:
+        """Each data-parallel replica's share of the engine figures (model.dp_size)."""
+        labels = ["replica"]
+        running = GaugeMetricFamily("daemon_replica_running_requests", "Requests running on a replica", labels=labels)
+        queued = GaugeMetricFamily("daemon_replica_queued_requests", "Requests waiting on a replica", labels=labels)
+        free = GaugeMetricFamily("daemon_replica_kv_cache_free_tokens", "A replica's free KV slots", labels=labels)
+        total = GaugeMetricFamily("daemon_replica_kv_cache_tokens", "A replica's KV-cache capacity", labels=labels)
+        placed = CounterMetricFamily(
+            "daemon_replica_requests_placed", "Requests the scheduler placed on a replica", labels=labels
+        )
+        serving = GaugeMetricFamily(
+            "daemon_replica_serving", "1 while a replica takes new requests (0: drained or restarting)", labels=labels
+        )
+        for replica in self.stats.replicas:
+            label = [str(replica.replica)]
+            running.add_metric(label, replica.running)
+            queued.add_metric(label, replica.queued)
+            free.add_metric(label, replica.free_tokens)
+            total.add_metric(label, replica.total_tokens)
+            placed.add_metric(label, replica.placed)
+            serving.add_metric(label, 1 if replica.state == "serving" else 0)
+        return [running, queued, free, total, placed, serving]
 
 
 def render(status: DaemonStatus | None, stats: SchedulerStats | None = None) -> bytes:

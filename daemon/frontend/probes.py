@@ -20,7 +20,7 @@ import msgspec
 from daemon import __version__
 from daemon.config.schema import config_hash, flat_values, nested_values
 from daemon.frontend.gateway import Gateway
-from daemon.ipc.messages import DaemonStatus, ErrorInfo, GenerateRequest, Sampling
+from daemon.ipc.messages import DaemonStatus, ErrorInfo, GenerateRequest, ReplicaStats, Sampling
 from daemon.tier import Tier
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0
@@ -69,8 +69,16 @@ class GenerationProbe:
         return {"status": "ok", "completion_tokens": last.completion_tokens}
 
 
-def server_info(tier: Tier, status: DaemonStatus | None, model: dict[str, Any] | None, *, full: bool) -> dict:
-    """The daemon's state; `full` adds what only the key holder may see (PIDs, paths, the config)."""
+def server_info(
+    tier: Tier,
+    status: DaemonStatus | None,
+    model: dict[str, Any] | None,
+    *,
+    full: bool,
+    replicas: list[ReplicaStats] | None = None,
+) -> dict:
+    """The daemon's state; `full` adds what only the key holder may see (PIDs, paths, the config).
+    `replicas`: the scheduler's figures of each model replica (without the key, only their states)."""
     settings = tier.settings
     last_reload = msgspec.to_builtins(status.last_reload) if status and status.last_reload else None
     tiers = msgspec.to_builtins(status.tiers) if status else []
@@ -78,16 +86,19 @@ def server_info(tier: Tier, status: DaemonStatus | None, model: dict[str, Any] |
         "version": __version__,
         "config": {"generation": tier.generation, "hash": config_hash(settings)},
     }
+    figures = msgspec.to_builtins(replicas or [])
     if not full:  # states and restarts, not where anything is
         info["config"]["last_reload"] = (
             {"result": last_reload["result"], "at": last_reload["at"]} if last_reload else None
         )
         info["tiers"] = [{k: t[k] for k in ("tier", "index", "epoch", "state", "since", "restarts")} for t in tiers]
+        info["replicas"] = [{k: r[k] for k in ("replica", "state")} for r in figures]
         info["detail"] = "PIDs, paths and the effective config need the API key (Authorization: Bearer)"
         return info
     info["config"]["last_reload"] = last_reload
     info["supervisor"] = {"pid": status.supervisor_pid, "started": status.started} if status else {}
     info["tiers"] = tiers
+    info["replicas"] = figures
     info["model"] = model
     info["effective_config"] = nested_values(flat_values(settings))
     return info

@@ -311,16 +311,21 @@ class ConfigApplied(msgspec.Struct, frozen=True, tag=True):
 
 
 class EngineHold(msgspec.Struct, frozen=True, tag=True):
-    """The worker is about to be replaced: admit nothing new (queue it), finish what runs, and
-    say EngineIdle when nothing does. The hold ends when a worker announces itself (the new
-    one, or one of the running config when the new one fails)."""
+    """The worker of replica `replica` is about to be replaced: place nothing new on it (new requests
+    go to the other replicas, or wait), finish what runs, and say EngineIdle when nothing does. The
+    hold ends when a worker of that replica announces itself (the new one, or one of the running
+    config when the new one fails)."""
+
+    replica: int = 0
 
 
 class EngineHoldAbandoned(msgspec.Struct, frozen=True, tag=True):
     """No worker will end the hold (the daemon stops in the middle of a worker reload): answer
-    the requests it holds with a 503 saying `reason`, at once rather than at the drain's end."""
+    the requests it holds with a 503 saying `reason`, at once rather than at the drain's end.
+    With `replica`, only that replica's hold: a reload removed it (model.dp_size lowered)."""
 
     reason: str
+    replica: int | None = None  # None: every replica
 
 
 class EngineBeside(msgspec.Struct, frozen=True, tag=True):
@@ -329,6 +334,7 @@ class EngineBeside(msgspec.Struct, frozen=True, tag=True):
     "stopped" event (a crash, or the reload withdrew it) means none is coming."""
 
     epoch: int
+    replica: int = 0  # the replica it serves (model.dp_size > 1)
 
 
 class EngineSwitch(msgspec.Struct, frozen=True, tag=True):
@@ -339,13 +345,25 @@ class EngineSwitch(msgspec.Struct, frozen=True, tag=True):
 
     epoch: int
     replaced: int
+    replica: int = 0
 
 
 class EngineIdle(msgspec.Struct, frozen=True, tag=True):
-    """Nothing runs any more on the worker being replaced (`epoch`, 0 for the one held)."""
+    """Nothing runs any more on the worker being replaced (`epoch`, 0 for the one held) of
+    replica `replica`."""
 
     pid: int
     epoch: int = 0
+    replica: int = 0
+
+
+class EngineJoined(msgspec.Struct, frozen=True, tag=True):
+    """The scheduler drives the worker of `epoch` as replica `replica`'s from now on: a rolling
+    reload moves to the next replica only then, so that one always serves."""
+
+    pid: int
+    epoch: int
+    replica: int = 0
 
 
 class ReloadCommand(msgspec.Struct, frozen=True, tag=True):
@@ -395,6 +413,7 @@ class WorkerReady(msgspec.Struct, frozen=True, tag=True):
     # Its model's keys and values depend only on the tokens before them (not a RoPE that follows the
     # sequence's length): a prefix one sequence computed may serve another.
     prefix_cacheable: bool = True
+    replica: int = 0  # which data-parallel replica of the model it serves (its tier index)
 
 
 STEP_KINDS = ("prefill", "decode")  # engine steps that compute prompt tokens, and those that only decode
@@ -414,6 +433,20 @@ class SchedulerStats(msgspec.Struct, frozen=True, tag=True):
     steps: dict[str, int] = {}  # by kind (STEP_KINDS)
     step_seconds: dict[str, float] = {}
     step_tokens: dict[str, int] = {}
+    replicas: list[ReplicaStats] = []  # the figures above that each replica has, by replica (model.dp_size)
+
+
+class ReplicaStats(msgspec.Struct, frozen=True):
+    """One data-parallel replica's share of SchedulerStats."""
+
+    replica: int
+    epoch: int  # the worker serving it (0: none now: it is restarting or being replaced)
+    running: int
+    queued: int
+    free_tokens: int
+    total_tokens: int
+    placed: int = 0  # requests placed on it since the scheduler started
+    state: Literal["serving", "held", "away"] = "serving"  # held: drained for a reload; away: no worker
 
 
 # --- the supervisor's status file (status.json in the socket directory) ------------------------
@@ -523,7 +556,7 @@ ToScheduler = (
 )
 ToWorker = StepPlan | PrepareConstraint
 ToFrontend = OutputBatch | Tokenized | Detokenized
-ToSupervisor = TierReady | FrontendWorkerReady | ConfigApplied | EngineIdle | ReloadCommand | Heartbeat
+ToSupervisor = TierReady | FrontendWorkerReady | ConfigApplied | EngineIdle | EngineJoined | ReloadCommand | Heartbeat
 # PUB/SUB: from the supervisor (events) and the scheduler (stats)
 Broadcast = (
     TierEvent

@@ -414,6 +414,21 @@ class Batcher:
         size = self.blocks.block_size
         return set(seq.block_hashes[seq.computed // size : seq.length // size])
 
+    def prefix_on_hand(self, hashes: list[bytes], tokens: int) -> int:
+        """How many leading tokens of a prompt of `tokens` tokens, whose full blocks hash to
+        `hashes`, this cache holds or a running sequence is computing: what a request with that
+        prompt would not compute here (placement, with several replicas)."""
+        if not self.blocks.caching:
+            return 0
+        found = len(self.blocks.cached_prefix(hashes, tokens))
+        rest = hashes[found : (tokens - 1) // self.blocks.block_size]
+        computing = self._blocks_being_computed() if rest else set()
+        for digest in rest:
+            if digest not in computing:
+                break
+            found += 1
+        return found * self.blocks.block_size
+
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks `seq`'s tokens begin with (its block hashes made first). None for a
         request that wants its prompt's logprobs: every prompt token must be computed (as in vLLM)."""

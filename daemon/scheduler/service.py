@@ -1,17 +1,17 @@
 """The scheduler process: one loop that admits requests, plans steps and routes their tokens.
 
 It holds no model. Requests and aborts come from tokenizers, step results and
-announcements from the worker, all on one PULL socket; tier events from the
-supervisor on a SUB socket. A step is planned as soon as the previous one
-completes, so the worker never idles while there is work.
+announcements from the workers, all on one PULL socket; tier events from the
+supervisor on a SUB socket. A replica's next step is planned as soon as its previous
+one completes, so no worker idles while it has work, and none waits for another.
 
-It drives one worker, except during a blue-green model reload: then the new
-worker takes new requests while the old one finishes those it holds, each with
-its own batcher and KV-cache bookkeeping.
+The model has model.dp_size replicas (replica.py), each its own worker, batcher and
+KV cache. A new request is placed on one of those taking requests (placement.py: by
+load, and by the prompt prefix each one's cache holds) and stays there.
 
-While the worker is away (replaced by a reload, or restarting after it crashed
-or hung), new requests and those it had not started wait for the next one,
-each for at most runtime.drain_timeout_s, rather than being refused.
+While no replica takes requests (every worker replaced by a reload, or restarting after
+it crashed or hung), new requests and those not started wait for the next one, each for
+at most runtime.drain_timeout_s, rather than being refused.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
 
 import structlog
 import zmq
 
-from daemon.engine.blocks import BlockManager
+from daemon.engine.blocks import BlockManager, extend_hashes
 from daemon.ipc.heartbeat import Pulse
 from daemon.ipc.messages import (
     AbortRequest,
@@ -35,7 +34,6 @@ from daemon.ipc.messages import (
     EngineBeside,
     EngineHold,
     EngineHoldAbandoned,
-    EngineIdle,
     EngineSwitch,
     ErrorInfo,
     PrepareConstraint,
@@ -49,24 +47,18 @@ from daemon.ipc.messages import (
     TierReady,
     TokenizerHello,
     ToScheduler,
+    ToSupervisor,
     WorkerReady,
 )
 from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
 from daemon.scheduler.batcher import QUEUE_FULL, Batcher, CacheCounts, Limits, StepCounts
+from daemon.scheduler.placement import Candidate, choose
+from daemon.scheduler.replica import Engine, Replica
 from daemon.tier import Tier
 
 log = structlog.get_logger("daemon.scheduler")
 STATS_INTERVAL_S = 0.5
 POLL_MS = 100
-
-
-@dataclass
-class Engine:
-    """A worker the scheduler drives: where its plans go, and the batcher of the requests on it."""
-
-    epoch: int
-    plans: zmq.Socket
-    batcher: Batcher
 
 
 class SchedulerService:
@@ -84,22 +76,13 @@ class SchedulerService:
         self.poller = zmq.Poller()
         self.poller.register(self.inbox.socket, zmq.POLLIN)
         self.poller.register(self.events.socket, zmq.POLLIN)
-        self.engine: Engine | None = None  # new requests go to it; set when a worker announces its cache
-        self.retiring: dict[int, Engine] = {}  # by epoch: replaced workers finishing their requests
-        self.beside_epoch = 0  # the worker a blue-green reload is starting beside the running one
-        self.standby: Engine | None = None  # that worker, connected, until the reload commits to it
-        self._switch_to: EngineSwitch | None = None  # a switch told before we had connected to the new worker
-        self._engaged_epoch = 0  # the newest worker driven: announcements of older ones are stale
-        self._plan_sockets: dict[int, zmq.Socket] = {}  # by worker epoch, connected when it announces
-        self._announced: WorkerReady | None = None  # a new worker we cannot reach yet
+        self.replicas: dict[int, Replica] = {}  # by index, made when first heard of
+        self._gone_epochs: set[int] = set()  # workers that went: a late announcement of theirs is stale
         self._stats_sent = 0.0
         # A step's tokens, held until the next step is on its way: the worker computes while we route them.
         self._step_tokens: dict[int, list[SequenceUpdate]] = {}
-        # While the worker is away (a reload, a restart), new requests wait here for the next one.
-        self.hold_since: float | None = None
-        self.hold_reason = ""  # said to a request that waited too long: why there was no worker
+        # While no replica takes requests, new ones wait here for the next (one on hold: a reload, a restart).
         self.held: list[tuple[float, ScheduleRequest]] = []  # (received, request), with no batcher
-        self._idle_said = False  # told the supervisor the worker being replaced has finished
         self.cache_counts = CacheCounts()  # every batcher's prefix-cache lookups, for the metrics
         self.step_counts = StepCounts()  # and every batcher's steps
 
@@ -121,44 +104,43 @@ class SchedulerService:
             ready = dict(self.poller.poll(POLL_MS))
             if self.events.socket in ready:
                 for event in self.events.recv_ready():
-                    match event:
-                        case TierEvent():
-                            self._on_event(event)
-                        case ConfigUpdate(generation=generation):
-                            self._adopt(generation)
-                        case EngineHold():
-                            self._hold("the model is reloading")
-                        case EngineHoldAbandoned(reason=reason):
-                            self._abandon_hold(reason)
-                        case EngineBeside(epoch=epoch):
-                            self._expect_beside(epoch)
-                        case EngineSwitch():
-                            self._commit_beside(event)
+                    self._on_broadcast(event)
             if self.inbox.socket in ready:
                 for message in self.inbox.recv_ready():
                     self._on_message(message)
-            if self._announced is not None:
-                self._on_worker(self._announced)
-            for engine in self._engines():
-                self._step(engine)
+            for replica in list(self.replicas.values()):
+                if replica.announced is not None:
+                    replica.on_worker(replica.announced)
+                for engine in replica.engines():
+                    self._step(replica, engine)
             self._route_step_tokens()
-            self._let_idle_engines_go()
-            if self.hold_since is not None:
-                self._while_held()
+            for replica in list(self.replicas.values()):
+                replica.let_idle_engines_go()
+                if replica.hold_since is not None:
+                    replica.while_held()
+            self._expire_held()
             self._publish_stats()
+
+    def _on_broadcast(self, event: object) -> None:
+        match event:
+            case TierEvent():
+                self._on_event(event)
+            case ConfigUpdate(generation=generation):
+                self._adopt(generation)
+            case EngineHold(replica=index):
+                self._hold(self._replica(index))
+            case EngineHoldAbandoned(reason=reason, replica=index):
+                self._abandon_hold(reason, index)
+            case EngineBeside(epoch=epoch, replica=index):
+                self._replica(index).expect_beside(epoch)
+            case EngineSwitch(replica=index):
+                self._replica(index).commit_beside(event)
 
     def _on_message(self, message: object) -> None:
         match message:
             case ScheduleRequest():
                 log.debug("request.queued", request_id=message.request_id, prompt_tokens=len(message.prompt_ids))
-                if self.engine is not None:
-                    self.engine.batcher.add(message)
-                elif self.hold_since is None:
-                    self._refuse(message, ErrorInfo(503, "the model is still loading", type="server_overloaded"))
-                elif len(self.held) >= self.tier.settings.scheduler.max_queued_requests:
-                    self._refuse(message, QUEUE_FULL)
-                else:
-                    self.held.append((time.monotonic(), message))
+                self._place(message)
             case AbortRequest(request_id=request_id):
                 log.debug("request.aborted", request_id=request_id)
                 for engine in self._engines():
@@ -168,11 +150,12 @@ class SchedulerService:
                 if (engine := self._engine(message.worker_epoch)) is not None:
                     for tokenizer, updates in engine.batcher.complete(message).items():
                         self._step_tokens.setdefault(tokenizer, []).extend(updates)
-            case WorkerReady():
-                self._on_worker(message)
-            case PrepareConstraint(constraint=constraint):  # a head start: the request follows
-                if self.engine is not None:
-                    self.engine.batcher.want_constraint(constraint)
+            case WorkerReady() if message.epoch not in self._gone_epochs:
+                self._replica(message.replica).on_worker(message)
+            case PrepareConstraint(constraint=constraint):  # a head start: the request follows, to any replica
+                for replica in self.replicas.values():
+                    if replica.engine is not None:
+                        replica.engine.batcher.want_constraint(constraint)
             case ConstraintReady(worker_epoch=epoch, constraint=constraint):
                 if (engine := self._engine(epoch)) is not None:
                     engine.batcher.constraint_ready(constraint)
@@ -180,35 +163,154 @@ class SchedulerService:
                 with contextlib.suppress(PeerGone):  # not connected yet: it asks again
                     send(self._tokenizer(index), SchedulerHello(os.getpid()), grace_ms=0)
 
+    def _replica(self, index: int) -> Replica:
+        if index not in self.replicas:
+            self.replicas[index] = Replica(index, self)
+        return self.replicas[index]
+
     def _engines(self) -> list[Engine]:
-        """The workers driven: the serving one and those finishing (not one on standby)."""
-        return [*([self.engine] if self.engine else []), *self.retiring.values()]
+        return [engine for replica in self.replicas.values() for engine in replica.engines()]
 
     def _engine(self, epoch: int) -> Engine | None:
         return next((e for e in self._engines() if e.epoch == epoch), None)
 
-    def _on_worker(self, ready: WorkerReady) -> None:
-        if self.standby is not None and ready.epoch == self.standby.epoch:  # on standby, still announcing
+    def _on_event(self, event: TierEvent) -> None:
+        if event.state not in ("down", "stopped"):
             return
-        # The running worker, or one replaced, still announcing. (A worker restarted after a crash
-        # during a blue-green reload may come up before the one beside it, with a higher epoch.)
-        if ready.epoch <= self._engaged_epoch and ready.epoch != self.beside_epoch:
-            if self._announced is ready:
-                self._announced = None
+        if event.tier == "worker":
+            self._gone_epochs.add(event.epoch)
+            if (replica := self.replicas.get(event.index)) is not None:
+                replica.on_stopped(event)
+        elif event.tier == "tokenizer":
+            for engine in self._engines():
+                for seq in [*engine.batcher.running, *engine.batcher.waiting]:
+                    if seq.tokenizer == event.index:  # nobody is left to hear its tokens
+                        engine.batcher.abort(seq.request_id)
+
+    # --- placing requests -----------------------------------------------------------------------
+
+    def _place(self, request: ScheduleRequest) -> None:
+        """Put `request` on the best replica taking requests; else let it wait (in the batcher of
+        a replica being drained, or here while a worker is on its way); else refuse it."""
+        accepting = [r for r in self.replicas.values() if r.accepting]
+        if accepting:
+            replica = self._best(accepting, request)
+            replica.placed += 1
+            replica.engine.batcher.add(request)  # type: ignore[union-attr]
+            log.debug("request.placed", request_id=request.request_id, replica=replica.index)
             return
-        if ready.epoch not in self._plan_sockets:
-            endpoint = self.tier.endpoints.worker(ready.epoch)
-            self._plan_sockets[ready.epoch] = open_socket(self._context, zmq.PUSH, connect=endpoint)
-        plans = self._plan_sockets[ready.epoch]
-        if not plans.poll(0, zmq.POLLOUT):
-            # Our path to a new worker is still connecting: a plan sent now would be refused.
-            self._announced = ready  # taken up as soon as it is connected (see run)
+        on_hold = [r for r in self.replicas.values() if r.hold_since is not None]
+        if draining := [r for r in on_hold if r.engine is not None]:
+            draining[0].engine.batcher.add(request)  # type: ignore[union-attr]
+        elif not on_hold:
+            self._refuse(request, ErrorInfo(503, "the model is still loading", type="server_overloaded"))
+        elif len(self.held) >= self.tier.settings.scheduler.max_queued_requests:
+            self._refuse(request, QUEUE_FULL)
+        else:
+            self.held.append((time.monotonic(), request))
+
+    def _best(self, accepting: list[Replica], request: ScheduleRequest) -> Replica:
+        if len(accepting) == 1:
+            return accepting[0]
+        prompt = request.prompt_ids
+        hashes: dict[int, list[bytes]] = {}  # by block size
+        candidates = []
+        for replica in accepting:
+            batcher = replica.engine.batcher  # type: ignore[union-attr]
+            blocks, cached = batcher.blocks, 0
+            if blocks.caching and request.sampling.prompt_logprobs is None:  # those compute every token
+                size = blocks.block_size
+                if size not in hashes:
+                    hashes[size] = extend_hashes([], prompt[: (len(prompt) - 1) // size * size], size)
+                cached = batcher.prefix_on_hand(hashes[size], len(prompt))
+            waiting = len(batcher.waiting)
+            running = len(batcher.running)
+            candidates.append(
+                Candidate(replica.index, running, waiting, blocks.free_tokens, batcher.context_length, cached)
+            )
+        return self.replicas[choose(candidates, len(prompt)).index]
+
+    def place_elsewhere(self, requests: list[ScheduleRequest], *, wait: bool, reason: str) -> None:
+        """Requests not started of a replica whose worker went: to a replica taking requests, else
+        they wait here (`wait`: its next worker is awaited), else they fail for `reason`."""
+        error = ErrorInfo(503, f"{reason}; the request was lost, retry it", type="server_error")
+        for request in requests:
+            if any(r.accepting for r in self.replicas.values()):
+                self._place(request)
+            elif wait:
+                self.held.append((time.monotonic(), request))
+            else:
+                self._refuse(request, error)
+
+    def serve_waiting(self, replica: Replica, *, after_hold: bool) -> None:
+        """`replica` takes requests again: those waiting here, and those not started on replicas
+        being drained, are placed again."""
+        waiting = [request for _received, request in self.held]
+        self.held = []
+        for other in self.replicas.values():
+            if other.hold_since is not None and other.engine is not None:
+                waiting += other.engine.batcher.take_unstarted()
+        if after_hold:
+            log.info("scheduler.hold_ended", replica=replica.index, waited=len(waiting))
+        for request in waiting:
+            self._place(request)
+
+    def _expire_held(self) -> None:
+        if not self.held:
             return
-        self._announced = None
-        self._engaged_epoch = max(self._engaged_epoch, ready.epoch)
-        blocks = BlockManager(ready.num_blocks, ready.block_size)
-        batcher = Batcher(
-            blocks,
+        bound = self.tier.settings.runtime.drain_timeout_s
+        now = time.monotonic()
+        expired = [r for received, r in self.held if now - received > bound]
+        if expired:
+            self.held = [(t, r) for t, r in self.held if now - t <= bound]
+            on_hold = [r for r in self.replicas.values() if r.hold_since is not None]
+            reason = max(on_hold, key=lambda r: r.hold_since).hold_reason if on_hold else "no model replica serves"
+            error = ErrorInfo(503, f"{reason} and was not back within {bound:g} s", type="server_error")
+            for request in expired:
+                self._refuse(request, error)
+
+    # --- reloads ------------------------------------------------------------------------------
+
+    def _adopt(self, generation: int) -> None:
+        self.tier.adopt(generation)
+        for replica in self.replicas.values():
+            replica.adopt(self.limits())
+        send(self.control, ConfigApplied(self.tier.role, self.tier.index, os.getpid(), generation))
+        log.info("scheduler.config_applied")
+
+    def _hold(self, replica: Replica) -> None:
+        """A reload drains `replica`: its requests not started go to the replicas taking requests."""
+        replica.hold("the model is reloading")
+        if replica.engine is not None and any(r.accepting for r in self.replicas.values()):
+            for request in replica.engine.batcher.take_unstarted():
+                self._place(request)
+
+    def _abandon_hold(self, reason: str, index: int | None) -> None:
+        """No worker comes back for replica `index` (None: any): what waits for one is answered."""
+        for replica in [r for r in self.replicas.values() if index is None or r.index == index]:
+            replica.hold_since = None
+            if replica.gone:
+                del self.replicas[replica.index]
+        if accepting := [r for r in self.replicas.values() if r.accepting]:
+            if self.held:
+                self.serve_waiting(accepting[0], after_hold=False)
+            return
+        if any(r.hold_since is not None for r in self.replicas.values()):
+            return  # another replica's worker is on its way: they wait for it
+        held, self.held = self.held, []
+        error = ErrorInfo(503, reason, type="server_error")
+        for _received, request in held:
+            self._refuse(request, error)
+        log.warning("scheduler.hold_abandoned", reason=reason, requests=len(held), replica=index)
+
+    # --- what the replicas ask for (ReplicaHost) ------------------------------------------------
+
+    def plans_to(self, epoch: int) -> zmq.Socket:
+        return open_socket(self._context, zmq.PUSH, connect=self.tier.endpoints.worker(epoch))
+
+    def batcher_for(self, ready: WorkerReady) -> Batcher:
+        return Batcher(
+            BlockManager(ready.num_blocks, ready.block_size),
             self.limits(),
             ready.context_length,
             (),
@@ -217,149 +319,11 @@ class SchedulerService:
             steps=self.step_counts,
             prefix_cacheable=ready.prefix_cacheable,
         )
-        if not ready.prefix_cacheable:
-            log.info("scheduler.prefix_caching_unavailable", epoch=ready.epoch, reason="its RoPE follows the length")
-        engine = Engine(ready.epoch, plans, batcher)
-        if ready.epoch == self.beside_epoch:
-            # Blue-green: it waits beside the serving one until the reload commits to it (also
-            # if the serving one crashed meanwhile: the reload may still withdraw it).
-            self.standby = engine
-            log.info("scheduler.worker_standby", epoch=ready.epoch)
-            if self._switch_to is not None and self._switch_to.epoch == ready.epoch:
-                self._commit_beside(self._switch_to)
-            return
-        if self.engine is not None:  # a new worker without our hearing the old one go
-            self._worker_gone(self.engine, "the worker restarted")
-        self.engine = engine
-        log.info("scheduler.worker_up", epoch=ready.epoch, cache_tokens=ready.num_blocks * ready.block_size)
-        self._end_hold()
 
-    def _end_hold(self) -> None:
-        if self.hold_since is not None and self.engine is not None:
-            batcher = self.engine.batcher
-            log.info("scheduler.hold_ended", waited=len(self.held))
-            for _received, request in self.held:
-                batcher.add(request)
-            self.hold_since, self.held = None, []
+    def tell_supervisor(self, message: ToSupervisor) -> None:
+        send(self.control, message)
 
-    def _expect_beside(self, epoch: int) -> None:
-        """A blue-green reload starts the worker of `epoch` beside the serving one (0: none, it went)."""
-        if epoch == 0 and self.standby is not None:
-            self._plan_sockets.pop(self.standby.epoch).close(linger=0)
-            self.standby = None
-        self.beside_epoch, self._switch_to = epoch, None
-
-    def _commit_beside(self, switch: EngineSwitch) -> None:
-        """The reload committed to the worker on standby: new requests, and those not started
-        yet, go to it; the one it replaces finishes the requests it has started."""
-        new = self.standby
-        if new is None or new.epoch != switch.epoch:  # not connected yet: switched to as soon as it is
-            self._switch_to = switch
-            return
-        old = self.engine
-        self.engine, self.standby, self.beside_epoch, self._switch_to = new, None, 0, None
-        # The replaced worker may have restarted during the reload and not be ours yet: it never will be.
-        self._engaged_epoch = max(self._engaged_epoch, switch.replaced)
-        blocks = new.batcher.blocks
-        log.info("scheduler.worker_up", epoch=new.epoch, cache_tokens=blocks.num_blocks * blocks.block_size)
-        if old is not None and old.epoch == switch.replaced:
-            old.batcher.hold = True
-            for request in old.batcher.take_unstarted():
-                new.batcher.add(request)
-            self.retiring[old.epoch] = old
-            log.info("scheduler.worker_switched", old_epoch=old.epoch, finishing=len(old.batcher.running))
-        else:  # nothing of ours runs on it: it may stop now
-            if old is not None:
-                self._worker_gone(old, "the worker was replaced")
-            if (plans := self._plan_sockets.pop(switch.replaced, None)) is not None:
-                plans.close(linger=0)
-            send(self.control, EngineIdle(os.getpid(), switch.replaced))
-            log.info("scheduler.worker_switched", old_epoch=switch.replaced, finishing=0)
-        self._end_hold()
-
-    def _let_idle_engines_go(self) -> None:
-        """Tell the supervisor when a replaced worker has finished its requests: it may stop it."""
-        for engine in [e for e in self.retiring.values() if e.batcher.idle]:
-            send(self.control, EngineIdle(os.getpid(), engine.epoch))
-            log.info("scheduler.worker_drained", old_epoch=engine.epoch)
-            self._forget(engine)
-
-    def _forget(self, engine: Engine) -> None:
-        if engine is self.engine:
-            self.engine = None
-        self.retiring.pop(engine.epoch, None)
-        self._plan_sockets.pop(engine.epoch).close(linger=0)
-
-    def _on_event(self, event: TierEvent) -> None:
-        if event.state not in ("down", "stopped"):
-            return
-        if event.tier == "worker" and event.epoch == self.beside_epoch:
-            self._expect_beside(0)  # it died on standby, or the reload withdrew it
-            return
-        if event.tier == "worker" and (engine := self._engine(event.epoch)) is not None:
-            if event.restarting and engine is self.engine and self.hold_since is None:
-                # it crashed or hung, and the supervisor starts it again
-                self._hold("the model worker is restarting", reload=False)
-            self._worker_gone(engine, "the worker stopped")
-        elif event.tier == "tokenizer":
-            for engine in self._engines():
-                for seq in [*engine.batcher.running, *engine.batcher.waiting]:
-                    if seq.tokenizer == event.index:  # nobody is left to hear its tokens
-                        engine.batcher.abort(seq.request_id)
-
-    def _worker_gone(self, engine: Engine, reason: str) -> None:
-        """A worker went: its requests fail, but during a hold those not started wait for the next."""
-        if self.hold_since is not None and engine is self.engine:
-            # their wait for the next worker starts now (the drain before it was bounded apart)
-            self.held += [(time.monotonic(), request) for request in engine.batcher.take_unstarted()]
-        self._fail_all(engine, reason)
-        self._forget(engine)
-
-    # --- reloads ------------------------------------------------------------------------------
-
-    def _adopt(self, generation: int) -> None:
-        self.tier.adopt(generation)
-        if self.engine is not None:
-            self.engine.batcher.adopt(self.limits())
-        send(self.control, ConfigApplied(self.tier.role, self.tier.index, os.getpid(), generation))
-        log.info("scheduler.config_applied")
-
-    def _hold(self, reason: str, *, reload: bool = True) -> None:
-        """New requests wait for the next worker. For a reload, the supervisor also hears when the
-        running worker has finished what it started (it may stop it then)."""
-        if self.hold_since is None:
-            self.hold_since = time.monotonic()
-            log.info("scheduler.hold", reason=reason)
-        # A reload asked while a crashed worker restarts hears at once that none is running.
-        self._idle_said = not reload
-        self.hold_reason = reason
-        if self.engine is not None:
-            self.engine.batcher.hold = True
-
-    def _while_held(self) -> None:
-        if not self._idle_said and (self.engine is None or self.engine.batcher.idle):
-            send(self.control, EngineIdle(os.getpid()))
-            self._idle_said = True
-        bound = self.tier.settings.runtime.drain_timeout_s
-        now = time.monotonic()
-        expired = [r for received, r in self.held if now - received > bound]
-        if expired:
-            self.held = [(t, r) for t, r in self.held if now - t <= bound]
-            error = ErrorInfo(503, f"{self.hold_reason} and was not back within {bound:g} s", type="server_error")
-            for request in expired:
-                self._refuse(request, error)
-
-    def _abandon_hold(self, reason: str) -> None:
-        held, self.held, self.hold_since = self.held, [], None
-        error = ErrorInfo(503, reason, type="server_error")
-        for _received, request in held:
-            self._refuse(request, error)
-        log.warning("scheduler.hold_abandoned", reason=reason, requests=len(held))
-
-    def _refuse(self, request: ScheduleRequest, error: ErrorInfo) -> None:
-        self._send(request.tokenizer, [SequenceUpdate(request.request_id, [], "error", error)])
-
-    def _fail_all(self, engine: Engine, reason: str) -> None:
+    def fail_all(self, engine: Engine, reason: str) -> None:
         self._route_step_tokens()  # what was produced before the failure goes first
         error = ErrorInfo(503, f"{reason}; the request was lost, retry it", type="server_error")
         failed = engine.batcher.fail_all(error)
@@ -368,7 +332,12 @@ class SchedulerService:
         if failed:
             log.warning("scheduler.requests_failed", reason=reason, count=sum(len(u) for u in failed.values()))
 
-    def _step(self, engine: Engine) -> None:
+    # --- steps and tokens -----------------------------------------------------------------------
+
+    def _refuse(self, request: ScheduleRequest, error: ErrorInfo) -> None:
+        self._send(request.tokenizer, [SequenceUpdate(request.request_id, [], "error", error)])
+
+    def _step(self, replica: Replica, engine: Engine) -> None:
         batcher = engine.batcher
         for tokenizer, update in batcher.take_rejections():
             self._send(tokenizer, [update])
@@ -376,7 +345,7 @@ class SchedulerService:
             try:
                 send(engine.plans, PrepareConstraint(constraint))
             except PeerGone:
-                return self._worker_gone(engine, "the worker is not reachable")
+                return replica.worker_gone(engine, "the worker is not reachable")
         if batcher.busy:
             return
         plan = batcher.plan()
@@ -385,7 +354,7 @@ class SchedulerService:
         try:
             send(engine.plans, plan)
         except PeerGone:
-            self._worker_gone(engine, "the worker is not reachable")
+            replica.worker_gone(engine, "the worker is not reachable")
 
     def _route_step_tokens(self) -> None:
         pending, self._step_tokens = self._step_tokens, {}
@@ -420,18 +389,19 @@ class SchedulerService:
         if now - self._stats_sent < STATS_INTERVAL_S:
             return
         self._stats_sent = now
-        engines = self._engines()
-        blocks = self.engine.batcher.blocks if self.engine else None
+        replicas = [self.replicas[i].stats() for i in sorted(self.replicas)]
+        serving = [r.engine.batcher.blocks for r in self.replicas.values() if r.engine is not None]
         stats = SchedulerStats(
-            running=sum(len(e.batcher.running) for e in engines),
-            queued=len(self.held) + sum(len(e.batcher.waiting) for e in engines),
-            free_tokens=blocks.free_tokens if blocks else 0,
-            total_tokens=blocks.num_blocks * blocks.block_size if blocks else 0,
+            running=sum(r.running for r in replicas),
+            queued=len(self.held) + sum(r.queued for r in replicas),
+            free_tokens=sum(r.free_tokens for r in replicas),
+            total_tokens=sum(r.total_tokens for r in replicas),
             prefix_cache_queried_tokens=self.cache_counts.queried,
             prefix_cache_hit_tokens=self.cache_counts.hits,
-            prefix_cache_blocks=blocks.cached_blocks if blocks else 0,
+            prefix_cache_blocks=sum(blocks.cached_blocks for blocks in serving),
             steps=self.step_counts.steps,
             step_seconds=self.step_counts.seconds,
             step_tokens=self.step_counts.tokens,
+            replicas=replicas,
         )
         send(self.stats, stats)

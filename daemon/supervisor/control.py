@@ -13,6 +13,7 @@ import zmq.asyncio
 from daemon.ipc.messages import (
     ConfigApplied,
     EngineIdle,
+    EngineJoined,
     FrontendWorkerReady,
     Heartbeat,
     ReloadCommand,
@@ -57,9 +58,10 @@ class ControlChannel:
                 self._acknowledged.set()
             case Heartbeat(pid=pid):
                 self.heartbeats.heard(pid)
-            case EngineIdle(epoch=epoch):
-                self._idle_epochs.add(epoch)
-                self._engine_idle.set()
+            case EngineIdle(epoch=epoch, replica=replica):
+                self.idle.heard((replica, epoch))
+            case EngineJoined(epoch=epoch, replica=replica):
+                self.joined.heard((replica, epoch))
             case ReloadCommand():
                 self.inbox.put_nowait(ReloadAsked("command", reply_to=identity))
 

@@ -27,6 +27,10 @@ class StartupFailed(Exception):
     pass
 
 
+class TierStartFailed(Exception):
+    """A tier started by a reload did not come up; the message says why."""
+
+
 @dataclass
 class Child:
     tier: str
@@ -39,6 +43,7 @@ class Child:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     restarts: deque[float] = field(default_factory=deque)
     generation: int = 1  # the config generation it runs
+    started_generation: int = 1  # the one its process started with (a worker's model settings come from it)
     supervised: bool = False  # restarted when it dies: set once it first came up in its slot
     standby: bool = False  # started by a reload beside the serving one: ready is "standby" until it commits
     retiring: bool = False  # stopped on purpose (a reload replaces it): not to be restarted

@@ -10,9 +10,10 @@ env file and `--set` as at start).
 Prepare does what can fail without touching a serving tier: check, bind a new
 address, then start the new tiers beside the serving ones (a tokenizer pool and
 a blue-green worker on standby, then the front-end, which serves from its
-start). Commit replaces a drain-mode worker, switches every prepared tier at
-once, lets the old ones drain, and pushes the live settings. A failure in
-prepare stops only what it started; one in commit puts the old config back.
+start). Commit replaces the model's replicas that were not prepared (rolling or
+drain: replicas.py), switches every prepared tier at once, lets the old ones
+drain, and pushes the live settings. A failure in prepare stops only what it
+started; one in commit puts the old config back.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from daemon.config.schema import Reload, ServerSettings
 from daemon.ipc.messages import ReloadReport
 from daemon.supervisor import notify
 from daemon.supervisor.arbiter import ReloadAsked
+from daemon.supervisor.process import TierStartFailed
+from daemon.supervisor.replicas import devices_move
 from daemon.supervisor.triggers import file_changes
 
 if TYPE_CHECKING:
@@ -44,11 +47,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("daemon.supervisor")
 
 CHECK_TIMEOUT_S = 60.0
+STOPPING_IN_RELOAD = "the daemon is stopping during a model reload; retry the request"
 LIVE_ACK_TIMEOUT_S = 5.0  # a tier busy with a long step, on a loaded machine, answers late
-
-
-class TierStartFailed(Exception):
-    """A tier started by a reload did not come up; the message says why."""
 
 
 @dataclass
@@ -124,6 +124,11 @@ class Reloader:
             return self.report(trigger, started, "rejected", reason=refusal, diff=diff, notes=notes)
         replaces_frontend = Reload.FRONTEND in diff.scopes or rotate
         replaces_worker = Reload.WORKER in diff.scopes or Reload.SCHEDULER in diff.scopes
+        worker_mode = new.settings.runtime.model_reload
+        # One replica before and after: a blue-green worker is prepared beside it; otherwise the
+        # replicas are replaced in the commit, one at a time or (drain) all at once.
+        replicas = (supervisor.settings.model.dp_size, new.settings.model.dp_size)
+        single = replicas == (1, 1)
         running_frontend_workers = supervisor.settings.server.workers
         # Prepare: what can still fail without touching a serving tier, cheapest first. The config
         # was checked above (certificates and memory fit included); a new address is bound now, so
@@ -137,7 +142,7 @@ class Reloader:
         if rotate:
             notes.append("the TLS certificate files changed")
         beside = Beside(listener if listener is not supervisor.listener else None)
-        stage, drained = "", False
+        stage, workers_touched = "", False
         try:
             # New tiers start beside the serving ones, which serve alone meanwhile: a tokenizer
             # pool and a blue-green worker wait on standby; the front-end, which serves from its
@@ -145,29 +150,32 @@ class Reloader:
             if Reload.TOKENIZER in diff.scopes:
                 stage = "tokenizer"
                 beside.tokenizers = await supervisor.start_tokenizers(generation, new.settings.tokenizer.workers)
-            if replaces_worker and new.settings.runtime.model_reload == "blue_green":
+            if replaces_worker and worker_mode == "blue_green" and single:
                 stage = "worker"
                 beside.worker = await supervisor.start_worker_beside(generation)  # None: no room beside
             if replaces_frontend:
                 stage = "frontend"
                 beside.frontend = await supervisor.start_frontend(generation, new.settings.server, listener)
-            # Commit. A drain-mode worker cannot run beside the old one: it is replaced now (on
-            # failure the old config's worker is back before this returns).
+            # Commit. Replicas not prepared beside the serving ones are replaced now (on failure
+            # the undo below puts the old config's back).
             if replaces_worker and beside.worker is None:
-                stage = "worker"
-                await supervisor.replace_worker_draining(generation)
-                notes.append("the model worker was replaced in drain mode")
-                drained = True
+                stage, workers_touched = "worker", True
+                mode = "drain" if single else worker_mode  # one replica rolling is drained
+                moved = devices_move(supervisor.settings, new.settings)
+                await supervisor.replace_replicas(generation, new.settings.model.dp_size, mode, devices_move=moved)
+                notes.append(_replicas_note(mode, *replicas))
             if (gone := beside.exited()) is not None:  # switching to it would fail its requests
                 stage = gone.tier
                 raise TierStartFailed(f"{gone.name} exited with status {gone.process.returncode} before the switch")  # type: ignore[union-attr]
         except TierStartFailed as exc:
             await self._withdraw(beside)
             if supervisor.stopping.is_set():  # nothing is put back: every tier drains as it is
+                if workers_touched:  # what the scheduler holds for a replica is answered now
+                    await supervisor.owned(supervisor.abandon_holds, STOPPING_IN_RELOAD)
                 reason = f"the daemon is stopping: the reload was abandoned while starting the new {stage}"
                 return self.report(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
-            if drained:
-                await self._undo(["worker"])
+            if workers_touched:
+                await self._undo(["worker"], generation)
             reason = f"the new {stage} did not start ({exc}); the running config keeps serving"
             return self.report(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
         restarted = await self._switch(beside, new.settings.server)
@@ -178,7 +186,7 @@ class Reloader:
         missing = await supervisor.push_live(generation, new.settings.server.workers, LIVE_ACK_TIMEOUT_S)
         if missing:  # some tier may not run the new live values: every tier goes back to the running ones
             await supervisor.push_live(supervisor.generation, running_frontend_workers, LIVE_ACK_TIMEOUT_S)
-            await self._undo(restarted)
+            await self._undo(restarted, generation)
             reason = (
                 f"not acknowledged within {LIVE_ACK_TIMEOUT_S:g} s by: {', '.join(missing)}; "
                 "the running config was pushed again and keeps serving"
@@ -216,16 +224,23 @@ class Reloader:
         if beside.listener is not None:
             beside.listener.close()
 
-    async def _undo(self, restarted: list[str]) -> None:
-        """Put back tiers of the running config where a failed reload had replaced them."""
+    async def _undo(self, restarted: list[str], failed: int) -> None:
+        """Put back tiers of the running config where a failed reload (of generation `failed`) had
+        replaced them."""
         supervisor = self.supervisor
         running = supervisor.settings
         try:
             for stage in reversed(restarted):
                 if stage == "tokenizer":
                     await supervisor.replace_tokenizers(supervisor.generation, running.tokenizer.workers)
-                elif stage == "worker":
-                    await supervisor.replace_worker(supervisor.generation, mode=running.runtime.model_reload)
+                elif stage == "worker":  # the replicas it started, added or removed
+                    await supervisor.replace_replicas(
+                        supervisor.generation,
+                        running.model.dp_size,
+                        running.runtime.model_reload,
+                        stale=lambda child: child.started_generation == failed,
+                        devices_move=devices_move(supervisor.settings_of(failed), running),
+                    )
                 elif stage == "frontend":
                     listener = supervisor.listener_for(running.server)
                     await supervisor.replace_frontend(supervisor.generation, running.server, listener)
@@ -307,6 +322,13 @@ class Reloader:
         async for names in file_changes(list(paths), stop, armed):
             log.info("config.changed", trigger=trigger, entries=sorted(names))
             self.request(trigger)
+
+
+def _replicas_note(mode: str, before: int, after: int) -> str:
+    if (before, after) == (1, 1):
+        return f"the model worker was replaced in {mode} mode"
+    note = f"the model's replicas were replaced in {mode} mode"
+    return note + (f"; model.dp_size {before} -> {after}" if before != after else "")
 
 
 def _refusal(diff: ConfigDiff) -> str | None:

@@ -3,9 +3,7 @@ transaction in reload.py (which decides what to replace, in which order, and how
 roll back). Each tier has a start (prepare: beside the serving one), a switch (commit)
 and a retirement of the old one, and a composite `replace_*` for a rollback.
 
-- worker: blue-green (the new one loads beside the old one and waits on standby until
-  the switch) or drain (the scheduler holds new requests while the old worker
-  finishes, then the new one loads: no standby, it is all commit);
+- worker: the model's replicas, in replicas.py (rolling, drain or blue-green);
 - tokenizer: a new pool starts on standby; at the switch new requests go to it and
   the old one drains;
 - front-end: a new Granian instance accepts on the same (or a newly bound) listening
@@ -19,33 +17,15 @@ import contextlib
 import signal
 import socket
 import time
-from collections.abc import Awaitable
 
 import structlog
 import zmq
 import zmq.asyncio
 
 from daemon.config.schema import ServerSettings
-from daemon.ipc.messages import (
-    ConfigUpdate,
-    EngineBeside,
-    EngineHold,
-    EngineHoldAbandoned,
-    EngineSwitch,
-    FrontendRetiring,
-    encode,
-)
-from daemon.supervisor.process import (
-    STOP_GRACE_S,
-    Child,
-    StartupFailed,
-    address,
-    first_of,
-    kill,
-    listen,
-)
-from daemon.supervisor.reload import TierStartFailed
-from daemon.tier import EXIT_NO_ROOM_BESIDE, STOP_SIGNAL
+from daemon.ipc.messages import ConfigUpdate, FrontendRetiring, encode
+from daemon.supervisor.process import STOP_GRACE_S, Child, StartupFailed, TierStartFailed, address, kill, listen
+from daemon.tier import STOP_SIGNAL
 
 log = structlog.get_logger("daemon.supervisor")
 
@@ -92,133 +72,14 @@ class TierReplacement:
             if served_by and served_by <= acknowledged:
                 child.generation = generation
 
-    async def replace_worker(self, generation: int, *, mode: str = "drain") -> str:
-        """Replace the model worker with one running `generation` in `mode` (runtime.model_reload),
-        start to end, and say which mode it took (what a rollback does; a reload prepares and
-        commits in steps)."""
-        if mode == "blue_green" and (beside := await self.start_worker_beside(generation)) is not None:
-            await self.owned(self.switch_worker, *beside)
-            await self.retire_worker(beside[0])
-            return "blue_green"
-        await self.replace_worker_draining(generation)
-        return "drain"
-
-    async def replace_worker_draining(self, generation: int) -> None:
-        """Drain mode: the scheduler holds new requests while those running finish on the old
-        worker (bounded by runtime.drain_timeout_s), then the new one loads. TierStartFailed if it
-        does not come up, after making sure that one running the current generation serves."""
-        old = self._child("worker")
-        await self.owned(self._hold_engine)
-        await self._until_engine_idle(0)
-        try:
-            await self._replace(old, generation)
-        except TierStartFailed:
-            if self.stopping.is_set():  # nothing to start now: what the scheduler holds is answered
-                self._broadcast(EngineHoldAbandoned("the daemon is stopping during a model reload; retry the request"))
-                raise
-            try:
-                await self._replace(self._child("worker"), self.generation)
-            except TierStartFailed as exc:  # the old config no longer starts either: nothing to serve with
-                await self.owned(self.give_up, f"the worker failed to start with the new config, then the old: {exc}")
-            raise
-
-    def _hold_engine(self) -> None:
-        """The scheduler holds new requests and says when the worker's are done."""
-        self._idle_epochs.discard(0)
-        self._broadcast(EngineHold())
-
-    async def start_worker_beside(self, generation: int) -> tuple[Child, Child] | None:
-        """Blue-green prepare: start a worker running `generation` beside the serving one, which
-        goes on serving alone; (serving, new), or None (nothing changed) if the new one does not
-        fit in memory beside it. TierStartFailed (nothing changed) if it fails otherwise."""
-        old = self._child("worker")
-        new = Child(
-            "worker", old.index, old.module, epoch=old.epoch, deaths=old.deaths, restarts=old.restarts, standby=True
-        )
-        try:
-            await self.owned(self._start_beside, old, new, generation)
-            await self._until_ready(new)
-        except StartupFailed as exc:
-            no_room = new.process is not None and new.process.returncode == EXIT_NO_ROOM_BESIDE
-            await self.withdraw([new])
-            if no_room:
-                log.warning("reload.no_room_beside", detail="the model worker is replaced in drain mode")
-                return None
-            raise TierStartFailed(str(exc)) from None
-        return old, new
-
-    async def _start_beside(self, old: Child, new: Child, generation: int) -> None:
-        """Start `new` beside the worker `old`, the scheduler told first which epoch to expect."""
-        self.children.insert(self.children.index(old) + 1, new)
-        self._idle_epochs.discard(old.epoch)
-        self._broadcast(EngineBeside(self._worker_epoch + 1))  # what _start makes the new one's epoch
-        await self._start(new, generation, beside=True)
-
-    def switch_worker(self, old: Child, new: Child) -> None:
-        """Commit a blue-green worker: `new` serves in `old`'s place (published "up"), supervised
-        from now on; `old` (perhaps restarted during the reload: the scheduler hears its epoch
-        now) is not to be restarted."""
-        old.retiring = True
-        new.standby = False
-        self._idle_epochs.discard(old.epoch)
-        self._broadcast(EngineSwitch(new.epoch, old.epoch))
-        self._publish(new, "up")
-        self._supervise(new)
-
-    async def retire_worker(self, old: Child) -> None:
-        """Once the scheduler says the replaced worker `old` finished its requests (bounded by
-        runtime.drain_timeout_s), stop it."""
-        await self._until_engine_idle(old.epoch, old)
-        if old.process is not None and old.process.returncode is not None:  # it died meanwhile
-            await self.owned(self._publish, old, "down")  # the scheduler fails what still ran on it
-        await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
-        await self.owned(self._forget, old)
-
     def _forget(self, child: Child) -> None:
         """`child` is gone for good (a reload replaced it)."""
         self.children.remove(child)
         self.write_status()
 
-    async def _until_engine_idle(self, epoch: int, child: Child | None = None) -> None:
-        """Until the scheduler says nothing runs on the worker of `epoch` (0: the one held), or
-        `child` exited, or runtime.drain_timeout_s passed: what still runs fails when it stops."""
-        deadline = time.monotonic() + self.settings.runtime.drain_timeout_s
-        while epoch not in self._idle_epochs:
-            self._engine_idle.clear()
-            if epoch in self._idle_epochs:  # said between the check and the clear
-                break
-            waits: dict[str, Awaitable[object]] = {"idle": self._engine_idle.wait()}
-            if child is not None and child.process is not None:
-                waits["exited"] = child.process.wait()
-            first = await first_of(max(0.0, deadline - time.monotonic()), **waits)
-            if first == "exited":
-                return
-            if first is None:
-                log.warning("reload.drain_timeout", tier="worker", detail="requests still running are failed")
-                return
-
-    async def _replace(self, old: Child, generation: int) -> None:
-        """Stop `old`, then start a child like it running `generation`; TierStartFailed if it fails."""
-        await self.owned(self._retire_one, old)
-        await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
-        new = Child(old.tier, old.index, old.module, epoch=old.epoch, deaths=old.deaths, restarts=old.restarts)
-        await self.owned(self._start_in_place_of, old, new, generation)
-        try:
-            await self._until_ready(new)
-        except StartupFailed as exc:
-            await self.owned(kill, new)
-            await new.process.wait()  # type: ignore[union-attr]
-            await self.owned(self._publish, new, "down")  # its slot stays: the caller starts another in it
-            raise TierStartFailed(str(exc)) from None
-        await self.owned(self._supervise, new)
-
     @staticmethod
     def _retire_one(child: Child) -> None:
         child.retiring = True
-
-    async def _start_in_place_of(self, old: Child, new: Child, generation: int) -> None:
-        self.children[self.children.index(old)] = new
-        await self._start(new, generation)
 
     async def replace_tokenizers(self, generation: int, workers: int) -> None:
         """Replace the tokenizer pool with `workers` running `generation`, start to end."""

@@ -14,6 +14,7 @@ This file is the lifecycle's procedures (start, stop) and the primitives the
 loop uses to start and stop a tier. Beside it: arbiter.py (the loop: deaths,
 restarts, hangs, the watchdog, reload requests), process.py (one process:
 Child, its socket, kill), replace.py (replacing a tier during a reload),
+replicas.py (the model's data-parallel replicas and their rolling replacement),
 control.py (the control and events sockets), status.py (status.json, tier
 events), liveness.py (heartbeats), reload.py (the reload transaction).
 """
@@ -55,6 +56,7 @@ from daemon.supervisor.process import (
 )
 from daemon.supervisor.reload import Reloader
 from daemon.supervisor.replace import TierReplacement
+from daemon.supervisor.replicas import Replicas, SchedulerNews, replica_devices
 from daemon.supervisor.runtime_dir import create_socket_dir
 from daemon.supervisor.status import StatusReports
 from daemon.tier import BESIDE_VAR, EPOCH_VAR, SPAWNER_VAR, STOP_SIGNAL
@@ -68,7 +70,7 @@ REFUSE_AFTER_S = 1.0  # how long a stopping front-end's workers may take to stop
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
-class Supervisor(Arbiter, TierReplacement, ControlChannel, StatusReports):
+class Supervisor(Arbiter, TierReplacement, Replicas, ControlChannel, StatusReports):
     def __init__(self, config: LoadedConfig, sources: dict | None = None):
         self.config = config
         # How `config` was read (env file, --set): a reload reads the file again the same way.
@@ -86,7 +88,7 @@ class Supervisor(Arbiter, TierReplacement, ControlChannel, StatusReports):
         self.events = configure(self.context.socket(zmq.PUB), zmq.PUB)
         self.events.bind(self.endpoints.events)
         self.children = [
-            Child("worker", 0, "daemon.worker"),
+            *(Child("worker", i, "daemon.worker") for i in range(settings.model.dp_size)),  # one per replica
             Child("scheduler", 0, "daemon.scheduler"),
             *(Child("tokenizer", i, "daemon.tokenizer") for i in range(settings.tokenizer.workers)),
             Child("frontend", 0, "daemon.frontend", expected_workers=settings.server.workers),
@@ -99,9 +101,9 @@ class Supervisor(Arbiter, TierReplacement, ControlChannel, StatusReports):
         self.listener_address: tuple[str, int, int] | None = None  # (host, port, backlog) it is bound with
         self._applied: dict[int, set[int]] = {}  # generation -> PIDs that acknowledged it
         self._acknowledged = asyncio.Event()
-        self._engine_idle = asyncio.Event()
-        self._idle_epochs: set[int] = set()  # workers the scheduler said idle (0: the one held)
-        self._worker_epoch = 0  # the last worker started
+        self.idle = SchedulerNews()  # (replica, worker epoch) the scheduler said idle (epoch 0: the one held)
+        self.joined = SchedulerNews()  # (replica, worker epoch) the scheduler drives
+        self._worker_epoch = 0  # the last worker started, of any replica
         self.heartbeats = Heartbeats()
         self.reloader = Reloader(self)
         self._init_arbiter()
@@ -121,7 +123,8 @@ class Supervisor(Arbiter, TierReplacement, ControlChannel, StatusReports):
             # finds its peers over sockets that connect whenever the other end comes up, as it does
             # when one of them restarts.
             await self.owned(self._listen)
-            builder = [c for c in self.children if c.tier == "worker"] if _demo_to_build(self.settings) else []
+            # one worker builds it: several at once would race to write one directory
+            builder = [self._child("worker", 0)] if _demo_to_build(self.settings) else []
             for group in (builder, [c for c in self.children if c not in builder]):
                 for child in group:
                     await self.owned(self._start, child)
@@ -181,12 +184,12 @@ class Supervisor(Arbiter, TierReplacement, ControlChannel, StatusReports):
         """Start `child` with the config of `generation` (the running one by default); a
         front-end serves from `listener` (the daemon's by default); `beside`: a worker starting
         beside the running one."""
-        if child.tier == "worker":  # two may run at once (blue-green): a worker's epoch is never reused
+        if child.tier == "worker":  # several run at once (replicas, blue-green): a worker's epoch is never reused
             child.epoch = max(child.epoch, self._worker_epoch)
         child.epoch += 1
         if child.tier == "worker":
             self._worker_epoch = child.epoch
-        child.generation = generation or self.generation
+        child.generation = child.started_generation = generation or self.generation
         child.ready.clear()
         child.exit_handled = False
         child.model = None  # until this process reports what it loaded
@@ -200,6 +203,9 @@ class Supervisor(Arbiter, TierReplacement, ControlChannel, StatusReports):
         }
         if beside:
             env[BESIDE_VAR] = "1"
+        if child.tier == "worker":
+            settings = self.settings_of(child.generation)
+            env.update(replica_devices(settings, child.index, os.environ.get("CUDA_VISIBLE_DEVICES")))
         inherited: tuple[int, ...] = ()
         if child.tier == "frontend":
             listener = listener or self.listener

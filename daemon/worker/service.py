@@ -79,8 +79,9 @@ def load_runner(
 
     from daemon.engine.kv_cache import KVCache
 
-    # CUDA runs ignore it; the ranks of a group on one machine share its CPUs
-    torch.set_num_threads(max(1, cpu_threads(settings.model.cpu_threads) // parallel.size))
+    # CUDA runs ignore it; the ranks of a group, and the replicas, on one machine share its CPUs
+    processes = parallel.size * settings.model.dp_size
+    torch.set_num_threads(max(1, cpu_threads(settings.model.cpu_threads) // processes))
 
     model_dir = locate_model(settings.model.path, settings.runtime.cache_dir, build=True)
     context = served_context(inspect_model_dir(model_dir), settings.model.context_length)
@@ -165,6 +166,9 @@ class WorkerService:
         group = init_method(settings, self.tier.endpoints.directory, self.tier.epoch)
         with contextlib.suppress(FileNotFoundError):  # a file store left by a group that died
             os.unlink(group.removeprefix("file://"))
+        # The ranks all run here: gloo connects them over loopback, rather than over the address the
+        # host name resolves to, which a container may not even have. Inherited by the followers.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         self.followers = Followers(settings.model.tp_size, group)
         self.parallel = join_group(
             0, settings.model.tp_size, group, device_type=device_type(settings), timeout_s=COLLECTIVE_TIMEOUT_S
@@ -270,6 +274,7 @@ class WorkerService:
             BLOCK_SIZE,
             self.context,
             prefix_cacheable=self.runner.prefix_cacheable,
+            replica=self.tier.index,  # its data-parallel replica (model.dp_size)
         )
         with contextlib.suppress(PeerGone):  # no scheduler yet: it will hear the next announcement
             send(self.scheduler, ready)

@@ -168,16 +168,23 @@ def _cuda_unavailable(c: DaemonSettings, f: Facts) -> CheckResult:
 
 @rule(
     "model.tp-exceeds-gpus",
-    keys=["model.tp_size", "model.device", "distributed.nnodes"],
-    fix="lower tp_size to the GPUs this node can see (CUDA_VISIBLE_DEVICES), or spread over more nodes",
+    keys=["model.tp_size", "model.device", "distributed.nnodes", "model.dp_size"],
+    fix="lower tp_size (or dp_size) to the GPUs this node can see (CUDA_VISIBLE_DEVICES), or spread over more nodes",
 )
 def _tp_gpus(c: DaemonSettings, f: Facts) -> CheckResult:
-    """With device = cuda, this node's share of tp_size fits in its visible GPUs."""
+    """With device = cuda, this node's share of tp_size times dp_size (replicas on GPUs of their own) fits its GPUs."""
     if c.model.device != "cuda" or (probe := f.cuda) is None or probe.devices == 0:
         return None
-    per_node = -(-c.model.tp_size // c.distributed.nnodes)
-    if per_node > probe.devices:
-        return f"tp_size {c.model.tp_size} needs {per_node} GPUs on this node but {probe.devices} are visible"
+    per_replica = -(-c.model.tp_size // c.distributed.nnodes)
+    needed = per_replica * c.model.dp_size
+    if needed <= probe.devices:
+        return None
+    if c.model.dp_size == 1:
+        return f"tp_size {c.model.tp_size} needs {needed} GPUs on this node but {probe.devices} are visible"
+    return (
+        f"dp_size {c.model.dp_size} replicas of tp_size {c.model.tp_size} need {needed} GPUs on this node "
+        f"but {probe.devices} are visible"
+    )
 
 
 @rule(
