@@ -121,6 +121,7 @@ def test_config_show_masks_secrets_and_round_trips(tmp_path: Path):
         "dtype": "auto",
         "device": "auto",
         "tp_size": 1,
+        "dp_size": 1,
         "seed": 0,
         "tool_parser": "auto",
         "reasoning_parser": "none",
