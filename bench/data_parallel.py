@@ -1,7 +1,8 @@
 """What data parallelism buys on this machine: model.dp_size 2 against 1.
 
-Two daemons on the demo model, dp_size 1 and dp_size 2, started once and measured in turn
-(ABBA rounds: the one measured second goes first the next round). Each round, for each:
+Daemons on the demo model, dp_size 1 and dp_size 2, one at a time (each measurement starts its
+own and stops it after), in ABBA rounds: the size measured second goes first the next round.
+Each round, for each:
 
 1. Throughput with `--concurrency` requests in flight (h2load, HTTP/1.1, so nearly free of
    client cost): `--requests` completions of `--max-tokens` tokens each (ignore_eos); the
@@ -12,7 +13,7 @@ Two daemons on the demo model, dp_size 1 and dp_size 2, started once and measure
    finds them all; with two, only placement by cached prefix finds them (by load alone,
    about half would land on the replica that has not seen the prompt).
 
-Then how the dp_size 2 daemon placed its requests (daemon_replica_requests_placed_total).
+And how each dp_size 2 daemon placed its requests (daemon_replica_requests_placed_total).
 On a machine without GPUs the replicas share the CPU cores (model.cpu_threads, split between
 them): what two replicas buy there is steps that overlap, not more arithmetic; on GPUs each
 replica has devices of its own.
@@ -104,11 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     locality: dict[int, list[float]] = {size: [] for size in SIZES}
     failures = 0
     with frame.guarded():
-        daemons = {size: frame.start_demo_daemon({"model.dp_size": size}, name=f"daemon-dp{size}") for size in SIZES}
         for round_ in range(args.rounds):
             for size in SIZES if round_ % 2 == 0 else SIZES[::-1]:
-                tok_s, failed = throughput(daemons[size], args, frame)
-                share = prefix_locality(daemons[size], args, round_)
+                daemon = frame.start_demo_daemon({"model.dp_size": size}, name=f"daemon-dp{size}-{round_ + 1}")
+                tok_s, failed = throughput(daemon, args, frame)
+                share = prefix_locality(daemon, args, round_)
+                if size == 2:
+                    print(f"dp_size 2, requests placed by replica: {placed(daemon)}")
+                print(frame.stop(daemon))
                 rate[size].append(tok_s)
                 locality[size].append(share)
                 failures += failed
@@ -123,9 +127,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {size} | {statistics.median(rate[size]):,.0f} | {100 * statistics.median(locality[size]):.0f}% |")
         print(ratio_line("tok/s, dp_size 2 against 1", rate[1], rate[2]))
         print(f"failed requests: {failures}")
-        print(f"dp_size 2, requests placed by replica: {placed(daemons[2])}")
-        for size in SIZES:
-            print(frame.stop(daemons[size]))
     return frame.finish(keep=False)
 
 

@@ -26,6 +26,8 @@ every process it starts is stopped at the end, on errors and SIGTERM too, by PID
      frontend   server.workers 1 <-> 2                         (a new Granian on the same socket; the old drains)
      model      model.seed +1                                  (the worker is replaced; new requests are held)
      model-bg   model.seed +1, runtime.model_reload blue_green (the new worker loads beside the old one)
+     model-rolling  model.seed +1, runtime.model_reload rolling (with --dp-size 2: one replica at a
+                time is drained and replaced while the other serves; with one replica, as model)
      context    model.context_length 2048 <-> 1024             (as model; the tokenizer follows the new limit)
    Then it waits until every tier is up again and --settle seconds have passed.
    Two more classes are faults, not changes that should succeed (bench/reload_faults.py):
@@ -142,6 +144,7 @@ def parse_args() -> argparse.Namespace:
         "--stream-percent", type=int, default=50, help="share of the clients that stream (SSE, with usage), in %%"
     )
     p.add_argument("--repeats", type=int, default=3, help="changes of each class; the table shows medians")
+    p.add_argument("--dp-size", type=int, default=1, help="model.dp_size of the daemon (2: rolling reloads)")
     p.add_argument(
         "--classes",
         default=",".join(CLASSES),
@@ -303,6 +306,7 @@ def main() -> int:
         values["model"]["context_length"] = CONTEXT_LENGTHS[0]
         values["runtime"]["hang_timeout_s"] = args.hang_timeout
         values["runtime"]["model_reload"] = "drain"
+        values["model"]["dp_size"] = args.dp_size
         values["logging"]["format"] = "json"
         values["runtime"].update(dir=str(runtime_dir), cache_dir=str(cache_dir))
         values["runtime"]["watch_config"] = args.trigger == "file"

@@ -16,13 +16,14 @@ from common import BIN, REPO, Server, clean_env, percentile, read_status
 from daemon_files import LogTail, config_text, lookup, tier_startups, write_atomically
 from reload_load import Load, Record, failures_by_kind, ok_latencies
 
-CLASSES = ("live", "tokenizer", "frontend", "model", "model-bg", "context")
+CLASSES = ("live", "tokenizer", "frontend", "model", "model-bg", "model-rolling", "context")
 DESCRIPTION = {
     "live": "live field (scheduler.max_queued_requests 1024 <-> 1000)",
     "tokenizer": "tokenizer (tokenizer.workers 1 <-> 2)",
     "frontend": "front-end (server.workers 1 <-> 2, same port)",
     "model": "model worker, drain (model.seed + 1)",
     "model-bg": "model worker, blue-green (model.seed + 1)",
+    "model-rolling": "model replicas, rolling (model.seed + 1; one replica at a time with --dp-size 2)",
     "context": "model worker, drain (model.context_length 2048 <-> 1024)",
 }
 EXPECTED_RESTART = {
@@ -31,6 +32,7 @@ EXPECTED_RESTART = {
     "frontend": ["frontend"],
     "model": ["worker"],
     "model-bg": ["worker"],
+    "model-rolling": ["worker"],
     "context": ["worker"],
 }
 GOAL_S = {"live": 1.0, "tokenizer": 3.0, "frontend": 3.0}  # a new model worker: its load time + MODEL_GOAL_EXTRA_S
@@ -60,8 +62,8 @@ def changed(values: dict[str, dict], kind: str) -> tuple[dict[str, dict], str]:
         old = new["server"]["workers"]
         new["server"]["workers"] = 2 if old == 1 else 1
         key, value = "server.workers", new["server"]["workers"]
-    elif kind in ("model", "model-bg"):
-        new["runtime"]["model_reload"] = "blue_green" if kind == "model-bg" else "drain"
+    elif kind in ("model", "model-bg", "model-rolling"):
+        new["runtime"]["model_reload"] = {"model-bg": "blue_green", "model-rolling": "rolling"}.get(kind, "drain")
         old = new["model"]["seed"]
         new["model"]["seed"] = old + 1
         key, value = "model.seed", new["model"]["seed"]
@@ -114,9 +116,12 @@ class Trial:
 
     @property
     def load_time(self) -> float:
-        """The new model worker's start to ready (nan: none)."""
+        """The new model worker's start to ready (nan: none); of a rolling reload, the sum over its
+        replicas, which load one after another."""
         workers = [s["ready"] - s["started"] for s in self.startups if s["tier"] == "worker"]
-        return workers[-1] if workers else float("nan")
+        if not workers:
+            return float("nan")
+        return sum(workers) if self.kind == "model-rolling" else workers[-1]
 
     @property
     def failures(self) -> dict[str, int]:
