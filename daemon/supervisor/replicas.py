@@ -187,25 +187,26 @@ class Replicas:
         (bounded by runtime.drain_timeout_s), then its worker stops and one running `generation`
         starts in its place. Returns once the scheduler drives the new one; TierStartFailed if it
         does not come up (its slot then holds the dead one: the caller puts a worker back)."""
-        old = self._child("worker", index)
-        log.info("reload.replica_draining", replica=index, epoch=old.epoch)
-        await self.owned(self._hold_replica, index)
-        await self._until_engine_idle(index, 0)
-        await self.owned(self._retire_one, old)
-        await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
+        old = await self._drain_and_stop(index)
         new = Child(old.tier, old.index, old.module, epoch=old.epoch, deaths=old.deaths, restarts=old.restarts)
         await self.owned(self._start_in_place_of, old, new, generation)
         await self._come_up(new)
         log.info("reload.replica_replaced", replica=index, epoch=new.epoch)
 
-    async def remove_replica(self, index: int) -> None:
-        """dp_size lowered: replica `index` is drained like a replaced one, then stops for good."""
+    async def _drain_and_stop(self, index: int) -> Child:
+        """Replica `index` takes nothing new, finishes what runs (bounded by runtime.drain_timeout_s)
+        and its worker stops: the Child that was it."""
         old = self._child("worker", index)
         log.info("reload.replica_draining", replica=index, epoch=old.epoch)
         await self.owned(self._hold_replica, index)
         await self._until_engine_idle(index, 0)
         await self.owned(self._retire_one, old)
         await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
+        return old
+
+    async def remove_replica(self, index: int) -> None:
+        """dp_size lowered: replica `index` is drained like a replaced one, then stops for good."""
+        old = await self._drain_and_stop(index)
         await self.owned(self._forget_replica, old)
         log.info("reload.replica_removed", replica=index)
 
