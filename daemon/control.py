@@ -120,7 +120,8 @@ def describe_status(status: DaemonStatus) -> str:
         lines.append(
             f"{name:<12} {tier.pid or '-':>8}  {tier.state:<9} {_duration(now - tier.since):>9}  {tier.restarts}"
         )
-        for rank in tier.model.ranks if tier.model else []:  # a tensor-parallel group's processes
+        ranks = tier.model.ranks if tier.model else []
+        for rank in ranks if len(ranks) > 1 else []:  # a tensor-parallel group's processes
             lines.append(f"  rank {rank.rank:<5} {rank.pid:>8}  {rank.device} (node {rank.node})")
     return "\n".join(lines)
 

@@ -85,7 +85,8 @@ def unaccounted(daemon: RunningDaemon) -> list[int]:
 
 
 def worker_ranks(daemon: RunningDaemon) -> list[dict]:
-    """The ranks of the worker's tensor-parallel group, as status.json shows them ([] at tp_size 1)."""
+    """The processes of the worker's tensor-parallel group, as status.json shows them (the worker
+    alone at tp_size 1)."""
     model = tier_state(daemon)["worker-0"].get("model") or {}
     return model.get("ranks", [])
 

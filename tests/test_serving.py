@@ -142,6 +142,11 @@ def test_health_models_metrics_and_server_info(daemon):
     assert set(pids) == {"worker-0", "scheduler-0", "tokenizer-0", "frontend-0"}
     assert set(pids.values()) <= set(descendants(daemon.pid))
     assert info["effective_config"]["model"]["served_model_name"] == "demo"
+    # the one process holding the model (tp_size 1, dp_size 1): the worker, in /server_info and /metrics
+    (rank,) = info["model"]["ranks"]
+    assert rank["rank"] == 0 and rank["pid"] == pids["worker-0"] and rank["device"] in ("cpu", "cuda:0"), rank
+    series = f'daemon_worker_process{{device="{rank["device"]}",node="0",pid="{rank["pid"]}",rank="0",replica="0"}} 1.0'
+    assert series in metrics, metrics
 
 
 def test_request_id_is_kept_and_returned(daemon):

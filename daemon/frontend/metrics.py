@@ -53,7 +53,22 @@ class SupervisorFigures(Collector):
             reloads.add_metric([result], self.status.reloads.get(result, 0))
         generation = GaugeMetricFamily("daemon_config_generation", "The config generation serving (+1 per reload)")
         generation.add_metric([], self.status.generation)
-        return [restarts, reloads, generation]
+        return [restarts, reloads, generation, self._worker_processes()]
+
+    def _worker_processes(self) -> Metric:
+        """Every process holding the model: a series per replica and tensor-parallel rank."""
+        processes = GaugeMetricFamily(
+            "daemon_worker_process",
+            "1 for each process holding the model while its worker is up (0 otherwise), by replica and rank",
+            labels=["replica", "rank", "node", "device", "pid"],
+        )
+        for tier in self.status.tiers:
+            if tier.tier != "worker" or tier.model is None:
+                continue
+            for rank in tier.model.ranks:
+                labels = [str(tier.index), str(rank.rank), str(rank.node), rank.device, str(rank.pid)]
+                processes.add_metric(labels, 1 if tier.state == "up" else 0)
+        return processes
 
 
 class SchedulerFigures(Collector):

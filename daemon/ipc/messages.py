@@ -500,7 +500,7 @@ class LoadedModel(msgspec.Struct, frozen=True):
 
     directory: str  # absolute: the built-in model's directory in the cache, or model.path resolved
     max_model_len: int  # the context it serves: model.context_length, else the model's maximum
-    ranks: list[ModelRank] = []  # with model.tp_size > 1, the processes holding its shares, rank 0 first
+    ranks: list[ModelRank] = []  # the processes holding it (model.tp_size of them), rank 0 first
 
 
 class ModelRank(msgspec.Struct, frozen=True):

@@ -123,9 +123,8 @@ class WorkerService:
             if settings.model.tp_size > 1:
                 self._start_group(settings)
             self.runner, self.model = load_runner(settings, beside=beside, parallel=self.parallel)
-            if self.followers is not None:
-                ranks = group_ranks(settings, self.runner.device, [os.getpid(), *self.followers.pids])
-                self.model = msgspec.structs.replace(self.model, ranks=ranks)
+            pids = [os.getpid(), *(self.followers.pids if self.followers else [])]
+            self.model = msgspec.structs.replace(self.model, ranks=group_ranks(settings, self.runner.device, pids))
         except BaseException:
             if self.followers is not None:
                 self.followers.stop()
@@ -193,7 +192,7 @@ class WorkerService:
             attention="paged kernel" if self.runner.cache.keys_transposed else "torch over gathered blocks",
             cache_tokens=self.num_blocks * BLOCK_SIZE,
             context=self.context,
-            ranks=[(r.rank, r.pid, r.device) for r in self.model.ranks] or None,
+            ranks=[(r.rank, r.pid, r.device) for r in self.model.ranks] if self.followers else None,
         )
         send(self.control, TierReady(tier.role, tier.index, os.getpid(), self.model))
         # The first announcement must not be lost to a connection still being made: the

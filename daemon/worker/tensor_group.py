@@ -78,10 +78,13 @@ def device_type(settings: DaemonSettings) -> str:
 
 
 def group_ranks(settings: DaemonSettings, device: torch.device, pids: list[int]) -> list[ModelRank]:
-    """What the status shows of each rank: its PID and device (rank r uses CUDA device r of its node)."""
+    """What the status shows of each rank (the worker alone at tp_size 1): its PID and device (rank r
+    of a group uses CUDA device r of its node)."""
     from daemon.ipc.messages import ModelRank
 
     node = settings.distributed.node_rank
+    if len(pids) == 1:
+        return [ModelRank(0, pids[0], str(device), node)]
     devices = [f"cuda:{rank}" if device.type == "cuda" else device.type for rank in range(len(pids))]
     return [ModelRank(rank, pid, dev, node) for rank, (pid, dev) in enumerate(zip(pids, devices, strict=True))]
 
