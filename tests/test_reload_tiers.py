@@ -781,6 +781,7 @@ STOP_PHASES = {
     "new tokenizer pool starting": ("tier.started", {"tier": "tokenizer", "child_generation": 2}),
 }
 STOP_BOUND_S = 30 + 15 + 30 + 20  # the reload's drain and its grace, the stop's drain, slack
+BACKLOG_SLACK_S = 0.5  # how long before a stop a fresh connection may still wait to be accepted
 
 
 @pytest.mark.parametrize("phase", list(STOP_PHASES))
@@ -818,14 +819,19 @@ def test_sigterm_during_a_worker_reload_ends_it_then_drains(daemons, tmp_path, p
     # the socket (as at any stop), with nothing read. The front-end stops accepting when the supervisor
     # passes the stop on, a few milliseconds before Granian logs it: a request connecting in between
     # waits in the backlog and is reset (seen once in CI, started 7 ms after daemon.stopping and 16 ms
-    # before "Shutting down granian"). Requests sent before the stop must all end complete or with
-    # an explicit error.
+    # before "Shutting down granian"). On a busy machine (CI runs two test files at once) a fresh
+    # connection made just before the stop may still wait in the backlog, not yet accepted, when the
+    # stop begins: reset too, with nothing read (seen once, 2026-12-08). So a reset with no byte of
+    # answer counts as never read from BACKLOG_SLACK_S before the stop. Requests sent earlier must all
+    # end complete or with an explicit error.
     (closing,) = [logged_at(e) for e in daemon.events("daemon.stopping")]
-    never_read = [
-        c
-        for c in calls
-        if c.refused or c.kind == "goaway" or (c.kind == "connection-error" and c.started_wall >= closing)
-    ]
+
+    def never_accepted(c: Outcome) -> bool:
+        if c.kind != "connection-error":
+            return False
+        return c.started_wall >= closing or (c.chunks == 0 and c.started_wall >= closing - BACKLOG_SLACK_S)
+
+    never_read = [c for c in calls if c.refused or c.kind == "goaway" or never_accepted(c)]
     lost = [c for c in calls if c.kind != "complete" and c not in explicit and c not in never_read]
     assert not lost, report(lost, daemon.log_tail(30))
     assert not daemon.events("daemon.failed"), daemon.log_tail()
