@@ -235,6 +235,11 @@ class WorkerService:
         result = execute(self.runner, plan, self.tier.epoch, share=share)
         if result.error:
             log.error("worker.step_failed", step=plan.step, error=result.error)
+            if self.followers is not None:
+                # Most likely a rank is gone (its collective failed), and either way the ranks may
+                # have stopped at different collectives: the group ends, unreported, and the
+                # scheduler ends its requests as for any lost worker (503), as when rank 0 dies.
+                raise GroupBroken(f"step {plan.step} failed: {result.error}")
         for seq_id, why in result.failed.items():  # a sequence skipped after its failure is no news
             (log.debug if why == NOT_SAMPLED else log.error)(
                 "worker.sequence_failed", step=plan.step, seq_id=seq_id, error=why
@@ -243,12 +248,12 @@ class WorkerService:
             send(self.scheduler, result)
         except PeerGone:
             log.warning("worker.scheduler_gone", step=plan.step)
-        if result.error and self.followers is not None:
-            # the ranks may have stopped at different collectives: the group cannot go on in step
-            raise GroupBroken(f"step {plan.step} failed: {result.error}")
 
     def _order(self, order: Order) -> None:
-        lead(self.parallel, order)
+        try:
+            lead(self.parallel, order)
+        except RuntimeError as exc:  # gloo's, when a rank is gone
+            raise GroupBroken(f"the other ranks cannot be reached: {exc}") from None
         self._last_order = time.monotonic()
 
     def _prepare(self, constraint: Constraint) -> None:
