@@ -46,11 +46,14 @@ class Parallel:
         dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=dim)
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Rank `src`'s tensor, copied in place into every rank's."""
-        if self.size > 1:
-            dist.broadcast(tensor, src=src, group=self.group)
-        return tensor
+    def fewest(self, value: int) -> int:
+        """The smallest of every rank's `value`."""
+        if self.size == 1:
+            return value
+        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"  # NCCL reduces on the device
+        count = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.group)
+        return int(count.item())
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
         """Rank `src`'s `obj` (anything picklable), returned on every rank."""

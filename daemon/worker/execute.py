@@ -27,11 +27,11 @@ def execute(
     runner: ModelRunner,
     plan: StepPlan,
     worker_epoch: int = 1,
-    share: Callable[[list[int], list[SequenceChunk]], None] | None = None,
+    share: Callable[[list[SequenceChunk]], None] | None = None,
 ) -> StepResult:
     """Run `plan`. A failure of one sequence (its sampling) ends only that one: it is reported in
     `failed` and the step's other tokens are delivered; a failure of the whole step (the forward
-    pass) becomes a StepResult error, so its requests end cleanly. `share(released, chunks)`:
+    pass) becomes a StepResult error, so its requests end cleanly. `share(chunks)`:
     hands the step, resolved, to the other ranks of a tensor-parallel group before it runs."""
     started = time.perf_counter()
     for seq_id in plan.finished:
@@ -46,7 +46,7 @@ def execute(
             continue
         chunks.append(_chunk(c, runner.last_sampled))
     if share is not None:
-        share(plan.finished, chunks)
+        share(chunks)
     try:
         tokens = runner.step(chunks)
     except Exception as exc:  # noqa: BLE001 - whatever broke, the scheduler must hear of it

@@ -51,8 +51,6 @@ from daemon.worker.tensor_group import (
     KEEPALIVE_S,
     Followers,
     GroupBroken,
-    Order,
-    agree_on_blocks,
     device_type,
     group_ranks,
     init_method,
@@ -98,7 +96,7 @@ def load_runner(
     )
     model = probe.model
     per_token = KVCache.bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, probe.dtype)
-    blocks = agree_on_blocks(parallel, cache_blocks(settings, per_token, context, probe.device.type))
+    blocks = parallel.fewest(cache_blocks(settings, per_token, context, probe.device.type))  # every rank holds it
     size = blocks * BLOCK_SIZE * per_token
     if beside:
         check_room_beside(settings, size, probe.device.type, what="the KV cache")
@@ -162,7 +160,7 @@ class WorkerService:
         """Start ranks 1..tp_size-1 and join them; the model is found (the demo model built) first,
         so that they find it there."""
         locate_model(settings.model.path, settings.runtime.cache_dir, build=True)
-        group = init_method(settings, self.tier.endpoints.directory, self.tier.epoch)
+        group = init_method(self.tier.endpoints.directory, self.tier.epoch)
         with contextlib.suppress(FileNotFoundError):  # a file store left by a group that died
             os.unlink(group.removeprefix("file://"))
         # The ranks all run here: gloo connects them over loopback, rather than over the address the
@@ -206,7 +204,7 @@ class WorkerService:
             self.pulse.beat()
             ready = dict(self.poller.poll(int(ANNOUNCE_INTERVAL_S * 1000)))
             if self.followers is not None and time.monotonic() - self._last_order >= KEEPALIVE_S:
-                self._order(Order(keepalive=True))
+                self._order(None)
             if self.events.socket in ready:
                 for event in self.events.recv_ready():
                     if isinstance(event, ConfigUpdate):  # nothing of the worker's is live but its logging
@@ -222,16 +220,11 @@ class WorkerService:
                 self._announce_compiled()
 
     def _run(self, plan: StepPlan) -> None:
-        forget = plan.scheduler_epoch != self.scheduler_epoch
-        if forget:
+        if plan.scheduler_epoch != self.scheduler_epoch:
             self.runner.forget_all()  # a new scheduler: sequence ids start again
             self.scheduler_epoch = plan.scheduler_epoch
-        share = None
-        if self.followers is not None:  # the other ranks run the same step, on the same chunks
-
-            def share(released: list[int], chunks: list[SequenceChunk]) -> None:
-                self._order(Order(chunks, released, forget_all=forget))
-
+        # the other ranks run the same step, on the same chunks
+        share = self._order if self.followers is not None else None
         result = execute(self.runner, plan, self.tier.epoch, share=share)
         if result.error:
             log.error("worker.step_failed", step=plan.step, error=result.error)
@@ -249,9 +242,10 @@ class WorkerService:
         except PeerGone:
             log.warning("worker.scheduler_gone", step=plan.step)
 
-    def _order(self, order: Order) -> None:
+    def _order(self, chunks: list[SequenceChunk] | None) -> None:
+        """Send the other ranks a step's chunks (None: a keep-alive)."""
         try:
-            lead(self.parallel, order)
+            lead(self.parallel, chunks)
         except RuntimeError as exc:  # gloo's, when a rank is gone
             raise GroupBroken(f"the other ranks cannot be reached: {exc}") from None
         self._last_order = time.monotonic()

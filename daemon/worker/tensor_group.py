@@ -8,10 +8,9 @@ step's resolved chunks (last step's tokens filled in) to the others by a torch.d
 broadcast, and all ranks run the forward pass together; only rank 0 samples.
 
 The group lives and dies as one. A rank that exits ends rank 0 (a thread watches their
-processes), which the supervisor restarts with a new
-group; rank 0's exit ends the others (tier.guard watches the spawner). When nothing runs, rank 0
-broadcasts a keep-alive now and then, so that the others' wait never reaches the collective
-timeout.
+processes), which the supervisor restarts with a new group; rank 0's exit ends the others
+(tier.guard watches the spawner). When nothing runs, rank 0 broadcasts a keep-alive now and
+then, so that the others' wait never reaches the collective timeout.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +39,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("daemon.worker")
 
-RANK_VAR = "DAEMON_TP_RANK"  # a follower's rank in its group
 GROUP_VAR = "DAEMON_TP_INIT"  # where its group meets (torch.distributed init_method)
 # A collective that waits longer fails (and the group restarts) rather than hang: longer than
 # any one step can take, and the followers' idle wait is cut short by keep-alives well before.
@@ -54,18 +51,7 @@ class GroupBroken(RuntimeError):
     """A rank of the group is gone, or a step failed part-way through its collectives."""
 
 
-@dataclass(frozen=True)
-class Order:
-    """What rank 0 tells the others before each step (or to stay awake, or to stop)."""
-
-    chunks: list[SequenceChunk] = field(default_factory=list)
-    released: list[int] = field(default_factory=list)  # sequences finished: forget them
-    forget_all: bool = False  # a new scheduler numbers sequences afresh
-    keepalive: bool = False
-    stop: bool = False
-
-
-def init_method(settings: DaemonSettings, socket_dir: Path, epoch: int) -> str:
+def init_method(socket_dir: Path, epoch: int) -> str:
     """Where a group meets: a file in the daemon's private socket directory, one per worker epoch
     (two groups may run at once, in a blue-green reload)."""
     return f"file://{socket_dir / f'tp-group-{epoch}'}"
@@ -98,9 +84,7 @@ class Followers:
         for rank in range(1, size):
             self.processes.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "daemon.worker.follower", str(rank)],
-                    env={**env, RANK_VAR: str(rank)},
-                    stdin=subprocess.DEVNULL,
+                    [sys.executable, "-m", "daemon.worker.follower", str(rank)], env=env, stdin=subprocess.DEVNULL
                 )
             )
         self._stopping = threading.Event()
@@ -133,39 +117,15 @@ class Followers:
                 process.wait(timeout=10)
 
 
-def agree_on_blocks(parallel: Parallel, blocks: int) -> int:
-    """The KV-cache blocks every rank can hold: the fewest any rank can."""
-    if parallel.size == 1:
-        return blocks
-    import torch
-    import torch.distributed as dist
-
-    count = torch.tensor([blocks], dtype=torch.int64, device=_collective_device(parallel))
-    dist.all_reduce(count, op=dist.ReduceOp.MIN, group=parallel.group)
-    return int(count.item())
-
-
-def _collective_device(parallel: Parallel) -> str:
-    import torch.distributed as dist
-
-    return "cuda" if dist.get_backend(parallel.group) == "nccl" else "cpu"
-
-
-def lead(parallel: Parallel, order: Order) -> None:
-    """Rank 0: send `order` to the other ranks."""
-    parallel.broadcast_object(order)
+def lead(parallel: Parallel, chunks: list[SequenceChunk] | None) -> None:
+    """Rank 0: send a step's chunks (their tokens resolved) to the other ranks; None keeps them
+    awake. Nothing else: they sample nothing, so they keep no state of a sequence to forget."""
+    parallel.broadcast_object(chunks)
 
 
 def follow(parallel: Parallel, runner: ModelRunner) -> None:
-    """Ranks 1..N-1: run what rank 0 orders until it says stop (or the group breaks)."""
+    """Ranks 1..N-1: run the steps rank 0 sends, until the group breaks (or this process is stopped)."""
     while True:
-        order: Order = parallel.broadcast_object(None)
-        if order.stop:
-            return
-        if order.keepalive:
-            continue
-        if order.forget_all:
-            runner.forget_all()
-        for seq_id in order.released:
-            runner.release(seq_id)
-        runner.follow(order.chunks)
+        chunks: list[SequenceChunk] | None = parallel.broadcast_object(None)
+        if chunks is not None:
+            runner.follow(chunks)
