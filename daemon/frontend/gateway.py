@@ -40,7 +40,7 @@ from daemon.ipc.messages import (
     Tokenized,
     read_status_file,
 )
-from daemon.ipc.sockets import PeerGone, Receiver, configure, open_socket, send_async
+from daemon.ipc.sockets import READY_GRACE_MS, PeerGone, Receiver, configure, open_socket, send_async
 from daemon.tier import Tier
 
 log = structlog.get_logger("daemon.frontend")
@@ -109,7 +109,7 @@ class Gateway:
         ]
         # Granian starts accepting right after the lifespan startup this runs in.
         with contextlib.suppress(PeerGone):
-            await send_async(self._control, FrontendWorkerReady(os.getpid(), os.getppid()))
+            await send_async(self._control, FrontendWorkerReady(os.getpid(), os.getppid()), READY_GRACE_MS)
 
     async def stop(self) -> None:
         for task in self._tasks:

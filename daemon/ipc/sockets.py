@@ -46,6 +46,9 @@ def open_socket(context: zmq.Context, kind: int, *, bind: str | None = None, con
 
 
 CONNECT_GRACE_MS = 50  # a fresh connection completes asynchronously; give it this long
+# ... but a tier's "ready" to the supervisor, sent once on a fresh connection, must not be lost to a
+# busy machine (the supervisor would wait for it until the tier's start timed out): this long
+READY_GRACE_MS = 5000
 
 
 def send(socket: zmq.Socket, message: msgspec.Struct, grace_ms: int = CONNECT_GRACE_MS) -> None:

@@ -50,7 +50,7 @@ from daemon.ipc.messages import (
     ToSupervisor,
     WorkerReady,
 )
-from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
+from daemon.ipc.sockets import READY_GRACE_MS, PeerGone, Receiver, open_socket, send
 from daemon.scheduler.batcher import QUEUE_FULL, Batcher, CacheCounts, Limits, StepCounts
 from daemon.scheduler.placement import Candidate, choose
 from daemon.scheduler.replica import Engine, Replica
@@ -97,7 +97,7 @@ class SchedulerService:
         )
 
     def run(self) -> None:
-        send(self.control, TierReady(self.tier.role, self.tier.index, os.getpid()))
+        send(self.control, TierReady(self.tier.role, self.tier.index, os.getpid()), READY_GRACE_MS)
         log.info("scheduler.ready")
         while True:
             self.pulse.beat()

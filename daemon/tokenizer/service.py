@@ -50,7 +50,7 @@ from daemon.ipc.messages import (
     TokenLogprobs,
     ToTokenizer,
 )
-from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
+from daemon.ipc.sockets import READY_GRACE_MS, PeerGone, Receiver, open_socket, send
 from daemon.tier import Tier
 from daemon.tokenizer.detokenize import IncrementalDetokenizer, StopStrings
 from daemon.tokenizer.generation_defaults import read_sampling_defaults
@@ -124,7 +124,7 @@ class TokenizerService:
         early = self._meet_scheduler()
         # Listening to events by now: a worker that came up since the first look is in the status file.
         self.served.refresh()
-        send(self.control, TierReady(self.tier.role, self.tier.index, os.getpid()))
+        send(self.control, TierReady(self.tier.role, self.tier.index, os.getpid()), READY_GRACE_MS)
         defaults = self.sampling_defaults
         log.info(
             "tokenizer.ready", vocab=self.text.vocab_size, context=self.served.length, model_defaults=defaults.values

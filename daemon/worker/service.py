@@ -42,7 +42,7 @@ from daemon.ipc.messages import (
     ToWorker,
     WorkerReady,
 )
-from daemon.ipc.sockets import PeerGone, Receiver, open_socket, send
+from daemon.ipc.sockets import READY_GRACE_MS, PeerGone, Receiver, open_socket, send
 from daemon.tier import Tier
 from daemon.worker.execute import NOT_SAMPLED, engine_constraint, execute
 from daemon.worker.memory import CacheAllocationFailed, cache_blocks, check_room_beside, gib, weights_size
@@ -192,7 +192,7 @@ class WorkerService:
             context=self.context,
             ranks=[(r.rank, r.pid, r.device) for r in self.model.ranks] if self.followers else None,
         )
-        send(self.control, TierReady(tier.role, tier.index, os.getpid(), self.model))
+        send(self.control, TierReady(tier.role, tier.index, os.getpid(), self.model), READY_GRACE_MS)
         # The first announcement must not be lost to a connection still being made: the
         # scheduler, holding requests for us, would wait a whole interval for the next one.
         self.scheduler.poll(FIRST_ANNOUNCE_WAIT_MS, zmq.POLLOUT)
