@@ -756,10 +756,18 @@ CASES: list[Case] = [
         line=3,
     ),
     case(
-        "multi-node-unimplemented",
-        M + 'tp_size = 2\n[distributed]\nnnodes = 2\ndist_init_addr = "10.0.0.1:25000"\n',
-        "model.multi-node-unimplemented",
-        "distributed.nnodes",
+        "replicas-over-nodes",
+        M + 'tp_size = 2\ndp_size = 2\n[distributed]\nnnodes = 2\ndist_init_addr = "10.0.0.1:25000"\n',
+        "distributed.one-replica-over-nodes",
+        "model.dp_size",
+        line=4,
+    ),
+    case(
+        "blue-green-over-nodes",
+        M + 'tp_size = 2\n[runtime]\nmodel_reload = "blue_green"\n[distributed]\nnnodes = 2\n'
+        'dist_init_addr = "10.0.0.1:25000"\n',
+        "distributed.no-blue-green-over-nodes",
+        "runtime.model_reload",
         line=5,
     ),
     case("cuda-unavailable", M + 'device = "cuda"\n', "model.cuda-unavailable", "model.device", line=3),

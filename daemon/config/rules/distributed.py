@@ -64,3 +64,28 @@ def _tp_nodes(c: DaemonSettings, f: Facts) -> CheckResult:
     """tp_size splits evenly over the nodes."""
     if c.model.tp_size % c.distributed.nnodes:
         return f"tp_size {c.model.tp_size} is not divisible by nnodes {c.distributed.nnodes}"
+
+
+@rule(
+    "distributed.one-replica-over-nodes",
+    keys=["model.dp_size", "distributed.nnodes"],
+    fix="use dp_size = 1 with nnodes > 1 (one tensor-parallel group spans the nodes)",
+)
+def _one_replica(c: DaemonSettings, f: Facts) -> CheckResult:
+    """Spread over several nodes, the model runs as one replica: its group spans them all."""
+    if c.distributed.nnodes > 1 and c.model.dp_size > 1:
+        return f"dp_size {c.model.dp_size} with nnodes {c.distributed.nnodes}: a model spread over nodes is one replica"
+
+
+@rule(
+    "distributed.no-blue-green-over-nodes",
+    keys=["runtime.model_reload", "distributed.nnodes"],
+    fix='use runtime.model_reload = "drain" (or "rolling", which is drain for one replica) with nnodes > 1',
+)
+def _no_blue_green(c: DaemonSettings, f: Facts) -> CheckResult:
+    """A group spanning nodes meets at dist_init_addr: a second group cannot meet there beside it."""
+    if c.distributed.nnodes > 1 and c.runtime.model_reload == "blue_green":
+        return (
+            "model_reload blue_green with nnodes > 1: the new worker group would have to meet at "
+            "dist_init_addr while the serving one holds it"
+        )

@@ -127,17 +127,6 @@ schema_rule(
 
 
 @rule(
-    "model.multi-node-unimplemented",
-    keys=["distributed.nnodes"],
-    fix="use nnodes = 1: this release spreads a model over the devices of one machine",
-)
-def _multi_node_unimplemented(c: DaemonSettings, f: Facts) -> CheckResult:
-    """A model runs on one machine; several nodes are not implemented yet."""
-    if c.distributed.nnodes > 1:
-        return f"nnodes {c.distributed.nnodes}: serving over several machines is not implemented yet"
-
-
-@rule(
     "model.tp-divides-heads",
     keys=["model.tp_size", "model.path"],
     fix="use a tp_size that divides the model's attention heads, and divides or is a multiple of its KV heads",
