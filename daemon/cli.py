@@ -15,6 +15,7 @@ from daemon import __version__
 from daemon.config import ConfigError, check_config, load_config
 from daemon.config.render import reference_markdown, reload_scopes_markdown, render_rules, render_toml
 from daemon.config.schema import json_schema
+from daemon.worker.nodes import describe_plan, node_plan
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the daemon could not start or crash-looped
@@ -169,6 +170,9 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     path = _config_path(parser, args)
     report = check_config(path, offline=args.offline, **_load_kwargs(args))
     passed = report.passed(strict=args.strict)
+    # Over several nodes: what this one will run, and the hash the others' must equal
+    settings = report.config.settings if report.config else None
+    plan = node_plan(settings) if settings and settings.distributed.nnodes > 1 else None
     if args.format == "json":
         print(
             json.dumps(
@@ -178,6 +182,7 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     "hash": report.config.hash if report.config else None,
                     "errors": [v.to_dict() for v in report.errors],
                     "warnings": [v.to_dict() for v in report.warnings],
+                    **({"node": plan} if plan else {}),
                 },
                 indent=2,
             )
@@ -187,6 +192,8 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(violation.to_line())
         verdict = "valid" if passed else "INVALID"
         print(f"{path}: {verdict} ({_count(report.errors, 'error')}, {_count(report.warnings, 'warning')})")
+        if plan:
+            print(describe_plan(plan))
     return EXIT_OK if passed else EXIT_INVALID
 
 

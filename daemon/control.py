@@ -121,7 +121,8 @@ def describe_status(status: DaemonStatus) -> str:
             f"{name:<12} {tier.pid or '-':>8}  {tier.state:<9} {_duration(now - tier.since):>9}  {tier.restarts}"
         )
         ranks = tier.model.ranks if tier.model else []
-        for rank in ranks if len(ranks) > 1 else []:  # a tensor-parallel group's processes
+        # a tensor-parallel group's processes (on a node other than 0, its share of the group)
+        for rank in ranks if len(ranks) > 1 or any(r.rank or r.node for r in ranks) else []:
             lines.append(f"  rank {rank.rank:<5} {rank.pid:>8}  {rank.device} (node {rank.node})")
     return "\n".join(lines)
 

@@ -74,23 +74,32 @@ class Parallel:
 SINGLE = Parallel()
 
 
-def join_group(rank: int, size: int, init_method: str, *, device_type: str, timeout_s: float) -> Parallel:
-    """Join the process group of `size` ranks met at `init_method` ("tcp://127.0.0.1:PORT",
-    "file:///path"): NCCL for CUDA (this rank then works on CUDA device `rank` of its host),
-    gloo otherwise. Collectives that wait longer than `timeout_s` fail rather than hang."""
+def open_store(address: str, *, master: bool, timeout_s: float) -> dist.TCPStore:
+    """The key-value store at `address` ("host:port") where a group spanning several machines meets:
+    `master` serves it (on every interface), the others connect to it, retrying for `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    return dist.TCPStore(
+        host.strip("[]"),
+        int(port),
+        is_master=master,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
+
+
+def join_group(rank: int, size: int, meeting: str | dist.Store, *, device_type: str, timeout_s: float) -> Parallel:
+    """Join the process group of `size` ranks that meet at `meeting`: an init method
+    ("file:///path") or a store every rank opened (open_store). NCCL for CUDA (this rank then works
+    on CUDA device `rank` of its host, modulo its devices), gloo otherwise. Collectives that wait
+    longer than `timeout_s` fail rather than hang."""
     if size == 1:
         return SINGLE
     backend = "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl":
         # NCCL's collectives, broadcast_object's among them, run on the current device
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(
-        backend,
-        init_method=init_method,
-        world_size=size,
-        rank=rank,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    where = {"init_method": meeting} if isinstance(meeting, str) else {"store": meeting}
+    dist.init_process_group(backend, world_size=size, rank=rank, timeout=datetime.timedelta(seconds=timeout_s), **where)
     return Parallel(rank, size, dist.group.WORLD)
 
 

@@ -34,12 +34,14 @@ import structlog
 from daemon.ipc.messages import ReloadReport, ToSupervisor
 from daemon.supervisor import notify
 from daemon.supervisor.process import STARTUP_TIMEOUT_S, Child
+from daemon.worker.nodes import EXIT_REGROUP
 
 log = structlog.get_logger("daemon.supervisor")
 
 CRASH_LOOP_RESTARTS = 5  # this many restarts of one tier process ...
 CRASH_LOOP_WINDOW_S = 60.0  # ... within this many seconds: give up
 BACKOFF_MAX_S = 8.0
+REGROUP_AFTER_S = 1.0  # a worker leaving a group that ended elsewhere starts again this much later
 TICK_S = 1.0  # how often hung tiers are looked for and systemd's watchdog may be pinged
 SILENT_FOR_WATCHDOG_S = 5.0  # a tier silent this long (or a watchdog interval, if longer) stops the pings
 
@@ -220,6 +222,11 @@ class Arbiter:
         child.exit_handled = True
         if self.stopping.is_set():
             self._publish(child, "down")  # its requests must end now, not at the drain's deadline
+            return
+        if status == EXIT_REGROUP:  # its group ended on another node, or node 0 refused it: no crash here
+            log.warning("tier.regrouping", tier=child.tier, index=child.index, child_pid=process.pid)
+            self._publish(child, "down", restarting=True)  # its requests end now, with a 503
+            asyncio.get_running_loop().call_later(REGROUP_AFTER_S, self.inbox.put_nowait, RestartDue(child, process))
             return
         if not child.ready.is_set():  # supervised, so a restart: it died before it came up
             reason = f"{child.name} exited with status {status} while starting"

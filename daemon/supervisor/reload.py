@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from daemon.config.check import check_config
+from daemon.config.check import LoadedConfig, check_config
 from daemon.config.diff import ConfigDiff, diff_configs
 from daemon.config.handoff import write_config
 from daemon.config.schema import Reload, ServerSettings
@@ -122,6 +122,8 @@ class Reloader:
             return self.report(trigger, started, "unchanged", notes=notes)
         if refusal := _refusal(diff):
             return self.report(trigger, started, "rejected", reason=refusal, diff=diff, notes=notes)
+        if not supervisor.head:
+            return await self._reload_node(trigger, started, new, diff, notes)
         replaces_frontend = Reload.FRONTEND in diff.scopes or rotate
         replaces_worker = Reload.WORKER in diff.scopes or Reload.SCHEDULER in diff.scopes
         worker_mode = new.settings.runtime.model_reload
@@ -192,6 +194,27 @@ class Reloader:
                 "the running config was pushed again and keeps serving"
             )
             return self.report(trigger, started, "rolled_back", reason=reason, diff=diff, notes=notes)
+        await supervisor.owned(supervisor.adopt, new, generation)
+        return self.report(trigger, started, "applied", diff=diff, notes=notes, restarted=restarted)
+
+    async def _reload_node(
+        self, trigger: str, started: float, new: LoadedConfig, diff: ConfigDiff, notes: list[str]
+    ) -> ReloadReport:
+        """A node other than the head runs only its worker, whose share of the group follows the
+        head's: a change of the worker's settings restarts it, and it rejoins once the head runs the
+        same config (nodes.py). There is nothing to roll back to: the group it left has ended."""
+        supervisor = self.supervisor
+        generation = supervisor.generation + 1
+        write_config(new.settings, supervisor.socket_dir, generation)
+        restarted = []
+        if Reload.WORKER in diff.scopes:
+            await supervisor.restart_node_worker(generation)
+            restarted.append("worker")
+            notes.append("this node's worker restarted; it rejoins node 0's group once node 0 runs the same config")
+        if missing := await supervisor.push_live(generation, 0, LIVE_ACK_TIMEOUT_S):
+            # one starting again (its group ended meanwhile) reads the new generation's settings
+            notes.append(f"not acknowledged within {LIVE_ACK_TIMEOUT_S:g} s by: {', '.join(missing)}")
+        await supervisor.owned(supervisor.belong_to_all, generation)
         await supervisor.owned(supervisor.adopt, new, generation)
         return self.report(trigger, started, "applied", diff=diff, notes=notes, restarted=restarted)
 

@@ -72,6 +72,11 @@ class TierReplacement:
             if served_by and served_by <= acknowledged:
                 child.generation = generation
 
+    def belong_to_all(self, generation: int) -> None:
+        """Every tier runs `generation` from now on: restarted, it starts with it."""
+        for child in self.children:
+            child.generation = generation
+
     def _forget(self, child: Child) -> None:
         """`child` is gone for good (a reload replaced it)."""
         self.children.remove(child)

@@ -204,6 +204,18 @@ class Replicas:
         await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
         return old
 
+    async def restart_node_worker(self, generation: int) -> None:
+        """A node other than the head (nodes.py): its worker stops, which ends the group on every
+        node, and one running `generation` starts, supervised at once. It joins the head's next
+        group once the head runs the same config (perhaps after its own reload); until then it is
+        refused and started again, as when the head is down."""
+        old = self._child("worker")
+        await self.owned(self._retire_one, old)
+        await self._terminate([old], STOP_SIGNAL, STOP_GRACE_S)
+        new = Child(old.tier, old.index, old.module, epoch=old.epoch, deaths=old.deaths, restarts=old.restarts)
+        await self.owned(self._start_in_place_of, old, new, generation)
+        await self.owned(self._supervise, new)
+
     async def remove_replica(self, index: int) -> None:
         """dp_size lowered: replica `index` is drained like a replaced one, then stops for good."""
         old = await self._drain_and_stop(index)

@@ -87,12 +87,15 @@ class Supervisor(Arbiter, TierReplacement, Replicas, ControlChannel, StatusRepor
         self.control.bind(self.endpoints.control)
         self.events = configure(self.context.socket(zmq.PUB), zmq.PUB)
         self.events.bind(self.endpoints.events)
+        # Node 0 (the head) runs every tier; any other node of a model spread over several runs
+        # only its worker, which holds its share of the head's tensor-parallel group.
+        self.head = settings.distributed.node_rank == 0
         self.children = [
             *(Child("worker", i, "daemon.worker") for i in range(settings.model.dp_size)),  # one per replica
             Child("scheduler", 0, "daemon.scheduler"),
             *(Child("tokenizer", i, "daemon.tokenizer") for i in range(settings.tokenizer.workers)),
             Child("frontend", 0, "daemon.frontend", expected_workers=settings.server.workers),
-        ]
+        ][: None if self.head else 1]
         self.stopping = asyncio.Event()
         self.fatal: str | None = None
         self.started = time.time()
@@ -119,20 +122,7 @@ class Supervisor(Arbiter, TierReplacement, Replicas, ControlChannel, StatusRepor
         ticker: asyncio.Task | None = None
         self.reloader.follow_settings()  # a change seen while starting applies once serving
         try:
-            # The port first (the likeliest failure, and the cheapest); then every tier at once: each
-            # finds its peers over sockets that connect whenever the other end comes up, as it does
-            # when one of them restarts.
-            await self.owned(self._listen)
-            # one worker builds it: several at once would race to write one directory
-            builder = [self._child("worker", 0)] if _demo_to_build(self.settings) else []
-            for group in (builder, [c for c in self.children if c not in builder]):
-                for child in group:
-                    await self.owned(self._start, child)
-                await self._all_ready(group)
-            for child in self.children:
-                await self.owned(self._supervise, child)
-            await self._first_generation()
-            await self.owned(self._now_serving)
+            await (self._start_head() if self.head else self._start_node())
             ticker = asyncio.create_task(self._tick())
             await self.stopping.wait()
         except StartupFailed as exc:
@@ -160,6 +150,35 @@ class Supervisor(Arbiter, TierReplacement, Replicas, ControlChannel, StatusRepor
             return EXIT_FAILED
         log.info("daemon.stopped")
         return EXIT_OK
+
+    async def _start_head(self) -> None:
+        """Node 0 (or the only one): every tier, serving once a token went through them all."""
+        # The port first (the likeliest failure, and the cheapest); then every tier at once: each
+        # finds its peers over sockets that connect whenever the other end comes up, as it does
+        # when one of them restarts.
+        await self.owned(self._listen)
+        # one worker builds it: several at once would race to write one directory
+        builder = [self._child("worker", 0)] if _demo_to_build(self.settings) else []
+        for group in (builder, [c for c in self.children if c not in builder]):
+            for child in group:
+                await self.owned(self._start, child)
+            await self._all_ready(group)
+        for child in self.children:
+            await self.owned(self._supervise, child)
+        await self._first_generation()
+        await self.owned(self._now_serving)
+
+    async def _start_node(self) -> None:
+        """A node other than the head: its worker, restarted until it has joined the head's group
+        (which may not be up yet, or may run another config until its own reload)."""
+        worker = self._child("worker")
+        await self.owned(self._start, worker)
+        await self.owned(self._supervise, worker)
+        await first_of(None, ready=worker.ready.wait(), stopping=self.stopping.wait())  # type: ignore[arg-type]
+        if worker.ready.is_set():
+            await self.owned(self._now_serving)
+            nodes = self.settings.distributed
+            log.info("daemon.ready", node=nodes.node_rank, head=nodes.dist_init_addr)
 
     def _listen(self) -> None:
         self.listener = listen(self.settings.server)

@@ -25,14 +25,25 @@ from daemon.engine.model_dir import ModelDirError  # noqa: E402
 from daemon.engine.models.registry import UnsupportedModel  # noqa: E402
 from daemon.engine.parallel import ParallelError  # noqa: E402
 from daemon.worker.memory import CacheAllocationFailed, NoRoomBeside  # noqa: E402
+from daemon.worker.node_worker import NodeWorker  # noqa: E402
+from daemon.worker.nodes import EXIT_REGROUP, NodeRefused  # noqa: E402
 from daemon.worker.service import WorkerService  # noqa: E402
 from daemon.worker.tensor_group import EXIT_RANK_LOST, GroupBroken  # noqa: E402
 
 log = structlog.get_logger("daemon.worker")
 if not tuned_allocator:
     log.info("worker.allocator_untuned", detail="the C library has no mallopt: engine steps may run slower")
+# Over several nodes a group that ends ends on every node: each node's worker starts again to
+# form the next one, which is no crash of its own (a rank lost on this node still is).
+group_ended = EXIT_REGROUP if tier.settings.distributed.nnodes > 1 else EXIT_RANK_LOST
 try:
-    service = WorkerService(tier, beside=os.environ.get(BESIDE_VAR) == "1")
+    if tier.settings.distributed.node_rank > 0:
+        service = NodeWorker(tier)
+    else:
+        service = WorkerService(tier, beside=os.environ.get(BESIDE_VAR) == "1")
+except (NodeRefused, GroupBroken) as exc:  # a node's worker that node 0 refused, or could not reach
+    log.error("worker.not_joined", error=str(exc))
+    raise SystemExit(EXIT_REGROUP) from None
 except (ModelDirError, UnsupportedModel, DemoModelError, CacheAllocationFailed, ParallelError) as exc:
     log.error("worker.load_failed", error=str(exc))
     raise SystemExit(2) from None
@@ -43,4 +54,4 @@ try:
     service.run()
 except GroupBroken as exc:  # the supervisor restarts the worker, and with it the whole group
     log.error("worker.group_broken", error=str(exc))
-    raise SystemExit(EXIT_RANK_LOST) from None
+    raise SystemExit(group_ended) from None

@@ -24,25 +24,28 @@ def main() -> None:
 
     keep_freed_memory()
     from daemon.engine.parallel import join_group, leave_group
+    from daemon.worker.nodes import EXIT_REGROUP
     from daemon.worker.service import load_runner
-    from daemon.worker.tensor_group import COLLECTIVE_TIMEOUT_S, GROUP_VAR, device_type, follow
+    from daemon.worker.tensor_group import COLLECTIVE_TIMEOUT_S, GROUP_VAR, device_type, follow, meeting_place
 
     log = structlog.get_logger("daemon.worker").bind(rank=rank)
     settings = tier.settings
+    meeting = meeting_place(os.environ[GROUP_VAR], rank)
     parallel = join_group(
-        rank,
-        settings.model.tp_size,
-        os.environ[GROUP_VAR],
-        device_type=device_type(settings),
-        timeout_s=COLLECTIVE_TIMEOUT_S,
+        rank, settings.model.tp_size, meeting, device_type=device_type(settings), timeout_s=COLLECTIVE_TIMEOUT_S
     )
     try:
         runner, _loaded = load_runner(settings, parallel=parallel)
         log.info("worker.rank_ready", pid=os.getpid(), device=str(runner.device))
-        follow(parallel, runner)
     except Exception as exc:  # noqa: BLE001 - the group ends either way; say why first
         log.error("worker.rank_failed", error=f"{type(exc).__name__}: {exc}")
+        leave_group(parallel)
         raise SystemExit(1) from None
+    try:
+        follow(parallel, runner)
+    except Exception as exc:  # noqa: BLE001 - a collective failed: some rank, here or on another node, is gone
+        log.warning("worker.group_ended", error=f"{type(exc).__name__}: {exc}")
+        raise SystemExit(EXIT_REGROUP) from None
     finally:
         leave_group(parallel)
 

@@ -36,6 +36,7 @@ from daemon.ipc.messages import (
     Constraint,
     ConstraintReady,
     LoadedModel,
+    ModelRank,
     PrepareConstraint,
     StepPlan,
     TierReady,
@@ -46,15 +47,19 @@ from daemon.ipc.sockets import READY_GRACE_MS, PeerGone, Receiver, open_socket, 
 from daemon.tier import Tier
 from daemon.worker.execute import NOT_SAMPLED, engine_constraint, execute
 from daemon.worker.memory import CacheAllocationFailed, cache_blocks, check_room_beside, gib, weights_size
+from daemon.worker.nodes import gather, node_layout
 from daemon.worker.tensor_group import (
     COLLECTIVE_TIMEOUT_S,
     KEEPALIVE_S,
+    NODES_KEEPALIVE_S,
+    TCP,
     Followers,
     GroupBroken,
     device_type,
     group_ranks,
     init_method,
     lead,
+    meeting_place,
 )
 
 log = structlog.get_logger("daemon.worker")
@@ -78,7 +83,7 @@ def load_runner(
     from daemon.engine.kv_cache import KVCache
 
     # CUDA runs ignore it; the ranks of a group, and the replicas, on one machine share its CPUs
-    processes = parallel.size * settings.model.dp_size
+    processes = node_layout(settings).per_node * settings.model.dp_size
     torch.set_num_threads(max(1, cpu_threads(settings.model.cpu_threads) // processes))
 
     model_dir = locate_model(settings.model.path, settings.runtime.cache_dir, build=True)
@@ -116,13 +121,16 @@ class WorkerService:
         settings = tier.settings
         self.followers: Followers | None = None
         self.parallel = SINGLE
+        self.other_nodes: list[ModelRank] = []  # the ranks the other nodes hold (distributed.nnodes > 1)
         self._last_order = time.monotonic()  # when the other ranks last heard from this one
+        self._keepalive_s = NODES_KEEPALIVE_S if settings.distributed.nnodes > 1 else KEEPALIVE_S
         try:
             if settings.model.tp_size > 1:
                 self._start_group(settings)
             self.runner, self.model = load_runner(settings, beside=beside, parallel=self.parallel)
             pids = [os.getpid(), *(self.followers.pids if self.followers else [])]
-            self.model = msgspec.structs.replace(self.model, ranks=group_ranks(settings, self.runner.device, pids))
+            ranks = group_ranks(settings, self.runner.device, pids) + self.other_nodes
+            self.model = msgspec.structs.replace(self.model, ranks=ranks)
         except BaseException:
             if self.followers is not None:
                 self.followers.stop()
@@ -157,18 +165,27 @@ class WorkerService:
         self.poller.register(self._compiled_read, zmq.POLLIN)
 
     def _start_group(self, settings: DaemonSettings) -> None:
-        """Start ranks 1..tp_size-1 and join them; the model is found (the demo model built) first,
-        so that they find it there."""
+        """Start this node's other ranks and join them (and, over several nodes, the other nodes'
+        ranks, once each arrived with the same config: nodes.py); the model is found (the demo model
+        built) first, so that they find it there."""
         locate_model(settings.model.path, settings.runtime.cache_dir, build=True)
-        group = init_method(self.tier.endpoints.directory, self.tier.epoch)
-        with contextlib.suppress(FileNotFoundError):  # a file store left by a group that died
-            os.unlink(group.removeprefix("file://"))
-        # The ranks all run here: gloo connects them over loopback, rather than over the address the
-        # host name resolves to, which a container may not even have. Inherited by the followers.
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        self.followers = Followers(settings.model.tp_size, group)
+        layout = node_layout(settings)
+        if layout.nnodes == 1:
+            group = init_method(self.tier.endpoints.directory, self.tier.epoch)
+            with contextlib.suppress(FileNotFoundError):  # a file store left by a group that died
+                os.unlink(group.removeprefix("file://"))
+            # The ranks all run here: gloo connects them over loopback, rather than over the address
+            # the host name resolves to, which a container may not even have. Inherited by the followers.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        else:
+            group = TCP + str(settings.distributed.dist_init_addr)
+        meeting = meeting_place(group, 0)  # over several nodes: the store, served from here
+        if layout.per_node > 1:
+            self.followers = Followers(layout.ranks[1:], group)
+        if layout.nnodes > 1:
+            self.other_nodes = gather(meeting, settings)  # type: ignore[arg-type]
         self.parallel = join_group(
-            0, settings.model.tp_size, group, device_type=device_type(settings), timeout_s=COLLECTIVE_TIMEOUT_S
+            0, settings.model.tp_size, meeting, device_type=device_type(settings), timeout_s=COLLECTIVE_TIMEOUT_S
         )
 
     def run(self) -> None:
@@ -190,7 +207,7 @@ class WorkerService:
             attention="paged kernel" if self.runner.cache.keys_transposed else "torch over gathered blocks",
             cache_tokens=self.num_blocks * BLOCK_SIZE,
             context=self.context,
-            ranks=[(r.rank, r.pid, r.device) for r in self.model.ranks] if self.followers else None,
+            ranks=[(r.rank, r.pid, r.device, r.node) for r in self.model.ranks] if self.parallel.size > 1 else None,
         )
         send(self.control, TierReady(tier.role, tier.index, os.getpid(), self.model), READY_GRACE_MS)
         # The first announcement must not be lost to a connection still being made: the
@@ -203,7 +220,7 @@ class WorkerService:
                 announced = time.monotonic()
             self.pulse.beat()
             ready = dict(self.poller.poll(int(ANNOUNCE_INTERVAL_S * 1000)))
-            if self.followers is not None and time.monotonic() - self._last_order >= KEEPALIVE_S:
+            if self.parallel.size > 1 and time.monotonic() - self._last_order >= self._keepalive_s:
                 self._order(None)
             if self.events.socket in ready:
                 for event in self.events.recv_ready():
@@ -224,11 +241,11 @@ class WorkerService:
             self.runner.forget_all()  # a new scheduler: sequence ids start again
             self.scheduler_epoch = plan.scheduler_epoch
         # the other ranks run the same step, on the same chunks
-        share = self._order if self.followers is not None else None
+        share = self._order if self.parallel.size > 1 else None
         result = execute(self.runner, plan, self.tier.epoch, share=share)
         if result.error:
             log.error("worker.step_failed", step=plan.step, error=result.error)
-            if self.followers is not None:
+            if self.parallel.size > 1:
                 # Most likely a rank is gone (its collective failed), and either way the ranks may
                 # have stopped at different collectives: the group ends, unreported, and the
                 # scheduler ends its requests as for any lost worker (503), as when rank 0 dies.

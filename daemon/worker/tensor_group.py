@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING
 import structlog
 
 from daemon.tier import SPAWNER_VAR
+from daemon.worker.nodes import EXIT_REGROUP
 
 if TYPE_CHECKING:
     import torch
+    import torch.distributed as dist
 
     from daemon.config.schema import DaemonSettings
     from daemon.engine.parallel import Parallel
@@ -39,11 +41,15 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("daemon.worker")
 
-GROUP_VAR = "DAEMON_TP_INIT"  # where its group meets (torch.distributed init_method)
+GROUP_VAR = "DAEMON_TP_INIT"  # where its group meets: init_method, or tcp://host:port (several nodes)
+TCP = "tcp://"
 # A collective that waits longer fails (and the group restarts) rather than hang: longer than
 # any one step can take, and the followers' idle wait is cut short by keep-alives well before.
 COLLECTIVE_TIMEOUT_S = 600.0
 KEEPALIVE_S = 60.0
+# Over several nodes, more often: a node that left (stopped, restarted, or refused and come again)
+# is noticed at the next one, so the group re-forms while nothing runs, not at the next request.
+NODES_KEEPALIVE_S = 1.0
 EXIT_RANK_LOST = 1
 
 
@@ -52,9 +58,19 @@ class GroupBroken(RuntimeError):
 
 
 def init_method(socket_dir: Path, epoch: int) -> str:
-    """Where a group meets: a file in the daemon's private socket directory, one per worker epoch
-    (two groups may run at once, in a blue-green reload)."""
+    """Where a group on one machine meets: a file in the daemon's private socket directory, one
+    per worker epoch (two groups may run at once, in a blue-green reload)."""
     return f"file://{socket_dir / f'tp-group-{epoch}'}"
+
+
+def meeting_place(where: str, rank: int) -> str | dist.Store:
+    """What join_group needs for the group that meets at `where`: an init method as it is, or the
+    store of a group over several machines ("tcp://host:port", served by rank 0: nodes.py)."""
+    if not where.startswith(TCP):
+        return where
+    from daemon.engine.parallel import open_store
+
+    return open_store(where.removeprefix(TCP), master=rank == 0, timeout_s=COLLECTIVE_TIMEOUT_S)
 
 
 def device_type(settings: DaemonSettings) -> str:
@@ -63,25 +79,26 @@ def device_type(settings: DaemonSettings) -> str:
     return resolve_device(settings.model.device).type
 
 
-def group_ranks(settings: DaemonSettings, device: torch.device, pids: list[int]) -> list[ModelRank]:
-    """What the status shows of each rank (the worker alone at tp_size 1): its PID and device (rank r
-    of a group uses CUDA device r of its node)."""
+def group_ranks(settings: DaemonSettings, device: torch.device, pids: list[int], first: int = 0) -> list[ModelRank]:
+    """What the status shows of each rank this node holds (the worker alone at tp_size 1), ranks
+    `first`, `first` + 1, ...: its PID and device (the ranks of a node use its CUDA devices in turn)."""
     from daemon.ipc.messages import ModelRank
 
     node = settings.distributed.node_rank
-    if len(pids) == 1:
+    if settings.model.tp_size == 1:
         return [ModelRank(0, pids[0], str(device), node)]
-    devices = [f"cuda:{rank}" if device.type == "cuda" else device.type for rank in range(len(pids))]
-    return [ModelRank(rank, pid, dev, node) for rank, (pid, dev) in enumerate(zip(pids, devices, strict=True))]
+    devices = [f"cuda:{local}" if device.type == "cuda" else device.type for local in range(len(pids))]
+    return [ModelRank(first + i, pid, dev, node) for i, (pid, dev) in enumerate(zip(pids, devices, strict=True))]
 
 
 class Followers:
-    """Rank 0's handle on ranks 1..N-1: started together, watched, stopped together."""
+    """A node's first rank's handle on its other ranks (`ranks`): started together, watched,
+    stopped together."""
 
-    def __init__(self, size: int, group_init: str):
+    def __init__(self, ranks: range, meeting: str):
         self.processes: list[subprocess.Popen] = []
-        env = {**os.environ, SPAWNER_VAR: str(os.getpid()), GROUP_VAR: group_init}
-        for rank in range(1, size):
+        env = {**os.environ, SPAWNER_VAR: str(os.getpid()), GROUP_VAR: meeting}
+        for rank in ranks:
             self.processes.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "daemon.worker.follower", str(rank)], env=env, stdin=subprocess.DEVNULL
@@ -97,13 +114,16 @@ class Followers:
         return [p.pid for p in self.processes]
 
     def _watch(self) -> None:
-        exits = {os.pidfd_open(p.pid): (rank, p) for rank, p in enumerate(self.processes, start=1)}
+        exits = {os.pidfd_open(p.pid): p for p in self.processes}
         ready, _, _ = select.select(list(exits), [], [])
         if self._stopping.is_set():
             return
-        rank, process = exits[ready[0]]
+        process = exits[ready[0]]
         process.poll()
-        log.error("worker.rank_lost", rank=rank, rank_pid=process.pid, exit_status=process.returncode)
+        if process.returncode == EXIT_REGROUP:  # its group ended on another node: so does ours
+            log.warning("worker.group_ended", rank_pid=process.pid)
+            os._exit(EXIT_REGROUP)
+        log.error("worker.rank_lost", rank_pid=process.pid, exit_status=process.returncode)
         os._exit(EXIT_RANK_LOST)  # the supervisor restarts the group
 
     def stop(self) -> None:
