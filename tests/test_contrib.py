@@ -5,8 +5,9 @@ numbers agree with the daemon's (drain, watchdog, start-up), and the daemon
 speaks sd_notify as Type=notify-reload expects (checked against a fake
 NOTIFY_SOCKET). Kubernetes: the manifests pass the API schemas, their ports,
 probes, grace period and mounts agree with the ConfigMap's config, which passes
-`daemon check`. Grafana: every metric the dashboard charts is one the daemon
-exports. Editors: the example configs pass the JSON Schema, and Taplo.
+`daemon check`; so do the multi-node example's LeaderWorkerSet pods, each with the
+environment LWS gives it. Grafana: every metric the dashboard charts is one the
+daemon exports. Editors: the example configs pass the JSON Schema, and Taplo.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from daemon.supervisor.supervisor import FIRST_GENERATION_TIMEOUT_S
 CONTRIB = REPO / "contrib"
 SYSTEMD = CONTRIB / "systemd"
 KUBERNETES = CONTRIB / "kubernetes"
+MULTI_NODE = KUBERNETES / "multi-node"
 GRAFANA = CONTRIB / "grafana"
 SCHEMA = json.loads((REPO / "schemas" / "server.schema.json").read_text())
 EXAMPLES = sorted((REPO / "configs").glob("*.toml"))
@@ -373,10 +375,10 @@ def test_watchdog_is_not_fed_while_a_tier_is_frozen(
 # --- Kubernetes -----------------------------------------------------------------------------------
 
 
-def load_manifests() -> dict[str, dict]:
-    """Every object in contrib/kubernetes/*.yaml but the kustomization, by kind."""
+def load_manifests(directory: Path = KUBERNETES) -> dict[str, dict]:
+    """Every object in the directory's *.yaml (not its subdirectories') but the kustomization, by kind."""
     objects: dict[str, dict] = {}
-    for path in sorted(KUBERNETES.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         for document in yaml.safe_load_all(path.read_text()):
             if document is None or document.get("kind") == "Kustomization":
                 continue
@@ -573,6 +575,164 @@ def test_poddisruptionbudget_leaves_one_serving():
     assert budget.get("maxUnavailable", 0) < replicas or budget.get("minAvailable", replicas) < replicas
 
 
+# --- Kubernetes over several nodes (LeaderWorkerSet) ----------------------------------------------
+
+MN = load_manifests(MULTI_NODE)
+LWS = MN["LeaderWorkerSet"]
+GROUP = LWS["spec"]["leaderWorkerTemplate"]
+LEADER, WORKER = GROUP["leaderTemplate"], GROUP["workerTemplate"]
+MN_TOML_TEXT = MN["ConfigMap"]["data"]["server.toml"]
+MN_TOML = tomli.loads(MN_TOML_TEXT)
+LWS_LABEL = "leaderworkerset.sigs.k8s.io/"
+
+
+def lws_pod(template: dict, index: int) -> dict:
+    """The Pod LWS makes of a template for worker index `index` of group 0, with the labels it adds."""
+    name = LWS["metadata"]["name"] + ("-0" if index == 0 else f"-0-{index}")
+    labels = {**template["metadata"].get("labels", {}), LWS_LABEL + "name": LWS["metadata"]["name"]}
+    labels |= {LWS_LABEL + "group-index": "0", LWS_LABEL + "worker-index": str(index)}
+    metadata = {**template["metadata"], "name": name, "labels": labels}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
+
+
+def lws_env(template: dict, index: int) -> dict[str, str]:
+    """The container's environment in that Pod: LWS's variables first, then the template's, whose
+    $(VAR) Kubernetes expands from the variables listed before them. Secrets get a stand-in."""
+    lws = LWS["metadata"]["name"]
+    env = {"LWS_LEADER_ADDRESS": f"{lws}-0.{lws}.default", "LWS_GROUP_SIZE": str(GROUP["size"])}
+    env["LWS_WORKER_INDEX"] = str(index)
+    for entry in template["spec"]["containers"][0]["env"]:
+        if "value" in entry:  # a KeyError: a reference to a variable not defined before it
+            env[entry["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], entry["value"])
+        else:
+            assert "secretKeyRef" in entry["valueFrom"], entry
+            env[entry["name"]] = "stand-in-secret"
+    return env
+
+
+def test_multi_node_manifests_are_a_group_of_nnodes_pods():
+    assert set(MN) == {"ConfigMap", "LeaderWorkerSet", "Service"}
+    kustomization = yaml.safe_load((MULTI_NODE / "kustomization.yaml").read_text())
+    assert set(kustomization["resources"]) == {p.name for p in MULTI_NODE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert "configMapGenerator" not in kustomization, "a generated (hashed) name would defeat hot reload"
+    # LeaderWorkerSet is a CRD: no schema here, so its structure is checked by hand.
+    assert (LWS["apiVersion"], LWS["kind"]) == ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")
+    assert GROUP["size"] == MN_TOML["distributed"]["nnodes"] > 1
+    # Not LeaderReady: the leader is ready only once the worker has joined its group.
+    assert LWS["spec"].get("startupPolicy", "LeaderCreated") == "LeaderCreated"
+    assert LEADER["spec"]["containers"] and WORKER["spec"]["containers"]
+    # The rules of several nodes: one replica over the nodes, tp_size split evenly, no blue-green.
+    model = MN_TOML["model"]
+    assert model.get("dp_size", 1) == 1 and model["tp_size"] % GROUP["size"] == 0
+    assert MN_TOML["runtime"]["model_reload"] != "blue_green"
+    for template in (LEADER, WORKER):
+        resources = template["spec"]["containers"][0]["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == model["tp_size"] // GROUP["size"]
+    # Beside the single-node example in one namespace: no shared names, no Service picking the other's pods.
+    assert MN["ConfigMap"]["metadata"]["name"] != MANIFESTS["ConfigMap"]["metadata"]["name"]
+    assert MN["Service"]["metadata"]["name"] not in (LWS["metadata"]["name"], MANIFESTS["Service"]["metadata"]["name"])
+    for pod in (lws_pod(LEADER, 0), lws_pod(WORKER, 1)):
+        assert not MANIFESTS["Service"]["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "latest"])
+def test_multi_node_pods_pass_the_kubernetes_api_schemas(version: str):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+    version = kubernetes_validate.latest_version() if version == "latest" else version
+    for document in (lws_pod(LEADER, 0), lws_pod(WORKER, 1), MN["ConfigMap"], MN["Service"]):
+        try:
+            kubernetes_validate.validate(document, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{document['metadata']['name']} against Kubernetes {version}: {exc}")
+
+
+@pytest.mark.skipif(tool("kubectl") is None, reason="kubectl is not installed")
+def test_multi_node_kustomization_builds():
+    result = subprocess.run(
+        [tool("kubectl"), "kustomize", str(MULTI_NODE)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    built = {d["kind"]: d for d in yaml.safe_load_all(result.stdout) if d}
+    assert set(built) == set(MN)
+    assert built["LeaderWorkerSet"] == LWS, "kustomize expands the YAML anchors as PyYAML does"
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["leader", "worker"])
+def test_multi_node_config_passes_daemon_check_on_each_node(tmp_path: Path, index: int):
+    config = tmp_path / "server.toml"
+    config.write_text(MN_TOML_TEXT)
+    env = lws_env(LEADER if index == 0 else WORKER, index)
+    # The pods' model directory and GPUs are not here: --offline checks everything else.
+    result = run_daemon("check", "-c", str(config), "--offline", "--strict", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    settings, head = effective_offline(config, env), effective_offline(config, lws_env(LEADER, 0))
+    assert settings.distributed.node_rank == index
+    assert settings.distributed.dist_init_addr.rpartition(":")[0] == env["LWS_LEADER_ADDRESS"]
+    # Node 0 refuses a node whose config differs from its own: only the rank may.
+    ranked = {"distributed": {"node_rank"}}
+    assert settings.model_dump(exclude=ranked) == head.model_dump(exclude=ranked)
+
+
+def test_leader_serves_http_and_the_rendezvous():
+    container = LEADER["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    port = MN_TOML["server"]["port"]
+    rendezvous = int(lws_env(LEADER, 0)["DAEMON_DISTRIBUTED__DIST_INIT_ADDR"].rpartition(":")[2])
+    assert ports == {"http": port, "dist": rendezvous}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] in ("http", port), probe
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health_generate"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= STARTUP_TIMEOUT_S["worker"], "model load"
+    service = MN["Service"]["spec"]
+    assert service["selector"] == {LWS_LABEL + "name": LWS["metadata"]["name"], LWS_LABEL + "worker-index": "0"}
+    assert service["selector"].items() <= lws_pod(LEADER, 0)["metadata"]["labels"].items()
+    assert [ports.get(p["targetPort"], p["targetPort"]) for p in service["ports"]] == [port]
+
+
+def test_worker_pod_serves_no_http_and_its_probe_is_a_daemon_command(
+    tmp_path: Path, configmap_daemon: tuple[ConfigMapVolume, RunningDaemon]
+):
+    from daemon.cli import build_parser
+
+    container = WORKER["spec"]["containers"][0]
+    assert "ports" not in container and "readinessProbe" not in container and "startupProbe" not in container
+    probe = container["livenessProbe"]["exec"]["command"]
+    assert probe[0] == container["command"][0] and Path(probe[0]).name == "daemon"
+    args = build_parser().parse_args(probe[1:])  # exits (a failed test) on an option `daemon status` lacks
+    assert args.command == "status" and str(args.runtime_dir) == lws_env(WORKER, 1)["DAEMON_RUNTIME__DIR"]
+    # It succeeds on a running daemon's runtime dir, fails on one where none runs.
+    running = run_daemon(*probe[1:-1], str(configmap_daemon[1].runtime_dir))
+    assert running.returncode == 0, running.stdout + running.stderr
+    assert run_daemon(*probe[1:-1], str(tmp_path)).returncode == 1
+
+
+def test_multi_node_grace_periods_cover_the_drain():
+    drain = MN_TOML["runtime"]["drain_timeout_s"]
+    leader, worker = LEADER["spec"], WORKER["spec"]
+    leader_sleep = leader["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    tiers = 2 + MN_TOML.get("tokenizer", {}).get("workers", 1)
+    assert leader["terminationGracePeriodSeconds"] >= leader_sleep + drain + STOP_GRACE_S * (1 + tiers)
+    # Deleted together, the worker pod keeps its ranks up until the leader has drained.
+    worker_sleep = worker["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert worker_sleep >= leader_sleep + drain
+    assert worker["terminationGracePeriodSeconds"] > worker_sleep + STOP_GRACE_S
+
+
+def test_multi_node_pods_mount_the_config_as_a_directory_like_the_single_node_pod():
+    for template in (LEADER, WORKER):
+        container, spec = template["spec"]["containers"][0], template["spec"]
+        assert container["command"] == CONTAINER["command"] and container["image"] == CONTAINER["image"]
+        assert container["volumeMounts"] == CONTAINER["volumeMounts"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["config"]["configMap"]["name"] == MN["ConfigMap"]["metadata"]["name"]
+        assert {n: v for n, v in volumes.items() if n not in ("config", "shm")} == {
+            v["name"]: v for v in POD["volumes"] if v["name"] not in ("config", "shm")
+        }
+        assert spec["securityContext"] == POD["securityContext"]
+        assert container["securityContext"] == CONTAINER["securityContext"]
+
+
 # --- Grafana --------------------------------------------------------------------------------------
 
 DASHBOARD = json.loads((GRAFANA / "daemon-dashboard.json").read_text())
@@ -691,14 +851,16 @@ def test_every_metric_in_the_dashboard_is_exported(serving_daemon: RunningDaemon
 
 # --- editors --------------------------------------------------------------------------------------
 
-SCHEMA_CHECKED = [*EXAMPLES, "contrib/kubernetes/configmap.yaml"]
+SCHEMA_CHECKED = [*EXAMPLES, "contrib/kubernetes/configmap.yaml", "contrib/kubernetes/multi-node/configmap.yaml"]
 
 
 def config_text(example: Path | str) -> str:
-    return CONFIGMAP_TOML_TEXT if str(example).endswith(".yaml") else Path(example).read_text()
+    if str(example).endswith(".yaml"):
+        return yaml.safe_load((REPO / example).read_text())["data"]["server.toml"]
+    return Path(example).read_text()
 
 
-@pytest.mark.parametrize("example", SCHEMA_CHECKED, ids=lambda p: Path(p).name)
+@pytest.mark.parametrize("example", SCHEMA_CHECKED, ids=lambda p: p.name if isinstance(p, Path) else p)
 def test_example_configs_validate_against_the_json_schema(example: Path | str):
     document = tomli.loads(config_text(example))
     errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(document), key=str)
