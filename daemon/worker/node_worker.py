@@ -20,17 +20,19 @@ import os
 import signal
 import threading
 
+import msgspec
 import structlog
 import zmq
 
 from daemon.engine.locate import locate_model
-from daemon.engine.parallel import open_store
+from daemon.engine.parallel import join_group, open_store
 from daemon.engine.runner import resolve_device
 from daemon.ipc.heartbeat import HEARTBEAT_INTERVAL_S, Pulse
 from daemon.ipc.messages import Broadcast, ConfigApplied, ConfigUpdate, TierReady
 from daemon.ipc.sockets import READY_GRACE_MS, PeerGone, Receiver, open_socket, send
 from daemon.tier import STOP_SIGNAL, Tier
 from daemon.worker.nodes import arrive, node_layout
+from daemon.worker.service import load_runner
 from daemon.worker.tensor_group import (
     COLLECTIVE_TIMEOUT_S,
     TCP,
@@ -46,9 +48,6 @@ log = structlog.get_logger("daemon.worker")
 
 class NodeWorker:
     def __init__(self, tier: Tier):
-        from daemon.engine.parallel import join_group
-        from daemon.worker.service import load_runner
-
         self.tier = tier
         settings = tier.settings
         # Its main thread waits in collectives, where no Python signal handler runs: the
@@ -75,21 +74,18 @@ class NodeWorker:
             )
             self.runner, loaded = load_runner(settings, parallel=self.parallel)
             self.ranks = group_ranks(settings, self.runner.device, pids, layout.first_rank)
-            self.model = loaded
+            self.model = msgspec.structs.replace(loaded, ranks=self.ranks)  # what node 0 shows of them
         except BaseException:
             if self.followers is not None:
                 self.followers.stop()
             raise
 
     def run(self) -> None:
-        import msgspec
-
         tier = self.tier
         context = zmq.Context()
         control = open_socket(context, zmq.DEALER, connect=tier.endpoints.control)
-        model = msgspec.structs.replace(self.model, ranks=self.ranks)
         log.info("worker.ready", node=tier.settings.distributed.node_rank, ranks=[r.rank for r in self.ranks])
-        send(control, TierReady(tier.role, tier.index, os.getpid(), model), READY_GRACE_MS)
+        send(control, TierReady(tier.role, tier.index, os.getpid(), self.model), READY_GRACE_MS)
         events = Receiver(open_socket(context, zmq.SUB, connect=tier.endpoints.events), Broadcast)
         # the sockets belong to this thread from now on
         threading.Thread(target=self._beat, args=(control, events), name="beat", daemon=True).start()
