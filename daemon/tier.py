@@ -32,6 +32,9 @@ EPOCH_VAR = "DAEMON_TIER_EPOCH"  # how many times the supervisor has started thi
 SPAWNER_VAR = "DAEMON_SPAWNER_PID"  # the PID of the process that started this one
 BESIDE_VAR = "DAEMON_WORKER_BESIDE"  # set for a worker started beside the running one (blue-green)
 EXIT_NO_ROOM_BESIDE = 75  # such a worker's exit status when it would not fit (EX_TEMPFAIL)
+# A worker of a group over several nodes whose group ended elsewhere, or that node 0 refused:
+# its supervisor starts it again without counting a crash (worker/nodes.py)
+EXIT_REGROUP = 76
 STOP_SIGNAL = signal.SIGUSR2
 _PR_SET_PDEATHSIG = 1
 _EXIT_ORPHANED = 70

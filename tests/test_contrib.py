@@ -422,24 +422,32 @@ def test_manifests_are_the_expected_objects():
     assert "configMapGenerator" not in kustomization, "a generated (hashed) name would defeat hot reload"
 
 
-@pytest.mark.parametrize("version", ["1.30.0", "latest"])
-def test_manifests_pass_the_kubernetes_api_schemas(version: str):
+def assert_valid_for_kubernetes(documents: dict[str, dict], version: str) -> None:
+    """Each of `documents` (by a name for the message) passes Kubernetes `version`'s API schema."""
     kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
     version = kubernetes_validate.latest_version() if version == "latest" else version
-    for kind, document in MANIFESTS.items():
+    for name, document in documents.items():
         try:
             kubernetes_validate.validate(document, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{kind} against Kubernetes {version}: {exc}")
+            pytest.fail(f"{name} against Kubernetes {version}: {exc}")
+
+
+def kustomize(directory: Path) -> list[dict]:
+    """What `kubectl kustomize` builds from `directory`."""
+    result = subprocess.run([tool("kubectl"), "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "latest"])
+def test_manifests_pass_the_kubernetes_api_schemas(version: str):
+    assert_valid_for_kubernetes(MANIFESTS, version)
 
 
 @pytest.mark.skipif(tool("kubectl") is None, reason="kubectl is not installed")
 def test_kustomization_builds():
-    result = subprocess.run(
-        [tool("kubectl"), "kustomize", str(KUBERNETES)], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    built = [d for d in yaml.safe_load_all(result.stdout) if d]
+    built = kustomize(KUBERNETES)
     assert {d["kind"] for d in built} == set(MANIFESTS)
     assert next(d for d in built if d["kind"] == "ConfigMap")["metadata"]["name"] == "daemon-config"
 
@@ -637,22 +645,13 @@ def test_multi_node_manifests_are_a_group_of_nnodes_pods():
 
 @pytest.mark.parametrize("version", ["1.30.0", "latest"])
 def test_multi_node_pods_pass_the_kubernetes_api_schemas(version: str):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
-    version = kubernetes_validate.latest_version() if version == "latest" else version
-    for document in (lws_pod(LEADER, 0), lws_pod(WORKER, 1), MN["ConfigMap"], MN["Service"]):
-        try:
-            kubernetes_validate.validate(document, version, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{document['metadata']['name']} against Kubernetes {version}: {exc}")
+    documents = (lws_pod(LEADER, 0), lws_pod(WORKER, 1), MN["ConfigMap"], MN["Service"])
+    assert_valid_for_kubernetes({d["metadata"]["name"]: d for d in documents}, version)
 
 
 @pytest.mark.skipif(tool("kubectl") is None, reason="kubectl is not installed")
 def test_multi_node_kustomization_builds():
-    result = subprocess.run(
-        [tool("kubectl"), "kustomize", str(MULTI_NODE)], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    built = {d["kind"]: d for d in yaml.safe_load_all(result.stdout) if d}
+    built = {d["kind"]: d for d in kustomize(MULTI_NODE)}
     assert set(built) == set(MN)
     assert built["LeaderWorkerSet"] == LWS, "kustomize expands the YAML anchors as PyYAML does"
 

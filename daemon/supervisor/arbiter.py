@@ -34,7 +34,7 @@ import structlog
 from daemon.ipc.messages import ReloadReport, ToSupervisor
 from daemon.supervisor import notify
 from daemon.supervisor.process import STARTUP_TIMEOUT_S, Child
-from daemon.worker.nodes import EXIT_REGROUP
+from daemon.tier import EXIT_REGROUP
 
 log = structlog.get_logger("daemon.supervisor")
 

@@ -7,7 +7,7 @@ guard()  # before importing torch: a second of imports is a second of outliving 
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from daemon.tier import BESIDE_VAR, EXIT_NO_ROOM_BESIDE, start_tier  # noqa: E402
+from daemon.tier import BESIDE_VAR, EXIT_NO_ROOM_BESIDE, EXIT_REGROUP, start_tier  # noqa: E402
 
 # Logging is set up before torch is imported: what torch warns about while it loads (a missing
 # numpy, a CUDA driver it cannot use) becomes a log line, not raw text in a JSON log.
@@ -26,7 +26,7 @@ from daemon.engine.models.registry import UnsupportedModel  # noqa: E402
 from daemon.engine.parallel import ParallelError  # noqa: E402
 from daemon.worker.memory import CacheAllocationFailed, NoRoomBeside  # noqa: E402
 from daemon.worker.node_worker import NodeWorker  # noqa: E402
-from daemon.worker.nodes import EXIT_REGROUP, NodeRefused  # noqa: E402
+from daemon.worker.nodes import NodeRefused  # noqa: E402
 from daemon.worker.service import WorkerService  # noqa: E402
 from daemon.worker.tensor_group import EXIT_RANK_LOST, GroupBroken  # noqa: E402
 

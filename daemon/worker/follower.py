@@ -24,7 +24,7 @@ def main() -> None:
 
     keep_freed_memory()
     from daemon.engine.parallel import join_group, leave_group
-    from daemon.worker.nodes import EXIT_REGROUP
+    from daemon.tier import EXIT_REGROUP
     from daemon.worker.service import load_runner
     from daemon.worker.tensor_group import COLLECTIVE_TIMEOUT_S, GROUP_VAR, device_type, follow, meeting_place
 

@@ -9,7 +9,7 @@ They meet at distributed.dist_init_addr, a torch.distributed TCPStore that node 
 serves. Before the process group forms, each other node's worker posts there the digest of
 every setting the group computes with, and the ranks it brings; node 0 compares the digests
 with its own, and answers ok, or refused with the keys that differ, which both sides log. A
-refused node, like one whose group ended, exits with EXIT_REGROUP: its supervisor starts it
+refused node, like one whose group ended, exits with tier.EXIT_REGROUP: its supervisor starts it
 again (not counted as a crash), and it meets the head's next group, once both run one config.
 """
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("daemon.worker")
 
-EXIT_REGROUP = 76  # a worker whose group ended elsewhere, or that node 0 refused: start it again
 POLL_S = 0.2  # how often node 0 looks for the other nodes' arrivals
 # Besides the worker's own settings, the group's shape: node_rank differs by design.
 GROUP_KEYS = ("distributed.nnodes", "distributed.dist_init_addr")

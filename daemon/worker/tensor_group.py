@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from daemon.tier import SPAWNER_VAR
-from daemon.worker.nodes import EXIT_REGROUP
+from daemon.tier import EXIT_REGROUP, SPAWNER_VAR
 
 if TYPE_CHECKING:
     import torch
