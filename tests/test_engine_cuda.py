@@ -1,4 +1,5 @@
-"""The engine on a CUDA GPU: logits match transformers there too. Skipped without CUDA.
+"""The engine on a CUDA GPU: logits match transformers there too, and the KV cache leaves the
+largest step room. Skipped without CUDA.
 
 Run on a GPU host with: pytest tests/test_engine_cuda.py
 """
@@ -15,7 +16,11 @@ transformers = pytest.importorskip("transformers")
 
 from harness.models import PROMPT, VARIANTS, Sequences, build_hf_model  # noqa: E402
 
+from daemon.config.schema import DaemonSettings  # noqa: E402
+from daemon.engine.blocks import BLOCK_SIZE  # noqa: E402
 from daemon.engine.runner import ModelRunner  # noqa: E402
+from daemon.engine.warm_up import largest_step, prompt_end, warm_up_chunks  # noqa: E402
+from daemon.worker.service import load_runner  # noqa: E402
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -30,3 +35,19 @@ def test_cuda_logits_match_transformers(tmp_path: Path, variant: str, dtype: str
         reference = hf(torch.tensor([PROMPT], device="cuda")).logits[0].float()
     torch.testing.assert_close(prefill, reference[-2], atol=tolerance, rtol=0)
     torch.testing.assert_close(decode, reference[-1], atol=tolerance, rtol=0)
+
+
+def test_cuda_cache_is_sized_after_the_largest_step_and_leaves_it_room(tmp_path: Path):
+    """The worker's KV cache, sized from free memory after the warm-up step, leaves that step room:
+    run again over the full cache, the process stays within mem_fraction_static of the device."""
+    settings = DaemonSettings(model={"path": "builtin:demo", "device": "cuda"}, runtime={"cache_dir": str(tmp_path)})
+    runner, loaded = load_runner(settings)
+    _free, total = torch.cuda.mem_get_info()
+    scheduler, context = settings.scheduler, loaded.max_model_len
+    tokens, sequences = largest_step(scheduler.max_running_requests, scheduler.chunked_prefill_size, context)
+    end = prompt_end(runner, tokens, sequences, context)
+    torch.cuda.reset_peak_memory_stats()
+    runner.follow(warm_up_chunks(tokens, sequences, BLOCK_SIZE, end))
+    torch.cuda.synchronize()
+    assert runner.cache.num_blocks * BLOCK_SIZE > context  # sized from memory, not the floor
+    assert torch.cuda.max_memory_allocated() <= total * scheduler.mem_fraction_static

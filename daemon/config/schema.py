@@ -317,15 +317,19 @@ class SchedulerSettings(Section):
     )
     max_total_tokens: int | None = setting(
         None,
-        doc="KV-cache capacity in tokens, shared by all running requests. Unset: sized from "
-        "mem_fraction_static on CUDA, or 16 contexts' worth on CPU.",
+        doc="KV-cache capacity in tokens, shared by all running requests. Unset: sized after a "
+        "warm-up step of the largest shape (max_running_requests sequences, chunked_prefill_size "
+        "tokens): on CUDA, what mem_fraction_static of the GPU leaves once the weights and that "
+        "step's measured peak are counted; on CPU, 16 contexts' worth within a quarter of the memory "
+        "then available.",
         reload=Reload.WORKER,
         ge=1,
         le=2**40,
     )
     mem_fraction_static: float = setting(
         0.85,
-        doc="Fraction of GPU memory for weights plus KV cache, when max_total_tokens is unset.",
+        doc="Fraction of GPU memory the worker may hold, when max_total_tokens is unset: its weights, "
+        "its KV cache and a step's transient memory (the peak of its warm-up step).",
         reload=Reload.WORKER,
         gt=0.0,
         lt=1.0,

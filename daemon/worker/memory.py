@@ -48,19 +48,31 @@ def device_memory(device: str) -> tuple[int, int]:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), total
 
 
-def cache_blocks(settings: DaemonSettings, bytes_per_token: int, context: int, device: str) -> int:
-    """KV-cache blocks: scheduler.max_total_tokens, else what the device's memory allows."""
+def cache_blocks(
+    settings: DaemonSettings, bytes_per_token: int, context: int, device: str, step_peak: int | None = None
+) -> int:
+    """KV-cache blocks: scheduler.max_total_tokens, else what the device's memory allows once the
+    weights are loaded, with `step_peak` bytes (the warm-up's transient peak: engine/warm_up.py)
+    kept free for the steps on a GPU. On a CPU the warm-up's memory is the process's already (the
+    allocator keeps it: allocator.py), so what is available now is what is left."""
     if settings.scheduler.max_total_tokens:
         tokens = settings.scheduler.max_total_tokens
     elif device == "cuda":
         free, total = device_memory(device)
-        budget = total * settings.scheduler.mem_fraction_static - (total - free)
-        tokens = max(int(budget // bytes_per_token), context)
+        tokens = gpu_cache_tokens(free, total, settings.scheduler.mem_fraction_static, step_peak or 0, bytes_per_token)
+        tokens = max(tokens, context)
     else:
         available, _total = device_memory(device)
         tokens = min(CPU_CONTEXTS * context, int(available * CPU_MEMORY_SHARE // bytes_per_token))
         tokens = max(tokens, context)
     return -(-tokens // BLOCK_SIZE)
+
+
+def gpu_cache_tokens(free: int, total: int, fraction: float, step_peak: int, bytes_per_token: int) -> int:
+    """The tokens a GPU's KV cache holds: of the `fraction` of its memory the worker may use, what
+    is not in use already (weights, CUDA's context, other processes) nor needed by a step."""
+    budget = total * fraction - (total - free) - step_peak
+    return max(0, int(budget // bytes_per_token))
 
 
 def check_room_beside(settings: DaemonSettings, size: int, device: str, *, what: str = "the model's weights") -> None:

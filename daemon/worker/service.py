@@ -28,6 +28,7 @@ from daemon.engine.locate import locate_model, served_context
 from daemon.engine.model_dir import inspect_model_dir
 from daemon.engine.parallel import SINGLE, Parallel, join_group
 from daemon.engine.runner import ModelRunner, SequenceChunk, resolve_device
+from daemon.engine.warm_up import WarmUp, blocks_needed, largest_step, prompt_end, warm_up
 from daemon.ipc.heartbeat import Pulse
 from daemon.ipc.messages import (
     Broadcast,
@@ -99,9 +100,11 @@ def load_runner(
         seed=settings.model.seed,
         parallel=parallel,
     )
+    warmed = _warm_up(probe, settings, context)
     model = probe.model
     per_token = KVCache.bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, probe.dtype)
-    blocks = parallel.fewest(cache_blocks(settings, per_token, context, probe.device.type))  # every rank holds it
+    blocks = cache_blocks(settings, per_token, context, probe.device.type, warmed.peak_bytes)
+    blocks = parallel.fewest(blocks)  # every rank holds it
     size = blocks * BLOCK_SIZE * per_token
     if beside:
         check_room_beside(settings, size, probe.device.type, what="the KV cache")
@@ -112,7 +115,38 @@ def load_runner(
             f"the KV cache of {blocks * BLOCK_SIZE} tokens ({gib(size)}) could not be allocated on "
             f"{probe.device.type}: {str(exc).splitlines()[0]}; lower scheduler.max_total_tokens"
         ) from None
+    log.info(
+        "worker.warmed_up",
+        tokens=warmed.tokens,
+        sequences=warmed.sequences,
+        step_peak_mib=round(warmed.peak_bytes / 2**20, 1) if warmed.peak_bytes is not None else None,
+        seconds=warmed.seconds,
+        cache_tokens=blocks * BLOCK_SIZE,
+    )
     return probe, LoadedModel(str(model_dir.resolve()), context)
+
+
+def _warm_up(runner: ModelRunner, settings: DaemonSettings, context: int) -> WarmUp:
+    """Run the largest step the scheduler may plan, over a cache just large enough for it, and
+    measure its transient memory; the cache is then freed (engine/warm_up.py)."""
+    import torch
+
+    scheduler = settings.scheduler
+    tokens, sequences = largest_step(scheduler.max_running_requests, scheduler.chunked_prefill_size, context)
+    end = prompt_end(runner, tokens, sequences, context)
+    try:
+        runner.resize_cache(blocks_needed(sequences, BLOCK_SIZE, end))
+        warmed = warm_up(runner, tokens, sequences, end)
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        raise CacheAllocationFailed(
+            f"a step of {tokens} tokens over {sequences} sequences (scheduler.chunked_prefill_size, "
+            f"scheduler.max_running_requests) does not fit on {runner.device.type}: "
+            f"{str(exc).splitlines()[0]}; lower them, or model.context_length"
+        ) from None
+    runner.resize_cache(1)
+    if runner.device.type == "cuda":  # what the warm-up's cache and steps took goes back to the device
+        torch.cuda.empty_cache()
+    return warmed
 
 
 class WorkerService:
