@@ -51,3 +51,31 @@ def test_cuda_cache_is_sized_after_the_largest_step_and_leaves_it_room(tmp_path:
     torch.cuda.synchronize()
     assert runner.cache.num_blocks * BLOCK_SIZE > context  # sized from memory, not the floor
     assert torch.cuda.max_memory_allocated() <= total * scheduler.mem_fraction_static
+
+
+def greedy_decodes(runner: ModelRunner) -> list[dict[int, int]]:
+    """Five sequences' greedy tokens, step by step: their prompts, then decodes of all five (a
+    bucket of 8), then of three (a bucket of 4)."""
+    seqs = Sequences(runner)
+    prompts = {seq: PROMPT[: 3 + 4 * seq] for seq in range(5)}
+    tokens = {seq: len(prompt) for seq, prompt in prompts.items()}
+    last = runner.step([seqs.chunk(seq, prompt, 0) for seq, prompt in prompts.items()])
+    found = [dict(last)]
+    for step in range(12):
+        live = list(prompts) if step < 6 else [0, 2, 4]
+        chunks = [seqs.chunk(seq, [last[seq]], tokens[seq]) for seq in live]
+        for seq in live:
+            tokens[seq] += 1
+        last = {**last, **runner.step(chunks)}
+        found.append(dict(last))
+    return found
+
+
+@pytest.mark.parametrize("variant", ["llama", "gemma2"])
+def test_cuda_graphs_decode_the_same_greedy_tokens_as_eager_steps(tmp_path: Path, variant: str):
+    build_hf_model(tmp_path, variant)
+    eager = ModelRunner(tmp_path, num_blocks=64, device="cuda", dtype="bfloat16")
+    graphed = ModelRunner(tmp_path, num_blocks=64, device="cuda", dtype="bfloat16")
+    graphed.use_decode_graphs(8, capture=True)
+    assert greedy_decodes(graphed) == greedy_decodes(eager)
+    assert graphed.graphs is not None and len(graphed.graphs.captured) >= 2  # buckets 8 and 4, replayed

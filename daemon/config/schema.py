@@ -399,6 +399,14 @@ class ModelSettings(Section):
         ge=1,
         le=4096,
     )
+    enforce_eager: bool = setting(
+        False,
+        doc="Run every step eagerly. Otherwise, on CUDA with tp_size 1, steps of decodes only (up to "
+        "scheduler.max_running_requests of them at the worker's start) are padded to a bucket of "
+        "batch sizes and replayed as CUDA graphs, each captured the first time a step needs it. On "
+        "CPU every step is eager.",
+        reload=Reload.WORKER,
+    )
     context_length: int | None = setting(
         None,
         doc="Most tokens (prompt plus output) in one request. Unset: the model's maximum "

@@ -28,13 +28,16 @@ class KVCache:
         device: torch.device,
         block_size: int = BLOCK_SIZE,
     ):
-        self.num_blocks = num_blocks
+        self.num_blocks = num_blocks  # the blocks sequences may own: the scheduler's
         self.block_size = block_size
+        # one more, no sequence's: padding rows of a decode step padded to a bucket write their
+        # keys and values there (decode_graphs.py)
+        self.scratch_block = num_blocks
         # head-major, and keys transposed in their blocks where the CPU kernel reads them: see
         # layers/attention.py
         self.keys_transposed = reads_paged_cache(torch.device(device), dtype, head_dim, block_size)
-        shape = (kv_heads, num_blocks, block_size, head_dim)
-        key_shape = (kv_heads, num_blocks, head_dim, block_size) if self.keys_transposed else shape
+        shape = (kv_heads, num_blocks + 1, block_size, head_dim)
+        key_shape = (kv_heads, num_blocks + 1, head_dim, block_size) if self.keys_transposed else shape
         self.layers = [
             LayerCache(
                 torch.zeros(key_shape, dtype=dtype, device=device),

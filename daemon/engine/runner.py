@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from daemon.engine.decode_graphs import DecodeGraphs
 from daemon.engine.grammar import Constraint, GrammarError, LazyCompiler, Matchers
 from daemon.engine.host_tensors import long_tensor
 from daemon.engine.kv_cache import KVCache
@@ -94,6 +95,7 @@ class ModelRunner:
         self.parallel = parallel
         self.dtype = resolve_dtype(dtype, self.device, config.get("dtype", config.get("torch_dtype")))
         positions = max_positions or info.max_context or 2048
+        self.max_positions = positions
         # Parameters are made in their dtype on their device: a float32 copy first would take twice
         # a half-precision model's memory. Tables (rotary) are float32 whatever the default.
         with torch.device(self.device), _default_dtype(self.dtype):
@@ -103,6 +105,8 @@ class ModelRunner:
         # computed by one sequence serves another (prefix caching) exactly as if it computed it.
         self.prefix_cacheable = not any(family.rope(config, t).follows_length for t in family.rope_layer_types)
         load_weights(self.model, model_dir)
+        self.graphs: DecodeGraphs | None = None  # see use_decode_graphs
+        self._graph_options: tuple[int, bool] | None = None
         self.resize_cache(num_blocks)
         # requests without a seed of their own draw from this one generator, together
         self._shared_generator = torch.Generator(self.device).manual_seed(seed)
@@ -128,9 +132,18 @@ class ModelRunner:
 
     def resize_cache(self, num_blocks: int) -> None:
         """(Re)allocate the KV cache with `num_blocks` blocks; its contents are lost."""
-        self.cache = None  # free the old tensors before allocating the new ones
+        self.cache = self.graphs = None  # free the old tensors (and graphs over them) before allocating new ones
         model = self.model
         self.cache = KVCache(model.num_layers, num_blocks, model.num_kv_heads, model.head_dim, self.dtype, self.device)
+        if self._graph_options is not None:
+            self.use_decode_graphs(*self._graph_options)
+
+    def use_decode_graphs(self, max_batch: int, capture: bool) -> None:
+        """Run steps of up to `max_batch` decodes padded to buckets over static buffers, replayed
+        as CUDA graphs where `capture` (decode_graphs.py); other steps run as before."""
+        self._graph_options = (max_batch, capture)
+        max_blocks = -(-self.max_positions // self.cache.block_size)
+        self.graphs = DecodeGraphs(self.model, self.cache, max_batch, max_blocks, capture=capture)
 
     @torch.inference_mode()
     def step(self, chunks: list[SequenceChunk]) -> dict[int, int]:
@@ -222,6 +235,8 @@ class ModelRunner:
 
     def _forward(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """The final hidden states of every token of `chunks`, packed: [tokens, hidden]."""
+        if self.graphs is not None and (bucket := self.graphs.bucket(chunks)) is not None:
+            return self.graphs.hidden(chunks, bucket)
         ids = [t for c in chunks for t in c.token_ids]
         positions = [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
         ends = [c.start + len(c.token_ids) for c in chunks for _ in c.token_ids]

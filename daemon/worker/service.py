@@ -115,6 +115,8 @@ def load_runner(
             f"the KV cache of {blocks * BLOCK_SIZE} tokens ({gib(size)}) could not be allocated on "
             f"{probe.device.type}: {str(exc).splitlines()[0]}; lower scheduler.max_total_tokens"
         ) from None
+    if probe.device.type == "cuda" and parallel.size == 1 and not settings.model.enforce_eager:
+        probe.use_decode_graphs(settings.scheduler.max_running_requests, capture=True)
     log.info(
         "worker.warmed_up",
         tokens=warmed.tokens,
@@ -122,6 +124,7 @@ def load_runner(
         step_peak_mib=round(warmed.peak_bytes / 2**20, 1) if warmed.peak_bytes is not None else None,
         seconds=warmed.seconds,
         cache_tokens=blocks * BLOCK_SIZE,
+        decode_graphs=probe.graphs is not None,
     )
     return probe, LoadedModel(str(model_dir.resolve()), context)
 
