@@ -573,11 +573,13 @@ class RunFrame:
         self.servers.append(server)
         server.start()
 
-    def start_demo_daemon(self, settings: dict[str, object] | None = None, name: str = "daemon") -> Server:
-        """`daemon -c configs/server.toml` (the demo model) on a free port, in this run's runtime and
-        cache dirs, logging JSON, with `settings` (--set); returned once it logs daemon.ready."""
+    def start_demo_daemon(
+        self, settings: dict[str, object] | None = None, name: str = "daemon", config: Path = CONFIG
+    ) -> Server:
+        """`daemon -c configs/server.toml` (the demo model; or `config`) on a free port, in this run's
+        runtime and cache dirs, logging JSON, with `settings` (--set); returned once it logs daemon.ready."""
         port = free_port()
-        argv = [str(BIN / "daemon"), "-c", str(CONFIG)]
+        argv = [str(BIN / "daemon"), "-c", str(config)]
         for key, value in (
             ("server.port", port),
             ("runtime.dir", self.runtime_dir),

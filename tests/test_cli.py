@@ -122,6 +122,7 @@ def test_config_show_masks_secrets_and_round_trips(tmp_path: Path):
         "device": "auto",
         "tp_size": 1,
         "dp_size": 1,
+        "enforce_eager": False,
         "seed": 0,
         "tool_parser": "auto",
         "reasoning_parser": "none",

@@ -33,6 +33,7 @@ from harness.daemons import (
     stop_daemons,
 )
 from harness.load import Client, Options, Requests
+from harness.metrics import engine_figures
 from harness.procs import free_port
 from harness.wait import until
 
@@ -120,6 +121,16 @@ def cluster(tmp_path_factory, model_cache) -> Iterator[Cluster]:
         stop_daemons([d for d in cluster.started if d.runtime_dir == head_dir], head_dir, drain_s=15)
 
 
+@pytest.fixture
+def nodes(cluster: Cluster) -> Cluster:
+    """The cluster with node 1 running (a test that failed half-way may have left it stopped) and
+    the group formed, before each test."""
+    if cluster.nodes[1].process.poll() is not None:
+        cluster.start_node(1)
+    wait_group_serving(cluster)
+    return cluster
+
+
 @pytest.fixture(scope="module")
 def one_node_greedy(tmp_path_factory, model_cache) -> list[str]:
     """What the demo model writes greedily for PROMPTS on one node, tp_size 1."""
@@ -137,8 +148,9 @@ def greedy(url: str) -> list[str]:
 
 
 def head_ranks(cluster: Cluster) -> list[dict]:
+    """The ranks of the group node 0's worker leads ([] while it has none up)."""
     info = httpx.get(cluster.head.url + "/server_info", timeout=10).raise_for_status().json()
-    return info["model"]["ranks"]
+    return (info["model"] or {}).get("ranks", [])
 
 
 def node_worker_pid(cluster: Cluster) -> int:
@@ -167,8 +179,8 @@ def wait_group_serving(cluster: Cluster, timeout: float = READY_S) -> None:
     )
 
 
-def test_two_nodes_serve_greedy_output_equal_to_one_node(cluster, one_node_greedy):
-    wait_group_serving(cluster)
+def test_two_nodes_serve_greedy_output_equal_to_one_node(nodes, one_node_greedy):
+    cluster = nodes
     assert greedy(cluster.head.url) == one_node_greedy
     ranks = head_ranks(cluster)
     assert ranks[0]["pid"] == cluster.head.tier_pids()["worker-0"]
@@ -198,16 +210,19 @@ def test_check_says_what_each_node_runs_and_the_hash_they_share(tmp_path: Path, 
     assert "node 1 of 2 runs only its worker, rank 1 of 2, joining node 0 at 127.0.0.1:29500" in text, text
 
 
-def test_node_one_killed_under_load_then_back(cluster, one_node_greedy):
+def test_node_one_killed_under_load_then_back(nodes, one_node_greedy):
     """kill -9 of node 1's whole daemon: requests in flight on node 0 end with a 503 (or an error
     event) promptly, node 0 keeps running and holds new ones; node 1 started again, the group
     re-forms and serves the same output."""
-    wait_group_serving(cluster)
+    cluster = nodes
     node1 = cluster.nodes[1]
     old_rank = node_worker_pid(cluster)
     clients = [Client(protocol, stream, False) for protocol in ("h1", "h2") for stream in (True, False)]
     load = Requests(cluster.head.url, clients, Options(max_tokens=1500, read_timeout=READ_TIMEOUT_S))
     load.wait_streaming()
+    # every request in the engine (the non-streamed ones too): none still on its way in, which
+    # would be held for the worker's return (and end with a 503 only after runtime.drain_timeout_s)
+    until(lambda: engine_figures(cluster.head)[0] >= len(clients), 15, interval=0.05, what="all requests running")
     killed_at = time.monotonic()
     os.killpg(node1.pid, signal.SIGKILL)  # the supervisor and its worker: a machine gone
     node1.process.wait(10)
@@ -229,10 +244,10 @@ def test_node_one_killed_under_load_then_back(cluster, one_node_greedy):
     assert greedy(cluster.head.url) == one_node_greedy
 
 
-def test_node_with_another_config_is_refused_on_both_sides(cluster):
+def test_node_with_another_config_is_refused_on_both_sides(nodes):
     """Node 1 started with a different model.seed: node 0 refuses it, and both log the key that
     differs; node 1 keeps coming back (no crash loop) until it runs the same config."""
-    wait_group_serving(cluster)
+    cluster = nodes
     cluster.nodes[1].stop()
     mark = cluster.head.log.mark()
     odd = cluster.start_node(1, env={"DAEMON_MODEL__SEED": "7"}, wait=False)
@@ -249,11 +264,11 @@ def test_node_with_another_config_is_refused_on_both_sides(cluster):
     wait_group_serving(cluster)
 
 
-def test_reload_on_every_node_reforms_the_group(cluster, one_node_greedy):
+def test_reload_on_every_node_reforms_the_group(nodes, one_node_greedy):
     """A worker setting changed in every node's file, then `daemon reload` on each: node 0 drains and
     starts a new rank 0, which waits for node 1; node 1 restarts its worker with the new config and
     joins; both report the reload applied, and the output is the same."""
-    wait_group_serving(cluster)
+    cluster = nodes
     old_ranks = {r["pid"] for r in head_ranks(cluster)}
     text = cluster.config(0).read_text().replace("tp_size = 2\n", "tp_size = 2\nseed = 3\n")
     assert "seed = 3" in text
