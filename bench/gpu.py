@@ -56,7 +56,7 @@ TINY = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    vocab_size=512,
+    vocab_size=1024,  # the demo tokenizer's: its ids must be the model's
     max_position_embeddings=1024,
     tie_word_embeddings=True,
 )
