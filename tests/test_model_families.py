@@ -70,3 +70,26 @@ def test_greedy_completions_through_the_daemon_match_transformers(tmp_path: Path
         assert response.status_code == 200, response.text
         choices = sorted(response.json()["choices"], key=lambda c: c["index"])
         assert [c["text"].split() for c in choices] == expected, json.dumps(choices)
+
+
+def test_a_tokenizer_with_more_ids_than_the_model_is_refused_prompt_by_prompt(tmp_path: Path, model_cache: Path):
+    """tokenizer.path of another model, whose ids go past the model's vocabulary (160 here): the
+    daemon serves, warns at start, and refuses a prompt with such an id with a 400 that says so,
+    rather than failing the step (and every request in it) in the worker."""
+    model_dir = tmp_path / "model"
+    build_hf_model(model_dir, "llama")
+    word_tokenizer(400).save(str(model_dir / "tokenizer.json"))
+    settings = {"model.path": str(model_dir), "model.served_model_name": "tiny", "model.device": "cpu"}
+    (tmp_path / "daemon").mkdir()
+    with serving(tmp_path / "daemon", model_cache, settings) as daemon:
+        warning = daemon.wait_for_event("tokenizer.vocab_exceeds_model")
+        assert (warning["tokenizer_ids"], warning["model_ids"]) == (400, 160), warning
+        body = {"model": "tiny", "max_tokens": 4, "temperature": 0}
+        fits = httpx.post(f"{daemon.url}/v1/completions", json={**body, "prompt": "w3 w159"}, timeout=60)
+        assert fits.status_code == 200, fits.text
+        for prompt in ("w3 w300", [3, 300]):
+            refused = httpx.post(f"{daemon.url}/v1/completions", json={**body, "prompt": prompt}, timeout=60)
+            assert refused.status_code == 400, refused.text
+            message = refused.json()["error"]["message"]
+            assert "token id 300, outside the model's vocabulary of 160 ids" in message, message
+        assert not daemon.events("worker.step_failed")

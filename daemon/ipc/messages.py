@@ -501,6 +501,7 @@ class LoadedModel(msgspec.Struct, frozen=True):
     directory: str  # absolute: the built-in model's directory in the cache, or model.path resolved
     max_model_len: int  # the context it serves: model.context_length, else the model's maximum
     ranks: list[ModelRank] = []  # the processes holding it (model.tp_size of them), rank 0 first
+    vocab_size: int = 0  # the ids its embedding holds (0: not said); a prompt's must be below it
 
 
 class ModelRank(msgspec.Struct, frozen=True):

@@ -14,18 +14,21 @@ from pathlib import Path
 
 import structlog
 
-from daemon.ipc.messages import TierEvent, read_status_file, serving_worker
+from daemon.ipc.messages import LoadedModel, TierEvent, read_status_file, serving_worker
 
 log = structlog.get_logger("daemon.tokenizer")
 
 
 class ServedContext:
-    """The newest serving worker's context length; None while no worker has ever served."""
+    """The newest serving worker's context length, and its model's vocabulary; None while no worker
+    has ever served."""
 
-    def __init__(self, socket_dir: Path):
+    def __init__(self, socket_dir: Path, tokenizer_ids: int):
         self._socket_dir = socket_dir
+        self._tokenizer_ids = tokenizer_ids
         self._epoch = 0  # the worker it came from: news of an older one is stale
         self.length: int | None = None
+        self.vocab: int | None = None  # the model's ids: a tokenizer that has more would send ids it cannot embed
         self.refresh()
 
     def refresh(self) -> None:
@@ -33,21 +36,30 @@ class ServedContext:
         have gone out before this process listened)."""
         worker = serving_worker(read_status_file(self._socket_dir))
         if worker is not None and worker.model is not None:
-            self._take(worker.epoch, worker.model.max_model_len)
+            self._take(worker.epoch, worker.model)
 
     def follow(self, event: TierEvent) -> None:
         """A worker came up: the newest one serves new requests from now on."""
         if event.tier == "worker" and event.state == "up" and event.model is not None:
-            self._take(event.epoch, event.model.max_model_len)
+            self._take(event.epoch, event.model)
 
     def known(self) -> int | None:
         if self.length is None:
             self.refresh()
         return self.length
 
-    def _take(self, epoch: int, length: int) -> None:
+    def _take(self, epoch: int, model: LoadedModel) -> None:
         if epoch < self._epoch:
             return
+        length = model.max_model_len
         if length != self.length:
             log.info("tokenizer.context", context=length, previous=self.length, worker_epoch=epoch)
-        self._epoch, self.length = epoch, length
+        vocab = model.vocab_size or None
+        if vocab is not None and vocab != self.vocab and self._tokenizer_ids > vocab:
+            log.warning(
+                "tokenizer.vocab_exceeds_model",
+                tokenizer_ids=self._tokenizer_ids,
+                model_ids=vocab,
+                detail="prompts with ids the model does not have are refused with a 400",
+            )
+        self._epoch, self.length, self.vocab = epoch, length, vocab

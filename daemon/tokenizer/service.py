@@ -103,7 +103,7 @@ class TokenizerService:
         self.inbox = Receiver(open_socket(self.zmq, zmq.PULL, bind=endpoints.tokenizer(tier.index)), ToTokenizer)
         self.events = Receiver(open_socket(self.zmq, zmq.SUB, connect=endpoints.events), Broadcast)
         # What the serving worker announced, never derived here: a reload replaces the worker alone.
-        self.served = ServedContext(endpoints.directory)
+        self.served = ServedContext(endpoints.directory, self.text.vocab_size)
         self.scheduler = open_socket(self.zmq, zmq.PUSH, connect=endpoints.scheduler)
         self.control = open_socket(self.zmq, zmq.DEALER, connect=endpoints.control)
         self.pulse = Pulse(self.control, self.tier.role, self.tier.index)
@@ -290,6 +290,15 @@ class TokenizerService:
             prompt_ids = prompt_ids[-keep:]
         if not prompt_ids:
             return self._reject(request, ErrorInfo(400, "the prompt is empty", param=prompt_param))
+        if (vocab := self.served.vocab) is not None and (highest := max(prompt_ids)) >= vocab:
+            # a tokenizer with more ids than the model (tokenizer.path of another model): this
+            # prompt alone is refused, rather than failing the whole step it would join
+            message = (
+                f"the prompt has token id {highest}, outside the model's vocabulary of {vocab} ids "
+                f"(the tokenizer has {self.text.vocab_size}: it does not fit the model)"
+            )
+            log.info("tokenizer.rejected", reason="token id beyond the model's vocabulary", token_id=highest)
+            return self._reject(request, ErrorInfo(400, message, param=prompt_param))
         if len(prompt_ids) >= context:  # the prompt alone leaves no room for a single token
             message = (
                 f"This model's maximum context length is {context} tokens. However, your prompt has "

@@ -126,7 +126,7 @@ def load_runner(
         cache_tokens=blocks * BLOCK_SIZE,
         decode_graphs=probe.graphs is not None,
     )
-    return probe, LoadedModel(str(model_dir.resolve()), context)
+    return probe, LoadedModel(str(model_dir.resolve()), context, vocab_size=probe.vocab_size)
 
 
 def _warm_up(runner: ModelRunner, settings: DaemonSettings, context: int) -> WarmUp:
