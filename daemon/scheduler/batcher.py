@@ -162,8 +162,9 @@ class Batcher:
 
     # --- requests in --------------------------------------------------------------------------
 
-    def add(self, request: ScheduleRequest) -> None:
-        """Queue a request, or answer it at once with an error (see `take_rejections`)."""
+    def add(self, request: ScheduleRequest, block_hashes: list[bytes] | None = None) -> None:
+        """Queue a request, or answer it at once with an error (see `take_rejections`).
+        `block_hashes`: those of its prompt's first full blocks, where placement made them already."""
         problem = self._refusal(request)
         if problem is not None:
             self._rejected.append((request.tokenizer, SequenceUpdate(request.request_id, [], "error", problem)))
@@ -178,6 +179,7 @@ class Batcher:
             priority=request.priority,
             arrival=request.arrival,
             constraint=request.constraint,
+            block_hashes=list(block_hashes or ()),
         )
         self._by_request[request.request_id] = seq
         self.waiting.append(seq)

@@ -194,9 +194,9 @@ class SchedulerService:
         a replica being drained, or here while a worker is on its way); else refuse it."""
         accepting = [r for r in self.replicas.values() if r.accepting]
         if accepting:
-            replica = self._best(accepting, request)
+            replica, hashes = self._best(accepting, request)
             replica.placed += 1
-            replica.engine.batcher.add(request)  # type: ignore[union-attr]
+            replica.engine.batcher.add(request, hashes)  # type: ignore[union-attr]
             log.debug("request.placed", request_id=request.request_id, replica=replica.index)
             return
         on_hold = [r for r in self.replicas.values() if r.hold_since is not None]
@@ -209,9 +209,11 @@ class SchedulerService:
         else:
             self.held.append((time.monotonic(), request))
 
-    def _best(self, accepting: list[Replica], request: ScheduleRequest) -> Replica:
+    def _best(self, accepting: list[Replica], request: ScheduleRequest) -> tuple[Replica, list[bytes] | None]:
+        """The replica for `request`, and its prompt's block hashes where they were made to find
+        it (its sequence starts with them: they are not made twice)."""
         if len(accepting) == 1:
-            return accepting[0]
+            return accepting[0], None
         prompt = request.prompt_ids
         hashes: dict[int, list[bytes]] = {}  # by block size
         candidates = []
@@ -228,7 +230,8 @@ class SchedulerService:
             candidates.append(
                 Candidate(replica.index, running, waiting, blocks.free_tokens, batcher.context_length, cached)
             )
-        return self.replicas[choose(candidates, len(prompt)).index]
+        best = self.replicas[choose(candidates, len(prompt)).index]
+        return best, hashes.get(best.engine.batcher.blocks.block_size)  # type: ignore[union-attr]
 
     def place_elsewhere(self, requests: list[ScheduleRequest], *, wait: bool, reason: str) -> None:
         """Requests not started of a replica whose worker went: to a replica taking requests, else

@@ -1,4 +1,4 @@
-"""Entry point of a tensor-parallel rank other than 0: python -m daemon.worker.follower RANK
+"""Entry point of a tensor-parallel rank other than 0: python -m daemon.worker.follower RANK REPLICA
 
 Started by rank 0 (tensor_group.Followers), never by the supervisor: it loads its share of the
 model, joins the group and runs the steps rank 0 broadcasts, until the group ends.
@@ -17,7 +17,7 @@ from daemon.tier import start_tier  # noqa: E402
 
 def main() -> None:
     rank = int(sys.argv[1])
-    tier = start_tier("worker", 0)
+    tier = start_tier("worker", int(sys.argv[2]))  # its replica's worker tier, in its log lines
     import structlog
 
     from daemon.worker.allocator import keep_freed_memory

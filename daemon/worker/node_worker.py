@@ -56,7 +56,7 @@ class NodeWorker:
         layout = node_layout(settings)
         locate_model(settings.model.path, settings.runtime.cache_dir, build=True)
         address = str(settings.distributed.dist_init_addr)
-        self.followers = Followers(layout.ranks[1:], TCP + address) if layout.per_node > 1 else None
+        self.followers = Followers(layout.ranks[1:], TCP + address, tier.index) if layout.per_node > 1 else None
         try:
             pids = [os.getpid(), *(self.followers.pids if self.followers else [])]
             ranks = group_ranks(settings, resolve_device(settings.model.device), pids, layout.first_rank)

@@ -218,7 +218,7 @@ class WorkerService:
             group = TCP + str(settings.distributed.dist_init_addr)
         meeting = meeting_place(group, 0)  # over several nodes: the store, served from here
         if layout.per_node > 1:
-            self.followers = Followers(layout.ranks[1:], group)
+            self.followers = Followers(layout.ranks[1:], group, self.tier.index)
         if layout.nnodes > 1:
             self.other_nodes = gather(meeting, settings)  # type: ignore[arg-type]
         self.parallel = join_group(

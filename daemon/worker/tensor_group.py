@@ -94,15 +94,12 @@ class Followers:
     """A node's first rank's handle on its other ranks (`ranks`): started together, watched,
     stopped together."""
 
-    def __init__(self, ranks: range, meeting: str):
+    def __init__(self, ranks: range, meeting: str, replica: int):
         self.processes: list[subprocess.Popen] = []
         env = {**os.environ, SPAWNER_VAR: str(os.getpid()), GROUP_VAR: meeting}
         for rank in ranks:
-            self.processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "daemon.worker.follower", str(rank)], env=env, stdin=subprocess.DEVNULL
-                )
-            )
+            argv = [sys.executable, "-m", "daemon.worker.follower", str(rank), str(replica)]
+            self.processes.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL))
         self._stopping = threading.Event()
         # Watched from a thread, not the worker's loop: a rank may die while rank 0 waits in a
         # collective for it (loading, or mid-step), and rank 0 must not wait out the timeout.
