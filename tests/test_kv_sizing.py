@@ -102,3 +102,13 @@ def test_the_worker_warms_up_at_the_largest_step_before_it_sizes_its_cache(model
     # 14 MiB each) at once; 64 decodes hold next to nothing
     assert large["step_peak_mib"] > small["step_peak_mib"] + 10, (small, large)
     assert large["cache_tokens"] >= 2048
+
+
+def test_only_a_lack_of_memory_in_the_warm_up_reads_as_a_step_too_large():
+    from daemon.worker.service import _out_of_memory
+
+    with pytest.raises(RuntimeError) as refused:
+        torch.empty(1 << 50)  # 4 PiB: the CPU allocator refuses it
+    assert _out_of_memory(refused.value)
+    # what gloo raises when a rank of the group is gone: not the step's size
+    assert not _out_of_memory(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"))

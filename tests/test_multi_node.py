@@ -44,7 +44,7 @@ READ_TIMEOUT_S = 30.0
 KILL_BOUND_S = 10.0  # requests in flight end this soon after node 1 is killed
 PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3,"]
 MAX_TOKENS = 16
-NODE_1 = {"DAEMON_DISTRIBUTED__NODE_RANK": "1", "GLOO_SOCKET_IFNAME": "lo"}
+NODE_1 = {"DAEMON_DISTRIBUTED__NODE_RANK": "1"}
 
 
 def node_config(port: int, init_port: int, cache_dir: Path, **model: object) -> str:

@@ -140,7 +140,11 @@ def _warm_up(runner: ModelRunner, settings: DaemonSettings, context: int) -> War
     try:
         runner.resize_cache(blocks_needed(sequences, BLOCK_SIZE, end))
         warmed = warm_up(runner, tokens, sequences, end)
-    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+    except (RuntimeError, MemoryError) as exc:
+        # Only a lack of memory is the step's size: a collective that failed (a rank of the group
+        # gone) is a RuntimeError too, and must not read as "lower chunked_prefill_size"
+        if not _out_of_memory(exc):
+            raise
         raise CacheAllocationFailed(
             f"a step of {tokens} tokens over {sequences} sequences (scheduler.chunked_prefill_size, "
             f"scheduler.max_running_requests) does not fit on {runner.device.type}: "
@@ -150,6 +154,13 @@ def _warm_up(runner: ModelRunner, settings: DaemonSettings, context: int) -> War
     if runner.device.type == "cuda":  # what the warm-up's cache and steps took goes back to the device
         torch.cuda.empty_cache()
     return warmed
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether torch (CUDA's allocator, or the CPU's: a RuntimeError that says so) ran out of memory."""
+    import torch
+
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
 
 
 class WorkerService:
